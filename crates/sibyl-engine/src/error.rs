@@ -1,0 +1,74 @@
+use std::path::PathBuf;
+
+/// What went wrong in the engine, naming the file and the phase.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot read model file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a readable GGUF file: {source}")]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("{path}: unsupported architecture `{architecture}` (supported: qwen2, llama)")]
+    UnsupportedArchitecture { path: PathBuf, architecture: String },
+    #[error("{path}: metadata key `{key}` is missing or has the wrong type")]
+    Metadata { path: PathBuf, key: String },
+    #[error("{path}: tensor `{name}` is missing")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        path: PathBuf,
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{path}: tensor `{name}` has type {dtype:?}, which this engine cannot run")]
+    TensorType {
+        path: PathBuf,
+        name: String,
+        dtype: candle_core::quantized::GgmlDType,
+    },
+    #[error(
+        "{path}: file is truncated or corrupt: tensor `{name}` needs bytes up to {needed}, \
+         the file has {length}"
+    )]
+    Truncated {
+        path: PathBuf,
+        name: String,
+        needed: u64,
+        length: u64,
+    },
+    #[error("{path}: reading tensor `{name}`: {source}")]
+    TensorRead {
+        path: PathBuf,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid configuration: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("{path}: building the tokenizer: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("tokenizing text: {0}")]
+    Encode(String),
+    #[error("chat template: {0}")]
+    Template(#[source] minijinja::Error),
+    #[error("this model file has no chat template")]
+    NoChatTemplate,
+    #[error("token id {token} is outside the vocabulary of {vocab} tokens")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    #[error("tree node {node} has parent {parent}; a parent must come before its child")]
+    InvalidTree { node: usize, parent: usize },
+    #[error("the forward pass needs at least one new token")]
+    EmptyInput,
+    #[error("context of {needed} tokens exceeds the model's window of {limit} tokens")]
+    ContextOverflow { needed: usize, limit: usize },
+    #[error("cannot keep tree nodes {path:?} of a {len}-node forward")]
+    InvalidPath { path: Vec<usize>, len: usize },
+}

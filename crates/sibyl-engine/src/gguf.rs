@@ -1,0 +1,307 @@
+use crate::quant::QuantMatrix;
+use crate::EngineError;
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The transformer families this engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Qwen2 / Qwen2.5: biases on q, k, v; rotary embedding on split halves (NeoX style).
+    Qwen2,
+    /// Llama as written by llama.cpp's converter: q and k permuted for interleaved rotation.
+    Llama,
+}
+
+/// Hyper-parameters read from the GGUF metadata, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    /// Longest sequence (prompt and output) the model was trained for.
+    pub context_length: usize,
+}
+
+impl ModelConfig {
+    /// Checks the shape relations the forward pass relies on.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("context_length", self.context_length),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} is zero"));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return Err(format!(
+                "hidden size {} / {} heads / {} kv heads do not divide",
+                self.hidden_size, self.num_heads, self.num_kv_heads
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) || self.head_dim * self.num_heads != self.hidden_size {
+            return Err(format!("head dimension {} is not usable", self.head_dim));
+        }
+        Ok(())
+    }
+}
+
+/// How weights are prepared at load time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Re-quantize Q4_1, Q5_0 and Q5_1 tensors to Q8_0, whose dot product has SIMD kernels
+    /// (candle runs those three types with scalar code). Q8_0 holds every value of those
+    /// types to within half a step of its 8-bit grid.
+    pub requantize_slow_types: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            requantize_slow_types: true,
+        }
+    }
+}
+
+/// An open GGUF file: its header and a handle to read tensors from.
+pub(crate) struct ModelFile {
+    pub(crate) path: PathBuf,
+    pub(crate) content: Content,
+    length: u64,
+    file: Mutex<File>,
+}
+
+impl ModelFile {
+    pub(crate) fn open(path: &Path) -> Result<Self, EngineError> {
+        let open_error = |source| EngineError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = File::open(path).map_err(open_error)?;
+        let length = file.metadata().map_err(open_error)?.len();
+        let content = Content::read(&mut file).map_err(|source| EngineError::Header {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            length,
+            file: Mutex::new(file),
+        })
+    }
+
+    fn metadata_error(&self, key: &str) -> EngineError {
+        EngineError::Metadata {
+            path: self.path.clone(),
+            key: key.to_string(),
+        }
+    }
+
+    pub(crate) fn metadata(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    pub(crate) fn string(&self, key: &str) -> Result<&str, EngineError> {
+        self.metadata(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .ok_or_else(|| self.metadata_error(key))
+    }
+
+    pub(crate) fn uint(&self, key: &str) -> Result<u64, EngineError> {
+        self.metadata(key)
+            .and_then(value_as_u64)
+            .ok_or_else(|| self.metadata_error(key))
+    }
+
+    pub(crate) fn float(&self, key: &str) -> Result<f32, EngineError> {
+        match self.metadata(key) {
+            Some(Value::F32(v)) => Ok(*v),
+            Some(Value::F64(v)) => Ok(*v as f32),
+            _ => Err(self.metadata_error(key)),
+        }
+    }
+
+    pub(crate) fn strings(&self, key: &str) -> Result<Vec<&str>, EngineError> {
+        let values = self
+            .metadata(key)
+            .and_then(|v| v.to_vec().ok())
+            .ok_or_else(|| self.metadata_error(key))?;
+        values
+            .iter()
+            .map(|v| v.to_string().map(String::as_str).ok())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| self.metadata_error(key))
+    }
+
+    pub(crate) fn config(&self) -> Result<ModelConfig, EngineError> {
+        let arch_name = self.string("general.architecture")?;
+        let architecture = match arch_name {
+            "qwen2" => Architecture::Qwen2,
+            "llama" => Architecture::Llama,
+            other => {
+                return Err(EngineError::UnsupportedArchitecture {
+                    path: self.path.clone(),
+                    architecture: other.to_string(),
+                })
+            }
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let hidden_size = self.uint(&key("embedding_length"))? as usize;
+        let num_heads = self.uint(&key("attention.head_count"))? as usize;
+        let num_kv_heads = match self.uint(&key("attention.head_count_kv")) {
+            Ok(v) => v as usize,
+            Err(_) => num_heads,
+        };
+        let embedding = self.tensor_dims("token_embd.weight")?;
+        let config = ModelConfig {
+            architecture,
+            vocab_size: embedding.first().copied().unwrap_or(0),
+            hidden_size,
+            intermediate_size: self.uint(&key("feed_forward_length"))? as usize,
+            num_layers: self.uint(&key("block_count"))? as usize,
+            num_heads,
+            num_kv_heads,
+            head_dim: hidden_size.checked_div(num_heads).unwrap_or(0),
+            rms_norm_eps: self.float(&key("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: self.float(&key("rope.freq_base")).unwrap_or(10_000.0),
+            context_length: self.uint(&key("context_length"))? as usize,
+        };
+        config.validate().map_err(|reason| EngineError::Config {
+            path: self.path.clone(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    pub(crate) fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Dimensions in candle's order (outermost first: rows, then columns).
+    pub(crate) fn tensor_dims(&self, name: &str) -> Result<Vec<usize>, EngineError> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|info| info.shape.dims().to_vec())
+            .ok_or_else(|| EngineError::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })
+    }
+
+    /// Reads the raw bytes of a tensor after checking its shape and that the file holds it.
+    pub(crate) fn tensor_bytes(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<(GgmlDType, Vec<u8>), EngineError> {
+        let info =
+            self.content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| EngineError::MissingTensor {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                })?;
+        let dims = info.shape.dims().to_vec();
+        if dims != expected {
+            return Err(EngineError::TensorShape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                found: dims,
+                expected: expected.to_vec(),
+            });
+        }
+        let dtype = info.ggml_dtype;
+        let elements: usize = dims.iter().product();
+        let bytes = elements / dtype.block_size() * dtype.type_size();
+        let start = self.content.tensor_data_offset + info.offset;
+        let needed = start + bytes as u64;
+        if needed > self.length || !elements.is_multiple_of(dtype.block_size()) {
+            return Err(EngineError::Truncated {
+                path: self.path.clone(),
+                name: name.to_string(),
+                needed,
+                length: self.length,
+            });
+        }
+        let read_error = |source| EngineError::TensorRead {
+            path: self.path.clone(),
+            name: name.to_string(),
+            source,
+        };
+        let mut data = vec![0u8; bytes];
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        file.seek(SeekFrom::Start(start)).map_err(read_error)?;
+        file.read_exact(&mut data).map_err(read_error)?;
+        Ok((dtype, data))
+    }
+
+    /// A 1-D tensor of floats (norm weights, biases).
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+        let (dtype, bytes) = self.tensor_bytes(name, &[len])?;
+        QuantMatrix::from_bytes(dtype, 1, len, &bytes, &LoadOptions::default())
+            .map(|m| m.dequantize_row(0))
+            .ok_or_else(|| EngineError::TensorType {
+                path: self.path.clone(),
+                name: name.to_string(),
+                dtype,
+            })
+    }
+
+    /// A weight matrix with `rows` outputs and `cols` inputs.
+    pub(crate) fn matrix(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        options: &LoadOptions,
+    ) -> Result<QuantMatrix, EngineError> {
+        let (dtype, bytes) = self.tensor_bytes(name, &[rows, cols])?;
+        QuantMatrix::from_bytes(dtype, rows, cols, &bytes, options).ok_or_else(|| {
+            EngineError::TensorType {
+                path: self.path.clone(),
+                name: name.to_string(),
+                dtype,
+            }
+        })
+    }
+}
+
+fn value_as_u64(value: &Value) -> Option<u64> {
+    match *value {
+        Value::U8(v) => Some(u64::from(v)),
+        Value::U16(v) => Some(u64::from(v)),
+        Value::U32(v) => Some(u64::from(v)),
+        Value::U64(v) => Some(v),
+        Value::I8(v) => u64::try_from(v).ok(),
+        Value::I16(v) => u64::try_from(v).ok(),
+        Value::I32(v) => u64::try_from(v).ok(),
+        Value::I64(v) => u64::try_from(v).ok(),
+        _ => None,
+    }
+}
+
+pub(crate) fn value_as_u32(value: &Value) -> Option<u32> {
+    value_as_u64(value).and_then(|v| u32::try_from(v).ok())
+}

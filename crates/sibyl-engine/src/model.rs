@@ -1,0 +1,413 @@
+use crate::attention::{tree_attention, HeadLayout};
+use crate::gguf::{Architecture, LoadOptions, ModelConfig, ModelFile};
+use crate::{EngineError, KvCache, QuantMatrix, TokenId};
+
+/// Where weights come from: a GGUF file, or the testkit's random generator.
+pub(crate) trait WeightSource {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QuantMatrix, EngineError>;
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+pub(crate) struct FileWeights<'a> {
+    pub(crate) file: &'a ModelFile,
+    pub(crate) options: &'a LoadOptions,
+}
+
+impl WeightSource for FileWeights<'_> {
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QuantMatrix, EngineError> {
+        self.file.matrix(name, rows, cols, self.options)
+    }
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+        self.file.vector(name, len)
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.file.has_tensor(name)
+    }
+}
+
+/// New tokens for one forward pass: each node's parent is an earlier node, or `None` when
+/// it directly follows the cached prefix. A chain is node `i` with parent `i - 1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeInput {
+    pub tokens: Vec<TokenId>,
+    pub parents: Vec<Option<usize>>,
+}
+
+impl TreeInput {
+    pub fn chain(tokens: &[TokenId]) -> Self {
+        Self {
+            tokens: tokens.to_vec(),
+            parents: (0..tokens.len()).map(|i| i.checked_sub(1)).collect(),
+        }
+    }
+
+    pub fn tree(tokens: Vec<TokenId>, parents: Vec<Option<usize>>) -> Self {
+        Self { tokens, parents }
+    }
+}
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// One row per new node (verification).
+    All,
+    /// The last node's row only (end of prompt processing).
+    Last,
+    /// No logits (a prompt chunk before the last).
+    None,
+}
+
+/// Rotary position embedding.
+#[derive(Debug, Clone)]
+struct Rotary {
+    inv_freq: Vec<f32>,
+    interleaved: bool,
+}
+
+impl Rotary {
+    fn new(config: &ModelConfig) -> Self {
+        let d = config.head_dim;
+        Self {
+            inv_freq: (0..d)
+                .step_by(2)
+                .map(|i| 1f32 / config.rope_theta.powf(i as f32 / d as f32))
+                .collect(),
+            interleaved: config.architecture == Architecture::Llama,
+        }
+    }
+
+    /// Rotates every head of one token (`heads * head_dim` values) to `position`.
+    fn apply(&self, x: &mut [f32], head_dim: usize, position: usize) {
+        let half = head_dim / 2;
+        let (sin, cos): (Vec<f32>, Vec<f32>) = self
+            .inv_freq
+            .iter()
+            .map(|f| (position as f32 * f).sin_cos())
+            .unzip();
+        for head in x.chunks_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = if self.interleaved {
+                    (2 * i, 2 * i + 1)
+                } else {
+                    (i, i + half)
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(weight.len()) {
+        let root_mean_square =
+            (row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32 + eps).sqrt();
+        out.extend(
+            row.iter()
+                .zip(weight)
+                .map(|(v, w)| v / root_mean_square * w),
+        );
+    }
+    out
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&Vec<f32>>) {
+    if let Some(bias) = bias {
+        for row in x.chunks_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+    }
+}
+
+fn project(weight: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * weight.rows()];
+    weight.matmul(x, m, &mut out);
+    out
+}
+
+struct Attention {
+    q: QuantMatrix,
+    k: QuantMatrix,
+    v: QuantMatrix,
+    o: QuantMatrix,
+    q_bias: Option<Vec<f32>>,
+    k_bias: Option<Vec<f32>>,
+    v_bias: Option<Vec<f32>>,
+}
+
+impl Attention {
+    fn new(c: &ModelConfig, w: &dyn WeightSource, prefix: &str) -> Result<Self, EngineError> {
+        let kv = c.num_kv_heads * c.head_dim;
+        let bias = |name: &str, len: usize| -> Result<Option<Vec<f32>>, EngineError> {
+            let name = format!("{prefix}.{name}.bias");
+            match c.architecture {
+                Architecture::Qwen2 => w.vector(&name, len).map(Some),
+                Architecture::Llama if w.contains(&name) => w.vector(&name, len).map(Some),
+                Architecture::Llama => Ok(None),
+            }
+        };
+        Ok(Self {
+            q: w.matrix(
+                &format!("{prefix}.attn_q.weight"),
+                c.hidden_size,
+                c.hidden_size,
+            )?,
+            k: w.matrix(&format!("{prefix}.attn_k.weight"), kv, c.hidden_size)?,
+            v: w.matrix(&format!("{prefix}.attn_v.weight"), kv, c.hidden_size)?,
+            o: w.matrix(
+                &format!("{prefix}.attn_output.weight"),
+                c.hidden_size,
+                c.hidden_size,
+            )?,
+            q_bias: bias("attn_q", c.hidden_size)?,
+            k_bias: bias("attn_k", kv)?,
+            v_bias: bias("attn_v", kv)?,
+        })
+    }
+}
+
+struct Mlp {
+    gate: QuantMatrix,
+    up: QuantMatrix,
+    down: QuantMatrix,
+}
+
+impl Mlp {
+    fn new(c: &ModelConfig, w: &dyn WeightSource, prefix: &str) -> Result<Self, EngineError> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            gate: w.matrix(&format!("{prefix}.ffn_gate.weight"), i, h)?,
+            up: w.matrix(&format!("{prefix}.ffn_up.weight"), i, h)?,
+            down: w.matrix(&format!("{prefix}.ffn_down.weight"), h, i)?,
+        })
+    }
+
+    fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut gate = project(&self.gate, x, m);
+        let up = project(&self.up, x, m);
+        for (g, u) in gate.iter_mut().zip(&up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        project(&self.down, &gate, m)
+    }
+}
+
+struct Block {
+    attention_norm: Vec<f32>,
+    attention: Attention,
+    mlp_norm: Vec<f32>,
+    mlp: Mlp,
+}
+
+/// Where the new nodes sit: absolute positions and, per node, the new nodes it sees.
+struct TreeLayout {
+    positions: Vec<usize>,
+    visible: Vec<Vec<usize>>,
+}
+
+/// A decoder-only transformer (qwen2 or llama) with a tree forward pass.
+pub struct Model {
+    config: ModelConfig,
+    embedding: QuantMatrix,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    /// `None`: the output projection is tied to the embedding.
+    output: Option<QuantMatrix>,
+    rotary: Rotary,
+}
+
+impl Model {
+    pub(crate) fn from_gguf(file: &ModelFile, options: &LoadOptions) -> Result<Self, EngineError> {
+        let config = file.config()?;
+        Self::build(config, &FileWeights { file, options })
+    }
+
+    pub(crate) fn build(config: ModelConfig, w: &dyn WeightSource) -> Result<Self, EngineError> {
+        let c = &config;
+        let blocks = (0..c.num_layers)
+            .map(|i| {
+                let prefix = format!("blk.{i}");
+                Ok(Block {
+                    attention_norm: w
+                        .vector(&format!("{prefix}.attn_norm.weight"), c.hidden_size)?,
+                    attention: Attention::new(c, w, &prefix)?,
+                    mlp_norm: w.vector(&format!("{prefix}.ffn_norm.weight"), c.hidden_size)?,
+                    mlp: Mlp::new(c, w, &prefix)?,
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let output = if w.contains("output.weight") {
+            Some(w.matrix("output.weight", c.vocab_size, c.hidden_size)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embedding: w.matrix("token_embd.weight", c.vocab_size, c.hidden_size)?,
+            output_norm: w.vector("output_norm.weight", c.hidden_size)?,
+            output,
+            blocks,
+            rotary: Rotary::new(c),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.config.num_layers,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+        )
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weights_size_in_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let a = &b.attention;
+                [&a.q, &a.k, &a.v, &a.o, &b.mlp.gate, &b.mlp.up, &b.mlp.down]
+                    .iter()
+                    .map(|m| m.size_in_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        blocks
+            + self.embedding.size_in_bytes()
+            + self.output.as_ref().map_or(0, |o| o.size_in_bytes())
+    }
+
+    fn layout(&self, cache: &KvCache, input: &TreeInput) -> Result<TreeLayout, EngineError> {
+        let n = input.tokens.len();
+        if n == 0 {
+            return Err(EngineError::EmptyInput);
+        }
+        if input.parents.len() != n {
+            return Err(EngineError::InvalidTree {
+                node: n.min(input.parents.len()),
+                parent: usize::MAX,
+            });
+        }
+        if let Some(&token) = input
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(EngineError::TokenOutOfRange {
+                token,
+                vocab: self.config.vocab_size,
+            });
+        }
+        let mut depth = vec![0usize; n];
+        let mut visible: Vec<Vec<usize>> = Vec::with_capacity(n);
+        for (node, parent) in input.parents.iter().enumerate() {
+            let mut seen = match *parent {
+                None => Vec::new(),
+                Some(p) if p < node => {
+                    depth[node] = depth[p] + 1;
+                    visible[p].clone()
+                }
+                Some(p) => return Err(EngineError::InvalidTree { node, parent: p }),
+            };
+            seen.push(node);
+            visible.push(seen);
+        }
+        let positions: Vec<usize> = depth.iter().map(|d| cache.len() + d).collect();
+        let needed = positions.iter().max().map_or(0, |p| p + 1);
+        if needed > self.config.context_length {
+            return Err(EngineError::ContextOverflow {
+                needed,
+                limit: self.config.context_length,
+            });
+        }
+        Ok(TreeLayout { positions, visible })
+    }
+
+    /// Runs the new nodes of `input` after the cached prefix, appends their keys and values
+    /// to `cache` (node order) and returns their logits, `vocab_size` per returned row.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        input: &TreeInput,
+        rows: LogitRows,
+    ) -> Result<Vec<f32>, EngineError> {
+        let tree = self.layout(cache, input)?;
+        let c = &self.config;
+        let m = input.tokens.len();
+        let prefix_len = cache.len();
+        let mut x: Vec<f32> = input
+            .tokens
+            .iter()
+            .flat_map(|&t| self.embedding.dequantize_row(t as usize))
+            .collect();
+        let layout = HeadLayout {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        for (index, block) in self.blocks.iter().enumerate() {
+            let h = rms_norm(&x, &block.attention_norm, c.rms_norm_eps);
+            let a = &block.attention;
+            let mut q = project(&a.q, &h, m);
+            let mut k = project(&a.k, &h, m);
+            let mut v = project(&a.v, &h, m);
+            add_bias(&mut q, a.q_bias.as_ref());
+            add_bias(&mut k, a.k_bias.as_ref());
+            add_bias(&mut v, a.v_bias.as_ref());
+            let kv_row = c.num_kv_heads * c.head_dim;
+            for (node, &position) in tree.positions.iter().enumerate() {
+                self.rotary.apply(
+                    &mut q[node * c.hidden_size..][..c.hidden_size],
+                    c.head_dim,
+                    position,
+                );
+                self.rotary
+                    .apply(&mut k[node * kv_row..][..kv_row], c.head_dim, position);
+            }
+            cache.append(index, &k, &v);
+            let (keys, values) = cache.layer(index);
+            let mut attended = vec![0f32; m * c.hidden_size];
+            tree_attention(
+                layout,
+                &q,
+                keys,
+                values,
+                prefix_len,
+                &tree.visible,
+                &mut attended,
+            );
+            let projected = project(&a.o, &attended, m);
+            for (x, p) in x.iter_mut().zip(&projected) {
+                *x += p;
+            }
+            let h = rms_norm(&x, &block.mlp_norm, c.rms_norm_eps);
+            let mlp = block.mlp.forward(&h, m);
+            for (x, p) in x.iter_mut().zip(&mlp) {
+                *x += p;
+            }
+        }
+        cache.set_len(prefix_len + m);
+        let (selected, count) = match rows {
+            LogitRows::All => (&x[..], m),
+            LogitRows::Last => (&x[(m - 1) * c.hidden_size..], 1),
+            LogitRows::None => return Ok(Vec::new()),
+        };
+        let h = rms_norm(selected, &self.output_norm, c.rms_norm_eps);
+        let output = self.output.as_ref().unwrap_or(&self.embedding);
+        Ok(project(output, &h, count))
+    }
+}

@@ -1,0 +1,375 @@
+use crate::gguf::LoadOptions;
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::GgmlDType;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Output columns handled by one parallel work item.
+const COLUMNS_PER_TASK: usize = 16;
+
+/// A weight matrix of `rows` outputs by `cols` inputs, stored as quantized blocks, row-major.
+///
+/// `matmul` computes every output element with one call of the type's block dot product
+/// (candle's kernels) on the row's quantized activations, so an element's value never
+/// depends on how many activation rows share the call. Each weight row is read once per
+/// call and applied to all activation rows while it is in cache.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    rows: usize,
+    cols: usize,
+    blocks: Blocks,
+}
+
+#[derive(Debug, Clone)]
+enum Blocks {
+    F32(Vec<f32>),
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q5_1(Vec<BlockQ5_1>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q2K(Vec<BlockQ2K>),
+    Q3K(Vec<BlockQ3K>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+}
+
+macro_rules! with_blocks {
+    ($blocks:expr, $b:ident => $body:expr) => {
+        match $blocks {
+            Blocks::F32($b) => $body,
+            Blocks::Q4_0($b) => $body,
+            Blocks::Q4_1($b) => $body,
+            Blocks::Q5_0($b) => $body,
+            Blocks::Q5_1($b) => $body,
+            Blocks::Q8_0($b) => $body,
+            Blocks::Q2K($b) => $body,
+            Blocks::Q3K($b) => $body,
+            Blocks::Q4K($b) => $body,
+            Blocks::Q5K($b) => $body,
+            Blocks::Q6K($b) => $body,
+        }
+    };
+}
+
+/// Copies raw little-endian block bytes into typed blocks. `None` if the length is not a
+/// whole number of blocks.
+fn typed<T: GgmlType>(bytes: &[u8]) -> Option<Vec<T>> {
+    let size = std::mem::size_of::<T>();
+    if size == 0 || !bytes.len().is_multiple_of(size) {
+        return None;
+    }
+    let count = bytes.len() / size;
+    let mut blocks = vec![T::zeros(); count];
+    // SAFETY: candle's block types are `repr(C)` plain data (integers, f16, byte arrays)
+    // for which every bit pattern is valid; the destination holds exactly `bytes.len()`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr() as *mut u8, bytes.len());
+    }
+    Some(blocks)
+}
+
+fn to_q8_0<T: GgmlType>(blocks: &[T], rows: usize, cols: usize) -> Vec<BlockQ8_0> {
+    let per_row = cols / T::BLCK_SIZE;
+    let mut row = vec![0f32; cols];
+    let mut out = vec![BlockQ8_0::zeros(); rows * cols / 32];
+    for r in 0..rows {
+        T::to_float(&blocks[r * per_row..(r + 1) * per_row], &mut row);
+        BlockQ8_0::from_float(&row, &mut out[r * cols / 32..(r + 1) * cols / 32]);
+    }
+    out
+}
+
+impl QuantMatrix {
+    /// Builds a matrix from GGUF tensor bytes. `None` for a type the engine cannot run or a
+    /// width that is not a whole number of blocks.
+    pub fn from_bytes(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        options: &LoadOptions,
+    ) -> Option<Self> {
+        if !cols.is_multiple_of(dtype.block_size()) {
+            return None;
+        }
+        let requantize = options.requantize_slow_types && cols.is_multiple_of(32);
+        let blocks = match dtype {
+            GgmlDType::F32 => Blocks::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            GgmlDType::F16 => Blocks::F32(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+            ),
+            GgmlDType::BF16 => Blocks::F32(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+            ),
+            GgmlDType::Q4_0 => Blocks::Q4_0(typed(bytes)?),
+            GgmlDType::Q4_1 if requantize => {
+                Blocks::Q8_0(to_q8_0(&typed::<BlockQ4_1>(bytes)?, rows, cols))
+            }
+            GgmlDType::Q4_1 => Blocks::Q4_1(typed(bytes)?),
+            GgmlDType::Q5_0 if requantize => {
+                Blocks::Q8_0(to_q8_0(&typed::<BlockQ5_0>(bytes)?, rows, cols))
+            }
+            GgmlDType::Q5_0 => Blocks::Q5_0(typed(bytes)?),
+            GgmlDType::Q5_1 if requantize => {
+                Blocks::Q8_0(to_q8_0(&typed::<BlockQ5_1>(bytes)?, rows, cols))
+            }
+            GgmlDType::Q5_1 => Blocks::Q5_1(typed(bytes)?),
+            GgmlDType::Q8_0 => Blocks::Q8_0(typed(bytes)?),
+            GgmlDType::Q2K => Blocks::Q2K(typed(bytes)?),
+            GgmlDType::Q3K => Blocks::Q3K(typed(bytes)?),
+            GgmlDType::Q4K => Blocks::Q4K(typed(bytes)?),
+            GgmlDType::Q5K => Blocks::Q5K(typed(bytes)?),
+            GgmlDType::Q6K => Blocks::Q6K(typed(bytes)?),
+            GgmlDType::Q8_1 | GgmlDType::Q8K => return None,
+        };
+        let matrix = Self { rows, cols, blocks };
+        (matrix.stored_len() == rows * cols).then_some(matrix)
+    }
+
+    /// Quantizes an f32 matrix (row-major, `rows` x `cols`) to `dtype`; used by the testkit.
+    pub fn quantize(dtype: GgmlDType, rows: usize, cols: usize, values: &[f32]) -> Option<Self> {
+        fn quantize_as<T: GgmlType>(values: &[f32]) -> Vec<T> {
+            let mut blocks = vec![T::zeros(); values.len() / T::BLCK_SIZE];
+            T::from_float(values, &mut blocks);
+            blocks
+        }
+        if values.len() != rows * cols || !cols.is_multiple_of(dtype.block_size()) {
+            return None;
+        }
+        let blocks = match dtype {
+            GgmlDType::F32 => Blocks::F32(values.to_vec()),
+            GgmlDType::Q4_0 => Blocks::Q4_0(quantize_as(values)),
+            GgmlDType::Q4_1 => Blocks::Q4_1(quantize_as(values)),
+            GgmlDType::Q5_0 => Blocks::Q5_0(quantize_as(values)),
+            GgmlDType::Q5_1 => Blocks::Q5_1(quantize_as(values)),
+            GgmlDType::Q8_0 => Blocks::Q8_0(quantize_as(values)),
+            GgmlDType::Q2K => Blocks::Q2K(quantize_as(values)),
+            GgmlDType::Q3K => Blocks::Q3K(quantize_as(values)),
+            GgmlDType::Q4K => Blocks::Q4K(quantize_as(values)),
+            GgmlDType::Q5K => Blocks::Q5K(quantize_as(values)),
+            GgmlDType::Q6K => Blocks::Q6K(quantize_as(values)),
+            _ => return None,
+        };
+        Some(Self { rows, cols, blocks })
+    }
+
+    fn stored_len(&self) -> usize {
+        with_blocks!(&self.blocks, b => b.len() * block_size_of(b))
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The storage type after load-time conversion.
+    pub fn dtype(&self) -> GgmlDType {
+        with_blocks!(&self.blocks, b => dtype_of(b))
+    }
+
+    /// Bytes of weight data.
+    pub fn size_in_bytes(&self) -> usize {
+        with_blocks!(&self.blocks, b => std::mem::size_of_val(b.as_slice()))
+    }
+
+    /// Row `row` as floats (an embedding lookup).
+    pub fn dequantize_row(&self, row: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.cols];
+        with_blocks!(&self.blocks, b => {
+            let per_row = b.len() / self.rows;
+            dequantize_into(&b[row * per_row..(row + 1) * per_row], &mut out)
+        });
+        out
+    }
+
+    /// `out[r * rows + c] = dot(x[r], self[c])` for `m` activation rows of `cols` values.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.cols, "activation shape");
+        assert_eq!(out.len(), m * self.rows, "output shape");
+        with_blocks!(&self.blocks, b => matmul_blocks(b, self.rows, self.cols, x, m, out))
+    }
+}
+
+fn block_size_of<T: GgmlType>(_: &[T]) -> usize {
+    T::BLCK_SIZE
+}
+
+fn dtype_of<T: GgmlType>(_: &[T]) -> GgmlDType {
+    T::DTYPE
+}
+
+fn dequantize_into<T: GgmlType>(blocks: &[T], out: &mut [f32]) {
+    T::to_float(blocks, out)
+}
+
+fn matmul_blocks<T: GgmlType>(
+    weights: &[T],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
+    let k_blocks = k / T::BLCK_SIZE;
+    let mut xq = vec![T::VecDotType::zeros(); m * k_blocks];
+    for r in 0..m {
+        T::VecDotType::from_float(
+            &x[r * k..(r + 1) * k],
+            &mut xq[r * k_blocks..(r + 1) * k_blocks],
+        );
+    }
+    let dot_columns = |first: usize, dst: &mut [f32]| {
+        // dst holds columns first.. (column-major: m values per column)
+        for (j, column) in dst.chunks_mut(m).enumerate() {
+            let c = first + j;
+            let w = &weights[c * k_blocks..(c + 1) * k_blocks];
+            for (r, value) in column.iter_mut().enumerate() {
+                *value = T::vec_dot(k, w, &xq[r * k_blocks..(r + 1) * k_blocks]);
+            }
+        }
+    };
+    if m == 1 {
+        out.par_chunks_mut(COLUMNS_PER_TASK)
+            .enumerate()
+            .for_each(|(i, dst)| dot_columns(i * COLUMNS_PER_TASK, dst));
+        return;
+    }
+    let mut transposed = vec![0f32; n * m];
+    transposed
+        .par_chunks_mut(COLUMNS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(i, dst)| dot_columns(i * COLUMNS_PER_TASK, dst));
+    for (c, column) in transposed.chunks(m).enumerate() {
+        for (r, &value) in column.iter().enumerate() {
+            out[r * n + c] = value;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_output_is_bit_identical_whatever_the_number_of_rows() {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q5K,
+            GgmlDType::F32,
+        ] {
+            let (n, k) = (40, 512);
+            let w = QuantMatrix::quantize(dtype, n, k, &values(n * k, 1)).unwrap();
+            let x = values(64 * k, 2);
+            let mut all = vec![0f32; 64 * n];
+            w.matmul(&x, 64, &mut all);
+            for r in [0, 1, 17, 63] {
+                let mut one = vec![0f32; n];
+                w.matmul(&x[r * k..(r + 1) * k], 1, &mut one);
+                assert_eq!(one, all[r * n..(r + 1) * n], "{dtype:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_a_dequantized_reference() {
+        let (n, k, m) = (24, 256, 3);
+        let w = QuantMatrix::quantize(GgmlDType::Q8_0, n, k, &values(n * k, 3)).unwrap();
+        let x = values(m * k, 4);
+        let mut out = vec![0f32; m * n];
+        w.matmul(&x, m, &mut out);
+        for r in 0..m {
+            for c in 0..n {
+                let row = w.dequantize_row(c);
+                let reference: f32 = row
+                    .iter()
+                    .zip(&x[r * k..(r + 1) * k])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                assert!((out[r * n + c] - reference).abs() < 0.05, "{r},{c}");
+            }
+        }
+    }
+
+    #[test]
+    fn slow_types_are_requantized_to_q8_0_within_a_small_error() {
+        let (n, k) = (8, 64);
+        let original = values(n * k, 5);
+        let q5 = QuantMatrix::quantize(GgmlDType::Q5_0, n, k, &original).unwrap();
+        let mut bytes = Vec::new();
+        if let Blocks::Q5_0(blocks) = &q5.blocks {
+            // SAFETY: plain-data blocks viewed as bytes, as they lie in a GGUF file.
+            bytes.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(
+                    blocks.as_ptr() as *const u8,
+                    std::mem::size_of_val(blocks.as_slice()),
+                )
+            });
+        }
+        let loaded =
+            QuantMatrix::from_bytes(GgmlDType::Q5_0, n, k, &bytes, &LoadOptions::default())
+                .unwrap();
+        assert_eq!(loaded.dtype(), GgmlDType::Q8_0);
+        for r in 0..n {
+            let a = q5.dequantize_row(r);
+            let b = loaded.dequantize_row(r);
+            let scale = a.iter().fold(0f32, |s, v| s.max(v.abs()));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= scale / 127.0 + 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_byte_count_is_refused() {
+        assert!(QuantMatrix::from_bytes(
+            GgmlDType::Q8_0,
+            2,
+            64,
+            &[0u8; 100],
+            &LoadOptions::default()
+        )
+        .is_none());
+        assert!(QuantMatrix::from_bytes(
+            GgmlDType::Q8_0,
+            2,
+            60,
+            &[0u8; 136],
+            &LoadOptions::default()
+        )
+        .is_none());
+    }
+}

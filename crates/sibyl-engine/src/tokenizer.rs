@@ -1,0 +1,295 @@
+use crate::gguf::{value_as_u32, ModelFile};
+use crate::{EngineError, TokenId};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::tokenizer::SplitDelimiterBehavior;
+use tokenizers::{AddedToken, Tokenizer};
+
+const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_TYPE_CONTROL: u32 = 3;
+const TOKEN_TYPE_USER_DEFINED: u32 = 4;
+
+/// Names of end-of-turn tokens that stop generation when the vocabulary has them.
+const STOP_TOKEN_NAMES: [&str; 5] = [
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+];
+
+/// A byte-level BPE tokenizer built from GGUF metadata, with the model's stop tokens.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    stop_tokens: Vec<TokenId>,
+    bos: Option<(TokenId, String)>,
+    eos_text: String,
+    add_bos: bool,
+    fingerprint: u64,
+}
+
+impl TextTokenizer {
+    pub(crate) fn from_gguf(file: &ModelFile) -> Result<Self, EngineError> {
+        let error = |reason: String| EngineError::Tokenizer {
+            path: file.path.clone(),
+            reason,
+        };
+        let kind = file.string("tokenizer.ggml.model")?;
+        if kind != "gpt2" {
+            return Err(error(format!(
+                "tokenizer model `{kind}` is not supported (byte-level BPE `gpt2` is)"
+            )));
+        }
+        let tokens = file.strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = file
+            .strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| error(format!("merge `{m}` has no space")))
+            })
+            .collect::<Result<_, _>>()?;
+        let token_types: Vec<u32> = file
+            .metadata("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+            .map(|values| {
+                values
+                    .iter()
+                    .map(|v| value_as_u32(v).unwrap_or(1))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pre = file
+            .string("tokenizer.ggml.pre")
+            .unwrap_or("gpt2")
+            .to_string();
+        let fingerprint = fingerprint(&tokens, &merges);
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| error(e.to_string()))?;
+        let mut inner = Tokenizer::new(bpe);
+        let split = |pattern: &str| -> Result<PreTokenizerWrapper, EngineError> {
+            let split = Split::new(
+                SplitPattern::Regex(pattern.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| error(e.to_string()))?;
+            Ok(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into())
+        };
+        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
+            "qwen2" => {
+                inner
+                    .with_normalizer(Some(NFC))
+                    .map_err(|e| error(e.to_string()))?;
+                split(QWEN2_SPLIT)?
+            }
+            "llama3" | "llama-bpe" | "smaug-bpe" => split(LLAMA3_SPLIT)?,
+            "smollm" => Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+            "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
+            other => {
+                return Err(error(format!(
+                    "pre-tokenizer `{other}` is not supported (qwen2, smollm, llama3, gpt2 are)"
+                )))
+            }
+        };
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
+        let specials: Vec<AddedToken> = token_types
+            .iter()
+            .enumerate()
+            .filter(|&(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .filter_map(|(i, &t)| {
+                tokens
+                    .get(i)
+                    .map(|s| AddedToken::from(s.to_string(), t == TOKEN_TYPE_CONTROL))
+            })
+            .collect();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| error(e.to_string()))?;
+        let id_of = |key: &str| file.uint(key).ok().map(|v| v as TokenId);
+        let mut stop_tokens: Vec<TokenId> = id_of("tokenizer.ggml.eos_token_id")
+            .into_iter()
+            .chain(id_of("tokenizer.ggml.eot_token_id"))
+            .chain(STOP_TOKEN_NAMES.iter().filter_map(|n| inner.token_to_id(n)))
+            .filter(|&id| (id as usize) < tokens.len())
+            .collect();
+        stop_tokens.sort_unstable();
+        stop_tokens.dedup();
+        let name = |id: TokenId| tokens.get(id as usize).map(|s| s.to_string());
+        let bos = id_of("tokenizer.ggml.bos_token_id").and_then(|id| Some((id, name(id)?)));
+        let eos_text = id_of("tokenizer.ggml.eos_token_id")
+            .and_then(name)
+            .unwrap_or_default();
+        let add_bos = file
+            .metadata("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        Ok(Self {
+            inner,
+            stop_tokens,
+            bos,
+            eos_text,
+            add_bos,
+            fingerprint,
+        })
+    }
+
+    /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) become their
+    /// ids; a BOS token is prepended when the model asks for one.
+    pub fn encode(&self, text: &str) -> Result<Vec<TokenId>, EngineError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::Encode(e.to_string()))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if self.add_bos {
+            if let Some((bos, _)) = &self.bos {
+                ids.push(*bos);
+            }
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens left out. Bytes that do not form whole UTF-8
+    /// characters come out as U+FFFD.
+    pub fn decode(&self, ids: &[TokenId]) -> Result<String, EngineError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| EngineError::Encode(e.to_string()))
+    }
+
+    /// Tokens that end generation.
+    pub fn stop_tokens(&self) -> &[TokenId] {
+        &self.stop_tokens
+    }
+
+    pub fn is_stop(&self, token: TokenId) -> bool {
+        self.stop_tokens.contains(&token)
+    }
+
+    /// Text of the BOS token, for chat templates.
+    pub fn bos_text(&self) -> &str {
+        self.bos.as_ref().map_or("", |(_, s)| s.as_str())
+    }
+
+    /// Text of the EOS token, for chat templates.
+    pub fn eos_text(&self) -> &str {
+        &self.eos_text
+    }
+
+    /// Number of token strings in the vocabulary (the model may pad its embedding further).
+    pub fn vocab_len(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// A hash of the vocabulary and merges: two tokenizers with equal fingerprints map text
+    /// to the same ids. Drafters are refused when theirs differs.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+}
+
+/// FNV-1a over the tokens and merges, with separators.
+fn fingerprint(tokens: &[&str], merges: &[(String, String)]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for t in tokens {
+        feed(t.as_bytes());
+        feed(&[0xff]);
+    }
+    for (a, b) in merges {
+        feed(a.as_bytes());
+        feed(&[0xfe]);
+        feed(b.as_bytes());
+        feed(&[0xff]);
+    }
+    hash
+}
+
+/// Turns a stream of tokens into text without ever emitting half a UTF-8 character.
+///
+/// Keeps a short window of tokens before the unread ones, decodes the window with and
+/// without them, and emits the difference once it no longer ends in an incomplete
+/// character (the method of TGI and vLLM).
+pub struct Detokenizer<'a> {
+    tokenizer: &'a TextTokenizer,
+    tokens: Vec<TokenId>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl<'a> Detokenizer<'a> {
+    pub fn new(tokenizer: &'a TextTokenizer) -> Self {
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    /// Adds one token; returns the text that became complete, if any.
+    pub fn push(&mut self, token: TokenId) -> Result<Option<String>, EngineError> {
+        self.tokens.push(token);
+        let before = self
+            .tokenizer
+            .decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let after = self.tokenizer.decode(&self.tokens[self.prefix_offset..])?;
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
+            let delta = match after.strip_prefix(before.as_str()) {
+                Some(delta) => delta.to_string(),
+                None => after.get(before.len()..).unwrap_or(&after).to_string(),
+            };
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.tokens.len();
+            return Ok(Some(delta));
+        }
+        Ok(None)
+    }
+
+    /// Whatever is still held back (incomplete characters come out as U+FFFD).
+    pub fn finish(&mut self) -> Result<Option<String>, EngineError> {
+        let before = self
+            .tokenizer
+            .decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let after = self.tokenizer.decode(&self.tokens[self.prefix_offset..])?;
+        self.prefix_offset = self.tokens.len();
+        self.read_offset = self.tokens.len();
+        Ok(after
+            .strip_prefix(before.as_str())
+            .filter(|rest| !rest.is_empty())
+            .map(str::to_string))
+    }
+}

@@ -1,0 +1,199 @@
+//! Batch invariance and cache handling of the tree forward pass, on tiny random models.
+
+use candle_core::quantized::GgmlDType;
+use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
+use sibyl_engine::{Architecture, EngineError, LogitRows, Model, TreeInput};
+
+fn models() -> Vec<(String, Model)> {
+    let mut models = Vec::new();
+    for architecture in [Architecture::Qwen2, Architecture::Llama] {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let config = TinyModelConfig {
+                architecture,
+                dtype,
+                ..TinyModelConfig::default()
+            };
+            models.push((
+                format!("{architecture:?}/{dtype:?}"),
+                tiny_model(&config).unwrap(),
+            ));
+        }
+        let k_quants = TinyModelConfig {
+            architecture,
+            dtype: GgmlDType::Q4K,
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_heads: 4,
+            num_kv_heads: 1,
+            ..TinyModelConfig::default()
+        };
+        models.push((
+            format!("{architecture:?}/Q4K"),
+            tiny_model(&k_quants).unwrap(),
+        ));
+    }
+    models
+}
+
+fn prompt(vocab: usize, len: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 37 + 11) % vocab) as u32).collect()
+}
+
+/// Logits of each token of `tokens` computed one token per forward (plain decoding).
+fn one_at_a_time(model: &Model, prefix: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache();
+    model
+        .forward(&mut cache, &TreeInput::chain(prefix), LogitRows::None)
+        .unwrap();
+    tokens
+        .iter()
+        .map(|&t| {
+            model
+                .forward(&mut cache, &TreeInput::chain(&[t]), LogitRows::All)
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn chain_logits_are_bit_identical_to_one_token_at_a_time() {
+    for (name, model) in models() {
+        let vocab = model.vocab_size();
+        let prefix = prompt(vocab, 9);
+        let tokens = prompt(vocab, 64)
+            .into_iter()
+            .map(|t| (t * 5 + 3) % vocab as u32)
+            .collect::<Vec<_>>();
+        let alone = one_at_a_time(&model, &prefix, &tokens);
+        for len in [2, 7, 64] {
+            let mut cache = model.new_cache();
+            model
+                .forward(&mut cache, &TreeInput::chain(&prefix), LogitRows::None)
+                .unwrap();
+            let chained = model
+                .forward(
+                    &mut cache,
+                    &TreeInput::chain(&tokens[..len]),
+                    LogitRows::All,
+                )
+                .unwrap();
+            for (i, row) in chained.chunks(vocab).enumerate() {
+                assert_eq!(row, alone[i].as_slice(), "{name}: chain of {len}, node {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tree_nodes_are_bit_identical_to_their_path_decoded_alone() {
+    for (name, model) in models() {
+        let vocab = model.vocab_size() as u32;
+        let prefix = prompt(vocab as usize, 5);
+        // root 0 -> {1, 2}; 1 -> {3}; 2 -> {4, 5}; 5 -> {6}
+        let tokens = vec![4, 9, 10, 20, 30, 31, 40];
+        let parents = vec![None, Some(0), Some(0), Some(1), Some(2), Some(2), Some(5)];
+        let mut cache = model.new_cache();
+        model
+            .forward(&mut cache, &TreeInput::chain(&prefix), LogitRows::None)
+            .unwrap();
+        let tree = model
+            .forward(
+                &mut cache,
+                &TreeInput::tree(tokens.clone(), parents.clone()),
+                LogitRows::All,
+            )
+            .unwrap();
+        for node in 0..tokens.len() {
+            let mut path = vec![node];
+            while let Some(p) = parents[*path.last().unwrap()] {
+                path.push(p);
+            }
+            path.reverse();
+            let path_tokens: Vec<u32> = path.iter().map(|&i| tokens[i]).collect();
+            let alone = one_at_a_time(&model, &prefix, &path_tokens);
+            let row = &tree[node * vocab as usize..(node + 1) * vocab as usize];
+            assert_eq!(row, alone.last().unwrap().as_slice(), "{name}: node {node}");
+        }
+    }
+}
+
+#[test]
+fn keeping_a_later_branch_equals_a_cache_built_from_that_branch() {
+    for (name, model) in models() {
+        let vocab = model.vocab_size();
+        let prefix = prompt(vocab, 6);
+        let tokens = vec![1, 2, 3, 4, 5];
+        // root 0 -> {1 -> 2, 3 -> 4}
+        let parents = vec![None, Some(0), Some(1), Some(0), Some(3)];
+        let mut cache = model.new_cache();
+        model
+            .forward(&mut cache, &TreeInput::chain(&prefix), LogitRows::None)
+            .unwrap();
+        model
+            .forward(
+                &mut cache,
+                &TreeInput::tree(tokens, parents),
+                LogitRows::All,
+            )
+            .unwrap();
+        cache.keep_path(prefix.len(), 5, &[0, 3, 4]).unwrap();
+        assert_eq!(cache.len(), prefix.len() + 3);
+        let next = model
+            .forward(&mut cache, &TreeInput::chain(&[7]), LogitRows::All)
+            .unwrap();
+        let mut fresh = model.new_cache();
+        let mut sequence = prefix.clone();
+        sequence.extend([1, 4, 5, 7]);
+        let expected = model
+            .forward(&mut fresh, &TreeInput::chain(&sequence), LogitRows::Last)
+            .unwrap();
+        assert_eq!(next, expected, "{name}");
+    }
+}
+
+#[test]
+fn truncating_the_cache_equals_never_having_run_the_suffix() {
+    let (_, model) = models().remove(0);
+    let tokens = prompt(model.vocab_size(), 20);
+    let mut cache = model.new_cache();
+    model
+        .forward(&mut cache, &TreeInput::chain(&tokens), LogitRows::None)
+        .unwrap();
+    cache.truncate(12);
+    let after = model
+        .forward(&mut cache, &TreeInput::chain(&[3]), LogitRows::All)
+        .unwrap();
+    let mut fresh = model.new_cache();
+    let mut sequence = tokens[..12].to_vec();
+    sequence.push(3);
+    let expected = model
+        .forward(&mut fresh, &TreeInput::chain(&sequence), LogitRows::Last)
+        .unwrap();
+    assert_eq!(after, expected);
+}
+
+#[test]
+fn bad_inputs_are_refused_and_leave_the_cache_untouched() {
+    let (_, model) = models().remove(0);
+    let mut cache = model.new_cache();
+    let vocab = model.vocab_size() as u32;
+    let cases = [
+        (TreeInput::chain(&[]), "at least one"),
+        (TreeInput::chain(&[1, vocab]), "outside the vocabulary"),
+        (TreeInput::tree(vec![1, 2], vec![None, Some(1)]), "parent"),
+        (TreeInput::tree(vec![1, 2], vec![None, Some(5)]), "parent"),
+    ];
+    for (input, expected) in cases {
+        let error = model
+            .forward(&mut cache, &input, LogitRows::All)
+            .unwrap_err();
+        assert!(error.to_string().contains(expected), "{error}");
+        assert_eq!(cache.len(), 0);
+    }
+    let long = vec![1u32; model.config().context_length + 1];
+    assert!(matches!(
+        model.forward(&mut cache, &TreeInput::chain(&long), LogitRows::Last),
+        Err(EngineError::ContextOverflow { .. })
+    ));
+    assert!(cache.keep_path(0, 3, &[0]).is_err());
+}

@@ -1,0 +1,171 @@
+//! Prompt-lookup n-gram drafting (LLMA, prompt lookup decoding).
+//!
+//! The longest suffix of the context that occurred earlier in the context (the prompt and
+//! the session's own output) proposes the tokens that followed it. Lengths are tried from
+//! `max_ngram` down to `min_ngram`; distinct continuations become separate branches, most
+//! recent occurrence first.
+
+use sibyl_spec::{Drafter, Proposal, TokenId};
+
+/// Limits of the n-gram drafter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NgramConfig {
+    /// Longest suffix tried.
+    pub max_ngram: usize,
+    /// Shortest suffix tried (at least 1).
+    pub min_ngram: usize,
+    /// Most branches proposed per call.
+    pub max_branches: usize,
+    /// Most occurrences examined per suffix length (the most recent ones), which bounds the
+    /// work per call on long, repetitive contexts.
+    pub max_matches: usize,
+}
+
+impl Default for NgramConfig {
+    fn default() -> Self {
+        Self {
+            max_ngram: 4,
+            min_ngram: 1,
+            max_branches: 3,
+            max_matches: 64,
+        }
+    }
+}
+
+/// An n-gram drafter over one session's context.
+#[derive(Debug, Clone, Default)]
+pub struct NgramDrafter {
+    config: NgramConfig,
+}
+
+impl NgramDrafter {
+    pub fn new(config: NgramConfig) -> Self {
+        let min_ngram = config.min_ngram.max(1);
+        Self {
+            config: NgramConfig {
+                min_ngram,
+                max_ngram: config.max_ngram.max(min_ngram),
+                ..config
+            },
+        }
+    }
+
+    /// Continuations of the longest matching suffixes, each at most `max_tokens` long.
+    pub fn lookup(&self, context: &[TokenId], max_tokens: usize) -> Vec<Vec<TokenId>> {
+        let mut branches: Vec<Vec<TokenId>> = Vec::new();
+        if max_tokens == 0 || self.config.max_branches == 0 {
+            return branches;
+        }
+        let len = context.len();
+        for n in (self.config.min_ngram..=self.config.max_ngram).rev() {
+            if n >= len {
+                continue;
+            }
+            let suffix = &context[len - n..];
+            let mut matches = 0usize;
+            // Occurrences ending before the suffix itself, most recent first.
+            for start in (0..len - n).rev() {
+                if &context[start..start + n] != suffix {
+                    continue;
+                }
+                matches += 1;
+                let follow = start + n;
+                let end = (follow + max_tokens).min(len);
+                let continuation = &context[follow..end];
+                if continuation.is_empty() {
+                    continue;
+                }
+                let known = branches
+                    .iter_mut()
+                    .find(|b| b.first() == continuation.first());
+                match known {
+                    // A longer continuation with the same start replaces a shorter one.
+                    Some(branch)
+                        if branch.len() < continuation.len()
+                            && continuation.starts_with(branch) =>
+                    {
+                        *branch = continuation.to_vec();
+                    }
+                    Some(_) => {}
+                    None => branches.push(continuation.to_vec()),
+                }
+                if branches.len() >= self.config.max_branches || matches >= self.config.max_matches
+                {
+                    break;
+                }
+            }
+            if branches.len() >= self.config.max_branches {
+                break;
+            }
+        }
+        branches
+    }
+}
+
+impl Drafter for NgramDrafter {
+    fn kind(&self) -> &str {
+        "ngram"
+    }
+
+    fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
+        self.lookup(context, max_tokens)
+            .into_iter()
+            .map(Proposal::greedy)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_suffix_match_proposes_what_followed() {
+        let drafter = NgramDrafter::default();
+        // "a b c d e ... a b c" -> "d e"
+        let context = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3];
+        let branches = drafter.lookup(&context, 2);
+        assert_eq!(branches[0], vec![4, 5]);
+    }
+
+    #[test]
+    fn several_matches_give_several_branches_most_recent_first() {
+        let drafter = NgramDrafter::new(NgramConfig {
+            max_ngram: 2,
+            min_ngram: 2,
+            max_branches: 4,
+            max_matches: 64,
+        });
+        let context = [7, 8, 1, 0, 7, 8, 2, 0, 7, 8];
+        let branches = drafter.lookup(&context, 3);
+        assert_eq!(branches, vec![vec![2, 0, 7], vec![1, 0, 7]]);
+    }
+
+    #[test]
+    fn no_match_no_proposal() {
+        let drafter = NgramDrafter::default();
+        assert!(drafter.lookup(&[1, 2, 3, 4], 5).is_empty());
+        assert!(drafter.lookup(&[], 5).is_empty());
+        assert!(drafter.lookup(&[1, 1, 1], 0).is_empty());
+    }
+
+    #[test]
+    fn continuation_never_runs_past_the_context() {
+        let drafter = NgramDrafter::default();
+        let branches = drafter.lookup(&[5, 5, 5, 5], 10);
+        assert_eq!(branches.len(), 1);
+        assert!(branches[0].len() <= 3 && branches[0].iter().all(|&t| t == 5));
+    }
+
+    #[test]
+    fn branch_count_is_bounded() {
+        let drafter = NgramDrafter::new(NgramConfig {
+            max_ngram: 1,
+            min_ngram: 1,
+            max_branches: 2,
+            max_matches: 64,
+        });
+        let context = [0, 1, 0, 2, 0, 3, 0, 4, 0];
+        assert_eq!(drafter.lookup(&context, 1).len(), 2);
+    }
+}

@@ -1,0 +1,63 @@
+/// Running estimate of how often a drafter's tokens are accepted, used to rank its branches
+/// when the tree has to be cut to the verify budget.
+#[derive(Debug, Clone)]
+pub struct AcceptanceStats {
+    /// Draft tokens of this drafter that were placed in a verified tree.
+    pub proposed: u64,
+    /// Draft tokens of this drafter that the target accepted.
+    pub accepted: u64,
+    rate: f64,
+}
+
+impl Default for AcceptanceStats {
+    fn default() -> Self {
+        Self {
+            proposed: 0,
+            accepted: 0,
+            rate: Self::PRIOR,
+        }
+    }
+}
+
+impl AcceptanceStats {
+    /// Acceptance assumed before anything has been measured.
+    const PRIOR: f64 = 0.6;
+    /// Weight of the newest step in the moving average.
+    const SMOOTHING: f64 = 0.2;
+
+    /// Records one verify step: `proposed` of this drafter's tokens were in the tree and
+    /// `accepted` of them ended up on the accepted path.
+    pub fn record(&mut self, proposed: usize, accepted: usize) {
+        self.proposed += proposed as u64;
+        self.accepted += accepted as u64;
+        if proposed > 0 {
+            let step_rate = accepted as f64 / proposed as f64;
+            self.rate += Self::SMOOTHING * (step_rate - self.rate);
+        }
+    }
+
+    /// Estimated probability that one more token of this drafter is accepted, in (0, 1].
+    pub fn rate(&self) -> f64 {
+        self.rate.clamp(0.05, 1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_follows_measured_acceptance_and_stays_in_bounds() {
+        let mut stats = AcceptanceStats::default();
+        for _ in 0..100 {
+            stats.record(4, 0);
+        }
+        assert!(stats.rate() <= 0.05 + 1e-12);
+        for _ in 0..100 {
+            stats.record(4, 4);
+        }
+        assert!(stats.rate() > 0.99);
+        assert_eq!(stats.proposed, 800);
+        assert_eq!(stats.accepted, 400);
+    }
+}

@@ -1,0 +1,41 @@
+//! The speculative algorithm of sibyl, as plain data and pure functions.
+//!
+//! Drafters propose token blocks ([`Proposal`]); [`TreeBuilder`] merges them into one
+//! [`TokenTree`] (shared prefixes once) cut to a node budget; the target model scores every
+//! node; [`verify`] walks the tree and returns the accepted path plus the target's own next
+//! token ([`Outcome`]). Greedy verification is exact argmax matching; sampled verification is
+//! lossless rejection sampling (point-mass drafts: "sample the target, accept on match";
+//! drafts with probabilities: `min(1, p/q)` with residual resampling, siblings in turn).
+//!
+//! Nothing here knows about models, threads or the network: every rule can be tested with
+//! hand-made numbers.
+
+mod acceptance;
+mod sampling;
+mod tree;
+mod verify;
+
+pub use acceptance::AcceptanceStats;
+pub use sampling::{SamplingConfig, SamplingError, TargetDistribution};
+pub use tree::{Node, Proposal, SparseDist, TokenTree, TreeBuilder};
+pub use verify::{verify, Outcome, PositionRng};
+
+/// A token id of the target model's vocabulary.
+pub type TokenId = u32;
+
+/// Index of a drafter in the session's list of drafters (low-cardinality, stable per session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DrafterId(pub usize);
+
+/// Something that proposes continuations of a token context, in process.
+///
+/// The services issue wraps remote drafters behind the same trait; the decode loop only sees
+/// proposals, which it treats as untrusted input.
+pub trait Drafter: Send {
+    /// Short, low-cardinality name of the drafter kind (`ngram`, `retrieval`, `lm`).
+    fn kind(&self) -> &str;
+
+    /// Proposes continuations of `context` (the whole sequence so far, prompt included).
+    /// At most `max_tokens` tokens per branch are useful; longer branches are cut.
+    fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal>;
+}

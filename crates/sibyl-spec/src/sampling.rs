@@ -1,0 +1,254 @@
+use crate::TokenId;
+use rand::Rng;
+
+/// How the target's next token is chosen. `temperature == 0` is greedy (argmax).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (`None`: all).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose mass reaches `top_p` (`None`: 1).
+    pub top_p: Option<f32>,
+    /// Seed of the request's random stream.
+    pub seed: u64,
+}
+
+/// A sampling parameter outside its domain.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    Temperature(f32),
+    #[error("top_p must be in (0, 1], got {0}")]
+    TopP(f32),
+    #[error("top_k must be at least 1")]
+    TopK,
+    #[error("the target's logits for node {node} are missing or not {vocab} wide")]
+    Logits { node: usize, vocab: usize },
+}
+
+impl SamplingConfig {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
+    }
+
+    /// Checks every parameter; call once when a request arrives.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(SamplingError::TopP(p));
+            }
+        }
+        if self.top_k == Some(0) {
+            return Err(SamplingError::TopK);
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// Index of the largest logit; the lowest index wins a tie and NaN never wins.
+pub(crate) fn argmax(logits: &[f32]) -> TokenId {
+    let mut best = 0usize;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_value {
+            best = i;
+            best_value = v;
+        }
+    }
+    best as TokenId
+}
+
+/// The target's distribution over the next token after temperature, top-k and top-p,
+/// dense over the vocabulary, in f64 so residuals stay accurate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetDistribution {
+    probs: Vec<f64>,
+    total: f64,
+}
+
+impl TargetDistribution {
+    /// Builds the distribution from raw logits. `config` must be validated and not greedy.
+    pub fn new(logits: &[f32], config: &SamplingConfig) -> Self {
+        let inv_t = 1.0 / f64::from(config.temperature.max(1e-6));
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|v| !v.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<f64> = logits
+            .iter()
+            .map(|&l| {
+                if l.is_nan() || max == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    ((f64::from(l) - f64::from(max)) * inv_t).exp()
+                }
+            })
+            .collect();
+        if let Some(k) = config.top_k.filter(|&k| k < probs.len()) {
+            let mut sorted = probs.clone();
+            let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            let threshold = *kth;
+            let mut kept = 0usize;
+            // Keep exactly k: ties at the threshold go to the lowest token ids.
+            for p in probs.iter_mut() {
+                if *p > threshold {
+                    kept += 1;
+                }
+            }
+            let mut ties_left = k - kept;
+            for p in probs.iter_mut() {
+                if *p < threshold {
+                    *p = 0.0;
+                } else if *p == threshold {
+                    if ties_left > 0 {
+                        ties_left -= 1;
+                    } else {
+                        *p = 0.0;
+                    }
+                }
+            }
+        }
+        if let Some(top_p) = config.top_p.filter(|&p| p < 1.0) {
+            let total: f64 = probs.iter().sum();
+            let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            let mut mass = 0.0;
+            let mut cut = order.len();
+            for (rank, &i) in order.iter().enumerate() {
+                mass += probs[i] / total;
+                if mass >= f64::from(top_p) {
+                    cut = rank + 1;
+                    break;
+                }
+            }
+            for &i in &order[cut..] {
+                probs[i] = 0.0;
+            }
+        }
+        let total = probs.iter().sum();
+        Self { probs, total }
+    }
+
+    /// Normalised probability of `token`.
+    pub fn prob(&self, token: TokenId) -> f64 {
+        match self.probs.get(token as usize) {
+            Some(&p) if self.total > 0.0 => p / self.total,
+            _ => 0.0,
+        }
+    }
+
+    /// Draws a token.
+    pub fn sample<R: Rng>(&self, rng: &mut R) -> TokenId {
+        let target = rng.random::<f64>() * self.total;
+        let mut acc = 0.0;
+        let mut last_nonzero = 0usize;
+        for (i, &p) in self.probs.iter().enumerate() {
+            if p > 0.0 {
+                acc += p;
+                last_nonzero = i;
+                if acc > target {
+                    return i as TokenId;
+                }
+            }
+        }
+        last_nonzero as TokenId
+    }
+
+    /// Removes a rejected point-mass candidate: the residual `max(0, p - 1[token])`.
+    pub(crate) fn remove(&mut self, token: TokenId) {
+        if let Some(p) = self.probs.get_mut(token as usize) {
+            self.total -= *p;
+            *p = 0.0;
+        }
+    }
+
+    /// Replaces the distribution with the normalised residual `max(0, p - q)` after a draft
+    /// drawn from `q` was rejected. Returns false when nothing is left (then `p` is kept).
+    pub(crate) fn subtract(&mut self, q: &crate::SparseDist) -> bool {
+        if self.total <= 0.0 {
+            return false;
+        }
+        let mut residual = self.probs.clone();
+        let mut total = 0.0;
+        for p in residual.iter_mut() {
+            *p /= self.total;
+        }
+        for &(token, q) in q.entries() {
+            if let Some(p) = residual.get_mut(token as usize) {
+                *p = (*p - f64::from(q)).max(0.0);
+            }
+        }
+        for p in &residual {
+            total += p;
+        }
+        if total <= 1e-12 {
+            return false;
+        }
+        self.probs = residual;
+        self.total = total;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> SamplingConfig {
+        SamplingConfig {
+            temperature,
+            top_k,
+            top_p,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn softmax_with_temperature() {
+        let d = TargetDistribution::new(&[0.0, (2.0f32).ln()], &config(1.0, None, None));
+        assert!((d.prob(0) - 1.0 / 3.0).abs() < 1e-9);
+        assert!((d.prob(1) - 2.0 / 3.0).abs() < 1e-9);
+        let hot = TargetDistribution::new(&[0.0, (2.0f32).ln()], &config(0.5, None, None));
+        assert!((hot.prob(1) - 0.8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn top_k_and_top_p_truncate() {
+        let logits = [1.0f32, 3.0, 2.0, 0.0];
+        let k = TargetDistribution::new(&logits, &config(1.0, Some(2), None));
+        assert_eq!(k.prob(0), 0.0);
+        assert_eq!(k.prob(3), 0.0);
+        assert!(k.prob(1) > k.prob(2) && k.prob(2) > 0.0);
+        let p = TargetDistribution::new(&logits, &config(1.0, None, Some(0.5)));
+        assert_eq!(p.prob(1), 1.0);
+    }
+
+    #[test]
+    fn invalid_parameters_are_refused() {
+        assert!(config(-0.1, None, None).validate().is_err());
+        assert!(config(f32::NAN, None, None).validate().is_err());
+        assert!(config(1.0, Some(0), None).validate().is_err());
+        assert!(config(1.0, None, Some(0.0)).validate().is_err());
+        assert!(config(1.0, None, Some(1.5)).validate().is_err());
+        assert!(config(0.7, Some(40), Some(0.9)).validate().is_ok());
+    }
+
+    #[test]
+    fn argmax_prefers_the_lowest_index_and_ignores_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 0.5, 0.1]), 1);
+    }
+}

@@ -1,0 +1,336 @@
+use crate::{DrafterId, TokenId};
+
+/// A drafter's probability distribution at one draft position, kept sparse (top-k).
+/// Tokens not listed have probability zero.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparseDist {
+    entries: Vec<(TokenId, f32)>,
+}
+
+impl SparseDist {
+    /// Builds a distribution from `(token, probability)` pairs. Returns `None` when a
+    /// probability is not finite or negative, a token repeats, or the total exceeds one
+    /// (beyond rounding): such a distribution cannot be used for rejection sampling.
+    pub fn new(mut entries: Vec<(TokenId, f32)>) -> Option<Self> {
+        entries.sort_by_key(|&(token, _)| token);
+        let repeats = entries.windows(2).any(|w| w[0].0 == w[1].0);
+        let valid = entries.iter().all(|&(_, p)| p.is_finite() && p >= 0.0);
+        let total: f64 = entries.iter().map(|&(_, p)| f64::from(p)).sum();
+        (valid && !repeats && total <= 1.0 + 1e-3).then_some(Self { entries })
+    }
+
+    /// Probability of `token`.
+    pub fn prob(&self, token: TokenId) -> f32 {
+        self.entries
+            .binary_search_by_key(&token, |&(t, _)| t)
+            .map_or(0.0, |i| self.entries[i].1)
+    }
+
+    /// The listed `(token, probability)` pairs, by token id.
+    pub fn entries(&self) -> &[(TokenId, f32)] {
+        &self.entries
+    }
+}
+
+/// One block of candidate tokens continuing the current sequence, as a drafter sent it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Proposal {
+    /// Candidate tokens; the first one follows the last accepted token.
+    pub tokens: Vec<TokenId>,
+    /// For each token, the drafter's distribution it was sampled from; `None` for a
+    /// deterministic guess (treated as a point mass).
+    pub probs: Option<Vec<SparseDist>>,
+}
+
+impl Proposal {
+    /// A deterministic proposal (point masses).
+    pub fn greedy(tokens: Vec<TokenId>) -> Self {
+        Self {
+            tokens,
+            probs: None,
+        }
+    }
+}
+
+/// One node of a [`TokenTree`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub token: TokenId,
+    /// Index of the parent node; `None` only for the root.
+    pub parent: Option<usize>,
+    /// Distance from the root (root: 0). The node's absolute position is the root's plus this.
+    pub depth: usize,
+    /// The drafter that first proposed this node (`None` for the root).
+    pub source: Option<DrafterId>,
+    /// The distribution the drafter sampled this token from; `None` is a point mass.
+    pub draft_dist: Option<SparseDist>,
+}
+
+/// Candidate continuations merged into a tree. Node 0 is the root: the last token that the
+/// target has emitted but not yet processed. Every parent comes before its children, so
+/// the ancestors of a node are in increasing index order and increasing depth.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenTree {
+    nodes: Vec<Node>,
+}
+
+impl TokenTree {
+    /// A tree with the root only: an ordinary decoding step.
+    pub fn root_only(root: TokenId) -> Self {
+        Self {
+            nodes: vec![Node {
+                token: root,
+                parent: None,
+                depth: 0,
+                source: None,
+                draft_dist: None,
+            }],
+        }
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// Number of nodes, root included.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Always false: a tree has at least its root.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Draft nodes (all but the root).
+    pub fn draft_len(&self) -> usize {
+        self.nodes.len() - 1
+    }
+
+    pub fn tokens(&self) -> Vec<TokenId> {
+        self.nodes.iter().map(|n| n.token).collect()
+    }
+
+    pub fn parents(&self) -> Vec<Option<usize>> {
+        self.nodes.iter().map(|n| n.parent).collect()
+    }
+
+    pub fn depths(&self) -> Vec<usize> {
+        self.nodes.iter().map(|n| n.depth).collect()
+    }
+
+    /// Children of `node`, in index order.
+    pub fn children(&self, node: usize) -> impl Iterator<Item = usize> + '_ {
+        (node + 1..self.nodes.len()).filter(move |&i| self.nodes[i].parent == Some(node))
+    }
+
+    fn child_with_token(&self, node: usize, token: TokenId) -> Option<usize> {
+        self.children(node).find(|&i| self.nodes[i].token == token)
+    }
+}
+
+/// Merges proposals into one [`TokenTree`] under a node budget.
+///
+/// Proposals are untrusted: a token outside the vocabulary cuts its branch there, a branch
+/// longer than `max_depth` is cut, malformed probabilities make the branch a point mass
+/// (which keeps verification lossless). When the budget is short, the nodes with the highest
+/// expected acceptance (`score ^ depth` for a drafter scoring `score`) go in first.
+#[derive(Debug, Clone)]
+pub struct TreeBuilder {
+    root: TokenId,
+    vocab_size: usize,
+    budget: usize,
+    max_depth: usize,
+    branches: Vec<Branch>,
+    dropped_tokens: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Branch {
+    drafter: DrafterId,
+    score: f64,
+    tokens: Vec<TokenId>,
+    probs: Option<Vec<SparseDist>>,
+}
+
+impl TreeBuilder {
+    /// `budget` is the most draft nodes (root excluded) the tree may hold.
+    pub fn new(root: TokenId, vocab_size: usize, budget: usize, max_depth: usize) -> Self {
+        Self {
+            root,
+            vocab_size,
+            budget,
+            max_depth,
+            branches: Vec::new(),
+            dropped_tokens: 0,
+        }
+    }
+
+    /// Adds one proposal of `drafter`, whose tokens are accepted with estimated probability
+    /// `score` each (see [`crate::AcceptanceStats::rate`]).
+    pub fn add(&mut self, drafter: DrafterId, score: f64, proposal: Proposal) {
+        let Proposal { mut tokens, probs } = proposal;
+        let valid_len = tokens
+            .iter()
+            .position(|&t| t as usize >= self.vocab_size)
+            .unwrap_or(tokens.len())
+            .min(self.max_depth);
+        self.dropped_tokens += tokens.len() - valid_len;
+        tokens.truncate(valid_len);
+        if tokens.is_empty() {
+            return;
+        }
+        let probs = probs.and_then(|mut probs| {
+            let usable = probs.len() >= tokens.len()
+                && tokens.iter().zip(&probs).all(|(&t, q)| q.prob(t) > 0.0);
+            probs.truncate(tokens.len());
+            usable.then_some(probs)
+        });
+        let score = if score.is_finite() {
+            score.clamp(1e-6, 1.0)
+        } else {
+            1e-6
+        };
+        self.branches.push(Branch {
+            drafter,
+            score,
+            tokens,
+            probs,
+        });
+    }
+
+    /// Tokens dropped so far because they were outside the vocabulary or too deep.
+    pub fn dropped_tokens(&self) -> usize {
+        self.dropped_tokens
+    }
+
+    /// Builds the tree: shared prefixes are stored once, the most valuable nodes first.
+    pub fn build(self) -> TokenTree {
+        let mut tree = TokenTree::root_only(self.root);
+        // (value, branch, depth index); parents always outrank their children because
+        // score <= 1, and ties go to the shallower node, then the earlier branch.
+        let mut order: Vec<(f64, usize, usize)> = self
+            .branches
+            .iter()
+            .enumerate()
+            .flat_map(|(b, branch)| {
+                (0..branch.tokens.len()).map(move |d| (branch.score.powi(d as i32 + 1), b, d))
+            })
+            .collect();
+        order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)).then(a.1.cmp(&b.1)));
+        // For each branch, the tree node its prefix so far ends at (None: cut).
+        let mut ends: Vec<Option<usize>> = vec![Some(0); self.branches.len()];
+        let mut placed = 0usize;
+        for (_, b, d) in order {
+            let Some(parent) = ends[b] else { continue };
+            let branch = &self.branches[b];
+            let token = branch.tokens[d];
+            if let Some(existing) = tree.child_with_token(parent, token) {
+                ends[b] = Some(existing);
+                continue;
+            }
+            if placed >= self.budget {
+                ends[b] = None;
+                continue;
+            }
+            tree.nodes.push(Node {
+                token,
+                parent: Some(parent),
+                depth: d + 1,
+                source: Some(branch.drafter),
+                draft_dist: branch.probs.as_ref().map(|p| p[d].clone()),
+            });
+            placed += 1;
+            ends[b] = Some(tree.nodes.len() - 1);
+        }
+        tree
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens_by_depth(tree: &TokenTree) -> Vec<(TokenId, Option<usize>)> {
+        tree.nodes().iter().map(|n| (n.token, n.parent)).collect()
+    }
+
+    #[test]
+    fn shared_prefixes_are_stored_once() {
+        let mut builder = TreeBuilder::new(9, 100, 16, 8);
+        builder.add(DrafterId(0), 1.0, Proposal::greedy(vec![1, 2, 3]));
+        builder.add(DrafterId(1), 1.0, Proposal::greedy(vec![1, 2, 4]));
+        let tree = builder.build();
+        assert_eq!(tree.len(), 5);
+        let nodes = tokens_by_depth(&tree);
+        assert_eq!(nodes[0], (9, None));
+        assert_eq!(nodes[1], (1, Some(0)));
+        assert_eq!(nodes[2], (2, Some(1)));
+        // both leaves hang from the shared "2"
+        assert!(nodes[3..].contains(&(3, Some(2))));
+        assert!(nodes[3..].contains(&(4, Some(2))));
+    }
+
+    #[test]
+    fn budget_keeps_the_nodes_most_likely_to_be_accepted() {
+        let mut builder = TreeBuilder::new(0, 100, 3, 8);
+        builder.add(DrafterId(0), 0.2, Proposal::greedy(vec![10, 11, 12]));
+        builder.add(DrafterId(1), 0.9, Proposal::greedy(vec![20, 21, 22]));
+        let tree = builder.build();
+        assert_eq!(tree.tokens(), vec![0, 20, 21, 22]);
+    }
+
+    #[test]
+    fn out_of_vocabulary_tokens_cut_their_branch() {
+        let mut builder = TreeBuilder::new(0, 50, 16, 8);
+        builder.add(DrafterId(0), 1.0, Proposal::greedy(vec![1, 2, 99, 3]));
+        builder.add(DrafterId(0), 1.0, Proposal::greedy(vec![u32::MAX]));
+        assert_eq!(builder.dropped_tokens(), 3);
+        let tree = builder.build();
+        assert_eq!(tree.tokens(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn branches_deeper_than_the_limit_are_cut() {
+        let mut builder = TreeBuilder::new(0, 50, 16, 2);
+        builder.add(DrafterId(0), 1.0, Proposal::greedy(vec![1, 2, 3, 4]));
+        assert_eq!(builder.build().tokens(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn malformed_probabilities_become_point_masses() {
+        let mut builder = TreeBuilder::new(0, 50, 16, 8);
+        let wrong = SparseDist::new(vec![(7, 1.0)]).unwrap();
+        builder.add(
+            DrafterId(0),
+            1.0,
+            Proposal {
+                tokens: vec![1],
+                probs: Some(vec![wrong]),
+            },
+        );
+        assert_eq!(builder.build().nodes()[1].draft_dist, None);
+        assert!(SparseDist::new(vec![(1, 0.7), (2, 0.7)]).is_none());
+        assert!(SparseDist::new(vec![(1, f32::NAN)]).is_none());
+        assert!(SparseDist::new(vec![(1, 0.2), (1, 0.2)]).is_none());
+    }
+
+    #[test]
+    fn parents_precede_children() {
+        let mut builder = TreeBuilder::new(0, 100, 64, 8);
+        for (i, score) in [0.3, 0.9, 0.5, 0.7].into_iter().enumerate() {
+            let base = i as u32 * 10;
+            builder.add(
+                DrafterId(i),
+                score,
+                Proposal::greedy(vec![1, base + 2, base + 3, base + 4]),
+            );
+        }
+        let tree = builder.build();
+        for (i, node) in tree.nodes().iter().enumerate().skip(1) {
+            let parent = node.parent.unwrap();
+            assert!(parent < i);
+            assert_eq!(tree.nodes()[parent].depth + 1, node.depth);
+        }
+    }
+}

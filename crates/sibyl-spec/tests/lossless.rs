@@ -1,0 +1,307 @@
+//! Lossless verification on a toy target whose probabilities can be computed exactly.
+
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sibyl_spec::{
+    verify, DrafterId, Proposal, SamplingConfig, SparseDist, TargetDistribution, TokenId,
+    TreeBuilder,
+};
+
+/// A toy language model: logits depend on the last three tokens through a hash.
+struct ToyModel {
+    vocab: usize,
+    sharpness: f32,
+}
+
+impl ToyModel {
+    fn logits(&self, context: &[TokenId]) -> Vec<f32> {
+        let tail = &context[context.len().saturating_sub(3)..];
+        let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
+        for &t in tail {
+            h = splitmix(h ^ u64::from(t));
+        }
+        (0..self.vocab)
+            .map(|v| {
+                let x = splitmix(h ^ (v as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+                ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * self.sharpness
+            })
+            .collect()
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// How each step's drafts are made.
+#[derive(Clone, Copy, Debug)]
+enum Drafts {
+    None,
+    /// Random point-mass branches (some out of the vocabulary), often wrong.
+    PointMass,
+    /// One branch sampled from a random draft distribution that is sent along.
+    Sampled,
+}
+
+/// Generates `count` tokens speculatively; returns them and the number of verify steps.
+fn generate(
+    model: &ToyModel,
+    prompt: &[TokenId],
+    count: usize,
+    config: &SamplingConfig,
+    drafts: Drafts,
+    draft_rng: &mut ChaCha8Rng,
+    budget: usize,
+) -> (Vec<TokenId>, usize) {
+    let mut context = prompt.to_vec();
+    let mut steps = 0;
+    while context.len() < prompt.len() + count {
+        let root = *context.last().unwrap();
+        let mut builder = TreeBuilder::new(root, model.vocab, budget, 6);
+        match drafts {
+            Drafts::None => {}
+            Drafts::PointMass => {
+                for b in 0..draft_rng.random_range(0..4) {
+                    let len = draft_rng.random_range(0..6);
+                    let tokens = (0..len)
+                        .map(|_| draft_rng.random_range(0..model.vocab as u32 + 2))
+                        .collect();
+                    builder.add(DrafterId(b), draft_rng.random(), Proposal::greedy(tokens));
+                }
+            }
+            Drafts::Sampled => {
+                let len = draft_rng.random_range(1..5);
+                let mut tokens = Vec::new();
+                let mut probs = Vec::new();
+                for _ in 0..len {
+                    let weights: Vec<f32> = (0..model.vocab)
+                        .map(|_| draft_rng.random::<f32>() + 0.05)
+                        .collect();
+                    let total: f32 = weights.iter().sum();
+                    let entries: Vec<(TokenId, f32)> = weights
+                        .iter()
+                        .enumerate()
+                        .map(|(t, w)| (t as TokenId, w / total))
+                        .collect();
+                    let mut u = draft_rng.random::<f32>();
+                    let mut token = entries.last().unwrap().0;
+                    for &(t, p) in &entries {
+                        if u < p {
+                            token = t;
+                            break;
+                        }
+                        u -= p;
+                    }
+                    tokens.push(token);
+                    probs.push(SparseDist::new(entries).unwrap());
+                }
+                builder.add(
+                    DrafterId(0),
+                    0.7,
+                    Proposal {
+                        tokens,
+                        probs: Some(probs),
+                    },
+                );
+            }
+        }
+        let tree = builder.build();
+        let mut logits = Vec::with_capacity(tree.len() * model.vocab);
+        for i in 0..tree.len() {
+            let mut path = Vec::new();
+            let mut node = Some(i);
+            while let Some(n) = node.filter(|&n| n != 0) {
+                path.push(tree.nodes()[n].token);
+                node = tree.nodes()[n].parent;
+            }
+            path.reverse();
+            let mut ctx = context.clone();
+            ctx.extend(path);
+            logits.extend(model.logits(&ctx));
+        }
+        let outcome = verify(&tree, &logits, model.vocab, config, context.len() - 1).unwrap();
+        context.extend(outcome.emitted(&tree));
+        steps += 1;
+    }
+    context.truncate(prompt.len() + count);
+    (context[prompt.len()..].to_vec(), steps)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn greedy_speculation_equals_plain_greedy(
+        vocab in 2usize..40,
+        prompt in proptest::collection::vec(0u32..40, 1..8),
+        seed in any::<u64>(),
+        budget in 0usize..20,
+    ) {
+        let model = ToyModel { vocab, sharpness: 6.0 };
+        let prompt: Vec<TokenId> = prompt.into_iter().map(|t| t % vocab as u32).collect();
+        let config = SamplingConfig::greedy();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (plain, plain_steps) =
+            generate(&model, &prompt, 24, &config, Drafts::None, &mut rng, budget);
+        prop_assert_eq!(plain_steps, 24);
+        let (spec, _) = generate(&model, &prompt, 24, &config, Drafts::PointMass, &mut rng, budget);
+        prop_assert_eq!(&spec, &plain);
+    }
+
+    #[test]
+    fn seeded_sampling_with_point_mass_drafts_reproduces_plain_sampling(
+        prompt in proptest::collection::vec(0u32..8, 1..6),
+        seed in any::<u64>(),
+    ) {
+        let model = ToyModel { vocab: 8, sharpness: 3.0 };
+        let config = SamplingConfig { temperature: 0.8, top_k: Some(6), top_p: Some(0.95), seed };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 1);
+        let (plain, _) = generate(&model, &prompt, 16, &config, Drafts::None, &mut rng, 8);
+        let (spec, _) = generate(&model, &prompt, 16, &config, Drafts::PointMass, &mut rng, 8);
+        prop_assert_eq!(spec, plain);
+    }
+}
+
+/// Upper quantile of the chi-square distribution (Wilson-Hilferty), z = 3.09 for p = 0.001.
+fn chi_square_critical(df: usize) -> f64 {
+    let df = df as f64;
+    let z = 3.090_232;
+    let a = 2.0 / (9.0 * df);
+    df * (1.0 - a + z * a.sqrt()).powi(3)
+}
+
+/// Exact joint distribution of the first `count` sampled tokens of `model` after `prompt`.
+fn exact_joint(
+    model: &ToyModel,
+    prompt: &[TokenId],
+    count: usize,
+    config: &SamplingConfig,
+) -> Vec<f64> {
+    let outcomes = model.vocab.pow(count as u32);
+    (0..outcomes)
+        .map(|code| {
+            let mut ctx = prompt.to_vec();
+            let mut prob = 1.0;
+            let mut rest = code;
+            for _ in 0..count {
+                let token = (rest % model.vocab) as TokenId;
+                rest /= model.vocab;
+                prob *= TargetDistribution::new(&model.logits(&ctx), config).prob(token);
+                ctx.push(token);
+            }
+            prob
+        })
+        .collect()
+}
+
+fn chi_square_of(drafts: Drafts) -> (f64, f64) {
+    const RUNS: usize = 20_000;
+    const COUNT: usize = 3;
+    let model = ToyModel {
+        vocab: 5,
+        sharpness: 2.5,
+    };
+    let prompt = [1, 3];
+    let base = SamplingConfig {
+        temperature: 0.9,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+    };
+    let expected = exact_joint(&model, &prompt, COUNT, &base);
+    let mut observed = vec![0usize; expected.len()];
+    let mut draft_rng = ChaCha8Rng::seed_from_u64(0xD8AF7);
+    for run in 0..RUNS {
+        let config = SamplingConfig {
+            seed: 1_000_003 * run as u64 + 17,
+            ..base.clone()
+        };
+        let (tokens, _) = generate(&model, &prompt, COUNT, &config, drafts, &mut draft_rng, 8);
+        let code = tokens
+            .iter()
+            .rev()
+            .fold(0usize, |acc, &t| acc * model.vocab + t as usize);
+        observed[code] += 1;
+    }
+    // Pool outcomes whose expected count is under 5 into one cell.
+    let (mut stat, mut cells, mut pooled_e, mut pooled_o) = (0.0, 0usize, 0.0, 0.0);
+    for (p, &o) in expected.iter().zip(&observed) {
+        let e = p * RUNS as f64;
+        if e < 5.0 {
+            pooled_e += e;
+            pooled_o += o as f64;
+        } else {
+            stat += (o as f64 - e).powi(2) / e;
+            cells += 1;
+        }
+    }
+    if pooled_e > 0.0 {
+        stat += (pooled_o - pooled_e).powi(2) / pooled_e;
+        cells += 1;
+    }
+    (stat, chi_square_critical(cells - 1))
+}
+
+#[test]
+fn plain_sampling_follows_the_target_distribution() {
+    let (stat, critical) = chi_square_of(Drafts::None);
+    assert!(stat < critical, "chi-square {stat:.1} >= {critical:.1}");
+}
+
+#[test]
+fn sampling_with_point_mass_drafts_follows_the_target_distribution() {
+    let (stat, critical) = chi_square_of(Drafts::PointMass);
+    assert!(stat < critical, "chi-square {stat:.1} >= {critical:.1}");
+}
+
+#[test]
+fn sampling_with_probabilistic_drafts_follows_the_target_distribution() {
+    let (stat, critical) = chi_square_of(Drafts::Sampled);
+    assert!(stat < critical, "chi-square {stat:.1} >= {critical:.1}");
+}
+
+#[test]
+fn a_biased_sampler_is_caught_by_the_chi_square_bound() {
+    // The check must be able to fail: sampling at the wrong temperature is detected.
+    let model = ToyModel {
+        vocab: 5,
+        sharpness: 2.5,
+    };
+    let prompt = [1, 3];
+    let right = SamplingConfig {
+        temperature: 0.9,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+    };
+    let expected = exact_joint(&model, &prompt, 3, &right);
+    let mut observed = vec![0usize; expected.len()];
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for run in 0..20_000u64 {
+        let wrong = SamplingConfig {
+            temperature: 1.3,
+            seed: run,
+            ..right.clone()
+        };
+        let (tokens, _) = generate(&model, &prompt, 3, &wrong, Drafts::None, &mut rng, 0);
+        let code = tokens
+            .iter()
+            .rev()
+            .fold(0usize, |acc, &t| acc * 5 + t as usize);
+        observed[code] += 1;
+    }
+    let stat: f64 = expected
+        .iter()
+        .zip(&observed)
+        .filter(|(p, _)| **p * 20_000.0 >= 5.0)
+        .map(|(p, &o)| {
+            let e = p * 20_000.0;
+            (o as f64 - e).powi(2) / e
+        })
+        .sum();
+    assert!(stat > chi_square_critical(expected.len() - 1));
+}

@@ -1,0 +1,76 @@
+use clap::{Args, ValueEnum};
+
+/// Which model to run.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A catalog name (qwen2.5-coder-1.5b, qwen2.5-coder-0.5b, smollm2-135m) or the path of a
+    /// GGUF file. Catalog models missing from the cache are fetched and checked first.
+    #[arg(long, env = "SIBYL_MODEL", default_value = sibyl_models::DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "SIBYL_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Keep Q4_1/Q5_0/Q5_1 tensors as they are instead of converting them to Q8_0 at load
+    /// (slower: those types have no SIMD kernels).
+    #[arg(long, env = "SIBYL_KEEP_SLOW_TYPES")]
+    pub keep_slow_types: bool,
+}
+
+/// The drafters of a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DraftKind {
+    /// Plain decoding, one token per step.
+    None,
+    /// Prompt lookup and the session's own history.
+    Ngram,
+}
+
+/// How speculation runs.
+#[derive(Debug, Clone, Args)]
+pub struct SpeculationArgs {
+    /// Drafter to speculate with.
+    #[arg(long, env = "SIBYL_DRAFT", value_enum, default_value_t = DraftKind::Ngram)]
+    pub draft: DraftKind,
+
+    /// Most draft tokens verified per step (tree nodes).
+    #[arg(long, env = "SIBYL_DRAFT_BUDGET", default_value_t = 12)]
+    pub draft_budget: usize,
+
+    /// Most draft tokens on one branch.
+    #[arg(long, env = "SIBYL_DRAFT_DEPTH", default_value_t = 8)]
+    pub draft_depth: usize,
+
+    /// Longest suffix the n-gram drafter looks up.
+    #[arg(long, env = "SIBYL_NGRAM_MAX", default_value_t = 4)]
+    pub ngram_max: usize,
+
+    /// Most branches the n-gram drafter proposes per step.
+    #[arg(long, env = "SIBYL_NGRAM_BRANCHES", default_value_t = 3)]
+    pub ngram_branches: usize,
+}
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+
+    /// Seed of the sampling (default: random, printed in the summary).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}

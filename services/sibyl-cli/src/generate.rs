@@ -1,0 +1,212 @@
+use crate::args::{DraftKind, ModelArgs, SamplingArgs, SpeculationArgs};
+use crate::progress::BarProgress;
+use anyhow::{bail, Context};
+use clap::Args;
+use sibyl_decode::{GenerationConfig, GenerationReport};
+use sibyl_engine::{ChatMessage, Detokenizer, LoadOptions};
+use sibyl_ngram::{NgramConfig, NgramDrafter};
+use sibyl_spec::{Drafter, SamplingConfig};
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
+use std::ops::ControlFlow;
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+
+    #[command(flatten)]
+    pub speculation: SpeculationArgs,
+}
+
+/// Everything `generate` needs, checked before any model is touched.
+pub struct GenerateConfig {
+    pub prompt: String,
+    pub chat: bool,
+    pub model: ModelArgs,
+    pub generation: GenerationConfig,
+    pub speculation: SpeculationArgs,
+}
+
+impl TryFrom<GenerateArgs> for GenerateConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: GenerateArgs) -> anyhow::Result<Self> {
+        if args.sampling.max_tokens == 0 {
+            bail!("--max-tokens must be at least 1");
+        }
+        if args.model.threads == Some(0) {
+            bail!("--threads must be at least 1");
+        }
+        let seed = args.sampling.seed.unwrap_or_else(|| {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        });
+        let sampling = SamplingConfig {
+            temperature: args.sampling.temperature,
+            top_k: args.sampling.top_k,
+            top_p: args.sampling.top_p,
+            seed,
+        };
+        sampling.validate().context("invalid sampling parameters")?;
+        if args.speculation.ngram_max == 0 {
+            bail!("--ngram-max must be at least 1");
+        }
+        Ok(Self {
+            prompt: args.prompt,
+            chat: args.chat,
+            model: args.model,
+            generation: GenerationConfig {
+                max_tokens: args.sampling.max_tokens,
+                sampling,
+                draft_budget: args.speculation.draft_budget,
+                max_draft_depth: args.speculation.draft_depth,
+                stop_tokens: Vec::new(),
+            },
+            speculation: args.speculation,
+        })
+    }
+}
+
+/// Builds the drafters of `kind`.
+pub fn drafters(speculation: &SpeculationArgs) -> Vec<Box<dyn Drafter>> {
+    match speculation.draft {
+        DraftKind::None => Vec::new(),
+        DraftKind::Ngram => vec![Box::new(NgramDrafter::new(NgramConfig {
+            max_ngram: speculation.ngram_max,
+            max_branches: speculation.ngram_branches,
+            ..NgramConfig::default()
+        }))],
+    }
+}
+
+/// Sets the compute thread count for the whole process.
+pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(threads) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("starting the compute threads")?;
+    }
+    Ok(())
+}
+
+/// Finds (fetching if needed) and loads the model of `args`.
+pub fn load_model(args: &ModelArgs) -> anyhow::Result<sibyl_engine::LoadedModel> {
+    let path = sibyl_models::locate(
+        &args.model,
+        &sibyl_models::cache_dir(),
+        &BarProgress::default(),
+    )?;
+    let options = LoadOptions {
+        requantize_slow_types: !args.keep_slow_types,
+    };
+    Ok(sibyl_engine::load(&path, &options)?)
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let mut config = GenerateConfig::try_from(args)?;
+    init_threads(config.model.threads)?;
+    let loaded = load_model(&config.model)?;
+    let prompt_text = if config.chat {
+        let template = loaded
+            .chat_template
+            .as_ref()
+            .context("--chat: this model file has no chat template")?;
+        template.render(&[ChatMessage::new("user", &config.prompt)])?
+    } else {
+        config.prompt.clone()
+    };
+    let prompt = loaded.tokenizer.encode(&prompt_text)?;
+    let limit = loaded.model.config().context_length;
+    if prompt.len() >= limit {
+        bail!(
+            "the prompt has {} tokens; the model's context window is {limit} tokens",
+            prompt.len()
+        );
+    }
+    config.generation.stop_tokens = loaded.tokenizer.stop_tokens().to_vec();
+    let mut drafters = drafters(&config.speculation);
+    let mut detokenizer = Detokenizer::new(&loaded.tokenizer);
+    let mut stdout = std::io::stdout().lock();
+    let mut write_error = None;
+    let report = sibyl_decode::generate(
+        &loaded.model,
+        &prompt,
+        &config.generation,
+        &mut drafters,
+        |tokens| {
+            for &token in tokens {
+                let text = match detokenizer.push(token) {
+                    Ok(text) => text,
+                    Err(error) => {
+                        write_error = Some(anyhow::Error::from(error));
+                        return ControlFlow::Break(());
+                    }
+                };
+                if let Some(text) = text {
+                    if let Err(error) = stdout.write_all(text.as_bytes()) {
+                        write_error = Some(error.into());
+                        return ControlFlow::Break(());
+                    }
+                }
+            }
+            let _ = stdout.flush();
+            ControlFlow::Continue(())
+        },
+    )?;
+    if let Some(error) = write_error {
+        return Err(error);
+    }
+    if let Some(rest) = detokenizer.finish()? {
+        stdout.write_all(rest.as_bytes())?;
+    }
+    writeln!(stdout)?;
+    drop(stdout);
+    eprintln!("{}", summary(&report));
+    Ok(())
+}
+
+/// The stderr summary of a generation.
+pub fn summary(report: &GenerationReport) -> String {
+    let mut text = format!(
+        "generated {} tokens in {:.2} s ({:.2} tokens/s), prompt {} tokens in {:.2} s; \
+         {} verify steps, {:.2} mean accepted tokens per step; finish: {:?}; seed {}",
+        report.tokens.len(),
+        report.decode_time.as_secs_f64(),
+        report.tokens_per_second(),
+        report.prompt_tokens,
+        report.prompt_time.as_secs_f64(),
+        report.steps,
+        report.mean_accepted_tokens(),
+        report.finish_reason,
+        report.seed,
+    );
+    for drafter in &report.drafters {
+        let rate = if drafter.proposed > 0 {
+            drafter.accepted as f64 / drafter.proposed as f64
+        } else {
+            0.0
+        };
+        text.push_str(&format!(
+            "\n{}: {} draft tokens proposed, {} accepted ({:.0}%)",
+            drafter.kind,
+            drafter.proposed,
+            drafter.accepted,
+            rate * 100.0
+        ));
+    }
+    text
+}

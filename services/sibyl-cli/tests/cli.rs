@@ -1,0 +1,106 @@
+//! The `sibyl` binary as a user runs it: bad input fails fast with a clear message, and
+//! speculation does not change what `generate` prints.
+
+use std::process::{Command, Output};
+
+fn sibyl(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sibyl"));
+    command.args(args);
+    for (k, v) in envs {
+        command.env(k, v);
+    }
+    command.output().expect("running sibyl")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_refused(args: &[&str], envs: &[(&str, &str)], expected: &str) {
+    let output = sibyl(args, envs);
+    let text = stderr(&output);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    assert!(text.contains(expected), "{args:?}: {text}");
+    assert!(!text.contains("panicked"), "{args:?}: {text}");
+}
+
+#[test]
+fn zero_max_tokens_is_refused_before_any_work() {
+    // A model name that would need a download: the check must come first.
+    assert_refused(
+        &["generate", "--prompt", "hi", "--max-tokens", "0", "--model", "qwen2.5-coder-1.5b"],
+        &[("SIBYL_CACHE_DIR", "/nonexistent/sibyl-cache")],
+        "--max-tokens must be at least 1",
+    );
+}
+
+#[test]
+fn a_negative_temperature_is_refused_before_any_work() {
+    assert_refused(
+        &["generate", "--prompt", "hi", "--temperature", "-0.5"],
+        &[("SIBYL_CACHE_DIR", "/nonexistent/sibyl-cache")],
+        "temperature",
+    );
+    assert_refused(
+        &["generate", "--prompt", "hi", "--top-p", "1.5"],
+        &[("SIBYL_CACHE_DIR", "/nonexistent/sibyl-cache")],
+        "top_p",
+    );
+}
+
+#[test]
+fn a_model_file_with_the_wrong_checksum_is_refused() {
+    let cache = std::env::temp_dir().join(format!("sibyl-cli-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join("smollm2-135m.gguf"), b"corrupt").unwrap();
+    assert_refused(
+        &["generate", "--prompt", "hi", "--model", "smollm2-135m"],
+        &[("SIBYL_CACHE_DIR", cache.to_str().unwrap())],
+        "SHA-256",
+    );
+}
+
+#[test]
+fn an_unknown_model_lists_the_catalog() {
+    assert_refused(
+        &["generate", "--prompt", "hi", "--model", "gpt-9"],
+        &[],
+        "qwen2.5-coder-0.5b",
+    );
+}
+
+#[test]
+fn real_weights_a_prompt_longer_than_the_context_window_is_refused() {
+    let prompt = "word ".repeat(9000);
+    assert_refused(
+        &["generate", "--prompt", &prompt, "--model", "smollm2-135m"],
+        &[],
+        "context window",
+    );
+}
+
+#[test]
+fn real_weights_speculation_prints_exactly_what_plain_decoding_prints() {
+    let common = [
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--chat",
+        "--max-tokens",
+        "96",
+        "--prompt",
+        "Fix the bug: def add(a, b):\n    return a - b\nReturn the whole function.",
+    ];
+    let plain = sibyl(&[&common[..], &["--draft", "none"]].concat(), &[]);
+    let spec = sibyl(&[&common[..], &["--draft", "ngram"]].concat(), &[]);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    assert!(spec.status.success(), "{}", stderr(&spec));
+    assert!(!plain.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&spec.stdout),
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    let summary = stderr(&spec);
+    assert!(summary.contains("tokens/s") && summary.contains("mean accepted tokens per step"));
+    assert!(summary.contains("ngram:"), "{summary}");
+}
