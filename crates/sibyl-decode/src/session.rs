@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 /// Prompt tokens processed per forward pass.
 const PROMPT_CHUNK: usize = 256;
 
+/// Trust in a drafter's second, third... proposal relative to the one before.
+const ALTERNATIVE_DISCOUNT: f64 = 0.5;
+
 /// Parameters of one generation.
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
@@ -19,6 +22,10 @@ pub struct GenerationConfig {
     pub draft_budget: usize,
     /// Most draft tokens on one branch.
     pub max_draft_depth: usize,
+    /// Draft nodes whose estimated chance of acceptance is below this are not verified...
+    pub min_draft_value: f64,
+    /// ...except the this many most likely ones (at least one), which cost little to verify.
+    pub exempt_draft_nodes: usize,
     /// Tokens that end the generation; they are not emitted.
     pub stop_tokens: Vec<TokenId>,
 }
@@ -173,11 +180,15 @@ pub fn generate(
         let root = *context.last().unwrap_or(&0);
         let room = limit - context.len();
         let depth = config.max_draft_depth.min(room.saturating_sub(1));
-        let mut builder = TreeBuilder::new(root, vocab, config.draft_budget, depth);
+        let mut builder = TreeBuilder::new(root, vocab, config.draft_budget, depth)
+            .with_min_value(config.min_draft_value, config.exempt_draft_nodes);
         if depth > 0 && config.draft_budget > 0 {
             for (i, drafter) in drafters.iter_mut().enumerate() {
+                // A drafter lists its best guess first; each later branch is trusted less.
+                let mut score = stats[i].rate();
                 for proposal in drafter.propose(&context, depth) {
-                    builder.add(DrafterId(i), stats[i].rate(), proposal);
+                    builder.add(DrafterId(i), score, proposal);
+                    score *= ALTERNATIVE_DISCOUNT;
                 }
             }
         }
@@ -222,23 +233,39 @@ pub fn generate(
     })
 }
 
-/// Credits each drafter with its nodes in the tree and its nodes on the accepted path.
+/// Credits each drafter with its nodes in the tree, with the levels of the accepted path
+/// where it had a guess (a child of the root or of an accepted node), and with those levels
+/// where its guess was the one accepted.
 fn record(tree: &TokenTree, path: &[usize], stats: &mut [AcceptanceStats]) {
     let mut proposed = vec![0usize; stats.len()];
+    let mut reached = vec![0usize; stats.len()];
     let mut accepted = vec![0usize; stats.len()];
     for node in &tree.nodes()[1..] {
         if let Some(DrafterId(d)) = node.source {
             proposed[d] += 1;
         }
     }
-    for &i in path {
-        if let Some(DrafterId(d)) = tree.nodes()[i].source {
+    let levels = std::iter::once(0).chain(path.iter().copied());
+    for (level, parent) in levels.enumerate() {
+        let chosen = path.get(level).copied();
+        let mut guessed = vec![false; stats.len()];
+        for child in tree.children(parent) {
+            if let Some(DrafterId(d)) = tree.nodes()[child].source {
+                guessed[d] = true;
+            }
+        }
+        for (d, &g) in guessed.iter().enumerate() {
+            if g {
+                reached[d] += 1;
+            }
+        }
+        if let Some(DrafterId(d)) = chosen.and_then(|c| tree.nodes()[c].source) {
             accepted[d] += 1;
         }
     }
     for (d, s) in stats.iter_mut().enumerate() {
         if proposed[d] > 0 {
-            s.record(proposed[d], accepted[d]);
+            s.record(proposed[d], reached[d], accepted[d]);
         }
     }
 }

@@ -75,6 +75,8 @@ fn config(max_tokens: usize, budget: usize, depth: usize) -> GenerationConfig {
         sampling: SamplingConfig::greedy(),
         draft_budget: budget,
         max_draft_depth: depth,
+        min_draft_value: 0.0,
+        exempt_draft_nodes: 1,
         stop_tokens: Vec::new(),
     }
 }

@@ -3,7 +3,7 @@
 //! Each (node, head) pair is reduced alone, over its visible keys in position order, with
 //! the same fixed summation order whatever else is in the forward pass.
 
-use rayon::prelude::*;
+use crate::parallel::for_each_chunk_mut;
 
 /// Sizes of one attention layer.
 #[derive(Debug, Clone, Copy)]
@@ -51,34 +51,32 @@ pub(crate) fn tree_attention(
     let group = heads / kv_heads;
     let kv_row = kv_heads * head_dim;
     let scale = (head_dim as f32).sqrt();
-    out.par_chunks_mut(head_dim)
-        .enumerate()
-        .for_each(|(index, out_head)| {
-            let node = index / heads;
-            let head = index % heads;
-            let kv_head = head / group;
-            let q = &queries[index * head_dim..(index + 1) * head_dim];
-            let positions = (0..prefix_len).chain(visible[node].iter().map(|&j| prefix_len + j));
-            let mut scores: Vec<f32> = positions
-                .clone()
-                .map(|p| {
-                    let k = &keys[p * kv_row + kv_head * head_dim..][..head_dim];
-                    dot(q, k) / scale
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+    for_each_chunk_mut(out, head_dim, |index, out_head| {
+        let node = index / heads;
+        let head = index % heads;
+        let kv_head = head / group;
+        let q = &queries[index * head_dim..(index + 1) * head_dim];
+        let positions = (0..prefix_len).chain(visible[node].iter().map(|&j| prefix_len + j));
+        let mut scores: Vec<f32> = positions
+            .clone()
+            .map(|p| {
+                let k = &keys[p * kv_row + kv_head * head_dim..][..head_dim];
+                dot(q, k) / scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        out_head.fill(0.0);
+        for (p, s) in positions.zip(&scores) {
+            let weight = s / sum;
+            let v = &values[p * kv_row + kv_head * head_dim..][..head_dim];
+            for (o, &x) in out_head.iter_mut().zip(v) {
+                *o += weight * x;
             }
-            out_head.fill(0.0);
-            for (p, s) in positions.zip(&scores) {
-                let weight = s / sum;
-                let v = &values[p * kv_row + kv_head * head_dim..][..head_dim];
-                for (o, &x) in out_head.iter_mut().zip(v) {
-                    *o += weight * x;
-                }
-            }
-        });
+        }
+    });
 }

@@ -69,6 +69,8 @@ pub enum EngineError {
     EmptyInput,
     #[error("context of {needed} tokens exceeds the model's window of {limit} tokens")]
     ContextOverflow { needed: usize, limit: usize },
+    #[error("a quantized kernel failed: {0}")]
+    Kernel(#[source] candle_core::Error),
     #[error("cannot keep tree nodes {path:?} of a {len}-node forward")]
     InvalidPath { path: Vec<usize>, len: usize },
 }

@@ -48,7 +48,9 @@ impl ModelConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} is zero"));
         }
-        if !self.hidden_size.is_multiple_of(self.num_heads) || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+        if !self.hidden_size.is_multiple_of(self.num_heads)
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
+        {
             return Err(format!(
                 "hidden size {} / {} heads / {} kv heads do not divide",
                 self.hidden_size, self.num_heads, self.num_kv_heads

@@ -14,6 +14,7 @@ mod error;
 mod gguf;
 mod kv_cache;
 mod model;
+mod parallel;
 mod quant;
 pub mod testkit;
 mod tokenizer;

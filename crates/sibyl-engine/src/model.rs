@@ -124,10 +124,10 @@ fn add_bias(x: &mut [f32], bias: Option<&Vec<f32>>) {
     }
 }
 
-fn project(weight: &QuantMatrix, x: &[f32], m: usize) -> Vec<f32> {
+fn project(weight: &QuantMatrix, x: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
     let mut out = vec![0f32; m * weight.rows()];
-    weight.matmul(x, m, &mut out);
-    out
+    weight.matmul(x, m, &mut out).map_err(EngineError::Kernel)?;
+    Ok(out)
 }
 
 struct Attention {
@@ -187,9 +187,9 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let mut gate = project(&self.gate, x, m);
-        let up = project(&self.up, x, m);
+    fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
+        let mut gate = project(&self.gate, x, m)?;
+        let up = project(&self.up, x, m)?;
         for (g, u) in gate.iter_mut().zip(&up) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
@@ -362,9 +362,9 @@ impl Model {
         for (index, block) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &block.attention_norm, c.rms_norm_eps);
             let a = &block.attention;
-            let mut q = project(&a.q, &h, m);
-            let mut k = project(&a.k, &h, m);
-            let mut v = project(&a.v, &h, m);
+            let mut q = project(&a.q, &h, m)?;
+            let mut k = project(&a.k, &h, m)?;
+            let mut v = project(&a.v, &h, m)?;
             add_bias(&mut q, a.q_bias.as_ref());
             add_bias(&mut k, a.k_bias.as_ref());
             add_bias(&mut v, a.v_bias.as_ref());
@@ -390,12 +390,12 @@ impl Model {
                 &tree.visible,
                 &mut attended,
             );
-            let projected = project(&a.o, &attended, m);
+            let projected = project(&a.o, &attended, m)?;
             for (x, p) in x.iter_mut().zip(&projected) {
                 *x += p;
             }
             let h = rms_norm(&x, &block.mlp_norm, c.rms_norm_eps);
-            let mlp = block.mlp.forward(&h, m);
+            let mlp = block.mlp.forward(&h, m)?;
             for (x, p) in x.iter_mut().zip(&mlp) {
                 *x += p;
             }
@@ -408,6 +408,6 @@ impl Model {
         };
         let h = rms_norm(selected, &self.output_norm, c.rms_norm_eps);
         let output = self.output.as_ref().unwrap_or(&self.embedding);
-        Ok(project(output, &h, count))
+        project(output, &h, count)
     }
 }

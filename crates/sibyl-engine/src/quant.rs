@@ -1,14 +1,22 @@
 use crate::gguf::LoadOptions;
+use crate::parallel::for_each_chunk_mut;
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
     BlockQ8_0, GgmlType,
 };
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{Device, Tensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Output columns handled by one parallel work item.
 const COLUMNS_PER_TASK: usize = 16;
+
+/// Most activation rows per call of candle's tiled kernels. candle switches Q4_K products to
+/// AMX tiles from 32 rows on, whose rounding differs; below that, every row goes through the
+/// same per-row instruction sequence whatever the row count.
+const TILED_ROWS: usize = 16;
 
 /// A weight matrix of `rows` outputs by `cols` inputs, stored as quantized blocks, row-major.
 ///
@@ -25,6 +33,9 @@ pub struct QuantMatrix {
 
 #[derive(Debug, Clone)]
 enum Blocks {
+    /// Q4_K, Q6_K and Q8_0 on x86-64: candle's quantized tensor, whose CPU product uses
+    /// repacked tiles (AVX2, AVX-512 VNNI) that process each activation row alone.
+    Tiled(Arc<QTensor>),
     F32(Vec<f32>),
     Q4_0(Vec<BlockQ4_0>),
     Q4_1(Vec<BlockQ4_1>),
@@ -41,6 +52,7 @@ enum Blocks {
 macro_rules! with_blocks {
     ($blocks:expr, $b:ident => $body:expr) => {
         match $blocks {
+            Blocks::Tiled(_) => unreachable!("tiled matrices are handled first"),
             Blocks::F32($b) => $body,
             Blocks::Q4_0($b) => $body,
             Blocks::Q4_1($b) => $body,
@@ -139,7 +151,31 @@ impl QuantMatrix {
             GgmlDType::Q8_1 | GgmlDType::Q8K => return None,
         };
         let matrix = Self { rows, cols, blocks };
-        (matrix.stored_len() == rows * cols).then_some(matrix)
+        (matrix.stored_len() == rows * cols).then(|| matrix.into_tiled())
+    }
+
+    /// Moves Q4_K, Q6_K and Q8_0 weights into candle's tiled kernels where they exist
+    /// (x86-64 with AVX2, 16-row multiples, 256-wide rows); other matrices stay as they are.
+    fn into_tiled(self) -> Self {
+        let tileable = cfg!(target_arch = "x86_64")
+            && self.rows.is_multiple_of(16)
+            && self.cols.is_multiple_of(256);
+        let bytes: &[u8] = match &self.blocks {
+            Blocks::Q4K(b) if tileable => as_bytes(b),
+            Blocks::Q6K(b) if tileable => as_bytes(b),
+            Blocks::Q8_0(b) if tileable => as_bytes(b),
+            _ => return self,
+        };
+        let dtype = self.dtype();
+        let tensor = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dtype)
+            .and_then(|storage| QTensor::new(storage, (self.rows, self.cols)));
+        match tensor {
+            Ok(tensor) => Self {
+                blocks: Blocks::Tiled(Arc::new(tensor)),
+                ..self
+            },
+            Err(_) => self,
+        }
     }
 
     /// Quantizes an f32 matrix (row-major, `rows` x `cols`) to `dtype`; used by the testkit.
@@ -166,10 +202,13 @@ impl QuantMatrix {
             GgmlDType::Q6K => Blocks::Q6K(quantize_as(values)),
             _ => return None,
         };
-        Some(Self { rows, cols, blocks })
+        Some(Self { rows, cols, blocks }.into_tiled())
     }
 
     fn stored_len(&self) -> usize {
+        if let Blocks::Tiled(t) = &self.blocks {
+            return t.shape().elem_count();
+        }
         with_blocks!(&self.blocks, b => b.len() * block_size_of(b))
     }
 
@@ -183,17 +222,37 @@ impl QuantMatrix {
 
     /// The storage type after load-time conversion.
     pub fn dtype(&self) -> GgmlDType {
+        if let Blocks::Tiled(t) = &self.blocks {
+            return t.dtype();
+        }
         with_blocks!(&self.blocks, b => dtype_of(b))
     }
 
-    /// Bytes of weight data.
+    /// Bytes of weight data (candle may keep a second, repacked copy of tiled matrices).
     pub fn size_in_bytes(&self) -> usize {
+        if let Blocks::Tiled(t) = &self.blocks {
+            return t.storage_size_in_bytes();
+        }
         with_blocks!(&self.blocks, b => std::mem::size_of_val(b.as_slice()))
     }
 
     /// Row `row` as floats (an embedding lookup).
     pub fn dequantize_row(&self, row: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.cols];
+        if let Blocks::Tiled(t) = &self.blocks {
+            let dtype = t.dtype();
+            let row_bytes = self.cols / dtype.block_size() * dtype.type_size();
+            if let Ok(data) = t.data() {
+                let bytes = &data[row * row_bytes..(row + 1) * row_bytes];
+                match dtype {
+                    GgmlDType::Q4K => dequantize_bytes::<BlockQ4K>(bytes, &mut out),
+                    GgmlDType::Q6K => dequantize_bytes::<BlockQ6K>(bytes, &mut out),
+                    GgmlDType::Q8_0 => dequantize_bytes::<BlockQ8_0>(bytes, &mut out),
+                    _ => {}
+                }
+            }
+            return out;
+        }
         with_blocks!(&self.blocks, b => {
             let per_row = b.len() / self.rows;
             dequantize_into(&b[row * per_row..(row + 1) * per_row], &mut out)
@@ -202,11 +261,53 @@ impl QuantMatrix {
     }
 
     /// `out[r * rows + c] = dot(x[r], self[c])` for `m` activation rows of `cols` values.
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), candle_core::Error> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         assert_eq!(out.len(), m * self.rows, "output shape");
-        with_blocks!(&self.blocks, b => matmul_blocks(b, self.rows, self.cols, x, m, out))
+        if let Blocks::Tiled(t) = &self.blocks {
+            return matmul_tiled(t, self.cols, x, m, out);
+        }
+        with_blocks!(&self.blocks, b => matmul_blocks(b, self.rows, self.cols, x, m, out));
+        Ok(())
     }
+}
+
+fn as_bytes<T: GgmlType>(blocks: &[T]) -> &[u8] {
+    // SAFETY: plain-data blocks viewed as the bytes they were read from.
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks))
+    }
+}
+
+fn dequantize_bytes<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    if let Some(blocks) = typed::<T>(bytes) {
+        T::to_float(&blocks, out)
+    }
+}
+
+/// candle's product, called so that its kernel choice never depends on the row count:
+/// at most [`TILED_ROWS`] rows per call, and a single row padded to two, because candle
+/// takes a different (compact, untiled) Q6_K path for exactly one row.
+fn matmul_tiled(
+    tensor: &QTensor,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) -> Result<(), candle_core::Error> {
+    let n = out.len() / m;
+    for (chunk, dst) in x.chunks(TILED_ROWS * k).zip(out.chunks_mut(TILED_ROWS * n)) {
+        let rows = chunk.len() / k;
+        let input = if rows == 1 {
+            Tensor::from_iter(chunk.iter().chain(chunk).copied(), &Device::Cpu)?.reshape((2, k))?
+        } else {
+            Tensor::from_slice(chunk, (rows, k), &Device::Cpu)?
+        };
+        let product = input.apply_op1_no_bwd(tensor)?.flatten_all()?;
+        let values = product.to_vec1::<f32>()?;
+        dst.copy_from_slice(&values[..rows * n]);
+    }
+    Ok(())
 }
 
 fn block_size_of<T: GgmlType>(_: &[T]) -> usize {
@@ -248,16 +349,15 @@ fn matmul_blocks<T: GgmlType>(
         }
     };
     if m == 1 {
-        out.par_chunks_mut(COLUMNS_PER_TASK)
-            .enumerate()
-            .for_each(|(i, dst)| dot_columns(i * COLUMNS_PER_TASK, dst));
+        for_each_chunk_mut(out, COLUMNS_PER_TASK, |i, dst| {
+            dot_columns(i * COLUMNS_PER_TASK, dst)
+        });
         return;
     }
     let mut transposed = vec![0f32; n * m];
-    transposed
-        .par_chunks_mut(COLUMNS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(i, dst)| dot_columns(i * COLUMNS_PER_TASK, dst));
+    for_each_chunk_mut(&mut transposed, COLUMNS_PER_TASK * m, |i, dst| {
+        dot_columns(i * COLUMNS_PER_TASK, dst)
+    });
     for (c, column) in transposed.chunks(m).enumerate() {
         for (r, &value) in column.iter().enumerate() {
             out[r * n + c] = value;
@@ -291,14 +391,14 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::F32,
         ] {
-            let (n, k) = (40, 512);
+            let (n, k) = (48, 512);
             let w = QuantMatrix::quantize(dtype, n, k, &values(n * k, 1)).unwrap();
             let x = values(64 * k, 2);
             let mut all = vec![0f32; 64 * n];
-            w.matmul(&x, 64, &mut all);
-            for r in [0, 1, 17, 63] {
+            w.matmul(&x, 64, &mut all).unwrap();
+            for r in [0, 1, 17, 31, 32, 63] {
                 let mut one = vec![0f32; n];
-                w.matmul(&x[r * k..(r + 1) * k], 1, &mut one);
+                w.matmul(&x[r * k..(r + 1) * k], 1, &mut one).unwrap();
                 assert_eq!(one, all[r * n..(r + 1) * n], "{dtype:?} row {r}");
             }
         }
@@ -310,7 +410,7 @@ mod tests {
         let w = QuantMatrix::quantize(GgmlDType::Q8_0, n, k, &values(n * k, 3)).unwrap();
         let x = values(m * k, 4);
         let mut out = vec![0f32; m * n];
-        w.matmul(&x, m, &mut out);
+        w.matmul(&x, m, &mut out).unwrap();
         for r in 0..m {
             for c in 0..n {
                 let row = w.dequantize_row(c);

@@ -170,9 +170,9 @@ fn real_weights_qwen_0_5b_agrees_with_candle_transformers_quantized_qwen2() {
     );
 }
 
-#[test]
-fn real_weights_smollm2_logits_are_batch_invariant() {
-    let loaded = load_model("smollm2-135m", true);
+/// A position's logits are bit-identical alone, in a chain, and inside a tree.
+fn batch_invariant(name: &str) {
+    let loaded = load_model(name, true);
     let model = &loaded.model;
     let vocab = model.vocab_size();
     let prompt = loaded.tokenizer.encode("def fibonacci(n):\n    ").unwrap();
@@ -199,7 +199,7 @@ fn real_weights_smollm2_logits_are_batch_invariant() {
         .forward(&mut cache, &TreeInput::chain(&continuation), LogitRows::All)
         .unwrap();
     for (i, row) in chained.chunks(vocab).enumerate() {
-        assert_eq!(row, alone[i].as_slice(), "chain node {i}");
+        assert_eq!(row, alone[i].as_slice(), "{name}: chain node {i}");
     }
     let mut tokens = Vec::new();
     let mut parents = Vec::new();
@@ -224,8 +224,18 @@ fn real_weights_smollm2_logits_are_batch_invariant() {
         .unwrap();
     for i in 0..24 {
         let row = &tree[(2 * i + 1) * vocab..(2 * i + 2) * vocab];
-        assert_eq!(row, alone[i].as_slice(), "tree node {}", 2 * i + 1);
+        assert_eq!(row, alone[i].as_slice(), "{name}: tree node {}", 2 * i + 1);
     }
+}
+
+#[test]
+fn real_weights_smollm2_logits_are_batch_invariant() {
+    batch_invariant("smollm2-135m");
+}
+
+#[test]
+fn real_weights_qwen_0_5b_logits_are_batch_invariant() {
+    batch_invariant("qwen2.5-coder-0.5b");
 }
 
 #[test]

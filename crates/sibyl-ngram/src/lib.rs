@@ -24,7 +24,7 @@ pub struct NgramConfig {
 impl Default for NgramConfig {
     fn default() -> Self {
         Self {
-            max_ngram: 4,
+            max_ngram: 8,
             min_ngram: 1,
             max_branches: 3,
             max_matches: 64,

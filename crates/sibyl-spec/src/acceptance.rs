@@ -25,18 +25,20 @@ impl AcceptanceStats {
     /// Weight of the newest step in the moving average.
     const SMOOTHING: f64 = 0.2;
 
-    /// Records one verify step: `proposed` of this drafter's tokens were in the tree and
-    /// `accepted` of them ended up on the accepted path.
-    pub fn record(&mut self, proposed: usize, accepted: usize) {
+    /// Records one verify step: `proposed` of this drafter's tokens were in the tree; at
+    /// `reached` levels of the accepted path it had a guess, and at `accepted` of those its
+    /// guess was accepted.
+    pub fn record(&mut self, proposed: usize, reached: usize, accepted: usize) {
         self.proposed += proposed as u64;
         self.accepted += accepted as u64;
-        if proposed > 0 {
-            let step_rate = accepted as f64 / proposed as f64;
+        if reached > 0 {
+            let step_rate = accepted as f64 / reached as f64;
             self.rate += Self::SMOOTHING * (step_rate - self.rate);
         }
     }
 
-    /// Estimated probability that one more token of this drafter is accepted, in (0, 1].
+    /// Estimated probability that this drafter's best guess for the next level is accepted
+    /// once the level before was, in [0.05, 1].
     pub fn rate(&self) -> f64 {
         self.rate.clamp(0.05, 1.0)
     }
@@ -50,11 +52,11 @@ mod tests {
     fn rate_follows_measured_acceptance_and_stays_in_bounds() {
         let mut stats = AcceptanceStats::default();
         for _ in 0..100 {
-            stats.record(4, 0);
+            stats.record(4, 1, 0);
         }
         assert!(stats.rate() <= 0.05 + 1e-12);
         for _ in 0..100 {
-            stats.record(4, 4);
+            stats.record(4, 4, 4);
         }
         assert!(stats.rate() > 0.99);
         assert_eq!(stats.proposed, 800);

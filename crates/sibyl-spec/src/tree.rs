@@ -143,6 +143,8 @@ pub struct TreeBuilder {
     max_depth: usize,
     branches: Vec<Branch>,
     dropped_tokens: usize,
+    min_value: f64,
+    exempt_nodes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -163,7 +165,20 @@ impl TreeBuilder {
             max_depth,
             branches: Vec::new(),
             dropped_tokens: 0,
+            min_value: 0.0,
+            exempt_nodes: 1,
         }
+    }
+
+    /// Leaves out nodes whose expected acceptance (`score ^ depth`) is below `min_value`:
+    /// a node costs verify time whether or not it is accepted. The `exempt_nodes` most
+    /// valuable nodes (at least one) are kept whatever their value, so a drafter whose
+    /// estimate fell low can still prove itself, and nodes that cost almost nothing to
+    /// verify are not wasted.
+    pub fn with_min_value(mut self, min_value: f64, exempt_nodes: usize) -> Self {
+        self.min_value = min_value;
+        self.exempt_nodes = exempt_nodes.max(1);
+        self
     }
 
     /// Adds one proposal of `drafter`, whose tokens are accepted with estimated probability
@@ -221,8 +236,12 @@ impl TreeBuilder {
         // For each branch, the tree node its prefix so far ends at (None: cut).
         let mut ends: Vec<Option<usize>> = vec![Some(0); self.branches.len()];
         let mut placed = 0usize;
-        for (_, b, d) in order {
+        for (rank, (value, b, d)) in order.into_iter().enumerate() {
             let Some(parent) = ends[b] else { continue };
+            if value < self.min_value && rank >= self.exempt_nodes {
+                ends[b] = None;
+                continue;
+            }
             let branch = &self.branches[b];
             let token = branch.tokens[d];
             if let Some(existing) = tree.child_with_token(parent, token) {
@@ -278,6 +297,20 @@ mod tests {
         builder.add(DrafterId(1), 0.9, Proposal::greedy(vec![20, 21, 22]));
         let tree = builder.build();
         assert_eq!(tree.tokens(), vec![0, 20, 21, 22]);
+    }
+
+    #[test]
+    fn nodes_unlikely_to_be_accepted_are_left_out() {
+        let mut builder = TreeBuilder::new(0, 100, 16, 8).with_min_value(0.3, 1);
+        builder.add(DrafterId(0), 0.6, Proposal::greedy(vec![1, 2, 3]));
+        builder.add(DrafterId(1), 0.2, Proposal::greedy(vec![4]));
+        // 0.6, 0.36 stay; 0.216 and 0.2 go
+        assert_eq!(builder.build().tokens(), vec![0, 1, 2]);
+        let mut weak = TreeBuilder::new(0, 100, 16, 8).with_min_value(0.3, 1);
+        weak.add(DrafterId(0), 0.1, Proposal::greedy(vec![5, 6]));
+        weak.add(DrafterId(1), 0.2, Proposal::greedy(vec![7]));
+        // the best node stays whatever its value
+        assert_eq!(weak.build().tokens(), vec![0, 7]);
     }
 
     #[test]

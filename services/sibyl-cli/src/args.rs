@@ -8,7 +8,7 @@ pub struct ModelArgs {
     #[arg(long, env = "SIBYL_MODEL", default_value = sibyl_models::DEFAULT_MODEL)]
     pub model: String,
 
-    /// Compute threads (default: all cores).
+    /// Compute threads (default: `CANDLE_NUM_THREADS`, else all cores).
     #[arg(long, env = "SIBYL_THREADS")]
     pub threads: Option<usize>,
 
@@ -35,15 +35,25 @@ pub struct SpeculationArgs {
     pub draft: DraftKind,
 
     /// Most draft tokens verified per step (tree nodes).
-    #[arg(long, env = "SIBYL_DRAFT_BUDGET", default_value_t = 12)]
+    #[arg(long, env = "SIBYL_DRAFT_BUDGET", default_value_t = 16)]
     pub draft_budget: usize,
 
     /// Most draft tokens on one branch.
-    #[arg(long, env = "SIBYL_DRAFT_DEPTH", default_value_t = 8)]
+    #[arg(long, env = "SIBYL_DRAFT_DEPTH", default_value_t = 10)]
     pub draft_depth: usize,
 
+    /// Leave out draft tokens whose estimated chance of acceptance is below this, in [0, 1]:
+    /// every verified token costs time, accepted or not.
+    #[arg(long, env = "SIBYL_DRAFT_MIN_VALUE", default_value_t = 0.15)]
+    pub draft_min_value: f64,
+
+    /// The most likely draft tokens verified whatever their estimated chance (at least 1):
+    /// a few extra tokens cost little in a forward pass.
+    #[arg(long, env = "SIBYL_DRAFT_EXEMPT", default_value_t = 1)]
+    pub draft_exempt: usize,
+
     /// Longest suffix the n-gram drafter looks up.
-    #[arg(long, env = "SIBYL_NGRAM_MAX", default_value_t = 4)]
+    #[arg(long, env = "SIBYL_NGRAM_MAX", default_value_t = 8)]
     pub ngram_max: usize,
 
     /// Most branches the n-gram drafter proposes per step.

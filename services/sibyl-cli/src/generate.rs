@@ -64,6 +64,9 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
         if args.speculation.ngram_max == 0 {
             bail!("--ngram-max must be at least 1");
         }
+        if !(0.0..=1.0).contains(&args.speculation.draft_min_value) {
+            bail!("--draft-min-value must be in [0, 1]");
+        }
         Ok(Self {
             prompt: args.prompt,
             chat: args.chat,
@@ -73,6 +76,8 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
                 sampling,
                 draft_budget: args.speculation.draft_budget,
                 max_draft_depth: args.speculation.draft_depth,
+                min_draft_value: args.speculation.draft_min_value,
+                exempt_draft_nodes: args.speculation.draft_exempt,
                 stop_tokens: Vec::new(),
             },
             speculation: args.speculation,
@@ -92,15 +97,13 @@ pub fn drafters(speculation: &SpeculationArgs) -> Vec<Box<dyn Drafter>> {
     }
 }
 
-/// Sets the compute thread count for the whole process.
-pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
+/// Sets the compute thread count for the whole process. Must run before any model work:
+/// candle sizes its thread pool from `CANDLE_NUM_THREADS` when the pool first starts.
+pub fn init_threads(threads: Option<usize>) {
     if let Some(threads) = threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global()
-            .context("starting the compute threads")?;
+        // SAFETY: called at the start of `run`, before any other thread exists.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads.to_string()) };
     }
-    Ok(())
 }
 
 /// Finds (fetching if needed) and loads the model of `args`.
@@ -118,7 +121,7 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<sibyl_engine::LoadedModel>
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut config = GenerateConfig::try_from(args)?;
-    init_threads(config.model.threads)?;
+    init_threads(config.model.threads);
     let loaded = load_model(&config.model)?;
     let prompt_text = if config.chat {
         let template = loaded

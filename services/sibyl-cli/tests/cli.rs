@@ -28,7 +28,15 @@ fn assert_refused(args: &[&str], envs: &[(&str, &str)], expected: &str) {
 fn zero_max_tokens_is_refused_before_any_work() {
     // A model name that would need a download: the check must come first.
     assert_refused(
-        &["generate", "--prompt", "hi", "--max-tokens", "0", "--model", "qwen2.5-coder-1.5b"],
+        &[
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "0",
+            "--model",
+            "qwen2.5-coder-1.5b",
+        ],
         &[("SIBYL_CACHE_DIR", "/nonexistent/sibyl-cache")],
         "--max-tokens must be at least 1",
     );

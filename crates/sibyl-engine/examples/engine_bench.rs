@@ -1,0 +1,141 @@
+//! Engine benchmark, side by side in one run: plain decoding against candle-transformers'
+//! `quantized_qwen2` on the same file, and the cost of one forward over k chained tokens.
+//!
+//! `CANDLE_NUM_THREADS=2 cargo run --release --example engine_bench -- \
+//!      [--model qwen2.5-coder-1.5b] [--tokens 24] [--rounds 3]`
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_qwen2;
+use sibyl_engine::{load, LoadOptions, LogitRows, TreeInput};
+use std::time::Instant;
+
+struct Silent;
+impl sibyl_models::Progress for Silent {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn main() -> anyhow::Result<()> {
+    let model_name = arg("--model", "qwen2.5-coder-1.5b");
+    let tokens: usize = arg("--tokens", "24").parse()?;
+    let rounds: usize = arg("--rounds", "3").parse()?;
+    let with_reference = arg("--reference", "yes") == "yes";
+    let path = sibyl_models::locate(&model_name, &sibyl_models::cache_dir(), &Silent)?;
+    let loaded = load(&path, &LoadOptions::default())?;
+    let model = &loaded.model;
+    let prompt = loaded.tokenizer.encode(
+        "<|im_start|>user\nWrite a Python function that parses an ISO 8601 date string and \
+         returns a datetime object, with error handling.<|im_end|>\n<|im_start|>assistant\n",
+    )?;
+    println!(
+        "model {model_name}: {} layers, hidden {}, weights {:.0} MiB; prompt {} tokens; threads {}",
+        model.config().num_layers,
+        model.config().hidden_size,
+        model.weights_size_in_bytes() as f64 / (1 << 20) as f64,
+        prompt.len(),
+        std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "all cores".into())
+    );
+
+    let mut reference = if with_reference {
+        let mut file = std::fs::File::open(&path)?;
+        let content = gguf_file::Content::read(&mut file)?;
+        Some(quantized_qwen2::ModelWeights::from_gguf(
+            content,
+            &mut file,
+            &Device::Cpu,
+        )?)
+    } else {
+        None
+    };
+
+    // Plain decoding, alternating ours and the reference each round.
+    let mut ours_ms = Vec::new();
+    let mut ref_ms = Vec::new();
+    for round in 0..rounds {
+        let mut cache = model.new_cache();
+        let logits = model.forward(&mut cache, &TreeInput::chain(&prompt), LogitRows::Last)?;
+        let mut next = argmax(&logits);
+        for _ in 0..tokens {
+            let t = Instant::now();
+            let logits = model.forward(&mut cache, &TreeInput::chain(&[next]), LogitRows::All)?;
+            ours_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            next = argmax(&logits);
+        }
+        if let Some(reference) = reference.as_mut() {
+            let x = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let logits = reference.forward(&x, 0)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut next = argmax(&logits);
+            for i in 0..tokens {
+                let t = Instant::now();
+                let x = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+                let logits = reference
+                    .forward(&x, prompt.len() + i)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                ref_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                next = argmax(&logits);
+            }
+        }
+        eprintln!("round {} done", round + 1);
+    }
+    let ours = median(&mut ours_ms);
+    println!(
+        "decode, ours: median {ours:.1} ms/token ({:.2} tokens/s)",
+        1e3 / ours
+    );
+    if !ref_ms.is_empty() {
+        let theirs = median(&mut ref_ms);
+        println!(
+            "decode, candle-transformers quantized_qwen2: median {theirs:.1} ms/token ({:.2} tokens/s)",
+            1e3 / theirs
+        );
+        println!("decode speed, ours / reference: {:.2}x", theirs / ours);
+    }
+
+    // Forward over k chained tokens after the prompt, relative to one step.
+    let mut cache = model.new_cache();
+    model.forward(&mut cache, &TreeInput::chain(&prompt), LogitRows::None)?;
+    let chain: Vec<u32> = prompt.iter().rev().take(32).copied().collect();
+    let mut one = 0.0;
+    println!("k | median ms | k tokens / 1 step");
+    for k in [1usize, 2, 4, 8, 16, 32] {
+        let mut times = Vec::new();
+        for _ in 0..(rounds * 2 + 1) {
+            let t = Instant::now();
+            model.forward(&mut cache, &TreeInput::chain(&chain[..k]), LogitRows::All)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            cache.truncate(prompt.len());
+        }
+        let m = median(&mut times);
+        if k == 1 {
+            one = m;
+        }
+        println!("{k} | {m:.1} | {:.2}x", m / one);
+    }
+    Ok(())
+}

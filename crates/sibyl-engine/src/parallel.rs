@@ -1,0 +1,28 @@
+//! Work split over candle's persistent thread pool, the one its quantized kernels use, so
+//! that a forward pass never has two pools spinning against each other.
+
+/// Calls `f(i, chunk)` for every `chunk_len`-sized chunk `i` of `out`, in parallel. Each
+/// chunk is computed by exactly one call, so results never depend on the split.
+pub(crate) fn for_each_chunk_mut<F>(out: &mut [f32], chunk_len: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if out.is_empty() || chunk_len == 0 {
+        return;
+    }
+    let len = out.len();
+    let chunks = len.div_ceil(chunk_len);
+    let base = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
+        for i in range {
+            let start = i * chunk_len;
+            let end = len.min(start + chunk_len);
+            // SAFETY: the pool hands out each index once; chunks are disjoint and inside
+            // `out`, which outlives the call (the pool returns when all work is done).
+            let chunk = unsafe {
+                std::slice::from_raw_parts_mut((base as *mut f32).add(start), end - start)
+            };
+            f(i, chunk);
+        }
+    });
+}
