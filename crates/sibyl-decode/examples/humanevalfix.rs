@@ -15,13 +15,6 @@ use sibyl_spec::{Drafter, SamplingConfig};
 use std::io::BufRead;
 use std::ops::ControlFlow;
 
-struct Silent;
-impl sibyl_models::Progress for Silent {
-    fn start(&self, _: &str, _: u64) {}
-    fn advance(&self, _: u64) {}
-    fn finish(&self) {}
-}
-
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -40,7 +33,11 @@ fn main() -> anyhow::Result<()> {
     let min_value: f64 = arg("--min-value", "0.15").parse()?;
     let exempt: usize = arg("--exempt", "1").parse()?;
     let model_name = arg("--model", "qwen2.5-coder-1.5b");
-    let path = sibyl_models::locate(&model_name, &sibyl_models::cache_dir(), &Silent)?;
+    let path = sibyl_models::locate(
+        &model_name,
+        &sibyl_models::cache_dir(),
+        &sibyl_models::NoProgress,
+    )?;
     let loaded = load(&path, &LoadOptions::default())?;
     let template = loaded
         .chat_template

@@ -10,13 +10,6 @@ use candle_transformers::models::quantized_qwen2;
 use sibyl_engine::{load, LoadOptions, LogitRows, TreeInput};
 use std::time::Instant;
 
-struct Silent;
-impl sibyl_models::Progress for Silent {
-    fn start(&self, _: &str, _: u64) {}
-    fn advance(&self, _: u64) {}
-    fn finish(&self) {}
-}
-
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -45,7 +38,11 @@ fn main() -> anyhow::Result<()> {
     let tokens: usize = arg("--tokens", "24").parse()?;
     let rounds: usize = arg("--rounds", "3").parse()?;
     let with_reference = arg("--reference", "yes") == "yes";
-    let path = sibyl_models::locate(&model_name, &sibyl_models::cache_dir(), &Silent)?;
+    let path = sibyl_models::locate(
+        &model_name,
+        &sibyl_models::cache_dir(),
+        &sibyl_models::NoProgress,
+    )?;
     let loaded = load(&path, &LoadOptions::default())?;
     let model = &loaded.model;
     let prompt = loaded.tokenizer.encode(

@@ -7,15 +7,8 @@ use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use sibyl_engine::{load, Detokenizer, LoadOptions, LoadedModel, LogitRows, Model, TreeInput};
 use std::path::PathBuf;
 
-struct Silent;
-impl sibyl_models::Progress for Silent {
-    fn start(&self, _: &str, _: u64) {}
-    fn advance(&self, _: u64) {}
-    fn finish(&self) {}
-}
-
 fn model_path(name: &str) -> PathBuf {
-    sibyl_models::locate(name, &sibyl_models::cache_dir(), &Silent)
+    sibyl_models::locate(name, &sibyl_models::cache_dir(), &sibyl_models::NoProgress)
         .unwrap_or_else(|e| panic!("fetching {name}: {e}"))
 }
 

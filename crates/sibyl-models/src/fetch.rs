@@ -46,6 +46,15 @@ pub trait Progress {
     fn finish(&self);
 }
 
+/// Progress that goes nowhere (tests, benchmarks, quiet callers).
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> FetchError + '_ {
     move |source| FetchError::Io {
         path: path.to_path_buf(),
@@ -250,13 +259,6 @@ mod tests {
     use super::*;
     use crate::{catalog, resolve, ModelSource};
 
-    struct Silent;
-    impl Progress for Silent {
-        fn start(&self, _: &str, _: u64) {}
-        fn advance(&self, _: u64) {}
-        fn finish(&self) {}
-    }
-
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sibyl-models-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -272,7 +274,7 @@ mod tests {
             .find(|e| e.name == "smollm2-135m")
             .unwrap();
         fs::write(cache.join(entry.file_name()), b"not a model").unwrap();
-        let error = ensure(&entry, &cache, &Silent).unwrap_err();
+        let error = ensure(&entry, &cache, &NoProgress).unwrap_err();
         assert!(
             matches!(error, FetchError::ChecksumMismatch { .. }),
             "{error}"
@@ -290,9 +292,9 @@ mod tests {
         let target = cache.join(entry.file_name());
         fs::write(&target, b"pretend").unwrap();
         write_stamp(&target, entry.sha256).unwrap();
-        assert!(ensure(&entry, &cache, &Silent).is_ok());
+        assert!(ensure(&entry, &cache, &NoProgress).is_ok());
         fs::write(&target, b"tampered!").unwrap();
-        assert!(ensure(&entry, &cache, &Silent).is_err());
+        assert!(ensure(&entry, &cache, &NoProgress).is_err());
     }
 
     #[test]

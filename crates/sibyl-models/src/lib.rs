@@ -8,7 +8,7 @@
 
 mod fetch;
 
-pub use fetch::{ensure, FetchError, Progress};
+pub use fetch::{ensure, FetchError, NoProgress, Progress};
 
 use std::path::{Path, PathBuf};
 
