@@ -112,3 +112,32 @@ fn real_weights_speculation_prints_exactly_what_plain_decoding_prints() {
     assert!(summary.contains("tokens/s") && summary.contains("mean accepted tokens per step"));
     assert!(summary.contains("ngram:"), "{summary}");
 }
+
+#[test]
+fn real_weights_a_seeded_sampled_run_prints_the_same_with_and_without_drafts() {
+    let common = [
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--chat",
+        "--max-tokens",
+        "64",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "42",
+        "--prompt",
+        "Write a haiku about rust, then repeat it twice.",
+    ];
+    let plain = sibyl(&[&common[..], &["--draft", "none"]].concat(), &[]);
+    let spec = sibyl(&[&common[..], &["--draft", "ngram"]].concat(), &[]);
+    assert!(
+        plain.status.success() && spec.status.success(),
+        "{}",
+        stderr(&spec)
+    );
+    assert!(!plain.stdout.is_empty());
+    assert_eq!(spec.stdout, plain.stdout);
+}
