@@ -232,15 +232,25 @@ impl ModelFile {
             });
         }
         let dtype = info.ggml_dtype;
-        let elements: usize = dims.iter().product();
-        let bytes = elements / dtype.block_size() * dtype.type_size();
-        let start = self.content.tensor_data_offset + info.offset;
-        let needed = start + bytes as u64;
-        if needed > self.length || !elements.is_multiple_of(dtype.block_size()) {
+        let elements = dims
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .unwrap_or(usize::MAX);
+        let bytes = (elements / dtype.block_size()).saturating_mul(dtype.type_size());
+        // A corrupt header can claim any offset: compute the end without overflow.
+        let needed = self
+            .content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(bytes as u64));
+        let start = self.content.tensor_data_offset.wrapping_add(info.offset);
+        if needed.is_none_or(|end| end > self.length)
+            || !elements.is_multiple_of(dtype.block_size())
+        {
             return Err(EngineError::Truncated {
                 path: self.path.clone(),
                 name: name.to_string(),
-                needed,
+                needed: needed.unwrap_or(u64::MAX),
                 length: self.length,
             });
         }
