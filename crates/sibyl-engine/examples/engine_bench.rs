@@ -7,22 +7,12 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2;
-use sibyl_engine::{load, LoadOptions, LogitRows, TreeInput};
+use sibyl_engine::{argmax, load, LoadOptions, LogitRows, TreeInput};
 use std::time::Instant;
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn arg(name: &str, default: &str) -> String {

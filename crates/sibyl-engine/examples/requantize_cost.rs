@@ -4,18 +4,8 @@
 //! `CANDLE_NUM_THREADS=2 cargo run --release -p sibyl-engine --example requantize_cost -- \
 //!      [--model qwen2.5-coder-0.5b] [--tokens 48]`
 
-use sibyl_engine::{load, LoadOptions, LogitRows, Model, TreeInput};
+use sibyl_engine::{argmax, load, LoadOptions, LogitRows, Model, TreeInput};
 use std::time::Instant;
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// Greedy decoding: the tokens, every step's logits, and the median milliseconds per token.
 fn decode(

@@ -25,7 +25,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use error::EngineError;
 pub use gguf::{Architecture, LoadOptions, ModelConfig};
 pub use kv_cache::KvCache;
-pub use model::{LogitRows, Model, TreeInput};
+pub use model::{argmax, LogitRows, Model, TreeInput};
 pub use quant::QuantMatrix;
 pub use tokenizer::{Detokenizer, TextTokenizer};
 

@@ -58,6 +58,19 @@ pub enum LogitRows {
     None,
 }
 
+/// Index of the largest logit (the lowest index on ties; NaN never wins): greedy decoding.
+pub fn argmax(logits: &[f32]) -> TokenId {
+    let mut best = 0usize;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_value {
+            best = i;
+            best_value = v;
+        }
+    }
+    best as TokenId
+}
+
 /// Rotary position embedding.
 #[derive(Debug, Clone)]
 struct Rotary {

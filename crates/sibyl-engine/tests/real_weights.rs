@@ -4,7 +4,9 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
-use sibyl_engine::{load, Detokenizer, LoadOptions, LoadedModel, LogitRows, Model, TreeInput};
+use sibyl_engine::{
+    argmax, load, Detokenizer, LoadOptions, LoadedModel, LogitRows, Model, TreeInput,
+};
 use std::path::PathBuf;
 
 fn model_path(name: &str) -> PathBuf {
@@ -17,16 +19,6 @@ fn load_model(name: &str, requantize: bool) -> LoadedModel {
         requantize_slow_types: requantize,
     };
     load(&model_path(name), &options).unwrap()
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Greedy continuation with our engine, one token per forward: the logits of each step
