@@ -15,24 +15,46 @@ use sibyl_spec::{Drafter, SamplingConfig};
 use std::io::BufRead;
 use std::ops::ControlFlow;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
+/// Plain against n-gram speculation on one category of a benchmark file.
+#[derive(clap::Parser)]
+struct BenchArgs {
+    #[arg(long, default_value = "../shared/data/humanevalfix.jsonl")]
+    data: String,
+    #[arg(long, default_value = "python_bugfix")]
+    category: String,
+    /// First N items of the category.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Draft tree budget (nodes).
+    #[arg(long, default_value_t = 16)]
+    budget: usize,
+    /// Draft depth.
+    #[arg(long, default_value_t = 10)]
+    depth: usize,
+    /// Smallest estimated acceptance a draft node needs.
+    #[arg(long, default_value_t = 0.15)]
+    min_value: f64,
+    /// Most likely nodes kept whatever their estimate.
+    #[arg(long, default_value_t = 1)]
+    exempt: usize,
+    #[arg(long, default_value = "qwen2.5-coder-1.5b")]
+    model: String,
 }
 
 fn main() -> anyhow::Result<()> {
-    let data = arg("--data", "../shared/data/humanevalfix.jsonl");
-    let category = arg("--category", "python_bugfix");
-    let limit: usize = arg("--limit", "20").parse()?;
-    let max_tokens: usize = arg("--max-tokens", "256").parse()?;
-    let budget: usize = arg("--budget", "16").parse()?;
-    let depth: usize = arg("--depth", "10").parse()?;
-    let min_value: f64 = arg("--min-value", "0.15").parse()?;
-    let exempt: usize = arg("--exempt", "1").parse()?;
-    let model_name = arg("--model", "qwen2.5-coder-1.5b");
+    let BenchArgs {
+        data,
+        category,
+        limit,
+        max_tokens,
+        budget,
+        depth,
+        min_value,
+        exempt,
+        model: model_name,
+    } = <BenchArgs as clap::Parser>::parse();
     let path = sibyl_models::locate(
         &model_name,
         &sibyl_models::cache_dir(),

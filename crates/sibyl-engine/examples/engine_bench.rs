@@ -7,7 +7,8 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2;
-use sibyl_engine::{argmax, load, LoadOptions, LogitRows, TreeInput};
+use sibyl_engine::{load, LoadOptions, LogitRows, TreeInput};
+use sibyl_spec::argmax;
 use std::time::Instant;
 
 fn median(values: &mut [f64]) -> f64 {
@@ -15,19 +16,27 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
+/// Decoding speed against candle-transformers, and the cost curve of k-token forwards.
+#[derive(clap::Parser)]
+struct BenchArgs {
+    /// Catalog name or GGUF path (a qwen2 model: the reference is `quantized_qwen2`).
+    #[arg(long, default_value = "qwen2.5-coder-1.5b")]
+    model: String,
+    /// Tokens decoded per round and engine.
+    #[arg(long, default_value_t = 24)]
+    tokens: usize,
+    /// Rounds, alternating the two engines.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Skip candle-transformers.
+    #[arg(long)]
+    no_reference: bool,
 }
 
 fn main() -> anyhow::Result<()> {
-    let model_name = arg("--model", "qwen2.5-coder-1.5b");
-    let tokens: usize = arg("--tokens", "24").parse()?;
-    let rounds: usize = arg("--rounds", "3").parse()?;
-    let with_reference = arg("--reference", "yes") == "yes";
+    let args = <BenchArgs as clap::Parser>::parse();
+    let (model_name, tokens, rounds) = (args.model, args.tokens, args.rounds);
+    let with_reference = !args.no_reference;
     let path = sibyl_models::locate(
         &model_name,
         &sibyl_models::cache_dir(),

@@ -4,7 +4,8 @@
 //! `CANDLE_NUM_THREADS=2 cargo run --release -p sibyl-engine --example requantize_cost -- \
 //!      [--model qwen2.5-coder-0.5b] [--tokens 48]`
 
-use sibyl_engine::{argmax, load, LoadOptions, LogitRows, Model, TreeInput};
+use sibyl_engine::{load, LoadOptions, LogitRows, Model, TreeInput};
+use sibyl_spec::argmax;
 use std::time::Instant;
 
 /// Greedy decoding: the tokens, every step's logits, and the median milliseconds per token.
@@ -33,16 +34,21 @@ fn decode(
     Ok((tokens, rows, times[times.len() / 2]))
 }
 
+/// The same file loaded as it is and with slow types converted to Q8_0.
+#[derive(clap::Parser)]
+struct CostArgs {
+    #[arg(long, default_value = "qwen2.5-coder-0.5b")]
+    model: String,
+    /// Tokens decoded per prompt and load.
+    #[arg(long, default_value_t = 48)]
+    tokens: usize,
+}
+
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str, default: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1).cloned())
-            .unwrap_or_else(|| default.to_string())
-    };
-    let name = arg("--model", "qwen2.5-coder-0.5b");
-    let count: usize = arg("--tokens", "48").parse()?;
+    let CostArgs {
+        model: name,
+        tokens: count,
+    } = <CostArgs as clap::Parser>::parse();
     let path = sibyl_models::locate(&name, &sibyl_models::cache_dir(), &sibyl_models::NoProgress)?;
     let converted = load(&path, &LoadOptions::default())?;
     let original = load(

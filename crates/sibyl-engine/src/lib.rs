@@ -13,6 +13,7 @@ mod chat;
 mod error;
 mod gguf;
 mod kv_cache;
+mod load;
 mod model;
 mod parallel;
 mod quant;
@@ -25,30 +26,10 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use error::EngineError;
 pub use gguf::{Architecture, LoadOptions, ModelConfig};
 pub use kv_cache::KvCache;
-pub use model::{argmax, LogitRows, Model, TreeInput};
+pub use load::{load, LoadedModel};
+pub use model::{LogitRows, Model, TreeInput};
 pub use quant::QuantMatrix;
 pub use tokenizer::{Detokenizer, TextTokenizer};
 
 /// A token id.
 pub type TokenId = u32;
-
-/// Everything loaded from one model file: weights, tokenizer, chat template.
-pub struct LoadedModel {
-    pub model: Model,
-    pub tokenizer: TextTokenizer,
-    /// The chat template of the file, if it has one.
-    pub chat_template: Option<ChatTemplate>,
-}
-
-/// Loads a GGUF file: weights, tokenizer and chat template.
-pub fn load(path: &std::path::Path, options: &LoadOptions) -> Result<LoadedModel, EngineError> {
-    let file = gguf::ModelFile::open(path)?;
-    let model = Model::from_gguf(&file, options)?;
-    let tokenizer = TextTokenizer::from_gguf(&file)?;
-    let chat_template = ChatTemplate::from_gguf(&file, &tokenizer)?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        chat_template,
-    })
-}

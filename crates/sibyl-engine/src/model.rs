@@ -58,19 +58,6 @@ pub enum LogitRows {
     None,
 }
 
-/// Index of the largest logit (the lowest index on ties; NaN never wins): greedy decoding.
-pub fn argmax(logits: &[f32]) -> TokenId {
-    let mut best = 0usize;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_value {
-            best = i;
-            best_value = v;
-        }
-    }
-    best as TokenId
-}
-
 /// Rotary position embedding.
 #[derive(Debug, Clone)]
 struct Rotary {
@@ -90,14 +77,17 @@ impl Rotary {
         }
     }
 
-    /// Rotates every head of one token (`heads * head_dim` values) to `position`.
-    fn apply(&self, x: &mut [f32], head_dim: usize, position: usize) {
-        let half = head_dim / 2;
-        let (sin, cos): (Vec<f32>, Vec<f32>) = self
-            .inv_freq
+    /// Sines and cosines of `position`, one pair per rotated pair of dimensions.
+    fn angles(&self, position: usize) -> (Vec<f32>, Vec<f32>) {
+        self.inv_freq
             .iter()
             .map(|f| (position as f32 * f).sin_cos())
-            .unzip();
+            .unzip()
+    }
+
+    /// Rotates every head of one token (`heads * head_dim` values) by `angles`.
+    fn apply(&self, x: &mut [f32], head_dim: usize, (sin, cos): &(Vec<f32>, Vec<f32>)) {
+        let half = head_dim / 2;
         for head in x.chunks_mut(head_dim) {
             for i in 0..half {
                 let (a, b) = if self.interleaved {
@@ -372,6 +362,12 @@ impl Model {
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
+        // The same rotation serves every layer.
+        let angles: Vec<_> = tree
+            .positions
+            .iter()
+            .map(|&p| self.rotary.angles(p))
+            .collect();
         for (index, block) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &block.attention_norm, c.rms_norm_eps);
             let a = &block.attention;
@@ -382,14 +378,14 @@ impl Model {
             add_bias(&mut k, a.k_bias.as_ref());
             add_bias(&mut v, a.v_bias.as_ref());
             let kv_row = c.num_kv_heads * c.head_dim;
-            for (node, &position) in tree.positions.iter().enumerate() {
+            for (node, node_angles) in angles.iter().enumerate() {
                 self.rotary.apply(
                     &mut q[node * c.hidden_size..][..c.hidden_size],
                     c.head_dim,
-                    position,
+                    node_angles,
                 );
                 self.rotary
-                    .apply(&mut k[node * kv_row..][..kv_row], c.head_dim, position);
+                    .apply(&mut k[node * kv_row..][..kv_row], c.head_dim, node_angles);
             }
             cache.append(index, &k, &v);
             let (keys, values) = cache.layer(index);

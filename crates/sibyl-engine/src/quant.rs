@@ -109,6 +109,14 @@ impl QuantMatrix {
         if !cols.is_multiple_of(dtype.block_size()) {
             return None;
         }
+        if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0)
+            && Self::tileable(rows, cols)
+        {
+            let expected = rows * cols / dtype.block_size() * dtype.type_size();
+            return (bytes.len() == expected)
+                .then(|| Self::tiled(dtype, rows, cols, bytes))
+                .flatten();
+        }
         let requantize = options.requantize_slow_types && cols.is_multiple_of(32);
         let blocks = match dtype {
             GgmlDType::F32 => Blocks::F32(
@@ -151,31 +159,40 @@ impl QuantMatrix {
             GgmlDType::Q8_1 | GgmlDType::Q8K => return None,
         };
         let matrix = Self { rows, cols, blocks };
+        // Q8_0 converted from a slow type goes to the tiled kernels too.
         (matrix.stored_len() == rows * cols).then(|| matrix.into_tiled())
     }
 
-    /// Moves Q4_K, Q6_K and Q8_0 weights into candle's tiled kernels where they exist
-    /// (x86-64 with AVX2, 16-row multiples, 256-wide rows); other matrices stay as they are.
+    /// Whether candle's tiled kernels take a matrix of this shape: x86-64 (AVX2 or better,
+    /// checked by candle at run time), rows in multiples of 16, 256-wide rows.
+    fn tileable(rows: usize, cols: usize) -> bool {
+        cfg!(target_arch = "x86_64") && rows.is_multiple_of(16) && cols.is_multiple_of(256)
+    }
+
+    /// A Q4_K, Q6_K or Q8_0 matrix held by candle, from its block bytes.
+    fn tiled(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+        let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dtype).ok()?;
+        let tensor = QTensor::new(storage, (rows, cols)).ok()?;
+        Some(Self {
+            rows,
+            cols,
+            blocks: Blocks::Tiled(Arc::new(tensor)),
+        })
+    }
+
+    /// Moves Q4_K, Q6_K and Q8_0 blocks made here (quantized or converted) into candle's
+    /// tiled kernels where the shape allows; other matrices stay as they are.
     fn into_tiled(self) -> Self {
-        let tileable = cfg!(target_arch = "x86_64")
-            && self.rows.is_multiple_of(16)
-            && self.cols.is_multiple_of(256);
+        if !Self::tileable(self.rows, self.cols) {
+            return self;
+        }
         let bytes: &[u8] = match &self.blocks {
-            Blocks::Q4K(b) if tileable => as_bytes(b),
-            Blocks::Q6K(b) if tileable => as_bytes(b),
-            Blocks::Q8_0(b) if tileable => as_bytes(b),
+            Blocks::Q4K(b) => as_bytes(b),
+            Blocks::Q6K(b) => as_bytes(b),
+            Blocks::Q8_0(b) => as_bytes(b),
             _ => return self,
         };
-        let dtype = self.dtype();
-        let tensor = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dtype)
-            .and_then(|storage| QTensor::new(storage, (self.rows, self.cols)));
-        match tensor {
-            Ok(tensor) => Self {
-                blocks: Blocks::Tiled(Arc::new(tensor)),
-                ..self
-            },
-            Err(_) => self,
-        }
+        Self::tiled(self.dtype(), self.rows, self.cols, bytes).unwrap_or(self)
     }
 
     /// Quantizes an f32 matrix (row-major, `rows` x `cols`) to `dtype`; used by the testkit.
@@ -205,10 +222,8 @@ impl QuantMatrix {
         Some(Self { rows, cols, blocks }.into_tiled())
     }
 
+    /// Values held by untiled blocks.
     fn stored_len(&self) -> usize {
-        if let Blocks::Tiled(t) = &self.blocks {
-            return t.shape().elem_count();
-        }
         with_blocks!(&self.blocks, b => b.len() * block_size_of(b))
     }
 

@@ -4,9 +4,8 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
-use sibyl_engine::{
-    argmax, load, Detokenizer, LoadOptions, LoadedModel, LogitRows, Model, TreeInput,
-};
+use sibyl_engine::{load, Detokenizer, LoadOptions, LoadedModel, LogitRows, Model, TreeInput};
+use sibyl_spec::argmax;
 use std::path::PathBuf;
 
 fn model_path(name: &str) -> PathBuf {

@@ -16,7 +16,7 @@ mod tree;
 mod verify;
 
 pub use acceptance::AcceptanceStats;
-pub use sampling::{SamplingConfig, SamplingError, TargetDistribution};
+pub use sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
 pub use tree::{Node, Proposal, SparseDist, TokenTree, TreeBuilder};
 pub use verify::{verify, Outcome, PositionRng};
 

@@ -58,7 +58,7 @@ impl SamplingConfig {
 }
 
 /// Index of the largest logit; the lowest index wins a tie and NaN never wins.
-pub(crate) fn argmax(logits: &[f32]) -> TokenId {
+pub fn argmax(logits: &[f32]) -> TokenId {
     let mut best = 0usize;
     let mut best_value = f32::NEG_INFINITY;
     for (i, &v) in logits.iter().enumerate() {

@@ -133,13 +133,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         config.prompt.clone()
     };
     let prompt = loaded.tokenizer.encode(&prompt_text)?;
-    let limit = loaded.model.config().context_length;
-    if prompt.len() >= limit {
-        bail!(
-            "the prompt has {} tokens; the model's context window is {limit} tokens",
-            prompt.len()
-        );
-    }
     config.generation.stop_tokens = loaded.tokenizer.stop_tokens().to_vec();
     let mut drafters = drafters(&config.speculation);
     let mut detokenizer = Detokenizer::new(&loaded.tokenizer);

@@ -24,6 +24,21 @@ fn assert_refused(args: &[&str], envs: &[(&str, &str)], expected: &str) {
     assert!(!text.contains("panicked"), "{args:?}: {text}");
 }
 
+/// Runs `args` with `--draft none` and `--draft ngram`; both must succeed and print the
+/// same, non-empty text. Returns the speculative run's stderr.
+fn assert_same_with_and_without_drafts(args: &[&str]) -> String {
+    let plain = sibyl(&[args, &["--draft", "none"]].concat(), &[]);
+    let spec = sibyl(&[args, &["--draft", "ngram"]].concat(), &[]);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    assert!(spec.status.success(), "{}", stderr(&spec));
+    assert!(!plain.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&spec.stdout),
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    stderr(&spec)
+}
+
 #[test]
 fn zero_max_tokens_is_refused_before_any_work() {
     // A model name that would need a download: the check must come first.
@@ -99,16 +114,7 @@ fn real_weights_speculation_prints_exactly_what_plain_decoding_prints() {
         "--prompt",
         "Fix the bug: def add(a, b):\n    return a - b\nReturn the whole function.",
     ];
-    let plain = sibyl(&[&common[..], &["--draft", "none"]].concat(), &[]);
-    let spec = sibyl(&[&common[..], &["--draft", "ngram"]].concat(), &[]);
-    assert!(plain.status.success(), "{}", stderr(&plain));
-    assert!(spec.status.success(), "{}", stderr(&spec));
-    assert!(!plain.stdout.is_empty());
-    assert_eq!(
-        String::from_utf8_lossy(&spec.stdout),
-        String::from_utf8_lossy(&plain.stdout)
-    );
-    let summary = stderr(&spec);
+    let summary = assert_same_with_and_without_drafts(&common);
     assert!(summary.contains("tokens/s") && summary.contains("mean accepted tokens per step"));
     assert!(summary.contains("ngram:"), "{summary}");
 }
