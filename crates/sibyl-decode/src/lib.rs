@@ -1,10 +1,12 @@
 //! The in-process decode loop: prompt processing, then draft, merge, verify, keep, emit.
 //!
-//! This is the step loop of the architecture with every drafter in the same process. The
-//! verifier service of the services issue drives the same loop with remote drafters.
+//! [`Session`] is the step loop of the architecture, one step at a time: the verifier service
+//! drives it with drafts gathered from remote drafters; [`generate`] drives it with drafters
+//! in the same process.
 
 mod session;
 
 pub use session::{
-    generate, DrafterReport, FinishReason, GenerateError, GenerationConfig, GenerationReport,
+    check_request, generate, DrafterReport, FinishReason, GenerateError, GenerationConfig,
+    GenerationReport, Session, Step,
 };

@@ -1,7 +1,7 @@
-use sibyl_engine::{EngineError, LogitRows, Model, TreeInput};
+use sibyl_engine::{EngineError, KvCache, LogitRows, Model, TreeInput};
 use sibyl_spec::{
-    verify, AcceptanceStats, Drafter, DrafterId, SamplingConfig, SamplingError, TokenId, TokenTree,
-    TreeBuilder,
+    verify, AcceptanceStats, Drafter, DrafterId, Proposal, SamplingConfig, SamplingError, TokenId,
+    TokenTree, TreeBuilder,
 };
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -115,6 +115,34 @@ pub fn generate(
     drafters: &mut [Box<dyn Drafter>],
     mut on_tokens: impl FnMut(&[TokenId]) -> ControlFlow<()>,
 ) -> Result<GenerationReport, GenerateError> {
+    let kinds = drafters.iter().map(|d| d.kind().to_string()).collect();
+    let mut session = Session::new(model, prompt, config.clone(), kinds)?;
+    let mut step = session.prefill(&mut || false)?;
+    loop {
+        if !step.tokens.is_empty() && on_tokens(&step.tokens).is_break() {
+            return Ok(session.finish(FinishReason::Cancelled));
+        }
+        if let Some(reason) = step.finish {
+            return Ok(session.finish(reason));
+        }
+        let depth = session.draft_depth();
+        let mut proposals = Vec::new();
+        if depth > 0 {
+            for (i, drafter) in drafters.iter_mut().enumerate() {
+                proposals.push((DrafterId(i), drafter.propose(session.context(), depth)));
+            }
+        }
+        step = session.step(proposals)?;
+    }
+}
+
+/// Checks that `prompt` and `config` make a generation `model` can run: the checks of
+/// [`Session::new`], for callers that answer before they start the session.
+pub fn check_request(
+    model: &Model,
+    prompt: &[TokenId],
+    config: &GenerationConfig,
+) -> Result<(), GenerateError> {
     config.sampling.validate()?;
     let vocab = model.vocab_size();
     let limit = model.config().context_length;
@@ -133,104 +161,213 @@ pub fn generate(
     if let Some(&token) = prompt.iter().find(|&&t| t as usize >= vocab) {
         return Err(GenerateError::PromptToken { token, vocab });
     }
+    Ok(())
+}
 
-    let started = Instant::now();
-    let mut cache = model.new_cache();
-    let chunks: Vec<&[TokenId]> = prompt.chunks(PROMPT_CHUNK).collect();
-    let mut logits = Vec::new();
-    for (i, chunk) in chunks.iter().enumerate() {
-        let rows = if i + 1 == chunks.len() {
-            LogitRows::Last
-        } else {
-            LogitRows::None
-        };
-        logits = model.forward(&mut cache, &TreeInput::chain(chunk), rows)?;
+/// What one step produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Tokens accepted by this step, stop tokens left out (may be empty at the end).
+    pub tokens: Vec<TokenId>,
+    /// Set when the generation is over.
+    pub finish: Option<FinishReason>,
+}
+
+/// One generation as a sequence of steps, for callers that gather drafts themselves (the
+/// verifier service). [`generate`] is this loop with in-process drafters.
+pub struct Session<'m> {
+    model: &'m Model,
+    config: GenerationConfig,
+    cache: KvCache,
+    prompt_tokens: usize,
+    context: Vec<TokenId>,
+    output: Vec<TokenId>,
+    stats: Vec<AcceptanceStats>,
+    drafter_kinds: Vec<String>,
+    steps: usize,
+    step_times: Vec<Duration>,
+    started: Instant,
+    prompt_time: Duration,
+    decode_started: Option<Instant>,
+}
+
+impl<'m> Session<'m> {
+    /// Checks the request; no model work yet. `drafter_kinds` names the drafters whose
+    /// proposals [`Session::step`] will receive, indexed by [`DrafterId`].
+    pub fn new(
+        model: &'m Model,
+        prompt: &[TokenId],
+        config: GenerationConfig,
+        drafter_kinds: Vec<String>,
+    ) -> Result<Self, GenerateError> {
+        check_request(model, prompt, &config)?;
+        Ok(Self {
+            model,
+            config,
+            cache: model.new_cache(),
+            prompt_tokens: prompt.len(),
+            context: prompt.to_vec(),
+            output: Vec::new(),
+            stats: vec![AcceptanceStats::default(); drafter_kinds.len()],
+            drafter_kinds,
+            steps: 0,
+            step_times: Vec::new(),
+            started: Instant::now(),
+            prompt_time: Duration::ZERO,
+            decode_started: None,
+        })
     }
-    let prompt_time = started.elapsed();
 
-    let decode_started = Instant::now();
-    let mut stats = vec![AcceptanceStats::default(); drafters.len()];
-    let mut context = prompt.to_vec();
-    let mut output: Vec<TokenId> = Vec::new();
-    let mut step_times = Vec::new();
-    // The first token comes from the prompt's last logits: a root-only step.
-    let first = verify(
-        &TokenTree::root_only(*context.last().unwrap_or(&0)),
-        &logits,
-        vocab,
-        &config.sampling,
-        prompt.len() - 1,
-    )?;
-    let mut steps = 1;
-    step_times.push(decode_started.elapsed());
-    let mut finish = emit(
-        &[first.next_token],
-        config,
-        &mut output,
-        &mut context,
-        &mut on_tokens,
-    );
+    /// Processes the prompt and chooses the first token. `cancelled` is asked between
+    /// chunks of the prompt; when it says yes the step returns with `Cancelled`.
+    pub fn prefill(&mut self, cancelled: &mut dyn FnMut() -> bool) -> Result<Step, GenerateError> {
+        let prompt_len = self.context.len();
+        let mut logits = Vec::new();
+        let mut done = 0;
+        while done < prompt_len {
+            if cancelled() {
+                return Ok(Step {
+                    tokens: Vec::new(),
+                    finish: Some(FinishReason::Cancelled),
+                });
+            }
+            let end = (done + PROMPT_CHUNK).min(prompt_len);
+            let rows = if end == prompt_len {
+                LogitRows::Last
+            } else {
+                LogitRows::None
+            };
+            let chunk = TreeInput::chain(&self.context[done..end]);
+            logits = self.model.forward(&mut self.cache, &chunk, rows)?;
+            done = end;
+        }
+        self.prompt_time = self.started.elapsed();
+        let decode_started = Instant::now();
+        self.decode_started = Some(decode_started);
+        // The first token comes from the prompt's last logits: a root-only step.
+        let first = verify(
+            &TokenTree::root_only(*self.context.last().unwrap_or(&0)),
+            &logits,
+            self.model.vocab_size(),
+            &self.config.sampling,
+            prompt_len - 1,
+        )?;
+        self.steps = 1;
+        self.step_times.push(decode_started.elapsed());
+        Ok(self.emit(&[first.next_token]))
+    }
 
-    while finish.is_none() {
-        if context.len() >= limit {
-            finish = Some(FinishReason::Length);
-            break;
+    /// The whole sequence so far: prompt and accepted tokens.
+    pub fn context(&self) -> &[TokenId] {
+        &self.context
+    }
+
+    /// Most draft tokens on one branch that the next step can use (0: no room left).
+    pub fn draft_depth(&self) -> usize {
+        let room = self.model.config().context_length - self.context.len();
+        self.config.max_draft_depth.min(room.saturating_sub(1))
+    }
+
+    /// One verify step over the drafts of each drafter, best proposal first. Proposals are
+    /// untrusted: out-of-vocabulary tokens and branches past [`Session::draft_depth`] are cut.
+    pub fn step(
+        &mut self,
+        proposals: Vec<(DrafterId, Vec<Proposal>)>,
+    ) -> Result<Step, GenerateError> {
+        let vocab = self.model.vocab_size();
+        if self.context.len() >= self.model.config().context_length {
+            return Ok(Step {
+                tokens: Vec::new(),
+                finish: Some(FinishReason::Length),
+            });
         }
         let step_started = Instant::now();
-        let root = *context.last().unwrap_or(&0);
-        let room = limit - context.len();
-        let depth = config.max_draft_depth.min(room.saturating_sub(1));
-        let mut builder = TreeBuilder::new(root, vocab, config.draft_budget, depth)
-            .with_min_value(config.min_draft_value, config.exempt_draft_nodes);
-        if depth > 0 && config.draft_budget > 0 {
-            for (i, drafter) in drafters.iter_mut().enumerate() {
+        let root = *self.context.last().unwrap_or(&0);
+        let depth = self.draft_depth();
+        let mut builder = TreeBuilder::new(root, vocab, self.config.draft_budget, depth)
+            .with_min_value(self.config.min_draft_value, self.config.exempt_draft_nodes);
+        if depth > 0 && self.config.draft_budget > 0 {
+            for (id, drafts) in proposals {
+                let Some(stats) = self.stats.get(id.0) else {
+                    continue;
+                };
                 // A drafter lists its best guess first; each later branch is trusted less.
-                let mut score = stats[i].rate();
-                for proposal in drafter.propose(&context, depth) {
-                    builder.add(DrafterId(i), score, proposal);
+                let mut score = stats.rate();
+                for proposal in drafts {
+                    builder.add(id, score, proposal);
                     score *= ALTERNATIVE_DISCOUNT;
                 }
             }
         }
         let tree = builder.build();
-        let prefix_len = cache.len();
+        let prefix_len = self.cache.len();
         let input = TreeInput::tree(tree.tokens(), tree.parents());
-        let logits = model.forward(&mut cache, &input, LogitRows::All)?;
-        let outcome = verify(&tree, &logits, vocab, &config.sampling, prefix_len)?;
+        let logits = self
+            .model
+            .forward(&mut self.cache, &input, LogitRows::All)?;
+        let outcome = verify(&tree, &logits, vocab, &self.config.sampling, prefix_len)?;
         let mut kept = vec![0];
         kept.extend_from_slice(&outcome.path);
-        cache.keep_path(prefix_len, tree.len(), &kept)?;
-        record(&tree, &outcome.path, &mut stats);
-        steps += 1;
-        step_times.push(step_started.elapsed());
-        finish = emit(
-            &outcome.emitted(&tree),
-            config,
-            &mut output,
-            &mut context,
-            &mut on_tokens,
-        );
+        self.cache.keep_path(prefix_len, tree.len(), &kept)?;
+        record(&tree, &outcome.path, &mut self.stats);
+        self.steps += 1;
+        self.step_times.push(step_started.elapsed());
+        Ok(self.emit(&outcome.emitted(&tree)))
     }
 
-    Ok(GenerationReport {
-        tokens: output,
-        prompt_tokens: prompt.len(),
-        finish_reason: finish.unwrap_or(FinishReason::Length),
-        steps,
-        prompt_time,
-        decode_time: decode_started.elapsed(),
-        step_times,
-        drafters: drafters
+    /// Ends the session and reports it.
+    pub fn finish(self, finish_reason: FinishReason) -> GenerationReport {
+        GenerationReport {
+            tokens: self.output,
+            prompt_tokens: self.prompt_tokens,
+            finish_reason,
+            steps: self.steps,
+            prompt_time: self.prompt_time,
+            decode_time: self
+                .decode_started
+                .map_or(Duration::ZERO, |started| started.elapsed()),
+            step_times: self.step_times,
+            drafters: self
+                .drafter_kinds
+                .into_iter()
+                .zip(&self.stats)
+                .map(|(kind, s)| DrafterReport {
+                    kind,
+                    proposed: s.proposed,
+                    accepted: s.accepted,
+                })
+                .collect(),
+            seed: self.config.sampling.seed,
+        }
+    }
+
+    /// Appends a step's tokens up to a stop token or the token limit.
+    fn emit(&mut self, tokens: &[TokenId]) -> Step {
+        let mut finish = None;
+        let mut take = tokens.len();
+        if let Some(stop) = tokens
             .iter()
-            .zip(&stats)
-            .map(|(d, s)| DrafterReport {
-                kind: d.kind().to_string(),
-                proposed: s.proposed,
-                accepted: s.accepted,
-            })
-            .collect(),
-        seed: config.sampling.seed,
-    })
+            .position(|t| self.config.stop_tokens.contains(t))
+        {
+            take = stop;
+            finish = Some(FinishReason::Stop);
+        }
+        let room = self.config.max_tokens - self.output.len();
+        if take >= room {
+            take = room;
+            finish = Some(finish.unwrap_or(FinishReason::Length));
+        }
+        let accepted = &tokens[..take];
+        self.output.extend_from_slice(accepted);
+        self.context.extend_from_slice(accepted);
+        if finish.is_none() && self.context.len() >= self.model.config().context_length {
+            finish = Some(FinishReason::Length);
+        }
+        Step {
+            tokens: accepted.to_vec(),
+            finish,
+        }
+    }
 }
 
 /// Credits each drafter with its nodes in the tree, with the levels of the accepted path
@@ -268,32 +405,4 @@ fn record(tree: &TokenTree, path: &[usize], stats: &mut [AcceptanceStats]) {
             s.record(proposed[d], reached[d], accepted[d]);
         }
     }
-}
-
-/// Appends a step's tokens up to a stop token or the token limit; says if generation ends.
-fn emit(
-    tokens: &[TokenId],
-    config: &GenerationConfig,
-    output: &mut Vec<TokenId>,
-    context: &mut Vec<TokenId>,
-    on_tokens: &mut impl FnMut(&[TokenId]) -> ControlFlow<()>,
-) -> Option<FinishReason> {
-    let mut finish = None;
-    let mut take = tokens.len();
-    if let Some(stop) = tokens.iter().position(|t| config.stop_tokens.contains(t)) {
-        take = stop;
-        finish = Some(FinishReason::Stop);
-    }
-    let room = config.max_tokens - output.len();
-    if take >= room {
-        take = room;
-        finish = Some(finish.unwrap_or(FinishReason::Length));
-    }
-    let accepted = &tokens[..take];
-    output.extend_from_slice(accepted);
-    context.extend_from_slice(accepted);
-    if !accepted.is_empty() && on_tokens(accepted).is_break() {
-        return Some(FinishReason::Cancelled);
-    }
-    finish
 }

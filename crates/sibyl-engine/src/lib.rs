@@ -26,7 +26,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use error::EngineError;
 pub use gguf::{Architecture, LoadOptions, ModelConfig};
 pub use kv_cache::KvCache;
-pub use load::{load, LoadedModel};
+pub use load::{load, load_text, LoadedModel, TextModel};
 pub use model::{LogitRows, Model, TreeInput};
 pub use quant::QuantMatrix;
 pub use tokenizer::{Detokenizer, TextTokenizer};

@@ -1,10 +1,18 @@
-use crate::{gguf, ChatTemplate, EngineError, LoadOptions, Model, TextTokenizer};
+use crate::{gguf, ChatTemplate, EngineError, LoadOptions, Model, ModelConfig, TextTokenizer};
 
 /// Everything loaded from one model file: weights, tokenizer, chat template.
 pub struct LoadedModel {
     pub model: Model,
     pub tokenizer: TextTokenizer,
     /// The chat template of the file, if it has one.
+    pub chat_template: Option<ChatTemplate>,
+}
+
+/// What a model file says about text, without its weights: enough for a gateway (tokenize,
+/// render chats, check limits) or a drafter (check the tokenizer).
+pub struct TextModel {
+    pub config: ModelConfig,
+    pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
 }
 
@@ -16,6 +24,19 @@ pub fn load(path: &std::path::Path, options: &LoadOptions) -> Result<LoadedModel
     let chat_template = ChatTemplate::from_gguf(&file, &tokenizer)?;
     Ok(LoadedModel {
         model,
+        tokenizer,
+        chat_template,
+    })
+}
+
+/// Loads the configuration, tokenizer and chat template of a GGUF file, not its weights.
+pub fn load_text(path: &std::path::Path) -> Result<TextModel, EngineError> {
+    let file = gguf::ModelFile::open(path)?;
+    let config = file.config()?;
+    let tokenizer = TextTokenizer::from_gguf(&file)?;
+    let chat_template = ChatTemplate::from_gguf(&file, &tokenizer)?;
+    Ok(TextModel {
+        config,
         tokenizer,
         chat_template,
     })

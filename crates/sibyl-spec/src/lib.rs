@@ -11,11 +11,13 @@
 //! hand-made numbers.
 
 mod acceptance;
+mod inbox;
 mod sampling;
 mod tree;
 mod verify;
 
 pub use acceptance::AcceptanceStats;
+pub use inbox::{AnchoredBlock, BlockRejection, DraftInbox, InboxLimits};
 pub use sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
 pub use tree::{Node, Proposal, SparseDist, TokenTree, TreeBuilder};
 pub use verify::{verify, Outcome, PositionRng};

@@ -27,13 +27,23 @@ pub enum DraftKind {
     Ngram,
 }
 
-/// How speculation runs.
+/// How speculation runs in process (`sibyl generate`).
 #[derive(Debug, Clone, Args)]
 pub struct SpeculationArgs {
     /// Drafter to speculate with.
     #[arg(long, env = "SIBYL_DRAFT", value_enum, default_value_t = DraftKind::Ngram)]
     pub draft: DraftKind,
 
+    #[command(flatten)]
+    pub tree: TreeArgs,
+
+    #[command(flatten)]
+    pub ngram: NgramArgs,
+}
+
+/// What the verifier checks per step.
+#[derive(Debug, Clone, Args)]
+pub struct TreeArgs {
     /// Most draft tokens verified per step (tree nodes).
     #[arg(long, env = "SIBYL_DRAFT_BUDGET", default_value_t = 16)]
     pub draft_budget: usize,
@@ -51,7 +61,20 @@ pub struct SpeculationArgs {
     /// a few extra tokens cost little in a forward pass.
     #[arg(long, env = "SIBYL_DRAFT_EXEMPT", default_value_t = 1)]
     pub draft_exempt: usize,
+}
 
+impl TreeArgs {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(0.0..=1.0).contains(&self.draft_min_value) {
+            anyhow::bail!("--draft-min-value must be in [0, 1]");
+        }
+        Ok(())
+    }
+}
+
+/// The n-gram drafter.
+#[derive(Debug, Clone, Args)]
+pub struct NgramArgs {
     /// Longest suffix the n-gram drafter looks up.
     #[arg(long, env = "SIBYL_NGRAM_MAX", default_value_t = 8)]
     pub ngram_max: usize,
@@ -59,6 +82,19 @@ pub struct SpeculationArgs {
     /// Most branches the n-gram drafter proposes per step.
     #[arg(long, env = "SIBYL_NGRAM_BRANCHES", default_value_t = 3)]
     pub ngram_branches: usize,
+}
+
+impl NgramArgs {
+    pub fn config(&self) -> anyhow::Result<sibyl_ngram::NgramConfig> {
+        if self.ngram_max == 0 {
+            anyhow::bail!("--ngram-max must be at least 1");
+        }
+        Ok(sibyl_ngram::NgramConfig {
+            max_ngram: self.ngram_max,
+            max_branches: self.ngram_branches,
+            ..sibyl_ngram::NgramConfig::default()
+        })
+    }
 }
 
 /// How the next token is chosen.

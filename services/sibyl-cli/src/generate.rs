@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use sibyl_decode::{GenerationConfig, GenerationReport};
 use sibyl_engine::{ChatMessage, Detokenizer, LoadOptions};
-use sibyl_ngram::{NgramConfig, NgramDrafter};
+use sibyl_ngram::NgramDrafter;
 use sibyl_spec::{Drafter, SamplingConfig};
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
@@ -61,12 +61,8 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
             seed,
         };
         sampling.validate().context("invalid sampling parameters")?;
-        if args.speculation.ngram_max == 0 {
-            bail!("--ngram-max must be at least 1");
-        }
-        if !(0.0..=1.0).contains(&args.speculation.draft_min_value) {
-            bail!("--draft-min-value must be in [0, 1]");
-        }
+        args.speculation.ngram.config()?;
+        args.speculation.tree.validate()?;
         Ok(Self {
             prompt: args.prompt,
             chat: args.chat,
@@ -74,10 +70,10 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
             generation: GenerationConfig {
                 max_tokens: args.sampling.max_tokens,
                 sampling,
-                draft_budget: args.speculation.draft_budget,
-                max_draft_depth: args.speculation.draft_depth,
-                min_draft_value: args.speculation.draft_min_value,
-                exempt_draft_nodes: args.speculation.draft_exempt,
+                draft_budget: args.speculation.tree.draft_budget,
+                max_draft_depth: args.speculation.tree.draft_depth,
+                min_draft_value: args.speculation.tree.draft_min_value,
+                exempt_draft_nodes: args.speculation.tree.draft_exempt,
                 stop_tokens: Vec::new(),
             },
             speculation: args.speculation,
@@ -86,15 +82,11 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
 }
 
 /// Builds the drafters of `kind`.
-pub fn drafters(speculation: &SpeculationArgs) -> Vec<Box<dyn Drafter>> {
-    match speculation.draft {
+pub fn drafters(speculation: &SpeculationArgs) -> anyhow::Result<Vec<Box<dyn Drafter>>> {
+    Ok(match speculation.draft {
         DraftKind::None => Vec::new(),
-        DraftKind::Ngram => vec![Box::new(NgramDrafter::new(NgramConfig {
-            max_ngram: speculation.ngram_max,
-            max_branches: speculation.ngram_branches,
-            ..NgramConfig::default()
-        }))],
-    }
+        DraftKind::Ngram => vec![Box::new(NgramDrafter::new(speculation.ngram.config()?))],
+    })
 }
 
 /// Sets the compute thread count for the whole process. Must run before any model work:
@@ -134,7 +126,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let prompt = loaded.tokenizer.encode(&prompt_text)?;
     config.generation.stop_tokens = loaded.tokenizer.stop_tokens().to_vec();
-    let mut drafters = drafters(&config.speculation);
+    let mut drafters = drafters(&config.speculation)?;
     let mut detokenizer = Detokenizer::new(&loaded.tokenizer);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;

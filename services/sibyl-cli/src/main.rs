@@ -3,6 +3,7 @@
 mod args;
 mod generate;
 mod progress;
+mod roles;
 
 use clap::{Parser, Subcommand};
 
@@ -19,12 +20,25 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it to stdout; a summary goes to stderr.
     Generate(generate::GenerateArgs),
+    /// Run everything in one process: gateway (HTTP and gRPC), verifier and an n-gram
+    /// drafter, wired over loopback gRPC.
+    Serve(roles::ServeArgs),
+    /// Run the gateway role: the OpenAI-compatible HTTP API and the gRPC API.
+    Gateway(roles::GatewayArgs),
+    /// Run the verifier role: the target model, speculating with remote drafters.
+    Verifier(roles::VerifierRoleArgs),
+    /// Run a drafter role.
+    Drafter(roles::DrafterArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => roles::run_serve(args),
+        Command::Gateway(args) => roles::run_gateway(args),
+        Command::Verifier(args) => roles::run_verifier(args),
+        Command::Drafter(args) => roles::run_drafter(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,152 @@
+//! Client side of a role talking to another: a host name is resolved for every new stream
+//! and streams are spread round-robin over its addresses (a Kubernetes headless Service
+//! lists one per replica); one HTTP/2 channel per address is shared by all streams.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Channels to the replicas of one or more services.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    channels: Mutex<HashMap<SocketAddr, Channel>>,
+    next: AtomicUsize,
+}
+
+impl Balancer {
+    /// A channel to one of the addresses of `host`, and that address.
+    pub async fn pick(&self, host: &str, port: u16) -> Result<(SocketAddr, Channel), String> {
+        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            return Err(format!("{host} resolves to no address"));
+        }
+        let addr = addrs[self.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(channel) = channels.get(&addr) {
+            return Ok((addr, channel.clone()));
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr, channel.clone());
+        Ok((addr, channel))
+    }
+}
+
+/// Where a service listens: `http://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+/// An address that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("address `{value}`: {reason} (expected http://HOST:PORT)")]
+pub struct AddressError {
+    value: String,
+    reason: &'static str,
+}
+
+impl std::str::FromStr for ServiceAddress {
+    type Err = AddressError;
+
+    fn from_str(value: &str) -> Result<Self, AddressError> {
+        let error = |reason| AddressError {
+            value: value.to_string(),
+            reason,
+        };
+        let rest = value
+            .strip_prefix("http://")
+            .ok_or_else(|| error("it must start with http://"))?
+            .trim_end_matches('/');
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| error("no port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err(error("no host"));
+        }
+        match port.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(Self {
+                host: host.to_string(),
+                port,
+            }),
+            _ => Err(error("the port is not a number in 1..=65535")),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "http://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "http://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_bad_ones_say_why() {
+        let address: ServiceAddress = "http://drafters.sibyl.svc:50061".parse().unwrap();
+        assert_eq!(
+            (address.host.as_str(), address.port),
+            ("drafters.sibyl.svc", 50061)
+        );
+        let v6: ServiceAddress = "http://[::1]:7/".parse().unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 7));
+        assert_eq!(v6.to_string(), "http://[::1]:7");
+        for bad in [
+            "x:1",
+            "http://x",
+            "http://x:0",
+            "http://x:99999",
+            "http://:1",
+            "https://x:1",
+        ] {
+            let error = bad.parse::<ServiceAddress>().unwrap_err();
+            assert!(error.to_string().contains("expected http://"), "{error}");
+        }
+    }
+}
+
+/// Polls the gRPC health of the server at `addr` until it says SERVING; false if it has not
+/// within `timeout`.
+pub async fn wait_until_serving(addr: SocketAddr, timeout: Duration) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let poll = async {
+        loop {
+            if let Ok(endpoint) = Endpoint::from_shared(format!("http://{addr}")) {
+                if let Ok(channel) = endpoint.connect().await {
+                    let mut client = HealthClient::new(channel);
+                    let request = HealthCheckRequest {
+                        service: String::new(),
+                    };
+                    if let Ok(response) = client.check(request).await {
+                        if response.get_ref().status() == ServingStatus::Serving {
+                            return;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(timeout, poll).await.is_ok()
+}

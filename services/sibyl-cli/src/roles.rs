@@ -1,0 +1,418 @@
+//! `sibyl serve`, `sibyl gateway`, `sibyl verifier`, `sibyl drafter`: the roles as servers.
+//! `serve` starts all of them in one process, wired over loopback gRPC exactly as separate
+//! processes are.
+
+use crate::args::{ModelArgs, NgramArgs, TreeArgs};
+use crate::generate::{init_threads, load_model};
+use crate::progress::BarProgress;
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use sibyl_drafter::{DraftService, MakeDrafter};
+use sibyl_gateway::GatewayConfig;
+use sibyl_ngram::NgramDrafter;
+use sibyl_proto::client::ServiceAddress;
+use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// How the verifier runs sessions.
+#[derive(Debug, Clone, Args)]
+pub struct VerifierArgs {
+    #[command(flatten)]
+    pub tree: TreeArgs,
+
+    /// Longest a verify step waits for drafts that have not arrived, in milliseconds.
+    #[arg(long, env = "SIBYL_DRAFT_WAIT_MS", default_value_t = 5)]
+    pub draft_wait_ms: u64,
+
+    /// Most generations at once; more are refused with RESOURCE_EXHAUSTED (HTTP 429).
+    #[arg(long, env = "SIBYL_MAX_SESSIONS", default_value_t = 16)]
+    pub max_sessions: usize,
+}
+
+impl VerifierArgs {
+    fn config(
+        &self,
+        model_name: String,
+        drafters: Vec<DrafterEndpoint>,
+    ) -> anyhow::Result<VerifierConfig> {
+        self.tree.validate()?;
+        if self.max_sessions == 0 {
+            bail!("--max-sessions must be at least 1");
+        }
+        if self.tree.draft_depth > 256 {
+            bail!("--draft-depth must be at most 256");
+        }
+        Ok(VerifierConfig {
+            model_name,
+            drafters,
+            speculation: SpeculationConfig {
+                draft_budget: self.tree.draft_budget,
+                max_draft_depth: self.tree.draft_depth.max(1),
+                min_draft_value: self.tree.draft_min_value,
+                exempt_draft_nodes: self.tree.draft_exempt,
+                step_wait: Duration::from_millis(self.draft_wait_ms),
+                ..SpeculationConfig::default()
+            },
+            max_sessions: self.max_sessions,
+        })
+    }
+}
+
+/// What the gateway allows.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayLimitArgs {
+    /// Most tokens one request may generate (`max_tokens` above it is a 400).
+    #[arg(long, env = "SIBYL_MAX_TOKENS_LIMIT", default_value_t = 4096)]
+    pub max_tokens_limit: usize,
+
+    /// Name the model is served under (default: the --model value, or the file's stem).
+    #[arg(long, env = "SIBYL_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+}
+
+/// Logs.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryArgs {
+    /// Log lines as JSON objects (for log collectors) instead of text.
+    #[arg(long, env = "SIBYL_LOG_JSON")]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address of the OpenAI-compatible HTTP API.
+    #[arg(long, env = "SIBYL_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Address of the `sibyl.v1.Gateway` gRPC API.
+    #[arg(long, env = "SIBYL_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub verifier: VerifierArgs,
+
+    #[command(flatten)]
+    pub ngram: NgramArgs,
+
+    #[command(flatten)]
+    pub limits: GatewayLimitArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Address of the OpenAI-compatible HTTP API.
+    #[arg(long, env = "SIBYL_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Address of the `sibyl.v1.Gateway` gRPC API.
+    #[arg(long, env = "SIBYL_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// The verifier, as http://HOST:PORT (a name with several addresses spreads requests).
+    #[arg(long, env = "SIBYL_VERIFIER")]
+    pub verifier: String,
+
+    /// The model the verifier serves: its tokenizer and chat template are read from the file.
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub limits: GatewayLimitArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VerifierRoleArgs {
+    /// Address of the `sibyl.v1.Verifier` gRPC service.
+    #[arg(long, env = "SIBYL_GRPC_ADDR", default_value = "0.0.0.0:50052")]
+    pub grpc_addr: SocketAddr,
+
+    /// A drafter to speculate with, as KIND=http://HOST:PORT; repeat for several. A name that
+    /// resolves to several addresses (a headless Service) spreads sessions over them.
+    #[arg(long = "drafter", env = "SIBYL_DRAFTERS", value_delimiter = ',')]
+    pub drafters: Vec<String>,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub verifier: VerifierArgs,
+
+    /// Name the model is served under (default: the --model value, or the file's stem).
+    #[arg(long, env = "SIBYL_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// Kinds of drafter the drafter role can host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DrafterKindArg {
+    /// Prompt lookup and the session's own history.
+    Ngram,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrafterArgs {
+    /// Which drafter to host.
+    #[arg(long, env = "SIBYL_DRAFTER_KIND", value_enum)]
+    pub kind: DrafterKindArg,
+
+    /// Address of the `sibyl.v1.Drafter` gRPC service.
+    #[arg(long, env = "SIBYL_GRPC_ADDR", default_value = "0.0.0.0:50061")]
+    pub grpc_addr: SocketAddr,
+
+    /// The verifier's model: sessions whose tokenizer differs from this file's are refused.
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub ngram: NgramArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+fn init_logs(telemetry: &TelemetryArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIBYL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if telemetry.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
+
+/// The name a model is served under.
+fn served_name(model: &ModelArgs, explicit: Option<&String>) -> String {
+    if let Some(name) = explicit {
+        return name.clone();
+    }
+    match sibyl_models::resolve(&model.model) {
+        Ok(sibyl_models::ModelSource::File(path)) => path
+            .file_stem()
+            .map_or_else(|| model.model.clone(), |s| s.to_string_lossy().into_owned()),
+        _ => model.model.clone(),
+    }
+}
+
+fn locate(model: &ModelArgs) -> anyhow::Result<std::path::PathBuf> {
+    Ok(sibyl_models::locate(
+        &model.model,
+        &sibyl_models::cache_dir(),
+        &BarProgress::default(),
+    )?)
+}
+
+fn text_loader(
+    model: ModelArgs,
+) -> impl FnOnce() -> anyhow::Result<sibyl_engine::TextModel> + Send + 'static {
+    move || Ok(sibyl_engine::load_text(&locate(&model)?)?)
+}
+
+fn ngram_drafter(ngram: &NgramArgs) -> anyhow::Result<MakeDrafter> {
+    let config = ngram.config()?;
+    Ok(Arc::new(move || {
+        Box::new(NgramDrafter::new(config.clone()))
+    }))
+}
+
+fn drafter_endpoints(values: &[String]) -> anyhow::Result<Vec<DrafterEndpoint>> {
+    values
+        .iter()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<DrafterEndpoint>().map_err(anyhow::Error::from))
+        .collect()
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {what}"))
+}
+
+pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
+    init_logs(&args.telemetry);
+    let make = match args.kind {
+        DrafterKindArg::Ngram => ngram_drafter(&args.ngram)?,
+    };
+    runtime()?.block_on(async move {
+        let listener = bind(args.grpc_addr, "drafter").await?;
+        tracing::info!(addr = %listener.local_addr()?, kind = ?args.kind, "drafter listening");
+        let load = text_loader(args.model.clone());
+        sibyl_drafter::serve(
+            listener,
+            DraftService::new(make),
+            move || load().map(|text| text.tokenizer.fingerprint()),
+            shutdown_signal(),
+        )
+        .await?;
+        Ok(())
+    })
+}
+
+pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
+    init_logs(&args.telemetry);
+    init_threads(args.model.threads);
+    let name = served_name(&args.model, args.served_model_name.as_ref());
+    let config = args
+        .verifier
+        .config(name, drafter_endpoints(&args.drafters)?)?;
+    runtime()?.block_on(async move {
+        let listener = bind(args.grpc_addr, "verifier").await?;
+        tracing::info!(addr = %listener.local_addr()?, "verifier listening");
+        let model = args.model.clone();
+        sibyl_verifier::serve(
+            listener,
+            VerifierService::new(config),
+            move || load_model(&model),
+            shutdown_signal(),
+        )
+        .await?;
+        Ok(())
+    })
+}
+
+pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    init_logs(&args.telemetry);
+    let config = GatewayConfig {
+        model_name: served_name(&args.model, args.limits.served_model_name.as_ref()),
+        verifier: args.verifier.parse::<ServiceAddress>()?,
+        max_tokens_limit: args.limits.max_tokens_limit,
+    };
+    runtime()?.block_on(async move {
+        let grpc = bind(args.grpc_addr, "gRPC API").await?;
+        let http = bind(args.http_addr, "HTTP API").await?;
+        tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "gateway listening");
+        sibyl_gateway::serve(
+            grpc,
+            http,
+            config,
+            text_loader(args.model.clone()),
+            shutdown_signal(),
+        )
+        .await?;
+        Ok(())
+    })
+}
+
+pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logs(&args.telemetry);
+    init_threads(args.model.threads);
+    let name = served_name(&args.model, args.limits.served_model_name.as_ref());
+    let make = ngram_drafter(&args.ngram)?;
+    runtime()?.block_on(async move {
+        // The model file first, once, so the three roles do not race to fetch it.
+        let model = args.model.clone();
+        let path = tokio::task::spawn_blocking(move || locate(&model)).await??;
+        let mut model = args.model.clone();
+        model.model = path.to_string_lossy().into_owned();
+
+        let http = bind(args.http_addr, "HTTP API").await?;
+        let grpc = bind(args.grpc_addr, "gRPC API").await?;
+        let drafter_listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "drafter").await?;
+        let verifier_listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "verifier").await?;
+        let drafter_addr = drafter_listener.local_addr()?;
+        let verifier_addr = verifier_listener.local_addr()?;
+
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|&s| s).await;
+        };
+        let load = text_loader(model.clone());
+        let drafter = tokio::spawn(sibyl_drafter::serve(
+            drafter_listener,
+            DraftService::new(make),
+            move || load().map(|text| text.tokenizer.fingerprint()),
+            until(stopped.clone()),
+        ));
+        let endpoint = format!("ngram=http://{drafter_addr}").parse::<DrafterEndpoint>()?;
+        let config = args.verifier.config(name.clone(), vec![endpoint])?;
+        let verifier_model = model.clone();
+        let verifier = tokio::spawn(sibyl_verifier::serve(
+            verifier_listener,
+            VerifierService::new(config),
+            move || load_model(&verifier_model),
+            until(stopped.clone()),
+        ));
+        let gateway_config = GatewayConfig {
+            model_name: name.clone(),
+            verifier: format!("http://{verifier_addr}").parse()?,
+            max_tokens_limit: args.limits.max_tokens_limit,
+        };
+        let http_addr = http.local_addr()?;
+        let grpc_addr = grpc.local_addr()?;
+        let gateway = tokio::spawn(sibyl_gateway::serve(
+            grpc,
+            http,
+            gateway_config,
+            text_loader(model),
+            until(stopped),
+        ));
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        tracing::info!("loading {name}");
+        loop {
+            if sibyl_proto::client::wait_until_serving(verifier_addr, Duration::from_secs(2)).await {
+                println!(
+                    "sibyl serve: {name} ready\n  OpenAI HTTP API  http://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway)\n  verifier         {verifier_addr}, n-gram drafter {drafter_addr} (loopback)"
+                );
+                break;
+            }
+            if verifier.is_finished() || drafter.is_finished() || gateway.is_finished() {
+                break;
+            }
+        }
+        let (drafter, verifier, gateway) = tokio::join!(drafter, verifier, gateway);
+        drafter??;
+        verifier??;
+        gateway??;
+        Ok(())
+    })
+}

@@ -1,0 +1,40 @@
+//! The drafter role: a `sibyl.v1.Drafter` gRPC service that streams candidate token blocks
+//! to verifiers, drafting ahead of their feedback.
+//!
+//! The service hosts any [`sibyl_spec::Drafter`] (the n-gram drafter today); each session
+//! gets a fresh one through [`MakeDrafter`].
+
+mod ahead;
+mod service;
+
+pub use ahead::{AdvanceError, AheadLimits, DraftAhead};
+pub use service::{DraftService, MakeDrafter};
+
+use sibyl_proto::server::{load_blocking, ServeError};
+use sibyl_proto::v1::drafter_server::{DrafterServer, SERVICE_NAME};
+use std::future::Future;
+use tokio::net::TcpListener;
+
+/// Serves `service` on `listener` until `shutdown` completes. Health says SERVING once
+/// `load` (run on a blocking thread: it may fetch a model file) has returned the tokenizer
+/// fingerprint; a failed load ends the server with the error.
+pub async fn serve<E>(
+    listener: TcpListener,
+    service: DraftService,
+    load: impl FnOnce() -> Result<u64, E> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let mut builder = tonic::transport::Server::builder();
+    let (router, health) = sibyl_proto::server::base_router(&mut builder, SERVICE_NAME).await?;
+    let router = router.add_service(DrafterServer::new(service.clone()));
+    let server = sibyl_proto::server::spawn(router, listener, shutdown);
+    let fingerprint = load_blocking(load).await?;
+    service.set_ready(fingerprint);
+    sibyl_proto::server::set_serving(&health, SERVICE_NAME).await;
+    tracing::info!("drafter ready");
+    server.await??;
+    Ok(())
+}

@@ -1,0 +1,141 @@
+use crate::ahead::{AheadLimits, DraftAhead};
+use sibyl_proto::v1::{self as pb, draft_request::Message};
+use sibyl_spec::Drafter;
+use std::sync::{Arc, OnceLock};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Most tokens a session's sequence may hold (far above any context window in use).
+const MAX_CONTEXT: usize = 1 << 20;
+/// Most tokens per branch a verifier may ask for.
+const MAX_BLOCK_TOKENS: usize = 256;
+/// Most branches per block a verifier may ask for.
+const MAX_BRANCHES: usize = 16;
+/// Blocks queued for the network before drafting pauses.
+const QUEUE: usize = 4;
+
+/// Makes a fresh drafter for each session.
+pub type MakeDrafter = Arc<dyn Fn() -> Box<dyn Drafter> + Send + Sync>;
+
+/// The `sibyl.v1.Drafter` service: one [`DraftAhead`] per stream.
+#[derive(Clone)]
+pub struct DraftService {
+    make: MakeDrafter,
+    /// The tokenizer fingerprint, set once the model file has been read.
+    fingerprint: Arc<OnceLock<u64>>,
+}
+
+impl DraftService {
+    /// A service that answers UNAVAILABLE until [`DraftService::set_ready`] is called.
+    pub fn new(make: MakeDrafter) -> Self {
+        Self {
+            make,
+            fingerprint: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Accepts sessions whose tokenizer has `fingerprint`.
+    pub fn set_ready(&self, fingerprint: u64) {
+        let _ = self.fingerprint.set(fingerprint);
+    }
+
+    fn limits(open: &pb::DraftOpen) -> Result<AheadLimits, Status> {
+        let max_block_tokens = open.max_block_tokens as usize;
+        let max_branches = open.max_branches as usize;
+        if !(1..=MAX_BLOCK_TOKENS).contains(&max_block_tokens) {
+            return Err(Status::invalid_argument(format!(
+                "max_block_tokens must be in 1..={MAX_BLOCK_TOKENS}, got {max_block_tokens}"
+            )));
+        }
+        if !(1..=MAX_BRANCHES).contains(&max_branches) {
+            return Err(Status::invalid_argument(format!(
+                "max_branches must be in 1..={MAX_BRANCHES}, got {max_branches}"
+            )));
+        }
+        if open.context_tokens.len() > MAX_CONTEXT {
+            return Err(Status::invalid_argument(format!(
+                "the context has {} tokens, over the limit of {MAX_CONTEXT}",
+                open.context_tokens.len()
+            )));
+        }
+        Ok(AheadLimits {
+            max_block_tokens,
+            max_branches,
+            max_tokens_ahead: (open.max_tokens_ahead as usize).clamp(1, 4 * MAX_BLOCK_TOKENS),
+            max_context: MAX_CONTEXT,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::drafter_server::Drafter for DraftService {
+    type DraftStream = ReceiverStream<Result<pb::DraftBlock, Status>>;
+
+    async fn draft(
+        &self,
+        request: Request<Streaming<pb::DraftRequest>>,
+    ) -> Result<Response<Self::DraftStream>, Status> {
+        let ours = *self
+            .fingerprint
+            .get()
+            .ok_or_else(|| Status::unavailable("the drafter is still loading its tokenizer"))?;
+        let mut inbound = request.into_inner();
+        let open = match inbound.message().await? {
+            Some(pb::DraftRequest {
+                message: Some(Message::Open(open)),
+            }) => open,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a draft stream must be `open`",
+                ))
+            }
+        };
+        let theirs = &open.tokenizer_fingerprint;
+        if *theirs != sibyl_proto::fingerprint(ours) {
+            return Err(Status::failed_precondition(format!(
+                "tokenizer mismatch: the verifier's is {theirs}, this drafter's is {}; start the \
+                 drafter with the verifier's model",
+                sibyl_proto::fingerprint(ours)
+            )));
+        }
+        let limits = Self::limits(&open)?;
+        let ahead = DraftAhead::new((self.make)(), open.context_tokens, limits);
+        let (blocks, receiver) = mpsc::channel(QUEUE);
+        tokio::spawn(pump(ahead, inbound, blocks));
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// Drafts ahead while the network takes blocks, and takes advances as they come.
+async fn pump(
+    mut ahead: DraftAhead,
+    mut inbound: Streaming<pb::DraftRequest>,
+    blocks: mpsc::Sender<Result<pb::DraftBlock, Status>>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            message = inbound.message() => {
+                let advance = match message {
+                    Ok(Some(pb::DraftRequest { message: Some(Message::Advance(advance)) })) => advance,
+                    Ok(Some(_)) => {
+                        let status = Status::invalid_argument("after `open`, only `advance` messages may follow");
+                        let _ = blocks.send(Err(status)).await;
+                        return;
+                    }
+                    // The verifier ended the session.
+                    Ok(None) | Err(_) => return,
+                };
+                if let Err(error) = ahead.advance(advance.position, &advance.tokens) {
+                    let _ = blocks.send(Err(Status::invalid_argument(error.to_string()))).await;
+                    return;
+                }
+            }
+            permit = blocks.reserve(), if ahead.can_draft() => {
+                let Ok(permit) = permit else { return };
+                permit.send(Ok(pb::DraftBlock::from(&ahead.next_block())));
+            }
+        }
+    }
+}

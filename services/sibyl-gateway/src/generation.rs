@@ -1,0 +1,351 @@
+//! The gateway's one code path for both APIs: render and tokenize the prompt, check it, run
+//! it on a verifier, and stream detokenized text back with stop strings applied.
+
+use crate::stop::StopStrings;
+use crate::GatewayConfig;
+use sibyl_engine::{ChatMessage, Detokenizer, TextModel};
+use sibyl_proto::client::Balancer;
+use sibyl_proto::v1::{self as pb, verifier_client::VerifierClient, verify_event::Event};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+
+/// Longest a request waits for a verifier to accept its session.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most stop strings per request (OpenAI's limit).
+const MAX_STOP_STRINGS: usize = 4;
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    Text(String),
+    Chat(Vec<ChatMessage>),
+}
+
+/// One request, in the terms both APIs share.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Requested model name; `None` for the served one.
+    pub model: Option<String>,
+    pub prompt: PromptInput,
+    /// Most tokens to generate; `None` for as many as the context and the limit allow.
+    pub max_tokens: Option<usize>,
+    pub sampling: pb::SamplingParams,
+    pub speculation: Option<pb::Speculation>,
+    pub stop: Vec<String>,
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the model `{requested}` does not exist; this server serves `{served}`")]
+    ModelNotFound { requested: String, served: String },
+    #[error("no verifier is reachable: {0}")]
+    Unavailable(String),
+    #[error("verifier: {}", .0.message())]
+    Verifier(Status),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    fn from_verifier(status: Status) -> Self {
+        match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded => {
+                Self::Unavailable(status.message().to_string())
+            }
+            _ => Self::Verifier(status),
+        }
+    }
+}
+
+/// Usage and speculation figures of a finished generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub finish_reason: pb::FinishReason,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub accepted_prediction_tokens: u32,
+    pub rejected_prediction_tokens: u32,
+    pub steps: u32,
+    pub drafters: Vec<pb::DrafterStats>,
+    pub seed: u64,
+}
+
+/// What a running generation sends: text pieces, then one summary (or an error).
+#[derive(Debug, Clone)]
+pub enum Output {
+    Text(String),
+    Done(Summary),
+}
+
+pub type OutputStream = mpsc::Receiver<Result<Output, GatewayError>>;
+
+/// The gateway: tokenizer, chat template and limits of the served model, and the way to its
+/// verifiers.
+pub struct Gateway {
+    config: GatewayConfig,
+    text: Arc<TextModel>,
+    verifiers: Balancer,
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig, text: TextModel) -> Self {
+        Self {
+            config,
+            text: Arc::new(text),
+            verifiers: Balancer::default(),
+        }
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.config.model_name
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.text.config.context_length
+    }
+
+    /// Asks a verifier for its status (the gateway's readiness check).
+    pub async fn verifier_status(&self) -> Result<pb::VerifierStatus, GatewayError> {
+        let mut client = self.client().await?;
+        let status = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.get_status(pb::GetStatusRequest {}),
+        )
+        .await
+        .map_err(|_| GatewayError::Unavailable("the verifier did not answer within 1 s".into()))?
+        .map_err(GatewayError::from_verifier)?;
+        Ok(status.into_inner())
+    }
+
+    async fn client(&self) -> Result<VerifierClient<tonic::transport::Channel>, GatewayError> {
+        let address = &self.config.verifier;
+        let (_, channel) = self
+            .verifiers
+            .pick(&address.host, address.port)
+            .await
+            .map_err(GatewayError::Unavailable)?;
+        Ok(VerifierClient::new(channel))
+    }
+
+    /// Checks `request`, starts it on a verifier and returns its prompt length and output.
+    /// Dropping the output stream cancels the generation on the verifier.
+    pub async fn generate(
+        &self,
+        request: Generation,
+    ) -> Result<(usize, OutputStream), GatewayError> {
+        if let Some(model) = &request.model {
+            if !model.is_empty() && *model != self.config.model_name {
+                return Err(GatewayError::ModelNotFound {
+                    requested: model.clone(),
+                    served: self.config.model_name.clone(),
+                });
+            }
+        }
+        if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(String::is_empty) {
+            return Err(GatewayError::InvalidRequest(format!(
+                "`stop` takes at most {MAX_STOP_STRINGS} non-empty strings"
+            )));
+        }
+        let prompt = self.tokenize(&request.prompt)?;
+        let max_tokens = self.max_tokens(prompt.len(), request.max_tokens)?;
+        let verify = pb::VerifyRequest {
+            prompt_tokens: prompt,
+            max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
+            sampling: Some(request.sampling),
+            speculation: request.speculation,
+            tokenizer_fingerprint: sibyl_proto::fingerprint(self.text.tokenizer.fingerprint()),
+        };
+        let prompt_tokens = verify.prompt_tokens.len();
+        let mut client = self.client().await?;
+        let events = tokio::time::timeout(OPEN_TIMEOUT, client.generate(verify))
+            .await
+            .map_err(|_| {
+                GatewayError::Unavailable(format!(
+                    "the verifier did not answer within {OPEN_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(GatewayError::from_verifier)?
+            .into_inner();
+        let (output, receiver) = mpsc::channel(64);
+        let stops = StopStrings::new(request.stop);
+        let prompt_count = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
+        tokio::spawn(relay(
+            self.text.clone(),
+            events,
+            stops,
+            prompt_count,
+            output,
+        ));
+        Ok((prompt_tokens, receiver))
+    }
+
+    fn tokenize(&self, prompt: &PromptInput) -> Result<Vec<u32>, GatewayError> {
+        let text = match prompt {
+            PromptInput::Text(text) => text.clone(),
+            PromptInput::Chat(messages) => {
+                if messages.is_empty() {
+                    return Err(GatewayError::InvalidRequest("`messages` is empty".into()));
+                }
+                let template = self.text.chat_template.as_ref().ok_or_else(|| {
+                    GatewayError::InvalidRequest(
+                        "this model has no chat template; use /v1/completions".into(),
+                    )
+                })?;
+                template.render(messages).map_err(|e| {
+                    GatewayError::InvalidRequest(format!("cannot render the chat: {e}"))
+                })?
+            }
+        };
+        let tokens = self.text.tokenizer.encode(&text).map_err(|e| {
+            GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}"))
+        })?;
+        if tokens.is_empty() {
+            return Err(GatewayError::InvalidRequest("the prompt is empty".into()));
+        }
+        Ok(tokens)
+    }
+
+    fn max_tokens(&self, prompt: usize, requested: Option<usize>) -> Result<usize, GatewayError> {
+        let context = self.context_length();
+        let limit = self.config.max_tokens_limit;
+        if prompt >= context {
+            return Err(GatewayError::InvalidRequest(format!(
+                "the prompt has {prompt} tokens; this model's context window is {context} tokens"
+            )));
+        }
+        let room = context - prompt;
+        match requested {
+            None => Ok(room.min(limit)),
+            Some(0) => Err(GatewayError::InvalidRequest(
+                "`max_tokens` must be at least 1".into(),
+            )),
+            Some(n) if n > limit => Err(GatewayError::InvalidRequest(format!(
+                "`max_tokens` is {n}; this server allows at most {limit}"
+            ))),
+            Some(n) if n > room => Err(GatewayError::InvalidRequest(format!(
+                "this model's context window is {context} tokens; the prompt has {prompt} and \
+                 `max_tokens` asks for {n} more"
+            ))),
+            Some(n) => Ok(n),
+        }
+    }
+}
+
+/// Turns the verifier's token stream into text, until it ends, a stop string appears or the
+/// client goes away (then dropping `events` cancels the session on the verifier).
+async fn relay(
+    text: Arc<TextModel>,
+    mut events: tonic::Streaming<pb::VerifyEvent>,
+    mut stops: StopStrings,
+    prompt_tokens: u32,
+    output: mpsc::Sender<Result<Output, GatewayError>>,
+) {
+    let mut detokenizer = Detokenizer::new(&text.tokenizer);
+    let mut completion_tokens = 0u32;
+    loop {
+        let event = tokio::select! {
+            () = output.closed() => return,
+            event = events.message() => event,
+        };
+        let event = match event {
+            Ok(Some(pb::VerifyEvent { event: Some(event) })) => event,
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                let error = GatewayError::Internal(
+                    "the verifier ended the stream without a summary".into(),
+                );
+                let _ = output.send(Err(error)).await;
+                return;
+            }
+            Err(status) => {
+                let _ = output.send(Err(GatewayError::from_verifier(status))).await;
+                return;
+            }
+        };
+        match event {
+            Event::Tokens(tokens) => {
+                let mut piece = String::new();
+                for token in tokens.tokens {
+                    completion_tokens += 1;
+                    match detokenizer.push(token) {
+                        Ok(Some(text)) => piece.push_str(&text),
+                        Ok(None) => {}
+                        Err(error) => {
+                            let _ = output
+                                .send(Err(GatewayError::Internal(error.to_string())))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+                let (piece, stopped) = stops.push(&piece);
+                if !piece.is_empty() && output.send(Ok(Output::Text(piece))).await.is_err() {
+                    return;
+                }
+                if stopped {
+                    // The verifier's session is cancelled when `events` is dropped; its own
+                    // summary never comes, so the gateway reports what it saw.
+                    let summary = Summary {
+                        finish_reason: pb::FinishReason::Stop,
+                        prompt_tokens,
+                        completion_tokens,
+                        ..Summary::default()
+                    };
+                    let _ = output.send(Ok(Output::Done(summary))).await;
+                    return;
+                }
+            }
+            Event::Summary(summary) => {
+                let mut rest = match detokenizer.finish() {
+                    Ok(rest) => rest.unwrap_or_default(),
+                    Err(error) => {
+                        let _ = output
+                            .send(Err(GatewayError::Internal(error.to_string())))
+                            .await;
+                        return;
+                    }
+                };
+                let (piece, stopped) = stops.push(&rest);
+                rest = piece;
+                if !stopped {
+                    rest.push_str(&stops.finish());
+                }
+                if !rest.is_empty() && output.send(Ok(Output::Text(rest))).await.is_err() {
+                    return;
+                }
+                let _ = output
+                    .send(Ok(Output::Done(Summary::from_verifier(summary, stopped))))
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+impl Summary {
+    fn from_verifier(summary: pb::VerifySummary, stopped_by_string: bool) -> Self {
+        let accepted: u64 = summary.drafters.iter().map(|d| d.accepted_tokens).sum();
+        let proposed: u64 = summary.drafters.iter().map(|d| d.proposed_tokens).sum();
+        let finish_reason = if stopped_by_string {
+            pb::FinishReason::Stop
+        } else {
+            summary.finish_reason()
+        };
+        Self {
+            finish_reason,
+            prompt_tokens: summary.prompt_tokens,
+            completion_tokens: summary.completion_tokens,
+            accepted_prediction_tokens: u32::try_from(accepted).unwrap_or(u32::MAX),
+            rejected_prediction_tokens: u32::try_from(proposed - accepted.min(proposed))
+                .unwrap_or(u32::MAX),
+            steps: summary.steps,
+            drafters: summary.drafters,
+            seed: summary.seed,
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The `sibyl.v1.Gateway` gRPC service.
+
+use crate::generation::{Gateway, GatewayError, Generation, Output, PromptInput};
+use sibyl_engine::ChatMessage;
+use sibyl_proto::v1::{self as pb, generate_request::Input, generate_response::Event};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+#[derive(Clone)]
+pub struct GatewayService {
+    gateway: Arc<Gateway>,
+}
+
+impl GatewayService {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+impl From<GatewayError> for Status {
+    fn from(error: GatewayError) -> Self {
+        match error {
+            GatewayError::InvalidRequest(message) => Status::invalid_argument(message),
+            error @ GatewayError::ModelNotFound { .. } => Status::not_found(error.to_string()),
+            error @ GatewayError::Unavailable(_) => Status::unavailable(error.to_string()),
+            GatewayError::Verifier(status) => status,
+            error @ GatewayError::Internal(_) => Status::internal(error.to_string()),
+        }
+    }
+}
+
+impl TryFrom<pb::GenerateRequest> for Generation {
+    type Error = Status;
+
+    fn try_from(request: pb::GenerateRequest) -> Result<Self, Status> {
+        let prompt = match request.input {
+            Some(Input::Prompt(text)) => PromptInput::Text(text),
+            Some(Input::Chat(chat)) => PromptInput::Chat(
+                chat.messages
+                    .iter()
+                    .map(|m| ChatMessage::new(&m.role, &m.content))
+                    .collect(),
+            ),
+            None => return Err(Status::invalid_argument("set `prompt` or `chat`")),
+        };
+        Ok(Self {
+            model: Some(request.model),
+            prompt,
+            max_tokens: (request.max_tokens > 0).then_some(request.max_tokens as usize),
+            sampling: request.sampling.unwrap_or_default(),
+            speculation: request.speculation,
+            stop: request.stop,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::gateway_server::Gateway for GatewayService {
+    type GenerateStream = ReceiverStream<Result<pb::GenerateResponse, Status>>;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let generation = Generation::try_from(request.into_inner())?;
+        let (_, mut outputs) = self.gateway.generate(generation).await?;
+        let (sender, receiver) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(output) = outputs.recv().await {
+                let message = output.map_err(Status::from).map(|output| {
+                    let event = match output {
+                        Output::Text(text) => Event::Delta(pb::TextDelta { text }),
+                        Output::Done(summary) => Event::Summary(pb::GenerateSummary {
+                            finish_reason: summary.finish_reason as i32,
+                            usage: Some(pb::Usage {
+                                prompt_tokens: summary.prompt_tokens,
+                                completion_tokens: summary.completion_tokens,
+                                accepted_prediction_tokens: summary.accepted_prediction_tokens,
+                                rejected_prediction_tokens: summary.rejected_prediction_tokens,
+                            }),
+                            steps: summary.steps,
+                            drafters: summary.drafters,
+                            seed: summary.seed,
+                        }),
+                    };
+                    pb::GenerateResponse { event: Some(event) }
+                });
+                if sender.send(message).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Ok(Response::new(pb::ListModelsResponse {
+            models: vec![pb::ModelCard {
+                id: self.gateway.model_name().to_string(),
+                context_length: u32::try_from(self.gateway.context_length()).unwrap_or(u32::MAX),
+            }],
+        }))
+    }
+}

@@ -1,0 +1,516 @@
+//! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (with
+//! `stream: true` as server-sent events ending in `data: [DONE]`), `/v1/models`, `/health`.
+//!
+//! Extension: `"speculation": {"enabled": false}` turns speculation off for one request;
+//! `"speculation": {"drafters": ["ngram"]}` picks drafter kinds. `top_k` is accepted too.
+
+use crate::generation::{Gateway, GatewayError, Generation, Output, PromptInput, Summary};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sibyl_engine::ChatMessage;
+use sibyl_proto::v1 as pb;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Largest request body accepted.
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The HTTP routes of the gateway.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(gateway)
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let (status, kind, code) = match &self {
+            GatewayError::InvalidRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Value::Null,
+            ),
+            GatewayError::ModelNotFound { .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                json!("model_not_found"),
+            ),
+            GatewayError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Value::Null,
+            ),
+            GatewayError::Verifier(status) => match status.code() {
+                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => (
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    Value::Null,
+                ),
+                tonic::Code::ResourceExhausted => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    Value::Null,
+                ),
+                _ => (StatusCode::BAD_GATEWAY, "server_error", Value::Null),
+            },
+            GatewayError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                Value::Null,
+            ),
+        };
+        (status, Json(error_body(&self.to_string(), kind, code))).into_response()
+    }
+}
+
+fn error_body(message: &str, kind: &str, code: Value) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+}
+
+fn invalid(message: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidRequest(message.into())
+}
+
+/// Parses a JSON body, with serde's message (which names the field) on failure.
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, GatewayError> {
+    serde_json::from_slice(body).map_err(|e| invalid(format!("invalid request body: {e}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpeculationExtension {
+    enabled: Option<bool>,
+    drafters: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields both endpoints share.
+#[derive(Debug, Default, Deserialize)]
+struct Common {
+    model: Option<String>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    stop: Option<OneOrMany>,
+    n: Option<u32>,
+    logprobs: Option<Value>,
+    speculation: Option<SpeculationExtension>,
+}
+
+impl Common {
+    fn generation(self, prompt: PromptInput) -> Result<Generation, GatewayError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(invalid("only `n: 1` is supported"));
+        }
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && *v != json!(false) && *v != json!(0))
+        {
+            return Err(invalid("`logprobs` is not supported"));
+        }
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => None,
+            Some(n) if n < 1 => return Err(invalid("`max_tokens` must be at least 1")),
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+            return Err(invalid("`temperature` must be between 0 and 2"));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(invalid("`top_p` must be in (0, 1]"));
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => u32::try_from(k).unwrap_or(u32::MAX),
+            Some(_) => return Err(invalid("`top_k` must be -1 (all) or at least 1")),
+        };
+        let speculation = self
+            .speculation
+            .map(|ext| match (ext.enabled, ext.drafters) {
+                (Some(false), _) => pb::Speculation {
+                    mode: pb::SpeculationMode::Off as i32,
+                    drafters: Vec::new(),
+                },
+                (_, drafters) => pb::Speculation {
+                    mode: pb::SpeculationMode::On as i32,
+                    drafters: drafters.unwrap_or_default(),
+                },
+            });
+        Ok(Generation {
+            model: self.model,
+            prompt,
+            max_tokens,
+            sampling: pb::SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed: self.seed,
+            },
+            speculation,
+            stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: OneOrMany,
+    #[serde(default)]
+    echo: bool,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatRequestMessage>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequestMessage {
+    role: String,
+    content: Option<ChatContent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ChatContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+impl ChatRequestMessage {
+    fn into_message(self) -> Result<ChatMessage, GatewayError> {
+        if !matches!(
+            self.role.as_str(),
+            "system" | "developer" | "user" | "assistant"
+        ) {
+            return Err(invalid(format!("unsupported message role `{}`", self.role)));
+        }
+        let role = if self.role == "developer" {
+            "system"
+        } else {
+            self.role.as_str()
+        };
+        let content = match self.content {
+            None => String::new(),
+            Some(ChatContent::Text(text)) => text,
+            Some(ChatContent::Parts(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (part.kind.as_str(), part.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return Err(invalid(format!("content part `{kind}` is not supported")))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        Ok(ChatMessage::new(role, &content))
+    }
+}
+
+/// Which endpoint a response is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn completions(
+    State(gateway): State<Arc<Gateway>>,
+    body: Bytes,
+) -> Result<Response, GatewayError> {
+    let request: CompletionRequest = parse(&body)?;
+    if request.echo {
+        return Err(invalid("`echo` is not supported"));
+    }
+    let mut prompts = request.prompt.into_vec();
+    if prompts.len() != 1 {
+        return Err(invalid("`prompt` must be one string"));
+    }
+    let prompt = PromptInput::Text(prompts.remove(0));
+    respond(gateway, Kind::Completion, request.common, prompt).await
+}
+
+async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    body: Bytes,
+) -> Result<Response, GatewayError> {
+    let request: ChatRequest = parse(&body)?;
+    let messages = request
+        .messages
+        .into_iter()
+        .map(ChatRequestMessage::into_message)
+        .collect::<Result<Vec<_>, _>>()?;
+    respond(
+        gateway,
+        Kind::Chat,
+        request.common,
+        PromptInput::Chat(messages),
+    )
+    .await
+}
+
+async fn respond(
+    gateway: Arc<Gateway>,
+    kind: Kind,
+    common: Common,
+    prompt: PromptInput,
+) -> Result<Response, GatewayError> {
+    let stream = common.stream;
+    let include_usage = common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let generation = common.generation(prompt)?;
+    let (_, mut outputs) = gateway.generate(generation).await?;
+    let meta = Meta {
+        id: format!(
+            "{}-{:032x}",
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            rand::random::<u128>()
+        ),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: gateway.model_name().to_string(),
+        kind,
+    };
+    if stream {
+        let (events, receiver) = mpsc::channel::<Result<Event, Infallible>>(16);
+        tokio::spawn(async move {
+            let send = |value: Value| Ok(Event::default().data(value.to_string()));
+            if kind == Kind::Chat
+                && events
+                    .send(send(meta.chunk(
+                        json!({"role": "assistant", "content": ""}),
+                        None,
+                        include_usage,
+                    )))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            while let Some(output) = outputs.recv().await {
+                let value = match output {
+                    Ok(Output::Text(text)) => meta.text_chunk(&text, include_usage),
+                    Ok(Output::Done(summary)) => {
+                        let finish = finish_reason(&summary);
+                        let empty = if kind == Kind::Chat {
+                            json!({})
+                        } else {
+                            json!("")
+                        };
+                        if events
+                            .send(send(meta.chunk(empty, Some(finish), include_usage)))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        if include_usage {
+                            let mut chunk = meta.envelope(true);
+                            chunk["choices"] = json!([]);
+                            chunk["usage"] = usage(&summary);
+                            if events.send(send(chunk)).await.is_err() {
+                                return;
+                            }
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        let response_status = error.to_string();
+                        let _ = events
+                            .send(send(error_body(
+                                &response_status,
+                                "server_error",
+                                Value::Null,
+                            )))
+                            .await;
+                        break;
+                    }
+                };
+                if events.send(send(value)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = events.send(Ok(Event::default().data("[DONE]"))).await;
+        });
+        return Ok(Sse::new(ReceiverStream::new(receiver)).into_response());
+    }
+    let mut text = String::new();
+    while let Some(output) = outputs.recv().await {
+        match output? {
+            Output::Text(piece) => text.push_str(&piece),
+            Output::Done(summary) => {
+                let choice = match kind {
+                    Kind::Completion => json!({
+                        "index": 0, "text": text, "logprobs": null,
+                        "finish_reason": finish_reason(&summary),
+                    }),
+                    Kind::Chat => json!({
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": null,
+                        "finish_reason": finish_reason(&summary),
+                    }),
+                };
+                let mut body = meta.envelope(false);
+                body["choices"] = json!([choice]);
+                body["usage"] = usage(&summary);
+                return Ok(Json(body).into_response());
+            }
+        }
+    }
+    Err(GatewayError::Internal(
+        "the generation ended without a summary".into(),
+    ))
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+}
+
+impl Meta {
+    fn envelope(&self, chunk: bool) -> Value {
+        let object = match (self.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model})
+    }
+
+    /// A streamed chunk: `delta` is the chat delta object or the completion text.
+    fn chunk(&self, delta: Value, finish: Option<&str>, include_usage: bool) -> Value {
+        let choice = match self.kind {
+            Kind::Completion => {
+                json!({"index": 0, "text": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Chat => {
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        };
+        let mut chunk = self.envelope(true);
+        chunk["choices"] = json!([choice]);
+        if include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        chunk
+    }
+
+    fn text_chunk(&self, text: &str, include_usage: bool) -> Value {
+        match self.kind {
+            Kind::Completion => self.chunk(json!(text), None, include_usage),
+            Kind::Chat => self.chunk(json!({"content": text}), None, include_usage),
+        }
+    }
+}
+
+fn finish_reason(summary: &Summary) -> &'static str {
+    match summary.finish_reason {
+        pb::FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+fn usage(summary: &Summary) -> Value {
+    json!({
+        "prompt_tokens": summary.prompt_tokens,
+        "completion_tokens": summary.completion_tokens,
+        "total_tokens": summary.prompt_tokens + summary.completion_tokens,
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": summary.accepted_prediction_tokens,
+            "rejected_prediction_tokens": summary.rejected_prediction_tokens,
+        },
+    })
+}
+
+async fn models(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": gateway.model_name(),
+            "object": "model",
+            "created": 0,
+            "owned_by": "sibyl",
+            "max_model_len": gateway.context_length(),
+        }],
+    }))
+}
+
+/// 200 when a verifier answers, 503 otherwise.
+async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
+    match gateway.verifier_status().await {
+        Ok(status) => Json(json!({"status": "ok", "model": status.model, "active_sessions": status.active_sessions})).into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "error": error.to_string()})),
+        )
+            .into_response(),
+    }
+}

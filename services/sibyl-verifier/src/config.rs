@@ -1,0 +1,117 @@
+use sibyl_proto::client::{AddressError, ServiceAddress};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A drafter the verifier drafts with: `KIND=http://HOST:PORT`. A host name that resolves to
+/// several addresses (a Kubernetes headless Service) spreads sessions over all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrafterEndpoint {
+    /// Drafter kind (`ngram`, `retrieval`, `lm`): what requests select by.
+    pub kind: String,
+    pub address: ServiceAddress,
+}
+
+/// A `--drafter` value that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("drafter `{0}`: expected KIND=http://HOST:PORT, e.g. ngram=http://127.0.0.1:50061")]
+    Shape(String),
+    #[error("drafter `{0}`: the kind must be a non-empty name of letters, digits, - and _")]
+    Kind(String),
+    #[error("drafter `{value}`: {source}")]
+    Address {
+        value: String,
+        #[source]
+        source: AddressError,
+    },
+}
+
+impl FromStr for DrafterEndpoint {
+    type Err = EndpointError;
+
+    fn from_str(value: &str) -> Result<Self, EndpointError> {
+        let (kind, address) = value
+            .split_once('=')
+            .ok_or_else(|| EndpointError::Shape(value.to_string()))?;
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if kind.is_empty() || !kind.chars().all(valid) {
+            return Err(EndpointError::Kind(value.to_string()));
+        }
+        let address = address.parse().map_err(|source| EndpointError::Address {
+            value: value.to_string(),
+            source,
+        })?;
+        Ok(Self {
+            kind: kind.to_string(),
+            address,
+        })
+    }
+}
+
+/// How the verifier speculates.
+#[derive(Debug, Clone)]
+pub struct SpeculationConfig {
+    /// Most draft nodes verified per step.
+    pub draft_budget: usize,
+    /// Most draft tokens on one branch.
+    pub max_draft_depth: usize,
+    /// Draft nodes whose estimated chance of acceptance is below this are not verified...
+    pub min_draft_value: f64,
+    /// ...except this many most likely ones.
+    pub exempt_draft_nodes: usize,
+    /// Longest a step waits for drafts that have not arrived yet.
+    pub step_wait: Duration,
+    /// Most blocks held per drafter and session.
+    pub inbox_capacity: usize,
+    /// Most branches per block.
+    pub max_branches: usize,
+}
+
+impl Default for SpeculationConfig {
+    fn default() -> Self {
+        Self {
+            draft_budget: 16,
+            max_draft_depth: 10,
+            min_draft_value: 0.15,
+            exempt_draft_nodes: 1,
+            step_wait: Duration::from_millis(5),
+            inbox_capacity: 16,
+            max_branches: 4,
+        }
+    }
+}
+
+/// Everything the verifier service needs besides the model.
+#[derive(Debug, Clone)]
+pub struct VerifierConfig {
+    /// Name the model is served under.
+    pub model_name: String,
+    pub drafters: Vec<DrafterEndpoint>,
+    pub speculation: SpeculationConfig,
+    /// Most sessions at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_sessions: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_and_bad_ones_say_why() {
+        let endpoint: DrafterEndpoint = "ngram=http://drafters.sibyl.svc:50061".parse().unwrap();
+        assert_eq!(endpoint.kind, "ngram");
+        assert_eq!(endpoint.address.port, 50061);
+        assert!(matches!(
+            "http://x:1".parse::<DrafterEndpoint>(),
+            Err(EndpointError::Shape(_))
+        ));
+        assert!(matches!(
+            "=http://x:1".parse::<DrafterEndpoint>(),
+            Err(EndpointError::Kind(_))
+        ));
+        assert!(matches!(
+            "ngram=http://x".parse::<DrafterEndpoint>(),
+            Err(EndpointError::Address { .. })
+        ));
+    }
+}

@@ -1,0 +1,81 @@
+//! The verifier role: a `sibyl.v1.Verifier` gRPC service that owns the target model and one
+//! KV cache per session, drafts with remote drafters and streams back only the tokens the
+//! target model itself would have produced.
+//!
+//! Each session runs the step loop of `sibyl-decode` on a blocking thread. Its drafter links
+//! (async tasks, one per configured drafter) keep blocks in bounded inboxes; a step waits for
+//! them at most [`SpeculationConfig::step_wait`], then merges, verifies and emits, and the
+//! links send the accepted tokens back to the drafters.
+
+mod config;
+mod link;
+mod service;
+mod session;
+mod shared;
+
+pub use config::{DrafterEndpoint, EndpointError, SpeculationConfig, VerifierConfig};
+pub use service::VerifierService;
+
+use sibyl_decode::{generate, GenerationConfig};
+use sibyl_engine::LoadedModel;
+use sibyl_proto::server::{load_blocking, ServeError};
+use sibyl_proto::v1::verifier_server::{VerifierServer, SERVICE_NAME};
+use sibyl_spec::SamplingConfig;
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+
+/// Serves `service` on `listener` until `shutdown` completes. Health says SERVING once
+/// `load` (run on a blocking thread: it may fetch a model file) has returned the model and a
+/// warm-up generation has run; a failed load ends the server with the error.
+pub async fn serve<E>(
+    listener: TcpListener,
+    service: VerifierService,
+    load: impl FnOnce() -> Result<LoadedModel, E> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let mut builder = tonic::transport::Server::builder();
+    let (router, health) = sibyl_proto::server::base_router(&mut builder, SERVICE_NAME).await?;
+    let router = router.add_service(VerifierServer::new(service.clone()));
+    let server = sibyl_proto::server::spawn(router, listener, shutdown);
+    let engine = match load_blocking(move || load().map_err(Into::into).and_then(warm_up)).await {
+        Ok(engine) => engine,
+        Err(error) => {
+            server.abort();
+            return Err(error);
+        }
+    };
+    service.set_ready(Arc::new(engine));
+    sibyl_proto::server::set_serving(&health, SERVICE_NAME).await;
+    tracing::info!("verifier ready");
+    server.await??;
+    Ok(())
+}
+
+/// Runs a short generation so the first request does not pay for thread-pool start-up and
+/// first-touch page faults.
+fn warm_up(
+    loaded: LoadedModel,
+) -> Result<session::Engine, Box<dyn std::error::Error + Send + Sync>> {
+    let config = GenerationConfig {
+        max_tokens: 2,
+        sampling: SamplingConfig::greedy(),
+        draft_budget: 0,
+        max_draft_depth: 0,
+        min_draft_value: 0.0,
+        exempt_draft_nodes: 1,
+        stop_tokens: Vec::new(),
+    };
+    let prompt: Vec<u32> = (0..8).collect();
+    generate(&loaded.model, &prompt, &config, &mut [], |_| {
+        ControlFlow::Continue(())
+    })?;
+    Ok(session::Engine {
+        loaded,
+        compute: Mutex::new(()),
+    })
+}

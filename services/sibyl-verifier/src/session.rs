@@ -1,0 +1,156 @@
+//! One generation on a blocking thread: prompt, then gather drafts, verify, emit, repeat.
+
+use crate::shared::{LinkStatus, Shared};
+use sibyl_decode::{FinishReason, GenerateError, GenerationConfig, GenerationReport, Session};
+use sibyl_engine::LoadedModel;
+use sibyl_proto::v1::{self as pb, verify_event::Event};
+use sibyl_spec::TokenId;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+/// The loaded model and the lock that makes sessions take turns on the compute threads.
+pub(crate) struct Engine {
+    pub(crate) loaded: LoadedModel,
+    pub(crate) compute: Mutex<()>,
+}
+
+/// A checked request, ready to run.
+pub(crate) struct Plan {
+    pub(crate) prompt: Vec<TokenId>,
+    pub(crate) config: GenerationConfig,
+    /// Kind of each drafter, by link index.
+    pub(crate) drafter_kinds: Vec<String>,
+    pub(crate) step_wait: Duration,
+}
+
+pub(crate) type Events = mpsc::Sender<Result<pb::VerifyEvent, Status>>;
+
+/// Runs the session to its end; errors go to the client as the stream's status.
+pub(crate) fn run(
+    engine: &Engine,
+    plan: Plan,
+    shared: &Shared,
+    accepted_len: watch::Sender<usize>,
+    events: &Events,
+) {
+    let outcome = steps(engine, plan, shared, &accepted_len, events);
+    drop(accepted_len);
+    let message = match outcome {
+        Ok((report, waits)) => Ok(pb::VerifyEvent {
+            event: Some(Event::Summary(summary(&report, &waits, shared))),
+        }),
+        Err(GenerateError::Engine(error)) => {
+            tracing::error!(%error, "verify step failed");
+            Err(Status::internal(format!("the model failed: {error}")))
+        }
+        Err(error) => Err(Status::invalid_argument(error.to_string())),
+    };
+    let _ = events.blocking_send(message);
+}
+
+fn steps(
+    engine: &Engine,
+    plan: Plan,
+    shared: &Shared,
+    accepted_len: &watch::Sender<usize>,
+    events: &Events,
+) -> Result<(GenerationReport, Vec<Duration>), GenerateError> {
+    let model = &engine.loaded.model;
+    let mut session = Session::new(model, &plan.prompt, plan.config, plan.drafter_kinds)?;
+    let mut step = {
+        let _turn = engine.compute.lock().unwrap_or_else(|e| e.into_inner());
+        session.prefill(&mut || events.is_closed())?
+    };
+    let mut waits = Vec::new();
+    loop {
+        if !step.tokens.is_empty() {
+            shared.extend(&step.tokens);
+            accepted_len.send_replace(session.context().len());
+            let event = pb::VerifyEvent {
+                event: Some(Event::Tokens(pb::AcceptedTokens {
+                    tokens: step.tokens.clone(),
+                })),
+            };
+            if events.blocking_send(Ok(event)).is_err() {
+                return Ok((session.finish(FinishReason::Cancelled), waits));
+            }
+        }
+        if let Some(reason) = step.finish {
+            return Ok((session.finish(reason), waits));
+        }
+        if events.is_closed() {
+            return Ok((session.finish(FinishReason::Cancelled), waits));
+        }
+        let proposals = if session.draft_depth() > 0 && !session_has_no_drafters(shared) {
+            let (proposals, waited) = shared.gather(plan.step_wait);
+            waits.push(waited);
+            proposals
+        } else {
+            Vec::new()
+        };
+        let _turn = engine.compute.lock().unwrap_or_else(|e| e.into_inner());
+        step = session.step(proposals)?;
+    }
+}
+
+fn session_has_no_drafters(shared: &Shared) -> bool {
+    shared.lock().links.is_empty()
+}
+
+fn summary(report: &GenerationReport, waits: &[Duration], shared: &Shared) -> pb::VerifySummary {
+    let state = shared.lock();
+    let drafters = report
+        .drafters
+        .iter()
+        .zip(&state.links)
+        .map(|(drafter, link)| pb::DrafterStats {
+            kind: drafter.kind.clone(),
+            endpoint: link.endpoint.clone(),
+            proposed_tokens: drafter.proposed,
+            accepted_tokens: drafter.accepted,
+            blocks_received: link.inbox.received() + link.malformed,
+            blocks_dropped: link.inbox.dropped() + link.malformed,
+            state: match link.status {
+                LinkStatus::Connected => pb::DrafterState::Connected,
+                LinkStatus::Refused => pb::DrafterState::Refused,
+                LinkStatus::Connecting | LinkStatus::Failed => pb::DrafterState::Failed,
+            } as i32,
+            error: link.error.clone(),
+        })
+        .collect();
+    let mut sorted = waits.to_vec();
+    sorted.sort();
+    let percentile = |q: f64| {
+        if sorted.is_empty() {
+            Duration::ZERO
+        } else {
+            sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    pb::VerifySummary {
+        finish_reason: finish_reason(report.finish_reason) as i32,
+        prompt_tokens: count(report.prompt_tokens),
+        completion_tokens: count(report.tokens.len()),
+        steps: count(report.steps),
+        drafters,
+        seed: report.seed,
+        prompt_time: Some(sibyl_proto::duration(report.prompt_time)),
+        decode_time: Some(sibyl_proto::duration(report.decode_time)),
+        draft_wait_p50: Some(sibyl_proto::duration(percentile(0.5))),
+        draft_wait_p99: Some(sibyl_proto::duration(percentile(0.99))),
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+pub(crate) fn finish_reason(reason: FinishReason) -> pb::FinishReason {
+    match reason {
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Cancelled => pb::FinishReason::Cancelled,
+    }
+}

@@ -1,0 +1,93 @@
+"""Drives a sibyl gateway with the official `openai` package, as a user would.
+
+Usage: python openai_client.py BASE_URL MODEL
+Exits non-zero with a message on the first failed check.
+"""
+
+import sys
+
+import openai
+
+
+def main() -> None:
+    base_url, model = sys.argv[1], sys.argv[2]
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+
+    whole = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=64, temperature=0
+    )
+    text = whole.choices[0].message.content
+    assert text, "empty completion"
+    assert whole.usage.completion_tokens > 0, whole.usage
+    details = whole.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens is not None, whole.usage
+    assert details.rejected_prediction_tokens is not None, whole.usage
+
+    pieces = []
+    finish = None
+    usage = None
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=64,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    streamed = "".join(pieces)
+    assert streamed == text, f"streamed {streamed!r} != whole {text!r}"
+    assert finish == whole.choices[0].finish_reason, (finish, whole.choices[0].finish_reason)
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens, usage
+
+    completion = client.completions.create(
+        model=model, prompt="def add(a, b):", max_tokens=16, temperature=0
+    )
+    assert completion.choices[0].text, completion
+    stop = client.completions.create(
+        model=model, prompt="def add(a, b):", max_tokens=16, temperature=0, stop=["b"]
+    )
+    assert "b" not in stop.choices[0].text and completion.choices[0].text.startswith(
+        stop.choices[0].text
+    ), (stop.choices[0].text, completion.choices[0].text)
+
+    off = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=64,
+        temperature=0,
+        extra_body={"speculation": {"enabled": False}},
+    )
+    assert off.choices[0].message.content == text, "speculation off changed the text"
+    assert off.usage.completion_tokens_details.accepted_prediction_tokens == 0, off.usage
+
+    assert [m.id for m in client.models.list()] == [model]
+
+    for kwargs, status in [
+        ({"model": "no-such-model"}, 404),
+        ({"max_tokens": 10**6}, 400),
+        ({"temperature": 5}, 400),
+        ({"messages": [{"role": "user", "content": "word " * 20000}]}, 400),
+        ({"n": 2}, 400),
+    ]:
+        request = {"model": model, "messages": messages, "max_tokens": 8, **kwargs}
+        try:
+            client.chat.completions.create(**request)
+        except openai.APIStatusError as error:
+            assert error.status_code == status, (kwargs, error.status_code, error.message)
+            assert error.body and error.body.get("message"), error.body
+        else:
+            raise AssertionError(f"{kwargs} was accepted")
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()

