@@ -18,6 +18,15 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("sibyl_v1_descriptor");
 }
 
+/// Converts a wire duration into a `std::time::Duration` (absent or negative: zero).
+pub fn std_duration(value: Option<&prost_types::Duration>) -> std::time::Duration {
+    value.map_or(std::time::Duration::ZERO, |d| {
+        let seconds = u64::try_from(d.seconds).unwrap_or(0);
+        let nanos = u32::try_from(d.nanos).unwrap_or(0);
+        std::time::Duration::new(seconds, nanos.min(999_999_999))
+    })
+}
+
 /// Converts a `std::time::Duration` into its wire form.
 pub fn duration(value: std::time::Duration) -> prost_types::Duration {
     prost_types::Duration {

@@ -1,11 +1,14 @@
 //! Blocks of draft tokens from one remote drafter, waiting for the verifier's next step.
 //!
-//! Remote drafters draft ahead: each block is anchored at the absolute position it extends,
-//! and by the time the verifier looks at it the accepted sequence may have moved on. A block
-//! behind the sequence is still useful when its tokens agree with what was accepted in
-//! between (it is rebased: the agreeing part is cut off); a block that disagrees or is
-//! exhausted is dropped. Everything a drafter sends is untrusted, so every block is checked
-//! and the inbox holds a bounded number of them.
+//! Remote drafters draft ahead of the verifier's feedback. Each block is anchored at the
+//! length of the accepted sequence the drafter knew when it drafted, and its branches start
+//! there: a branch drafted ahead repeats the tokens the drafter assumed would be accepted, then
+//! adds its new guesses. By the time the verifier looks at a block the sequence has usually
+//! moved on; a branch is still useful when it agrees with everything accepted since its
+//! anchor, and the agreeing part is cut off (the block is rebased). Checking the whole
+//! history this way means a block drafted on a wrong assumption can never be mistaken for a
+//! fresh one. Everything a drafter sends is untrusted: every block is checked on arrival and
+//! the inbox holds a bounded number of them.
 
 use crate::{Proposal, TokenId};
 use std::collections::VecDeque;
@@ -13,9 +16,11 @@ use std::collections::VecDeque;
 /// One block as a drafter sent it: alternative continuations of the sequence at `anchor`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AnchoredBlock {
-    /// Length of the sequence the branches continue.
+    /// Length of the accepted sequence the branches continue.
     pub anchor: usize,
-    /// The drafter's best branch first; empty means "nothing to propose here".
+    /// The drafter's best branch first. A branch may end where the drafter's knowledge ends
+    /// (nothing new to propose after its assumed tokens); an empty list says the drafter
+    /// has nothing to propose at `anchor` itself.
     pub branches: Vec<Proposal>,
 }
 
@@ -23,12 +28,10 @@ pub struct AnchoredBlock {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboxLimits {
     pub vocab_size: usize,
-    /// Most tokens in one branch.
-    pub max_block_tokens: usize,
+    /// Most tokens in one branch, assumed and new together.
+    pub max_branch_tokens: usize,
     /// Most branches in one block.
     pub max_branches: usize,
-    /// Most tokens a block's anchor may be ahead of the accepted sequence.
-    pub max_tokens_ahead: usize,
     /// Most blocks held; the oldest is dropped to make room.
     pub capacity: usize,
 }
@@ -44,10 +47,10 @@ pub enum BlockRejection {
     TooManyBranches { count: usize, limit: usize },
     #[error("a branch has {dists} distributions for {tokens} tokens")]
     DistributionCount { tokens: usize, dists: usize },
-    #[error("anchor {anchor} is behind the accepted sequence of {accepted} tokens")]
+    #[error("the block cannot continue the accepted sequence of {accepted} tokens (anchor {anchor})")]
     Stale { anchor: usize, accepted: usize },
-    #[error("anchor {anchor} is too far ahead of the accepted sequence of {accepted} tokens")]
-    TooFarAhead { anchor: usize, accepted: usize },
+    #[error("anchor {anchor} is past the accepted sequence of {accepted} tokens")]
+    FromTheFuture { anchor: usize, accepted: usize },
 }
 
 /// The blocks of one drafter in one session.
@@ -89,13 +92,9 @@ impl DraftInbox {
     }
 
     /// Checks `block` against the limits and the accepted sequence `context`, and keeps it.
-    pub fn push(
-        &mut self,
-        block: AnchoredBlock,
-        context: &[TokenId],
-    ) -> Result<(), BlockRejection> {
+    pub fn push(&mut self, block: AnchoredBlock, context: &[TokenId]) -> Result<(), BlockRejection> {
         self.received += 1;
-        let checked = self.check(&block, context.len());
+        let checked = self.check(&block, context);
         if checked.is_err() {
             self.dropped += 1;
             return checked;
@@ -109,7 +108,7 @@ impl DraftInbox {
         Ok(())
     }
 
-    fn check(&self, block: &AnchoredBlock, accepted: usize) -> Result<(), BlockRejection> {
+    fn check(&self, block: &AnchoredBlock, context: &[TokenId]) -> Result<(), BlockRejection> {
         let limits = &self.limits;
         if block.branches.len() > limits.max_branches {
             return Err(BlockRejection::TooManyBranches {
@@ -118,10 +117,10 @@ impl DraftInbox {
             });
         }
         for branch in &block.branches {
-            if branch.tokens.len() > limits.max_block_tokens {
+            if branch.tokens.len() > limits.max_branch_tokens {
                 return Err(BlockRejection::BranchTooLong {
                     len: branch.tokens.len(),
-                    limit: limits.max_block_tokens,
+                    limit: limits.max_branch_tokens,
                 });
             }
             if let Some(&token) = branch
@@ -143,65 +142,77 @@ impl DraftInbox {
                 }
             }
         }
-        if block.anchor > accepted.saturating_add(limits.max_tokens_ahead) {
-            return Err(BlockRejection::TooFarAhead {
+        if block.anchor > context.len() {
+            return Err(BlockRejection::FromTheFuture {
                 anchor: block.anchor,
-                accepted,
+                accepted: context.len(),
             });
         }
-        let longest = block.branches.iter().map(|b| b.tokens.len()).max();
-        if block.anchor < accepted && block.anchor + longest.unwrap_or(0) <= accepted {
+        if !speaks_for(block, context) {
             return Err(BlockRejection::Stale {
                 anchor: block.anchor,
-                accepted,
+                accepted: context.len(),
             });
         }
         Ok(())
     }
 
-    /// Forgets blocks that can no longer continue `context`.
+    /// Forgets blocks that no longer agree with `context`.
     fn prune(&mut self, context: &[TokenId]) {
-        self.blocks
-            .retain(|block| block.anchor >= context.len() || !rebase(block, context).is_empty());
+        self.blocks.retain(|block| speaks_for(block, context));
     }
 
-    /// True when this drafter has spoken for the next step: a block anchored exactly at the
-    /// end of `context`, or an older block whose best branch still continues it.
+    /// True when this drafter has spoken for the next position: a block whose best branch
+    /// agrees with everything accepted since its anchor (whether or not it has tokens
+    /// beyond), or an empty block anchored at the end of `context`.
     pub fn ready(&self, context: &[TokenId]) -> bool {
         self.blocks.iter().any(|block| {
-            block.anchor == context.len()
-                || (block.anchor < context.len()
-                    && block
-                        .branches
-                        .first()
-                        .is_some_and(|best| continues(block.anchor, best, context)))
+            if block.anchor > context.len() {
+                return false;
+            }
+            match block.branches.first() {
+                None => block.anchor == context.len(),
+                Some(best) => agrees(block.anchor, best, context),
+            }
         })
     }
 
-    /// The proposals for the step after `context`: the branches of the newest usable block
-    /// (the highest anchor not past the end of `context`), rebased to continue `context`.
+    /// The proposals for the step after `context`: the branches of the newest block that
+    /// continue `context`, with the part already accepted cut off.
     pub fn take(&mut self, context: &[TokenId]) -> Vec<Proposal> {
         self.prune(context);
-        let best = self
-            .blocks
+        self.blocks
             .iter()
-            .enumerate()
-            .filter(|(_, block)| block.anchor <= context.len())
-            .max_by_key(|&(i, block)| (block.anchor, i));
-        best.map(|(_, block)| rebase(block, context))
+            .rev()
+            .map(|block| rebase(block, context))
+            .find(|proposals| !proposals.is_empty())
             .unwrap_or_default()
     }
 }
 
-/// True when `branch`, anchored at `anchor`, agrees with `context` up to its end and has
-/// tokens left after it.
-fn continues(anchor: usize, branch: &Proposal, context: &[TokenId]) -> bool {
+/// True when `branch`, anchored at `anchor`, agrees with `context` from the anchor to its
+/// end (it may end exactly there or go on).
+fn agrees(anchor: usize, branch: &Proposal, context: &[TokenId]) -> bool {
     let overlap = context.len() - anchor;
-    branch.tokens.len() > overlap && branch.tokens[..overlap] == context[anchor..]
+    branch.tokens.len() >= overlap && branch.tokens[..overlap] == context[anchor..]
 }
 
-/// The branches of `block` (anchored at or before the end of `context`) that continue
-/// `context`, with the part already accepted cut off.
+/// True when some branch of `block` can still say something about the position after
+/// `context`.
+fn speaks_for(block: &AnchoredBlock, context: &[TokenId]) -> bool {
+    if block.anchor > context.len() {
+        return false;
+    }
+    if block.branches.is_empty() {
+        return block.anchor == context.len();
+    }
+    block
+        .branches
+        .iter()
+        .any(|branch| agrees(block.anchor, branch, context))
+}
+
+/// The branches of `block` that go on past `context`, with the part already accepted cut off.
 fn rebase(block: &AnchoredBlock, context: &[TokenId]) -> Vec<Proposal> {
     if block.anchor > context.len() {
         return Vec::new();
@@ -210,7 +221,7 @@ fn rebase(block: &AnchoredBlock, context: &[TokenId]) -> Vec<Proposal> {
     block
         .branches
         .iter()
-        .filter(|branch| continues(block.anchor, branch, context))
+        .filter(|branch| branch.tokens.len() > overlap && agrees(block.anchor, branch, context))
         .map(|branch| Proposal {
             tokens: branch.tokens[overlap..].to_vec(),
             probs: branch.probs.as_ref().map(|p| p[overlap..].to_vec()),
@@ -225,9 +236,8 @@ mod tests {
     fn limits() -> InboxLimits {
         InboxLimits {
             vocab_size: 100,
-            max_block_tokens: 8,
+            max_branch_tokens: 8,
             max_branches: 2,
-            max_tokens_ahead: 16,
             capacity: 4,
         }
     }
@@ -235,10 +245,7 @@ mod tests {
     fn block(anchor: usize, branches: &[&[TokenId]]) -> AnchoredBlock {
         AnchoredBlock {
             anchor,
-            branches: branches
-                .iter()
-                .map(|b| Proposal::greedy(b.to_vec()))
-                .collect(),
+            branches: branches.iter().map(|b| Proposal::greedy(b.to_vec())).collect(),
         }
     }
 
@@ -249,18 +256,13 @@ mod tests {
         inbox.push(block(3, &[&[4, 5], &[6]]), &context).unwrap();
         assert!(inbox.ready(&context));
         let proposals = inbox.take(&context);
-        assert_eq!(
-            proposals,
-            vec![Proposal::greedy(vec![4, 5]), Proposal::greedy(vec![6])]
-        );
+        assert_eq!(proposals, vec![Proposal::greedy(vec![4, 5]), Proposal::greedy(vec![6])]);
     }
 
     #[test]
     fn block_behind_is_rebased_when_it_agrees_and_dropped_when_not() {
         let mut inbox = DraftInbox::new(limits());
-        inbox
-            .push(block(2, &[&[3, 4, 5], &[9, 9, 9]]), &[1, 2])
-            .unwrap();
+        inbox.push(block(2, &[&[3, 4, 5], &[9, 9, 9]]), &[1, 2]).unwrap();
         let context = [1, 2, 3];
         assert!(inbox.ready(&context));
         assert_eq!(inbox.take(&context), vec![Proposal::greedy(vec![4, 5])]);
@@ -271,22 +273,43 @@ mod tests {
     }
 
     #[test]
-    fn newest_usable_anchor_wins_and_future_blocks_wait() {
+    fn a_block_drafted_on_a_wrong_assumption_is_never_used() {
+        let mut inbox = DraftInbox::new(limits());
+        let context = [1, 2];
+        // Drafted ahead: assumes 3, 4 are accepted, then guesses 5, 6.
+        inbox.push(block(2, &[&[3, 4, 5, 6]]), &context).unwrap();
+        // The verifier accepted 3 and then chose 8 instead of 4: the sequence is as long as
+        // the assumed one, but the block's history is wrong.
+        let accepted = [1, 2, 3, 8];
+        assert!(!inbox.ready(&accepted));
+        assert!(inbox.take(&accepted).is_empty());
+        let as_assumed = [1, 2, 3, 4];
+        let mut inbox = DraftInbox::new(limits());
+        inbox.push(block(2, &[&[3, 4, 5, 6]]), &context).unwrap();
+        assert_eq!(inbox.take(&as_assumed), vec![Proposal::greedy(vec![5, 6])]);
+    }
+
+    #[test]
+    fn the_newest_block_that_continues_wins() {
         let mut inbox = DraftInbox::new(limits());
         let context = [1, 2];
         inbox.push(block(2, &[&[3, 4, 5]]), &context).unwrap();
-        inbox.push(block(5, &[&[6, 7]]), &context).unwrap();
-        assert_eq!(inbox.take(&context), vec![Proposal::greedy(vec![3, 4, 5])]);
+        inbox.push(block(2, &[&[3, 4, 5, 6, 7]]), &context).unwrap();
+        assert_eq!(inbox.take(&context), vec![Proposal::greedy(vec![3, 4, 5, 6, 7])]);
         let advanced = [1, 2, 3, 4, 5];
         assert_eq!(inbox.take(&advanced), vec![Proposal::greedy(vec![6, 7])]);
     }
 
     #[test]
-    fn empty_block_at_the_end_means_ready_with_nothing() {
+    fn a_branch_ending_where_the_sequence_ends_means_ready_with_nothing() {
         let mut inbox = DraftInbox::new(limits());
         let context = [1, 2];
         assert!(!inbox.ready(&context));
         inbox.push(block(2, &[]), &context).unwrap();
+        assert!(inbox.ready(&context));
+        assert!(inbox.take(&context).is_empty());
+        let mut inbox = DraftInbox::new(limits());
+        inbox.push(block(1, &[&[2]]), &context).unwrap();
         assert!(inbox.ready(&context));
         assert!(inbox.take(&context).is_empty());
     }
@@ -300,7 +323,9 @@ mod tests {
             block(20, &[&[1; 9]]),
             block(20, &[&[1], &[2], &[3]]),
             block(10, &[&[1, 1]]),
-            block(37, &[&[1]]),
+            block(12, &[&[2; 8]]),
+            block(21, &[&[1]]),
+            block(19, &[]),
             AnchoredBlock {
                 anchor: 20,
                 branches: vec![Proposal {
@@ -312,7 +337,7 @@ mod tests {
         for case in cases {
             assert!(inbox.push(case, &context).is_err());
         }
-        assert_eq!((inbox.received(), inbox.dropped()), (6, 6));
+        assert_eq!((inbox.received(), inbox.dropped()), (8, 8));
         assert!(inbox.is_empty());
     }
 

@@ -2,8 +2,12 @@
 //! own best branch will be accepted and drafts the next block from there, up to a limit;
 //! when an advance shows the verifier accepted something else, it rebases on what was
 //! accepted.
+//!
+//! Every block is anchored at the end of the accepted sequence the drafter knows, and its
+//! branches repeat the assumed tokens before the new guesses, so the verifier can check the
+//! whole assumption against what it really accepted.
 
-use sibyl_spec::{AnchoredBlock, Drafter, TokenId};
+use sibyl_spec::{AnchoredBlock, Drafter, Proposal, SparseDist, TokenId};
 
 /// Limits the verifier set when it opened the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +39,9 @@ pub struct DraftAhead {
     accepted: Vec<TokenId>,
     /// The sequence the next block extends: `accepted` plus the best branches sent since.
     assumed: Vec<TokenId>,
+    /// The drafter's distribution for each assumed token past `accepted` (`None`: a point
+    /// mass or unknown).
+    assumed_dists: Vec<Option<SparseDist>>,
     /// The last block had nothing to propose: drafting further ahead waits for an advance.
     stalled: bool,
 }
@@ -45,6 +52,7 @@ impl DraftAhead {
             drafter,
             limits,
             assumed: context.clone(),
+            assumed_dists: Vec::new(),
             accepted: context,
             stalled: false,
         }
@@ -55,26 +63,55 @@ impl DraftAhead {
         !self.stalled && self.assumed.len() - self.accepted.len() < self.limits.max_tokens_ahead
     }
 
-    /// Drafts the block at the end of the assumed sequence and assumes its best branch.
-    /// An empty block (no branches) says the drafter has nothing to propose there.
+    /// Drafts the block at the end of the assumed sequence and assumes its best branch. The
+    /// block is anchored at the end of the accepted sequence; when there is nothing to
+    /// propose, its one branch is the assumed tokens alone (or there is no branch when
+    /// nothing is assumed either).
     pub fn next_block(&mut self) -> AnchoredBlock {
         let room = self.limits.max_tokens_ahead - (self.assumed.len() - self.accepted.len());
         let max_tokens = self.limits.max_block_tokens.min(room.max(1));
-        let mut branches = self.drafter.propose(&self.assumed, max_tokens);
-        branches.truncate(self.limits.max_branches);
-        for branch in &mut branches {
-            branch.tokens.truncate(max_tokens);
-            if let Some(probs) = &mut branch.probs {
+        let mut guesses = self.drafter.propose(&self.assumed, max_tokens);
+        guesses.truncate(self.limits.max_branches);
+        for guess in &mut guesses {
+            guess.tokens.truncate(max_tokens);
+            if let Some(probs) = &mut guess.probs {
                 probs.truncate(max_tokens);
             }
         }
-        branches.retain(|branch| !branch.tokens.is_empty());
+        guesses.retain(|guess| !guess.tokens.is_empty());
+        let prefix = &self.assumed[self.accepted.len()..];
+        let branches: Vec<Proposal> = guesses
+            .iter()
+            .map(|guess| {
+                let mut tokens = prefix.to_vec();
+                tokens.extend_from_slice(&guess.tokens);
+                let probs = match (&guess.probs, self.assumed_dists.iter().cloned().collect::<Option<Vec<_>>>()) {
+                    (Some(new), Some(mut known)) if new.len() == guess.tokens.len() => {
+                        known.extend(new.iter().cloned());
+                        Some(known)
+                    }
+                    _ => None,
+                };
+                Proposal { tokens, probs }
+            })
+            .collect();
         let block = AnchoredBlock {
-            anchor: self.assumed.len(),
-            branches,
+            anchor: self.accepted.len(),
+            branches: if branches.is_empty() && !prefix.is_empty() {
+                vec![Proposal::greedy(prefix.to_vec())]
+            } else {
+                branches
+            },
         };
-        match block.branches.first() {
-            Some(best) => self.assumed.extend_from_slice(&best.tokens),
+        match guesses.into_iter().next() {
+            Some(best) => {
+                let dists: Vec<Option<SparseDist>> = match best.probs {
+                    Some(probs) => probs.into_iter().map(Some).collect(),
+                    None => vec![None; best.tokens.len()],
+                };
+                self.assumed.extend_from_slice(&best.tokens);
+                self.assumed_dists.extend(dists);
+            }
             None => self.stalled = true,
         }
         block
@@ -100,8 +137,11 @@ impl DraftAhead {
         self.accepted.extend_from_slice(tokens);
         let on_track = self.assumed.len() >= self.accepted.len()
             && self.assumed[..self.accepted.len()] == self.accepted[..];
-        if !on_track {
+        if on_track {
+            self.assumed_dists.drain(..tokens.len().min(self.assumed_dists.len()));
+        } else {
             self.assumed.clone_from(&self.accepted);
+            self.assumed_dists.clear();
             self.stalled = false;
         }
         Ok(())
@@ -139,14 +179,16 @@ mod tests {
     }
 
     #[test]
-    fn drafts_ahead_up_to_the_limit_without_feedback() {
+    fn drafts_ahead_up_to_the_limit_repeating_what_it_assumed() {
         let mut ahead = DraftAhead::new(Box::new(Counting), vec![0], limits());
-        let mut anchors = Vec::new();
+        let mut blocks = Vec::new();
         while ahead.can_draft() {
-            let block = ahead.next_block();
-            anchors.push(block.anchor);
+            blocks.push(ahead.next_block());
         }
-        assert_eq!(anchors, vec![1, 4]);
+        let anchors: Vec<usize> = blocks.iter().map(|b| b.anchor).collect();
+        assert_eq!(anchors, vec![1, 1]);
+        assert_eq!(blocks[0].branches[0].tokens, vec![1, 2, 3]);
+        assert_eq!(blocks[1].branches[0].tokens, vec![1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
@@ -157,7 +199,9 @@ mod tests {
         assert!(!ahead.can_draft());
         ahead.advance(1, &[1, 2, 3, 4]).unwrap();
         assert!(ahead.can_draft());
-        assert_eq!(ahead.next_block().anchor, 7);
+        let block = ahead.next_block();
+        assert_eq!(block.anchor, 5);
+        assert_eq!(block.branches[0].tokens, vec![5, 6, 7, 8, 9]);
         ahead.advance(5, &[9]).unwrap();
         let block = ahead.next_block();
         assert_eq!(block.anchor, 6);

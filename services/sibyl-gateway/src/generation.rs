@@ -73,6 +73,11 @@ pub struct Summary {
     pub steps: u32,
     pub drafters: Vec<pb::DrafterStats>,
     pub seed: u64,
+    /// The verifier's timings (zero when the gateway stopped the generation itself).
+    pub prompt_time: Duration,
+    pub decode_time: Duration,
+    pub draft_wait_p50: Duration,
+    pub draft_wait_p99: Duration,
 }
 
 /// What a running generation sends: text pieces, then one summary (or an error).
@@ -344,8 +349,12 @@ impl Summary {
             rejected_prediction_tokens: u32::try_from(proposed - accepted.min(proposed))
                 .unwrap_or(u32::MAX),
             steps: summary.steps,
-            drafters: summary.drafters,
             seed: summary.seed,
+            prompt_time: sibyl_proto::std_duration(summary.prompt_time.as_ref()),
+            decode_time: sibyl_proto::std_duration(summary.decode_time.as_ref()),
+            draft_wait_p50: sibyl_proto::std_duration(summary.draft_wait_p50.as_ref()),
+            draft_wait_p99: sibyl_proto::std_duration(summary.draft_wait_p99.as_ref()),
+            drafters: summary.drafters,
         }
     }
 }

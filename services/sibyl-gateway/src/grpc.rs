@@ -83,6 +83,10 @@ impl pb::gateway_server::Gateway for GatewayService {
                             steps: summary.steps,
                             drafters: summary.drafters,
                             seed: summary.seed,
+                            prompt_time: Some(sibyl_proto::duration(summary.prompt_time)),
+                            decode_time: Some(sibyl_proto::duration(summary.decode_time)),
+                            draft_wait_p50: Some(sibyl_proto::duration(summary.draft_wait_p50)),
+                            draft_wait_p99: Some(sibyl_proto::duration(summary.draft_wait_p99)),
                         }),
                     };
                     pb::GenerateResponse { event: Some(event) }

@@ -181,9 +181,8 @@ impl pb::verifier_server::Verifier for VerifierService {
         let speculation = &inner.config.speculation;
         let limits = InboxLimits {
             vocab_size: engine.loaded.model.vocab_size(),
-            max_block_tokens: speculation.max_draft_depth,
+            max_branch_tokens: 3 * speculation.max_draft_depth,
             max_branches: speculation.max_branches,
-            max_tokens_ahead: 2 * speculation.max_draft_depth,
             capacity: speculation.inbox_capacity,
         };
         let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), limits));

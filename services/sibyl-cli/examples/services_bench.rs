@@ -1,0 +1,258 @@
+//! Speculative decoding through the services against the same in process, side by side in
+//! one run: does the network cost anything?
+//!
+//! Phase 1 runs `sibyl_decode::generate` with the n-gram drafter in this process. Phase 2
+//! starts `sibyl drafter`, `sibyl verifier` and `sibyl gateway` as separate processes on
+//! loopback and sends the same prompts through the gateway's gRPC API. Phase 3 repeats phase 1
+//! to show the machine's drift. Reports decode tokens/s of each (the first token excluded:
+//! both time from the first token to the last), the ratio, whether the texts are identical,
+//! and the verifier's draft wait per step (p50, p99).
+//!
+//! `cargo build --release --workspace --all-targets && CANDLE_NUM_THREADS=2 \
+//!  target/release/examples/services_bench [--data ../shared/data/humanevalfix.jsonl] \
+//!  [--category python_bugfix] [--limit 8] [--max-tokens 128] [--model qwen2.5-coder-1.5b]`
+
+use sibyl_decode::{generate, GenerationConfig};
+use sibyl_engine::{load, ChatMessage, Detokenizer, LoadOptions};
+use sibyl_ngram::NgramDrafter;
+use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient, generate_response::Event};
+use sibyl_spec::{Drafter, SamplingConfig};
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Parser)]
+struct BenchArgs {
+    #[arg(long, default_value = "../shared/data/humanevalfix.jsonl")]
+    data: String,
+    #[arg(long, default_value = "python_bugfix")]
+    category: String,
+    /// First N items of the category.
+    #[arg(long, default_value_t = 8)]
+    limit: usize,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value = "qwen2.5-coder-1.5b")]
+    model: String,
+}
+
+/// One generation's figures.
+struct Run {
+    text: String,
+    tokens: usize,
+    /// From the first token to the last.
+    decode: Duration,
+    steps: usize,
+}
+
+/// Kills the child processes when the bench ends, however it ends.
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = <BenchArgs as clap::Parser>::parse();
+    let path = sibyl_models::locate(&args.model, &sibyl_models::cache_dir(), &sibyl_models::NoProgress)?;
+    let mut items = Vec::new();
+    for line in std::io::BufReader::new(std::fs::File::open(&args.data)?).lines() {
+        let item: serde_json::Value = serde_json::from_str(&line?)?;
+        if item["category"] == args.category.as_str() {
+            items.push((
+                item["id"].as_str().unwrap_or("?").to_string(),
+                item["prompt"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+    }
+    items.truncate(args.limit);
+    println!(
+        "model {}, {} items of {}, greedy, max {} tokens, n-gram drafter, threads {}",
+        args.model,
+        items.len(),
+        args.category,
+        args.max_tokens,
+        std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "all cores".into())
+    );
+
+    let in_process = |items: &[(String, String)]| -> anyhow::Result<Vec<Run>> {
+        let loaded = load(&path, &LoadOptions::default())?;
+        let template = loaded.chat_template.as_ref().ok_or_else(|| anyhow::anyhow!("no chat template"))?;
+        let config = GenerationConfig {
+            max_tokens: args.max_tokens,
+            sampling: SamplingConfig::greedy(),
+            draft_budget: 16,
+            max_draft_depth: 10,
+            min_draft_value: 0.15,
+            exempt_draft_nodes: 1,
+            stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
+        };
+        let mut runs = Vec::new();
+        for (_, text) in items {
+            let prompt = loaded.tokenizer.encode(&template.render(&[ChatMessage::new("user", text)])?)?;
+            let mut drafters: Vec<Box<dyn Drafter>> = vec![Box::new(NgramDrafter::default())];
+            let mut first = None;
+            let report = generate(&loaded.model, &prompt, &config, &mut drafters, |_| {
+                first.get_or_insert_with(Instant::now);
+                ControlFlow::Continue(())
+            })?;
+            let ended = Instant::now();
+            let mut detokenizer = Detokenizer::new(&loaded.tokenizer);
+            let mut text = String::new();
+            for &token in &report.tokens {
+                text.push_str(&detokenizer.push(token)?.unwrap_or_default());
+            }
+            text.push_str(&detokenizer.finish()?.unwrap_or_default());
+            runs.push(Run {
+                text,
+                tokens: report.tokens.len(),
+                decode: first.map_or(Duration::ZERO, |f| ended - f),
+                steps: report.steps,
+            });
+        }
+        Ok(runs)
+    };
+
+    let first = in_process(&items)?;
+
+    let sibyl = std::env::current_exe()?
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|dir| dir.join("sibyl"))
+        .ok_or_else(|| anyhow::anyhow!("cannot find the sibyl binary"))?;
+    let model = path.to_string_lossy().into_owned();
+    let (drafter, verifier, gateway, http) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let spawn = |args: &[&str]| -> anyhow::Result<Child> {
+        Ok(Command::new(&sibyl)
+            .args(args)
+            .env("SIBYL_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?)
+    };
+    let processes = Processes(vec![
+        spawn(&["drafter", "--kind", "ngram", "--model", &model, "--grpc-addr", &drafter.to_string()])?,
+        spawn(&[
+            "verifier",
+            "--model",
+            &model,
+            "--grpc-addr",
+            &verifier.to_string(),
+            "--drafter",
+            &format!("ngram=http://{drafter}"),
+        ])?,
+        spawn(&[
+            "gateway",
+            "--model",
+            &model,
+            "--verifier",
+            &format!("http://{verifier}"),
+            "--grpc-addr",
+            &gateway.to_string(),
+            "--http-addr",
+            &http.to_string(),
+        ])?,
+    ]);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (second, waits) = runtime.block_on(async {
+        for addr in [drafter, verifier, gateway] {
+            if !sibyl_proto::client::wait_until_serving(addr, Duration::from_secs(300)).await {
+                anyhow::bail!("{addr} did not start");
+            }
+        }
+        let mut client = GatewayClient::connect(format!("http://{gateway}")).await?;
+        let mut runs = Vec::new();
+        let mut waits = Vec::new();
+        for (_, text) in &items {
+            let request = pb::GenerateRequest {
+                input: Some(pb::generate_request::Input::Chat(pb::ChatConversation {
+                    messages: vec![pb::ChatMessage { role: "user".into(), content: text.clone() }],
+                })),
+                max_tokens: args.max_tokens as u32,
+                sampling: Some(pb::SamplingParams::default()),
+                ..pb::GenerateRequest::default()
+            };
+            let mut stream = client.generate(request).await?.into_inner();
+            let mut first = None;
+            let mut out = String::new();
+            while let Some(message) = stream.message().await? {
+                match message.event {
+                    Some(Event::Delta(delta)) => {
+                        first.get_or_insert_with(Instant::now);
+                        out.push_str(&delta.text);
+                    }
+                    Some(Event::Summary(summary)) => {
+                        let ended = Instant::now();
+                        let usage = summary.usage.unwrap_or_default();
+                        waits.push((
+                            sibyl_proto::std_duration(summary.draft_wait_p50.as_ref()),
+                            sibyl_proto::std_duration(summary.draft_wait_p99.as_ref()),
+                        ));
+                        runs.push(Run {
+                            text: std::mem::take(&mut out),
+                            tokens: usage.completion_tokens as usize,
+                            decode: first.map_or(Duration::ZERO, |f| ended - f),
+                            steps: summary.steps as usize,
+                        });
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok((runs, waits))
+    })?;
+    drop(processes);
+
+    let third = in_process(&items)?;
+
+    println!("id | tokens | steps in-process | steps gateway | in-process tok/s | gateway tok/s | in-process again tok/s | identical");
+    let rate = |run: &Run| (run.tokens.saturating_sub(1)) as f64 / run.decode.as_secs_f64().max(1e-9);
+    let mut identical = 0;
+    for (i, (id, _)) in items.iter().enumerate() {
+        let same = first[i].text == second[i].text && first[i].text == third[i].text;
+        identical += usize::from(same);
+        println!(
+            "{id} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {same}",
+            second[i].tokens,
+            first[i].steps,
+            second[i].steps,
+            rate(&first[i]),
+            rate(&second[i]),
+            rate(&third[i]),
+        );
+    }
+    let total = |runs: &[Run]| {
+        let tokens: usize = runs.iter().map(|r| r.tokens.saturating_sub(1)).sum();
+        let secs: f64 = runs.iter().map(|r| r.decode.as_secs_f64()).sum();
+        tokens as f64 / secs
+    };
+    let (a, b, c) = (total(&first), total(&second), total(&third));
+    println!(
+        "decode tok/s: in-process {a:.2}, gateway {b:.2}, in-process again {c:.2}; gateway / in-process {:.3}x (against the mean of both in-process runs); {identical}/{} identical",
+        b / ((a + c) / 2.0),
+        items.len()
+    );
+    let mut p50: Vec<Duration> = waits.iter().map(|w| w.0).collect();
+    p50.sort();
+    let p99 = waits.iter().map(|w| w.1).max().unwrap_or_default();
+    let steps: usize = second.iter().map(|r| r.steps).sum();
+    let extra = second.iter().map(|r| r.decode).sum::<Duration>().as_secs_f64()
+        - (first.iter().chain(&third).map(|r| r.decode).sum::<Duration>().as_secs_f64() / 2.0);
+    println!(
+        "draft wait per step: median of per-request p50 {:?}, largest per-request p99 {:?}; wall time difference per step {:.2} ms",
+        p50.get(p50.len() / 2).copied().unwrap_or_default(),
+        p99,
+        extra * 1000.0 / steps.max(1) as f64
+    );
+    Ok(())
+}
