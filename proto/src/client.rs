@@ -97,6 +97,32 @@ impl std::fmt::Display for ServiceAddress {
     }
 }
 
+/// Polls the gRPC health of the server at `addr` until it says SERVING; false if it has not
+/// within `timeout`.
+pub async fn wait_until_serving(addr: SocketAddr, timeout: Duration) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let poll = async {
+        loop {
+            if let Ok(endpoint) = Endpoint::from_shared(format!("http://{addr}")) {
+                if let Ok(channel) = endpoint.connect().await {
+                    let mut client = HealthClient::new(channel);
+                    let request = HealthCheckRequest {
+                        service: String::new(),
+                    };
+                    if let Ok(response) = client.check(request).await {
+                        if response.get_ref().status() == ServingStatus::Serving {
+                            return;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(timeout, poll).await.is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,30 +149,4 @@ mod tests {
             assert!(error.to_string().contains("expected http://"), "{error}");
         }
     }
-}
-
-/// Polls the gRPC health of the server at `addr` until it says SERVING; false if it has not
-/// within `timeout`.
-pub async fn wait_until_serving(addr: SocketAddr, timeout: Duration) -> bool {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let poll = async {
-        loop {
-            if let Ok(endpoint) = Endpoint::from_shared(format!("http://{addr}")) {
-                if let Ok(channel) = endpoint.connect().await {
-                    let mut client = HealthClient::new(channel);
-                    let request = HealthCheckRequest {
-                        service: String::new(),
-                    };
-                    if let Ok(response) = client.check(request).await {
-                        if response.get_ref().status() == ServingStatus::Serving {
-                            return;
-                        }
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(timeout, poll).await.is_ok()
 }

@@ -555,7 +555,7 @@ async fn bad_requests_get_clear_statuses_and_leak_no_session() {
         ),
     ];
     for (request, code) in gateway_cases {
-        let status = gateway.generate(request).await.err().expect("refused");
+        let status = gateway.generate(request).await.expect_err("refused");
         assert_eq!(status.code(), code, "{status:?}");
         assert!(!status.message().is_empty());
     }

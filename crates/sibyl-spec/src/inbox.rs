@@ -47,7 +47,9 @@ pub enum BlockRejection {
     TooManyBranches { count: usize, limit: usize },
     #[error("a branch has {dists} distributions for {tokens} tokens")]
     DistributionCount { tokens: usize, dists: usize },
-    #[error("the block cannot continue the accepted sequence of {accepted} tokens (anchor {anchor})")]
+    #[error(
+        "the block cannot continue the accepted sequence of {accepted} tokens (anchor {anchor})"
+    )]
     Stale { anchor: usize, accepted: usize },
     #[error("anchor {anchor} is past the accepted sequence of {accepted} tokens")]
     FromTheFuture { anchor: usize, accepted: usize },
@@ -92,7 +94,11 @@ impl DraftInbox {
     }
 
     /// Checks `block` against the limits and the accepted sequence `context`, and keeps it.
-    pub fn push(&mut self, block: AnchoredBlock, context: &[TokenId]) -> Result<(), BlockRejection> {
+    pub fn push(
+        &mut self,
+        block: AnchoredBlock,
+        context: &[TokenId],
+    ) -> Result<(), BlockRejection> {
         self.received += 1;
         let checked = self.check(&block, context);
         if checked.is_err() {
@@ -245,7 +251,10 @@ mod tests {
     fn block(anchor: usize, branches: &[&[TokenId]]) -> AnchoredBlock {
         AnchoredBlock {
             anchor,
-            branches: branches.iter().map(|b| Proposal::greedy(b.to_vec())).collect(),
+            branches: branches
+                .iter()
+                .map(|b| Proposal::greedy(b.to_vec()))
+                .collect(),
         }
     }
 
@@ -256,13 +265,18 @@ mod tests {
         inbox.push(block(3, &[&[4, 5], &[6]]), &context).unwrap();
         assert!(inbox.ready(&context));
         let proposals = inbox.take(&context);
-        assert_eq!(proposals, vec![Proposal::greedy(vec![4, 5]), Proposal::greedy(vec![6])]);
+        assert_eq!(
+            proposals,
+            vec![Proposal::greedy(vec![4, 5]), Proposal::greedy(vec![6])]
+        );
     }
 
     #[test]
     fn block_behind_is_rebased_when_it_agrees_and_dropped_when_not() {
         let mut inbox = DraftInbox::new(limits());
-        inbox.push(block(2, &[&[3, 4, 5], &[9, 9, 9]]), &[1, 2]).unwrap();
+        inbox
+            .push(block(2, &[&[3, 4, 5], &[9, 9, 9]]), &[1, 2])
+            .unwrap();
         let context = [1, 2, 3];
         assert!(inbox.ready(&context));
         assert_eq!(inbox.take(&context), vec![Proposal::greedy(vec![4, 5])]);
@@ -295,7 +309,10 @@ mod tests {
         let context = [1, 2];
         inbox.push(block(2, &[&[3, 4, 5]]), &context).unwrap();
         inbox.push(block(2, &[&[3, 4, 5, 6, 7]]), &context).unwrap();
-        assert_eq!(inbox.take(&context), vec![Proposal::greedy(vec![3, 4, 5, 6, 7])]);
+        assert_eq!(
+            inbox.take(&context),
+            vec![Proposal::greedy(vec![3, 4, 5, 6, 7])]
+        );
         let advanced = [1, 2, 3, 4, 5];
         assert_eq!(inbox.take(&advanced), vec![Proposal::greedy(vec![6, 7])]);
     }

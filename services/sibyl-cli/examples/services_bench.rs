@@ -65,7 +65,11 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 
 fn main() -> anyhow::Result<()> {
     let args = <BenchArgs as clap::Parser>::parse();
-    let path = sibyl_models::locate(&args.model, &sibyl_models::cache_dir(), &sibyl_models::NoProgress)?;
+    let path = sibyl_models::locate(
+        &args.model,
+        &sibyl_models::cache_dir(),
+        &sibyl_models::NoProgress,
+    )?;
     let mut items = Vec::new();
     for line in std::io::BufReader::new(std::fs::File::open(&args.data)?).lines() {
         let item: serde_json::Value = serde_json::from_str(&line?)?;
@@ -88,7 +92,10 @@ fn main() -> anyhow::Result<()> {
 
     let in_process = |items: &[(String, String)]| -> anyhow::Result<Vec<Run>> {
         let loaded = load(&path, &LoadOptions::default())?;
-        let template = loaded.chat_template.as_ref().ok_or_else(|| anyhow::anyhow!("no chat template"))?;
+        let template = loaded
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no chat template"))?;
         let config = GenerationConfig {
             max_tokens: args.max_tokens,
             sampling: SamplingConfig::greedy(),
@@ -100,7 +107,9 @@ fn main() -> anyhow::Result<()> {
         };
         let mut runs = Vec::new();
         for (_, text) in items {
-            let prompt = loaded.tokenizer.encode(&template.render(&[ChatMessage::new("user", text)])?)?;
+            let prompt = loaded
+                .tokenizer
+                .encode(&template.render(&[ChatMessage::new("user", text)])?)?;
             let mut drafters: Vec<Box<dyn Drafter>> = vec![Box::new(NgramDrafter::default())];
             let mut first = None;
             let report = generate(&loaded.model, &prompt, &config, &mut drafters, |_| {
@@ -132,7 +141,8 @@ fn main() -> anyhow::Result<()> {
         .map(|dir| dir.join("sibyl"))
         .ok_or_else(|| anyhow::anyhow!("cannot find the sibyl binary"))?;
     let model = path.to_string_lossy().into_owned();
-    let (drafter, verifier, gateway, http) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let (drafter, verifier, gateway, http) =
+        (free_port()?, free_port()?, free_port()?, free_port()?);
     let spawn = |args: &[&str]| -> anyhow::Result<Child> {
         Ok(Command::new(&sibyl)
             .args(args)
@@ -141,7 +151,15 @@ fn main() -> anyhow::Result<()> {
             .spawn()?)
     };
     let processes = Processes(vec![
-        spawn(&["drafter", "--kind", "ngram", "--model", &model, "--grpc-addr", &drafter.to_string()])?,
+        spawn(&[
+            "drafter",
+            "--kind",
+            "ngram",
+            "--model",
+            &model,
+            "--grpc-addr",
+            &drafter.to_string(),
+        ])?,
         spawn(&[
             "verifier",
             "--model",
@@ -176,7 +194,10 @@ fn main() -> anyhow::Result<()> {
         for (_, text) in &items {
             let request = pb::GenerateRequest {
                 input: Some(pb::generate_request::Input::Chat(pb::ChatConversation {
-                    messages: vec![pb::ChatMessage { role: "user".into(), content: text.clone() }],
+                    messages: vec![pb::ChatMessage {
+                        role: "user".into(),
+                        content: text.clone(),
+                    }],
                 })),
                 max_tokens: args.max_tokens as u32,
                 sampling: Some(pb::SamplingParams::default()),
@@ -216,7 +237,8 @@ fn main() -> anyhow::Result<()> {
     let third = in_process(&items)?;
 
     println!("id | tokens | steps in-process | steps gateway | in-process tok/s | gateway tok/s | in-process again tok/s | identical");
-    let rate = |run: &Run| (run.tokens.saturating_sub(1)) as f64 / run.decode.as_secs_f64().max(1e-9);
+    let rate =
+        |run: &Run| (run.tokens.saturating_sub(1)) as f64 / run.decode.as_secs_f64().max(1e-9);
     let mut identical = 0;
     for (i, (id, _)) in items.iter().enumerate() {
         let same = first[i].text == second[i].text && first[i].text == third[i].text;
@@ -246,8 +268,18 @@ fn main() -> anyhow::Result<()> {
     p50.sort();
     let p99 = waits.iter().map(|w| w.1).max().unwrap_or_default();
     let steps: usize = second.iter().map(|r| r.steps).sum();
-    let extra = second.iter().map(|r| r.decode).sum::<Duration>().as_secs_f64()
-        - (first.iter().chain(&third).map(|r| r.decode).sum::<Duration>().as_secs_f64() / 2.0);
+    let extra = second
+        .iter()
+        .map(|r| r.decode)
+        .sum::<Duration>()
+        .as_secs_f64()
+        - (first
+            .iter()
+            .chain(&third)
+            .map(|r| r.decode)
+            .sum::<Duration>()
+            .as_secs_f64()
+            / 2.0);
     println!(
         "draft wait per step: median of per-request p50 {:?}, largest per-request p99 {:?}; wall time difference per step {:.2} ms",
         p50.get(p50.len() / 2).copied().unwrap_or_default(),

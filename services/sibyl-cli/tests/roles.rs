@@ -23,7 +23,10 @@ impl Drop for Processes {
 }
 
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn spawn(args: &[&str]) -> Child {
@@ -59,7 +62,11 @@ async fn generate(
         }),
         ..pb::GenerateRequest::default()
     };
-    let mut stream = client.generate(request).await.expect("generate").into_inner();
+    let mut stream = client
+        .generate(request)
+        .await
+        .expect("generate")
+        .into_inner();
     let mut text = String::new();
     let mut deltas = 0;
     while let Some(message) = stream.message().await.expect("stream") {
@@ -81,12 +88,23 @@ async fn generate(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_drafter_process_mid_generation_leaves_the_output_unchanged() {
     let model = model_path();
-    let (drafter_a, drafter_b, verifier, gateway, http) =
-        (free_port(), free_port(), free_port(), free_port(), free_port());
+    let (drafter_a, drafter_b, verifier, gateway, http) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let mut processes = Processes(Vec::new());
     for addr in [drafter_a, drafter_b] {
         processes.0.push(spawn(&[
-            "drafter", "--kind", "ngram", "--model", &model, "--grpc-addr", &addr.to_string(),
+            "drafter",
+            "--kind",
+            "ngram",
+            "--model",
+            &model,
+            "--grpc-addr",
+            &addr.to_string(),
         ]));
     }
     processes.0.push(spawn(&[
@@ -117,12 +135,18 @@ async fn killing_a_drafter_process_mid_generation_leaves_the_output_unchanged() 
             "{addr} did not become SERVING"
         );
     }
-    let mut client = GatewayClient::connect(format!("http://{gateway}")).await.unwrap();
-    let prompt = "def bubble_sort(items):\n    \"\"\"Sort items in place.\"\"\"\n    n = len(items)\n";
+    let mut client = GatewayClient::connect(format!("http://{gateway}"))
+        .await
+        .unwrap();
+    let prompt =
+        "def bubble_sort(items):\n    \"\"\"Sort items in place.\"\"\"\n    n = len(items)\n";
     let (plain, _) = generate(&mut client, prompt, pb::SpeculationMode::Off, || {}).await;
     let (both, summary) = generate(&mut client, prompt, pb::SpeculationMode::On, || {}).await;
     assert_eq!(both, plain);
-    assert!(summary.drafters.iter().all(|d| d.state() == pb::DrafterState::Connected));
+    assert!(summary
+        .drafters
+        .iter()
+        .all(|d| d.state() == pb::DrafterState::Connected));
 
     let first_drafter = &mut processes.0[0];
     let (after_kill, summary) = generate(&mut client, prompt, pb::SpeculationMode::On, || {
@@ -131,20 +155,37 @@ async fn killing_a_drafter_process_mid_generation_leaves_the_output_unchanged() 
     .await;
     assert_eq!(after_kill, plain);
     let states: Vec<_> = summary.drafters.iter().map(|d| d.state()).collect();
-    assert!(states.contains(&pb::DrafterState::Failed), "{:?}", summary.drafters);
-    assert!(states.contains(&pb::DrafterState::Connected), "{:?}", summary.drafters);
+    assert!(
+        states.contains(&pb::DrafterState::Failed),
+        "{:?}",
+        summary.drafters
+    );
+    assert!(
+        states.contains(&pb::DrafterState::Connected),
+        "{:?}",
+        summary.drafters
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_prints_where_it_listens_and_answers_there() {
     let model = model_path();
     let mut serve = spawn(&[
-        "serve", "--model", &model, "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0",
+        "serve",
+        "--model",
+        &model,
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
     ]);
     let stdout = serve.stdout.take().unwrap();
     let _processes = Processes(vec![serve]);
     let lines = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout).lines().take(3).collect::<Result<Vec<_>, _>>()
+        BufReader::new(stdout)
+            .lines()
+            .take(3)
+            .collect::<Result<Vec<_>, _>>()
     })
     .await
     .unwrap()
@@ -156,10 +197,22 @@ async fn serve_prints_where_it_listens_and_answers_there() {
         .and_then(|l| l.split_whitespace().nth(2))
         .expect("gRPC address printed")
         .to_string();
-    let mut client = GatewayClient::connect(format!("http://{grpc}")).await.unwrap();
-    let models = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();
+    let mut client = GatewayClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let models = client
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(models.models.len(), 1);
-    let (text, summary) = generate(&mut client, "def add(a, b):", pb::SpeculationMode::Unspecified, || {}).await;
+    let (text, summary) = generate(
+        &mut client,
+        "def add(a, b):",
+        pb::SpeculationMode::Unspecified,
+        || {},
+    )
+    .await;
     assert!(!text.is_empty());
     assert!(summary.usage.unwrap().completion_tokens > 0);
 }

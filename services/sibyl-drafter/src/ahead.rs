@@ -85,7 +85,13 @@ impl DraftAhead {
             .map(|guess| {
                 let mut tokens = prefix.to_vec();
                 tokens.extend_from_slice(&guess.tokens);
-                let probs = match (&guess.probs, self.assumed_dists.iter().cloned().collect::<Option<Vec<_>>>()) {
+                let probs = match (
+                    &guess.probs,
+                    self.assumed_dists
+                        .iter()
+                        .cloned()
+                        .collect::<Option<Vec<_>>>(),
+                ) {
                     (Some(new), Some(mut known)) if new.len() == guess.tokens.len() => {
                         known.extend(new.iter().cloned());
                         Some(known)
@@ -138,7 +144,8 @@ impl DraftAhead {
         let on_track = self.assumed.len() >= self.accepted.len()
             && self.assumed[..self.accepted.len()] == self.accepted[..];
         if on_track {
-            self.assumed_dists.drain(..tokens.len().min(self.assumed_dists.len()));
+            self.assumed_dists
+                .drain(..tokens.len().min(self.assumed_dists.len()));
         } else {
             self.assumed.clone_from(&self.accepted);
             self.assumed_dists.clear();
