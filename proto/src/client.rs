@@ -10,6 +10,9 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP/2 pings find a peer that vanished without closing its connections.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Channels to the replicas of one or more services.
 #[derive(Debug, Default)]
@@ -39,6 +42,9 @@ impl Balancer {
             .map_err(|e| e.to_string())?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(addr, channel.clone());
         Ok((addr, channel))

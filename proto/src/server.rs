@@ -50,15 +50,15 @@ pub async fn set_not_serving(reporter: &HealthReporter, service: &str) {
 /// A failure to start or run a role's server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("gRPC reflection: {0}")]
+    #[error("gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("gRPC server: {0}")]
+    #[error("gRPC server")]
     Transport(#[from] tonic::transport::Error),
-    #[error("HTTP server: {0}")]
+    #[error("HTTP server")]
     Http(#[source] std::io::Error),
-    #[error("loading failed: {0}")]
+    #[error("loading failed")]
     Load(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("a server task failed: {0}")]
+    #[error("a server task failed")]
     Task(#[from] tokio::task::JoinError),
 }
 
@@ -71,6 +71,35 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+}
+
+/// Runs a role: serves `router` on `listener` (health NOT_SERVING) while `load` runs on a
+/// blocking thread, hands its result to `ready`, then marks `service` SERVING, until
+/// `shutdown` completes. A failed load stops the server and returns the error.
+pub async fn run_role<T, E>(
+    listener: tokio::net::TcpListener,
+    (router, health): (Router, HealthReporter),
+    service: &str,
+    load: impl FnOnce() -> Result<T, E> + Send + 'static,
+    ready: impl FnOnce(T),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError>
+where
+    T: Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let server = spawn(router, listener, shutdown);
+    match load_blocking(load).await {
+        Ok(loaded) => ready(loaded),
+        Err(error) => {
+            server.abort();
+            return Err(error);
+        }
+    }
+    set_serving(&health, service).await;
+    tracing::info!(service, "ready");
+    server.await??;
+    Ok(())
 }
 
 /// Runs `load` on a blocking thread (it may read or fetch a model file).

@@ -276,3 +276,122 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
 pub fn python_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
 }
+
+/// Sends `request` to the gateway's gRPC API and collects the text and the summary;
+/// `on_delta` sees the number of each text delta as it arrives (1 for the first).
+pub async fn generate_text(
+    client: &mut pb::gateway_client::GatewayClient<tonic::transport::Channel>,
+    request: pb::GenerateRequest,
+    mut on_delta: impl FnMut(usize),
+) -> Result<(String, pb::GenerateSummary), tonic::Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut text = String::new();
+    let mut deltas = 0;
+    while let Some(message) = stream.message().await? {
+        match message.event {
+            Some(pb::generate_response::Event::Delta(delta)) => {
+                deltas += 1;
+                on_delta(deltas);
+                text.push_str(&delta.text);
+            }
+            Some(pb::generate_response::Event::Summary(summary)) => return Ok((text, summary)),
+            None => {}
+        }
+    }
+    Err(tonic::Status::internal(
+        "the stream ended without a summary",
+    ))
+}
+
+/// Child processes, killed when this is dropped (so a failed test or benchmark leaves none).
+pub struct Processes(pub Vec<std::process::Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_port() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// The roles as separate `sibyl` processes on loopback: n-gram drafters, a verifier that
+/// drafts with all of them, and a gateway.
+pub struct RoleProcesses {
+    pub drafters: Vec<SocketAddr>,
+    pub verifier: SocketAddr,
+    pub gateway: SocketAddr,
+    pub http: SocketAddr,
+    /// Drafters first, in the order of `drafters`, then the verifier and the gateway.
+    pub processes: Processes,
+}
+
+impl RoleProcesses {
+    /// Starts them with the `sibyl` binary at `sibyl` on the model file `model`.
+    pub fn spawn(sibyl: &Path, model: &str, drafters: usize) -> anyhow::Result<Self> {
+        let spawn = |args: &[&str]| -> anyhow::Result<std::process::Child> {
+            Ok(Command::new(sibyl)
+                .args(args)
+                .env("SIBYL_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .spawn()?)
+        };
+        let drafter_addrs = (0..drafters)
+            .map(|_| free_port())
+            .collect::<Result<Vec<_>, _>>()?;
+        let (verifier, gateway, http) = (free_port()?, free_port()?, free_port()?);
+        let mut processes = Processes(Vec::new());
+        for addr in &drafter_addrs {
+            let addr = addr.to_string();
+            processes.0.push(spawn(&[
+                "drafter",
+                "--kind",
+                "ngram",
+                "--model",
+                model,
+                "--grpc-addr",
+                &addr,
+            ])?);
+        }
+        let mut verifier_args = vec!["verifier".to_string(), "--model".into(), model.into()];
+        verifier_args.extend(["--grpc-addr".into(), verifier.to_string()]);
+        for addr in &drafter_addrs {
+            verifier_args.extend(["--drafter".into(), format!("ngram=http://{addr}")]);
+        }
+        let verifier_args: Vec<&str> = verifier_args.iter().map(String::as_str).collect();
+        processes.0.push(spawn(&verifier_args)?);
+        processes.0.push(spawn(&[
+            "gateway",
+            "--model",
+            model,
+            "--verifier",
+            &format!("http://{verifier}"),
+            "--grpc-addr",
+            &gateway.to_string(),
+            "--http-addr",
+            &http.to_string(),
+        ])?);
+        Ok(Self {
+            drafters: drafter_addrs,
+            verifier,
+            gateway,
+            http,
+            processes,
+        })
+    }
+
+    /// Waits until every process's gRPC health says SERVING.
+    pub async fn wait_until_serving(&self, timeout: Duration) -> anyhow::Result<()> {
+        for &addr in self.drafters.iter().chain([&self.verifier, &self.gateway]) {
+            if !wait_until_serving(addr, timeout).await {
+                anyhow::bail!("{addr} did not become SERVING within {timeout:?}");
+            }
+        }
+        Ok(())
+    }
+}

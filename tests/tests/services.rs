@@ -4,7 +4,7 @@
 use sibyl_drafter::DraftService;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_proto::v1::{self as pb, draft_request::Message};
-use sibyl_tests::{loopback, verify, Cluster, ClusterOptions};
+use sibyl_tests::{generate_text, loopback, verify, Cluster, ClusterOptions};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -57,46 +57,47 @@ async fn gateway_text(
         }),
         ..pb::GenerateRequest::default()
     };
-    let mut stream = client
-        .generate(request)
+    generate_text(&mut client, request, |_| {})
         .await
         .expect("generate")
-        .into_inner();
-    let mut text = String::new();
-    while let Some(response) = stream.message().await.expect("stream") {
-        match response.event {
-            Some(pb::generate_response::Event::Delta(delta)) => text.push_str(&delta.text),
-            Some(pb::generate_response::Event::Summary(summary)) => return (text, summary),
-            None => {}
-        }
-    }
-    panic!("no summary");
+}
+
+/// Runs `prompt` on the cluster's verifier without and with speculation, checks that the
+/// tokens are the same, and returns the speculative run's summary.
+async fn assert_speculation_changes_nothing(
+    cluster: &Cluster,
+    prompt: &str,
+    max_tokens: u32,
+) -> pb::VerifySummary {
+    let mut verifier = cluster.verifier_client().await.unwrap();
+    let tokens = tokenize(prompt);
+    let plain = request(&tokens, max_tokens, pb::SpeculationMode::Off);
+    let (plain, plain_summary) = verify(&mut verifier, plain).await.unwrap();
+    let speculative = request(&tokens, max_tokens, pb::SpeculationMode::On);
+    let (speculative, summary) = verify(&mut verifier, speculative).await.unwrap();
+    assert_eq!(speculative, plain, "prompt {prompt:?}");
+    assert_eq!(plain_summary.steps as usize, plain.len());
+    summary
+}
+
+/// A cluster with `ngram` n-gram drafter servers and the drafters at `extra`
+/// (`KIND=http://HOST:PORT`).
+async fn cluster(ngram: usize, extra: &[String]) -> Cluster {
+    Cluster::start(ClusterOptions {
+        ngram_drafters: ngram,
+        extra_drafters: extra.iter().map(|e| e.parse().unwrap()).collect(),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_output_through_the_gateway_with_two_drafters_equals_plain_decoding() {
-    let cluster = Cluster::start(ClusterOptions {
-        ngram_drafters: 2,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("cluster");
-    let mut verifier = cluster.verifier_client().await.unwrap();
+    let cluster = cluster(2, &[]).await;
     let mut accepted = 0;
     for prompt in PROMPTS {
-        let tokens = tokenize(prompt);
-        let (plain, plain_summary) = verify(
-            &mut verifier,
-            request(&tokens, 64, pb::SpeculationMode::Off),
-        )
-        .await
-        .unwrap();
-        let (speculative, summary) =
-            verify(&mut verifier, request(&tokens, 64, pb::SpeculationMode::On))
-                .await
-                .unwrap();
-        assert_eq!(speculative, plain, "prompt {prompt:?}");
-        assert_eq!(plain_summary.steps as usize, plain.len());
+        let summary = assert_speculation_changes_nothing(&cluster, prompt, 64).await;
         assert_eq!(summary.drafters.len(), 2);
         for drafter in &summary.drafters {
             assert_eq!(drafter.state(), pb::DrafterState::Connected, "{drafter:?}");
@@ -112,7 +113,7 @@ async fn greedy_output_through_the_gateway_with_two_drafters_equals_plain_decodi
             gateway_text(&cluster, prompt, pb::SpeculationMode::Unspecified).await;
         assert_eq!(text, plain_text, "prompt {prompt:?}");
         let usage = gateway_summary.usage.unwrap();
-        assert_eq!(usage.prompt_tokens as usize, tokens.len());
+        assert_eq!(usage.prompt_tokens as usize, tokenize(prompt).len());
     }
     assert!(
         accepted > 0,
@@ -265,27 +266,9 @@ impl pb::drafter_server::Drafter for Garbage {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drafter_sending_garbage_changes_nothing_and_its_blocks_are_dropped() {
     let garbage = serve_drafter(Garbage { vocab: 49152 }).await;
-    let cluster = Cluster::start(ClusterOptions {
-        ngram_drafters: 1,
-        extra_drafters: vec![format!("garbage={garbage}").parse().unwrap()],
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("cluster");
-    let mut verifier = cluster.verifier_client().await.unwrap();
+    let cluster = cluster(1, &[format!("garbage={garbage}")]).await;
     for prompt in &PROMPTS[..2] {
-        let tokens = tokenize(prompt);
-        let (plain, _) = verify(
-            &mut verifier,
-            request(&tokens, 48, pb::SpeculationMode::Off),
-        )
-        .await
-        .unwrap();
-        let (speculative, summary) =
-            verify(&mut verifier, request(&tokens, 48, pb::SpeculationMode::On))
-                .await
-                .unwrap();
-        assert_eq!(speculative, plain, "prompt {prompt:?}");
+        let summary = assert_speculation_changes_nothing(&cluster, prompt, 48).await;
         let stats = summary
             .drafters
             .iter()
@@ -345,26 +328,8 @@ async fn a_drafter_dying_mid_generation_leaves_the_output_unchanged() {
         opens: AtomicUsize::new(0),
     })
     .await;
-    let cluster = Cluster::start(ClusterOptions {
-        ngram_drafters: 0,
-        extra_drafters: vec![format!("ngram={dying}").parse().unwrap()],
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("cluster");
-    let mut verifier = cluster.verifier_client().await.unwrap();
-    let tokens = tokenize(PROMPTS[0]);
-    let (plain, _) = verify(
-        &mut verifier,
-        request(&tokens, 64, pb::SpeculationMode::Off),
-    )
-    .await
-    .unwrap();
-    let (speculative, summary) =
-        verify(&mut verifier, request(&tokens, 64, pb::SpeculationMode::On))
-            .await
-            .unwrap();
-    assert_eq!(speculative, plain);
+    let cluster = cluster(0, &[format!("ngram={dying}")]).await;
+    let summary = assert_speculation_changes_nothing(&cluster, PROMPTS[0], 64).await;
     let stats = &summary.drafters[0];
     assert_eq!(stats.state(), pb::DrafterState::Failed, "{stats:?}");
     assert!(
@@ -381,26 +346,8 @@ async fn a_drafter_with_another_tokenizer_is_refused_and_the_session_goes_on() {
     }));
     stranger.set_ready(0x1234);
     let stranger = serve_drafter(stranger).await;
-    let cluster = Cluster::start(ClusterOptions {
-        ngram_drafters: 1,
-        extra_drafters: vec![format!("stranger={stranger}").parse().unwrap()],
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("cluster");
-    let mut verifier = cluster.verifier_client().await.unwrap();
-    let tokens = tokenize(PROMPTS[1]);
-    let (plain, _) = verify(
-        &mut verifier,
-        request(&tokens, 32, pb::SpeculationMode::Off),
-    )
-    .await
-    .unwrap();
-    let (speculative, summary) =
-        verify(&mut verifier, request(&tokens, 32, pb::SpeculationMode::On))
-            .await
-            .unwrap();
-    assert_eq!(speculative, plain);
+    let cluster = cluster(1, &[format!("stranger={stranger}")]).await;
+    let summary = assert_speculation_changes_nothing(&cluster, PROMPTS[1], 32).await;
     let stranger = summary
         .drafters
         .iter()

@@ -15,12 +15,11 @@
 use sibyl_decode::{generate, GenerationConfig};
 use sibyl_engine::{load, ChatMessage, Detokenizer, LoadOptions};
 use sibyl_ngram::NgramDrafter;
-use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient, generate_response::Event};
+use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
 use sibyl_spec::{Drafter, SamplingConfig};
+use sibyl_tests::{generate_text, RoleProcesses};
 use std::io::BufRead;
-use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Parser)]
@@ -45,22 +44,6 @@ struct Run {
     /// From the first token to the last.
     decode: Duration,
     steps: usize,
-}
-
-/// Kills the child processes when the bench ends, however it ends.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -141,54 +124,11 @@ fn main() -> anyhow::Result<()> {
         .map(|dir| dir.join("sibyl"))
         .ok_or_else(|| anyhow::anyhow!("cannot find the sibyl binary"))?;
     let model = path.to_string_lossy().into_owned();
-    let (drafter, verifier, gateway, http) =
-        (free_port()?, free_port()?, free_port()?, free_port()?);
-    let spawn = |args: &[&str]| -> anyhow::Result<Child> {
-        Ok(Command::new(&sibyl)
-            .args(args)
-            .env("SIBYL_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?)
-    };
-    let processes = Processes(vec![
-        spawn(&[
-            "drafter",
-            "--kind",
-            "ngram",
-            "--model",
-            &model,
-            "--grpc-addr",
-            &drafter.to_string(),
-        ])?,
-        spawn(&[
-            "verifier",
-            "--model",
-            &model,
-            "--grpc-addr",
-            &verifier.to_string(),
-            "--drafter",
-            &format!("ngram=http://{drafter}"),
-        ])?,
-        spawn(&[
-            "gateway",
-            "--model",
-            &model,
-            "--verifier",
-            &format!("http://{verifier}"),
-            "--grpc-addr",
-            &gateway.to_string(),
-            "--http-addr",
-            &http.to_string(),
-        ])?,
-    ]);
+    let roles = RoleProcesses::spawn(&sibyl, &model, 1)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let (second, waits) = runtime.block_on(async {
-        for addr in [drafter, verifier, gateway] {
-            if !sibyl_proto::client::wait_until_serving(addr, Duration::from_secs(300)).await {
-                anyhow::bail!("{addr} did not start");
-            }
-        }
-        let mut client = GatewayClient::connect(format!("http://{gateway}")).await?;
+        roles.wait_until_serving(Duration::from_secs(300)).await?;
+        let mut client = GatewayClient::connect(format!("http://{}", roles.gateway)).await?;
         let mut runs = Vec::new();
         let mut waits = Vec::new();
         for (_, text) in &items {
@@ -203,36 +143,26 @@ fn main() -> anyhow::Result<()> {
                 sampling: Some(pb::SamplingParams::default()),
                 ..pb::GenerateRequest::default()
             };
-            let mut stream = client.generate(request).await?.into_inner();
             let mut first = None;
-            let mut out = String::new();
-            while let Some(message) = stream.message().await? {
-                match message.event {
-                    Some(Event::Delta(delta)) => {
-                        first.get_or_insert_with(Instant::now);
-                        out.push_str(&delta.text);
-                    }
-                    Some(Event::Summary(summary)) => {
-                        let ended = Instant::now();
-                        let usage = summary.usage.unwrap_or_default();
-                        waits.push((
-                            sibyl_proto::std_duration(summary.draft_wait_p50.as_ref()),
-                            sibyl_proto::std_duration(summary.draft_wait_p99.as_ref()),
-                        ));
-                        runs.push(Run {
-                            text: std::mem::take(&mut out),
-                            tokens: usage.completion_tokens as usize,
-                            decode: first.map_or(Duration::ZERO, |f| ended - f),
-                            steps: summary.steps as usize,
-                        });
-                    }
-                    None => {}
-                }
-            }
+            let (text, summary) = generate_text(&mut client, request, |_| {
+                first.get_or_insert_with(Instant::now);
+            })
+            .await?;
+            let ended = Instant::now();
+            waits.push((
+                sibyl_proto::std_duration(summary.draft_wait_p50.as_ref()),
+                sibyl_proto::std_duration(summary.draft_wait_p99.as_ref()),
+            ));
+            runs.push(Run {
+                text,
+                tokens: summary.usage.unwrap_or_default().completion_tokens as usize,
+                decode: first.map_or(Duration::ZERO, |f| ended - f),
+                steps: summary.steps as usize,
+            });
         }
-        Ok((runs, waits))
+        anyhow::Ok((runs, waits))
     })?;
-    drop(processes);
+    drop(roles);
 
     let third = in_process(&items)?;
 

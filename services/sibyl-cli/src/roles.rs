@@ -393,10 +393,6 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             text_loader(model),
             until(stopped),
         ));
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            let _ = stop.send(true);
-        });
         tracing::info!("loading {name}");
         loop {
             if sibyl_proto::client::wait_until_serving(verifier_addr, Duration::from_secs(2)).await {
@@ -409,10 +405,32 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 break;
             }
         }
-        let (drafter, verifier, gateway) = tokio::join!(drafter, verifier, gateway);
-        drafter??;
-        verifier??;
-        gateway??;
-        Ok(())
+        // Run until a signal, or until a role ends (a failed load, say): then stop them all.
+        let tasks = [("drafter", drafter), ("verifier", verifier), ("gateway", gateway)];
+        let signal = shutdown_signal();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                () = &mut signal => break,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if tasks.iter().any(|(_, task)| task.is_finished()) {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = stop.send(true);
+        let mut outcome = Ok(());
+        for (role, task) in tasks {
+            let error = match tokio::time::timeout(Duration::from_secs(10), task).await {
+                Ok(Ok(Ok(()))) | Err(_) => continue,
+                Ok(Ok(Err(error))) => anyhow::Error::from(error),
+                Ok(Err(error)) => anyhow::Error::from(error),
+            };
+            if outcome.is_ok() {
+                outcome = Err(error.context(format!("the {role} failed")));
+            }
+        }
+        outcome
     })
 }

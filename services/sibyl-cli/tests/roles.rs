@@ -2,57 +2,28 @@
 //! not change when a drafter process is killed mid-generation, and `sibyl serve` says where
 //! it listens and answers there.
 
-use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient, generate_response::Event};
+use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
+use sibyl_tests::{generate_text, Processes, RoleProcesses};
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-const MODEL: &str = "smollm2-135m";
-
-/// Kills its processes when dropped, so a failed test leaves none behind.
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sibyl"))
         .args(args)
         .env("SIBYL_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("sibyl starts")
 }
 
 fn model_path() -> String {
-    sibyl_models::locate(MODEL, &sibyl_models::cache_dir(), &sibyl_models::NoProgress)
-        .expect("test model")
-        .to_string_lossy()
-        .into_owned()
+    let path = sibyl_tests::test_model_path().expect("test model");
+    path.to_string_lossy().into_owned()
 }
 
-async fn generate(
-    client: &mut GatewayClient<tonic::transport::Channel>,
-    prompt: &str,
-    speculation: pb::SpeculationMode,
-    mut on_first_delta: impl FnMut(),
-) -> (String, pb::GenerateSummary) {
-    let request = pb::GenerateRequest {
+fn request(prompt: &str, speculation: pb::SpeculationMode) -> pb::GenerateRequest {
+    pb::GenerateRequest {
         input: Some(pb::generate_request::Input::Prompt(prompt.into())),
         max_tokens: 160,
         sampling: Some(pb::SamplingParams::default()),
@@ -61,98 +32,53 @@ async fn generate(
             drafters: Vec::new(),
         }),
         ..pb::GenerateRequest::default()
-    };
-    let mut stream = client
-        .generate(request)
-        .await
-        .expect("generate")
-        .into_inner();
-    let mut text = String::new();
-    let mut deltas = 0;
-    while let Some(message) = stream.message().await.expect("stream") {
-        match message.event {
-            Some(Event::Delta(delta)) => {
-                deltas += 1;
-                if deltas == 1 {
-                    on_first_delta();
-                }
-                text.push_str(&delta.text);
-            }
-            Some(Event::Summary(summary)) => return (text, summary),
-            None => {}
-        }
     }
-    panic!("no summary");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_drafter_process_mid_generation_leaves_the_output_unchanged() {
     let model = model_path();
-    let (drafter_a, drafter_b, verifier, gateway, http) = (
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-    );
-    let mut processes = Processes(Vec::new());
-    for addr in [drafter_a, drafter_b] {
-        processes.0.push(spawn(&[
-            "drafter",
-            "--kind",
-            "ngram",
-            "--model",
-            &model,
-            "--grpc-addr",
-            &addr.to_string(),
-        ]));
-    }
-    processes.0.push(spawn(&[
-        "verifier",
-        "--model",
-        &model,
-        "--grpc-addr",
-        &verifier.to_string(),
-        "--drafter",
-        &format!("ngram=http://{drafter_a}"),
-        "--drafter",
-        &format!("ngram=http://{drafter_b}"),
-    ]));
-    processes.0.push(spawn(&[
-        "gateway",
-        "--model",
-        &model,
-        "--verifier",
-        &format!("http://{verifier}"),
-        "--grpc-addr",
-        &gateway.to_string(),
-        "--http-addr",
-        &http.to_string(),
-    ]));
-    for addr in [drafter_a, drafter_b, verifier, gateway] {
-        assert!(
-            sibyl_proto::client::wait_until_serving(addr, Duration::from_secs(120)).await,
-            "{addr} did not become SERVING"
-        );
-    }
+    let mut roles = RoleProcesses::spawn(env!("CARGO_BIN_EXE_sibyl").as_ref(), &model, 2).unwrap();
+    roles
+        .wait_until_serving(Duration::from_secs(120))
+        .await
+        .unwrap();
+    let gateway = roles.gateway;
     let mut client = GatewayClient::connect(format!("http://{gateway}"))
         .await
         .unwrap();
     let prompt =
         "def bubble_sort(items):\n    \"\"\"Sort items in place.\"\"\"\n    n = len(items)\n";
-    let (plain, _) = generate(&mut client, prompt, pb::SpeculationMode::Off, || {}).await;
-    let (both, summary) = generate(&mut client, prompt, pb::SpeculationMode::On, || {}).await;
+    let (plain, _) = generate_text(
+        &mut client,
+        request(prompt, pb::SpeculationMode::Off),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let (both, summary) = generate_text(
+        &mut client,
+        request(prompt, pb::SpeculationMode::On),
+        |_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(both, plain);
     assert!(summary
         .drafters
         .iter()
         .all(|d| d.state() == pb::DrafterState::Connected));
 
-    let first_drafter = &mut processes.0[0];
-    let (after_kill, summary) = generate(&mut client, prompt, pb::SpeculationMode::On, || {
-        first_drafter.kill().expect("kill the drafter");
-    })
-    .await;
+    let first_drafter = &mut roles.processes.0[0];
+    let kill = |delta| {
+        if delta == 1 {
+            first_drafter.kill().expect("kill the drafter");
+        }
+    };
+    let (after_kill, summary) =
+        generate_text(&mut client, request(prompt, pb::SpeculationMode::On), kill)
+            .await
+            .unwrap();
     assert_eq!(after_kill, plain);
     let states: Vec<_> = summary.drafters.iter().map(|d| d.state()).collect();
     assert!(
@@ -206,13 +132,8 @@ async fn serve_prints_where_it_listens_and_answers_there() {
         .unwrap()
         .into_inner();
     assert_eq!(models.models.len(), 1);
-    let (text, summary) = generate(
-        &mut client,
-        "def add(a, b):",
-        pb::SpeculationMode::Unspecified,
-        || {},
-    )
-    .await;
+    let request = request("def add(a, b):", pb::SpeculationMode::Unspecified);
+    let (text, summary) = generate_text(&mut client, request, |_| {}).await.unwrap();
     assert!(!text.is_empty());
     assert!(summary.usage.unwrap().completion_tokens > 0);
 }

@@ -10,7 +10,7 @@ mod service;
 pub use ahead::{AdvanceError, AheadLimits, DraftAhead};
 pub use service::{DraftService, MakeDrafter};
 
-use sibyl_proto::server::{load_blocking, ServeError};
+use sibyl_proto::server::{run_role, ServeError};
 use sibyl_proto::v1::drafter_server::{DrafterServer, SERVICE_NAME};
 use std::future::Future;
 use tokio::net::TcpListener;
@@ -30,11 +30,14 @@ where
     let mut builder = tonic::transport::Server::builder();
     let (router, health) = sibyl_proto::server::base_router(&mut builder, SERVICE_NAME).await?;
     let router = router.add_service(DrafterServer::new(service.clone()));
-    let server = sibyl_proto::server::spawn(router, listener, shutdown);
-    let fingerprint = load_blocking(load).await?;
-    service.set_ready(fingerprint);
-    sibyl_proto::server::set_serving(&health, SERVICE_NAME).await;
-    tracing::info!("drafter ready");
-    server.await??;
-    Ok(())
+    let ready = |fingerprint| service.set_ready(fingerprint);
+    run_role(
+        listener,
+        (router, health),
+        SERVICE_NAME,
+        load,
+        ready,
+        shutdown,
+    )
+    .await
 }

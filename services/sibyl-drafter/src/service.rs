@@ -6,8 +6,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-/// Most tokens a session's sequence may hold (far above any context window in use).
-const MAX_CONTEXT: usize = 1 << 20;
+/// Most tokens a session's sequence may hold (above the context windows in use; it bounds
+/// the drafter's work per block, which runs on the async workers).
+const MAX_CONTEXT: usize = 1 << 17;
 /// Most tokens per branch a verifier may ask for.
 const MAX_BLOCK_TOKENS: usize = 256;
 /// Most branches per block a verifier may ask for.

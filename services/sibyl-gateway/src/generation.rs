@@ -15,6 +15,8 @@ use tonic::{Code, Status};
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most stop strings per request (OpenAI's limit).
 const MAX_STOP_STRINGS: usize = 4;
+/// Longest stop string, in bytes (the matcher's work grows with it).
+const MAX_STOP_BYTES: usize = 256;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -151,17 +153,27 @@ impl Gateway {
                 });
             }
         }
-        if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(String::is_empty) {
+        let bad_stop = |s: &String| s.is_empty() || s.len() > MAX_STOP_BYTES;
+        if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(bad_stop) {
             return Err(GatewayError::InvalidRequest(format!(
-                "`stop` takes at most {MAX_STOP_STRINGS} non-empty strings"
+                "`stop` takes at most {MAX_STOP_STRINGS} non-empty strings of at most \
+                 {MAX_STOP_BYTES} bytes"
             )));
         }
-        let prompt = self.tokenize(&request.prompt)?;
+        let text = self.text.clone();
+        let input = request.prompt;
+        let prompt = tokio::task::spawn_blocking(move || tokenize(&text, &input))
+            .await
+            .map_err(|e| GatewayError::Internal(e.to_string()))??;
+        let mut sampling = request.sampling;
+        // Fixed here so that the gateway can report the seed even when it ends the
+        // generation itself (at a stop string).
+        let seed = *sampling.seed.get_or_insert_with(rand::random);
         let max_tokens = self.max_tokens(prompt.len(), request.max_tokens)?;
         let verify = pb::VerifyRequest {
             prompt_tokens: prompt,
             max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
-            sampling: Some(request.sampling),
+            sampling: Some(sampling),
             speculation: request.speculation,
             tokenizer_fingerprint: sibyl_proto::fingerprint(self.text.tokenizer.fingerprint()),
         };
@@ -183,36 +195,10 @@ impl Gateway {
             self.text.clone(),
             events,
             stops,
-            prompt_count,
+            (prompt_count, seed),
             output,
         ));
         Ok((prompt_tokens, receiver))
-    }
-
-    fn tokenize(&self, prompt: &PromptInput) -> Result<Vec<u32>, GatewayError> {
-        let text = match prompt {
-            PromptInput::Text(text) => text.clone(),
-            PromptInput::Chat(messages) => {
-                if messages.is_empty() {
-                    return Err(GatewayError::InvalidRequest("`messages` is empty".into()));
-                }
-                let template = self.text.chat_template.as_ref().ok_or_else(|| {
-                    GatewayError::InvalidRequest(
-                        "this model has no chat template; use /v1/completions".into(),
-                    )
-                })?;
-                template.render(messages).map_err(|e| {
-                    GatewayError::InvalidRequest(format!("cannot render the chat: {e}"))
-                })?
-            }
-        };
-        let tokens = self.text.tokenizer.encode(&text).map_err(|e| {
-            GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}"))
-        })?;
-        if tokens.is_empty() {
-            return Err(GatewayError::InvalidRequest("the prompt is empty".into()));
-        }
-        Ok(tokens)
     }
 
     fn max_tokens(&self, prompt: usize, requested: Option<usize>) -> Result<usize, GatewayError> {
@@ -241,13 +227,48 @@ impl Gateway {
     }
 }
 
+/// Renders (a chat) and tokenizes a prompt: CPU work, run off the async workers.
+fn tokenize(text_model: &TextModel, prompt: &PromptInput) -> Result<Vec<u32>, GatewayError> {
+    let text = match prompt {
+        PromptInput::Text(text) => text.clone(),
+        PromptInput::Chat(messages) => {
+            if messages.is_empty() {
+                return Err(GatewayError::InvalidRequest("`messages` is empty".into()));
+            }
+            let roles = ["system", "user", "assistant"];
+            if let Some(m) = messages.iter().find(|m| !roles.contains(&m.role.as_str())) {
+                return Err(GatewayError::InvalidRequest(format!(
+                    "unsupported message role `{}` (system, user or assistant)",
+                    m.role
+                )));
+            }
+            let template = text_model.chat_template.as_ref().ok_or_else(|| {
+                GatewayError::InvalidRequest(
+                    "this model has no chat template; use /v1/completions".into(),
+                )
+            })?;
+            template
+                .render(messages)
+                .map_err(|e| GatewayError::InvalidRequest(format!("cannot render the chat: {e}")))?
+        }
+    };
+    let tokens = text_model
+        .tokenizer
+        .encode(&text)
+        .map_err(|e| GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?;
+    if tokens.is_empty() {
+        return Err(GatewayError::InvalidRequest("the prompt is empty".into()));
+    }
+    Ok(tokens)
+}
+
 /// Turns the verifier's token stream into text, until it ends, a stop string appears or the
 /// client goes away (then dropping `events` cancels the session on the verifier).
 async fn relay(
     text: Arc<TextModel>,
     mut events: tonic::Streaming<pb::VerifyEvent>,
     mut stops: StopStrings,
-    prompt_tokens: u32,
+    (prompt_tokens, seed): (u32, u64),
     output: mpsc::Sender<Result<Output, GatewayError>>,
 ) {
     let mut detokenizer = Detokenizer::new(&text.tokenizer);
@@ -294,11 +315,14 @@ async fn relay(
                 }
                 if stopped {
                     // The verifier's session is cancelled when `events` is dropped; its own
-                    // summary never comes, so the gateway reports what it saw.
+                    // summary never comes, so the gateway reports what it saw: the tokens
+                    // received up to the step that held the stop string, no speculation
+                    // figures or timings.
                     let summary = Summary {
                         finish_reason: pb::FinishReason::Stop,
                         prompt_tokens,
                         completion_tokens,
+                        seed,
                         ..Summary::default()
                     };
                     let _ = output.send(Ok(Output::Done(summary))).await;

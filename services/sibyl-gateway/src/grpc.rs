@@ -3,19 +3,27 @@
 use crate::generation::{Gateway, GatewayError, Generation, Output, PromptInput};
 use sibyl_engine::ChatMessage;
 use sibyl_proto::v1::{self as pb, generate_request::Input, generate_response::Event};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-#[derive(Clone)]
+/// The `sibyl.v1.Gateway` service; UNAVAILABLE until [`GatewayService::set_ready`].
+#[derive(Clone, Default)]
 pub struct GatewayService {
-    gateway: Arc<Gateway>,
+    gateway: Arc<OnceLock<Arc<Gateway>>>,
 }
 
 impl GatewayService {
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+    /// Serves requests with `gateway` from now on.
+    pub fn set_ready(&self, gateway: Arc<Gateway>) {
+        let _ = self.gateway.set(gateway);
+    }
+
+    fn gateway(&self) -> Result<&Arc<Gateway>, Status> {
+        self.gateway
+            .get()
+            .ok_or_else(|| Status::unavailable("the gateway is still loading its tokenizer"))
     }
 }
 
@@ -65,10 +73,16 @@ impl pb::gateway_server::Gateway for GatewayService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let generation = Generation::try_from(request.into_inner())?;
-        let (_, mut outputs) = self.gateway.generate(generation).await?;
+        let (_, mut outputs) = self.gateway()?.generate(generation).await?;
         let (sender, receiver) = mpsc::channel(16);
         tokio::spawn(async move {
-            while let Some(output) = outputs.recv().await {
+            loop {
+                // A client that goes away ends the generation now, not at the next output.
+                let output = tokio::select! {
+                    () = sender.closed() => return,
+                    output = outputs.recv() => output,
+                };
+                let Some(output) = output else { return };
                 let message = output.map_err(Status::from).map(|output| {
                     let event = match output {
                         Output::Text(text) => Event::Delta(pb::TextDelta { text }),
@@ -103,10 +117,11 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let gateway = self.gateway()?;
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![pb::ModelCard {
-                id: self.gateway.model_name().to_string(),
-                context_length: u32::try_from(self.gateway.context_length()).unwrap_or(u32::MAX),
+                id: gateway.model_name().to_string(),
+                context_length: u32::try_from(gateway.context_length()).unwrap_or(u32::MAX),
             }],
         }))
     }

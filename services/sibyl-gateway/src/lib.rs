@@ -34,7 +34,8 @@ pub struct GatewayConfig {
 
 /// Serves the gRPC API on `grpc` and the HTTP API on `http` until `shutdown` completes.
 /// `load` (on a blocking thread: it may fetch the model file) reads the tokenizer and chat
-/// template; until it has, gRPC health says NOT_SERVING and nothing else is served.
+/// template; until it has, gRPC health says NOT_SERVING, the gRPC API answers UNAVAILABLE and
+/// the HTTP API is not listening.
 pub async fn serve<E>(
     grpc: TcpListener,
     http: TcpListener,
@@ -55,10 +56,18 @@ where
     };
     let mut builder = tonic::transport::Server::builder();
     let (router, health) = sibyl_proto::server::base_router(&mut builder, SERVICE_NAME).await?;
-    let text = load_blocking(load).await?;
-    let gateway = Arc::new(Gateway::new(config, text));
-    let router = router.add_service(GatewayServer::new(GatewayService::new(gateway.clone())));
+    let service = GatewayService::default();
+    let router = router.add_service(GatewayServer::new(service.clone()));
     let grpc_server = sibyl_proto::server::spawn(router, grpc, until(stopped.clone()));
+    let text = match load_blocking(load).await {
+        Ok(text) => text,
+        Err(error) => {
+            grpc_server.abort();
+            return Err(error);
+        }
+    };
+    let gateway = Arc::new(Gateway::new(config, text));
+    service.set_ready(gateway.clone());
     let http_server = tokio::spawn(
         axum::serve(http, openai::router(gateway))
             .with_graceful_shutdown(until(stopped))

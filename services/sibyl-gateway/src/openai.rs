@@ -32,6 +32,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(gateway)
 }
@@ -55,7 +56,7 @@ impl IntoResponse for GatewayError {
                 Value::Null,
             ),
             GatewayError::Verifier(status) => match status.code() {
-                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => (
+                tonic::Code::InvalidArgument => (
                     StatusCode::BAD_REQUEST,
                     "invalid_request_error",
                     Value::Null,
@@ -234,12 +235,7 @@ struct ContentPart {
 
 impl ChatRequestMessage {
     fn into_message(self) -> Result<ChatMessage, GatewayError> {
-        if !matches!(
-            self.role.as_str(),
-            "system" | "developer" | "user" | "assistant"
-        ) {
-            return Err(invalid(format!("unsupported message role `{}`", self.role)));
-        }
+        // OpenAI's newer name for the system role; other roles are checked by the gateway.
         let role = if self.role == "developer" {
             "system"
         } else {
@@ -352,7 +348,13 @@ async fn respond(
             {
                 return;
             }
-            while let Some(output) = outputs.recv().await {
+            loop {
+                // A client that goes away ends the generation now, not at the next output.
+                let output = tokio::select! {
+                    () = events.closed() => return,
+                    output = outputs.recv() => output,
+                };
+                let Some(output) = output else { break };
                 let value = match output {
                     Ok(Output::Text(text)) => meta.text_chunk(&text, include_usage),
                     Ok(Output::Done(summary)) => {
@@ -488,6 +490,15 @@ fn usage(summary: &Summary) -> Value {
             "rejected_prediction_tokens": summary.rejected_prediction_tokens,
         },
     })
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let message = format!("no route {uri}; this server has /v1/completions, /v1/chat/completions, /v1/models and /health");
+    (
+        StatusCode::NOT_FOUND,
+        Json(error_body(&message, "invalid_request_error", Value::Null)),
+    )
+        .into_response()
 }
 
 async fn models(State(gateway): State<Arc<Gateway>>) -> Json<Value> {

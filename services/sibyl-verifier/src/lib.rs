@@ -18,7 +18,7 @@ pub use service::VerifierService;
 
 use sibyl_decode::{generate, GenerationConfig};
 use sibyl_engine::LoadedModel;
-use sibyl_proto::server::{load_blocking, ServeError};
+use sibyl_proto::server::{run_role, ServeError};
 use sibyl_proto::v1::verifier_server::{VerifierServer, SERVICE_NAME};
 use sibyl_spec::SamplingConfig;
 use std::future::Future;
@@ -41,19 +41,17 @@ where
     let mut builder = tonic::transport::Server::builder();
     let (router, health) = sibyl_proto::server::base_router(&mut builder, SERVICE_NAME).await?;
     let router = router.add_service(VerifierServer::new(service.clone()));
-    let server = sibyl_proto::server::spawn(router, listener, shutdown);
-    let engine = match load_blocking(move || load().map_err(Into::into).and_then(warm_up)).await {
-        Ok(engine) => engine,
-        Err(error) => {
-            server.abort();
-            return Err(error);
-        }
-    };
-    service.set_ready(Arc::new(engine));
-    sibyl_proto::server::set_serving(&health, SERVICE_NAME).await;
-    tracing::info!("verifier ready");
-    server.await??;
-    Ok(())
+    let load = move || load().map_err(Into::into).and_then(warm_up);
+    let ready = |engine| service.set_ready(Arc::new(engine));
+    run_role(
+        listener,
+        (router, health),
+        SERVICE_NAME,
+        load,
+        ready,
+        shutdown,
+    )
+    .await
 }
 
 /// Runs a short generation so the first request does not pay for thread-pool start-up and

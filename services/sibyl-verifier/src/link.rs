@@ -81,8 +81,8 @@ async fn connect(
         Err(error) => return (End::Failed(error), false),
     };
     shared.set_endpoint(params.index, addr.to_string());
-    let context = shared.lock().context.clone();
     accepted_len.borrow_and_update();
+    let context = shared.lock().context.clone();
     let mut sent = context.len();
     let (outbound, receiver) = mpsc::channel(8);
     let open = pb::DraftOpen {

@@ -41,11 +41,11 @@ pub(crate) fn run(
         Ok((report, waits)) => Ok(pb::VerifyEvent {
             event: Some(Event::Summary(summary(&report, &waits, shared))),
         }),
-        Err(GenerateError::Engine(error)) => {
-            tracing::error!(%error, "verify step failed");
-            Err(Status::internal(format!("the model failed: {error}")))
+        // The request was checked before the session started: what fails now is ours.
+        Err(error) => {
+            tracing::error!(%error, "session failed");
+            Err(Status::internal(format!("the generation failed: {error}")))
         }
-        Err(error) => Err(Status::invalid_argument(error.to_string())),
     };
     let _ = events.blocking_send(message);
 }
@@ -58,6 +58,7 @@ fn steps(
     events: &Events,
 ) -> Result<(GenerationReport, Vec<Duration>), GenerateError> {
     let model = &engine.loaded.model;
+    let draft_budget = plan.config.draft_budget;
     let mut session = Session::new(model, &plan.prompt, plan.config, plan.drafter_kinds)?;
     let mut step = {
         let _turn = engine.compute.lock().unwrap_or_else(|e| e.into_inner());
@@ -83,7 +84,8 @@ fn steps(
         if events.is_closed() {
             return Ok((session.finish(FinishReason::Cancelled), waits));
         }
-        let proposals = if session.draft_depth() > 0 && !session_has_no_drafters(shared) {
+        let speculate = session.draft_depth() > 0 && draft_budget > 0;
+        let proposals = if speculate && !session_has_no_drafters(shared) {
             let (proposals, waited) = shared.gather(plan.step_wait);
             waits.push(waited);
             proposals

@@ -76,6 +76,9 @@ impl Shared {
     pub(crate) fn set_status(&self, link: usize, status: LinkStatus, error: Option<String>) {
         let mut state = self.lock();
         state.links[link].status = status;
+        if status == LinkStatus::Connected {
+            state.links[link].late_steps = 0;
+        }
         if let Some(error) = error {
             state.links[link].error = error;
         }
@@ -93,7 +96,13 @@ impl Shared {
         let State { context, links } = &mut *state;
         let link_state = &mut links[link];
         match AnchoredBlock::try_from(block) {
-            Ok(block) => {
+            Ok(mut block) => {
+                // A drafter cannot prove that its tokens were drawn from the distributions
+                // it sends, and rejection sampling with a false distribution would bias the
+                // output; remote drafts are verified as point masses, which is exact.
+                for branch in &mut block.branches {
+                    branch.probs = None;
+                }
                 if let Err(rejection) = link_state.inbox.push(block, context) {
                     tracing::debug!(drafter = link, %rejection, "draft block dropped");
                 }
