@@ -17,7 +17,9 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Channels to the replicas of one or more services.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    channels: Mutex<HashMap<SocketAddr, Channel>>,
+    /// Per `(host, port)`: a channel for each address it resolved to last time (addresses
+    /// that no longer resolve, such as replaced pods, are forgotten).
+    channels: Mutex<HashMap<(String, u16), HashMap<SocketAddr, Channel>>>,
     next: AtomicUsize,
 }
 
@@ -34,7 +36,9 @@ impl Balancer {
             return Err(format!("{host} resolves to no address"));
         }
         let addr = addrs[self.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let channels = all.entry((host.to_string(), port)).or_default();
+        channels.retain(|known, _| addrs.contains(known));
         if let Some(channel) = channels.get(&addr) {
             return Ok((addr, channel.clone()));
         }

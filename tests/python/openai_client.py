@@ -4,9 +4,22 @@ Usage: python openai_client.py BASE_URL MODEL
 Exits non-zero with a message on the first failed check.
 """
 
+import json
 import sys
+import urllib.error
+import urllib.request
 
 import openai
+
+
+def raw_post(url: str, body: bytes) -> tuple[int, dict]:
+    """POSTs `body` as is; returns the status and the parsed JSON answer."""
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def main() -> None:
@@ -86,6 +99,18 @@ def main() -> None:
             assert error.body and error.body.get("message"), error.body
         else:
             raise AssertionError(f"{kwargs} was accepted")
+    chat_url = base_url.rstrip("/") + "/chat/completions"
+    for body, status in [
+        (b"{not json", 400),
+        (b'{"messages": "hello"}', 400),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}', 400),
+        (b" " * (5 * 1024 * 1024), 413),
+    ]:
+        code, answer = raw_post(chat_url, body)
+        assert code == status, (body[:40], code, answer)
+        assert answer["error"]["message"], answer
+    code, answer = raw_post(base_url.rstrip("/") + "/no/such/route", b"{}")
+    assert code == 404 and answer["error"]["message"], (code, answer)
     print("ok")
 
 

@@ -43,6 +43,8 @@ pub struct Generation {
 pub enum GatewayError {
     #[error("{0}")]
     InvalidRequest(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("the model `{requested}` does not exist; this server serves `{served}`")]
     ModelNotFound { requested: String, served: String },
     #[error("no verifier is reachable: {0}")]

@@ -30,7 +30,9 @@ impl GatewayService {
 impl From<GatewayError> for Status {
     fn from(error: GatewayError) -> Self {
         match error {
-            GatewayError::InvalidRequest(message) => Status::invalid_argument(message),
+            GatewayError::InvalidRequest(message) | GatewayError::PayloadTooLarge(message) => {
+                Status::invalid_argument(message)
+            }
             error @ GatewayError::ModelNotFound { .. } => Status::not_found(error.to_string()),
             error @ GatewayError::Unavailable(_) => Status::unavailable(error.to_string()),
             GatewayError::Verifier(status) => status,

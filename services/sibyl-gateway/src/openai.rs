@@ -40,6 +40,11 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, kind, code) = match &self {
+            GatewayError::PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Value::Null,
+            ),
             GatewayError::InvalidRequest(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -86,9 +91,19 @@ fn invalid(message: impl Into<String>) -> GatewayError {
     GatewayError::InvalidRequest(message.into())
 }
 
+/// A request body as the extractor delivered it (an error when it is over the size limit or
+/// could not be read).
+type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+
 /// Parses a JSON body, with serde's message (which names the field) on failure.
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, GatewayError> {
-    serde_json::from_slice(body).map_err(|e| invalid(format!("invalid request body: {e}")))
+fn parse<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, GatewayError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => GatewayError::PayloadTooLarge(format!(
+            "the request body is over the limit of {MAX_BODY_BYTES} bytes"
+        )),
+        _ => invalid(format!("cannot read the request body: {rejection}")),
+    })?;
+    serde_json::from_slice(&body).map_err(|e| invalid(format!("invalid request body: {e}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,9 +285,9 @@ enum Kind {
 
 async fn completions(
     State(gateway): State<Arc<Gateway>>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, GatewayError> {
-    let request: CompletionRequest = parse(&body)?;
+    let request: CompletionRequest = parse(body)?;
     if request.echo {
         return Err(invalid("`echo` is not supported"));
     }
@@ -286,9 +301,9 @@ async fn completions(
 
 async fn chat_completions(
     State(gateway): State<Arc<Gateway>>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, GatewayError> {
-    let request: ChatRequest = parse(&body)?;
+    let request: ChatRequest = parse(body)?;
     let messages = request
         .messages
         .into_iter()
