@@ -117,7 +117,8 @@ fn summary(report: &GenerationReport, waits: &[Duration], shared: &Shared) -> pb
             state: match link.status {
                 LinkStatus::Connected => pb::DrafterState::Connected,
                 LinkStatus::Refused => pb::DrafterState::Refused,
-                LinkStatus::Connecting | LinkStatus::Failed => pb::DrafterState::Failed,
+                LinkStatus::Connecting => pb::DrafterState::Connecting,
+                LinkStatus::Failed => pb::DrafterState::Failed,
             } as i32,
             error: link.error.clone(),
         })
