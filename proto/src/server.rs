@@ -9,7 +9,7 @@ use tonic_health::ServingStatus;
 /// A server builder with health and reflection added. Health starts NOT_SERVING for the
 /// whole server and for `service`; the role calls [`set_serving`] once it is loaded and
 /// warmed up.
-pub async fn base_router(
+async fn base_router(
     builder: &mut Server,
     service: &str,
 ) -> Result<(Router, HealthReporter), tonic_reflection::server::Error> {
@@ -28,7 +28,7 @@ pub async fn base_router(
 }
 
 /// Marks the whole server and the named service SERVING.
-pub async fn set_serving(reporter: &HealthReporter, service: &str) {
+async fn set_serving(reporter: &HealthReporter, service: &str) {
     reporter
         .set_service_status("", ServingStatus::Serving)
         .await;
@@ -38,7 +38,7 @@ pub async fn set_serving(reporter: &HealthReporter, service: &str) {
 }
 
 /// Marks the named service and the whole server NOT_SERVING (shutting down).
-pub async fn set_not_serving(reporter: &HealthReporter, service: &str) {
+async fn set_not_serving(reporter: &HealthReporter, service: &str) {
     reporter
         .set_service_status(service, ServingStatus::NotServing)
         .await;
@@ -64,7 +64,7 @@ pub enum ServeError {
 
 /// Runs `router` on `listener` (TCP_NODELAY: draft blocks are small and latency-bound) until
 /// `shutdown` completes.
-pub fn spawn(
+fn spawn(
     router: Router,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -73,13 +73,14 @@ pub fn spawn(
     tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
 }
 
-/// Runs a role: serves `router` on `listener` (health NOT_SERVING) while `load` runs on a
-/// blocking thread, hands its result to `ready`, then marks `service` SERVING, until
-/// `shutdown` completes. A failed load stops the server and returns the error.
+/// Runs a role: serves health, reflection and what `add_service` adds on `listener` (health
+/// NOT_SERVING) while `load` runs on a blocking thread, hands its result to `ready`, then
+/// marks `service` SERVING, until `shutdown` completes. A failed load stops the server and
+/// returns the error.
 pub async fn run_role<T, E>(
     listener: tokio::net::TcpListener,
-    (router, health): (Router, HealthReporter),
     service: &str,
+    add_service: impl FnOnce(Router) -> Router,
     load: impl FnOnce() -> Result<T, E> + Send + 'static,
     ready: impl FnOnce(T),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -88,7 +89,9 @@ where
     T: Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    let server = spawn(router, listener, shutdown);
+    let mut builder = Server::builder();
+    let (router, health) = base_router(&mut builder, service).await?;
+    let server = spawn(add_service(router), listener, shutdown);
     match load_blocking(load).await {
         Ok(loaded) => ready(loaded),
         Err(error) => {
@@ -103,7 +106,7 @@ where
 }
 
 /// Runs `load` on a blocking thread (it may read or fetch a model file).
-pub async fn load_blocking<T, E>(
+async fn load_blocking<T, E>(
     load: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, ServeError>
 where
@@ -113,4 +116,28 @@ where
     tokio::task::spawn_blocking(load)
         .await?
         .map_err(|e| ServeError::Load(e.into()))
+}
+
+/// One switch that stops several servers: each takes a [`ShutdownSwitch::stopped`] future.
+#[derive(Debug)]
+pub struct ShutdownSwitch(tokio::sync::watch::Sender<bool>);
+
+impl Default for ShutdownSwitch {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(false).0)
+    }
+}
+
+impl ShutdownSwitch {
+    /// Completes once [`ShutdownSwitch::trigger`] has been called (at once if it already was).
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut receiver = self.0.subscribe();
+        async move {
+            let _ = receiver.wait_for(|&stopped| stopped).await;
+        }
+    }
+
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
 }

@@ -7,6 +7,7 @@ use sibyl_drafter::DraftService;
 use sibyl_gateway::GatewayConfig;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_proto::client::wait_until_serving;
+use sibyl_proto::server::ShutdownSwitch;
 use sibyl_proto::v1 as pb;
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::net::SocketAddr;
@@ -15,7 +16,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// The small real model the service tests run (fetched and checked on first use).
@@ -63,7 +63,9 @@ pub struct Cluster {
     pub gateway_http: SocketAddr,
     pub verifier: SocketAddr,
     pub drafters: Vec<SocketAddr>,
-    stop: watch::Sender<bool>,
+    /// The tokenizer side of the model, for tests that send token ids.
+    pub text: sibyl_engine::TextModel,
+    stop: ShutdownSwitch,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -71,10 +73,8 @@ impl Cluster {
     /// Starts the cluster on [`TEST_MODEL`] and waits until the verifier is SERVING.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Self> {
         let path = tokio::task::spawn_blocking(test_model_path).await??;
-        let (stop, stopped) = watch::channel(false);
-        let until = |mut stopped: watch::Receiver<bool>| async move {
-            let _ = stopped.wait_for(|&s| s).await;
-        };
+        let text = sibyl_engine::load_text(&path)?;
+        let stop = ShutdownSwitch::default();
         let mut tasks = Vec::new();
         let mut drafters = Vec::new();
         let mut endpoints = Vec::new();
@@ -88,7 +88,7 @@ impl Cluster {
             }));
             let path = path.clone();
             let load = move || sibyl_engine::load_text(&path).map(|t| t.tokenizer.fingerprint());
-            let server = sibyl_drafter::serve(listener, service, load, until(stopped.clone()));
+            let server = sibyl_drafter::serve(listener, service, load, stop.stopped());
             tasks.push(tokio::spawn(async move {
                 server.await.expect("drafter server")
             }));
@@ -108,12 +108,8 @@ impl Cluster {
         };
         let model_path = path.clone();
         let load = move || sibyl_engine::load(&model_path, &sibyl_engine::LoadOptions::default());
-        let server = sibyl_verifier::serve(
-            listener,
-            VerifierService::new(config),
-            load,
-            until(stopped.clone()),
-        );
+        let server =
+            sibyl_verifier::serve(listener, VerifierService::new(config), load, stop.stopped());
         tasks.push(tokio::spawn(async move {
             server.await.expect("verifier server")
         }));
@@ -133,7 +129,7 @@ impl Cluster {
             http,
             config,
             move || sibyl_engine::load_text(&text_path),
-            until(stopped),
+            stop.stopped(),
         );
         tasks.push(tokio::spawn(async move {
             server.await.expect("gateway server")
@@ -144,6 +140,7 @@ impl Cluster {
             gateway_http,
             verifier,
             drafters,
+            text,
             stop,
             tasks,
         };
@@ -176,9 +173,17 @@ impl Cluster {
         )
     }
 
+    /// The token ids of `text` in the served model's vocabulary.
+    pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        self.text
+            .tokenizer
+            .encode(text)
+            .expect("the test text tokenizes")
+    }
+
     /// Stops every server.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.trigger();
         for task in self.tasks {
             task.abort();
         }

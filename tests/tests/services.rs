@@ -22,12 +22,6 @@ const PROMPTS: [&str; 3] = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
 ];
 
-fn tokenize(text: &str) -> Vec<u32> {
-    let path = sibyl_tests::test_model_path().expect("test model");
-    let model = sibyl_engine::load_text(&path).expect("tokenizer");
-    model.tokenizer.encode(text).expect("encode")
-}
-
 fn request(prompt: &[u32], max_tokens: u32, speculation: pb::SpeculationMode) -> pb::VerifyRequest {
     pb::VerifyRequest {
         prompt_tokens: prompt.to_vec(),
@@ -70,7 +64,7 @@ async fn assert_speculation_changes_nothing(
     max_tokens: u32,
 ) -> pb::VerifySummary {
     let mut verifier = cluster.verifier_client().await.unwrap();
-    let tokens = tokenize(prompt);
+    let tokens = cluster.tokenize(prompt);
     let plain = request(&tokens, max_tokens, pb::SpeculationMode::Off);
     let (plain, plain_summary) = verify(&mut verifier, plain).await.unwrap();
     let speculative = request(&tokens, max_tokens, pb::SpeculationMode::On);
@@ -113,7 +107,7 @@ async fn greedy_output_through_the_gateway_with_two_drafters_equals_plain_decodi
             gateway_text(&cluster, prompt, pb::SpeculationMode::Unspecified).await;
         assert_eq!(text, plain_text, "prompt {prompt:?}");
         let usage = gateway_summary.usage.unwrap();
-        assert_eq!(usage.prompt_tokens as usize, tokenize(prompt).len());
+        assert_eq!(usage.prompt_tokens as usize, cluster.tokenize(prompt).len());
     }
     assert!(
         accepted > 0,
@@ -128,7 +122,7 @@ async fn seeded_sampling_gives_the_same_tokens_with_and_without_drafters() {
         .await
         .expect("cluster");
     let mut verifier = cluster.verifier_client().await.unwrap();
-    let tokens = tokenize(PROMPTS[0]);
+    let tokens = cluster.tokenize(PROMPTS[0]);
     let sampled = |mode| {
         let mut request = request(&tokens, 48, mode);
         request.sampling = Some(pb::SamplingParams {
@@ -415,7 +409,7 @@ async fn bad_requests_get_clear_statuses_and_leak_no_session() {
         .await
         .expect("cluster");
     let mut verifier = cluster.verifier_client().await.unwrap();
-    let good = tokenize("Hello");
+    let good = cluster.tokenize("Hello");
     let mut cases: Vec<(pb::VerifyRequest, Code, &str)> = vec![
         (
             request(&[], 8, pb::SpeculationMode::On),

@@ -11,6 +11,7 @@ use sibyl_drafter::{DraftService, MakeDrafter};
 use sibyl_gateway::GatewayConfig;
 use sibyl_ngram::NgramDrafter;
 use sibyl_proto::client::ServiceAddress;
+use sibyl_proto::server::ShutdownSwitch;
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -359,16 +360,13 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let drafter_addr = drafter_listener.local_addr()?;
         let verifier_addr = verifier_listener.local_addr()?;
 
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let until = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = stopped.wait_for(|&s| s).await;
-        };
+        let stop = ShutdownSwitch::default();
         let load = text_loader(model.clone());
         let drafter = tokio::spawn(sibyl_drafter::serve(
             drafter_listener,
             DraftService::new(make),
             move || load().map(|text| text.tokenizer.fingerprint()),
-            until(stopped.clone()),
+            stop.stopped(),
         ));
         let endpoint = format!("ngram=http://{drafter_addr}").parse::<DrafterEndpoint>()?;
         let config = args.verifier.config(name.clone(), vec![endpoint])?;
@@ -377,7 +375,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             verifier_listener,
             VerifierService::new(config),
             move || load_model(&verifier_model),
-            until(stopped.clone()),
+            stop.stopped(),
         ));
         let gateway_config = GatewayConfig {
             model_name: name.clone(),
@@ -391,7 +389,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             http,
             gateway_config,
             text_loader(model),
-            until(stopped),
+            stop.stopped(),
         ));
         tracing::info!("loading {name}");
         loop {
@@ -419,7 +417,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        let _ = stop.send(true);
+        stop.trigger();
         let mut outcome = Ok(());
         for (role, task) in tasks {
             let error = match tokio::time::timeout(Duration::from_secs(10), task).await {

@@ -14,6 +14,7 @@ use sibyl_proto::server::{run_role, ServeError};
 use sibyl_proto::v1::drafter_server::{DrafterServer, SERVICE_NAME};
 use std::future::Future;
 use tokio::net::TcpListener;
+use tonic::transport::server::Router;
 
 /// Serves `service` on `listener` until `shutdown` completes. Health says SERVING once
 /// `load` (run on a blocking thread: it may fetch a model file) has returned the tokenizer
@@ -27,17 +28,7 @@ pub async fn serve<E>(
 where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    let mut builder = tonic::transport::Server::builder();
-    let (router, health) = sibyl_proto::server::base_router(&mut builder, SERVICE_NAME).await?;
-    let router = router.add_service(DrafterServer::new(service.clone()));
+    let add = |router: Router| router.add_service(DrafterServer::new(service.clone()));
     let ready = |fingerprint| service.set_ready(fingerprint);
-    run_role(
-        listener,
-        (router, health),
-        SERVICE_NAME,
-        load,
-        ready,
-        shutdown,
-    )
-    .await
+    run_role(listener, SERVICE_NAME, add, load, ready, shutdown).await
 }

@@ -14,12 +14,12 @@ pub use stop::StopStrings;
 
 use sibyl_engine::TextModel;
 use sibyl_proto::client::ServiceAddress;
-use sibyl_proto::server::{load_blocking, ServeError};
+use sibyl_proto::server::{run_role, ServeError, ShutdownSwitch};
 use sibyl_proto::v1::gateway_server::{GatewayServer, SERVICE_NAME};
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tonic::transport::server::Router;
 
 /// Everything the gateway needs besides the model's text side.
 #[derive(Debug, Clone)]
@@ -46,37 +46,25 @@ pub async fn serve<E>(
 where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    let (stop, stopped) = watch::channel(false);
+    let switch = ShutdownSwitch::default();
+    let (grpc_stopped, http_stopped) = (switch.stopped(), switch.stopped());
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop.send(true);
+        switch.trigger();
     });
-    let until = |mut stopped: watch::Receiver<bool>| async move {
-        let _ = stopped.wait_for(|&s| s).await;
-    };
-    let mut builder = tonic::transport::Server::builder();
-    let (router, health) = sibyl_proto::server::base_router(&mut builder, SERVICE_NAME).await?;
     let service = GatewayService::default();
-    let router = router.add_service(GatewayServer::new(service.clone()));
-    let grpc_server = sibyl_proto::server::spawn(router, grpc, until(stopped.clone()));
-    let text = match load_blocking(load).await {
-        Ok(text) => text,
-        Err(error) => {
-            grpc_server.abort();
-            return Err(error);
-        }
+    let add = |router: Router| router.add_service(GatewayServer::new(service.clone()));
+    let mut http_server = None;
+    let ready = |text| {
+        let gateway = Arc::new(Gateway::new(config, text));
+        service.set_ready(gateway.clone());
+        let server =
+            axum::serve(http, openai::router(gateway)).with_graceful_shutdown(http_stopped);
+        http_server = Some(tokio::spawn(server.into_future()));
     };
-    let gateway = Arc::new(Gateway::new(config, text));
-    service.set_ready(gateway.clone());
-    let http_server = tokio::spawn(
-        axum::serve(http, openai::router(gateway))
-            .with_graceful_shutdown(until(stopped))
-            .into_future(),
-    );
-    sibyl_proto::server::set_serving(&health, SERVICE_NAME).await;
-    tracing::info!("gateway ready");
-    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
-    grpc_result??;
-    http_result?.map_err(ServeError::Http)?;
+    run_role(grpc, SERVICE_NAME, add, load, ready, grpc_stopped).await?;
+    if let Some(server) = http_server {
+        server.await?.map_err(ServeError::Http)?;
+    }
     Ok(())
 }

@@ -25,6 +25,7 @@ use std::future::Future;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
+use tonic::transport::server::Router;
 
 /// Serves `service` on `listener` until `shutdown` completes. Health says SERVING once
 /// `load` (run on a blocking thread: it may fetch a model file) has returned the model and a
@@ -38,20 +39,10 @@ pub async fn serve<E>(
 where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    let mut builder = tonic::transport::Server::builder();
-    let (router, health) = sibyl_proto::server::base_router(&mut builder, SERVICE_NAME).await?;
-    let router = router.add_service(VerifierServer::new(service.clone()));
+    let add = |router: Router| router.add_service(VerifierServer::new(service.clone()));
     let load = move || load().map_err(Into::into).and_then(warm_up);
     let ready = |engine| service.set_ready(Arc::new(engine));
-    run_role(
-        listener,
-        (router, health),
-        SERVICE_NAME,
-        load,
-        ready,
-        shutdown,
-    )
-    .await
+    run_role(listener, SERVICE_NAME, add, load, ready, shutdown).await
 }
 
 /// Runs a short generation so the first request does not pay for thread-pool start-up and

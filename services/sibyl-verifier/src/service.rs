@@ -106,6 +106,13 @@ impl VerifierService {
             max_branches: speculation.max_branches as u32,
             max_tokens_ahead: (2 * speculation.max_draft_depth) as u32,
         };
+        // What the drafters were told is what their blocks are held to.
+        let inbox = InboxLimits {
+            vocab_size: engine.loaded.model.vocab_size(),
+            max_branch_tokens: (open.max_block_tokens + open.max_tokens_ahead) as usize,
+            max_branches: open.max_branches as usize,
+            capacity: speculation.inbox_capacity,
+        };
         let links: Vec<LinkParams> = endpoints
             .into_iter()
             .enumerate()
@@ -120,6 +127,7 @@ impl VerifierService {
             config: generation,
             drafter_kinds: links.iter().map(|l| l.endpoint.kind.clone()).collect(),
             step_wait: speculation.step_wait,
+            inbox,
         };
         Ok((plan, links))
     }
@@ -178,14 +186,7 @@ impl pb::verifier_server::Verifier for VerifierService {
             )));
         }
         inner.started.fetch_add(1, Ordering::Relaxed);
-        let speculation = &inner.config.speculation;
-        let limits = InboxLimits {
-            vocab_size: engine.loaded.model.vocab_size(),
-            max_branch_tokens: 3 * speculation.max_draft_depth,
-            max_branches: speculation.max_branches,
-            capacity: speculation.inbox_capacity,
-        };
-        let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), limits));
+        let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), plan.inbox));
         let (accepted_len, watch_len) = watch::channel(plan.prompt.len());
         let tasks: Vec<_> = links
             .into_iter()

@@ -4,7 +4,7 @@ use crate::shared::{LinkStatus, Shared};
 use sibyl_decode::{FinishReason, GenerateError, GenerationConfig, GenerationReport, Session};
 use sibyl_engine::LoadedModel;
 use sibyl_proto::v1::{self as pb, verify_event::Event};
-use sibyl_spec::TokenId;
+use sibyl_spec::{InboxLimits, TokenId};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -23,6 +23,8 @@ pub(crate) struct Plan {
     /// Kind of each drafter, by link index.
     pub(crate) drafter_kinds: Vec<String>,
     pub(crate) step_wait: Duration,
+    /// What each drafter's blocks are held to.
+    pub(crate) inbox: InboxLimits,
 }
 
 pub(crate) type Events = mpsc::Sender<Result<pb::VerifyEvent, Status>>;
@@ -58,7 +60,8 @@ fn steps(
     events: &Events,
 ) -> Result<(GenerationReport, Vec<Duration>), GenerateError> {
     let model = &engine.loaded.model;
-    let draft_budget = plan.config.draft_budget;
+    // Whether steps gather drafts at all (no drafters, or a zero budget: plain decoding).
+    let gathers = plan.config.draft_budget > 0 && !plan.drafter_kinds.is_empty();
     let mut session = Session::new(model, &plan.prompt, plan.config, plan.drafter_kinds)?;
     let mut step = {
         let _turn = engine.compute.lock().unwrap_or_else(|e| e.into_inner());
@@ -84,8 +87,7 @@ fn steps(
         if events.is_closed() {
             return Ok((session.finish(FinishReason::Cancelled), waits));
         }
-        let speculate = session.draft_depth() > 0 && draft_budget > 0;
-        let proposals = if speculate && !session_has_no_drafters(shared) {
+        let proposals = if gathers && session.draft_depth() > 0 {
             let (proposals, waited) = shared.gather(plan.step_wait);
             waits.push(waited);
             proposals
@@ -95,10 +97,6 @@ fn steps(
         let _turn = engine.compute.lock().unwrap_or_else(|e| e.into_inner());
         step = session.step(proposals)?;
     }
-}
-
-fn session_has_no_drafters(shared: &Shared) -> bool {
-    shared.lock().links.is_empty()
 }
 
 fn summary(report: &GenerationReport, waits: &[Duration], shared: &Shared) -> pb::VerifySummary {
