@@ -32,6 +32,7 @@ fn request(prompt: &[u32], max_tokens: u32, speculation: pb::SpeculationMode) ->
             drafters: Vec::new(),
         }),
         tokenizer_fingerprint: String::new(),
+        step_times: false,
     }
 }
 

@@ -7,6 +7,6 @@
 mod session;
 
 pub use session::{
-    check_request, generate, DrafterReport, FinishReason, GenerateError, GenerationConfig,
-    GenerationReport, Session, Step,
+    check_request, generate, generate_cancellable, DrafterReport, FinishReason, GenerateError,
+    GenerationConfig, GenerationReport, Session, Step,
 };

@@ -78,7 +78,9 @@ pub struct GenerationReport {
     pub steps: usize,
     pub prompt_time: Duration,
     pub decode_time: Duration,
-    /// Duration of each verify step (draft, forward, verify, cache update).
+    /// Duration of each verify step (tree building, forward, verify, cache update; the
+    /// drafters' own time comes before the step). The first is the first token's, sampled
+    /// from the prompt's logits.
     pub step_times: Vec<Duration>,
     pub drafters: Vec<DrafterReport>,
     /// The seed the sampling used.
@@ -94,11 +96,13 @@ impl GenerationReport {
         self.tokens.len() as f64 / self.steps as f64
     }
 
-    /// Generated tokens per second of decoding, prompt processing excluded.
+    /// Tokens per second of decoding, prompt processing excluded. The first token comes
+    /// from the prompt's forward pass, so it is not counted: the rate is the tokens after
+    /// it over the time from it to the end.
     pub fn tokens_per_second(&self) -> f64 {
         let secs = self.decode_time.as_secs_f64();
         if secs > 0.0 {
-            self.tokens.len() as f64 / secs
+            self.tokens.len().saturating_sub(1) as f64 / secs
         } else {
             0.0
         }
@@ -113,17 +117,33 @@ pub fn generate(
     prompt: &[TokenId],
     config: &GenerationConfig,
     drafters: &mut [Box<dyn Drafter>],
+    on_tokens: impl FnMut(&[TokenId]) -> ControlFlow<()>,
+) -> Result<GenerationReport, GenerateError> {
+    generate_cancellable(model, prompt, config, drafters, &mut || false, on_tokens)
+}
+
+/// [`generate`], also asking `cancelled` between prompt chunks and before each step: a
+/// long prompt can be stopped before its first token.
+pub fn generate_cancellable(
+    model: &Model,
+    prompt: &[TokenId],
+    config: &GenerationConfig,
+    drafters: &mut [Box<dyn Drafter>],
+    cancelled: &mut dyn FnMut() -> bool,
     mut on_tokens: impl FnMut(&[TokenId]) -> ControlFlow<()>,
 ) -> Result<GenerationReport, GenerateError> {
     let kinds = drafters.iter().map(|d| d.kind().to_string()).collect();
     let mut session = Session::new(model, prompt, config.clone(), kinds)?;
-    let mut step = session.prefill(&mut || false)?;
+    let mut step = session.prefill(cancelled)?;
     loop {
         if !step.tokens.is_empty() && on_tokens(&step.tokens).is_break() {
             return Ok(session.finish(FinishReason::Cancelled));
         }
         if let Some(reason) = step.finish {
             return Ok(session.finish(reason));
+        }
+        if cancelled() {
+            return Ok(session.finish(FinishReason::Cancelled));
         }
         let depth = session.draft_depth();
         let mut proposals = Vec::new();

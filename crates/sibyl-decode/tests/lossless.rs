@@ -228,3 +228,37 @@ fn generation_stops_at_the_context_window() {
     assert_eq!(report.finish_reason, FinishReason::Length);
     assert!(report.tokens.len() <= 5);
 }
+
+#[test]
+fn a_cancelled_generation_stops_before_its_next_step() {
+    let model = &models()[0];
+    let prompt: Vec<u32> = (0..40).map(|i| [7, 8][i % 2]).collect();
+    let mut asked = 0;
+    let report = sibyl_decode::generate_cancellable(
+        model,
+        &prompt,
+        &config(50, 0, 0),
+        &mut [],
+        &mut || {
+            asked += 1;
+            asked > 4
+        },
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_eq!(report.finish_reason, FinishReason::Cancelled);
+    // One prompt chunk, then the first token and three steps.
+    assert_eq!(report.tokens.len(), 4);
+    let mut always = || true;
+    let report = sibyl_decode::generate_cancellable(
+        model,
+        &prompt,
+        &config(50, 0, 0),
+        &mut [],
+        &mut always,
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_eq!(report.finish_reason, FinishReason::Cancelled);
+    assert!(report.tokens.is_empty());
+}

@@ -1,4 +1,4 @@
-use crate::args::{DraftKind, ModelArgs, SamplingArgs, SpeculationArgs};
+use crate::args::{DraftKind, ModelArgs, NgramArgs, SamplingArgs, SpeculationArgs};
 use crate::progress::BarProgress;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -81,11 +81,19 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
     }
 }
 
-/// Builds the drafters of `kind`.
+/// Builds the drafters `speculation` asks for.
 pub fn drafters(speculation: &SpeculationArgs) -> anyhow::Result<Vec<Box<dyn Drafter>>> {
     Ok(match speculation.draft {
         DraftKind::None => Vec::new(),
-        DraftKind::Ngram => vec![Box::new(NgramDrafter::new(speculation.ngram.config()?))],
+        kind => vec![drafter(kind, &speculation.ngram)?],
+    })
+}
+
+/// Builds one in-process drafter of `kind`.
+pub fn drafter(kind: DraftKind, ngram: &NgramArgs) -> anyhow::Result<Box<dyn Drafter>> {
+    Ok(match kind {
+        DraftKind::None => bail!("`none` is not a drafter"),
+        DraftKind::Ngram => Box::new(NgramDrafter::new(ngram.config()?)),
     })
 }
 

@@ -1,6 +1,7 @@
 //! `sibyl`: the command line of the sibyl speculative-decoding server.
 
 mod args;
+mod bench;
 mod generate;
 mod progress;
 mod roles;
@@ -29,6 +30,9 @@ enum Command {
     Verifier(roles::VerifierRoleArgs),
     /// Run a drafter role.
     Drafter(roles::DrafterArgs),
+    /// Measure speculation against plain decoding on benchmark prompts (tokens/s, speedup,
+    /// accepted tokens per step) and check that outputs are identical.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Command::Gateway(args) => roles::run_gateway(args),
         Command::Verifier(args) => roles::run_verifier(args),
         Command::Drafter(args) => roles::run_drafter(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

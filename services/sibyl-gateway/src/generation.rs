@@ -36,6 +36,8 @@ pub struct Generation {
     pub sampling: pb::SamplingParams,
     pub speculation: Option<pb::Speculation>,
     pub stop: Vec<String>,
+    /// Report token ids and step durations in the summary.
+    pub details: bool,
 }
 
 /// Why a request failed.
@@ -82,6 +84,9 @@ pub struct Summary {
     pub decode_time: Duration,
     pub draft_wait_p50: Duration,
     pub draft_wait_p99: Duration,
+    /// With `details`: the generated token ids, and each verify step's duration (µs).
+    pub token_ids: Vec<u32>,
+    pub step_micros: Vec<u32>,
 }
 
 /// What a running generation sends: text pieces, then one summary (or an error).
@@ -178,6 +183,7 @@ impl Gateway {
             sampling: Some(sampling),
             speculation: request.speculation,
             tokenizer_fingerprint: sibyl_proto::fingerprint(self.text.tokenizer.fingerprint()),
+            step_times: request.details,
         };
         let prompt_tokens = verify.prompt_tokens.len();
         let mut client = self.client().await?;
@@ -197,7 +203,7 @@ impl Gateway {
             self.text.clone(),
             events,
             stops,
-            (prompt_count, seed),
+            (prompt_count, seed, request.details),
             output,
         ));
         Ok((prompt_tokens, receiver))
@@ -270,11 +276,12 @@ async fn relay(
     text: Arc<TextModel>,
     mut events: tonic::Streaming<pb::VerifyEvent>,
     mut stops: StopStrings,
-    (prompt_tokens, seed): (u32, u64),
+    (prompt_tokens, seed, details): (u32, u64, bool),
     output: mpsc::Sender<Result<Output, GatewayError>>,
 ) {
     let mut detokenizer = Detokenizer::new(&text.tokenizer);
     let mut completion_tokens = 0u32;
+    let mut token_ids = Vec::new();
     loop {
         let event = tokio::select! {
             () = output.closed() => return,
@@ -298,6 +305,9 @@ async fn relay(
         match event {
             Event::Tokens(tokens) => {
                 let mut piece = String::new();
+                if details {
+                    token_ids.extend_from_slice(&tokens.tokens);
+                }
                 for token in tokens.tokens {
                     completion_tokens += 1;
                     match detokenizer.push(token) {
@@ -325,6 +335,7 @@ async fn relay(
                         prompt_tokens,
                         completion_tokens,
                         seed,
+                        token_ids,
                         ..Summary::default()
                     };
                     let _ = output.send(Ok(Output::Done(summary))).await;
@@ -350,7 +361,10 @@ async fn relay(
                     return;
                 }
                 let _ = output
-                    .send(Ok(Output::Done(Summary::from_verifier(summary, stopped))))
+                    .send(Ok(Output::Done(Summary {
+                        token_ids,
+                        ..Summary::from_verifier(summary, stopped)
+                    })))
                     .await;
                 return;
             }
@@ -381,6 +395,8 @@ impl Summary {
             draft_wait_p50: sibyl_proto::std_duration(summary.draft_wait_p50.as_ref()),
             draft_wait_p99: sibyl_proto::std_duration(summary.draft_wait_p99.as_ref()),
             drafters: summary.drafters,
+            token_ids: Vec::new(),
+            step_micros: summary.step_micros,
         }
     }
 }

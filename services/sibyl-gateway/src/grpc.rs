@@ -62,6 +62,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             sampling: request.sampling.unwrap_or_default(),
             speculation: request.speculation,
             stop: request.stop,
+            details: request.details,
         })
     }
 }
@@ -103,6 +104,8 @@ impl pb::gateway_server::Gateway for GatewayService {
                             decode_time: Some(sibyl_proto::duration(summary.decode_time)),
                             draft_wait_p50: Some(sibyl_proto::duration(summary.draft_wait_p50)),
                             draft_wait_p99: Some(sibyl_proto::duration(summary.draft_wait_p99)),
+                            token_ids: summary.token_ids,
+                            step_micros: summary.step_micros,
                         }),
                     };
                     pb::GenerateResponse { event: Some(event) }

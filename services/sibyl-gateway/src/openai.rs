@@ -208,6 +208,7 @@ impl Common {
             },
             speculation,
             stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+            details: false,
         })
     }
 }

@@ -128,6 +128,7 @@ impl VerifierService {
             drafter_kinds: links.iter().map(|l| l.endpoint.kind.clone()).collect(),
             step_wait: speculation.step_wait,
             inbox,
+            step_times: request.step_times,
         };
         Ok((plan, links))
     }

@@ -25,6 +25,8 @@ pub(crate) struct Plan {
     pub(crate) step_wait: Duration,
     /// What each drafter's blocks are held to.
     pub(crate) inbox: InboxLimits,
+    /// Whether the summary lists each step's duration.
+    pub(crate) step_times: bool,
 }
 
 pub(crate) type Events = mpsc::Sender<Result<pb::VerifyEvent, Status>>;
@@ -37,11 +39,12 @@ pub(crate) fn run(
     accepted_len: watch::Sender<usize>,
     events: &Events,
 ) {
+    let step_times = plan.step_times;
     let outcome = steps(engine, plan, shared, &accepted_len, events);
     drop(accepted_len);
     let message = match outcome {
         Ok((report, waits)) => Ok(pb::VerifyEvent {
-            event: Some(Event::Summary(summary(&report, &waits, shared))),
+            event: Some(Event::Summary(summary(&report, &waits, shared, step_times))),
         }),
         // The request was checked before the session started: what fails now is ours.
         Err(error) => {
@@ -99,7 +102,12 @@ fn steps(
     }
 }
 
-fn summary(report: &GenerationReport, waits: &[Duration], shared: &Shared) -> pb::VerifySummary {
+fn summary(
+    report: &GenerationReport,
+    waits: &[Duration],
+    shared: &Shared,
+    step_times: bool,
+) -> pb::VerifySummary {
     let state = shared.lock();
     let drafters = report
         .drafters
@@ -141,7 +149,16 @@ fn summary(report: &GenerationReport, waits: &[Duration], shared: &Shared) -> pb
         decode_time: Some(sibyl_proto::duration(report.decode_time)),
         draft_wait_p50: Some(sibyl_proto::duration(percentile(0.5))),
         draft_wait_p99: Some(sibyl_proto::duration(percentile(0.99))),
+        step_micros: if step_times {
+            report.step_times.iter().map(|t| micros(*t)).collect()
+        } else {
+            Vec::new()
+        },
     }
+}
+
+fn micros(duration: Duration) -> u32 {
+    u32::try_from(duration.as_micros()).unwrap_or(u32::MAX)
 }
 
 fn count(n: usize) -> u32 {

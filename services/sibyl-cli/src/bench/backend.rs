@@ -1,0 +1,484 @@
+//! Where the benchmark's generations run: in this process on a loaded model, or through a
+//! running gateway (the distributed path).
+
+use crate::args::{DraftKind, NgramArgs};
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use sibyl_decode::{DrafterReport, FinishReason, GenerationConfig, GenerationReport};
+use sibyl_engine::{Detokenizer, LoadedModel};
+use sibyl_gateway::PromptInput;
+use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
+use sibyl_spec::Drafter;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The unmeasured generation before the first prompt.
+const WARM_UP_PROMPT: &str = "def hello():\n";
+const WARM_UP_TOKENS: usize = 8;
+
+/// The drafters of a config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drafters {
+    /// Plain decoding.
+    Off,
+    /// Every drafter kind there is (in process) or the verifier has (through a gateway).
+    All,
+    /// These kinds.
+    Kinds(Vec<String>),
+}
+
+/// A named set of drafters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchConfig {
+    pub name: String,
+    pub drafters: Drafters,
+}
+
+impl BenchConfig {
+    pub fn plain() -> Self {
+        Self {
+            name: "plain".into(),
+            drafters: Drafters::Off,
+        }
+    }
+
+    pub fn is_plain(&self) -> bool {
+        self.drafters == Drafters::Off
+    }
+
+    /// `plain`, `all`, a drafter kind (`ngram`), or kinds joined by `+`. With `local`, kinds
+    /// must be ones this binary can run; otherwise the verifier behind the gateway judges.
+    pub fn parse(name: &str, local: bool) -> anyhow::Result<Self> {
+        let drafters = match name {
+            "plain" => Drafters::Off,
+            "all" => Drafters::All,
+            _ => {
+                let mut kinds: Vec<String> = Vec::new();
+                for part in name.split('+') {
+                    if local && local_kind(part).is_none() {
+                        let names: Vec<_> = local_kinds().into_iter().map(kind_name).collect();
+                        bail!(
+                            "unknown config `{name}`: use plain, all, or drafter kinds joined by \
+                             + ({})",
+                            names.join(", ")
+                        );
+                    }
+                    if part.is_empty() || kinds.iter().any(|k| k == part) {
+                        bail!("config `{name}`: each drafter kind once, joined by +");
+                    }
+                    kinds.push(part.to_string());
+                }
+                Drafters::Kinds(kinds)
+            }
+        };
+        Ok(Self {
+            name: name.to_string(),
+            drafters,
+        })
+    }
+}
+
+/// The drafter kinds this binary runs in process.
+fn local_kinds() -> Vec<DraftKind> {
+    DraftKind::value_variants()
+        .iter()
+        .copied()
+        .filter(|k| *k != DraftKind::None)
+        .collect()
+}
+
+fn local_kind(name: &str) -> Option<DraftKind> {
+    local_kinds().into_iter().find(|k| kind_name(*k) == name)
+}
+
+/// The command-line name of a drafter kind.
+fn kind_name(kind: DraftKind) -> String {
+    kind.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// One generation's output and figures. `None` from [`Backend::generate`] means it was
+/// interrupted.
+pub type Generated = Option<(GenerationReport, String)>;
+
+pub trait Backend {
+    /// The name of the model that generates.
+    fn model(&self) -> &str;
+
+    /// One short plain generation, not measured: first-touch costs (pages of the model
+    /// file, thread pools, connections) stay out of the first prompt's figures.
+    fn warm_up(&mut self) -> anyhow::Result<()>;
+
+    /// Checks, before any measurement, that `prompt` (an item's first turn) can run.
+    fn check(&self, _prompt: &PromptInput) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Generates from `prompt` with the drafters of `config`; stops early, returning `None`,
+    /// once `interrupted` is set.
+    fn generate(
+        &mut self,
+        prompt: &PromptInput,
+        config: &BenchConfig,
+        interrupted: &AtomicBool,
+    ) -> anyhow::Result<Generated>;
+}
+
+/// Generations in this process: `sibyl generate`'s code path, model loaded once.
+pub struct InProcess {
+    pub name: String,
+    pub loaded: LoadedModel,
+    /// Everything but the drafters; `plain` runs it with a zero draft budget.
+    pub generation: GenerationConfig,
+    pub ngram: NgramArgs,
+}
+
+impl InProcess {
+    /// The prompt's tokens: chats rendered with the model's template.
+    fn tokenize(&self, prompt: &PromptInput) -> anyhow::Result<Vec<u32>> {
+        let text = match prompt {
+            PromptInput::Text(text) => text.clone(),
+            PromptInput::Chat(messages) => self
+                .loaded
+                .chat_template
+                .as_ref()
+                .context("this model file has no chat template, so it cannot run chat items")?
+                .render(messages)?,
+        };
+        Ok(self.loaded.tokenizer.encode(&text)?)
+    }
+}
+
+impl Backend for InProcess {
+    fn model(&self) -> &str {
+        &self.name
+    }
+
+    fn warm_up(&mut self) -> anyhow::Result<()> {
+        let config = GenerationConfig {
+            max_tokens: WARM_UP_TOKENS,
+            draft_budget: 0,
+            ..self.generation.clone()
+        };
+        let prompt = self.loaded.tokenizer.encode(WARM_UP_PROMPT)?;
+        sibyl_decode::generate(&self.loaded.model, &prompt, &config, &mut [], |_| {
+            ControlFlow::Continue(())
+        })?;
+        Ok(())
+    }
+
+    fn check(&self, prompt: &PromptInput) -> anyhow::Result<()> {
+        let tokens = self.tokenize(prompt)?;
+        sibyl_decode::check_request(&self.loaded.model, &tokens, &self.generation)?;
+        Ok(())
+    }
+
+    fn generate(
+        &mut self,
+        prompt: &PromptInput,
+        config: &BenchConfig,
+        interrupted: &AtomicBool,
+    ) -> anyhow::Result<Generated> {
+        let tokens = self.tokenize(prompt)?;
+        let kinds = match &config.drafters {
+            Drafters::Off => Vec::new(),
+            Drafters::All => local_kinds(),
+            Drafters::Kinds(kinds) => kinds
+                .iter()
+                .map(|k| local_kind(k).with_context(|| format!("unknown drafter kind `{k}`")))
+                .collect::<anyhow::Result<_>>()?,
+        };
+        let mut drafters = kinds
+            .into_iter()
+            .map(|kind| crate::generate::drafter(kind, &self.ngram))
+            .collect::<anyhow::Result<Vec<Box<dyn Drafter>>>>()?;
+        let mut generation = self.generation.clone();
+        if config.is_plain() {
+            generation.draft_budget = 0;
+        }
+        let report = sibyl_decode::generate_cancellable(
+            &self.loaded.model,
+            &tokens,
+            &generation,
+            &mut drafters,
+            &mut || interrupted.load(Ordering::Relaxed),
+            |_| ControlFlow::Continue(()),
+        )?;
+        if report.finish_reason == FinishReason::Cancelled {
+            return Ok(None);
+        }
+        let mut detokenizer = Detokenizer::new(&self.loaded.tokenizer);
+        let mut answer = String::new();
+        for &token in &report.tokens {
+            answer.push_str(&detokenizer.push(token)?.unwrap_or_default());
+        }
+        answer.push_str(&detokenizer.finish()?.unwrap_or_default());
+        Ok(Some((report, answer)))
+    }
+}
+
+/// Generations through a gateway's gRPC API; figures come from the verifier's summary.
+pub struct Remote {
+    runtime: tokio::runtime::Runtime,
+    client: GatewayClient<tonic::transport::Channel>,
+    model: String,
+    max_tokens: u32,
+    sampling: pb::SamplingParams,
+}
+
+impl Remote {
+    /// Connects to the gateway at `url` and asks which model it serves.
+    pub fn connect(
+        url: &str,
+        max_tokens: usize,
+        sampling: pb::SamplingParams,
+    ) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("--gateway {url}: not a URL (http://HOST:PORT)"))?
+            .connect_timeout(Duration::from_secs(10));
+        let (client, model) = runtime.block_on(async {
+            let channel = endpoint
+                .connect()
+                .await
+                .with_context(|| format!("cannot reach the gateway at {url}"))?;
+            let mut client = GatewayClient::new(channel);
+            let models = tokio::time::timeout(
+                Duration::from_secs(30),
+                client.list_models(pb::ListModelsRequest {}),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("the gateway at {url} did not answer within 30 s"))?
+            .with_context(|| format!("the gateway at {url} did not list its models"))?
+            .into_inner();
+            let model = models
+                .models
+                .first()
+                .map(|m| m.id.clone())
+                .with_context(|| format!("the gateway at {url} serves no model"))?;
+            anyhow::Ok((client, model))
+        })?;
+        Ok(Self {
+            runtime,
+            client,
+            model,
+            max_tokens: u32::try_from(max_tokens).context("--max-tokens is too large")?,
+            sampling,
+        })
+    }
+}
+
+impl Backend for Remote {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn warm_up(&mut self) -> anyhow::Result<()> {
+        let request = pb::GenerateRequest {
+            model: self.model.clone(),
+            input: Some(pb::generate_request::Input::Prompt(WARM_UP_PROMPT.into())),
+            max_tokens: WARM_UP_TOKENS as u32,
+            sampling: Some(self.sampling),
+            ..pb::GenerateRequest::default()
+        };
+        let client = &mut self.client;
+        self.runtime.block_on(async move {
+            let mut stream = client
+                .generate(request)
+                .await
+                .map_err(|s| anyhow::anyhow!("gateway: {}", s.message()))?
+                .into_inner();
+            while stream
+                .message()
+                .await
+                .map_err(|s| anyhow::anyhow!("gateway: {}", s.message()))?
+                .is_some()
+            {}
+            anyhow::Ok(())
+        })
+    }
+
+    fn generate(
+        &mut self,
+        prompt: &PromptInput,
+        config: &BenchConfig,
+        interrupted: &AtomicBool,
+    ) -> anyhow::Result<Generated> {
+        let input = match prompt {
+            PromptInput::Text(text) => pb::generate_request::Input::Prompt(text.clone()),
+            PromptInput::Chat(messages) => {
+                pb::generate_request::Input::Chat(pb::ChatConversation {
+                    messages: messages
+                        .iter()
+                        .map(|m| pb::ChatMessage {
+                            role: m.role.clone(),
+                            content: m.content.clone(),
+                        })
+                        .collect(),
+                })
+            }
+        };
+        let (mode, drafters) = match &config.drafters {
+            Drafters::Off => (pb::SpeculationMode::Off, Vec::new()),
+            Drafters::All => (pb::SpeculationMode::On, Vec::new()),
+            Drafters::Kinds(kinds) => (pb::SpeculationMode::On, kinds.clone()),
+        };
+        let speculation = pb::Speculation {
+            mode: mode as i32,
+            drafters,
+        };
+        let request = pb::GenerateRequest {
+            model: self.model.clone(),
+            input: Some(input),
+            max_tokens: self.max_tokens,
+            sampling: Some(self.sampling),
+            speculation: Some(speculation),
+            stop: Vec::new(),
+            details: true,
+        };
+        let client = &mut self.client;
+        let plain = config.is_plain();
+        self.runtime.block_on(async move {
+            let mut stream = client
+                .generate(request)
+                .await
+                .map_err(|s| anyhow::anyhow!("gateway: {}", s.message()))?
+                .into_inner();
+            let mut text = String::new();
+            let mut poll = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                let message = tokio::select! {
+                    message = stream.message() => message,
+                    _ = poll.tick() => {
+                        if interrupted.load(Ordering::Relaxed) {
+                            return Ok(None);
+                        }
+                        continue;
+                    }
+                };
+                let message = message.map_err(|s| anyhow::anyhow!("gateway: {}", s.message()))?;
+                match message.and_then(|m| m.event) {
+                    Some(pb::generate_response::Event::Delta(delta)) => text.push_str(&delta.text),
+                    Some(pb::generate_response::Event::Summary(summary)) => {
+                        if !plain {
+                            check_drafters(&summary)?;
+                        }
+                        return Ok(Some((report(summary)?, text)));
+                    }
+                    None => bail!("the gateway ended the stream without a summary"),
+                }
+            }
+        })
+    }
+}
+
+/// A speculative generation whose drafters never connected measured plain decoding under
+/// another name: an error, not a figure.
+fn check_drafters(summary: &pb::GenerateSummary) -> anyhow::Result<()> {
+    let connected = pb::DrafterState::Connected as i32;
+    if summary.drafters.iter().any(|d| d.state == connected) {
+        return Ok(());
+    }
+    let states: Vec<String> = summary
+        .drafters
+        .iter()
+        .map(|d| {
+            let state = pb::DrafterState::try_from(d.state).unwrap_or_default();
+            format!("{} at {}: {state:?} {}", d.kind, d.endpoint, d.error)
+        })
+        .collect();
+    bail!(
+        "no drafter of this config was connected to the verifier ({})",
+        if states.is_empty() {
+            "it has none".to_string()
+        } else {
+            states.join("; ")
+        }
+    )
+}
+
+/// The verifier's figures as the gateway relays them, in the in-process report's terms.
+fn report(summary: pb::GenerateSummary) -> anyhow::Result<GenerationReport> {
+    let finish_reason = match summary.finish_reason() {
+        pb::FinishReason::Stop => FinishReason::Stop,
+        pb::FinishReason::Length => FinishReason::Length,
+        other => bail!("the generation ended with {other:?}"),
+    };
+    let usage = summary.usage.unwrap_or_default();
+    if summary.token_ids.len() != usage.completion_tokens as usize {
+        bail!(
+            "the gateway returned {} token ids for {} tokens: is it older than this sibyl?",
+            summary.token_ids.len(),
+            usage.completion_tokens
+        );
+    }
+    // Several drafters of one kind (replicas) count as that kind.
+    let mut drafters: Vec<DrafterReport> = Vec::new();
+    for stats in &summary.drafters {
+        match drafters.iter_mut().find(|d| d.kind == stats.kind) {
+            Some(d) => {
+                d.proposed += stats.proposed_tokens;
+                d.accepted += stats.accepted_tokens;
+            }
+            None => drafters.push(DrafterReport {
+                kind: stats.kind.clone(),
+                proposed: stats.proposed_tokens,
+                accepted: stats.accepted_tokens,
+            }),
+        }
+    }
+    Ok(GenerationReport {
+        tokens: summary.token_ids,
+        prompt_tokens: usage.prompt_tokens as usize,
+        finish_reason,
+        steps: summary.steps as usize,
+        prompt_time: sibyl_proto::std_duration(summary.prompt_time.as_ref()),
+        decode_time: sibyl_proto::std_duration(summary.decode_time.as_ref()),
+        step_times: summary
+            .step_micros
+            .iter()
+            .map(|&us| Duration::from_micros(u64::from(us)))
+            .collect(),
+        drafters,
+        seed: summary.seed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_parse() {
+        assert_eq!(
+            BenchConfig::parse("plain", true).unwrap(),
+            BenchConfig::plain()
+        );
+        let ngram = BenchConfig::parse("ngram", true).unwrap();
+        assert_eq!(ngram.drafters, Drafters::Kinds(vec!["ngram".into()]));
+        assert!(!ngram.is_plain());
+        assert_eq!(
+            BenchConfig::parse("all", true).unwrap().drafters,
+            Drafters::All
+        );
+        let error = BenchConfig::parse("ngram+oracle", true)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown config `ngram+oracle`"), "{error}");
+        assert!(BenchConfig::parse("none", true).is_err());
+        let error = BenchConfig::parse("ngram+ngram", true)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("each drafter kind once"), "{error}");
+        // Through a gateway the verifier knows its kinds.
+        let remote = BenchConfig::parse("ngram+retrieval", false).unwrap();
+        assert_eq!(
+            remote.drafters,
+            Drafters::Kinds(vec!["ngram".into(), "retrieval".into()])
+        );
+    }
+}

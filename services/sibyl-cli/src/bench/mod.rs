@@ -1,0 +1,664 @@
+//! `sibyl bench`: plain decoding against speculative configs on benchmark prompts, side by
+//! side in one run, with an equality gate at temperature 0.
+
+mod backend;
+mod chart;
+mod dataset;
+mod results;
+
+use crate::args::{ModelArgs, NgramArgs, TreeArgs};
+use anyhow::{bail, Context};
+use backend::{Backend, BenchConfig, InProcess, Remote};
+use clap::Args;
+use dataset::{Format, Item};
+use indicatif::{ProgressBar, ProgressStyle};
+use results::{Failure, ItemRecord, Machine, Results, Setup, Speculation};
+use sibyl_decode::GenerationConfig;
+use sibyl_engine::ChatMessage;
+use sibyl_gateway::PromptInput;
+use sibyl_proto::v1 as pb;
+use sibyl_spec::SamplingConfig;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// A JSONL file of prompts: one object per line with `id`, `category`, `prompt`,
+    /// `format` (chat or completion) and optional `turns` (a conversation). Repeatable.
+    #[arg(long = "dataset", required = true)]
+    pub datasets: Vec<PathBuf>,
+
+    /// Only these categories (comma-separated; default all).
+    #[arg(long, value_delimiter = ',')]
+    pub categories: Vec<String>,
+
+    /// At most N items per category, the first in file order.
+    #[arg(long)]
+    pub limit: Option<usize>,
+
+    /// Configs to compare, comma-separated: `plain` (speculation off; always run, it is the
+    /// baseline), a drafter kind (`ngram`), kinds joined by `+`, or `all`.
+    #[arg(long, value_delimiter = ',', default_value = "plain,ngram")]
+    pub configs: Vec<String>,
+
+    /// Most tokens generated per turn.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+
+    /// Sampling temperature; at 0 (greedy) every output must equal plain decoding's.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+
+    /// Seed of the sampling, the same for every prompt and config.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Measure through the gateway at this URL (`http://HOST:PORT`, its gRPC port) instead
+    /// of in this process; `--model` and the speculation settings are then the servers'.
+    #[arg(long)]
+    pub gateway: Option<String>,
+
+    /// Directory for results.json, report.md and speedup.svg (created if needed).
+    #[arg(long)]
+    pub out: PathBuf,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub tree: TreeArgs,
+
+    #[command(flatten)]
+    pub ngram: NgramArgs,
+}
+
+/// The configs to run, plain first, each once. `local`: run in this process.
+fn configs(names: &[String], local: bool) -> anyhow::Result<Vec<BenchConfig>> {
+    let mut configs = vec![BenchConfig::plain()];
+    for name in names {
+        let config = BenchConfig::parse(name.trim(), local)?;
+        if !configs.iter().any(|c| c.name == config.name) {
+            configs.push(config);
+        }
+    }
+    Ok(configs)
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    if !args.temperature.is_finite() || args.temperature < 0.0 {
+        bail!("--temperature must be a number at least 0");
+    }
+    if args.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    if args.model.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    args.tree.validate()?;
+    args.ngram.config()?;
+    let configs = configs(&args.configs, args.gateway.is_none())?;
+    let files = args
+        .datasets
+        .iter()
+        .map(|path| dataset::read(path))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let items = dataset::select(files, &args.categories, args.limit)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create --out {}", args.out.display()))?;
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build; its timings mean little (build with --release)");
+    }
+    let sampling = SamplingConfig {
+        temperature: args.temperature,
+        top_k: None,
+        top_p: None,
+        seed: args.seed,
+    };
+    sampling.validate().context("invalid sampling parameters")?;
+    let mut backend: Box<dyn Backend> = match &args.gateway {
+        Some(url) => {
+            let params = pb::SamplingParams {
+                temperature: args.temperature,
+                top_k: 0,
+                top_p: 0.0,
+                seed: Some(args.seed),
+            };
+            Box::new(Remote::connect(url, args.max_tokens, params)?)
+        }
+        None => {
+            crate::generate::init_threads(args.model.threads);
+            let loaded = crate::generate::load_model(&args.model)?;
+            let generation = GenerationConfig {
+                max_tokens: args.max_tokens,
+                sampling,
+                draft_budget: args.tree.draft_budget,
+                max_draft_depth: args.tree.draft_depth,
+                min_draft_value: args.tree.draft_min_value,
+                exempt_draft_nodes: args.tree.draft_exempt,
+                stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
+            };
+            Box::new(InProcess {
+                name: model_name(&args.model.model),
+                loaded,
+                generation,
+                ngram: args.ngram.clone(),
+            })
+        }
+    };
+    for item in &items {
+        backend
+            .check(&first_prompt(item))
+            .with_context(|| format!("the item `{}` cannot run", item.id))?;
+    }
+    let setup = Setup {
+        sibyl_version: env!("CARGO_PKG_VERSION").to_string(),
+        date: results::utc_date(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        ),
+        command: command_line(),
+        model: backend.model().to_string(),
+        backend: args.gateway.clone().unwrap_or_else(|| "in-process".into()),
+        machine: Machine::this(),
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        datasets: args
+            .datasets
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        speculation: args.gateway.is_none().then_some(Speculation {
+            draft_budget: args.tree.draft_budget,
+            draft_depth: args.tree.draft_depth,
+            draft_min_value: args.tree.draft_min_value,
+            draft_exempt: args.tree.draft_exempt,
+            ngram_max: args.ngram.ngram_max,
+            ngram_branches: args.ngram.ngram_branches,
+        }),
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .into(),
+    };
+    let names: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
+    // An empty results file first: an unwritable --out fails now, not after a prompt.
+    Results::new(setup.clone(), names, Vec::new(), Vec::new()).write(&args.out)?;
+    backend.warm_up().context("the warm-up generation failed")?;
+    // From here Ctrl-C keeps what was measured (before, it ends the process as usual).
+    let interrupted = Arc::new(AtomicBool::new(false));
+    watch_interrupt(interrupted.clone());
+    let results = measure(
+        backend.as_mut(),
+        &items,
+        &configs,
+        setup,
+        &args.out,
+        &interrupted,
+    )?;
+    conclude(&results, &args.out)
+}
+
+/// An item's first turn as a prompt.
+fn first_prompt(item: &Item) -> PromptInput {
+    let first = item.turns.first().cloned().unwrap_or_default();
+    match item.format {
+        Format::Completion => PromptInput::Text(first),
+        Format::Chat => PromptInput::Chat(vec![ChatMessage::new("user", &first)]),
+    }
+}
+
+/// Runs every item under every config, writing the results into `out` after each item;
+/// stops early, with `interrupted` set in the results, when `interrupted` is set. A prompt
+/// that fails under some config is recorded as a failure and left out.
+fn measure(
+    backend: &mut dyn Backend,
+    items: &[Item],
+    configs: &[BenchConfig],
+    setup: Setup,
+    out: &Path,
+    interrupted: &AtomicBool,
+) -> anyhow::Result<Results> {
+    let names: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
+    let exact = setup.temperature == 0.0;
+    let runs: usize = items.iter().map(|i| i.turns.len()).sum::<usize>() * configs.len();
+    let progress = ProgressBar::new(runs as u64);
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} generations, eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    progress.enable_steady_tick(std::time::Duration::from_secs(1));
+    let mut records = Vec::new();
+    let mut failures = Vec::new();
+    let mut stopped = false;
+    // Per category, so that each category's ratios get both orders.
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    'items: for (index, item) in items.iter().enumerate() {
+        // Alternate the order (plain, X, then X, plain) so that drift of the machine
+        // cancels in the ratios.
+        let count = seen.entry(item.category.as_str()).or_default();
+        let mut order: Vec<&BenchConfig> = configs.iter().collect();
+        if *count % 2 == 1 {
+            order.reverse();
+        }
+        *count += 1;
+        let mut done = Vec::new();
+        for config in order {
+            progress.set_message(format!("{} ({})", item.id, config.name));
+            match run_item(backend, item, config, interrupted, &progress) {
+                Ok(Some(record)) => done.push(record),
+                Ok(None) => {
+                    stopped = true;
+                    break 'items;
+                }
+                Err(error) => {
+                    let error = format!("{error:#}");
+                    progress.suspend(|| eprintln!("{} ({}): {error}", item.id, config.name));
+                    failures.push(Failure {
+                        id: item.id.clone(),
+                        category: item.category.clone(),
+                        config: config.name.clone(),
+                        error,
+                    });
+                    done.clear();
+                    break;
+                }
+            }
+        }
+        if done.len() == configs.len() {
+            if let Some(plain) = done.iter().find(|r| r.config == "plain").cloned() {
+                for record in &mut done {
+                    record.compare(&plain, exact);
+                }
+            }
+            let line = item_line(index + 1, items.len(), item, configs, &done);
+            if progress.is_hidden() {
+                // Not a terminal (a log file, CI): a line per prompt instead of the bar.
+                eprintln!("{line}");
+            } else {
+                progress.println(line);
+            }
+            records.extend(done);
+        }
+        Results::new(
+            setup.clone(),
+            names.clone(),
+            records.clone(),
+            failures.clone(),
+        )
+        .write(out)?;
+    }
+    progress.finish_and_clear();
+    let mut results = Results::new(setup, names, records, failures);
+    results.interrupted = stopped;
+    results.write(out)?;
+    Ok(results)
+}
+
+/// `[3/20] id (category): plain 9.8 tok/s; ngram 14.1 tok/s 1.44x MAT 1.90 identical`.
+fn item_line(
+    number: usize,
+    count: usize,
+    item: &Item,
+    configs: &[BenchConfig],
+    records: &[ItemRecord],
+) -> String {
+    let mut line = format!("[{number}/{count}] {} ({}):", item.id, item.category);
+    for config in configs {
+        let Some(r) = records.iter().find(|r| r.config == config.name) else {
+            continue;
+        };
+        line.push_str(&format!(" {} {:.2} tok/s", r.config, r.tokens_per_s));
+        if !config.is_plain() {
+            if let Some(speedup) = r.speedup {
+                line.push_str(&format!(" {speedup:.2}x"));
+            }
+            line.push_str(&format!(
+                " MAT {:.2}",
+                r.accepted as f64 / r.steps.max(1) as f64
+            ));
+            match r.identical {
+                Some(true) => line.push_str(" identical"),
+                Some(false) => line.push_str(" DIFFERS"),
+                None => {}
+            }
+        }
+        line.push(';');
+    }
+    line.pop();
+    line
+}
+
+/// Reports a finished (or interrupted) run; an error when it was interrupted, when a prompt
+/// failed, or when any output differs from plain decoding.
+fn conclude(results: &Results, out: &Path) -> anyhow::Result<()> {
+    let prompts = results.items.len() / results.config_names.len().max(1);
+    if !results.interrupted {
+        println!("{}", results.markdown());
+    }
+    for m in &results.mismatches {
+        eprintln!(
+            "{} ({}): output differs from plain decoding in turn {} from token {}",
+            m.id, m.config, m.turn, m.position
+        );
+    }
+    if results.interrupted {
+        bail!(
+            "interrupted: the results of the {prompts} prompts finished are in {}",
+            out.display()
+        );
+    }
+    eprintln!(
+        "results of {prompts} prompts in {} (results.json, report.md, speedup.svg)",
+        out.display()
+    );
+    if !results.mismatches.is_empty() {
+        bail!(
+            "{} outputs differ from plain decoding: speculation was not lossless",
+            results.mismatches.len()
+        );
+    }
+    if !results.failures.is_empty() {
+        bail!(
+            "{} prompts failed (listed in report.md)",
+            results.failures.len()
+        );
+    }
+    Ok(())
+}
+
+/// Runs every turn of `item` under `config`; `None` when interrupted.
+fn run_item(
+    backend: &mut dyn Backend,
+    item: &Item,
+    config: &BenchConfig,
+    interrupted: &AtomicBool,
+    progress: &ProgressBar,
+) -> anyhow::Result<Option<ItemRecord>> {
+    let mut messages = Vec::new();
+    let mut turns = Vec::new();
+    for turn in &item.turns {
+        let prompt = match item.format {
+            Format::Completion => PromptInput::Text(turn.clone()),
+            Format::Chat => {
+                messages.push(ChatMessage::new("user", turn));
+                PromptInput::Chat(messages.clone())
+            }
+        };
+        let Some((report, answer)) = backend
+            .generate(&prompt, config, interrupted)
+            .with_context(|| format!("{} ({})", item.id, config.name))?
+        else {
+            return Ok(None);
+        };
+        // The next turn follows the model's own answer.
+        messages.push(ChatMessage::new("assistant", &answer));
+        turns.push(report);
+        progress.inc(1);
+    }
+    Ok(Some(ItemRecord::new(
+        &item.id,
+        &item.category,
+        &config.name,
+        &turns,
+    )))
+}
+
+/// The first Ctrl-C sets `interrupted` (the run stops after writing what it has); a second
+/// one ends the process at once.
+fn watch_interrupt(interrupted: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ninterrupted: finishing; Ctrl-C again to quit at once");
+                interrupted.store(true, Ordering::Relaxed);
+            }
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        });
+    });
+}
+
+/// A model's name for reports: the catalog name as given, or a model file's stem.
+fn model_name(model: &str) -> String {
+    let path = std::path::Path::new(model);
+    if path.is_file() {
+        if let Some(stem) = path.file_stem() {
+            return stem.to_string_lossy().into_owned();
+        }
+    }
+    model.to_string()
+}
+
+/// This process's command line, quoted for a POSIX shell where needed.
+fn command_line() -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./=:,+@%".contains(c);
+    let mut args = vec!["sibyl".to_string()];
+    for arg in std::env::args().skip(1) {
+        if !arg.is_empty() && arg.chars().all(plain) {
+            args.push(arg);
+        } else {
+            args.push(format!("'{}'", arg.replace('\'', r"'\''")));
+        }
+    }
+    args.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sibyl_engine::LoadOptions;
+
+    /// The real in-process backend, except that under the config named `lossy` the fourth
+    /// generated token of every turn (or its last, if shorter) is changed, as a speculation
+    /// bug would change it.
+    struct Lossy(InProcess);
+
+    impl Backend for Lossy {
+        fn model(&self) -> &str {
+            self.0.model()
+        }
+
+        fn warm_up(&mut self) -> anyhow::Result<()> {
+            self.0.warm_up()
+        }
+
+        fn generate(
+            &mut self,
+            prompt: &PromptInput,
+            config: &BenchConfig,
+            interrupted: &AtomicBool,
+        ) -> anyhow::Result<backend::Generated> {
+            let vocab = self.0.loaded.model.vocab_size() as u32;
+            let generated = self.0.generate(prompt, config, interrupted)?;
+            Ok(generated.map(|(mut report, text)| {
+                let last = report.tokens.len().min(4);
+                if config.name == "lossy" && last > 0 {
+                    let token = &mut report.tokens[last - 1];
+                    *token = (*token + 1) % vocab;
+                }
+                (report, text)
+            }))
+        }
+    }
+
+    fn setup(model: &str) -> Setup {
+        Setup {
+            sibyl_version: "test".into(),
+            date: "2026-01-01 00:00 UTC".into(),
+            command: "sibyl bench".into(),
+            model: model.into(),
+            backend: "in-process".into(),
+            machine: Machine::this(),
+            max_tokens: 12,
+            temperature: 0.0,
+            seed: 0,
+            datasets: vec!["test".into()],
+            speculation: None,
+            build: "release".into(),
+        }
+    }
+
+    #[test]
+    fn a_lossy_config_is_caught_and_reported() {
+        let path = sibyl_tests::test_model_path().unwrap();
+        let loaded = sibyl_engine::load(&path, &LoadOptions::default()).unwrap();
+        let generation = GenerationConfig {
+            max_tokens: 12,
+            sampling: SamplingConfig::greedy(),
+            draft_budget: 16,
+            max_draft_depth: 10,
+            min_draft_value: 0.15,
+            exempt_draft_nodes: 1,
+            stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
+        };
+        let ngram = NgramArgs {
+            ngram_max: 8,
+            ngram_branches: 3,
+        };
+        let mut backend = Lossy(InProcess {
+            name: "smollm2".into(),
+            loaded,
+            generation,
+            ngram,
+        });
+        let items = vec![
+            Item {
+                id: "chat-1".into(),
+                category: "chat".into(),
+                format: Format::Chat,
+                turns: vec!["Count from one to ten.".into(), "Now backwards.".into()],
+            },
+            Item {
+                id: "code-1".into(),
+                category: "code".into(),
+                format: Format::Completion,
+                turns: vec!["def fibonacci(n):\n".into()],
+            },
+            // Longer than the model's context window: a failure, recorded, and the run
+            // goes on.
+            Item {
+                id: "long-1".into(),
+                category: "code".into(),
+                format: Format::Completion,
+                turns: vec!["word ".repeat(9000)],
+            },
+        ];
+        let lossy = BenchConfig {
+            name: "lossy".into(),
+            drafters: backend::Drafters::Kinds(vec!["ngram".into()]),
+        };
+        let ngram = BenchConfig::parse("ngram", true).unwrap();
+        let configs = vec![BenchConfig::plain(), ngram, lossy];
+        let out = std::env::temp_dir().join(format!("sibyl-bench-lossy-{}", std::process::id()));
+        std::fs::create_dir_all(&out).unwrap();
+        let interrupted = AtomicBool::new(false);
+        let results = measure(
+            &mut backend,
+            &items,
+            &configs,
+            setup("smollm2"),
+            &out,
+            &interrupted,
+        )
+        .unwrap();
+
+        // Every prompt under `lossy` differs in its first turn; plain and n-gram agree.
+        let mut caught: Vec<(&str, &str, usize)> = results
+            .mismatches
+            .iter()
+            .map(|m| (m.id.as_str(), m.config.as_str(), m.turn))
+            .collect();
+        caught.sort();
+        assert_eq!(caught, [("chat-1", "lossy", 1), ("code-1", "lossy", 1)]);
+        assert!(results.mismatches.iter().all(|m| m.position <= 3));
+        assert_eq!(results.failures.len(), 1);
+        let failure = &results.failures[0];
+        assert_eq!(failure.id, "long-1");
+        assert!(
+            failure.error.contains("context window"),
+            "{}",
+            failure.error
+        );
+        let error = conclude(&results, &out).unwrap_err().to_string();
+        assert!(
+            error.contains("2 outputs differ from plain decoding"),
+            "{error}"
+        );
+
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(json["configs"]["lossy"]["overall"]["identical"], 0);
+        assert_eq!(json["configs"]["lossy"]["overall"]["total"], 2);
+        assert_eq!(json["configs"]["ngram"]["overall"]["identical"], 2);
+        assert_eq!(
+            json["configs"]["plain"]["overall"]["mean_accepted_tokens"],
+            1.0
+        );
+        assert_eq!(
+            json["configs"]["lossy"]["categories"]["chat"]["identical"],
+            0
+        );
+        let items = json["items"].as_array().unwrap();
+        assert_eq!(items.len(), 6);
+        for item in items {
+            let lossy = item["config"] == "lossy";
+            assert_eq!(item["identical"], !lossy, "{item}");
+            assert_eq!(item["turns"], if item["id"] == "chat-1" { 2 } else { 1 });
+        }
+        let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(
+            report.contains("**2 outputs differ from plain decoding:**"),
+            "{report}"
+        );
+        assert!(
+            report.contains("`chat-1` (chat), config lossy: turn 1, first differing token at"),
+            "{report}"
+        );
+        assert!(report.contains("| **overall** | 2 |"), "{report}");
+        assert!(
+            report.contains("**1 prompts failed** and are left out"),
+            "{report}"
+        );
+        let svg = std::fs::read_to_string(out.join("speedup.svg")).unwrap();
+        for label in ["chat", "code", "overall", "ngram", "lossy"] {
+            assert!(svg.contains(label), "{label} missing from the chart");
+        }
+    }
+
+    #[test]
+    fn plain_always_runs_first_and_once() {
+        let names = |list: &[&str]| {
+            configs(
+                &list.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                true,
+            )
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&["ngram"]), ["plain", "ngram"]);
+        assert_eq!(names(&["ngram", "plain", "ngram"]), ["plain", "ngram"]);
+        assert!(configs(&["oracle".to_string()], true).is_err());
+    }
+}

@@ -1,0 +1,795 @@
+//! What a benchmark run found: one record per prompt and config, summaries per category and
+//! overall, and the files written from them (`results.json`, `report.md`).
+
+use serde::Serialize;
+use sibyl_decode::{FinishReason, GenerationReport};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// Draft tokens of one drafter kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DraftCounts {
+    pub proposed: u64,
+    pub accepted: u64,
+}
+
+/// One prompt (all its turns) under one config.
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemRecord {
+    pub id: String,
+    pub category: String,
+    pub config: String,
+    pub turns: usize,
+    /// Generated tokens, all turns (stop tokens excluded).
+    pub tokens: usize,
+    pub prompt_tokens: usize,
+    /// Prompt processing, apart from generation.
+    pub prompt_s: f64,
+    /// Generation from the first token (which prompt processing yields) to the last.
+    pub decode_s: f64,
+    /// Verify steps (forward passes after the prompt), the first token's included.
+    pub steps: usize,
+    /// Tokens after each turn's first over `decode_s`.
+    pub tokens_per_s: f64,
+    /// This prompt's tokens/s over plain's.
+    pub speedup: Option<f64>,
+    /// Whether the output equals plain's token for token, every turn (temperature 0 only).
+    pub identical: Option<bool>,
+    /// Where it first differs from plain's: the turn (from 1) and the token in that turn.
+    pub first_difference: Option<Difference>,
+    /// Verify-step latency (the first token's sampling left out).
+    pub step_p50_ms: f64,
+    pub step_p99_ms: f64,
+    pub drafters: BTreeMap<String, DraftCounts>,
+    /// Tokens accepted, counting a stop token (MAT's numerator).
+    #[serde(skip)]
+    pub accepted: usize,
+    /// Tokens after each turn's first (the numerator of tokens/s).
+    #[serde(skip)]
+    pub decoded: usize,
+    #[serde(skip)]
+    pub outputs: Vec<Vec<u32>>,
+    #[serde(skip)]
+    pub step_times: Vec<Duration>,
+}
+
+/// The first token where an output differs from plain decoding's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    /// The turn, from 1.
+    pub turn: usize,
+    /// The generated token of that turn, from 0.
+    pub position: usize,
+}
+
+impl ItemRecord {
+    /// The record of one prompt's turns, in order.
+    pub fn new(id: &str, category: &str, config: &str, turns: &[GenerationReport]) -> Self {
+        let mut record = Self {
+            id: id.to_string(),
+            category: category.to_string(),
+            config: config.to_string(),
+            turns: turns.len(),
+            tokens: 0,
+            prompt_tokens: 0,
+            prompt_s: 0.0,
+            decode_s: 0.0,
+            steps: 0,
+            tokens_per_s: 0.0,
+            speedup: None,
+            identical: None,
+            first_difference: None,
+            step_p50_ms: 0.0,
+            step_p99_ms: 0.0,
+            drafters: BTreeMap::new(),
+            accepted: 0,
+            decoded: 0,
+            outputs: Vec::new(),
+            step_times: Vec::new(),
+        };
+        for turn in turns {
+            record.tokens += turn.tokens.len();
+            record.decoded += turn.tokens.len().saturating_sub(1);
+            // Spec-Bench counts the stop token among the accepted ones: plain decoding then
+            // accepts exactly one token per step.
+            record.accepted +=
+                turn.tokens.len() + usize::from(turn.finish_reason == FinishReason::Stop);
+            record.prompt_tokens += turn.prompt_tokens;
+            record.prompt_s += turn.prompt_time.as_secs_f64();
+            record.decode_s += turn.decode_time.as_secs_f64();
+            record.steps += turn.steps;
+            record.outputs.push(turn.tokens.clone());
+            record
+                .step_times
+                .extend_from_slice(turn.step_times.get(1..).unwrap_or_default());
+            for drafter in &turn.drafters {
+                let counts = record.drafters.entry(drafter.kind.clone()).or_default();
+                counts.proposed += drafter.proposed;
+                counts.accepted += drafter.accepted;
+            }
+        }
+        record.tokens_per_s = rate(record.decoded, record.decode_s);
+        (record.step_p50_ms, record.step_p99_ms) = percentiles_ms(&mut record.step_times.clone());
+        record
+    }
+
+    /// Compares with plain's record of the same prompt: speedup, and (when `exact`) whether
+    /// the tokens are identical, turn by turn.
+    pub fn compare(&mut self, plain: &ItemRecord, exact: bool) {
+        self.speedup = (plain.tokens_per_s > 0.0).then(|| self.tokens_per_s / plain.tokens_per_s);
+        if !exact {
+            return;
+        }
+        self.first_difference = self
+            .outputs
+            .iter()
+            .zip(&plain.outputs)
+            .enumerate()
+            .find_map(|(turn, (ours, theirs))| {
+                let position = ours
+                    .iter()
+                    .zip(theirs)
+                    .position(|(a, b)| a != b)
+                    .or_else(|| {
+                        (ours.len() != theirs.len()).then(|| ours.len().min(theirs.len()))
+                    })?;
+                Some(Difference {
+                    turn: turn + 1,
+                    position,
+                })
+            });
+        self.identical = Some(self.first_difference.is_none());
+    }
+}
+
+/// A config's figures over a set of prompts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Tokens after each turn's first over decode seconds, all prompts together.
+    pub tokens_per_s: f64,
+    /// Geometric mean over prompts of the per-prompt speedup over plain.
+    pub speedup_geomean: Option<f64>,
+    /// The smallest and largest per-prompt speedup.
+    pub speedup_min: Option<f64>,
+    pub speedup_max: Option<f64>,
+    /// Mean accepted tokens per verify step, a stop token counted (MAT; 1.00 for plain).
+    pub mean_accepted_tokens: f64,
+    /// Prompts whose output equals plain's (temperature 0 only).
+    pub identical: Option<usize>,
+    pub total: usize,
+    pub tokens: usize,
+    pub prompt_tokens_per_s: f64,
+    pub step_p50_ms: f64,
+    pub step_p99_ms: f64,
+    pub drafters: BTreeMap<String, DrafterSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DrafterSummary {
+    pub proposed: u64,
+    pub accepted: u64,
+    /// Accepted over proposed.
+    pub acceptance_rate: f64,
+}
+
+impl Summary {
+    pub fn of<'a>(records: impl IntoIterator<Item = &'a ItemRecord>, exact: bool) -> Self {
+        let (mut tokens, mut decoded, mut accepted, mut decode_s, mut steps) = (0, 0, 0, 0.0, 0);
+        let (mut prompt_tokens, mut prompt_s) = (0, 0.0);
+        let (mut total, mut identical, mut log_speedups, mut speedups) = (0, 0, 0.0, 0);
+        let (mut speedup_min, mut speedup_max) = (None::<f64>, None::<f64>);
+        let mut step_times = Vec::new();
+        let mut drafts: BTreeMap<String, DraftCounts> = BTreeMap::new();
+        for record in records {
+            total += 1;
+            tokens += record.tokens;
+            decoded += record.decoded;
+            accepted += record.accepted;
+            decode_s += record.decode_s;
+            steps += record.steps;
+            prompt_tokens += record.prompt_tokens;
+            prompt_s += record.prompt_s;
+            identical += usize::from(record.identical == Some(true));
+            if let Some(speedup) = record.speedup.filter(|s| *s > 0.0) {
+                log_speedups += speedup.ln();
+                speedups += 1;
+                speedup_min = Some(speedup_min.map_or(speedup, |m| m.min(speedup)));
+                speedup_max = Some(speedup_max.map_or(speedup, |m| m.max(speedup)));
+            }
+            step_times.extend_from_slice(&record.step_times);
+            for (kind, counts) in &record.drafters {
+                let sum = drafts.entry(kind.clone()).or_default();
+                sum.proposed += counts.proposed;
+                sum.accepted += counts.accepted;
+            }
+        }
+        let (step_p50_ms, step_p99_ms) = percentiles_ms(&mut step_times);
+        Self {
+            tokens_per_s: rate(decoded, decode_s),
+            speedup_geomean: (speedups > 0).then(|| (log_speedups / speedups as f64).exp()),
+            speedup_min,
+            speedup_max,
+            mean_accepted_tokens: if steps > 0 {
+                accepted as f64 / steps as f64
+            } else {
+                0.0
+            },
+            identical: exact.then_some(identical),
+            total,
+            tokens,
+            prompt_tokens_per_s: rate(prompt_tokens, prompt_s),
+            step_p50_ms,
+            step_p99_ms,
+            drafters: drafts
+                .into_iter()
+                .map(|(kind, c)| {
+                    let acceptance_rate = if c.proposed > 0 {
+                        c.accepted as f64 / c.proposed as f64
+                    } else {
+                        0.0
+                    };
+                    let summary = DrafterSummary {
+                        proposed: c.proposed,
+                        accepted: c.accepted,
+                        acceptance_rate,
+                    };
+                    (kind, summary)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A config's summaries.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigResults {
+    pub overall: Summary,
+    pub categories: BTreeMap<String, Summary>,
+    /// The overall draft counts per drafter kind (as in `overall`).
+    pub drafters: BTreeMap<String, DrafterSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    /// Compute threads of the in-process engine (for `--gateway`, of this client's machine
+    /// if set, else its cores; the verifier's own setting is not known here).
+    pub threads: usize,
+}
+
+impl Machine {
+    pub fn this() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, name)| name.trim().to_string())
+            })
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        let threads = std::env::var("CANDLE_NUM_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(cpus);
+        Self {
+            cpus,
+            cpu_model,
+            threads,
+        }
+    }
+}
+
+/// A prompt whose output differs from plain decoding.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mismatch {
+    pub id: String,
+    pub category: String,
+    pub config: String,
+    /// The turn (from 1) and its first differing generated token (from 0).
+    pub turn: usize,
+    pub position: usize,
+}
+
+/// How the run was set up.
+#[derive(Debug, Clone, Serialize)]
+pub struct Setup {
+    pub sibyl_version: String,
+    /// When the run started (UTC).
+    pub date: String,
+    pub command: String,
+    pub model: String,
+    /// `in-process`, or the gateway's URL.
+    pub backend: String,
+    pub machine: Machine,
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub seed: u64,
+    pub datasets: Vec<String>,
+    /// The draft settings of an in-process run (a gateway's are the servers').
+    pub speculation: Option<Speculation>,
+    /// `release`, or `debug` (whose figures mean little).
+    pub build: String,
+}
+
+/// The draft settings of an in-process run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Speculation {
+    pub draft_budget: usize,
+    pub draft_depth: usize,
+    pub draft_min_value: f64,
+    pub draft_exempt: usize,
+    pub ngram_max: usize,
+    pub ngram_branches: usize,
+}
+
+/// A prompt that could not run under a config (the prompt is left out of every summary).
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub id: String,
+    pub category: String,
+    pub config: String,
+    pub error: String,
+}
+
+/// `results.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    #[serde(flatten)]
+    pub setup: Setup,
+    /// Set when the run was interrupted: the results hold the prompts finished before.
+    pub interrupted: bool,
+    /// Config names in the order given.
+    pub config_names: Vec<String>,
+    /// Categories in the order they first appear.
+    pub category_names: Vec<String>,
+    pub configs: BTreeMap<String, ConfigResults>,
+    pub mismatches: Vec<Mismatch>,
+    pub failures: Vec<Failure>,
+    pub items: Vec<ItemRecord>,
+}
+
+impl Results {
+    /// Summarizes `items` (every config of each finished prompt).
+    pub fn new(
+        setup: Setup,
+        config_names: Vec<String>,
+        items: Vec<ItemRecord>,
+        failures: Vec<Failure>,
+    ) -> Self {
+        let exact = setup.temperature == 0.0;
+        let mut category_names: Vec<String> = Vec::new();
+        for item in &items {
+            if !category_names.contains(&item.category) {
+                category_names.push(item.category.clone());
+            }
+        }
+        let configs = config_names
+            .iter()
+            .map(|name| {
+                let of = |category: Option<&str>| {
+                    let records = items
+                        .iter()
+                        .filter(|r| r.config == *name && category.is_none_or(|c| r.category == c));
+                    Summary::of(records, exact)
+                };
+                let overall = of(None);
+                let categories = category_names
+                    .iter()
+                    .map(|c| (c.clone(), of(Some(c))))
+                    .collect();
+                let drafters = overall.drafters.clone();
+                let results = ConfigResults {
+                    overall,
+                    categories,
+                    drafters,
+                };
+                (name.clone(), results)
+            })
+            .collect();
+        let mismatches = items
+            .iter()
+            .filter_map(|r| {
+                r.first_difference.map(|d| Mismatch {
+                    id: r.id.clone(),
+                    category: r.category.clone(),
+                    config: r.config.clone(),
+                    turn: d.turn,
+                    position: d.position,
+                })
+            })
+            .collect();
+        Self {
+            setup,
+            interrupted: false,
+            config_names,
+            category_names,
+            configs,
+            mismatches,
+            failures,
+            items,
+        }
+    }
+
+    /// Writes `results.json`, `report.md` and `speedup.svg` into `dir`, each replaced whole
+    /// (written aside, then renamed), so an interruption never leaves half a file.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let json = serde_json::to_string_pretty(self)?;
+        replace(&dir.join("results.json"), json.as_bytes())?;
+        replace(&dir.join("report.md"), self.markdown().as_bytes())?;
+        replace(
+            &dir.join("speedup.svg"),
+            super::chart::svg(self)?.as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// The speculative configs (all but plain), in order.
+    pub fn speculative(&self) -> impl Iterator<Item = &String> {
+        self.config_names.iter().filter(|n| *n != "plain")
+    }
+
+    /// `report.md`: the results as tables a person reads.
+    pub fn markdown(&self) -> String {
+        let s = &self.setup;
+        let mut out = String::from("# sibyl bench\n\n");
+        let prompts = self.items.iter().filter(|r| r.config == "plain").count();
+        out.push_str(&format!(
+            "- date: {}\n- model: {}\n- backend: {}\n- machine: {} ({} CPUs), {} threads\n\
+             - {} prompts, at most {} tokens each, temperature {}, seed {}\n- datasets: {}\n\
+             - command: `{}`\n- sibyl {}\n",
+            s.date,
+            s.model,
+            s.backend,
+            s.machine.cpu_model,
+            s.machine.cpus,
+            s.machine.threads,
+            prompts,
+            s.max_tokens,
+            s.temperature,
+            s.seed,
+            s.datasets.join(", "),
+            s.command,
+            s.sibyl_version,
+        ));
+        if let Some(d) = &s.speculation {
+            out.push_str(&format!(
+                "- speculation: draft budget {}, depth {}, min value {}, exempt {}; n-gram max {}, \
+                 branches {}\n",
+                d.draft_budget,
+                d.draft_depth,
+                d.draft_min_value,
+                d.draft_exempt,
+                d.ngram_max,
+                d.ngram_branches
+            ));
+        }
+        if s.build != "release" {
+            out.push_str(&format!(
+                "- **{} build**: the timings mean little\n",
+                s.build
+            ));
+        }
+        if self.interrupted {
+            out.push_str("\n**Interrupted**: these results hold the prompts finished before.\n");
+        }
+        if !self.failures.is_empty() {
+            out.push_str(&format!(
+                "\n**{} prompts failed** and are left out:\n\n",
+                self.failures.len()
+            ));
+            for f in &self.failures {
+                out.push_str(&format!(
+                    "- `{}` ({}), config {}: {}\n",
+                    cell(&f.id),
+                    cell(&f.category),
+                    f.config,
+                    cell(&f.error)
+                ));
+            }
+        }
+        out.push_str(
+            "\n## Speedup over plain decoding\n\nDecode tokens/s (prompt processing apart, the \
+             first token of each turn left out); speedup is the geometric mean of per-prompt \
+             ratios; MAT is mean accepted tokens per verify step, a stop token counted.\n\n\
+             | category | prompts | plain tok/s |",
+        );
+        let speculative: Vec<&String> = self.speculative().collect();
+        let mut rule = String::from("|---|---:|---:|");
+        for name in &speculative {
+            out.push_str(&format!(
+                " {name} tok/s | {name} speedup | {name} MAT | {name} identical |"
+            ));
+            rule.push_str("---:|---:|---:|---:|");
+        }
+        out.push('\n');
+        out.push_str(&rule);
+        out.push('\n');
+        let rows = self
+            .category_names
+            .iter()
+            .map(|c| (c.as_str(), Some(c)))
+            .chain([("**overall**", None)]);
+        for (label, category) in rows {
+            let label = cell(label);
+            let summary = |config: &str| {
+                self.configs.get(config).map(|r| match category {
+                    Some(c) => r.categories.get(c).unwrap_or(&r.overall).clone(),
+                    None => r.overall.clone(),
+                })
+            };
+            let Some(plain) = summary("plain") else {
+                continue;
+            };
+            out.push_str(&format!(
+                "| {label} | {} | {:.2} |",
+                plain.total, plain.tokens_per_s
+            ));
+            for name in &speculative {
+                if let Some(x) = summary(name) {
+                    out.push_str(&format!(
+                        " {:.2} | {} | {:.2} | {} |",
+                        x.tokens_per_s,
+                        ratio(x.speedup_geomean),
+                        x.mean_accepted_tokens,
+                        identical(&x)
+                    ));
+                }
+            }
+            out.push('\n');
+        }
+        out.push_str(
+            "\n## Per config, all prompts\n\n| config | tok/s | speedup | prompts from / to | MAT \
+             | verify step p50 | verify step p99 | prompt tok/s | identical |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for name in &self.config_names {
+            if let Some(r) = self.configs.get(name) {
+                let o = &r.overall;
+                out.push_str(&format!(
+                    "| {name} | {:.2} | {} | {} / {} | {:.2} | {:.1} ms | {:.1} ms | {:.1} | {} |\n",
+                    o.tokens_per_s,
+                    ratio(o.speedup_geomean),
+                    ratio(o.speedup_min),
+                    ratio(o.speedup_max),
+                    o.mean_accepted_tokens,
+                    o.step_p50_ms,
+                    o.step_p99_ms,
+                    o.prompt_tokens_per_s,
+                    identical(o)
+                ));
+            }
+        }
+        out.push_str(
+            "\n## Drafters\n\n| config | drafter | proposed | accepted | acceptance |\n\
+             |---|---|---:|---:|---:|\n",
+        );
+        for name in &speculative {
+            if let Some(r) = self.configs.get(*name) {
+                for (kind, d) in &r.drafters {
+                    out.push_str(&format!(
+                        "| {name} | {kind} | {} | {} | {:.1}% |\n",
+                        d.proposed,
+                        d.accepted,
+                        d.acceptance_rate * 100.0
+                    ));
+                }
+            }
+        }
+        out.push_str("\n## Outputs against plain decoding\n\n");
+        if s.temperature != 0.0 {
+            out.push_str("Not compared: at temperature above 0 outputs are samples.\n");
+        } else if self.mismatches.is_empty() && self.items.is_empty() {
+            out.push_str("No prompt finished.\n");
+        } else if self.mismatches.is_empty() {
+            out.push_str("Every output is identical to plain decoding, token for token.\n");
+        } else {
+            out.push_str(&format!(
+                "**{} outputs differ from plain decoding:**\n\n",
+                self.mismatches.len()
+            ));
+            for m in &self.mismatches {
+                out.push_str(&format!(
+                    "- `{}` ({}), config {}: turn {}, first differing token at position {}\n",
+                    cell(&m.id),
+                    cell(&m.category),
+                    m.config,
+                    m.turn,
+                    m.position
+                ));
+            }
+        }
+        out.push_str("\n![speedup per category](speedup.svg)\n");
+        out
+    }
+}
+
+/// Text safe in a table cell: no pipes or line breaks.
+fn cell(text: &str) -> String {
+    text.replace('|', "\\|").replace(['\n', '\r'], " ")
+}
+
+fn ratio(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v:.2}x"))
+}
+
+fn identical(summary: &Summary) -> String {
+    summary
+        .identical
+        .map_or_else(|| "-".into(), |n| format!("{n}/{}", summary.total))
+}
+
+fn rate(count: usize, secs: f64) -> f64 {
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// Median and 99th percentile (nearest rank: the smallest value with at least that share
+/// of values at or below it), in milliseconds.
+fn percentiles_ms(times: &mut [Duration]) -> (f64, f64) {
+    if times.is_empty() {
+        return (0.0, 0.0);
+    }
+    times.sort();
+    let at = |q: f64| {
+        let rank = ((q * times.len() as f64).ceil() as usize).clamp(1, times.len());
+        times[rank - 1].as_secs_f64() * 1e3
+    };
+    (at(0.5), at(0.99))
+}
+
+fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let aside = path.with_extension("partial");
+    std::fs::write(&aside, bytes)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", aside.display()))?;
+    std::fs::rename(&aside, path)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// `YYYY-MM-DD HH:MM UTC` of a time since the Unix epoch.
+pub fn utc_date(since_epoch: Duration) -> String {
+    let secs = since_epoch.as_secs();
+    let days = (secs / 86_400) as i64;
+    let (hour, minute) = ((secs % 86_400) / 3600, (secs % 3600) / 60);
+    // Days to a civil date (proleptic Gregorian), after H. Hinnant's `civil_from_days`.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02} UTC")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(
+        config: &str,
+        category: &str,
+        tokens: Vec<u32>,
+        decode_s: f64,
+        steps: usize,
+    ) -> ItemRecord {
+        let report = GenerationReport {
+            tokens,
+            prompt_tokens: 10,
+            finish_reason: sibyl_decode::FinishReason::Length,
+            steps,
+            prompt_time: Duration::from_secs(1),
+            decode_time: Duration::from_secs_f64(decode_s),
+            step_times: (1..=steps as u64).map(Duration::from_millis).collect(),
+            drafters: Vec::new(),
+            seed: 0,
+        };
+        ItemRecord::new("id", category, config, &[report])
+    }
+
+    #[test]
+    fn compare_finds_the_first_difference_and_the_speedup() {
+        let plain = record("plain", "c", vec![1, 2, 3, 4], 2.0, 4);
+        let mut same = record("x", "c", vec![1, 2, 3, 4], 1.0, 2);
+        same.compare(&plain, true);
+        assert_eq!((same.identical, same.first_difference), (Some(true), None));
+        // 3 tokens after the first in 1 s against 3 in 2 s.
+        assert_eq!(same.speedup, Some(2.0));
+        let at = |position| Some(Difference { turn: 1, position });
+        let mut changed = record("x", "c", vec![1, 2, 9, 4], 1.0, 2);
+        changed.compare(&plain, true);
+        assert_eq!(
+            (changed.identical, changed.first_difference),
+            (Some(false), at(2))
+        );
+        let mut shorter = record("x", "c", vec![1, 2], 1.0, 2);
+        shorter.compare(&plain, true);
+        assert_eq!(shorter.first_difference, at(2));
+        let mut sampled = record("x", "c", vec![5], 1.0, 1);
+        sampled.compare(&plain, false);
+        assert_eq!((sampled.identical, sampled.first_difference), (None, None));
+    }
+
+    #[test]
+    fn summaries_are_geometric_means_of_prompt_ratios() {
+        let mut records = Vec::new();
+        for (decode_s, plain_s) in [(1.0, 2.0), (4.0, 2.0)] {
+            let plain = record("plain", "c", vec![1; 8], plain_s, 8);
+            let mut x = record("x", "c", vec![1; 8], decode_s, 2);
+            x.compare(&plain, true);
+            records.push(x);
+        }
+        let summary = Summary::of(&records, true);
+        // Ratios 2 and 0.5: geometric mean 1, while throughput is 2 x 7 tokens / 5 s.
+        assert!((summary.speedup_geomean.unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(
+            (summary.speedup_min, summary.speedup_max),
+            (Some(0.5), Some(2.0))
+        );
+        assert!((summary.tokens_per_s - 2.8).abs() < 1e-12);
+        assert_eq!(summary.mean_accepted_tokens, 4.0);
+        assert_eq!((summary.identical, summary.total), (Some(2), 2));
+        // Step times 1 (the first token's, left out) and 2 ms in each record.
+        assert_eq!((summary.step_p50_ms, summary.step_p99_ms), (2.0, 2.0));
+        assert_eq!(Summary::of(&records, false).identical, None);
+    }
+
+    #[test]
+    fn a_stop_token_counts_as_accepted() {
+        let mut report = GenerationReport {
+            tokens: vec![1, 2, 3],
+            prompt_tokens: 10,
+            finish_reason: sibyl_decode::FinishReason::Stop,
+            steps: 4,
+            prompt_time: Duration::ZERO,
+            decode_time: Duration::from_secs(1),
+            step_times: Vec::new(),
+            drafters: Vec::new(),
+            seed: 0,
+        };
+        // Plain decoding: three tokens and the stop token in four steps.
+        let plain = ItemRecord::new("id", "c", "plain", &[report.clone()]);
+        assert_eq!(Summary::of([&plain], true).mean_accepted_tokens, 1.0);
+        report.finish_reason = sibyl_decode::FinishReason::Length;
+        report.steps = 3;
+        let length = ItemRecord::new("id", "c", "plain", &[report]);
+        assert_eq!(Summary::of([&length], true).mean_accepted_tokens, 1.0);
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut times: Vec<Duration> = (1..=4).map(Duration::from_millis).collect();
+        assert_eq!(percentiles_ms(&mut times), (2.0, 4.0));
+        let mut times: Vec<Duration> = (1..=200).rev().map(Duration::from_millis).collect();
+        assert_eq!(percentiles_ms(&mut times), (100.0, 198.0));
+        assert_eq!(percentiles_ms(&mut []), (0.0, 0.0));
+    }
+
+    #[test]
+    fn table_cells_stay_in_their_cell() {
+        assert_eq!(cell("a|b\nc"), "a\\|b c");
+    }
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(utc_date(Duration::ZERO), "1970-01-01 00:00 UTC");
+        // 2024-02-29 12:34:56 UTC.
+        assert_eq!(
+            utc_date(Duration::from_secs(1_709_210_096)),
+            "2024-02-29 12:34 UTC"
+        );
+        assert_eq!(
+            utc_date(Duration::from_secs(1_795_910_400)),
+            "2026-11-29 00:00 UTC"
+        );
+    }
+}
