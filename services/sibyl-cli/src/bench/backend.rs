@@ -376,11 +376,12 @@ impl Backend for Remote {
     }
 }
 
-/// A speculative generation whose drafters never connected measured plain decoding under
-/// another name: an error, not a figure.
+/// A speculative generation whose drafters failed or were refused measured plain decoding
+/// under another name: an error, not a figure. (A stream still opening when a short
+/// generation ended is not a fault.)
 fn check_drafters(summary: &pb::GenerateSummary) -> anyhow::Result<()> {
-    let connected = pb::DrafterState::Connected as i32;
-    if summary.drafters.iter().any(|d| d.state == connected) {
+    let usable = [pb::DrafterState::Connected, pb::DrafterState::Connecting].map(|s| s as i32);
+    if summary.drafters.iter().any(|d| usable.contains(&d.state)) {
         return Ok(());
     }
     let states: Vec<String> = summary
@@ -392,7 +393,7 @@ fn check_drafters(summary: &pb::GenerateSummary) -> anyhow::Result<()> {
         })
         .collect();
     bail!(
-        "no drafter of this config was connected to the verifier ({})",
+        "no drafter of this config could draft for the verifier ({})",
         if states.is_empty() {
             "it has none".to_string()
         } else {
@@ -474,11 +475,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("each drafter kind once"), "{error}");
-        // Through a gateway the verifier knows its kinds.
+        // Through a gateway the verifier judges the kinds.
         let remote = BenchConfig::parse("ngram+retrieval", false).unwrap();
         assert_eq!(
             remote.drafters,
             Drafters::Kinds(vec!["ngram".into(), "retrieval".into()])
         );
+    }
+
+    #[test]
+    fn a_speculative_run_without_working_drafters_is_an_error() {
+        let summary = |states: &[pb::DrafterState]| pb::GenerateSummary {
+            drafters: states
+                .iter()
+                .map(|&state| pb::DrafterStats {
+                    kind: "ngram".into(),
+                    endpoint: "http://drafter:50061".into(),
+                    state: state as i32,
+                    error: "connection refused".into(),
+                    ..pb::DrafterStats::default()
+                })
+                .collect(),
+            ..pb::GenerateSummary::default()
+        };
+        use pb::DrafterState::{Connected, Connecting, Failed, Refused};
+        assert!(check_drafters(&summary(&[Failed, Connected])).is_ok());
+        assert!(check_drafters(&summary(&[Connecting])).is_ok());
+        let error = check_drafters(&summary(&[Failed, Refused]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("ngram at http://drafter:50061: Failed"),
+            "{error}"
+        );
+        let error = check_drafters(&summary(&[])).unwrap_err().to_string();
+        assert!(error.contains("it has none"), "{error}");
     }
 }
