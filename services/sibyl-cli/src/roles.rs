@@ -13,6 +13,7 @@ use sibyl_ngram::NgramDrafter;
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::ShutdownSwitch;
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -394,9 +395,13 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("loading {name}");
         loop {
             if sibyl_proto::client::wait_until_serving(verifier_addr, Duration::from_secs(2)).await {
-                println!(
-                    "sibyl serve: {name} ready\n  OpenAI HTTP API  http://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway)\n  verifier         {verifier_addr}, n-gram drafter {drafter_addr} (loopback)"
+                let message = format!(
+                    "sibyl serve: {name} ready\n  OpenAI HTTP API  http://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway)\n  verifier         {verifier_addr}, n-gram drafter {drafter_addr} (loopback)\n"
                 );
+                // One write, and a closed stdout is no reason to stop serving (`println!`
+                // writes piece by piece and panics when the reader has gone).
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(message.as_bytes()).and_then(|()| stdout.flush());
                 break;
             }
             if verifier.is_finished() || drafter.is_finished() || gateway.is_finished() {

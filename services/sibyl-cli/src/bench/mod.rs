@@ -19,6 +19,7 @@ use sibyl_gateway::PromptInput;
 use sibyl_proto::v1 as pb;
 use sibyl_spec::SamplingConfig;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -345,7 +346,9 @@ fn item_line(
 fn conclude(results: &Results, out: &Path) -> anyhow::Result<()> {
     let prompts = results.items.len() / results.config_names.len().max(1);
     if !results.interrupted {
-        println!("{}", results.markdown());
+        // The report is in the files too: a closed stdout (`| head`) is not an error.
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{}", results.markdown()).and_then(|()| stdout.flush());
     }
     for m in &results.mismatches {
         eprintln!(
