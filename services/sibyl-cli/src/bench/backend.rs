@@ -285,21 +285,8 @@ impl Backend for Remote {
             sampling: Some(self.sampling),
             ..pb::GenerateRequest::default()
         };
-        let client = &mut self.client;
-        self.runtime.block_on(async move {
-            let mut stream = client
-                .generate(request)
-                .await
-                .map_err(|s| anyhow::anyhow!("gateway: {}", s.message()))?
-                .into_inner();
-            while stream
-                .message()
-                .await
-                .map_err(|s| anyhow::anyhow!("gateway: {}", s.message()))?
-                .is_some()
-            {}
-            anyhow::Ok(())
-        })
+        self.stream(request, &AtomicBool::new(false))?;
+        Ok(())
     }
 
     fn generate(
@@ -340,8 +327,25 @@ impl Backend for Remote {
             stop: Vec::new(),
             details: true,
         };
+        let Some((text, summary)) = self.stream(request, interrupted)? else {
+            return Ok(None);
+        };
+        if !config.is_plain() {
+            check_drafters(&summary)?;
+        }
+        Ok(Some((report(summary)?, text)))
+    }
+}
+
+impl Remote {
+    /// Sends `request` and collects its text and summary; `None` once `interrupted` is set
+    /// (dropping the stream cancels the generation).
+    fn stream(
+        &mut self,
+        request: pb::GenerateRequest,
+        interrupted: &AtomicBool,
+    ) -> anyhow::Result<Option<(String, pb::GenerateSummary)>> {
         let client = &mut self.client;
-        let plain = config.is_plain();
         self.runtime.block_on(async move {
             let mut stream = client
                 .generate(request)
@@ -364,10 +368,7 @@ impl Backend for Remote {
                 match message.and_then(|m| m.event) {
                     Some(pb::generate_response::Event::Delta(delta)) => text.push_str(&delta.text),
                     Some(pb::generate_response::Event::Summary(summary)) => {
-                        if !plain {
-                            check_drafters(&summary)?;
-                        }
-                        return Ok(Some((report(summary)?, text)));
+                        return Ok(Some((text, summary)));
                     }
                     None => bail!("the gateway ended the stream without a summary"),
                 }
