@@ -133,6 +133,55 @@ pub async fn wait_until_serving(addr: SocketAddr, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, poll).await.is_ok()
 }
 
+/// Asks the gRPC health of `service` ("" for the whole server) at every address `host`
+/// resolves to; `Ok` if one says SERVING within `timeout`, else why not.
+pub async fn check_serving(
+    host: &str,
+    port: u16,
+    service: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let check = async {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(format!("{host} resolves to no address"));
+        }
+        let mut reasons = Vec::new();
+        for addr in addrs {
+            let reason = match Endpoint::from_shared(format!("http://{addr}")) {
+                Err(error) => error.to_string(),
+                Ok(endpoint) => match endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await {
+                    Err(error) => format!("cannot connect: {error}"),
+                    Ok(channel) => {
+                        let request = HealthCheckRequest {
+                            service: service.to_string(),
+                        };
+                        match HealthClient::new(channel).check(request).await {
+                            Ok(response)
+                                if response.get_ref().status() == ServingStatus::Serving =>
+                            {
+                                return Ok(())
+                            }
+                            Ok(response) => format!("{:?}", response.get_ref().status()),
+                            Err(status) => status.message().to_string(),
+                        }
+                    }
+                },
+            };
+            reasons.push(format!("{addr}: {reason}"));
+        }
+        Err(reasons.join("; "))
+    };
+    tokio::time::timeout(timeout, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("{host}:{port} did not answer within {timeout:?}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,17 @@
 //! What every sibyl gRPC server serves beside its own service: `grpc.health.v1` and
 //! reflection (v1 and v1alpha, so both current and older grpcurl and grpcui work).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+
+/// Interval of HTTP/2 pings and TCP keepalive probes to clients.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// A client that has not answered a ping within this is gone.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A server builder with health and reflection added. Health starts NOT_SERVING for the
 /// whole server and for `service`; the role calls [`set_serving`] once it is loaded and
@@ -73,49 +80,150 @@ fn spawn(
     tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
 }
 
+/// What a role does when loading its model fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLoadError {
+    /// Stop the server and return the error (`sibyl serve`, tests).
+    Fail,
+    /// Stay up with health NOT_SERVING, log the error once, and try again after this long,
+    /// until it works or the server is shut down (roles in containers: a model volume that
+    /// is filled late, a file being replaced).
+    Retry(std::time::Duration),
+}
+
+/// The health of a running role's server, for roles whose readiness depends on more than
+/// their own model (the gateway follows its verifier).
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    service: String,
+    /// Set once shutdown has begun: the server stays NOT_SERVING from then on.
+    draining: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Marks the whole server and the role's service SERVING or NOT_SERVING (never SERVING
+    /// again once the server is draining for shutdown).
+    pub async fn set_serving(&self, serving: bool) {
+        if serving && !self.draining.load(Ordering::SeqCst) {
+            set_serving(&self.reporter, &self.service).await;
+        } else {
+            set_not_serving(&self.reporter, &self.service).await;
+        }
+    }
+
+    /// Sets the status of another named entry (a dependency's, say).
+    pub async fn set_entry(&self, name: &str, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(name, status).await;
+    }
+}
+
+/// An error and its sources, on one line.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Runs a role: serves health, reflection and what `add_service` adds on `listener` (health
 /// NOT_SERVING) while `load` runs on a blocking thread, hands its result to `ready`, then
-/// marks `service` SERVING, until `shutdown` completes. A failed load stops the server and
-/// returns the error.
-pub async fn run_role<T, E>(
+/// marks `service` SERVING if `ready` says so (a role whose readiness depends on more sets
+/// its health itself through the [`Health`] it is given), until `shutdown` completes. A failed load either stops the
+/// server and returns the error, or is retried, as `on_error` says.
+pub async fn run_role<T, E, L>(
     listener: tokio::net::TcpListener,
     service: &str,
     add_service: impl FnOnce(Router) -> Router,
-    load: impl FnOnce() -> Result<T, E> + Send + 'static,
-    ready: impl FnOnce(T),
+    mut load: L,
+    ready: impl FnOnce(T, Health) -> bool,
+    on_error: OnLoadError,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
 where
     T: Send + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+    L: FnMut() -> Result<T, E> + Send + 'static,
 {
-    let mut builder = Server::builder();
-    let (router, health) = base_router(&mut builder, service).await?;
-    let server = spawn(add_service(router), listener, shutdown);
-    match load_blocking(load).await {
-        Ok(loaded) => ready(loaded),
-        Err(error) => {
-            server.abort();
-            return Err(error);
+    // HTTP/2 pings find clients that vanished without closing their connections (a
+    // verifier cut off the network): their streams end instead of holding a session, and a
+    // drain, open forever.
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(KEEPALIVE_INTERVAL));
+    let (router, reporter) = base_router(&mut builder, service).await?;
+    // On shutdown: NOT_SERVING at once, so balancers stop sending new work while the
+    // server finishes the streams it has (tonic's graceful shutdown waits for them).
+    let draining_flag = Arc::new(AtomicBool::new(false));
+    let draining = {
+        let reporter = reporter.clone();
+        let service = service.to_string();
+        let flag = draining_flag.clone();
+        async move {
+            shutdown.await;
+            flag.store(true, Ordering::SeqCst);
+            set_not_serving(&reporter, &service).await;
+            tracing::info!(service, "draining: finishing open streams");
         }
+    };
+    let mut server = spawn(add_service(router), listener, draining);
+    let mut reported: Option<String> = None;
+    let loaded = loop {
+        let (returned, result) = tokio::task::spawn_blocking(move || {
+            let result = load();
+            (load, result)
+        })
+        .await?;
+        load = returned;
+        let error: Box<dyn std::error::Error + Send + Sync> = match result {
+            Ok(loaded) => break loaded,
+            Err(error) => error.into(),
+        };
+        let OnLoadError::Retry(every) = on_error else {
+            server.abort();
+            return Err(ServeError::Load(error));
+        };
+        let message = error_chain(error.as_ref());
+        if reported.as_deref() != Some(message.as_str()) {
+            tracing::error!(
+                service,
+                error = %message,
+                "cannot load; health says NOT_SERVING; trying again every {every:?}"
+            );
+            reported = Some(message);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            ended = &mut server => {
+                ended??;
+                return Ok(());
+            }
+        }
+    };
+    let health = Health {
+        reporter,
+        service: service.to_string(),
+        draining: draining_flag,
+    };
+    if ready(loaded, health.clone()) {
+        health.set_serving(true).await;
     }
-    set_serving(&health, service).await;
-    tracing::info!(service, "ready");
+    tracing::info!(service, "loaded");
     server.await??;
     Ok(())
-}
-
-/// Runs `load` on a blocking thread (it may read or fetch a model file).
-async fn load_blocking<T, E>(
-    load: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, ServeError>
-where
-    T: Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    tokio::task::spawn_blocking(load)
-        .await?
-        .map_err(|e| ServeError::Load(e.into()))
 }
 
 /// One switch that stops several servers: each takes a [`ShutdownSwitch::stopped`] future.

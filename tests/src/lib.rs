@@ -7,6 +7,7 @@ use sibyl_drafter::DraftService;
 use sibyl_gateway::GatewayConfig;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_proto::client::wait_until_serving;
+use sibyl_proto::server::OnLoadError;
 use sibyl_proto::server::ShutdownSwitch;
 use sibyl_proto::v1 as pb;
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
@@ -88,7 +89,8 @@ impl Cluster {
             }));
             let path = path.clone();
             let load = move || sibyl_engine::load_text(&path).map(|t| t.tokenizer.fingerprint());
-            let server = sibyl_drafter::serve(listener, service, load, stop.stopped());
+            let server =
+                sibyl_drafter::serve(listener, service, load, OnLoadError::Fail, stop.stopped());
             tasks.push(tokio::spawn(async move {
                 server.await.expect("drafter server")
             }));
@@ -108,8 +110,13 @@ impl Cluster {
         };
         let model_path = path.clone();
         let load = move || sibyl_engine::load(&model_path, &sibyl_engine::LoadOptions::default());
-        let server =
-            sibyl_verifier::serve(listener, VerifierService::new(config), load, stop.stopped());
+        let server = sibyl_verifier::serve(
+            listener,
+            VerifierService::new(config),
+            load,
+            OnLoadError::Fail,
+            stop.stopped(),
+        );
         tasks.push(tokio::spawn(async move {
             server.await.expect("verifier server")
         }));
@@ -129,6 +136,7 @@ impl Cluster {
             http,
             config,
             move || sibyl_engine::load_text(&text_path),
+            OnLoadError::Fail,
             stop.stopped(),
         );
         tasks.push(tokio::spawn(async move {
@@ -332,6 +340,9 @@ pub struct RoleProcesses {
     pub verifier: SocketAddr,
     pub gateway: SocketAddr,
     pub http: SocketAddr,
+    /// `/metrics` of the drafters, in the order of `drafters`, then of the verifier (the
+    /// gateway's is on `http`).
+    pub metrics: Vec<SocketAddr>,
     /// Drafters first, in the order of `drafters`, then the verifier and the gateway.
     pub processes: Processes,
 }
@@ -339,10 +350,21 @@ pub struct RoleProcesses {
 impl RoleProcesses {
     /// Starts them with the `sibyl` binary at `sibyl` on the model file `model`.
     pub fn spawn(sibyl: &Path, model: &str, drafters: usize) -> anyhow::Result<Self> {
+        Self::spawn_with_env(sibyl, model, drafters, &[])
+    }
+
+    /// [`RoleProcesses::spawn`] with more environment variables for every process.
+    pub fn spawn_with_env(
+        sibyl: &Path,
+        model: &str,
+        drafters: usize,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let spawn = |args: &[&str]| -> anyhow::Result<std::process::Child> {
             Ok(Command::new(sibyl)
                 .args(args)
                 .env("SIBYL_LOG", "warn")
+                .envs(env.iter().copied())
                 .stdout(std::process::Stdio::null())
                 .spawn()?)
         };
@@ -351,8 +373,11 @@ impl RoleProcesses {
             .collect::<Result<Vec<_>, _>>()?;
         let (verifier, gateway, http) = (free_port()?, free_port()?, free_port()?);
         let mut processes = Processes(Vec::new());
+        let mut metrics = Vec::new();
         for addr in &drafter_addrs {
             let addr = addr.to_string();
+            let metrics_addr = free_port()?;
+            metrics.push(metrics_addr);
             processes.0.push(spawn(&[
                 "drafter",
                 "--kind",
@@ -361,10 +386,15 @@ impl RoleProcesses {
                 model,
                 "--grpc-addr",
                 &addr,
+                "--metrics-addr",
+                &metrics_addr.to_string(),
             ])?);
         }
+        let verifier_metrics = free_port()?;
+        metrics.push(verifier_metrics);
         let mut verifier_args = vec!["verifier".to_string(), "--model".into(), model.into()];
         verifier_args.extend(["--grpc-addr".into(), verifier.to_string()]);
+        verifier_args.extend(["--metrics-addr".into(), verifier_metrics.to_string()]);
         for addr in &drafter_addrs {
             verifier_args.extend(["--drafter".into(), format!("ngram=http://{addr}")]);
         }
@@ -386,6 +416,7 @@ impl RoleProcesses {
             verifier,
             gateway,
             http,
+            metrics,
             processes,
         })
     }

@@ -282,6 +282,24 @@ impl<'m> Session<'m> {
         &self.context
     }
 
+    /// Draft tokens proposed and accepted so far, per drafter (indexed by [`DrafterId`]).
+    pub fn drafter_counts(&self) -> Vec<(u64, u64)> {
+        self.stats
+            .iter()
+            .map(|s| (s.proposed, s.accepted))
+            .collect()
+    }
+
+    /// Duration of the last step (the prompt's first token counts as one).
+    pub fn last_step_time(&self) -> Option<Duration> {
+        self.step_times.last().copied()
+    }
+
+    /// Bytes held by this session's KV cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.size_in_bytes()
+    }
+
     /// Most draft tokens on one branch that the next step can use (0: no room left).
     pub fn draft_depth(&self) -> usize {
         let room = self.model.config().context_length - self.context.len();

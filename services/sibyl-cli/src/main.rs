@@ -30,6 +30,8 @@ enum Command {
     Verifier(roles::VerifierRoleArgs),
     /// Run a drafter role.
     Drafter(roles::DrafterArgs),
+    /// Ask a sibyl server's gRPC health once: exit code 0 when it is SERVING.
+    Health(roles::HealthArgs),
     /// Measure speculation against plain decoding on benchmark prompts (tokens/s, speedup,
     /// accepted tokens per step) and check that outputs are identical.
     Bench(bench::BenchArgs),
@@ -44,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Verifier(args) => roles::run_verifier(args),
         Command::Drafter(args) => roles::run_drafter(args),
         Command::Bench(args) => bench::run(args),
+        Command::Health(args) => roles::run_health(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

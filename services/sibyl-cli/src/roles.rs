@@ -11,7 +11,7 @@ use sibyl_drafter::{DraftService, MakeDrafter};
 use sibyl_gateway::GatewayConfig;
 use sibyl_ngram::NgramDrafter;
 use sibyl_proto::client::ServiceAddress;
-use sibyl_proto::server::ShutdownSwitch;
+use sibyl_proto::server::{OnLoadError, ShutdownSwitch};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -75,12 +75,31 @@ pub struct GatewayLimitArgs {
     pub served_model_name: Option<String>,
 }
 
-/// Logs.
+/// Logs and traces. Spans are exported over OTLP/gRPC when the standard
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`OTEL_SERVICE_NAME` overrides `sibyl-<role>`).
 #[derive(Debug, Clone, Args)]
 pub struct TelemetryArgs {
-    /// Log lines as JSON objects (for log collectors) instead of text.
+    /// Log lines as JSON objects (for log collectors) instead of text, with the request id.
     #[arg(long, env = "SIBYL_LOG_JSON")]
     pub log_json: bool,
+}
+
+/// What a role does when its model file is missing or bad.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Milliseconds between attempts to load a model file that is missing or bad; health
+    /// says NOT_SERVING meanwhile. 0: exit with the error instead.
+    #[arg(long, env = "SIBYL_LOAD_RETRY_MS", default_value_t = 5000)]
+    pub load_retry_ms: u64,
+}
+
+impl LoadArgs {
+    fn on_error(&self) -> OnLoadError {
+        match self.load_retry_ms {
+            0 => OnLoadError::Fail,
+            ms => OnLoadError::Retry(Duration::from_millis(ms)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -131,6 +150,9 @@ pub struct GatewayArgs {
     pub limits: GatewayLimitArgs,
 
     #[command(flatten)]
+    pub load: LoadArgs,
+
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
 
@@ -139,6 +161,10 @@ pub struct VerifierRoleArgs {
     /// Address of the `sibyl.v1.Verifier` gRPC service.
     #[arg(long, env = "SIBYL_GRPC_ADDR", default_value = "0.0.0.0:50052")]
     pub grpc_addr: SocketAddr,
+
+    /// Address of the Prometheus `/metrics` endpoint (HTTP).
+    #[arg(long, env = "SIBYL_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
 
     /// A drafter to speculate with, as KIND=http://HOST:PORT; repeat for several. A name that
     /// resolves to several addresses (a headless Service) spreads sessions over them.
@@ -154,6 +180,9 @@ pub struct VerifierRoleArgs {
     /// Name the model is served under (default: the --model value, or the file's stem).
     #[arg(long, env = "SIBYL_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+
+    #[command(flatten)]
+    pub load: LoadArgs,
 
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -176,6 +205,10 @@ pub struct DrafterArgs {
     #[arg(long, env = "SIBYL_GRPC_ADDR", default_value = "0.0.0.0:50061")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the Prometheus `/metrics` endpoint (HTTP).
+    #[arg(long, env = "SIBYL_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
     /// The verifier's model: sessions whose tokenizer differs from this file's are refused.
     #[command(flatten)]
     pub model: ModelArgs,
@@ -184,26 +217,40 @@ pub struct DrafterArgs {
     pub ngram: NgramArgs,
 
     #[command(flatten)]
+    pub load: LoadArgs,
+
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
 
-fn init_logs(telemetry: &TelemetryArgs) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SIBYL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if telemetry.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+/// The role's runtime, with logging and span export installed on it (the exporter's gRPC
+/// channel lives on the runtime). Drop the telemetry before the runtime: that flushes spans.
+fn runtime(
+    role: &str,
+    telemetry: &TelemetryArgs,
+) -> anyhow::Result<(tokio::runtime::Runtime, sibyl_telemetry::Telemetry)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let installed = {
+        let _entered = runtime.enter();
+        sibyl_telemetry::init(&format!("sibyl-{role}"), telemetry.log_json)
+    };
+    Ok((runtime, installed))
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+/// Serves `/metrics` on `addr` in the background (roles without an HTTP API).
+async fn spawn_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = bind(addr, "metrics endpoint").await?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+    tokio::spawn(async move {
+        // Until the process ends: metrics stay readable while the role drains.
+        let forever = std::future::pending();
+        if let Err(error) = sibyl_telemetry::serve_metrics(listener, forever).await {
+            tracing::error!(%error, "the metrics endpoint failed");
+        }
+    });
+    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -252,7 +299,7 @@ fn locate(model: &ModelArgs) -> anyhow::Result<std::path::PathBuf> {
 
 fn text_loader(
     model: ModelArgs,
-) -> impl FnOnce() -> anyhow::Result<sibyl_engine::TextModel> + Send + 'static {
+) -> impl FnMut() -> anyhow::Result<sibyl_engine::TextModel> + Send + 'static {
     move || Ok(sibyl_engine::load_text(&locate(&model)?)?)
 }
 
@@ -278,55 +325,63 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
-    init_logs(&args.telemetry);
     let make = match args.kind {
         DrafterKindArg::Ngram => ngram_drafter(&args.ngram)?,
     };
-    runtime()?.block_on(async move {
+    let (runtime, telemetry) = runtime("drafter", &args.telemetry)?;
+    let result = runtime.block_on(async move {
         let listener = bind(args.grpc_addr, "drafter").await?;
+        spawn_metrics(args.metrics_addr).await?;
         tracing::info!(addr = %listener.local_addr()?, kind = ?args.kind, "drafter listening");
-        let load = text_loader(args.model.clone());
+        let mut load = text_loader(args.model.clone());
         sibyl_drafter::serve(
             listener,
             DraftService::new(make),
             move || load().map(|text| text.tokenizer.fingerprint()),
+            args.load.on_error(),
             shutdown_signal(),
         )
         .await?;
         Ok(())
-    })
+    });
+    drop(telemetry);
+    result
 }
 
 pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
-    init_logs(&args.telemetry);
     init_threads(args.model.threads);
     let name = served_name(&args.model, args.served_model_name.as_ref());
     let config = args
         .verifier
         .config(name, drafter_endpoints(&args.drafters)?)?;
-    runtime()?.block_on(async move {
+    let (runtime, telemetry) = runtime("verifier", &args.telemetry)?;
+    let result = runtime.block_on(async move {
         let listener = bind(args.grpc_addr, "verifier").await?;
+        spawn_metrics(args.metrics_addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "verifier listening");
         let model = args.model.clone();
         sibyl_verifier::serve(
             listener,
             VerifierService::new(config),
             move || load_model(&model),
+            args.load.on_error(),
             shutdown_signal(),
         )
         .await?;
         Ok(())
-    })
+    });
+    drop(telemetry);
+    result
 }
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    init_logs(&args.telemetry);
     let config = GatewayConfig {
         model_name: served_name(&args.model, args.limits.served_model_name.as_ref()),
         verifier: args.verifier.parse::<ServiceAddress>()?,
         max_tokens_limit: args.limits.max_tokens_limit,
     };
-    runtime()?.block_on(async move {
+    let (runtime, telemetry) = runtime("gateway", &args.telemetry)?;
+    let result = runtime.block_on(async move {
         let grpc = bind(args.grpc_addr, "gRPC API").await?;
         let http = bind(args.http_addr, "HTTP API").await?;
         tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "gateway listening");
@@ -335,19 +390,22 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             http,
             config,
             text_loader(args.model.clone()),
+            args.load.on_error(),
             shutdown_signal(),
         )
         .await?;
         Ok(())
-    })
+    });
+    drop(telemetry);
+    result
 }
 
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logs(&args.telemetry);
     init_threads(args.model.threads);
     let name = served_name(&args.model, args.limits.served_model_name.as_ref());
     let make = ngram_drafter(&args.ngram)?;
-    runtime()?.block_on(async move {
+    let (runtime, telemetry) = runtime("serve", &args.telemetry)?;
+    let result = runtime.block_on(async move {
         // The model file first, once, so the three roles do not race to fetch it.
         let model = args.model.clone();
         let path = tokio::task::spawn_blocking(move || locate(&model)).await??;
@@ -362,11 +420,12 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let verifier_addr = verifier_listener.local_addr()?;
 
         let stop = ShutdownSwitch::default();
-        let load = text_loader(model.clone());
+        let mut load = text_loader(model.clone());
         let drafter = tokio::spawn(sibyl_drafter::serve(
             drafter_listener,
             DraftService::new(make),
             move || load().map(|text| text.tokenizer.fingerprint()),
+            OnLoadError::Fail,
             stop.stopped(),
         ));
         let endpoint = format!("ngram=http://{drafter_addr}").parse::<DrafterEndpoint>()?;
@@ -376,6 +435,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             verifier_listener,
             VerifierService::new(config),
             move || load_model(&verifier_model),
+            OnLoadError::Fail,
             stop.stopped(),
         ));
         let gateway_config = GatewayConfig {
@@ -390,11 +450,16 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             http,
             gateway_config,
             text_loader(model),
+            OnLoadError::Fail,
             stop.stopped(),
         ));
         tracing::info!("loading {name}");
         loop {
-            if sibyl_proto::client::wait_until_serving(verifier_addr, Duration::from_secs(2)).await {
+            let wait = Duration::from_secs(2);
+            // The gateway's health follows the verifier's, a moment later.
+            if sibyl_proto::client::wait_until_serving(verifier_addr, wait).await
+                && sibyl_proto::client::wait_until_serving(grpc_addr, wait).await
+            {
                 let message = format!(
                     "sibyl serve: {name} ready\n  OpenAI HTTP API  http://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway)\n  verifier         {verifier_addr}, n-gram drafter {drafter_addr} (loopback)\n"
                 );
@@ -435,5 +500,47 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
         outcome
-    })
+    });
+    drop(telemetry);
+    result
+}
+
+/// Asks a server's gRPC health once.
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// The server, as HOST:PORT.
+    #[arg(long)]
+    pub addr: String,
+
+    /// The health entry to ask about ("" for the whole server).
+    #[arg(long, default_value = "")]
+    pub service: String,
+
+    /// Longest wait for the answer, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
+}
+
+/// `sibyl health`: exit code 0 when the server says SERVING (container health checks; the
+/// image has no other gRPC client).
+pub fn run_health(args: HealthArgs) -> anyhow::Result<()> {
+    let (host, port) = args
+        .addr
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host.trim_matches(['[', ']']), port.parse::<u16>().ok()?)))
+        .with_context(|| format!("--addr `{}`: expected HOST:PORT", args.addr))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    runtime
+        .block_on(sibyl_proto::client::check_serving(
+            host,
+            port,
+            &args.service,
+            timeout,
+        ))
+        .map_err(|reason| anyhow::anyhow!("not serving: {reason}"))?;
+    println!("SERVING");
+    Ok(())
 }

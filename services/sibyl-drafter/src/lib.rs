@@ -10,7 +10,7 @@ mod service;
 pub use ahead::{AdvanceError, AheadLimits, DraftAhead};
 pub use service::{DraftService, MakeDrafter};
 
-use sibyl_proto::server::{run_role, ServeError};
+use sibyl_proto::server::{run_role, OnLoadError, ServeError};
 use sibyl_proto::v1::drafter_server::{DrafterServer, SERVICE_NAME};
 use std::future::Future;
 use tokio::net::TcpListener;
@@ -18,17 +18,22 @@ use tonic::transport::server::Router;
 
 /// Serves `service` on `listener` until `shutdown` completes. Health says SERVING once
 /// `load` (run on a blocking thread: it may fetch a model file) has returned the tokenizer
-/// fingerprint; a failed load ends the server with the error.
+/// fingerprint; a failed load ends the server or is retried, as `on_error` says.
 pub async fn serve<E>(
     listener: TcpListener,
     service: DraftService,
-    load: impl FnOnce() -> Result<u64, E> + Send + 'static,
+    load: impl FnMut() -> Result<u64, E> + Send + 'static,
+    on_error: OnLoadError,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
 where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
+    sibyl_telemetry::metrics::drafter();
     let add = |router: Router| router.add_service(DrafterServer::new(service.clone()));
-    let ready = |fingerprint| service.set_ready(fingerprint);
-    run_role(listener, SERVICE_NAME, add, load, ready, shutdown).await
+    let ready = |fingerprint, _| {
+        service.set_ready(fingerprint);
+        true
+    };
+    run_role(listener, SERVICE_NAME, add, load, ready, on_error, shutdown).await
 }

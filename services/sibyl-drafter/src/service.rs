@@ -1,10 +1,13 @@
 use crate::ahead::{AheadLimits, DraftAhead};
 use sibyl_proto::v1::{self as pb, draft_request::Message};
 use sibyl_spec::Drafter;
+use sibyl_telemetry::metrics::{self, GaugeGuard};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 /// Most tokens a session's sequence may hold (above the context windows in use; it bounds
 /// the drafter's work per block, which runs on the async workers).
@@ -77,6 +80,31 @@ impl pb::drafter_server::Drafter for DraftService {
         &self,
         request: Request<Streaming<pb::DraftRequest>>,
     ) -> Result<Response<Self::DraftStream>, Status> {
+        let span = tracing::info_span!(
+            "draft_session",
+            request_id = %sibyl_telemetry::trace::request_id(request.metadata()),
+        );
+        sibyl_telemetry::trace::set_remote_parent(&span, request.metadata());
+        let opened = self.open(request).instrument(span.clone()).await;
+        if opened.is_err() {
+            metrics::drafter()
+                .sessions
+                .with_label_values(&["refused"])
+                .inc();
+        }
+        let (ahead, inbound) = opened?;
+        let (blocks, receiver) = mpsc::channel(QUEUE);
+        tokio::spawn(pump(ahead, inbound, blocks).instrument(span));
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+impl DraftService {
+    /// Checks a stream's opening and makes its drafter.
+    async fn open(
+        &self,
+        request: Request<Streaming<pb::DraftRequest>>,
+    ) -> Result<(DraftAhead, Streaming<pb::DraftRequest>), Status> {
         let ours = *self
             .fingerprint
             .get()
@@ -102,18 +130,32 @@ impl pb::drafter_server::Drafter for DraftService {
         }
         let limits = Self::limits(&open)?;
         let ahead = DraftAhead::new((self.make)(), open.context_tokens, limits);
-        let (blocks, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(pump(ahead, inbound, blocks));
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok((ahead, inbound))
     }
 }
 
 /// Drafts ahead while the network takes blocks, and takes advances as they come.
 async fn pump(
+    ahead: DraftAhead,
+    inbound: Streaming<pb::DraftRequest>,
+    blocks: mpsc::Sender<Result<pb::DraftBlock, Status>>,
+) {
+    let metrics = metrics::drafter();
+    let _active = GaugeGuard::new(&metrics.active_sessions);
+    let outcome = stream(ahead, inbound, blocks).await;
+    metrics.sessions.with_label_values(&[outcome]).inc();
+    if outcome == "failed" {
+        metrics.stream_errors.inc();
+    }
+}
+
+/// The stream's loop; says how it ended (`completed` or `failed`).
+async fn stream(
     mut ahead: DraftAhead,
     mut inbound: Streaming<pb::DraftRequest>,
     blocks: mpsc::Sender<Result<pb::DraftBlock, Status>>,
-) {
+) -> &'static str {
+    let metrics = metrics::drafter();
     loop {
         tokio::select! {
             biased;
@@ -123,19 +165,30 @@ async fn pump(
                     Ok(Some(_)) => {
                         let status = Status::invalid_argument("after `open`, only `advance` messages may follow");
                         let _ = blocks.send(Err(status)).await;
-                        return;
+                        return "failed";
                     }
                     // The verifier ended the session.
-                    Ok(None) | Err(_) => return,
+                    Ok(None) => return "completed",
+                    Err(status) => {
+                        tracing::debug!(%status, "draft stream ended with an error");
+                        return "failed";
+                    }
                 };
                 if let Err(error) = ahead.advance(advance.position, &advance.tokens) {
                     let _ = blocks.send(Err(Status::invalid_argument(error.to_string()))).await;
-                    return;
+                    return "failed";
                 }
             }
             permit = blocks.reserve(), if ahead.can_draft() => {
-                let Ok(permit) = permit else { return };
-                permit.send(Ok(pb::DraftBlock::from(&ahead.next_block())));
+                // The verifier stopped reading: the session is over.
+                let Ok(permit) = permit else { return "completed" };
+                let started = Instant::now();
+                let block = pb::DraftBlock::from(&ahead.next_block());
+                metrics.draft_duration.observe(started.elapsed().as_secs_f64());
+                metrics.blocks_sent.inc();
+                let tokens: usize = block.branches.iter().map(|b| b.tokens.len()).sum();
+                metrics.draft_tokens_sent.inc_by(tokens as u64);
+                permit.send(Ok(block));
             }
         }
     }

@@ -6,10 +6,12 @@ use crate::GatewayConfig;
 use sibyl_engine::{ChatMessage, Detokenizer, TextModel};
 use sibyl_proto::client::Balancer;
 use sibyl_proto::v1::{self as pb, verifier_client::VerifierClient, verify_event::Event};
+use sibyl_telemetry::metrics::{self, GaugeGuard};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 /// Longest a request waits for a verifier to accept its session.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +40,78 @@ pub struct Generation {
     pub stop: Vec<String>,
     /// Report token ids and step durations in the summary.
     pub details: bool,
+    /// The API it came through (a metrics label).
+    pub api: Api,
+    /// Names the request in logs, traces and on the verifier; empty: the gateway makes one.
+    pub request_id: String,
+}
+
+/// The API a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Http,
+    Grpc,
+}
+
+impl Api {
+    fn label(self) -> &'static str {
+        match self {
+            Api::Http => "http",
+            Api::Grpc => "grpc",
+        }
+    }
+}
+
+/// One request in the gateway's metrics, from arrival to its end: counted by outcome when
+/// dropped (`cancelled` if no outcome was set: the client went away).
+struct RequestRecord {
+    api: Api,
+    started: Instant,
+    first_text: bool,
+    /// Tokens generated so far.
+    tokens: u64,
+    outcome: Option<&'static str>,
+    _active: GaugeGuard,
+}
+
+impl RequestRecord {
+    fn start(api: Api) -> Self {
+        Self {
+            api,
+            started: Instant::now(),
+            first_text: false,
+            tokens: 0,
+            outcome: None,
+            _active: GaugeGuard::new(&metrics::gateway().active_requests),
+        }
+    }
+
+    fn text(&mut self) {
+        if !self.first_text {
+            self.first_text = true;
+            metrics::gateway()
+                .time_to_first_token
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    fn finish(&mut self, outcome: &'static str) {
+        self.outcome = Some(outcome);
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let m = metrics::gateway();
+        let outcome = self.outcome.unwrap_or("cancelled");
+        m.requests
+            .with_label_values(&[self.api.label(), outcome])
+            .inc();
+        if outcome == "ok" {
+            m.request_duration
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+    }
 }
 
 /// Why a request failed.
@@ -58,6 +132,23 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// The `outcome` label of a request that failed with this error.
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) | Self::PayloadTooLarge(_) | Self::ModelNotFound { .. } => {
+                "invalid"
+            }
+            Self::Unavailable(_) => "unavailable",
+            Self::Verifier(status) => match status.code() {
+                Code::ResourceExhausted => "overloaded",
+                Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => "invalid",
+                Code::Cancelled => "cancelled",
+                _ => "error",
+            },
+            Self::Internal(_) => "error",
+        }
+    }
+
     fn from_verifier(status: Status) -> Self {
         match status.code() {
             Code::Unavailable | Code::DeadlineExceeded => {
@@ -150,8 +241,39 @@ impl Gateway {
     /// Dropping the output stream cancels the generation on the verifier.
     pub async fn generate(
         &self,
-        request: Generation,
+        mut request: Generation,
     ) -> Result<(usize, OutputStream), GatewayError> {
+        let mut record = RequestRecord::start(request.api);
+        if request.request_id.is_empty() {
+            request.request_id = format!("req-{:032x}", rand::random::<u128>());
+        }
+        let span = tracing::info_span!(
+            "generation",
+            request_id = %request.request_id,
+            api = request.api.label(),
+        );
+        match self.start(request).instrument(span.clone()).await {
+            Ok((prompt_tokens, events, relay_params)) => {
+                let (output, receiver) = mpsc::channel(64);
+                let text = self.text.clone();
+                let relay = relay(text, events, relay_params, output, record);
+                tokio::spawn(relay.instrument(span));
+                Ok((prompt_tokens, receiver))
+            }
+            Err(error) => {
+                record.finish(error.outcome());
+                let _entered = span.enter();
+                tracing::debug!(%error, "request refused");
+                Err(error)
+            }
+        }
+    }
+
+    /// Checks `request` and opens its session on a verifier.
+    async fn start(
+        &self,
+        request: Generation,
+    ) -> Result<(usize, tonic::Streaming<pb::VerifyEvent>, RelayParams), GatewayError> {
         if let Some(model) = &request.model {
             if !model.is_empty() && *model != self.config.model_name {
                 return Err(GatewayError::ModelNotFound {
@@ -187,6 +309,9 @@ impl Gateway {
         };
         let prompt_tokens = verify.prompt_tokens.len();
         let mut client = self.client().await?;
+        let mut verify = tonic::Request::new(verify);
+        sibyl_telemetry::trace::inject(&tracing::Span::current(), verify.metadata_mut());
+        sibyl_telemetry::trace::set_request_id(verify.metadata_mut(), &request.request_id);
         let events = tokio::time::timeout(OPEN_TIMEOUT, client.generate(verify))
             .await
             .map_err(|_| {
@@ -196,17 +321,13 @@ impl Gateway {
             })?
             .map_err(GatewayError::from_verifier)?
             .into_inner();
-        let (output, receiver) = mpsc::channel(64);
-        let stops = StopStrings::new(request.stop);
-        let prompt_count = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
-        tokio::spawn(relay(
-            self.text.clone(),
-            events,
-            stops,
-            (prompt_count, seed, request.details),
-            output,
-        ));
-        Ok((prompt_tokens, receiver))
+        let params = RelayParams {
+            stops: StopStrings::new(request.stop),
+            prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+            seed,
+            details: request.details,
+        };
+        Ok((prompt_tokens, events, params))
     }
 
     fn max_tokens(&self, prompt: usize, requested: Option<usize>) -> Result<usize, GatewayError> {
@@ -270,37 +391,78 @@ fn tokenize(text_model: &TextModel, prompt: &PromptInput) -> Result<Vec<u32>, Ga
     Ok(tokens)
 }
 
+/// What [`relay`] needs besides the streams.
+struct RelayParams {
+    stops: StopStrings,
+    prompt_tokens: u32,
+    seed: u64,
+    details: bool,
+}
+
 /// Turns the verifier's token stream into text, until it ends, a stop string appears or the
-/// client goes away (then dropping `events` cancels the session on the verifier).
+/// client goes away (then dropping `events` cancels the session on the verifier), and
+/// records the request's outcome.
 async fn relay(
     text: Arc<TextModel>,
-    mut events: tonic::Streaming<pb::VerifyEvent>,
-    mut stops: StopStrings,
-    (prompt_tokens, seed, details): (u32, u64, bool),
+    events: tonic::Streaming<pb::VerifyEvent>,
+    params: RelayParams,
     output: mpsc::Sender<Result<Output, GatewayError>>,
+    mut record: RequestRecord,
 ) {
+    let error = match relay_events(text, events, params, &output, &mut record).await {
+        Ok(true) => {
+            record.finish("ok");
+            tracing::info!(
+                completion_tokens = record.tokens,
+                seconds = record.started.elapsed().as_secs_f64(),
+                "generation finished"
+            );
+            return;
+        }
+        Ok(false) => {
+            tracing::info!(completion_tokens = record.tokens, "the client went away");
+            return;
+        }
+        Err(error) => error,
+    };
+    record.finish(error.outcome());
+    tracing::warn!(%error, "generation failed");
+    let _ = output.send(Err(error)).await;
+}
+
+/// The relay's loop: `Ok(true)` when the summary was sent, `Ok(false)` when the client
+/// went away, or the error to send.
+async fn relay_events(
+    text: Arc<TextModel>,
+    mut events: tonic::Streaming<pb::VerifyEvent>,
+    params: RelayParams,
+    output: &mpsc::Sender<Result<Output, GatewayError>>,
+    record: &mut RequestRecord,
+) -> Result<bool, GatewayError> {
+    let RelayParams {
+        mut stops,
+        prompt_tokens,
+        seed,
+        details,
+    } = params;
+    let generated = &metrics::gateway().generated_tokens;
     let mut detokenizer = Detokenizer::new(&text.tokenizer);
     let mut completion_tokens = 0u32;
     let mut token_ids = Vec::new();
     loop {
         let event = tokio::select! {
-            () = output.closed() => return,
+            () = output.closed() => return Ok(false),
             event = events.message() => event,
         };
         let event = match event {
             Ok(Some(pb::VerifyEvent { event: Some(event) })) => event,
             Ok(Some(_)) => continue,
             Ok(None) => {
-                let error = GatewayError::Internal(
+                return Err(GatewayError::Internal(
                     "the verifier ended the stream without a summary".into(),
-                );
-                let _ = output.send(Err(error)).await;
-                return;
+                ))
             }
-            Err(status) => {
-                let _ = output.send(Err(GatewayError::from_verifier(status))).await;
-                return;
-            }
+            Err(status) => return Err(GatewayError::from_verifier(status)),
         };
         match event {
             Event::Tokens(tokens) => {
@@ -308,22 +470,23 @@ async fn relay(
                 if details {
                     token_ids.extend_from_slice(&tokens.tokens);
                 }
+                generated.inc_by(tokens.tokens.len() as u64);
+                record.tokens += tokens.tokens.len() as u64;
                 for token in tokens.tokens {
                     completion_tokens += 1;
-                    match detokenizer.push(token) {
-                        Ok(Some(text)) => piece.push_str(&text),
-                        Ok(None) => {}
-                        Err(error) => {
-                            let _ = output
-                                .send(Err(GatewayError::Internal(error.to_string())))
-                                .await;
-                            return;
-                        }
+                    if let Some(text) = detokenizer
+                        .push(token)
+                        .map_err(|e| GatewayError::Internal(e.to_string()))?
+                    {
+                        piece.push_str(&text);
                     }
                 }
                 let (piece, stopped) = stops.push(&piece);
-                if !piece.is_empty() && output.send(Ok(Output::Text(piece))).await.is_err() {
-                    return;
+                if !piece.is_empty() {
+                    record.text();
+                    if output.send(Ok(Output::Text(piece))).await.is_err() {
+                        return Ok(false);
+                    }
                 }
                 if stopped {
                     // The verifier's session is cancelled when `events` is dropped; its own
@@ -338,35 +501,30 @@ async fn relay(
                         token_ids,
                         ..Summary::default()
                     };
-                    let _ = output.send(Ok(Output::Done(summary))).await;
-                    return;
+                    return Ok(output.send(Ok(Output::Done(summary))).await.is_ok());
                 }
             }
             Event::Summary(summary) => {
-                let mut rest = match detokenizer.finish() {
-                    Ok(rest) => rest.unwrap_or_default(),
-                    Err(error) => {
-                        let _ = output
-                            .send(Err(GatewayError::Internal(error.to_string())))
-                            .await;
-                        return;
-                    }
-                };
+                let mut rest = detokenizer
+                    .finish()
+                    .map_err(|e| GatewayError::Internal(e.to_string()))?
+                    .unwrap_or_default();
                 let (piece, stopped) = stops.push(&rest);
                 rest = piece;
                 if !stopped {
                     rest.push_str(&stops.finish());
                 }
-                if !rest.is_empty() && output.send(Ok(Output::Text(rest))).await.is_err() {
-                    return;
+                if !rest.is_empty() {
+                    record.text();
+                    if output.send(Ok(Output::Text(rest))).await.is_err() {
+                        return Ok(false);
+                    }
                 }
-                let _ = output
-                    .send(Ok(Output::Done(Summary {
-                        token_ids,
-                        ..Summary::from_verifier(summary, stopped)
-                    })))
-                    .await;
-                return;
+                let done = Output::Done(Summary {
+                    token_ids,
+                    ..Summary::from_verifier(summary, stopped)
+                });
+                return Ok(output.send(Ok(done)).await.is_ok());
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The `sibyl.v1.Gateway` gRPC service.
 
-use crate::generation::{Gateway, GatewayError, Generation, Output, PromptInput};
+use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput};
 use sibyl_engine::ChatMessage;
 use sibyl_proto::v1::{self as pb, generate_request::Input, generate_response::Event};
 use std::sync::{Arc, OnceLock};
@@ -63,6 +63,8 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             speculation: request.speculation,
             stop: request.stop,
             details: request.details,
+            api: Api::Grpc,
+            request_id: String::new(),
         })
     }
 }
@@ -75,7 +77,9 @@ impl pb::gateway_server::Gateway for GatewayService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let generation = Generation::try_from(request.into_inner())?;
+        let request_id = sibyl_telemetry::trace::request_id(request.metadata());
+        let mut generation = Generation::try_from(request.into_inner())?;
+        generation.request_id = request_id;
         let (_, mut outputs) = self.gateway()?.generate(generation).await?;
         let (sender, receiver) = mpsc::channel(16);
         tokio::spawn(async move {

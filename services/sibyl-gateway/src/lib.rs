@@ -8,16 +8,17 @@ mod grpc;
 mod openai;
 mod stop;
 
-pub use generation::{Gateway, GatewayError, Generation, Output, PromptInput, Summary};
+pub use generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput, Summary};
 pub use grpc::GatewayService;
 pub use stop::StopStrings;
 
 use sibyl_engine::TextModel;
 use sibyl_proto::client::ServiceAddress;
-use sibyl_proto::server::{run_role, ServeError, ShutdownSwitch};
+use sibyl_proto::server::{run_role, Health, OnLoadError, ServeError, ShutdownSwitch};
 use sibyl_proto::v1::gateway_server::{GatewayServer, SERVICE_NAME};
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::transport::server::Router;
 
@@ -35,17 +36,21 @@ pub struct GatewayConfig {
 /// Serves the gRPC API on `grpc` and the HTTP API on `http` until `shutdown` completes.
 /// `load` (on a blocking thread: it may fetch the model file) reads the tokenizer and chat
 /// template; until it has, gRPC health says NOT_SERVING, the gRPC API answers UNAVAILABLE and
-/// the HTTP API is not listening.
+/// the HTTP API is not listening. A failed load ends the server or is retried, as `on_error`
+/// says. Once loaded, health follows the verifier: SERVING while it answers (checked every
+/// [`VERIFIER_CHECK_INTERVAL`]). The HTTP API also serves `/metrics`.
 pub async fn serve<E>(
     grpc: TcpListener,
     http: TcpListener,
     config: GatewayConfig,
-    load: impl FnOnce() -> Result<TextModel, E> + Send + 'static,
+    load: impl FnMut() -> Result<TextModel, E> + Send + 'static,
+    on_error: OnLoadError,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
 where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
+    sibyl_telemetry::metrics::gateway();
     let switch = ShutdownSwitch::default();
     let (grpc_stopped, http_stopped) = (switch.stopped(), switch.stopped());
     tokio::spawn(async move {
@@ -55,16 +60,60 @@ where
     let service = GatewayService::default();
     let add = |router: Router| router.add_service(GatewayServer::new(service.clone()));
     let mut http_server = None;
-    let ready = |text| {
+    let ready = |text, health| {
         let gateway = Arc::new(Gateway::new(config, text));
         service.set_ready(gateway.clone());
+        // Health is the verifier's to decide from here on.
+        tokio::spawn(follow_verifier(gateway.clone(), health));
         let server =
             axum::serve(http, openai::router(gateway)).with_graceful_shutdown(http_stopped);
         http_server = Some(tokio::spawn(server.into_future()));
+        false
     };
-    run_role(grpc, SERVICE_NAME, add, load, ready, grpc_stopped).await?;
+    run_role(grpc, SERVICE_NAME, add, load, ready, on_error, grpc_stopped).await?;
     if let Some(server) = http_server {
         server.await?.map_err(ServeError::Http)?;
     }
     Ok(())
+}
+
+/// How often the gateway checks that its verifier answers (while it does; four times as
+/// often while it does not, so that the gateway is back soon after the verifier).
+pub const VERIFIER_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Keeps the gateway's health and `sibyl_gateway_verifier_up` in step with the verifier's
+/// answers; logs once when it stops answering and once when it is back.
+async fn follow_verifier(gateway: Arc<Gateway>, health: Health) {
+    let up = &sibyl_telemetry::metrics::gateway().verifier_up;
+    let mut last: Option<bool> = None;
+    let mut failures = 0u32;
+    loop {
+        let status = gateway.verifier_status().await;
+        failures = if status.is_ok() { 0 } else { failures + 1 };
+        // One missed answer from a verifier that answered before is not enough to leave
+        // the load balancer (a busy machine can miss a deadline).
+        let now = status.is_ok() || (last == Some(true) && failures < 2);
+        match (&status, last) {
+            // At start-up the verifier is often still loading its model.
+            (Err(error), None) => tracing::warn!(
+                %error,
+                "waiting for the verifier; health says NOT_SERVING until it answers"
+            ),
+            (Err(error), Some(true)) if !now => tracing::error!(
+                %error,
+                "the verifier does not answer; health says NOT_SERVING until it does"
+            ),
+            (Ok(_), Some(false)) => tracing::info!("the verifier answers again"),
+            _ => {}
+        }
+        last = Some(now);
+        up.set(i64::from(now));
+        health.set_serving(now).await;
+        let interval = if now {
+            VERIFIER_CHECK_INTERVAL
+        } else {
+            VERIFIER_CHECK_INTERVAL / 4
+        };
+        tokio::time::sleep(interval).await;
+    }
 }

@@ -4,7 +4,7 @@
 //! Extension: `"speculation": {"enabled": false}` turns speculation off for one request;
 //! `"speculation": {"drafters": ["ngram"]}` picks drafter kinds. `top_k` is accepted too.
 
-use crate::generation::{Gateway, GatewayError, Generation, Output, PromptInput, Summary};
+use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput, Summary};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -32,6 +32,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .merge(sibyl_telemetry::metrics_router())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(gateway)
@@ -209,6 +210,8 @@ impl Common {
             speculation,
             stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             details: false,
+            api: Api::Http,
+            request_id: String::new(),
         })
     }
 }
@@ -330,18 +333,21 @@ async fn respond(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let generation = common.generation(prompt)?;
+    let mut generation = common.generation(prompt)?;
+    let id = format!(
+        "{}-{:032x}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        rand::random::<u128>()
+    );
+    // The response's id is the request id in logs and traces.
+    generation.request_id = id.clone();
     let (_, mut outputs) = gateway.generate(generation).await?;
     let meta = Meta {
-        id: format!(
-            "{}-{:032x}",
-            if kind == Kind::Chat {
-                "chatcmpl"
-            } else {
-                "cmpl"
-            },
-            rand::random::<u128>()
-        ),
+        id,
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),

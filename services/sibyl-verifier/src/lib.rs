@@ -9,16 +9,18 @@
 
 mod config;
 mod link;
+mod probe;
 mod service;
 mod session;
 mod shared;
 
 pub use config::{DrafterEndpoint, EndpointError, SpeculationConfig, VerifierConfig};
+pub use probe::DRAFTERS_HEALTH;
 pub use service::VerifierService;
 
 use sibyl_decode::{generate, GenerationConfig};
 use sibyl_engine::LoadedModel;
-use sibyl_proto::server::{run_role, ServeError};
+use sibyl_proto::server::{run_role, OnLoadError, ServeError};
 use sibyl_proto::v1::verifier_server::{VerifierServer, SERVICE_NAME};
 use sibyl_spec::SamplingConfig;
 use std::future::Future;
@@ -29,20 +31,29 @@ use tonic::transport::server::Router;
 
 /// Serves `service` on `listener` until `shutdown` completes. Health says SERVING once
 /// `load` (run on a blocking thread: it may fetch a model file) has returned the model and a
-/// warm-up generation has run; a failed load ends the server with the error.
+/// warm-up generation has run; a failed load ends the server or is retried, as `on_error`
+/// says. The configured drafters are then watched (see [`DRAFTERS_HEALTH`]).
 pub async fn serve<E>(
     listener: TcpListener,
     service: VerifierService,
-    load: impl FnOnce() -> Result<LoadedModel, E> + Send + 'static,
+    mut load: impl FnMut() -> Result<LoadedModel, E> + Send + 'static,
+    on_error: OnLoadError,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError>
 where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
+    let metrics = sibyl_telemetry::metrics::verifier();
+    metrics.model_loaded.set(0);
     let add = |router: Router| router.add_service(VerifierServer::new(service.clone()));
     let load = move || load().map_err(Into::into).and_then(warm_up);
-    let ready = |engine| service.set_ready(Arc::new(engine));
-    run_role(listener, SERVICE_NAME, add, load, ready, shutdown).await
+    let ready = |engine, health| {
+        service.set_ready(Arc::new(engine));
+        metrics.model_loaded.set(1);
+        probe::spawn(service.drafters().to_vec(), health);
+        true
+    };
+    run_role(listener, SERVICE_NAME, add, load, ready, on_error, shutdown).await
 }
 
 /// Runs a short generation so the first request does not pay for thread-pool start-up and

@@ -35,21 +35,27 @@ enum End {
 /// Runs the link until the session ends (its length watch closes).
 pub(crate) async fn run(
     params: LinkParams,
+    request_id: String,
     endpoints: Arc<Balancer>,
     shared: Arc<Shared>,
     mut accepted_len: watch::Receiver<usize>,
 ) {
     let mut backoff = FIRST_BACKOFF;
+    let errors = sibyl_telemetry::metrics::verifier()
+        .drafter_stream_errors
+        .with_label_values(&[params.endpoint.kind.as_str()]);
     loop {
-        let connected_before = match connect(&params, &endpoints, &shared, &mut accepted_len).await
-        {
+        let ended = connect(&params, &request_id, &endpoints, &shared, &mut accepted_len).await;
+        let connected_before = match ended {
             (End::SessionOver, _) => return,
             (End::Refused(error), _) => {
+                errors.inc();
                 tracing::warn!(drafter = %params.endpoint.kind, %error, "drafter refused the session");
                 shared.set_status(params.index, LinkStatus::Refused, Some(error));
                 return;
             }
             (End::Failed(error), connected) => {
+                errors.inc();
                 tracing::debug!(drafter = %params.endpoint.kind, %error, "draft stream failed");
                 shared.set_status(params.index, LinkStatus::Failed, Some(error));
                 connected
@@ -69,6 +75,7 @@ pub(crate) async fn run(
 /// One stream, from opening to its end; says whether it got connected.
 async fn connect(
     params: &LinkParams,
+    request_id: &str,
     endpoints: &Balancer,
     shared: &Shared,
     accepted_len: &mut watch::Receiver<usize>,
@@ -98,8 +105,10 @@ async fn connect(
         return (End::Failed("cannot queue the open message".into()), false);
     }
     let mut client = DrafterClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let opened =
-        tokio::time::timeout(OPEN_TIMEOUT, client.draft(ReceiverStream::new(receiver))).await;
+    let mut request = tonic::Request::new(ReceiverStream::new(receiver));
+    sibyl_telemetry::trace::inject(&tracing::Span::current(), request.metadata_mut());
+    sibyl_telemetry::trace::set_request_id(request.metadata_mut(), request_id);
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, client.draft(request)).await;
     let mut inbound = match opened {
         Err(_) => {
             return (

@@ -5,11 +5,13 @@ use crate::shared::Shared;
 use sibyl_decode::{check_request, GenerationConfig};
 use sibyl_proto::v1 as pb;
 use sibyl_spec::InboxLimits;
+use sibyl_telemetry::metrics::{self, GaugeGuard};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// Events buffered per session before the step loop waits for the client.
 const EVENT_QUEUE: usize = 64;
@@ -53,6 +55,11 @@ impl VerifierService {
 
     pub(crate) fn set_ready(&self, engine: Arc<Engine>) {
         let _ = self.inner.engine.set(engine);
+    }
+
+    /// The drafters it is configured with.
+    pub fn drafters(&self) -> &[crate::DrafterEndpoint] {
+        &self.inner.config.drafters
     }
 
     /// Sessions running now.
@@ -175,40 +182,17 @@ impl pb::verifier_server::Verifier for VerifierService {
         &self,
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let engine = self.engine()?.clone();
-        let (plan, links) = self.plan(&engine, request.into_inner())?;
-        let inner = &self.inner;
-        let previous = inner.active.fetch_add(1, Ordering::SeqCst);
-        let active = ActiveSession(inner.active.clone());
-        if previous >= inner.config.max_sessions {
-            return Err(Status::resource_exhausted(format!(
-                "all {} session slots of this verifier are busy; retry later or add replicas",
-                inner.config.max_sessions
-            )));
+        let request_id = sibyl_telemetry::trace::request_id(request.metadata());
+        let span = tracing::info_span!("verify_session", request_id = %request_id);
+        sibyl_telemetry::trace::set_remote_parent(&span, request.metadata());
+        let started = self.start(request.into_inner(), request_id, &span);
+        if started.is_err() {
+            metrics::verifier()
+                .sessions
+                .with_label_values(&["refused"])
+                .inc();
         }
-        inner.started.fetch_add(1, Ordering::Relaxed);
-        let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), plan.inbox));
-        let (accepted_len, watch_len) = watch::channel(plan.prompt.len());
-        let tasks: Vec<_> = links
-            .into_iter()
-            .map(|params| {
-                tokio::spawn(link::run(
-                    params,
-                    inner.endpoints.clone(),
-                    shared.clone(),
-                    watch_len.clone(),
-                ))
-            })
-            .collect();
-        let (events, receiver) = mpsc::channel(EVENT_QUEUE);
-        tokio::task::spawn_blocking(move || {
-            session::run(&engine, plan, &shared, accepted_len, &events);
-            for task in tasks {
-                task.abort();
-            }
-            drop(active);
-        });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        started
     }
 
     async fn get_status(
@@ -232,5 +216,58 @@ impl pb::verifier_server::Verifier for VerifierService {
                 .map(|d| d.kind.clone())
                 .collect(),
         }))
+    }
+}
+
+impl VerifierService {
+    /// Checks a request and starts its session in `span`.
+    fn start(
+        &self,
+        request: pb::VerifyRequest,
+        request_id: String,
+        span: &tracing::Span,
+    ) -> Result<Response<ReceiverStream<Result<pb::VerifyEvent, Status>>>, Status> {
+        let engine = self.engine()?.clone();
+        let (plan, links) = self.plan(&engine, request)?;
+        let inner = &self.inner;
+        let previous = inner.active.fetch_add(1, Ordering::SeqCst);
+        let active = ActiveSession(inner.active.clone());
+        if previous >= inner.config.max_sessions {
+            return Err(Status::resource_exhausted(format!(
+                "all {} session slots of this verifier are busy; retry later or add replicas",
+                inner.config.max_sessions
+            )));
+        }
+        let active_metric = GaugeGuard::new(&metrics::verifier().active_sessions);
+        inner.started.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), plan.inbox));
+        let (accepted_len, watch_len) = watch::channel(plan.prompt.len());
+        let tasks: Vec<_> = links
+            .into_iter()
+            .map(|params| {
+                tokio::spawn(
+                    link::run(
+                        params,
+                        request_id.clone(),
+                        inner.endpoints.clone(),
+                        shared.clone(),
+                        watch_len.clone(),
+                    )
+                    .instrument(span.clone()),
+                )
+            })
+            .collect();
+        let (events, receiver) = mpsc::channel(EVENT_QUEUE);
+        let span = span.clone();
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            session::run(&engine, plan, &shared, accepted_len, &events);
+            for task in tasks {
+                task.abort();
+            }
+            drop(active);
+            drop(active_metric);
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }

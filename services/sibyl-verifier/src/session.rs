@@ -5,6 +5,7 @@ use sibyl_decode::{FinishReason, GenerateError, GenerationConfig, GenerationRepo
 use sibyl_engine::LoadedModel;
 use sibyl_proto::v1::{self as pb, verify_event::Event};
 use sibyl_spec::{InboxLimits, TokenId};
+use sibyl_telemetry::metrics::{self, GaugeShare};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -42,12 +43,21 @@ pub(crate) fn run(
     let step_times = plan.step_times;
     let outcome = steps(engine, plan, shared, &accepted_len, events);
     drop(accepted_len);
+    let sessions = &metrics::verifier().sessions;
     let message = match outcome {
-        Ok((report, waits)) => Ok(pb::VerifyEvent {
-            event: Some(Event::Summary(summary(&report, &waits, shared, step_times))),
-        }),
+        Ok((report, waits)) => {
+            let outcome = match report.finish_reason {
+                FinishReason::Cancelled => "cancelled",
+                FinishReason::Stop | FinishReason::Length => "completed",
+            };
+            sessions.with_label_values(&[outcome]).inc();
+            Ok(pb::VerifyEvent {
+                event: Some(Event::Summary(summary(&report, &waits, shared, step_times))),
+            })
+        }
         // The request was checked before the session started: what fails now is ours.
         Err(error) => {
+            sessions.with_label_values(&["failed"]).inc();
             tracing::error!(%error, "session failed");
             Err(Status::internal(format!("the generation failed: {error}")))
         }
@@ -65,11 +75,17 @@ fn steps(
     let model = &engine.loaded.model;
     // Whether steps gather drafts at all (no drafters, or a zero budget: plain decoding).
     let gathers = plan.config.draft_budget > 0 && !plan.drafter_kinds.is_empty();
+    let mut recorder = StepRecorder::new(&plan.drafter_kinds);
     let mut session = Session::new(model, &plan.prompt, plan.config, plan.drafter_kinds)?;
     let mut step = {
+        let _span = tracing::info_span!("prefill", prompt_tokens = plan.prompt.len()).entered();
         let _turn = engine.compute.lock().unwrap_or_else(|e| e.into_inner());
         session.prefill(&mut || events.is_closed())?
     };
+    metrics::verifier()
+        .prompt_tokens
+        .inc_by(plan.prompt.len() as u64);
+    recorder.record(&session, &step.tokens);
     let mut waits = Vec::new();
     loop {
         if !step.tokens.is_empty() {
@@ -97,8 +113,60 @@ fn steps(
         } else {
             Vec::new()
         };
+        let span = tracing::info_span!(
+            "verify_step",
+            proposals = proposals.len(),
+            accepted = tracing::field::Empty,
+        );
+        let _entered = span.enter();
         let _turn = engine.compute.lock().unwrap_or_else(|e| e.into_inner());
         step = session.step(proposals)?;
+        span.record("accepted", step.tokens.len());
+        recorder.record(&session, &step.tokens);
+    }
+}
+
+/// Feeds each step into the verifier's metrics: step count and duration, tokens, draft
+/// tokens per drafter kind (as the increase since the last step), KV-cache bytes.
+struct StepRecorder {
+    kinds: Vec<String>,
+    counted: Vec<(u64, u64)>,
+    cache: GaugeShare,
+}
+
+impl StepRecorder {
+    fn new(kinds: &[String]) -> Self {
+        Self {
+            kinds: kinds.to_vec(),
+            counted: vec![(0, 0); kinds.len()],
+            cache: GaugeShare::new(&metrics::verifier().kv_cache_bytes),
+        }
+    }
+
+    fn record(&mut self, session: &Session<'_>, tokens: &[TokenId]) {
+        let m = metrics::verifier();
+        m.steps.inc();
+        m.generated_tokens.inc_by(tokens.len() as u64);
+        m.accepted_tokens_per_step.observe(tokens.len() as f64);
+        if let Some(time) = session.last_step_time() {
+            m.step_duration.observe(time.as_secs_f64());
+        }
+        for ((kind, counted), now) in self
+            .kinds
+            .iter()
+            .zip(&mut self.counted)
+            .zip(session.drafter_counts())
+        {
+            m.draft_tokens_proposed
+                .with_label_values(&[kind.as_str()])
+                .inc_by(now.0 - counted.0);
+            m.draft_tokens_accepted
+                .with_label_values(&[kind.as_str()])
+                .inc_by(now.1 - counted.1);
+            *counted = now;
+        }
+        self.cache
+            .set(i64::try_from(session.cache_bytes()).unwrap_or(i64::MAX));
     }
 }
 
