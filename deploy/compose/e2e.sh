@@ -25,7 +25,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 project=${SIBYL_E2E_PROJECT:-sibyl-e2e}
-binary=${SIBYL_E2E_BINARY:-$repo/target/release/sibyl}
+binary=${SIBYL_E2E_BINARY:-${CARGO_TARGET_DIR:-$repo/target}/release/sibyl}
 export SIBYL_IMAGE=${SIBYL_IMAGE:-sibyl:0.1.0}
 export SIBYL_COMPOSE_MODEL=${SIBYL_COMPOSE_MODEL:-qwen2.5-coder-0.5b}
 export SIBYL_MODELS_DIR=${SIBYL_MODELS_DIR:-${SIBYL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sibyl/models}}

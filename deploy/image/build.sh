@@ -5,7 +5,7 @@
 #
 #   deploy/image/build.sh [--binary PATH] [--tag sibyl:0.1.0] [--keep-debug] [--rebuild-base]
 #
-# --binary defaults to target/release/sibyl (`cargo build --release --bin sibyl`); it must be
+# --binary defaults to target/release/sibyl (under $CARGO_TARGET_DIR if set) (`cargo build --release --bin sibyl`); it must be
 # built on Debian 12 (bookworm) or with an older glibc. Its debug info is stripped from the
 # copy in the image unless --keep-debug (symbols stay, so backtraces keep function names).
 # The build context is a temporary folder holding only the binary and Dockerfile.local.
@@ -13,7 +13,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-binary=$repo/target/release/sibyl
+binary=${CARGO_TARGET_DIR:-$repo/target}/release/sibyl
 tag=${SIBYL_IMAGE:-sibyl:0.1.0}
 strip_debug=true
 base_args=()
