@@ -141,8 +141,9 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// Runs a role: serves health, reflection and what `add_service` adds on `listener` (health
 /// NOT_SERVING) while `load` runs on a blocking thread, hands its result to `ready`, then
 /// marks `service` SERVING if `ready` says so (a role whose readiness depends on more sets
-/// its health itself through the [`Health`] it is given), until `shutdown` completes. A failed load either stops the
-/// server and returns the error, or is retried, as `on_error` says.
+/// its health itself through the [`Health`] it is given), until `shutdown` completes. A
+/// failed load either stops the server and returns the error, or is retried, as `on_error`
+/// says.
 pub async fn run_role<T, E, L>(
     listener: tokio::net::TcpListener,
     service: &str,
