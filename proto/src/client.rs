@@ -156,7 +156,7 @@ pub async fn check_serving(
             let reason = match Endpoint::from_shared(format!("http://{addr}")) {
                 Err(error) => error.to_string(),
                 Ok(endpoint) => match endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await {
-                    Err(error) => format!("cannot connect: {error}"),
+                    Err(error) => format!("cannot connect: {}", crate::server::error_chain(&error)),
                     Ok(channel) => {
                         let request = HealthCheckRequest {
                             service: service.to_string(),
