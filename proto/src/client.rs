@@ -110,27 +110,19 @@ impl std::fmt::Display for ServiceAddress {
 /// Polls the gRPC health of the server at `addr` until it says SERVING; false if it has not
 /// within `timeout`.
 pub async fn wait_until_serving(addr: SocketAddr, timeout: Duration) -> bool {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let poll = async {
-        loop {
-            if let Ok(endpoint) = Endpoint::from_shared(format!("http://{addr}")) {
-                if let Ok(channel) = endpoint.connect().await {
-                    let mut client = HealthClient::new(channel);
-                    let request = HealthCheckRequest {
-                        service: String::new(),
-                    };
-                    if let Ok(response) = client.check(request).await {
-                        if response.get_ref().status() == ServingStatus::Serving {
-                            return;
-                        }
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    let deadline = std::time::Instant::now() + timeout;
+    let host = addr.ip().to_string();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
         }
-    };
-    tokio::time::timeout(timeout, poll).await.is_ok()
+        let attempt = left.min(Duration::from_secs(2));
+        if check_serving(&host, addr.port(), "", attempt).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+    }
 }
 
 /// Asks the gRPC health of `service` ("" for the whole server) at every address `host`

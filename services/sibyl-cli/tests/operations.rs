@@ -10,7 +10,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use sibyl_proto::client::check_serving;
+use sibyl_proto::client::{check_serving, wait_until_serving};
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
 use sibyl_tests::{free_port, generate_text, Processes, RoleProcesses};
 use std::collections::{HashMap, HashSet};
@@ -78,17 +78,6 @@ async fn serving(addr: SocketAddr, service: &str) -> bool {
     check_serving("127.0.0.1", addr.port(), service, Duration::from_secs(2))
         .await
         .is_ok()
-}
-
-async fn wait_serving(addr: SocketAddr, service: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if serving(addr, service).await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    false
 }
 
 /// A span received: service name, span name, trace id, parent span id.
@@ -348,7 +337,7 @@ async fn a_missing_or_bad_model_file_is_not_serving_until_it_is_fixed() {
     std::fs::copy(model_path(), dir.join("incoming")).unwrap();
     std::fs::rename(dir.join("incoming"), &path).unwrap();
     assert!(
-        wait_serving(grpc, "", Duration::from_secs(60)).await,
+        wait_until_serving(grpc, Duration::from_secs(60)).await,
         "{:?}",
         logs.lock().unwrap()
     );
@@ -424,9 +413,9 @@ async fn the_gateway_follows_its_verifier_and_a_lost_drafter_is_reported() {
     .unwrap();
     let verifier_logs = collect_stderr(&mut verifier);
     processes.0.push(verifier);
-    assert!(wait_serving(verifier_grpc, "", Duration::from_secs(60)).await);
+    assert!(wait_until_serving(verifier_grpc, Duration::from_secs(60)).await);
     assert!(
-        wait_serving(gateway_grpc, "", Duration::from_secs(30)).await,
+        wait_until_serving(gateway_grpc, Duration::from_secs(30)).await,
         "the gateway serves once its verifier answers"
     );
     assert!(
@@ -487,7 +476,7 @@ async fn json_logs_name_the_request() {
     .unwrap();
     let logs = collect_stderr(&mut serve);
     let _processes = Processes(vec![serve]);
-    assert!(wait_serving(grpc, "", Duration::from_secs(120)).await);
+    assert!(wait_until_serving(grpc, Duration::from_secs(120)).await);
     let mut client = GatewayClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();
