@@ -74,6 +74,19 @@ async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> b
     condition()
 }
 
+/// Scrapes `addr` until `ready` holds for its text or 10 s pass; returns the last text.
+/// A role records a request once its last message is on the wire, so a client that has
+/// read that message can scrape a moment too early.
+async fn scrape_when(addr: SocketAddr, ready: impl Fn(&str) -> bool) -> String {
+    let mut text = String::new();
+    eventually(Duration::from_secs(10), || {
+        text = scrape(addr);
+        ready(&text)
+    })
+    .await;
+    text
+}
+
 async fn serving(addr: SocketAddr, service: &str) -> bool {
     check_serving("127.0.0.1", addr.port(), service, Duration::from_secs(2))
         .await
@@ -162,14 +175,11 @@ async fn every_role_serves_metrics_and_one_generation_is_one_trace() {
     let generated = f64::from(summary.usage.unwrap().completion_tokens);
 
     let (drafter, verifier) = (roles.metrics[0], roles.metrics[1]);
-    let gateway_text = tokio::task::spawn_blocking(move || scrape(roles.http))
-        .await
-        .unwrap();
+    let gateway_requests = "sibyl_gateway_requests_total{api=\"grpc\",outcome=\"ok\"}";
+    let gateway_text =
+        scrape_when(roles.http, |text| sample(text, gateway_requests).is_some()).await;
     assert_eq!(
-        sample(
-            &gateway_text,
-            "sibyl_gateway_requests_total{api=\"grpc\",outcome=\"ok\"}"
-        ),
+        sample(&gateway_text, gateway_requests),
         Some(1.0),
         "{gateway_text}"
     );
@@ -183,21 +193,18 @@ async fn every_role_serves_metrics_and_one_generation_is_one_trace() {
     );
     assert!(gateway_text.contains("sibyl_gateway_time_to_first_token_seconds_bucket"));
 
-    let verifier_text = tokio::task::spawn_blocking(move || scrape(verifier))
-        .await
-        .unwrap();
+    // The session's thread records the session and lowers the gauge just after it has
+    // sent the summary.
+    let verifier_text = scrape_when(verifier, |text| {
+        sample(text, "sibyl_verifier_active_sessions") == Some(0.0)
+    })
+    .await;
     let value = |series: &str| sample(&verifier_text, series).unwrap_or(-1.0);
+    assert_eq!(value("sibyl_verifier_active_sessions"), 0.0);
     assert_eq!(value("sibyl_verifier_generated_tokens_total"), generated);
     assert_eq!(
         value("sibyl_verifier_sessions_total{outcome=\"completed\"}"),
         1.0
-    );
-    // The session's thread lowers the gauge just after it has sent the summary.
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            sample(&scrape(verifier), "sibyl_verifier_active_sessions") == Some(0.0)
-        })
-        .await
     );
     assert_eq!(value("sibyl_verifier_kv_cache_bytes"), 0.0);
     assert_eq!(value("sibyl_verifier_model_loaded"), 1.0);
@@ -225,9 +232,10 @@ async fn every_role_serves_metrics_and_one_generation_is_one_trace() {
     );
     assert!(verifier_text.contains("process_resident_memory_bytes"));
 
-    let drafter_text = tokio::task::spawn_blocking(move || scrape(drafter))
-        .await
-        .unwrap();
+    let drafter_text = scrape_when(drafter, |text| {
+        sample(text, "sibyl_drafter_blocks_sent_total").is_some()
+    })
+    .await;
     assert!(
         sample(&drafter_text, "sibyl_drafter_blocks_sent_total").unwrap_or(0.0) >= 1.0,
         "{drafter_text}"
