@@ -333,8 +333,8 @@ pub fn free_port() -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
-/// The roles as separate `sibyl` processes on loopback: n-gram drafters, a verifier that
-/// drafts with all of them, and a gateway.
+/// The roles as separate `sibyl` processes on loopback: drafters (n-gram unless told
+/// otherwise), a verifier that drafts with all of them, and a gateway.
 pub struct RoleProcesses {
     pub drafters: Vec<SocketAddr>,
     pub verifier: SocketAddr,
@@ -360,6 +360,18 @@ impl RoleProcesses {
         drafters: usize,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        let ngram: &[&str] = &["ngram"];
+        Self::spawn_drafters(sibyl, model, &vec![ngram; drafters], env)
+    }
+
+    /// The roles with one drafter per entry of `drafters`: its kind, then more arguments
+    /// of `sibyl drafter` (`["retrieval", "--datastore", PATH]`).
+    pub fn spawn_drafters(
+        sibyl: &Path,
+        model: &str,
+        drafters: &[&[&str]],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let spawn = |args: &[&str]| -> anyhow::Result<std::process::Child> {
             Ok(Command::new(sibyl)
                 .args(args)
@@ -368,35 +380,31 @@ impl RoleProcesses {
                 .stdout(std::process::Stdio::null())
                 .spawn()?)
         };
-        let drafter_addrs = (0..drafters)
+        let drafter_addrs = drafters
+            .iter()
             .map(|_| free_port())
             .collect::<Result<Vec<_>, _>>()?;
         let (verifier, gateway, http) = (free_port()?, free_port()?, free_port()?);
         let mut processes = Processes(Vec::new());
         let mut metrics = Vec::new();
-        for addr in &drafter_addrs {
+        for (addr, drafter) in drafter_addrs.iter().zip(drafters) {
             let addr = addr.to_string();
-            let metrics_addr = free_port()?;
-            metrics.push(metrics_addr);
-            processes.0.push(spawn(&[
-                "drafter",
-                "--kind",
-                "ngram",
-                "--model",
-                model,
-                "--grpc-addr",
-                &addr,
-                "--metrics-addr",
-                &metrics_addr.to_string(),
-            ])?);
+            let metrics_addr = free_port()?.to_string();
+            metrics.push(metrics_addr.parse()?);
+            let (kind, more) = drafter.split_first().unwrap_or((&"ngram", &[]));
+            let mut args = vec!["drafter", "--kind", kind, "--model", model];
+            args.extend(["--grpc-addr", &addr, "--metrics-addr", &metrics_addr]);
+            args.extend(more);
+            processes.0.push(spawn(&args)?);
         }
         let verifier_metrics = free_port()?;
         metrics.push(verifier_metrics);
         let mut verifier_args = vec!["verifier".to_string(), "--model".into(), model.into()];
         verifier_args.extend(["--grpc-addr".into(), verifier.to_string()]);
         verifier_args.extend(["--metrics-addr".into(), verifier_metrics.to_string()]);
-        for addr in &drafter_addrs {
-            verifier_args.extend(["--drafter".into(), format!("ngram=http://{addr}")]);
+        for (addr, drafter) in drafter_addrs.iter().zip(drafters) {
+            let kind = drafter.first().unwrap_or(&"ngram");
+            verifier_args.extend(["--drafter".into(), format!("{kind}=http://{addr}")]);
         }
         let verifier_args: Vec<&str> = verifier_args.iter().map(String::as_str).collect();
         processes.0.push(spawn(&verifier_args)?);

@@ -38,9 +38,10 @@ impl AcceptanceStats {
     }
 
     /// Estimated probability that this drafter's best guess for the next level is accepted
-    /// once the level before was, in [0.05, 1].
+    /// once the level before was, in [0.01, 1]. The floor is low enough that two drafters
+    /// that are always wrong are not worth a node (see [`crate::MIN_GAIN`]).
     pub fn rate(&self) -> f64 {
-        self.rate.clamp(0.05, 1.0)
+        self.rate.clamp(0.01, 1.0)
     }
 }
 
@@ -54,7 +55,7 @@ mod tests {
         for _ in 0..100 {
             stats.record(4, 1, 0);
         }
-        assert!(stats.rate() <= 0.05 + 1e-12);
+        assert!(stats.rate() <= 0.01 + 1e-12);
         for _ in 0..100 {
             stats.record(4, 4, 4);
         }

@@ -11,12 +11,14 @@
 //! hand-made numbers.
 
 mod acceptance;
+mod cost;
 mod inbox;
 mod sampling;
 mod tree;
 mod verify;
 
 pub use acceptance::AcceptanceStats;
+pub use cost::{choose_draft_nodes, StepCosts, MIN_GAIN};
 pub use inbox::{AnchoredBlock, BlockRejection, DraftInbox, InboxLimits};
 pub use sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
 pub use tree::{Node, Proposal, SparseDist, TokenTree, TreeBuilder};

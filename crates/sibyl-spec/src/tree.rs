@@ -124,6 +124,12 @@ impl TokenTree {
         (node + 1..self.nodes.len()).filter(move |&i| self.nodes[i].parent == Some(node))
     }
 
+    /// Keeps the first `len` nodes (at least the root). Every parent comes before its
+    /// children, so what is left is a tree.
+    pub fn truncate(&mut self, len: usize) {
+        self.nodes.truncate(len.max(1));
+    }
+
     fn child_with_token(&self, node: usize, token: TokenId) -> Option<usize> {
         self.children(node).find(|&i| self.nodes[i].token == token)
     }
@@ -221,7 +227,16 @@ impl TreeBuilder {
 
     /// Builds the tree: shared prefixes are stored once, the most valuable nodes first.
     pub fn build(self) -> TokenTree {
+        self.build_ranked().0
+    }
+
+    /// [`TreeBuilder::build`], also giving each draft node's estimated chance of acceptance
+    /// (`score ^ depth` of the branch that placed it), in node order. Nodes come in order of
+    /// decreasing value with parents first, so [`TokenTree::truncate`] to any length keeps
+    /// the most valuable tree of that size.
+    pub fn build_ranked(self) -> (TokenTree, Vec<f64>) {
         let mut tree = TokenTree::root_only(self.root);
+        let mut values = Vec::new();
         // (value, branch, depth index); parents always outrank their children because
         // score <= 1, and ties go to the shallower node, then the earlier branch.
         let mut order: Vec<(f64, usize, usize)> = self
@@ -260,9 +275,10 @@ impl TreeBuilder {
                 draft_dist: branch.probs.as_ref().map(|p| p[d].clone()),
             });
             placed += 1;
+            values.push(value);
             ends[b] = Some(tree.nodes.len() - 1);
         }
-        tree
+        (tree, values)
     }
 }
 
@@ -311,6 +327,21 @@ mod tests {
         weak.add(DrafterId(1), 0.2, Proposal::greedy(vec![7]));
         // the best node stays whatever its value
         assert_eq!(weak.build().tokens(), vec![0, 7]);
+    }
+
+    #[test]
+    fn values_come_best_first_and_any_prefix_is_a_tree() {
+        let mut builder = TreeBuilder::new(0, 100, 16, 8);
+        builder.add(DrafterId(0), 0.5, Proposal::greedy(vec![1, 2, 3]));
+        builder.add(DrafterId(1), 0.9, Proposal::greedy(vec![4, 5]));
+        let (mut tree, values) = builder.build_ranked();
+        assert_eq!(values.len(), tree.draft_len());
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "{values:?}");
+        assert!((values[0] - 0.9).abs() < 1e-12);
+        tree.truncate(3);
+        assert_eq!(tree.tokens(), vec![0, 4, 5]);
+        tree.truncate(0);
+        assert_eq!(tree.tokens(), vec![0]);
     }
 
     #[test]

@@ -25,20 +25,59 @@ pub enum DraftKind {
     None,
     /// Prompt lookup and the session's own history.
     Ngram,
+    /// Lookup in datastores built by `sibyl index` (`--datastore`).
+    Retrieval,
 }
 
 /// How speculation runs in process (`sibyl generate`).
 #[derive(Debug, Clone, Args)]
 pub struct SpeculationArgs {
-    /// Drafter to speculate with.
-    #[arg(long, env = "SIBYL_DRAFT", value_enum, default_value_t = DraftKind::Ngram)]
-    pub draft: DraftKind,
+    /// Drafters to speculate with, comma-separated (`ngram,retrieval`); `none` for plain
+    /// decoding.
+    #[arg(
+        long,
+        env = "SIBYL_DRAFT",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "ngram"
+    )]
+    pub draft: Vec<DraftKind>,
 
     #[command(flatten)]
     pub tree: TreeArgs,
 
     #[command(flatten)]
     pub ngram: NgramArgs,
+
+    #[command(flatten)]
+    pub retrieval: RetrievalArgs,
+}
+
+/// The retrieval drafter.
+#[derive(Debug, Clone, Args)]
+pub struct RetrievalArgs {
+    /// A datastore built by `sibyl index` for this model's tokenizer (repeatable; a comma
+    /// separates several in the environment variable).
+    #[arg(long = "datastore", env = "SIBYL_DATASTORES", value_delimiter = ',')]
+    pub datastores: Vec<std::path::PathBuf>,
+}
+
+impl RetrievalArgs {
+    /// Maps and checks every datastore; one built for another tokenizer is refused.
+    pub fn open(
+        &self,
+        tokenizer: sibyl_retrieval::TokenizerId,
+    ) -> anyhow::Result<Vec<std::sync::Arc<sibyl_retrieval::Datastore>>> {
+        self.datastores
+            .iter()
+            .map(|path| {
+                Ok(std::sync::Arc::new(sibyl_retrieval::Datastore::open(
+                    path,
+                    Some(tokenizer),
+                )?))
+            })
+            .collect()
+    }
 }
 
 /// What the verifier checks per step.
@@ -61,6 +100,27 @@ pub struct TreeArgs {
     /// a few extra tokens cost little in a forward pass.
     #[arg(long, env = "SIBYL_DRAFT_EXEMPT", default_value_t = 1)]
     pub draft_exempt: usize,
+
+    /// How many of the tree's nodes a step verifies.
+    #[arg(long, env = "SIBYL_DRAFT_SIZING", value_enum, default_value_t = DraftSizing::Adaptive)]
+    pub draft_sizing: DraftSizing,
+}
+
+/// How many draft nodes a step verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DraftSizing {
+    /// As many as are expected to give the most tokens per second, by step costs measured
+    /// while running; none (a plain step) when no draft is expected to pay for itself.
+    Adaptive,
+    /// Every node the drafts fill, up to the budget.
+    Fixed,
+}
+
+impl DraftSizing {
+    /// Step costs for a new model: learned from its steps when adaptive.
+    pub fn step_costs(self) -> Option<sibyl_decode::SharedStepCosts> {
+        (self == Self::Adaptive).then(Default::default)
+    }
 }
 
 impl TreeArgs {

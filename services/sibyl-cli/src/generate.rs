@@ -1,14 +1,17 @@
-use crate::args::{DraftKind, ModelArgs, NgramArgs, SamplingArgs, SpeculationArgs};
+use crate::args::{DraftKind, ModelArgs, NgramArgs, RetrievalArgs, SamplingArgs, SpeculationArgs};
 use crate::progress::BarProgress;
 use anyhow::{bail, Context};
 use clap::Args;
 use sibyl_decode::{GenerationConfig, GenerationReport};
+use sibyl_engine::LoadedModel;
 use sibyl_engine::{ChatMessage, Detokenizer, LoadOptions};
-use sibyl_ngram::NgramDrafter;
+use sibyl_ngram::{NgramConfig, NgramDrafter};
+use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, TokenizerId};
 use sibyl_spec::{Drafter, SamplingConfig};
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
@@ -63,6 +66,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
         sampling.validate().context("invalid sampling parameters")?;
         args.speculation.ngram.config()?;
         args.speculation.tree.validate()?;
+        draft_kinds(&args.speculation.draft)?;
         Ok(Self {
             prompt: args.prompt,
             chat: args.chat,
@@ -74,6 +78,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
                 max_draft_depth: args.speculation.tree.draft_depth,
                 min_draft_value: args.speculation.tree.draft_min_value,
                 exempt_draft_nodes: args.speculation.tree.draft_exempt,
+                step_costs: args.speculation.tree.draft_sizing.step_costs(),
                 stop_tokens: Vec::new(),
             },
             speculation: args.speculation,
@@ -81,20 +86,92 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
     }
 }
 
-/// Builds the drafters `speculation` asks for.
-pub fn drafters(speculation: &SpeculationArgs) -> anyhow::Result<Vec<Box<dyn Drafter>>> {
-    Ok(match speculation.draft {
-        DraftKind::None => Vec::new(),
-        kind => vec![drafter(kind, &speculation.ngram)?],
-    })
+/// The drafter kinds of `--draft`, each once; `none` alone means none.
+pub fn draft_kinds(draft: &[DraftKind]) -> anyhow::Result<Vec<DraftKind>> {
+    if draft.contains(&DraftKind::None) {
+        if draft.len() > 1 {
+            bail!("--draft none cannot be combined with drafters");
+        }
+        return Ok(Vec::new());
+    }
+    let mut kinds = Vec::new();
+    for &kind in draft {
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    Ok(kinds)
 }
 
-/// Builds one in-process drafter of `kind`.
-pub fn drafter(kind: DraftKind, ngram: &NgramArgs) -> anyhow::Result<Box<dyn Drafter>> {
-    Ok(match kind {
-        DraftKind::None => bail!("`none` is not a drafter"),
-        DraftKind::Ngram => Box::new(NgramDrafter::new(ngram.config()?)),
-    })
+/// The tokenizer a datastore must have been built with to draft for `loaded`.
+pub fn tokenizer_id(loaded: &LoadedModel) -> TokenizerId {
+    TokenizerId {
+        fingerprint: loaded.tokenizer.fingerprint(),
+        vocab_size: u32::try_from(loaded.model.vocab_size()).unwrap_or(u32::MAX),
+    }
+}
+
+/// What in-process drafters are made from, opened once per process: the n-gram settings
+/// and the retrieval datastores.
+#[derive(Debug, Clone)]
+pub struct DrafterSources {
+    pub ngram: NgramConfig,
+    pub datastores: Vec<Arc<Datastore>>,
+}
+
+impl DrafterSources {
+    /// Checks the n-gram settings and, when `kinds` has the retrieval drafter, opens the
+    /// datastores (refusing ones built for another tokenizer than `loaded`'s).
+    pub fn open(
+        ngram: &NgramArgs,
+        retrieval: &RetrievalArgs,
+        kinds: &[DraftKind],
+        loaded: &LoadedModel,
+    ) -> anyhow::Result<Self> {
+        let datastores = if kinds.contains(&DraftKind::Retrieval) {
+            retrieval.open(tokenizer_id(loaded))?
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            ngram: ngram.config()?,
+            datastores,
+        })
+    }
+
+    /// One drafter of each of `kinds`.
+    pub fn drafters(&self, kinds: &[DraftKind]) -> anyhow::Result<Vec<Box<dyn Drafter>>> {
+        kinds.iter().map(|&kind| self.drafter(kind)).collect()
+    }
+
+    /// A new drafter of `kind` (each generation has its own).
+    pub fn drafter(&self, kind: DraftKind) -> anyhow::Result<Box<dyn Drafter>> {
+        Ok(match kind {
+            DraftKind::None => bail!("`none` is not a drafter"),
+            DraftKind::Ngram => Box::new(NgramDrafter::new(self.ngram.clone())),
+            DraftKind::Retrieval => {
+                if self.datastores.is_empty() {
+                    bail!(
+                        "the retrieval drafter needs --datastore FILE: build one with \
+                         `sibyl index --input PATH --model MODEL --output FILE`"
+                    );
+                }
+                Box::new(RetrievalDrafter::new(
+                    self.datastores.clone(),
+                    RetrievalConfig::default(),
+                ))
+            }
+        })
+    }
+
+    /// The kinds these sources can make: retrieval only with a datastore.
+    pub fn available(&self) -> Vec<DraftKind> {
+        let mut kinds = vec![DraftKind::Ngram];
+        if !self.datastores.is_empty() {
+            kinds.push(DraftKind::Retrieval);
+        }
+        kinds
+    }
 }
 
 /// Sets the compute thread count for the whole process. Must run before any model work:
@@ -134,7 +211,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let prompt = loaded.tokenizer.encode(&prompt_text)?;
     config.generation.stop_tokens = loaded.tokenizer.stop_tokens().to_vec();
-    let mut drafters = drafters(&config.speculation)?;
+    let speculation = &config.speculation;
+    let kinds = draft_kinds(&speculation.draft)?;
+    let sources =
+        DrafterSources::open(&speculation.ngram, &speculation.retrieval, &kinds, &loaded)?;
+    let mut drafters = sources.drafters(&kinds)?;
     let mut detokenizer = Detokenizer::new(&loaded.tokenizer);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;

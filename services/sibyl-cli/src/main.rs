@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod generate;
+mod index;
 mod progress;
 mod roles;
 
@@ -35,6 +36,10 @@ enum Command {
     /// Measure speculation against plain decoding on benchmark prompts (tokens/s, speedup,
     /// accepted tokens per step) and check that outputs are identical.
     Bench(bench::BenchArgs),
+    /// Build a retrieval datastore: a corpus (files and folders of text and code) tokenized
+    /// with a model's tokenizer, with its suffix array, for `--draft retrieval` and
+    /// `sibyl drafter --kind retrieval`.
+    Index(index::IndexArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Drafter(args) => roles::run_drafter(args),
         Command::Bench(args) => bench::run(args),
         Command::Health(args) => roles::run_health(args),
+        Command::Index(args) => index::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2,7 +2,7 @@
 //! `serve` starts all of them in one process, wired over loopback gRPC exactly as separate
 //! processes are.
 
-use crate::args::{ModelArgs, NgramArgs, TreeArgs};
+use crate::args::{ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
 use crate::generate::{init_threads, load_model};
 use crate::progress::BarProgress;
 use anyhow::{bail, Context};
@@ -12,6 +12,7 @@ use sibyl_gateway::GatewayConfig;
 use sibyl_ngram::NgramDrafter;
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{OnLoadError, ShutdownSwitch};
+use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, TokenizerId};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -55,6 +56,7 @@ impl VerifierArgs {
                 max_draft_depth: self.tree.draft_depth.max(1),
                 min_draft_value: self.tree.draft_min_value,
                 exempt_draft_nodes: self.tree.draft_exempt,
+                adaptive_tree: self.tree.draft_sizing == crate::args::DraftSizing::Adaptive,
                 step_wait: Duration::from_millis(self.draft_wait_ms),
                 ..SpeculationConfig::default()
             },
@@ -193,6 +195,8 @@ pub struct VerifierRoleArgs {
 pub enum DrafterKindArg {
     /// Prompt lookup and the session's own history.
     Ngram,
+    /// Lookup in datastores built by `sibyl index` (`--datastore`).
+    Retrieval,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -215,6 +219,9 @@ pub struct DrafterArgs {
 
     #[command(flatten)]
     pub ngram: NgramArgs,
+
+    #[command(flatten)]
+    pub retrieval: RetrievalArgs,
 
     #[command(flatten)]
     pub load: LoadArgs,
@@ -325,8 +332,31 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
-    let make = match args.kind {
-        DrafterKindArg::Ngram => ngram_drafter(&args.ngram)?,
+    // Datastores are mapped and checked now; their tokenizer once the model's is loaded.
+    let (make, datastores) = match args.kind {
+        DrafterKindArg::Ngram => (ngram_drafter(&args.ngram)?, Vec::new()),
+        DrafterKindArg::Retrieval => {
+            if args.retrieval.datastores.is_empty() {
+                bail!(
+                    "--kind retrieval needs --datastore FILE: build one with \
+                     `sibyl index --input PATH --model MODEL --output FILE`"
+                );
+            }
+            let datastores = args
+                .retrieval
+                .datastores
+                .iter()
+                .map(|path| Ok(Arc::new(Datastore::open(path, None)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let stores = datastores.clone();
+            let make: MakeDrafter = Arc::new(move || {
+                Box::new(RetrievalDrafter::new(
+                    stores.clone(),
+                    RetrievalConfig::default(),
+                ))
+            });
+            (make, datastores)
+        }
     };
     let (runtime, telemetry) = runtime("drafter", &args.telemetry)?;
     let result = runtime.block_on(async move {
@@ -337,7 +367,17 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
         sibyl_drafter::serve(
             listener,
             DraftService::new(make),
-            move || load().map(|text| text.tokenizer.fingerprint()),
+            move || -> anyhow::Result<u64> {
+                let text = load()?;
+                let tokenizer = TokenizerId {
+                    fingerprint: text.tokenizer.fingerprint(),
+                    vocab_size: u32::try_from(text.config.vocab_size).unwrap_or(u32::MAX),
+                };
+                for store in &datastores {
+                    store.check_tokenizer(tokenizer)?;
+                }
+                Ok(tokenizer.fingerprint)
+            },
             args.load.on_error(),
             shutdown_signal(),
         )

@@ -59,6 +59,10 @@ pub struct SpeculationConfig {
     pub min_draft_value: f64,
     /// ...except this many most likely ones.
     pub exempt_draft_nodes: usize,
+    /// Verify the number of draft nodes expected to give the most tokens per second (none
+    /// when no draft pays), by step costs measured as the verifier runs; else every node
+    /// the drafts fill, up to the budget.
+    pub adaptive_tree: bool,
     /// Longest a step waits for drafts that have not arrived yet.
     pub step_wait: Duration,
     /// Most blocks held per drafter and session.
@@ -74,6 +78,7 @@ impl Default for SpeculationConfig {
             max_draft_depth: 10,
             min_draft_value: 0.15,
             exempt_draft_nodes: 1,
+            adaptive_tree: true,
             step_wait: Duration::from_millis(5),
             inbox_capacity: 16,
             max_branches: 4,

@@ -1,7 +1,9 @@
 //! One generation on a blocking thread: prompt, then gather drafts, verify, emit, repeat.
 
 use crate::shared::{LinkStatus, Shared};
-use sibyl_decode::{FinishReason, GenerateError, GenerationConfig, GenerationReport, Session};
+use sibyl_decode::{
+    FinishReason, GenerateError, GenerationConfig, GenerationReport, Session, SharedStepCosts,
+};
 use sibyl_engine::LoadedModel;
 use sibyl_proto::v1::{self as pb, verify_event::Event};
 use sibyl_spec::{InboxLimits, TokenId};
@@ -15,6 +17,8 @@ use tonic::Status;
 pub(crate) struct Engine {
     pub(crate) loaded: LoadedModel,
     pub(crate) compute: Mutex<()>,
+    /// What steps of this model cost, learned from every session (adaptive tree size).
+    pub(crate) step_costs: SharedStepCosts,
 }
 
 /// A checked request, ready to run.

@@ -1,7 +1,8 @@
 //! Where the benchmark's generations run: in this process on a loaded model, or through a
 //! running gateway (the distributed path).
 
-use crate::args::{DraftKind, NgramArgs};
+use crate::args::DraftKind;
+use crate::generate::DrafterSources;
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use sibyl_decode::{DrafterReport, FinishReason, GenerationConfig, GenerationReport};
@@ -132,7 +133,7 @@ pub struct InProcess {
     pub loaded: LoadedModel,
     /// Everything but the drafters; `plain` runs it with a zero draft budget.
     pub generation: GenerationConfig,
-    pub ngram: NgramArgs,
+    pub sources: DrafterSources,
 }
 
 impl InProcess {
@@ -184,7 +185,7 @@ impl Backend for InProcess {
         let tokens = self.tokenize(prompt)?;
         let kinds = match &config.drafters {
             Drafters::Off => Vec::new(),
-            Drafters::All => local_kinds(),
+            Drafters::All => self.sources.available(),
             Drafters::Kinds(kinds) => kinds
                 .iter()
                 .map(|k| local_kind(k).with_context(|| format!("unknown drafter kind `{k}`")))
@@ -192,7 +193,7 @@ impl Backend for InProcess {
         };
         let mut drafters = kinds
             .into_iter()
-            .map(|kind| crate::generate::drafter(kind, &self.ngram))
+            .map(|kind| self.sources.drafter(kind))
             .collect::<anyhow::Result<Vec<Box<dyn Drafter>>>>()?;
         let mut generation = self.generation.clone();
         if config.is_plain() {

@@ -6,7 +6,8 @@ mod chart;
 mod dataset;
 mod results;
 
-use crate::args::{ModelArgs, NgramArgs, TreeArgs};
+use crate::args::{DraftKind, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
+use crate::generate::DrafterSources;
 use anyhow::{bail, Context};
 use backend::{Backend, BenchConfig, InProcess, Remote};
 use clap::Args;
@@ -73,6 +74,9 @@ pub struct BenchArgs {
 
     #[command(flatten)]
     pub ngram: NgramArgs,
+
+    #[command(flatten)]
+    pub retrieval: RetrievalArgs,
 }
 
 /// The configs to run, plain first, each once. `local`: run in this process.
@@ -141,13 +145,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 max_draft_depth: args.tree.draft_depth,
                 min_draft_value: args.tree.draft_min_value,
                 exempt_draft_nodes: args.tree.draft_exempt,
+                step_costs: args.tree.draft_sizing.step_costs(),
                 stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
             };
+            // Datastores are opened (and checked) whether or not a config uses them.
+            let sources = DrafterSources::open(
+                &args.ngram,
+                &args.retrieval,
+                &[DraftKind::Retrieval],
+                &loaded,
+            )?;
             Box::new(InProcess {
                 name: model_name(&args.model.model),
                 loaded,
                 generation,
-                ngram: args.ngram.clone(),
+                sources,
             })
         }
     };
@@ -182,6 +194,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             draft_exempt: args.tree.draft_exempt,
             ngram_max: args.ngram.ngram_max,
             ngram_branches: args.ngram.ngram_branches,
+            draft_sizing: format!("{:?}", args.tree.draft_sizing).to_lowercase(),
+            datastores: args
+                .retrieval
+                .datastores
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
         }),
         build: if cfg!(debug_assertions) {
             "debug"
@@ -469,6 +488,7 @@ fn command_line() -> String {
 mod tests {
     use super::*;
     use sibyl_engine::LoadOptions;
+    use sibyl_ngram::NgramConfig;
 
     /// The real in-process backend, except that under the config named `lossy` the fourth
     /// generated token of every turn (or its last, if shorter) is changed, as a speculation
@@ -531,17 +551,18 @@ mod tests {
             max_draft_depth: 10,
             min_draft_value: 0.15,
             exempt_draft_nodes: 1,
+            step_costs: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
         };
-        let ngram = NgramArgs {
-            ngram_max: 8,
-            ngram_branches: 3,
+        let sources = DrafterSources {
+            ngram: NgramConfig::default(),
+            datastores: Vec::new(),
         };
         let mut backend = Lossy(InProcess {
             name: "smollm2".into(),
             loaded,
             generation,
-            ngram,
+            sources,
         });
         let items = vec![
             Item {

@@ -324,6 +324,10 @@ pub struct Speculation {
     pub draft_exempt: usize,
     pub ngram_max: usize,
     pub ngram_branches: usize,
+    /// `adaptive` or `fixed`.
+    pub draft_sizing: String,
+    /// Datastores of the retrieval drafter.
+    pub datastores: Vec<String>,
 }
 
 /// A prompt that could not run under a config (the prompt is left out of every summary).

@@ -1,0 +1,166 @@
+//! Choosing among drafters every step: with step costs like a CPU's (each extra node costs
+//! 15% of a step), a drafter that is always right gets the verify budget, one that is always
+//! wrong gets none, and when every drafter is wrong the steps become plain decoding. The
+//! output stays what plain decoding gives.
+
+use sibyl_decode::{generate, GenerationConfig, Session, SharedStepCosts, Step};
+use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
+use sibyl_engine::{Architecture, GgmlDType, Model};
+use sibyl_spec::{DrafterId, Proposal, SamplingConfig, StepCosts, TokenId};
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+
+const VOCAB: u32 = 48;
+
+fn model() -> Model {
+    tiny_model(&TinyModelConfig {
+        architecture: Architecture::Qwen2,
+        dtype: GgmlDType::Q8_0,
+        seed: 21,
+        vocab_size: VOCAB as usize,
+        ..TinyModelConfig::default()
+    })
+    .unwrap()
+}
+
+/// Costs of a step over n nodes of 1 + 0.15 (n - 1) plain steps, fixed.
+fn cpu_like_costs() -> SharedStepCosts {
+    let mut costs = StepCosts::default();
+    for nodes in [1, 2, 4, 8, 16, 32, 64] {
+        costs.record(nodes, 0, 0.1 * (1.0 + 0.15 * (nodes - 1) as f64));
+    }
+    Arc::new(Mutex::new(costs.frozen()))
+}
+
+fn config(max_tokens: usize, step_costs: Option<SharedStepCosts>) -> GenerationConfig {
+    GenerationConfig {
+        max_tokens,
+        sampling: SamplingConfig::greedy(),
+        draft_budget: 16,
+        max_draft_depth: 4,
+        min_draft_value: 0.0,
+        exempt_draft_nodes: 1,
+        step_costs,
+        stop_tokens: Vec::new(),
+    }
+}
+
+/// Plain greedy decoding of `prompt`: what every run must print.
+fn plain(model: &Model, prompt: &[TokenId], max_tokens: usize) -> Vec<TokenId> {
+    generate(model, prompt, &config(max_tokens, None), &mut [], |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap()
+    .tokens
+}
+
+/// A scripted drafter: the truth's next `depth` tokens, or a wrong first token (shifted by
+/// `shift`) followed by the truth.
+fn draft(truth: &[TokenId], at: usize, depth: usize, shift: Option<u32>) -> Proposal {
+    let mut tokens: Vec<TokenId> = truth[at.min(truth.len())..]
+        .iter()
+        .take(depth)
+        .copied()
+        .collect();
+    if let (Some(shift), Some(first)) = (shift, tokens.first_mut()) {
+        *first = (*first + shift) % VOCAB;
+    }
+    Proposal::greedy(tokens)
+}
+
+/// Runs a session with drafters 0 and 1 given by `shifts` (None: always right). Returns the
+/// output, and per drafter the draft tokens it had verified from step `from` on, and the
+/// number of steps from then on.
+fn run_scripted(
+    model: &Model,
+    prompt: &[TokenId],
+    truth: &[TokenId],
+    shifts: [Option<u32>; 2],
+    from: usize,
+) -> (Vec<TokenId>, [u64; 2], usize) {
+    let config = config(truth.len(), Some(cpu_like_costs()));
+    let kinds = vec!["first".to_string(), "second".to_string()];
+    let mut session = Session::new(model, prompt, config, kinds).unwrap();
+    let mut step: Step = session.prefill(&mut || false).unwrap();
+    let mut output = Vec::new();
+    let mut steps = 0;
+    let mut at_start = None;
+    loop {
+        output.extend_from_slice(&step.tokens);
+        if step.finish.is_some() {
+            break;
+        }
+        steps += 1;
+        if steps == from {
+            at_start = Some(session.drafter_counts());
+        }
+        let at = session.context().len() - prompt.len();
+        let depth = session.draft_depth();
+        let proposals = (0..2)
+            .map(|d| (DrafterId(d), vec![draft(truth, at, depth, shifts[d])]))
+            .collect();
+        step = session.step(proposals).unwrap();
+    }
+    let start = at_start.expect("the session ran past the measuring start");
+    let end = session.drafter_counts();
+    let verified = [end[0].0 - start[0].0, end[1].0 - start[1].0];
+    (output, verified, steps - from)
+}
+
+#[test]
+fn the_budget_goes_to_the_drafter_that_is_right() {
+    let model = model();
+    let prompt = [3, 1, 4, 1, 5, 9, 2, 6];
+    let truth = plain(&model, &prompt, 160);
+    for shifts in [[None, Some(1)], [Some(5), None]] {
+        let (output, verified, steps) = run_scripted(&model, &prompt, &truth, shifts, 20);
+        assert_eq!(output, truth, "lossless");
+        let right = usize::from(shifts[0].is_some());
+        let share = verified[right] as f64 / (verified[0] + verified[1]).max(1) as f64;
+        assert!(
+            share >= 0.9,
+            "{shifts:?}: the right drafter had {share:.2} of the verified nodes ({verified:?})"
+        );
+        // Four right tokens per step pay for themselves at these costs.
+        assert!(
+            verified[right] as usize >= 3 * steps,
+            "{verified:?} in {steps} steps"
+        );
+    }
+}
+
+#[test]
+fn when_every_drafter_is_wrong_the_steps_are_plain() {
+    let model = model();
+    let prompt = [2, 7, 1, 8, 2, 8];
+    let truth = plain(&model, &prompt, 120);
+    let (output, verified, steps) = run_scripted(&model, &prompt, &truth, [Some(1), Some(2)], 20);
+    assert_eq!(output, truth, "lossless");
+    assert!(steps >= 90, "{steps}");
+    // Only the exploring steps (one node after 16 plain steps) verify a draft.
+    let exploring = (steps / 17 + 1) as u64;
+    assert!(
+        verified[0] + verified[1] <= exploring,
+        "{verified:?} draft nodes verified in {steps} steps"
+    );
+}
+
+#[test]
+fn without_step_costs_the_budget_is_always_used() {
+    let model = model();
+    let prompt = [2, 7, 1, 8, 2, 8];
+    let truth = plain(&model, &prompt, 40);
+    let config = config(truth.len(), None);
+    let kinds = vec!["wrong".to_string()];
+    let mut session = Session::new(&model, &prompt, config, kinds).unwrap();
+    let mut step = session.prefill(&mut || false).unwrap();
+    let mut steps = 0u64;
+    while step.finish.is_none() {
+        let at = session.context().len() - prompt.len();
+        let proposal = draft(&truth, at, session.draft_depth(), Some(1));
+        step = session.step(vec![(DrafterId(0), vec![proposal])]).unwrap();
+        steps += 1;
+    }
+    // Every step verified at least the wrong drafter's first token.
+    assert!(session.drafter_counts()[0].0 >= steps);
+}

@@ -1,0 +1,181 @@
+//! Retrieval drafting (REST: retrieval-based speculative decoding): a corpus tokenized with
+//! the target's tokenizer is stored with its suffix array; the longest suffix of the context
+//! found in it (16 tokens down to 2) proposes what followed its occurrences, counted into a
+//! small trie of the most frequent continuations.
+//!
+//! [`write`] builds a datastore file from tokenized documents; [`Datastore::open`] maps one
+//! read-only and checks it; [`RetrievalDrafter`] drafts from one or more.
+
+mod datastore;
+mod drafter;
+
+pub use datastore::{write, Datastore, DatastoreError, TokenizerId, Written};
+pub use drafter::{lookup, Continuation, RetrievalConfig, RetrievalDrafter};
+pub use sibyl_spec::TokenId;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use sibyl_spec::Drafter;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    const TOKENIZER: TokenizerId = TokenizerId {
+        fingerprint: 0x5eed,
+        vocab_size: 100,
+    };
+
+    fn store(dir: &Path, documents: &[Vec<TokenId>]) -> Datastore {
+        let path = dir.join("store.sibyl");
+        write(&path, TOKENIZER, documents).unwrap();
+        Datastore::open(&path, Some(TOKENIZER)).unwrap()
+    }
+
+    #[test]
+    fn the_longest_suffix_proposes_what_followed_it_most_often() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(
+            dir.path(),
+            &[
+                vec![1, 2, 3, 4, 5, 6],
+                vec![9, 2, 3, 4, 5, 7],
+                vec![8, 3, 4, 5, 6, 10, 11],
+                vec![],
+                vec![3, 4, 5, 6, 10, 12],
+            ],
+        );
+        assert_eq!(store.documents(), 4);
+        let config = RetrievalConfig::default();
+        // "2 3 4 5" occurs twice: followed by 6 and by 7, one each.
+        let found = lookup(&store, &[0, 2, 3, 4, 5], 8, &config);
+        assert_eq!(found.len(), 2);
+        assert!(found.iter().all(|c| c.support == 1 && c.tokens.len() == 1));
+        // "3 4 5" after an unseen token: "3 4 5" occurs four times; 6 follows three of them,
+        // then 10 twice, then 11 and 12 once each (not followed).
+        let found = lookup(&store, &[42, 3, 4, 5], 8, &config);
+        assert_eq!(found[0].tokens, vec![6, 10]);
+        assert_eq!(found[0].support, 3);
+        assert_eq!(found[1].tokens, vec![7]);
+        // A continuation stops at the end of its document: "1 2 3 4 5 6" ends there, so a
+        // shorter suffix speaks: "3 4 5 6" is followed by 10 twice.
+        let found = lookup(&store, &[1, 2, 3, 4, 5, 6], 8, &config);
+        assert_eq!(
+            found,
+            vec![Continuation {
+                tokens: vec![10],
+                support: 2
+            }]
+        );
+        // max_tokens bounds a branch.
+        let found = lookup(&store, &[42, 3, 4, 5], 1, &config);
+        assert_eq!(found[0].tokens, vec![6]);
+        // Nothing shorter than min_suffix is looked up.
+        assert!(lookup(&store, &[5], 8, &config).is_empty());
+    }
+
+    #[test]
+    fn a_single_occurrence_is_followed_to_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), &[(0..40).collect(), vec![50, 51, 52]]);
+        let found = lookup(&store, &[99, 10, 11], 5, &RetrievalConfig::default());
+        assert_eq!(found[0].tokens, vec![12, 13, 14, 15, 16]);
+        let mut drafter = RetrievalDrafter::new(vec![Arc::new(store)], RetrievalConfig::default());
+        assert_eq!(drafter.kind(), "retrieval");
+        let proposals = drafter.propose(&[50, 51], 4);
+        assert_eq!(proposals.len(), 1);
+        assert_eq!(proposals[0].tokens, vec![52]);
+    }
+
+    #[test]
+    fn another_tokenizer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sibyl");
+        write(&path, TOKENIZER, &[vec![1, 2, 3]]).unwrap();
+        let other = TokenizerId {
+            fingerprint: 0xbad,
+            ..TOKENIZER
+        };
+        let error = Datastore::open(&path, Some(other)).unwrap_err();
+        assert!(matches!(error, DatastoreError::TokenizerMismatch { .. }));
+        assert!(error.to_string().contains("sibyl index --model"), "{error}");
+        assert!(Datastore::open(&path, None).is_ok());
+    }
+
+    #[test]
+    fn corrupt_or_foreign_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sibyl");
+        write(&path, TOKENIZER, &[vec![1, 2, 3, 4], vec![5, 6]]).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let check = |bytes: &[u8], expected: &str| {
+            let bad = dir.path().join("bad.sibyl");
+            std::fs::write(&bad, bytes).unwrap();
+            let error = Datastore::open(&bad, Some(TOKENIZER))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{expected}: {error}");
+            assert!(error.contains("bad.sibyl"), "names the file: {error}");
+        };
+        check(&good[..good.len() - 4], "does not match");
+        check(&good[..20], "shorter than the header");
+        let mut flipped = good.clone();
+        flipped[70] ^= 1;
+        check(&flipped, "checksum mismatch");
+        let mut version = good.clone();
+        version[8] = 9;
+        check(&version, "version 9");
+        check(b"def main(): pass\n", "not a sibyl datastore");
+        check(b"", "not a sibyl datastore");
+        let missing = Datastore::open(&dir.path().join("missing"), None).unwrap_err();
+        assert!(missing.to_string().contains("missing"), "{missing}");
+    }
+
+    #[test]
+    fn bad_corpora_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sibyl");
+        assert!(matches!(
+            write(&path, TOKENIZER, &[vec![], vec![]]),
+            Err(DatastoreError::Empty)
+        ));
+        assert!(matches!(
+            write(&path, TOKENIZER, &[vec![1], vec![2, 100]]),
+            Err(DatastoreError::Token {
+                document: 1,
+                token: 100,
+                ..
+            })
+        ));
+        assert!(!path.exists());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// `find` returns exactly the positions where the pattern occurs inside a document.
+        #[test]
+        fn find_agrees_with_a_linear_scan(
+            documents in prop::collection::vec(prop::collection::vec(0u32..6, 0..40), 1..5),
+            pattern in prop::collection::vec(0u32..6, 1..5),
+        ) {
+            prop_assume!(documents.iter().any(|d| !d.is_empty()));
+            let dir = tempfile::tempdir().unwrap();
+            let tokenizer = TokenizerId { fingerprint: 1, vocab_size: 6 };
+            let path = dir.path().join("s");
+            write(&path, tokenizer, &documents).unwrap();
+            let store = Datastore::open(&path, Some(tokenizer)).unwrap();
+            let text = store.text();
+            let mut expected: Vec<usize> = (0..text.len())
+                .filter(|&i| text[i..].starts_with(&pattern))
+                .collect();
+            let mut found: Vec<usize> = store
+                .find(&pattern)
+                .map(|rank| store.position(rank).unwrap())
+                .collect();
+            expected.sort_unstable();
+            found.sort_unstable();
+            prop_assert_eq!(found, expected);
+        }
+    }
+}

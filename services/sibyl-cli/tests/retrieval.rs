@@ -1,0 +1,240 @@
+//! The retrieval drafter as a user runs it: `sibyl index` builds a datastore from a folder,
+//! `sibyl generate --draft retrieval` and a `sibyl drafter --kind retrieval` process draft
+//! from it without changing the output, and datastores that do not fit are refused.
+
+use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
+use sibyl_tests::{generate_text, RoleProcesses};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const SHAPES: &str = r#"import math
+
+
+class Circle:
+    """A circle of a given radius."""
+
+    def __init__(self, radius):
+        self.radius = radius
+
+    def area(self):
+        return math.pi * self.radius ** 2
+
+    def perimeter(self):
+        return 2 * math.pi * self.radius
+
+
+class Rectangle:
+    """A rectangle of a given width and height."""
+
+    def __init__(self, width, height):
+        self.width = width
+        self.height = height
+
+    def area(self):
+        return self.width * self.height
+
+    def perimeter(self):
+        return 2 * (self.width + self.height)
+"#;
+
+fn sibyl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sibyl"))
+        .args(args)
+        .env("SIBYL_LOG", "warn")
+        .output()
+        .expect("running sibyl")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn model_path() -> String {
+    let path = sibyl_tests::test_model_path().expect("test model");
+    path.to_string_lossy().into_owned()
+}
+
+/// A corpus folder: two Python files, a binary file, and a `test` folder to exclude.
+fn corpus(dir: &Path) -> PathBuf {
+    let root = dir.join("corpus");
+    std::fs::create_dir_all(root.join("test")).unwrap();
+    std::fs::write(root.join("shapes.py"), SHAPES).unwrap();
+    std::fs::write(
+        root.join("greet.py"),
+        "def greet(name):\n    return f\"Hello, {name}!\"\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("blob.bin"), [0u8, 159, 146, 150, 0, 1]).unwrap();
+    std::fs::write(root.join("test").join("test_shapes.py"), "assert True\n").unwrap();
+    root
+}
+
+/// Indexes the corpus under `dir` for the test model; returns the datastore's path.
+fn index(dir: &Path, model: &str) -> PathBuf {
+    let corpus = corpus(dir);
+    let store = dir.join("corpus.sibyl");
+    let output = sibyl(&[
+        "index",
+        "--input",
+        corpus.to_str().unwrap(),
+        "--exclude",
+        "test",
+        "--model",
+        model,
+        "--output",
+        store.to_str().unwrap(),
+    ]);
+    let text = stderr(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("indexed 2 files"), "{text}");
+    assert!(text.contains("1 skipped"), "{text}");
+    store
+}
+
+#[test]
+fn generate_with_a_datastore_prints_what_plain_decoding_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let store = index(dir.path(), &model);
+    let prompt = &SHAPES[..SHAPES.find("class Rectangle").unwrap() + 40];
+    let common = [
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "48",
+        "--datastore",
+        store.to_str().unwrap(),
+    ];
+    let plain = sibyl(&[&common[..], &["--draft", "none"]].concat());
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    for draft in ["retrieval", "ngram,retrieval"] {
+        // Fixed sizing verifies every draft, so drafts are really checked.
+        let args = [&common[..], &["--draft", draft, "--draft-sizing", "fixed"]].concat();
+        let speculative = sibyl(&args);
+        let text = stderr(&speculative);
+        assert!(speculative.status.success(), "{text}");
+        assert_eq!(
+            String::from_utf8_lossy(&speculative.stdout),
+            String::from_utf8_lossy(&plain.stdout),
+            "--draft {draft}"
+        );
+        let proposed: u64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("retrieval: ")?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no retrieval line: {text}"));
+        assert!(proposed > 0, "{text}");
+    }
+}
+
+#[test]
+fn datastores_that_do_not_fit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let base = ["generate", "--model", &model, "--prompt", "def f():"];
+    let output = sibyl(&[&base[..], &["--draft", "retrieval"]].concat());
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("needs --datastore"),
+        "{}",
+        stderr(&output)
+    );
+
+    let garbage = dir.path().join("garbage.sibyl");
+    std::fs::write(&garbage, SHAPES).unwrap();
+    let args = [
+        "--draft",
+        "retrieval",
+        "--datastore",
+        garbage.to_str().unwrap(),
+    ];
+    let output = sibyl(&[&base[..], &args].concat());
+    let text = stderr(&output);
+    assert!(!output.status.success());
+    assert!(
+        text.contains("not a sibyl datastore") && text.contains("garbage.sibyl"),
+        "{text}"
+    );
+
+    // Built for SmolLM2's tokenizer, served for Qwen's: the drafter does not start serving.
+    let store = index(dir.path(), &model);
+    let output = sibyl(&[
+        "drafter",
+        "--kind",
+        "retrieval",
+        "--datastore",
+        store.to_str().unwrap(),
+        "--model",
+        "qwen2.5-coder-0.5b",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--load-retry-ms",
+        "0",
+    ]);
+    let text = stderr(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("was built with tokenizer"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrieval_drafter_process_drafts_for_the_verifier() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let store = index(dir.path(), &model);
+    let retrieval: &[&str] = &["retrieval", "--datastore", store.to_str().unwrap()];
+    let ngram: &[&str] = &["ngram"];
+    let roles = RoleProcesses::spawn_drafters(
+        env!("CARGO_BIN_EXE_sibyl").as_ref(),
+        &model,
+        &[retrieval, ngram],
+        &[("SIBYL_DRAFT_SIZING", "fixed")],
+    )
+    .unwrap();
+    roles
+        .wait_until_serving(Duration::from_secs(120))
+        .await
+        .unwrap();
+    let mut client = GatewayClient::connect(format!("http://{}", roles.gateway))
+        .await
+        .unwrap();
+    let request = |mode: pb::SpeculationMode| pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Prompt(
+            SHAPES[..SHAPES.find("class Rectangle").unwrap() + 40].into(),
+        )),
+        max_tokens: 64,
+        sampling: Some(pb::SamplingParams::default()),
+        speculation: Some(pb::Speculation {
+            mode: mode as i32,
+            drafters: Vec::new(),
+        }),
+        ..pb::GenerateRequest::default()
+    };
+    let (plain, _) = generate_text(&mut client, request(pb::SpeculationMode::Off), |_| {})
+        .await
+        .unwrap();
+    let (speculative, summary) =
+        generate_text(&mut client, request(pb::SpeculationMode::On), |_| {})
+            .await
+            .unwrap();
+    assert_eq!(speculative, plain);
+    let drafter = summary
+        .drafters
+        .iter()
+        .find(|d| d.kind == "retrieval")
+        .unwrap_or_else(|| panic!("{:?}", summary.drafters));
+    assert_eq!(drafter.state(), pb::DrafterState::Connected, "{drafter:?}");
+    assert!(drafter.blocks_received > 0, "{drafter:?}");
+    assert!(drafter.proposed_tokens > 0, "{drafter:?}");
+}
