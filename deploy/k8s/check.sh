@@ -94,6 +94,9 @@ for role, kinds in {
                        "PodDisruptionBudget", "NetworkPolicy"],
     "sibyl-drafter-ngram": ["ServiceAccount", "ConfigMap", "Deployment", "Service",
                             "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"],
+    "sibyl-drafter-retrieval": ["ServiceAccount", "ConfigMap", "Deployment", "Service",
+                                "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                                "NetworkPolicy"],
 }.items():
     EXPECTED |= {(kind, role) for kind in kinds}
 
@@ -102,8 +105,9 @@ MODEL = {
     "overlays-cpu": "/models/qwen2.5-coder-0.5b.gguf",
     "overlays-gpu": "/models/qwen2.5-coder-1.5b.gguf",
 }
-GRPC_PORT = {"sibyl-gateway": 50051, "sibyl-verifier": 50052, "sibyl-drafter-ngram": 50061}
-METRICS_PORT = {"sibyl-gateway": "8080", "sibyl-verifier": "9090", "sibyl-drafter-ngram": "9090"}
+DRAFTERS = ("sibyl-drafter-ngram", "sibyl-drafter-retrieval")
+GRPC_PORT = {"sibyl-gateway": 50051, "sibyl-verifier": 50052} | {d: 50061 for d in DRAFTERS}
+METRICS_PORT = {"sibyl-gateway": "8080", "sibyl-verifier": "9090"} | {d: "9090" for d in DRAFTERS}
 
 
 def base_name(obj):
@@ -201,15 +205,17 @@ for path in sorted(out.glob("*.yaml")):
                 if "startupProbe" in container:
                     fail(f"{target} Deployment/{name}", "a startup probe restarts pods "
                          "whose model file is late")
-    for name in ("sibyl-verifier", "sibyl-drafter-ngram"):
+    for name in ("sibyl-verifier", *DRAFTERS):
         service = found.get(("Service", name))
         if service and service["spec"].get("clusterIP") != "None":
             fail(f"{target} Service/{name}", "not headless (clusterIP: None)")
     verifier = found.get(("Deployment", "sibyl-verifier"))
     if verifier:
         args = verifier["spec"]["template"]["spec"]["containers"][0].get("args", [])
-        if args[:1] != ["verifier"] or "ngram=http://sibyl-drafter-ngram:50061" not in args:
-            fail(target, f"the verifier's args do not name the ngram drafter: {args}")
+        for drafter in DRAFTERS:
+            kind = drafter.removeprefix("sibyl-drafter-")
+            if args[:1] != ["verifier"] or f"{kind}=http://{drafter}:50061" not in args:
+                fail(target, f"the verifier's args do not name the {kind} drafter: {args}")
     common = found.get(("ConfigMap", "sibyl-common"))
     if common and common["data"].get("SIBYL_MODEL") != MODEL[target]:
         fail(target, f"SIBYL_MODEL is {common['data'].get('SIBYL_MODEL')}, not {MODEL[target]}")

@@ -158,6 +158,14 @@ pub fn write(
         out.flush().map_err(io)?;
     }
     temporary.as_file().sync_all().map_err(io)?;
+    // Temporary files are private; a datastore is read by servers running as other users
+    // (the container image's uid 65532).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let readable = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(temporary.path(), readable).map_err(io)?;
+    }
     temporary.persist(path).map_err(|e| io(e.error))?;
     Ok(Written {
         documents: kept.len(),

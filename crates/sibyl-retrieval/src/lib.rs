@@ -92,6 +92,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.sibyl");
         write(&path, TOKENIZER, &[vec![1, 2, 3]]).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o044, 0o044, "readable by others: {mode:o}");
+        }
         let other = TokenizerId {
             fingerprint: 0xbad,
             ..TOKENIZER

@@ -16,7 +16,7 @@ use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, TokenizerId}
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -332,9 +332,11 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
-    // Datastores are mapped and checked now; their tokenizer once the model's is loaded.
-    let (make, datastores) = match args.kind {
-        DrafterKindArg::Ngram => (ngram_drafter(&args.ngram)?, Vec::new()),
+    // Datastores are opened with the model, when the role loads (a missing or bad one is
+    // NOT_SERVING and retried like a missing model), and checked against its tokenizer.
+    let datastores: Arc<OnceLock<Vec<Arc<Datastore>>>> = Arc::default();
+    let make = match args.kind {
+        DrafterKindArg::Ngram => ngram_drafter(&args.ngram)?,
         DrafterKindArg::Retrieval => {
             if args.retrieval.datastores.is_empty() {
                 bail!(
@@ -342,20 +344,13 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
                      `sibyl index --input PATH --model MODEL --output FILE`"
                 );
             }
-            let datastores = args
-                .retrieval
-                .datastores
-                .iter()
-                .map(|path| Ok(Arc::new(Datastore::open(path, None)?)))
-                .collect::<anyhow::Result<Vec<_>>>()?;
             let stores = datastores.clone();
             let make: MakeDrafter = Arc::new(move || {
-                Box::new(RetrievalDrafter::new(
-                    stores.clone(),
-                    RetrievalConfig::default(),
-                ))
+                // Sessions start once loading has succeeded, so the stores are there.
+                let stores = stores.get().cloned().unwrap_or_default();
+                Box::new(RetrievalDrafter::new(stores, RetrievalConfig::default()))
             });
-            (make, datastores)
+            make
         }
     };
     let (runtime, telemetry) = runtime("drafter", &args.telemetry)?;
@@ -373,8 +368,9 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
                     fingerprint: text.tokenizer.fingerprint(),
                     vocab_size: u32::try_from(text.config.vocab_size).unwrap_or(u32::MAX),
                 };
-                for store in &datastores {
-                    store.check_tokenizer(tokenizer)?;
+                if args.kind == DrafterKindArg::Retrieval && datastores.get().is_none() {
+                    let opened = args.retrieval.open(tokenizer)?;
+                    let _ = datastores.set(opened);
                 }
                 Ok(tokenizer.fingerprint)
             },
