@@ -439,3 +439,31 @@ impl RoleProcesses {
         Ok(())
     }
 }
+
+/// The banner a spawned `sibyl serve` prints once it is ready (its first `count` stdout
+/// lines; stdout must be piped) and the gRPC gateway address in it.
+pub async fn serve_banner(
+    serve: &mut std::process::Child,
+    count: usize,
+) -> anyhow::Result<(Vec<String>, String)> {
+    use std::io::BufRead;
+    let stdout = serve.stdout.take().context("serve's stdout is not piped")?;
+    let lines = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .take(count)
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await??;
+    anyhow::ensure!(
+        lines.first().is_some_and(|l| l.contains("ready")),
+        "serve printed {lines:?}"
+    );
+    let grpc = lines
+        .iter()
+        .find(|l| l.contains("gRPC gateway"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .with_context(|| format!("no gRPC address in {lines:?}"))?
+        .to_string();
+    Ok((lines, grpc))
+}

@@ -8,5 +8,5 @@ mod session;
 
 pub use session::{
     check_request, generate, generate_cancellable, DrafterReport, FinishReason, GenerateError,
-    GenerationConfig, GenerationReport, Session, SharedStepCosts, Step,
+    GenerationConfig, GenerationReport, Learned, Session, SharedLearning, Step,
 };

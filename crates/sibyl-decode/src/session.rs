@@ -3,6 +3,7 @@ use sibyl_spec::{
     choose_draft_nodes, verify, AcceptanceStats, Drafter, DrafterId, Proposal, SamplingConfig,
     SamplingError, StepCosts, TokenId, TokenTree, TreeBuilder,
 };
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,8 +19,21 @@ const ALTERNATIVE_DISCOUNT: f64 = 0.5;
 /// 2 AVX2 cores one node costs about 5% of a step: 0.3% of the time when nothing pays.
 const EXPLORE_AFTER: usize = 16;
 
-/// Step costs shared by the sessions of one model (a process learns them once).
-pub type SharedStepCosts = Arc<Mutex<StepCosts>>;
+/// Weight of a finished session's acceptance estimate in its drafter kind's starting one.
+const KIND_SMOOTHING: f64 = 0.5;
+
+/// What the sessions of one model learn and share (a process learns it once): what steps
+/// cost, and where each drafter kind's acceptance estimate starts in a new session.
+#[derive(Debug, Clone, Default)]
+pub struct Learned {
+    pub costs: StepCosts,
+    /// Starting acceptance estimate per drafter kind; [`AcceptanceStats::PRIOR`] for a
+    /// kind not seen yet.
+    pub acceptance: HashMap<String, f64>,
+}
+
+/// [`Learned`], shared by the sessions of a process.
+pub type SharedLearning = Arc<Mutex<Learned>>;
 
 /// Parameters of one generation.
 #[derive(Debug, Clone)]
@@ -36,9 +50,11 @@ pub struct GenerationConfig {
     /// ...except the this many most likely ones (at least one), which cost little to verify.
     pub exempt_draft_nodes: usize,
     /// Adaptive tree size: each step verifies the number of draft nodes expected to give
-    /// the most tokens per second by these measured step costs, which may be none (a plain
-    /// step). `None`: every step verifies the whole budget the drafts fill.
-    pub step_costs: Option<SharedStepCosts>,
+    /// the most tokens per second by the measured step costs, which may be none (a plain
+    /// step), and each drafter kind's acceptance starts where earlier sessions left it.
+    /// `None`: every step verifies the whole budget the drafts fill, and every session
+    /// starts from [`AcceptanceStats::PRIOR`].
+    pub learning: Option<SharedLearning>,
     /// Tokens that end the generation; they are not emitted.
     pub stop_tokens: Vec<TokenId>,
 }
@@ -236,6 +252,19 @@ impl<'m> Session<'m> {
         drafter_kinds: Vec<String>,
     ) -> Result<Self, GenerateError> {
         check_request(model, prompt, &config)?;
+        let stats = match &config.learning {
+            Some(learning) => {
+                let learned = lock(learning);
+                drafter_kinds
+                    .iter()
+                    .map(|kind| match learned.acceptance.get(kind) {
+                        Some(&rate) => AcceptanceStats::starting_at(rate),
+                        None => AcceptanceStats::default(),
+                    })
+                    .collect()
+            }
+            None => vec![AcceptanceStats::default(); drafter_kinds.len()],
+        };
         Ok(Self {
             model,
             config,
@@ -243,7 +272,7 @@ impl<'m> Session<'m> {
             prompt_tokens: prompt.len(),
             context: prompt.to_vec(),
             output: Vec::new(),
-            stats: vec![AcceptanceStats::default(); drafter_kinds.len()],
+            stats,
             drafter_kinds,
             steps: 0,
             step_times: Vec::new(),
@@ -355,8 +384,8 @@ impl<'m> Session<'m> {
         }
         let (mut tree, values) = builder.build_ranked();
         let context = self.context.len();
-        if let Some(costs) = &self.config.step_costs {
-            let costs = lock(costs).clone();
+        if let Some(learning) = &self.config.learning {
+            let costs = lock(learning).costs.clone();
             let explore = self.plain_streak >= EXPLORE_AFTER;
             let nodes = choose_draft_nodes(&values, |n| costs.estimate(n, context), explore);
             tree.truncate(nodes + 1);
@@ -378,14 +407,30 @@ impl<'m> Session<'m> {
         self.steps += 1;
         let elapsed = step_started.elapsed();
         self.step_times.push(elapsed);
-        if let Some(costs) = &self.config.step_costs {
-            lock(costs).record(tree.len(), context, elapsed.as_secs_f64());
+        if let Some(learning) = &self.config.learning {
+            lock(learning)
+                .costs
+                .record(tree.len(), context, elapsed.as_secs_f64());
         }
         Ok(self.emit(&outcome.emitted(&tree)))
     }
 
-    /// Ends the session and reports it.
+    /// Ends the session and reports it; with adaptive sizing, what it measured of each
+    /// drafter kind moves where the next sessions' estimates start.
     pub fn finish(self, finish_reason: FinishReason) -> GenerationReport {
+        if let Some(learning) = &self.config.learning {
+            let mut learned = lock(learning);
+            for (kind, stats) in self.drafter_kinds.iter().zip(&self.stats) {
+                if stats.proposed == 0 {
+                    continue;
+                }
+                let start = learned
+                    .acceptance
+                    .entry(kind.clone())
+                    .or_insert(AcceptanceStats::PRIOR);
+                *start += KIND_SMOOTHING * (stats.rate() - *start);
+            }
+        }
         GenerationReport {
             tokens: self.output,
             prompt_tokens: self.prompt_tokens,
@@ -439,8 +484,8 @@ impl<'m> Session<'m> {
     }
 }
 
-fn lock(costs: &SharedStepCosts) -> std::sync::MutexGuard<'_, StepCosts> {
-    costs.lock().unwrap_or_else(|e| e.into_inner())
+fn lock(learning: &SharedLearning) -> std::sync::MutexGuard<'_, Learned> {
+    learning.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Credits each drafter with its nodes in the tree, with the levels of the accepted path

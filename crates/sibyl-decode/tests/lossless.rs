@@ -77,7 +77,7 @@ fn config(max_tokens: usize, budget: usize, depth: usize) -> GenerationConfig {
         max_draft_depth: depth,
         min_draft_value: 0.0,
         exempt_draft_nodes: 1,
-        step_costs: None,
+        learning: None,
         stop_tokens: Vec::new(),
     }
 }

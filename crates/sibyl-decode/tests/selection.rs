@@ -3,7 +3,7 @@
 //! wrong gets none, and when every drafter is wrong the steps become plain decoding. The
 //! output stays what plain decoding gives.
 
-use sibyl_decode::{generate, GenerationConfig, Session, SharedStepCosts, Step};
+use sibyl_decode::{generate, GenerationConfig, Learned, Session, SharedLearning, Step};
 use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
 use sibyl_engine::{Architecture, GgmlDType, Model};
 use sibyl_spec::{DrafterId, Proposal, SamplingConfig, StepCosts, TokenId};
@@ -24,15 +24,18 @@ fn model() -> Model {
 }
 
 /// Costs of a step over n nodes of 1 + 0.15 (n - 1) plain steps, fixed.
-fn cpu_like_costs() -> SharedStepCosts {
+fn cpu_like_costs() -> SharedLearning {
     let mut costs = StepCosts::default();
     for nodes in [1, 2, 4, 8, 16, 32, 64] {
         costs.record(nodes, 0, 0.1 * (1.0 + 0.15 * (nodes - 1) as f64));
     }
-    Arc::new(Mutex::new(costs.frozen()))
+    Arc::new(Mutex::new(Learned {
+        costs: costs.frozen(),
+        acceptance: Default::default(),
+    }))
 }
 
-fn config(max_tokens: usize, step_costs: Option<SharedStepCosts>) -> GenerationConfig {
+fn config(max_tokens: usize, learning: Option<SharedLearning>) -> GenerationConfig {
     GenerationConfig {
         max_tokens,
         sampling: SamplingConfig::greedy(),
@@ -40,7 +43,7 @@ fn config(max_tokens: usize, step_costs: Option<SharedStepCosts>) -> GenerationC
         max_draft_depth: 4,
         min_draft_value: 0.0,
         exempt_draft_nodes: 1,
-        step_costs,
+        learning,
         stop_tokens: Vec::new(),
     }
 }
@@ -145,8 +148,44 @@ fn when_every_drafter_is_wrong_the_steps_are_plain() {
     );
 }
 
+/// Draft tokens verified in the first step of a session with one drafter that is always
+/// wrong.
+fn verified_in_first_step(model: &Model, learning: &SharedLearning) -> u64 {
+    let prompt = [2, 7, 1, 8, 2, 8];
+    let truth = plain(model, &prompt, 40);
+    let config = config(truth.len(), Some(learning.clone()));
+    let kinds = vec!["wrong".to_string()];
+    let mut session = Session::new(model, &prompt, config, kinds).unwrap();
+    let mut step = session.prefill(&mut || false).unwrap();
+    let mut first = None;
+    while step.finish.is_none() {
+        let at = session.context().len() - prompt.len();
+        let proposal = draft(&truth, at, session.draft_depth(), Some(1));
+        step = session.step(vec![(DrafterId(0), vec![proposal])]).unwrap();
+        first.get_or_insert(session.drafter_counts()[0].0);
+    }
+    session.finish(sibyl_decode::FinishReason::Length);
+    first.unwrap_or(0)
+}
+
 #[test]
-fn without_step_costs_the_budget_is_always_used() {
+fn a_new_session_starts_from_what_earlier_ones_learned_of_a_drafter_kind() {
+    let model = model();
+    let learning = cpu_like_costs();
+    // A fresh process trusts the drafter at first; each session of wrong drafts halves the
+    // distance to what it measured (below 0.16), so after four the next session starts
+    // without verifying them.
+    assert!(verified_in_first_step(&model, &learning) > 0);
+    for _ in 0..3 {
+        verified_in_first_step(&model, &learning);
+    }
+    let learned = learning.lock().unwrap().acceptance["wrong"];
+    assert!(learned < 0.2, "{learned}");
+    assert_eq!(verified_in_first_step(&model, &learning), 0);
+}
+
+#[test]
+fn without_adaptive_sizing_the_budget_is_always_used() {
     let model = model();
     let prompt = [2, 7, 1, 8, 2, 8];
     let truth = plain(&model, &prompt, 40);

@@ -21,9 +21,22 @@ impl Default for AcceptanceStats {
 
 impl AcceptanceStats {
     /// Acceptance assumed before anything has been measured.
-    const PRIOR: f64 = 0.6;
+    pub const PRIOR: f64 = 0.6;
     /// Weight of the newest step in the moving average.
     const SMOOTHING: f64 = 0.2;
+
+    /// Statistics that start from the estimate `rate` instead of [`Self::PRIOR`] (what
+    /// earlier sessions measured for this kind of drafter).
+    pub fn starting_at(rate: f64) -> Self {
+        Self {
+            rate: if rate.is_finite() {
+                rate.clamp(0.0, 1.0)
+            } else {
+                Self::PRIOR
+            },
+            ..Self::default()
+        }
+    }
 
     /// Records one verify step: `proposed` of this drafter's tokens were in the tree; at
     /// `reached` levels of the accepted path it had a guess, and at `accepted` of those its

@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
             max_draft_depth: 10,
             min_draft_value: 0.15,
             exempt_draft_nodes: 1,
-            step_costs: None,
+            learning: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
         };
         let mut runs = Vec::new();

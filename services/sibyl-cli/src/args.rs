@@ -27,6 +27,8 @@ pub enum DraftKind {
     Ngram,
     /// Lookup in datastores built by `sibyl index` (`--datastore`).
     Retrieval,
+    /// A small model of the same tokenizer (`--draft-model`).
+    Lm,
 }
 
 /// How speculation runs in process (`sibyl generate`).
@@ -51,6 +53,75 @@ pub struct SpeculationArgs {
 
     #[command(flatten)]
     pub retrieval: RetrievalArgs,
+
+    #[command(flatten)]
+    pub lm: LmArgs,
+}
+
+/// The LM drafter.
+#[derive(Debug, Clone, Args)]
+pub struct LmArgs {
+    /// The LM drafter's model: a catalog name or a GGUF path, with the target's tokenizer.
+    #[arg(long, env = "SIBYL_DRAFT_MODEL", default_value = "qwen2.5-coder-0.5b")]
+    pub draft_model: String,
+
+    /// Longest block the LM drafter drafts (it adapts below this to recent acceptance).
+    #[arg(long, env = "SIBYL_LM_MAX_TOKENS", default_value_t = 8)]
+    pub lm_max_tokens: usize,
+
+    /// The LM drafter ends a block before a token it gives less than this probability.
+    #[arg(long, env = "SIBYL_LM_MIN_CONFIDENCE", default_value_t = 0.3)]
+    pub lm_min_confidence: f32,
+}
+
+impl Default for LmArgs {
+    fn default() -> Self {
+        Self {
+            draft_model: "qwen2.5-coder-0.5b".into(),
+            lm_max_tokens: 8,
+            lm_min_confidence: 0.3,
+        }
+    }
+}
+
+impl LmArgs {
+    pub fn config(&self) -> anyhow::Result<sibyl_lm::LmConfig> {
+        if self.lm_max_tokens == 0 {
+            anyhow::bail!("--lm-max-tokens must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.lm_min_confidence) {
+            anyhow::bail!("--lm-min-confidence must be in [0, 1]");
+        }
+        Ok(sibyl_lm::LmConfig {
+            max_tokens: self.lm_max_tokens,
+            min_confidence: self.lm_min_confidence,
+            ..sibyl_lm::LmConfig::default()
+        })
+    }
+
+    /// Loads the draft model and checks that its tokenizer is `target`'s.
+    pub fn load(
+        &self,
+        target: &sibyl_engine::TextTokenizer,
+    ) -> anyhow::Result<std::sync::Arc<sibyl_engine::Model>> {
+        let model = ModelArgs {
+            model: self.draft_model.clone(),
+            threads: None,
+            keep_slow_types: false,
+        };
+        let draft = crate::generate::load_model(&model)?;
+        if draft.tokenizer.fingerprint() != target.fingerprint() {
+            anyhow::bail!(
+                "--draft-model {}: its tokenizer ({:016x}) is not the target's ({:016x}); the LM \
+                 drafter needs a model of the same family (qwen2.5-coder-0.5b drafts for \
+                 qwen2.5-coder-1.5b)",
+                self.draft_model,
+                draft.tokenizer.fingerprint(),
+                target.fingerprint()
+            );
+        }
+        Ok(std::sync::Arc::new(draft.model))
+    }
 }
 
 /// The retrieval drafter.
@@ -118,7 +189,7 @@ pub enum DraftSizing {
 
 impl DraftSizing {
     /// Step costs for a new model: learned from its steps when adaptive.
-    pub fn step_costs(self) -> Option<sibyl_decode::SharedStepCosts> {
+    pub fn learning(self) -> Option<sibyl_decode::SharedLearning> {
         (self == Self::Adaptive).then(Default::default)
     }
 }

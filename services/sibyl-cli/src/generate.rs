@@ -1,10 +1,13 @@
-use crate::args::{DraftKind, ModelArgs, NgramArgs, RetrievalArgs, SamplingArgs, SpeculationArgs};
+use crate::args::{
+    DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, SamplingArgs, SpeculationArgs,
+};
 use crate::progress::BarProgress;
 use anyhow::{bail, Context};
 use clap::Args;
 use sibyl_decode::{GenerationConfig, GenerationReport};
-use sibyl_engine::LoadedModel;
 use sibyl_engine::{ChatMessage, Detokenizer, LoadOptions};
+use sibyl_engine::{LoadedModel, Model};
+use sibyl_lm::{LmConfig, LmDrafter};
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, TokenizerId};
 use sibyl_spec::{Drafter, SamplingConfig};
@@ -65,6 +68,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
         };
         sampling.validate().context("invalid sampling parameters")?;
         args.speculation.ngram.config()?;
+        args.speculation.lm.config()?;
         args.speculation.tree.validate()?;
         draft_kinds(&args.speculation.draft)?;
         Ok(Self {
@@ -78,7 +82,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
                 max_draft_depth: args.speculation.tree.draft_depth,
                 min_draft_value: args.speculation.tree.draft_min_value,
                 exempt_draft_nodes: args.speculation.tree.draft_exempt,
-                step_costs: args.speculation.tree.draft_sizing.step_costs(),
+                learning: args.speculation.tree.draft_sizing.learning(),
                 stop_tokens: Vec::new(),
             },
             speculation: args.speculation,
@@ -111,31 +115,66 @@ pub fn tokenizer_id(loaded: &LoadedModel) -> TokenizerId {
     }
 }
 
-/// What in-process drafters are made from, opened once per process: the n-gram settings
-/// and the retrieval datastores.
-#[derive(Debug, Clone)]
+/// The settings of every drafter kind.
+pub struct DrafterSettings<'a> {
+    pub ngram: &'a NgramArgs,
+    pub retrieval: &'a RetrievalArgs,
+    pub lm: &'a LmArgs,
+}
+
+impl<'a> From<&'a SpeculationArgs> for DrafterSettings<'a> {
+    fn from(speculation: &'a SpeculationArgs) -> Self {
+        Self {
+            ngram: &speculation.ngram,
+            retrieval: &speculation.retrieval,
+            lm: &speculation.lm,
+        }
+    }
+}
+
+/// What in-process drafters are made from, opened once per process: the n-gram settings,
+/// the retrieval datastores and the LM drafter's model.
+#[derive(Clone)]
 pub struct DrafterSources {
     pub ngram: NgramConfig,
     pub datastores: Vec<Arc<Datastore>>,
+    pub lm: Option<(Arc<Model>, LmConfig)>,
+}
+
+impl std::fmt::Debug for DrafterSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrafterSources")
+            .field("ngram", &self.ngram)
+            .field("datastores", &self.datastores)
+            .field("lm", &self.lm.as_ref().map(|(_, config)| config))
+            .finish()
+    }
 }
 
 impl DrafterSources {
-    /// Checks the n-gram settings and, when `kinds` has the retrieval drafter, opens the
-    /// datastores (refusing ones built for another tokenizer than `loaded`'s).
-    pub fn open(
-        ngram: &NgramArgs,
-        retrieval: &RetrievalArgs,
+    /// Checks the settings and opens what `kinds` need: the datastores (refusing ones built
+    /// for another tokenizer than `loaded`'s), the LM drafter's model (refusing one of
+    /// another tokenizer).
+    pub fn open<'a>(
+        args: impl Into<DrafterSettings<'a>>,
         kinds: &[DraftKind],
         loaded: &LoadedModel,
     ) -> anyhow::Result<Self> {
+        let args = args.into();
         let datastores = if kinds.contains(&DraftKind::Retrieval) {
-            retrieval.open(tokenizer_id(loaded))?
+            args.retrieval.open(tokenizer_id(loaded))?
         } else {
             Vec::new()
         };
+        let lm = if kinds.contains(&DraftKind::Lm) {
+            Some((args.lm.load(&loaded.tokenizer)?, args.lm.config()?))
+        } else {
+            None
+        };
         Ok(Self {
-            ngram: ngram.config()?,
+            ngram: args.ngram.config()?,
             datastores,
+            lm,
         })
     }
 
@@ -161,14 +200,24 @@ impl DrafterSources {
                     RetrievalConfig::default(),
                 ))
             }
+            DraftKind::Lm => {
+                let Some((model, config)) = &self.lm else {
+                    bail!("the LM drafter's model is not loaded");
+                };
+                Box::new(LmDrafter::new(model.clone(), config.clone()))
+            }
         })
     }
 
-    /// The kinds these sources can make: retrieval only with a datastore.
+    /// The kinds these sources can make: retrieval only with a datastore, the LM drafter
+    /// only with its model loaded.
     pub fn available(&self) -> Vec<DraftKind> {
         let mut kinds = vec![DraftKind::Ngram];
         if !self.datastores.is_empty() {
             kinds.push(DraftKind::Retrieval);
+        }
+        if self.lm.is_some() {
+            kinds.push(DraftKind::Lm);
         }
         kinds
     }
@@ -213,8 +262,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     config.generation.stop_tokens = loaded.tokenizer.stop_tokens().to_vec();
     let speculation = &config.speculation;
     let kinds = draft_kinds(&speculation.draft)?;
-    let sources =
-        DrafterSources::open(&speculation.ngram, &speculation.retrieval, &kinds, &loaded)?;
+    let sources = DrafterSources::open(speculation, &kinds, &loaded)?;
     let mut drafters = sources.drafters(&kinds)?;
     let mut detokenizer = Detokenizer::new(&loaded.tokenizer);
     let mut stdout = std::io::stdout().lock();

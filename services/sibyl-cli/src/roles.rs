@@ -2,17 +2,19 @@
 //! `serve` starts all of them in one process, wired over loopback gRPC exactly as separate
 //! processes are.
 
-use crate::args::{ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
+use crate::args::{LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
 use crate::generate::{init_threads, load_model};
 use crate::progress::BarProgress;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use sibyl_drafter::{DraftService, MakeDrafter};
 use sibyl_gateway::GatewayConfig;
+use sibyl_lm::LmDrafter;
 use sibyl_ngram::NgramDrafter;
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{OnLoadError, ShutdownSwitch};
 use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, TokenizerId};
+use sibyl_spec::{Drafter, Proposal};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -123,6 +125,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub ngram: NgramArgs,
 
+    /// With a datastore, a retrieval drafter runs beside the n-gram drafter.
+    #[command(flatten)]
+    pub retrieval: RetrievalArgs,
+
     #[command(flatten)]
     pub limits: GatewayLimitArgs,
 
@@ -197,6 +203,8 @@ pub enum DrafterKindArg {
     Ngram,
     /// Lookup in datastores built by `sibyl index` (`--datastore`).
     Retrieval,
+    /// A small model of the verifier's tokenizer (`--draft-model`).
+    Lm,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -222,6 +230,9 @@ pub struct DrafterArgs {
 
     #[command(flatten)]
     pub retrieval: RetrievalArgs,
+
+    #[command(flatten)]
+    pub lm: LmArgs,
 
     #[command(flatten)]
     pub load: LoadArgs,
@@ -331,14 +342,49 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} for the {what}"))
 }
 
-pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
-    // Datastores are opened with the model, when the role loads (a missing or bad one is
-    // NOT_SERVING and retried like a missing model), and checked against its tokenizer.
+/// A drafter that proposes nothing: what a session would get before its role has loaded
+/// (sessions only start after, so none does).
+struct NoDrafts(&'static str);
+
+impl Drafter for NoDrafts {
+    fn kind(&self) -> &str {
+        self.0
+    }
+
+    fn propose(&mut self, _: &[u32], _: usize) -> Vec<Proposal> {
+        Vec::new()
+    }
+}
+
+/// A drafter role's service and loader: the loader reads the tokenizer of `model` and, for
+/// the retrieval drafter, opens the datastores and checks them against it; for the LM
+/// drafter, loads its model and checks its tokenizer. Doing that with the model, not at
+/// start, makes a missing or bad file NOT_SERVING and retried like a missing model file.
+fn drafter_role(
+    kind: DrafterKindArg,
+    ngram: &NgramArgs,
+    retrieval: &RetrievalArgs,
+    lm: &LmArgs,
+    model: ModelArgs,
+) -> anyhow::Result<(
+    DraftService,
+    impl FnMut() -> anyhow::Result<u64> + Send + 'static,
+)> {
     let datastores: Arc<OnceLock<Vec<Arc<Datastore>>>> = Arc::default();
-    let make = match args.kind {
-        DrafterKindArg::Ngram => ngram_drafter(&args.ngram)?,
+    let lm_model: Arc<OnceLock<Arc<sibyl_engine::Model>>> = Arc::default();
+    let lm_config = lm.config()?;
+    let make = match kind {
+        DrafterKindArg::Ngram => ngram_drafter(ngram)?,
+        DrafterKindArg::Lm => {
+            let loaded = lm_model.clone();
+            let make: MakeDrafter = Arc::new(move || match loaded.get() {
+                Some(model) => Box::new(LmDrafter::new(model.clone(), lm_config.clone())),
+                None => Box::new(NoDrafts("lm")),
+            });
+            make
+        }
         DrafterKindArg::Retrieval => {
-            if args.retrieval.datastores.is_empty() {
+            if retrieval.datastores.is_empty() {
                 bail!(
                     "--kind retrieval needs --datastore FILE: build one with \
                      `sibyl index --input PATH --model MODEL --output FILE`"
@@ -353,27 +399,42 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
             make
         }
     };
+    let mut load = text_loader(model);
+    let (retrieval, lm) = (retrieval.clone(), lm.clone());
+    let loader = move || -> anyhow::Result<u64> {
+        let text = load()?;
+        let tokenizer = TokenizerId {
+            fingerprint: text.tokenizer.fingerprint(),
+            vocab_size: u32::try_from(text.config.vocab_size).unwrap_or(u32::MAX),
+        };
+        if kind == DrafterKindArg::Retrieval && datastores.get().is_none() {
+            let _ = datastores.set(retrieval.open(tokenizer)?);
+        }
+        if kind == DrafterKindArg::Lm && lm_model.get().is_none() {
+            let _ = lm_model.set(lm.load(&text.tokenizer)?);
+        }
+        Ok(tokenizer.fingerprint)
+    };
+    Ok((DraftService::new(make), loader))
+}
+
+pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
+    let (service, load) = drafter_role(
+        args.kind,
+        &args.ngram,
+        &args.retrieval,
+        &args.lm,
+        args.model,
+    )?;
     let (runtime, telemetry) = runtime("drafter", &args.telemetry)?;
     let result = runtime.block_on(async move {
         let listener = bind(args.grpc_addr, "drafter").await?;
         spawn_metrics(args.metrics_addr).await?;
         tracing::info!(addr = %listener.local_addr()?, kind = ?args.kind, "drafter listening");
-        let mut load = text_loader(args.model.clone());
         sibyl_drafter::serve(
             listener,
-            DraftService::new(make),
-            move || -> anyhow::Result<u64> {
-                let text = load()?;
-                let tokenizer = TokenizerId {
-                    fingerprint: text.tokenizer.fingerprint(),
-                    vocab_size: u32::try_from(text.config.vocab_size).unwrap_or(u32::MAX),
-                };
-                if args.kind == DrafterKindArg::Retrieval && datastores.get().is_none() {
-                    let opened = args.retrieval.open(tokenizer)?;
-                    let _ = datastores.set(opened);
-                }
-                Ok(tokenizer.fingerprint)
-            },
+            service,
+            load,
             args.load.on_error(),
             shutdown_signal(),
         )
@@ -436,10 +497,22 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     result
 }
 
+/// The kind's name on the command line and in `--drafter KIND=URL`.
+fn drafter_kind_name(kind: DrafterKindArg) -> String {
+    kind.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     init_threads(args.model.threads);
     let name = served_name(&args.model, args.limits.served_model_name.as_ref());
-    let make = ngram_drafter(&args.ngram)?;
+    // The n-gram drafter, and the retrieval drafter when there is a datastore.
+    let mut kinds = vec![DrafterKindArg::Ngram];
+    if !args.retrieval.datastores.is_empty() {
+        kinds.push(DrafterKindArg::Retrieval);
+    }
+    args.ngram.config()?;
     let (runtime, telemetry) = runtime("serve", &args.telemetry)?;
     let result = runtime.block_on(async move {
         // The model file first, once, so the three roles do not race to fetch it.
@@ -450,29 +523,48 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 
         let http = bind(args.http_addr, "HTTP API").await?;
         let grpc = bind(args.grpc_addr, "gRPC API").await?;
-        let drafter_listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "drafter").await?;
         let verifier_listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "verifier").await?;
-        let drafter_addr = drafter_listener.local_addr()?;
         let verifier_addr = verifier_listener.local_addr()?;
 
         let stop = ShutdownSwitch::default();
-        let mut load = text_loader(model.clone());
-        let drafter = tokio::spawn(sibyl_drafter::serve(
-            drafter_listener,
-            DraftService::new(make),
-            move || load().map(|text| text.tokenizer.fingerprint()),
-            OnLoadError::Fail,
-            stop.stopped(),
-        ));
-        let endpoint = format!("ngram=http://{drafter_addr}").parse::<DrafterEndpoint>()?;
-        let config = args.verifier.config(name.clone(), vec![endpoint])?;
+        let mut tasks = Vec::new();
+        let mut endpoints = Vec::new();
+        let mut drafters_text = Vec::new();
+        for kind in kinds {
+            let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "drafter").await?;
+            let addr = listener.local_addr()?;
+            let (service, load) = drafter_role(
+                kind,
+                &args.ngram,
+                &args.retrieval,
+                &LmArgs::default(),
+                model.clone(),
+            )?;
+            tasks.push((
+                "drafter",
+                tokio::spawn(sibyl_drafter::serve(
+                    listener,
+                    service,
+                    load,
+                    OnLoadError::Fail,
+                    stop.stopped(),
+                )),
+            ));
+            let kind = drafter_kind_name(kind);
+            endpoints.push(format!("{kind}=http://{addr}").parse::<DrafterEndpoint>()?);
+            drafters_text.push(format!("{kind} drafter {addr}"));
+        }
+        let config = args.verifier.config(name.clone(), endpoints)?;
         let verifier_model = model.clone();
-        let verifier = tokio::spawn(sibyl_verifier::serve(
-            verifier_listener,
-            VerifierService::new(config),
-            move || load_model(&verifier_model),
-            OnLoadError::Fail,
-            stop.stopped(),
+        tasks.push((
+            "verifier",
+            tokio::spawn(sibyl_verifier::serve(
+                verifier_listener,
+                VerifierService::new(config),
+                move || load_model(&verifier_model),
+                OnLoadError::Fail,
+                stop.stopped(),
+            )),
         ));
         let gateway_config = GatewayConfig {
             model_name: name.clone(),
@@ -481,13 +573,16 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
-        let gateway = tokio::spawn(sibyl_gateway::serve(
-            grpc,
-            http,
-            gateway_config,
-            text_loader(model),
-            OnLoadError::Fail,
-            stop.stopped(),
+        tasks.push((
+            "gateway",
+            tokio::spawn(sibyl_gateway::serve(
+                grpc,
+                http,
+                gateway_config,
+                text_loader(model),
+                OnLoadError::Fail,
+                stop.stopped(),
+            )),
         ));
         tracing::info!("loading {name}");
         loop {
@@ -496,8 +591,9 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             if sibyl_proto::client::wait_until_serving(verifier_addr, wait).await
                 && sibyl_proto::client::wait_until_serving(grpc_addr, wait).await
             {
+                let drafters = drafters_text.join(", ");
                 let message = format!(
-                    "sibyl serve: {name} ready\n  OpenAI HTTP API  http://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway)\n  verifier         {verifier_addr}, n-gram drafter {drafter_addr} (loopback)\n"
+                    "sibyl serve: {name} ready\n  OpenAI HTTP API  http://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway)\n  verifier         {verifier_addr}, {drafters} (loopback)\n"
                 );
                 // One write, and a closed stdout is no reason to stop serving (`println!`
                 // writes piece by piece and panics when the reader has gone).
@@ -505,12 +601,11 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 let _ = stdout.write_all(message.as_bytes()).and_then(|()| stdout.flush());
                 break;
             }
-            if verifier.is_finished() || drafter.is_finished() || gateway.is_finished() {
+            if tasks.iter().any(|(_, task)| task.is_finished()) {
                 break;
             }
         }
         // Run until a signal, or until a role ends (a failed load, say): then stop them all.
-        let tasks = [("drafter", drafter), ("verifier", verifier), ("gateway", gateway)];
         let signal = shutdown_signal();
         tokio::pin!(signal);
         loop {

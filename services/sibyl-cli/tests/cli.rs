@@ -24,11 +24,11 @@ fn assert_refused(args: &[&str], envs: &[(&str, &str)], expected: &str) {
     assert!(!text.contains("panicked"), "{args:?}: {text}");
 }
 
-/// Runs `args` with `--draft none` and `--draft ngram`; both must succeed and print the
+/// Runs `args` with `--draft none` and `--draft DRAFT`; both must succeed and print the
 /// same, non-empty text. Returns the speculative run's stderr.
-fn assert_same_with_and_without_drafts(args: &[&str]) -> String {
+fn assert_same_with_and_without_drafts(args: &[&str], draft: &str) -> String {
     let plain = sibyl(&[args, &["--draft", "none"]].concat(), &[]);
-    let spec = sibyl(&[args, &["--draft", "ngram"]].concat(), &[]);
+    let spec = sibyl(&[args, &["--draft", draft]].concat(), &[]);
     assert!(plain.status.success(), "{}", stderr(&plain));
     assert!(spec.status.success(), "{}", stderr(&spec));
     assert!(!plain.stdout.is_empty());
@@ -114,7 +114,7 @@ fn real_weights_speculation_prints_exactly_what_plain_decoding_prints() {
         "--prompt",
         "Fix the bug: def add(a, b):\n    return a - b\nReturn the whole function.",
     ];
-    let summary = assert_same_with_and_without_drafts(&common);
+    let summary = assert_same_with_and_without_drafts(&common, "ngram");
     assert!(summary.contains("tokens/s") && summary.contains("mean accepted tokens per step"));
     assert!(summary.contains("ngram:"), "{summary}");
 }
@@ -146,4 +146,52 @@ fn real_weights_a_seeded_sampled_run_prints_the_same_with_and_without_drafts() {
     );
     assert!(!plain.stdout.is_empty());
     assert_eq!(spec.stdout, plain.stdout);
+}
+
+#[test]
+fn real_weights_the_lm_drafter_prints_what_plain_decoding_prints() {
+    let common = [
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--chat",
+        "--max-tokens",
+        "48",
+        "--draft-sizing",
+        "fixed",
+        "--draft-model",
+        "smollm2-135m",
+        "--prompt",
+        "Write a Python function that returns the square of a number.",
+    ];
+    let summary = assert_same_with_and_without_drafts(&common, "lm,ngram");
+    // The target drafting for itself: every token it drafts is accepted.
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with("lm: "))
+        .unwrap_or_else(|| panic!("{summary}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(numbers[0] > 0 && numbers[0] == numbers[1], "{line}");
+}
+
+#[test]
+fn real_weights_an_lm_drafter_of_another_tokenizer_is_refused() {
+    assert_refused(
+        &[
+            "generate",
+            "--model",
+            "smollm2-135m",
+            "--prompt",
+            "hi",
+            "--draft",
+            "lm",
+            "--draft-model",
+            "qwen2.5-coder-0.5b",
+        ],
+        &[],
+        "is not the target's",
+    );
 }

@@ -3,8 +3,7 @@
 //! it listens and answers there.
 
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
-use sibyl_tests::{generate_text, Processes, RoleProcesses};
-use std::io::{BufRead, BufReader};
+use sibyl_tests::{generate_text, serve_banner, Processes, RoleProcesses};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -105,24 +104,9 @@ async fn serve_prints_where_it_listens_and_answers_there() {
         "--grpc-addr",
         "127.0.0.1:0",
     ]);
-    let stdout = serve.stdout.take().unwrap();
+    let banner = serve_banner(&mut serve, 3).await;
     let _processes = Processes(vec![serve]);
-    let lines = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .take(3)
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .unwrap()
-    .expect("serve prints");
-    assert!(lines[0].contains("ready"), "{lines:?}");
-    let grpc = lines
-        .iter()
-        .find(|l| l.contains("gRPC gateway"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .expect("gRPC address printed")
-        .to_string();
+    let (_, grpc) = banner.unwrap();
     let mut client = GatewayClient::connect(format!("http://{grpc}"))
         .await
         .unwrap();

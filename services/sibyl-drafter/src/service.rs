@@ -183,7 +183,14 @@ async fn stream(
                 // The verifier stopped reading: the session is over.
                 let Ok(permit) = permit else { return "completed" };
                 let started = Instant::now();
-                let block = pb::DraftBlock::from(&ahead.next_block());
+                // Off the async workers: a model drafter computes for a while.
+                let drafted = tokio::task::spawn_blocking(move || {
+                    let block = pb::DraftBlock::from(&ahead.next_block());
+                    (ahead, block)
+                })
+                .await;
+                let Ok((back, block)) = drafted else { return "failed" };
+                ahead = back;
                 metrics.draft_duration.observe(started.elapsed().as_secs_f64());
                 metrics.blocks_sent.inc();
                 let tokens: usize = block.branches.iter().map(|b| b.tokens.len()).sum();

@@ -18,7 +18,7 @@ pub use config::{DrafterEndpoint, EndpointError, SpeculationConfig, VerifierConf
 pub use probe::DRAFTERS_HEALTH;
 pub use service::VerifierService;
 
-use sibyl_decode::{generate, GenerationConfig, SharedStepCosts};
+use sibyl_decode::{generate, GenerationConfig, SharedLearning};
 use sibyl_engine::LoadedModel;
 use sibyl_proto::server::{run_role, OnLoadError, ServeError};
 use sibyl_proto::v1::verifier_server::{VerifierServer, SERVICE_NAME};
@@ -68,7 +68,7 @@ fn warm_up(
         max_draft_depth: 0,
         min_draft_value: 0.0,
         exempt_draft_nodes: 1,
-        step_costs: None,
+        learning: None,
         stop_tokens: Vec::new(),
     };
     let prompt: Vec<u32> = (0..8).collect();
@@ -78,6 +78,6 @@ fn warm_up(
     Ok(session::Engine {
         loaded,
         compute: Mutex::new(()),
-        step_costs: SharedStepCosts::default(),
+        learning: SharedLearning::default(),
     })
 }

@@ -100,7 +100,7 @@ impl VerifierService {
             max_draft_depth: speculation.max_draft_depth,
             min_draft_value: speculation.min_draft_value,
             exempt_draft_nodes: speculation.exempt_draft_nodes,
-            step_costs: speculation.adaptive_tree.then(|| engine.step_costs.clone()),
+            learning: speculation.adaptive_tree.then(|| engine.learning.clone()),
             stop_tokens: tokenizer.stop_tokens().to_vec(),
         };
         check_request(&engine.loaded.model, &request.prompt_tokens, &generation)

@@ -2,7 +2,7 @@
 
 use crate::shared::{LinkStatus, Shared};
 use sibyl_decode::{
-    FinishReason, GenerateError, GenerationConfig, GenerationReport, Session, SharedStepCosts,
+    FinishReason, GenerateError, GenerationConfig, GenerationReport, Session, SharedLearning,
 };
 use sibyl_engine::LoadedModel;
 use sibyl_proto::v1::{self as pb, verify_event::Event};
@@ -18,7 +18,7 @@ pub(crate) struct Engine {
     pub(crate) loaded: LoadedModel,
     pub(crate) compute: Mutex<()>,
     /// What steps of this model cost, learned from every session (adaptive tree size).
-    pub(crate) step_costs: SharedStepCosts,
+    pub(crate) learning: SharedLearning,
 }
 
 /// A checked request, ready to run.

@@ -48,6 +48,15 @@ impl BenchConfig {
         self.drafters == Drafters::Off
     }
 
+    /// Whether this config drafts with `kind` (`all` uses every kind).
+    pub fn uses(&self, kind: &str) -> bool {
+        match &self.drafters {
+            Drafters::Off => false,
+            Drafters::All => true,
+            Drafters::Kinds(kinds) => kinds.iter().any(|k| k == kind),
+        }
+    }
+
     /// `plain`, `all`, a drafter kind (`ngram`), or kinds joined by `+`. With `local`, kinds
     /// must be ones this binary can run; otherwise the verifier behind the gateway judges.
     pub fn parse(name: &str, local: bool) -> anyhow::Result<Self> {

@@ -6,8 +6,8 @@ mod chart;
 mod dataset;
 mod results;
 
-use crate::args::{DraftKind, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
-use crate::generate::DrafterSources;
+use crate::args::{DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
+use crate::generate::{DrafterSettings, DrafterSources};
 use anyhow::{bail, Context};
 use backend::{Backend, BenchConfig, InProcess, Remote};
 use clap::Args;
@@ -77,6 +77,9 @@ pub struct BenchArgs {
 
     #[command(flatten)]
     pub retrieval: RetrievalArgs,
+
+    #[command(flatten)]
+    pub lm: LmArgs,
 }
 
 /// The configs to run, plain first, each once. `local`: run in this process.
@@ -106,6 +109,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     args.tree.validate()?;
     args.ngram.config()?;
+    args.lm.config()?;
     let configs = configs(&args.configs, args.gateway.is_none())?;
     let files = args
         .datasets
@@ -145,16 +149,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 max_draft_depth: args.tree.draft_depth,
                 min_draft_value: args.tree.draft_min_value,
                 exempt_draft_nodes: args.tree.draft_exempt,
-                step_costs: args.tree.draft_sizing.step_costs(),
+                learning: args.tree.draft_sizing.learning(),
                 stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
             };
-            // Datastores are opened (and checked) whether or not a config uses them.
-            let sources = DrafterSources::open(
-                &args.ngram,
-                &args.retrieval,
-                &[DraftKind::Retrieval],
-                &loaded,
-            )?;
+            // Datastores are opened (and checked) whether or not a config uses them; the LM
+            // drafter's model is loaded only for a config that uses it.
+            let mut kinds = vec![DraftKind::Retrieval];
+            if configs.iter().any(|c| c.uses("lm")) {
+                kinds.push(DraftKind::Lm);
+            }
+            let drafter_args = DrafterSettings {
+                ngram: &args.ngram,
+                retrieval: &args.retrieval,
+                lm: &args.lm,
+            };
+            let sources = DrafterSources::open(drafter_args, &kinds, &loaded)?;
             Box::new(InProcess {
                 name: model_name(&args.model.model),
                 loaded,
@@ -201,6 +210,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect(),
+            draft_model: configs
+                .iter()
+                .any(|c| c.uses("lm"))
+                .then(|| args.lm.draft_model.clone()),
         }),
         build: if cfg!(debug_assertions) {
             "debug"
@@ -551,12 +564,13 @@ mod tests {
             max_draft_depth: 10,
             min_draft_value: 0.15,
             exempt_draft_nodes: 1,
-            step_costs: None,
+            learning: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
         };
         let sources = DrafterSources {
             ngram: NgramConfig::default(),
             datastores: Vec::new(),
+            lm: None,
         };
         let mut backend = Lossy(InProcess {
             name: "smollm2".into(),

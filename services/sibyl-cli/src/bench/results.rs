@@ -328,6 +328,8 @@ pub struct Speculation {
     pub draft_sizing: String,
     /// Datastores of the retrieval drafter.
     pub datastores: Vec<String>,
+    /// The LM drafter's model, when a config uses it.
+    pub draft_model: Option<String>,
 }
 
 /// A prompt that could not run under a config (the prompt is left out of every summary).

@@ -1,11 +1,12 @@
-//! The retrieval drafter as a user runs it: `sibyl index` builds a datastore from a folder,
-//! `sibyl generate --draft retrieval` and a `sibyl drafter --kind retrieval` process draft
-//! from it without changing the output, and datastores that do not fit are refused.
+//! The retrieval and LM drafters as a user runs them: `sibyl index` builds a datastore from
+//! a folder, `sibyl generate --draft retrieval` and `sibyl drafter --kind retrieval`
+//! processes draft from it, beside n-gram and LM drafter processes, without changing the
+//! output, and datastores that do not fit are refused.
 
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
-use sibyl_tests::{generate_text, RoleProcesses};
+use sibyl_tests::{generate_text, serve_banner, Processes, RoleProcesses};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 const SHAPES: &str = r#"import math
@@ -189,17 +190,24 @@ fn datastores_that_do_not_fit_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retrieval_drafter_process_drafts_for_the_verifier() {
+async fn three_kinds_of_drafter_process_compete_for_the_verifier() {
     let dir = tempfile::tempdir().unwrap();
     let model = model_path();
     let store = index(dir.path(), &model);
     let retrieval: &[&str] = &["retrieval", "--datastore", store.to_str().unwrap()];
     let ngram: &[&str] = &["ngram"];
+    // The test model drafting for itself: its drafts are the target's own tokens.
+    let lm: &[&str] = &["lm", "--draft-model", &model];
     let roles = RoleProcesses::spawn_drafters(
         env!("CARGO_BIN_EXE_sibyl").as_ref(),
         &model,
-        &[retrieval, ngram],
-        &[("SIBYL_DRAFT_SIZING", "fixed")],
+        &[retrieval, ngram, lm],
+        // A drafter running the target's own model is never ahead of it: the verifier
+        // waits for its blocks (at most 2 s a step) instead of going on without them.
+        &[
+            ("SIBYL_DRAFT_SIZING", "fixed"),
+            ("SIBYL_DRAFT_WAIT_MS", "2000"),
+        ],
     )
     .unwrap();
     roles
@@ -229,12 +237,59 @@ async fn a_retrieval_drafter_process_drafts_for_the_verifier() {
             .await
             .unwrap();
     assert_eq!(speculative, plain);
-    let drafter = summary
+    for kind in ["retrieval", "ngram", "lm"] {
+        let drafter = summary
+            .drafters
+            .iter()
+            .find(|d| d.kind == kind)
+            .unwrap_or_else(|| panic!("{:?}", summary.drafters));
+        assert_eq!(drafter.state(), pb::DrafterState::Connected, "{drafter:?}");
+        assert!(drafter.blocks_received > 0, "{drafter:?}");
+    }
+    let lm = summary.drafters.iter().find(|d| d.kind == "lm").unwrap();
+    assert!(lm.accepted_tokens > 0, "{lm:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_a_datastore_runs_a_retrieval_drafter_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_path();
+    let store = index(dir.path(), &model);
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_sibyl"))
+        .args([
+            "serve",
+            "--model",
+            &model,
+            "--datastore",
+            store.to_str().unwrap(),
+        ])
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .env("SIBYL_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sibyl starts");
+    let banner = serve_banner(&mut serve, 4).await;
+    let _processes = Processes(vec![serve]);
+    let (lines, grpc) = banner.unwrap();
+    let verifier = lines.iter().find(|l| l.contains("verifier")).unwrap();
+    assert!(
+        verifier.contains("ngram drafter") && verifier.contains("retrieval drafter"),
+        "{lines:?}"
+    );
+    let mut client = GatewayClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let request = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Prompt(SHAPES[..120].into())),
+        max_tokens: 24,
+        sampling: Some(pb::SamplingParams::default()),
+        ..pb::GenerateRequest::default()
+    };
+    let (_, summary) = generate_text(&mut client, request, |_| {}).await.unwrap();
+    let kinds: Vec<&str> = summary.drafters.iter().map(|d| d.kind.as_str()).collect();
+    assert_eq!(kinds, ["ngram", "retrieval"], "{:?}", summary.drafters);
+    assert!(summary
         .drafters
         .iter()
-        .find(|d| d.kind == "retrieval")
-        .unwrap_or_else(|| panic!("{:?}", summary.drafters));
-    assert_eq!(drafter.state(), pb::DrafterState::Connected, "{drafter:?}");
-    assert!(drafter.blocks_received > 0, "{drafter:?}");
-    assert!(drafter.proposed_tokens > 0, "{drafter:?}");
+        .all(|d| d.state() == pb::DrafterState::Connected));
 }
