@@ -22,8 +22,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it to stdout; a summary goes to stderr.
     Generate(generate::GenerateArgs),
-    /// Run everything in one process: gateway (HTTP and gRPC), verifier and an n-gram
-    /// drafter, wired over loopback gRPC.
+    /// Run everything in one process: gateway (HTTP and gRPC), verifier, an n-gram drafter
+    /// and, with `--datastore`, a retrieval drafter, wired over loopback gRPC.
     Serve(roles::ServeArgs),
     /// Run the gateway role: the OpenAI-compatible HTTP API and the gRPC API.
     Gateway(roles::GatewayArgs),
