@@ -429,6 +429,15 @@ impl RoleProcesses {
         })
     }
 
+    /// Waits (at most 120 s) until every process is SERVING, then connects to the gateway.
+    pub async fn serving_gateway(
+        &self,
+    ) -> anyhow::Result<pb::gateway_client::GatewayClient<tonic::transport::Channel>> {
+        self.wait_until_serving(Duration::from_secs(120)).await?;
+        let url = format!("http://{}", self.gateway);
+        Ok(pb::gateway_client::GatewayClient::connect(url).await?)
+    }
+
     /// Waits until every process's gRPC health says SERVING.
     pub async fn wait_until_serving(&self, timeout: Duration) -> anyhow::Result<()> {
         for &addr in self.drafters.iter().chain([&self.verifier, &self.gateway]) {

@@ -18,6 +18,18 @@ pub struct ModelArgs {
     pub keep_slow_types: bool,
 }
 
+/// The name a flag value has on the command line (`ngram`, `retrieval`, ...).
+pub fn value_name(value: impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// What the retrieval drafter is refused with when it has no datastore.
+pub const NEEDS_DATASTORE: &str = "the retrieval drafter needs --datastore FILE: build one \
+     with `sibyl index --input PATH --model MODEL --output FILE`";
+
 /// The drafters of a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DraftKind {

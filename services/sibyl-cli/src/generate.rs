@@ -1,12 +1,13 @@
 use crate::args::{
     DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, SamplingArgs, SpeculationArgs,
+    NEEDS_DATASTORE,
 };
 use crate::progress::BarProgress;
 use anyhow::{bail, Context};
 use clap::Args;
 use sibyl_decode::{GenerationConfig, GenerationReport};
 use sibyl_engine::{ChatMessage, Detokenizer, LoadOptions};
-use sibyl_engine::{LoadedModel, Model};
+use sibyl_engine::{LoadedModel, Model, TextTokenizer};
 use sibyl_lm::{LmConfig, LmDrafter};
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, TokenizerId};
@@ -107,11 +108,12 @@ pub fn draft_kinds(draft: &[DraftKind]) -> anyhow::Result<Vec<DraftKind>> {
     Ok(kinds)
 }
 
-/// The tokenizer a datastore must have been built with to draft for `loaded`.
-pub fn tokenizer_id(loaded: &LoadedModel) -> TokenizerId {
+/// What a datastore records of the tokenizer it was built with (and must match to draft):
+/// the tokenizer's fingerprint and the model's vocabulary size.
+pub fn tokenizer_id(tokenizer: &TextTokenizer, vocab_size: usize) -> TokenizerId {
     TokenizerId {
-        fingerprint: loaded.tokenizer.fingerprint(),
-        vocab_size: u32::try_from(loaded.model.vocab_size()).unwrap_or(u32::MAX),
+        fingerprint: tokenizer.fingerprint(),
+        vocab_size: u32::try_from(vocab_size).unwrap_or(u32::MAX),
     }
 }
 
@@ -162,7 +164,9 @@ impl DrafterSources {
     ) -> anyhow::Result<Self> {
         let args = args.into();
         let datastores = if kinds.contains(&DraftKind::Retrieval) {
-            args.retrieval.open(tokenizer_id(loaded))?
+            let vocab = loaded.model.vocab_size();
+            args.retrieval
+                .open(tokenizer_id(&loaded.tokenizer, vocab))?
         } else {
             Vec::new()
         };
@@ -190,10 +194,7 @@ impl DrafterSources {
             DraftKind::Ngram => Box::new(NgramDrafter::new(self.ngram.clone())),
             DraftKind::Retrieval => {
                 if self.datastores.is_empty() {
-                    bail!(
-                        "the retrieval drafter needs --datastore FILE: build one with \
-                         `sibyl index --input PATH --model MODEL --output FILE`"
-                    );
+                    bail!(NEEDS_DATASTORE);
                 }
                 Box::new(RetrievalDrafter::new(
                     self.datastores.clone(),

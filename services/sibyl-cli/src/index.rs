@@ -94,10 +94,11 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     if files.is_empty() {
         bail!("no file found under the --input paths");
     }
-    let total: u64 = files
+    let sizes: Vec<u64> = files
         .iter()
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-        .sum();
+        .collect();
+    let total: u64 = sizes.iter().sum();
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
@@ -108,9 +109,10 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     );
     let documents: Vec<Option<Vec<u32>>> = files
         .par_iter()
-        .map(|file| -> anyhow::Result<Option<Vec<u32>>> {
+        .zip(&sizes)
+        .map(|(file, &size)| -> anyhow::Result<Option<Vec<u32>>> {
             let text = read_text(file)?;
-            bar.inc(std::fs::metadata(file).map(|m| m.len()).unwrap_or(0));
+            bar.inc(size);
             let Some(text) = text else {
                 return Ok(None);
             };
@@ -124,10 +126,7 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     let skipped = documents.iter().filter(|d| d.is_none()).count();
     let documents: Vec<Vec<u32>> = documents.into_iter().flatten().collect();
     let tokenized = started.elapsed();
-    let id = sibyl_retrieval::TokenizerId {
-        fingerprint: tokenizer.fingerprint(),
-        vocab_size: u32::try_from(text_model.config.vocab_size).unwrap_or(u32::MAX),
-    };
+    let id = crate::generate::tokenizer_id(tokenizer, text_model.config.vocab_size);
     let written = sibyl_retrieval::write(&args.output, id, &documents)
         .with_context(|| format!("writing {}", args.output.display()))?;
     eprintln!(

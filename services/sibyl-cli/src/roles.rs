@@ -2,8 +2,10 @@
 //! `serve` starts all of them in one process, wired over loopback gRPC exactly as separate
 //! processes are.
 
-use crate::args::{LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
-use crate::generate::{init_threads, load_model};
+use crate::args::{
+    value_name, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs, NEEDS_DATASTORE,
+};
+use crate::generate::{init_threads, load_model, tokenizer_id};
 use crate::progress::BarProgress;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
@@ -13,7 +15,7 @@ use sibyl_lm::LmDrafter;
 use sibyl_ngram::NgramDrafter;
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{OnLoadError, ShutdownSwitch};
-use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, TokenizerId};
+use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter};
 use sibyl_spec::{Drafter, Proposal};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::io::Write;
@@ -385,10 +387,7 @@ fn drafter_role(
         }
         DrafterKindArg::Retrieval => {
             if retrieval.datastores.is_empty() {
-                bail!(
-                    "--kind retrieval needs --datastore FILE: build one with \
-                     `sibyl index --input PATH --model MODEL --output FILE`"
-                );
+                bail!(NEEDS_DATASTORE);
             }
             let stores = datastores.clone();
             let make: MakeDrafter = Arc::new(move || {
@@ -403,10 +402,7 @@ fn drafter_role(
     let (retrieval, lm) = (retrieval.clone(), lm.clone());
     let loader = move || -> anyhow::Result<u64> {
         let text = load()?;
-        let tokenizer = TokenizerId {
-            fingerprint: text.tokenizer.fingerprint(),
-            vocab_size: u32::try_from(text.config.vocab_size).unwrap_or(u32::MAX),
-        };
+        let tokenizer = tokenizer_id(&text.tokenizer, text.config.vocab_size);
         if kind == DrafterKindArg::Retrieval && datastores.get().is_none() {
             let _ = datastores.set(retrieval.open(tokenizer)?);
         }
@@ -497,13 +493,6 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     result
 }
 
-/// The kind's name on the command line and in `--drafter KIND=URL`.
-fn drafter_kind_name(kind: DrafterKindArg) -> String {
-    kind.to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
-}
-
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     init_threads(args.model.threads);
     let name = served_name(&args.model, args.limits.served_model_name.as_ref());
@@ -550,7 +539,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                     stop.stopped(),
                 )),
             ));
-            let kind = drafter_kind_name(kind);
+            let kind = value_name(kind);
             endpoints.push(format!("{kind}=http://{addr}").parse::<DrafterEndpoint>()?);
             drafters_text.push(format!("{kind} drafter {addr}"));
         }

@@ -7,7 +7,6 @@ use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
 use sibyl_tests::{generate_text, serve_banner, Processes, RoleProcesses};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 const SHAPES: &str = r#"import math
 
@@ -210,13 +209,7 @@ async fn three_kinds_of_drafter_process_compete_for_the_verifier() {
         ],
     )
     .unwrap();
-    roles
-        .wait_until_serving(Duration::from_secs(120))
-        .await
-        .unwrap();
-    let mut client = GatewayClient::connect(format!("http://{}", roles.gateway))
-        .await
-        .unwrap();
+    let mut client = roles.serving_gateway().await.unwrap();
     let request = |mode: pb::SpeculationMode| pb::GenerateRequest {
         input: Some(pb::generate_request::Input::Prompt(
             SHAPES[..SHAPES.find("class Rectangle").unwrap() + 40].into(),

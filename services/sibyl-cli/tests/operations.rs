@@ -157,13 +157,7 @@ async fn every_role_serves_metrics_and_one_generation_is_one_trace() {
         ],
     )
     .unwrap();
-    roles
-        .wait_until_serving(Duration::from_secs(120))
-        .await
-        .unwrap();
-    let mut client = GatewayClient::connect(format!("http://{}", roles.gateway))
-        .await
-        .unwrap();
+    let mut client = roles.serving_gateway().await.unwrap();
     let request = pb::GenerateRequest {
         input: Some(pb::generate_request::Input::Prompt(
             "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n".into(),

@@ -5,7 +5,6 @@
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
 use sibyl_tests::{generate_text, serve_banner, Processes, RoleProcesses};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sibyl"))
@@ -38,14 +37,7 @@ fn request(prompt: &str, speculation: pb::SpeculationMode) -> pb::GenerateReques
 async fn killing_a_drafter_process_mid_generation_leaves_the_output_unchanged() {
     let model = model_path();
     let mut roles = RoleProcesses::spawn(env!("CARGO_BIN_EXE_sibyl").as_ref(), &model, 2).unwrap();
-    roles
-        .wait_until_serving(Duration::from_secs(120))
-        .await
-        .unwrap();
-    let gateway = roles.gateway;
-    let mut client = GatewayClient::connect(format!("http://{gateway}"))
-        .await
-        .unwrap();
+    let mut client = roles.serving_gateway().await.unwrap();
     let prompt =
         "def bubble_sort(items):\n    \"\"\"Sort items in place.\"\"\"\n    n = len(items)\n";
     let (plain, _) = generate_text(

@@ -1,7 +1,7 @@
 //! Where the benchmark's generations run: in this process on a loaded model, or through a
 //! running gateway (the distributed path).
 
-use crate::args::DraftKind;
+use crate::args::{value_name, DraftKind};
 use crate::generate::DrafterSources;
 use anyhow::{bail, Context};
 use clap::ValueEnum;
@@ -67,7 +67,7 @@ impl BenchConfig {
                 let mut kinds: Vec<String> = Vec::new();
                 for part in name.split('+') {
                     if local && local_kind(part).is_none() {
-                        let names: Vec<_> = local_kinds().into_iter().map(kind_name).collect();
+                        let names: Vec<_> = local_kinds().into_iter().map(value_name).collect();
                         bail!(
                             "unknown config `{name}`: use plain, all, or drafter kinds joined by \
                              + ({})",
@@ -99,14 +99,7 @@ fn local_kinds() -> Vec<DraftKind> {
 }
 
 fn local_kind(name: &str) -> Option<DraftKind> {
-    local_kinds().into_iter().find(|k| kind_name(*k) == name)
-}
-
-/// The command-line name of a drafter kind.
-fn kind_name(kind: DraftKind) -> String {
-    kind.to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
+    local_kinds().into_iter().find(|k| value_name(*k) == name)
 }
 
 /// One generation's output and figures. `None` from [`Backend::generate`] means it was
