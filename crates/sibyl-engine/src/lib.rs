@@ -4,7 +4,8 @@
 //! The property everything else stands on is **batch invariance**: the logits of a position
 //! are bit-identical whether it is computed alone or inside a chain or tree of new tokens.
 //! Every op computes each row (each token) with arithmetic that does not depend on the other
-//! rows: quantized matrix products run candle's block dot products once per (row, column),
+//! rows: quantized matrix products compute each output element with the same operations
+//! whatever the row count (`kernels`),
 //! attention reduces each (token, head) pair in a fixed order, norms and rotations are
 //! per row. Greedy speculation is therefore exactly lossless, not "up to numerics".
 
@@ -12,6 +13,7 @@ mod attention;
 mod chat;
 mod error;
 mod gguf;
+mod kernels;
 mod kv_cache;
 mod load;
 mod model;

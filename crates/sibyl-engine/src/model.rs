@@ -127,6 +127,16 @@ fn add_bias(x: &mut [f32], bias: Option<&Vec<f32>>) {
     }
 }
 
+/// [`project`] for matrices that read the same rows (quantized once).
+fn project_many<const N: usize>(
+    weights: [&QuantMatrix; N],
+    x: &[f32],
+    m: usize,
+) -> Result<[Vec<f32>; N], EngineError> {
+    let outs = QuantMatrix::matmul_many(&weights, x, m).map_err(EngineError::Kernel)?;
+    Ok(outs.try_into().expect("one product per matrix"))
+}
+
 fn project(weight: &QuantMatrix, x: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
     let mut out = vec![0f32; m * weight.rows()];
     weight.matmul(x, m, &mut out).map_err(EngineError::Kernel)?;
@@ -191,8 +201,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
-        let mut gate = project(&self.gate, x, m)?;
-        let up = project(&self.up, x, m)?;
+        let [mut gate, up] = project_many([&self.gate, &self.up], x, m)?;
         for (g, u) in gate.iter_mut().zip(&up) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
@@ -371,9 +380,7 @@ impl Model {
         for (index, block) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &block.attention_norm, c.rms_norm_eps);
             let a = &block.attention;
-            let mut q = project(&a.q, &h, m)?;
-            let mut k = project(&a.k, &h, m)?;
-            let mut v = project(&a.v, &h, m)?;
+            let [mut q, mut k, mut v] = project_many([&a.q, &a.k, &a.v], &h, m)?;
             add_bias(&mut q, a.q_bias.as_ref());
             add_bias(&mut k, a.k_bias.as_ref());
             add_bias(&mut v, a.v_bias.as_ref());

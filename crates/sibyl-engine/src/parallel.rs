@@ -26,3 +26,40 @@ where
         }
     });
 }
+
+/// Calls `f(i)` for every `i < count`, in parallel on the same pool.
+pub(crate) fn for_each_index<F>(count: usize, f: F)
+where
+    F: Fn(usize) + Sync,
+{
+    if count == 0 {
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(count, |range| range.for_each(&f));
+}
+
+/// A slice that parallel work items write at disjoint indices.
+pub(crate) struct DisjointWrites {
+    start: *mut f32,
+    len: usize,
+}
+
+// SAFETY: writers promise disjoint indices (see `write`); the slice outlives the pool call.
+unsafe impl Sync for DisjointWrites {}
+
+impl DisjointWrites {
+    pub(crate) fn new(slice: &mut [f32]) -> Self {
+        Self {
+            start: slice.as_mut_ptr(),
+            len: slice.len(),
+        }
+    }
+
+    /// # Safety
+    /// No other work item writes or reads `index` during the parallel call, and the slice
+    /// given to `new` is still borrowed.
+    pub(crate) unsafe fn write(&self, index: usize, value: f32) {
+        assert!(index < self.len, "index {index} out of {}", self.len);
+        *self.start.add(index) = value;
+    }
+}

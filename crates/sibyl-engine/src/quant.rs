@@ -1,29 +1,24 @@
 use crate::gguf::LoadOptions;
-use crate::parallel::for_each_chunk_mut;
+use crate::kernels::{Activations, Isa, Kind, Packed, GROUP};
+use crate::parallel::{for_each_chunk_mut, for_each_index, DisjointWrites};
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
     BlockQ8_0, GgmlType,
 };
-use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::GgmlDType;
 use half::{bf16, f16};
-use std::borrow::Cow;
-use std::sync::Arc;
 
 /// Output columns handled by one parallel work item.
 const COLUMNS_PER_TASK: usize = 16;
 
-/// Most activation rows per call of candle's tiled kernels. candle switches Q4_K products to
-/// AMX tiles from 32 rows on, whose rounding differs; below that, every row goes through the
-/// same per-row instruction sequence whatever the row count.
-const TILED_ROWS: usize = 16;
+/// Groups of interleaved columns handled by one parallel work item of sibyl's kernels.
+const GROUPS_PER_TASK: usize = 2;
 
 /// A weight matrix of `rows` outputs by `cols` inputs, stored as quantized blocks, row-major.
 ///
-/// `matmul` computes every output element with one call of the type's block dot product
-/// (candle's kernels) on the row's quantized activations, so an element's value never
-/// depends on how many activation rows share the call. Each weight row is read once per
-/// call and applied to all activation rows while it is in cache.
+/// `matmul` computes every output element with arithmetic that never depends on how many
+/// activation rows share the call. Each weight row is read once per call and applied to all
+/// activation rows while it is in cache.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     rows: usize,
@@ -33,44 +28,38 @@ pub struct QuantMatrix {
 
 #[derive(Debug, Clone)]
 enum Blocks {
-    /// Q4_K, Q6_K and Q8_0 on x86-64: candle's quantized tensor, whose CPU product uses
-    /// repacked tiles (AVX2, AVX-512 VNNI) that process each activation row alone.
-    Tiled(Arc<QTensor>),
+    /// Q4_K, Q6_K and Q8_0 (also what slow types are converted to): sibyl's multi-row
+    /// kernels (`crate::kernels`), on the blocks as GGUF stores them.
+    Fast(Packed),
     F32(Vec<f32>),
     Q4_0(Vec<BlockQ4_0>),
     Q4_1(Vec<BlockQ4_1>),
     Q5_0(Vec<BlockQ5_0>),
     Q5_1(Vec<BlockQ5_1>),
-    Q8_0(Vec<BlockQ8_0>),
     Q2K(Vec<BlockQ2K>),
     Q3K(Vec<BlockQ3K>),
-    Q4K(Vec<BlockQ4K>),
     Q5K(Vec<BlockQ5K>),
-    Q6K(Vec<BlockQ6K>),
 }
 
 macro_rules! with_blocks {
     ($blocks:expr, $b:ident => $body:expr) => {
         match $blocks {
-            Blocks::Tiled(_) => unreachable!("tiled matrices are handled first"),
+            Blocks::Fast(_) => unreachable!("fast matrices are handled first"),
             Blocks::F32($b) => $body,
             Blocks::Q4_0($b) => $body,
             Blocks::Q4_1($b) => $body,
             Blocks::Q5_0($b) => $body,
             Blocks::Q5_1($b) => $body,
-            Blocks::Q8_0($b) => $body,
             Blocks::Q2K($b) => $body,
             Blocks::Q3K($b) => $body,
-            Blocks::Q4K($b) => $body,
             Blocks::Q5K($b) => $body,
-            Blocks::Q6K($b) => $body,
         }
     };
 }
 
 /// Copies raw little-endian block bytes into typed blocks. `None` if the length is not a
 /// whole number of blocks.
-fn typed<T: GgmlType>(bytes: &[u8]) -> Option<Vec<T>> {
+pub(crate) fn typed<T: GgmlType>(bytes: &[u8]) -> Option<Vec<T>> {
     let size = std::mem::size_of::<T>();
     if size == 0 || !bytes.len().is_multiple_of(size) {
         return None;
@@ -85,7 +74,7 @@ fn typed<T: GgmlType>(bytes: &[u8]) -> Option<Vec<T>> {
     Some(blocks)
 }
 
-fn to_q8_0<T: GgmlType>(blocks: &[T], rows: usize, cols: usize) -> Vec<BlockQ8_0> {
+fn to_q8_0<T: GgmlType>(blocks: &[T], rows: usize, cols: usize) -> Vec<u8> {
     let per_row = cols / T::BLCK_SIZE;
     let mut row = vec![0f32; cols];
     let mut out = vec![BlockQ8_0::zeros(); rows * cols / 32];
@@ -93,7 +82,16 @@ fn to_q8_0<T: GgmlType>(blocks: &[T], rows: usize, cols: usize) -> Vec<BlockQ8_0
         T::to_float(&blocks[r * per_row..(r + 1) * per_row], &mut row);
         BlockQ8_0::from_float(&row, &mut out[r * cols / 32..(r + 1) * cols / 32]);
     }
-    out
+    as_bytes(&out).to_vec()
+}
+
+fn kind_of(dtype: GgmlDType) -> Option<Kind> {
+    match dtype {
+        GgmlDType::Q4K => Some(Kind::Q4K),
+        GgmlDType::Q6K => Some(Kind::Q6K),
+        GgmlDType::Q8_0 => Some(Kind::Q8_0),
+        _ => None,
+    }
 }
 
 impl QuantMatrix {
@@ -109,15 +107,11 @@ impl QuantMatrix {
         if !cols.is_multiple_of(dtype.block_size()) {
             return None;
         }
-        if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q8_0)
-            && Self::tileable(rows, cols)
-        {
-            let expected = rows * cols / dtype.block_size() * dtype.type_size();
-            return (bytes.len() == expected)
-                .then(|| Self::tiled(dtype, rows, cols, bytes))
-                .flatten();
+        if let Some(kind) = kind_of(dtype) {
+            return Self::fast(kind, rows, cols, bytes.to_vec());
         }
         let requantize = options.requantize_slow_types && cols.is_multiple_of(32);
+        let converted = |bytes: Vec<u8>| Self::fast(Kind::Q8_0, rows, cols, bytes);
         let blocks = match dtype {
             GgmlDType::F32 => Blocks::F32(
                 bytes
@@ -139,60 +133,33 @@ impl QuantMatrix {
             ),
             GgmlDType::Q4_0 => Blocks::Q4_0(typed(bytes)?),
             GgmlDType::Q4_1 if requantize => {
-                Blocks::Q8_0(to_q8_0(&typed::<BlockQ4_1>(bytes)?, rows, cols))
+                return converted(to_q8_0(&typed::<BlockQ4_1>(bytes)?, rows, cols))
             }
             GgmlDType::Q4_1 => Blocks::Q4_1(typed(bytes)?),
             GgmlDType::Q5_0 if requantize => {
-                Blocks::Q8_0(to_q8_0(&typed::<BlockQ5_0>(bytes)?, rows, cols))
+                return converted(to_q8_0(&typed::<BlockQ5_0>(bytes)?, rows, cols))
             }
             GgmlDType::Q5_0 => Blocks::Q5_0(typed(bytes)?),
             GgmlDType::Q5_1 if requantize => {
-                Blocks::Q8_0(to_q8_0(&typed::<BlockQ5_1>(bytes)?, rows, cols))
+                return converted(to_q8_0(&typed::<BlockQ5_1>(bytes)?, rows, cols))
             }
             GgmlDType::Q5_1 => Blocks::Q5_1(typed(bytes)?),
-            GgmlDType::Q8_0 => Blocks::Q8_0(typed(bytes)?),
             GgmlDType::Q2K => Blocks::Q2K(typed(bytes)?),
             GgmlDType::Q3K => Blocks::Q3K(typed(bytes)?),
-            GgmlDType::Q4K => Blocks::Q4K(typed(bytes)?),
             GgmlDType::Q5K => Blocks::Q5K(typed(bytes)?),
-            GgmlDType::Q6K => Blocks::Q6K(typed(bytes)?),
-            GgmlDType::Q8_1 | GgmlDType::Q8K => return None,
+            _ => return None,
         };
         let matrix = Self { rows, cols, blocks };
-        // Q8_0 converted from a slow type goes to the tiled kernels too.
-        (matrix.stored_len() == rows * cols).then(|| matrix.into_tiled())
+        (matrix.stored_len() == rows * cols).then_some(matrix)
     }
 
-    /// Whether candle's tiled kernels take a matrix of this shape: x86-64 (AVX2 or better,
-    /// checked by candle at run time), rows in multiples of 16, 256-wide rows.
-    fn tileable(rows: usize, cols: usize) -> bool {
-        cfg!(target_arch = "x86_64") && rows.is_multiple_of(16) && cols.is_multiple_of(256)
-    }
-
-    /// A Q4_K, Q6_K or Q8_0 matrix held by candle, from its block bytes.
-    fn tiled(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
-        let storage = QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dtype).ok()?;
-        let tensor = QTensor::new(storage, (rows, cols)).ok()?;
+    /// A matrix for sibyl's kernels; `None` unless `bytes` holds exactly its blocks.
+    fn fast(kind: Kind, rows: usize, cols: usize, bytes: Vec<u8>) -> Option<Self> {
         Some(Self {
             rows,
             cols,
-            blocks: Blocks::Tiled(Arc::new(tensor)),
+            blocks: Blocks::Fast(Packed::new(kind, rows, cols, &bytes)?),
         })
-    }
-
-    /// Moves Q4_K, Q6_K and Q8_0 blocks made here (quantized or converted) into candle's
-    /// tiled kernels where the shape allows; other matrices stay as they are.
-    fn into_tiled(self) -> Self {
-        if !Self::tileable(self.rows, self.cols) {
-            return self;
-        }
-        let bytes: &[u8] = match &self.blocks {
-            Blocks::Q4K(b) => as_bytes(b),
-            Blocks::Q6K(b) => as_bytes(b),
-            Blocks::Q8_0(b) => as_bytes(b),
-            _ => return self,
-        };
-        Self::tiled(self.dtype(), self.rows, self.cols, bytes).unwrap_or(self)
     }
 
     /// Quantizes an f32 matrix (row-major, `rows` x `cols`) to `dtype`; used by the testkit.
@@ -205,24 +172,27 @@ impl QuantMatrix {
         if values.len() != rows * cols || !cols.is_multiple_of(dtype.block_size()) {
             return None;
         }
+        let fast = |kind: Kind, bytes: &[u8]| Self::fast(kind, rows, cols, bytes.to_vec());
         let blocks = match dtype {
             GgmlDType::F32 => Blocks::F32(values.to_vec()),
             GgmlDType::Q4_0 => Blocks::Q4_0(quantize_as(values)),
             GgmlDType::Q4_1 => Blocks::Q4_1(quantize_as(values)),
             GgmlDType::Q5_0 => Blocks::Q5_0(quantize_as(values)),
             GgmlDType::Q5_1 => Blocks::Q5_1(quantize_as(values)),
-            GgmlDType::Q8_0 => Blocks::Q8_0(quantize_as(values)),
+            GgmlDType::Q8_0 => {
+                return fast(Kind::Q8_0, as_bytes(&quantize_as::<BlockQ8_0>(values)))
+            }
             GgmlDType::Q2K => Blocks::Q2K(quantize_as(values)),
             GgmlDType::Q3K => Blocks::Q3K(quantize_as(values)),
-            GgmlDType::Q4K => Blocks::Q4K(quantize_as(values)),
+            GgmlDType::Q4K => return fast(Kind::Q4K, as_bytes(&quantize_as::<BlockQ4K>(values))),
             GgmlDType::Q5K => Blocks::Q5K(quantize_as(values)),
-            GgmlDType::Q6K => Blocks::Q6K(quantize_as(values)),
+            GgmlDType::Q6K => return fast(Kind::Q6K, as_bytes(&quantize_as::<BlockQ6K>(values))),
             _ => return None,
         };
-        Some(Self { rows, cols, blocks }.into_tiled())
+        Some(Self { rows, cols, blocks })
     }
 
-    /// Values held by untiled blocks.
+    /// Values held by blocks outside sibyl's kernels.
     fn stored_len(&self) -> usize {
         with_blocks!(&self.blocks, b => b.len() * block_size_of(b))
     }
@@ -237,16 +207,20 @@ impl QuantMatrix {
 
     /// The storage type after load-time conversion.
     pub fn dtype(&self) -> GgmlDType {
-        if let Blocks::Tiled(t) = &self.blocks {
-            return t.dtype();
+        if let Blocks::Fast(packed) = &self.blocks {
+            return match packed.kind() {
+                Kind::Q4K => GgmlDType::Q4K,
+                Kind::Q6K => GgmlDType::Q6K,
+                Kind::Q8_0 => GgmlDType::Q8_0,
+            };
         }
         with_blocks!(&self.blocks, b => dtype_of(b))
     }
 
-    /// Bytes of weight data (candle may keep a second, repacked copy of tiled matrices).
+    /// Bytes of weight data.
     pub fn size_in_bytes(&self) -> usize {
-        if let Blocks::Tiled(t) = &self.blocks {
-            return t.storage_size_in_bytes();
+        if let Blocks::Fast(packed) = &self.blocks {
+            return packed.size_in_bytes();
         }
         with_blocks!(&self.blocks, b => std::mem::size_of_val(b.as_slice()))
     }
@@ -254,18 +228,8 @@ impl QuantMatrix {
     /// Row `row` as floats (an embedding lookup).
     pub fn dequantize_row(&self, row: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.cols];
-        if let Blocks::Tiled(t) = &self.blocks {
-            let dtype = t.dtype();
-            let row_bytes = self.cols / dtype.block_size() * dtype.type_size();
-            if let Ok(data) = t.data() {
-                let bytes = &data[row * row_bytes..(row + 1) * row_bytes];
-                match dtype {
-                    GgmlDType::Q4K => dequantize_bytes::<BlockQ4K>(bytes, &mut out),
-                    GgmlDType::Q6K => dequantize_bytes::<BlockQ6K>(bytes, &mut out),
-                    GgmlDType::Q8_0 => dequantize_bytes::<BlockQ8_0>(bytes, &mut out),
-                    _ => {}
-                }
-            }
+        if let Blocks::Fast(packed) = &self.blocks {
+            packed.dequantize_row(row, &mut out);
             return out;
         }
         with_blocks!(&self.blocks, b => {
@@ -279,11 +243,70 @@ impl QuantMatrix {
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), candle_core::Error> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         assert_eq!(out.len(), m * self.rows, "output shape");
-        if let Blocks::Tiled(t) = &self.blocks {
-            return matmul_tiled(t, self.cols, x, m, out);
+        if let Blocks::Fast(packed) = &self.blocks {
+            let acts = Activations::quantize(packed.kind(), x, self.cols);
+            self.matmul_quantized(packed, &acts, m, out);
+            return Ok(());
         }
         with_blocks!(&self.blocks, b => matmul_blocks(b, self.rows, self.cols, x, m, out));
         Ok(())
+    }
+}
+
+impl QuantMatrix {
+    /// The product with activations already quantized for this matrix's kernels: each work
+    /// item computes whole groups of output columns and writes them straight into `out`.
+    fn matmul_quantized(&self, packed: &Packed, acts: &Activations, m: usize, out: &mut [f32]) {
+        let isa = Isa::detect();
+        let (n, groups) = (self.rows, packed.groups());
+        let target = DisjointWrites::new(out);
+        for_each_index(groups.div_ceil(GROUPS_PER_TASK), |task| {
+            let first = task * GROUPS_PER_TASK;
+            let count = GROUPS_PER_TASK.min(groups - first);
+            packed.dot_groups(isa, first, count, acts, m, |group, first_row, tile| {
+                for (r, values) in tile.iter().enumerate() {
+                    for (j, &value) in values.iter().enumerate() {
+                        let c = group * GROUP + j;
+                        if c < n {
+                            // SAFETY: each group (so each column c) belongs to one work item.
+                            unsafe { target.write((first_row + r) * n + c, value) };
+                        }
+                    }
+                }
+            });
+        });
+    }
+
+    /// Products of several matrices with the same `m` activation rows (the attention's q, k
+    /// and v, the MLP's gate and up): the rows are quantized once per weight kind.
+    pub fn matmul_many(
+        weights: &[&QuantMatrix],
+        x: &[f32],
+        m: usize,
+    ) -> Result<Vec<Vec<f32>>, candle_core::Error> {
+        let mut quantized: Vec<(Kind, Activations)> = Vec::new();
+        weights
+            .iter()
+            .map(|w| {
+                let mut out = vec![0f32; m * w.rows];
+                match &w.blocks {
+                    Blocks::Fast(packed) => {
+                        assert_eq!(x.len(), m * w.cols, "activation shape");
+                        let kind = packed.kind();
+                        let at = match quantized.iter().position(|(k, _)| *k == kind) {
+                            Some(at) => at,
+                            None => {
+                                quantized.push((kind, Activations::quantize(kind, x, w.cols)));
+                                quantized.len() - 1
+                            }
+                        };
+                        w.matmul_quantized(packed, &quantized[at].1, m, &mut out);
+                    }
+                    _ => w.matmul(x, m, &mut out)?,
+                }
+                Ok(out)
+            })
+            .collect()
     }
 }
 
@@ -294,35 +317,32 @@ fn as_bytes<T: GgmlType>(blocks: &[T]) -> &[u8] {
     }
 }
 
-fn dequantize_bytes<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
-    if let Some(blocks) = typed::<T>(bytes) {
-        T::to_float(&blocks, out)
+/// Fills `out` (`m` rows of `n` outputs) in parallel over output columns:
+/// `dot(c, column)` writes column `c`'s `m` values.
+fn by_columns<F>(out: &mut [f32], n: usize, m: usize, dot: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync,
+{
+    if m == 1 {
+        for_each_chunk_mut(out, COLUMNS_PER_TASK, |i, dst| {
+            for (j, value) in dst.iter_mut().enumerate() {
+                dot(i * COLUMNS_PER_TASK + j, std::slice::from_mut(value));
+            }
+        });
+        return;
     }
-}
-
-/// candle's product, called so that its kernel choice never depends on the row count:
-/// at most [`TILED_ROWS`] rows per call, and a single row padded to two, because candle
-/// takes a different (compact, untiled) Q6_K path for exactly one row.
-fn matmul_tiled(
-    tensor: &QTensor,
-    k: usize,
-    x: &[f32],
-    m: usize,
-    out: &mut [f32],
-) -> Result<(), candle_core::Error> {
-    let n = out.len() / m;
-    for (chunk, dst) in x.chunks(TILED_ROWS * k).zip(out.chunks_mut(TILED_ROWS * n)) {
-        let rows = chunk.len() / k;
-        let input = if rows == 1 {
-            Tensor::from_iter(chunk.iter().chain(chunk).copied(), &Device::Cpu)?.reshape((2, k))?
-        } else {
-            Tensor::from_slice(chunk, (rows, k), &Device::Cpu)?
-        };
-        let product = input.apply_op1_no_bwd(tensor)?.flatten_all()?;
-        let values = product.to_vec1::<f32>()?;
-        dst.copy_from_slice(&values[..rows * n]);
+    // Column-major while computing: m values per column.
+    let mut transposed = vec![0f32; n * m];
+    for_each_chunk_mut(&mut transposed, COLUMNS_PER_TASK * m, |i, dst| {
+        for (j, column) in dst.chunks_mut(m).enumerate() {
+            dot(i * COLUMNS_PER_TASK + j, column);
+        }
+    });
+    for (c, column) in transposed.chunks(m).enumerate() {
+        for (r, &value) in column.iter().enumerate() {
+            out[r * n + c] = value;
+        }
     }
-    Ok(())
 }
 
 fn block_size_of<T: GgmlType>(_: &[T]) -> usize {
@@ -353,31 +373,12 @@ fn matmul_blocks<T: GgmlType>(
             &mut xq[r * k_blocks..(r + 1) * k_blocks],
         );
     }
-    let dot_columns = |first: usize, dst: &mut [f32]| {
-        // dst holds columns first.. (column-major: m values per column)
-        for (j, column) in dst.chunks_mut(m).enumerate() {
-            let c = first + j;
-            let w = &weights[c * k_blocks..(c + 1) * k_blocks];
-            for (r, value) in column.iter_mut().enumerate() {
-                *value = T::vec_dot(k, w, &xq[r * k_blocks..(r + 1) * k_blocks]);
-            }
+    by_columns(out, n, m, |c, column| {
+        let w = &weights[c * k_blocks..(c + 1) * k_blocks];
+        for (r, value) in column.iter_mut().enumerate() {
+            *value = T::vec_dot(k, w, &xq[r * k_blocks..(r + 1) * k_blocks]);
         }
-    };
-    if m == 1 {
-        for_each_chunk_mut(out, COLUMNS_PER_TASK, |i, dst| {
-            dot_columns(i * COLUMNS_PER_TASK, dst)
-        });
-        return;
-    }
-    let mut transposed = vec![0f32; n * m];
-    for_each_chunk_mut(&mut transposed, COLUMNS_PER_TASK * m, |i, dst| {
-        dot_columns(i * COLUMNS_PER_TASK, dst)
     });
-    for (c, column) in transposed.chunks(m).enumerate() {
-        for (r, &value) in column.iter().enumerate() {
-            out[r * n + c] = value;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -417,6 +418,52 @@ mod tests {
                 assert_eq!(one, all[r * n..(r + 1) * n], "{dtype:?} row {r}");
             }
         }
+    }
+
+    /// sibyl's kernels against candle's own block dot products on the same blocks: the
+    /// integer parts are the same, so only float rounding may differ.
+    #[test]
+    fn kernels_match_candles_dot_products() {
+        fn candle_products<T: GgmlType>(
+            w: &[T],
+            n: usize,
+            k: usize,
+            x: &[f32],
+            m: usize,
+        ) -> Vec<f32> {
+            let mut out = vec![0f32; m * n];
+            matmul_blocks(w, n, k, x, m, &mut out);
+            out
+        }
+        let (n, k, m) = (40, 512, 5);
+        let values = values(n * k, 11);
+        let x = values_scaled(m * k, 12, 4.0);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+            let ours = QuantMatrix::quantize(dtype, n, k, &values).unwrap();
+            let mut out = vec![0f32; m * n];
+            ours.matmul(&x, m, &mut out).unwrap();
+            let theirs = match dtype {
+                GgmlDType::Q4K => candle_products(&quantized::<BlockQ4K>(&values), n, k, &x, m),
+                GgmlDType::Q6K => candle_products(&quantized::<BlockQ6K>(&values), n, k, &x, m),
+                _ => candle_products(&quantized::<BlockQ8_0>(&values), n, k, &x, m),
+            };
+            for (i, (a, b)) in out.iter().zip(&theirs).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{dtype:?} {i}: {a} against {b}"
+                );
+            }
+        }
+    }
+
+    fn quantized<T: GgmlType>(values: &[f32]) -> Vec<T> {
+        let mut blocks = vec![T::zeros(); values.len() / T::BLCK_SIZE];
+        T::from_float(values, &mut blocks);
+        blocks
+    }
+
+    fn values_scaled(len: usize, seed: u64, scale: f32) -> Vec<f32> {
+        values(len, seed).into_iter().map(|v| v * scale).collect()
     }
 
     #[test]
