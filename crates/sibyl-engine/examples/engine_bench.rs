@@ -119,7 +119,7 @@ fn main() -> anyhow::Result<()> {
     let chain: Vec<u32> = prompt.iter().rev().take(32).copied().collect();
     let mut one = 0.0;
     println!("k | median ms | k tokens / 1 step");
-    for k in [1usize, 2, 4, 8, 16, 32] {
+    for k in [1usize, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32] {
         let mut times = Vec::new();
         for _ in 0..(rounds * 2 + 1) {
             let t = Instant::now();

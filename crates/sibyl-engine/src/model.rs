@@ -1,5 +1,6 @@
 use crate::attention::{tree_attention, HeadLayout};
 use crate::gguf::{Architecture, LoadOptions, ModelConfig, ModelFile};
+use crate::parallel::for_each_chunk_mut;
 use crate::{EngineError, KvCache, QuantMatrix, TokenId};
 
 /// Where weights come from: a GGUF file, or the testkit's random generator.
@@ -202,9 +203,13 @@ impl Mlp {
 
     fn forward(&self, x: &[f32], m: usize) -> Result<Vec<f32>, EngineError> {
         let [mut gate, up] = project_many([&self.gate, &self.up], x, m)?;
-        for (g, u) in gate.iter_mut().zip(&up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        // SiLU(gate) * up, element by element (so the split does not change any value).
+        const CHUNK: usize = 2048;
+        for_each_chunk_mut(&mut gate, CHUNK, |i, gate| {
+            for (g, u) in gate.iter_mut().zip(&up[i * CHUNK..]) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        });
         project(&self.down, &gate, m)
     }
 }

@@ -1,5 +1,8 @@
 //! A small language model as a drafter: Qwen2.5-Coder-0.5B drafting for the 1.5B target
-//! (one tokenizer), greedily, with a KV cache of its own.
+//! (one tokenizer), with a KV cache of its own. It drafts its most likely tokens (point
+//! masses for the verifier), or with a temperature it samples from its own distribution cut
+//! to the top k and sends that distribution with each token, so that the verifier's
+//! rejection sampling (`min(1, p/q)`, residual `max(0, p - q)`) stays exact.
 //!
 //! The cache follows the context it is asked about: tokens it already holds (the prompt, the
 //! accepted tokens, its own earlier drafts that were accepted) are not computed again; on a
@@ -11,8 +14,10 @@
 //! [`LmConfig::min_confidence`], and the block length follows how many of its recent draft
 //! tokens were accepted.
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use sibyl_engine::{EngineError, KvCache, LogitRows, Model, TreeInput};
-use sibyl_spec::{Drafter, Proposal, TokenId};
+use sibyl_spec::{Drafter, Proposal, SparseDist, TokenId};
 use std::sync::Arc;
 
 /// Limits of the LM drafter.
@@ -28,6 +33,14 @@ pub struct LmConfig {
     pub adapt_length: bool,
     /// Context tokens computed per forward pass when catching up (a prompt).
     pub chunk: usize,
+    /// 0: draft the most likely token. Above 0: sample at this temperature from the
+    /// drafter's `top_k` most likely tokens and send that distribution with the token.
+    pub temperature: f32,
+    /// Tokens in a sampled draft's distribution.
+    pub top_k: usize,
+    /// Seed of the sampling; the draws after a context depend only on it and the context,
+    /// so a seeded generation is reproducible.
+    pub seed: u64,
 }
 
 impl Default for LmConfig {
@@ -37,6 +50,9 @@ impl Default for LmConfig {
             min_confidence: 0.3,
             adapt_length: true,
             chunk: 256,
+            temperature: 0.0,
+            top_k: 8,
+            seed: 0,
         }
     }
 }
@@ -132,12 +148,30 @@ impl LmDrafter {
         Ok(logits)
     }
 
-    fn draft(&mut self, context: &[TokenId], length: usize) -> Result<Vec<TokenId>, EngineError> {
+    /// A block after `context`: its tokens and, when sampling, the distribution each was
+    /// drawn from.
+    fn draft(&mut self, context: &[TokenId], length: usize) -> Result<Proposal, EngineError> {
         let mut logits = self.catch_up(context)?;
+        let sampling = self.config.temperature > 0.0;
+        let mut rng = ChaCha8Rng::seed_from_u64(context_seed(self.config.seed, context));
         let mut tokens = Vec::with_capacity(length);
+        let mut dists = Vec::with_capacity(if sampling { length } else { 0 });
         while tokens.len() < length {
-            let (token, probability) = most_likely(&logits);
-            if !tokens.is_empty() && probability < self.config.min_confidence {
+            let (token, probability) = if sampling {
+                let Some(dist) = top_k(&logits, self.config.temperature, self.config.top_k) else {
+                    break;
+                };
+                let token = draw(&dist, &mut rng);
+                let probability = dist.prob(token);
+                if !tokens.is_empty() && probability < self.config.min_confidence {
+                    break;
+                }
+                dists.push(dist);
+                (token, probability)
+            } else {
+                most_likely(&logits)
+            };
+            if !sampling && !tokens.is_empty() && probability < self.config.min_confidence {
                 break;
             }
             tokens.push(token);
@@ -151,8 +185,76 @@ impl LmDrafter {
             )?;
             self.cached.push(token);
         }
-        Ok(tokens)
+        Ok(Proposal {
+            tokens,
+            probs: sampling.then_some(dists),
+        })
     }
+}
+
+/// A seed for the draws after `context`: the configured seed mixed with the context length
+/// and its last tokens (splitmix64 steps).
+fn context_seed(seed: u64, context: &[TokenId]) -> u64 {
+    let mut state = seed ^ (context.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for &token in context.iter().rev().take(8) {
+        state = (state ^ u64::from(token)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        state = (state ^ (state >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        state = (state ^ (state >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        state ^= state >> 31;
+    }
+    state
+}
+
+/// The softmax at `temperature` of the `k` largest finite logits (ties to the lowest id),
+/// the rest zero. `None` when no logit is finite.
+pub fn top_k(logits: &[f32], temperature: f32, k: usize) -> Option<SparseDist> {
+    let mut order: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i].is_finite())
+        .collect();
+    if order.is_empty() {
+        return None;
+    }
+    let k = k.clamp(1, order.len());
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    if k < order.len() {
+        order.select_nth_unstable_by(k - 1, by_logit);
+        order.truncate(k);
+    }
+    let max = order
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let inv_t = 1.0 / f64::from(temperature.max(1e-6));
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((f64::from(logits[i]) - f64::from(max)) * inv_t).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let entries = order
+        .iter()
+        .zip(&weights)
+        .map(|(&i, &w)| (i as TokenId, (w / total) as f32))
+        .collect();
+    SparseDist::new(entries)
+}
+
+/// A token drawn from `dist` (its probabilities as listed, normalised).
+fn draw(dist: &SparseDist, rng: &mut impl Rng) -> TokenId {
+    let entries = dist.entries();
+    let total: f64 = entries.iter().map(|&(_, p)| f64::from(p)).sum();
+    let target = rng.random::<f64>() * total;
+    let mut acc = 0.0;
+    for &(token, p) in entries {
+        acc += f64::from(p);
+        if target < acc && p > 0.0 {
+            return token;
+        }
+    }
+    entries
+        .iter()
+        .rev()
+        .find(|&&(_, p)| p > 0.0)
+        .map_or(entries[0].0, |&(token, _)| token)
 }
 
 /// The most likely token of `logits` and its probability (softmax). Ties and NaNs as in
@@ -192,9 +294,9 @@ impl Drafter for LmDrafter {
             return Vec::new();
         }
         match self.draft(context, length) {
-            Ok(tokens) if !tokens.is_empty() => {
-                self.last = Some((context.len(), tokens.clone()));
-                vec![Proposal::greedy(tokens)]
+            Ok(proposal) if !proposal.tokens.is_empty() => {
+                self.last = Some((context.len(), proposal.tokens.clone()));
+                vec![proposal]
             }
             Ok(_) => Vec::new(),
             // A draft is only a guess: on a model error, start over next time.

@@ -21,7 +21,7 @@ pub use acceptance::AcceptanceStats;
 pub use cost::{choose_draft_nodes, StepCosts, MIN_GAIN};
 pub use inbox::{AnchoredBlock, BlockRejection, DraftInbox, InboxLimits};
 pub use sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
-pub use tree::{Node, Proposal, SparseDist, TokenTree, TreeBuilder};
+pub use tree::{Candidate, Node, Proposal, SparseDist, TokenTree, TreeBuilder};
 pub use verify::{verify, Outcome, PositionRng};
 
 /// A token id of the target model's vocabulary.

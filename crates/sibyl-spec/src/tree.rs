@@ -62,8 +62,20 @@ pub struct Node {
     pub depth: usize,
     /// The drafter that first proposed this node (`None` for the root).
     pub source: Option<DrafterId>,
-    /// The distribution the drafter sampled this token from; `None` is a point mass.
-    pub draft_dist: Option<SparseDist>,
+    /// Every proposal of this token at this place, the first drafter's included: several
+    /// drafters may guess the same token, and for rejection sampling each guess is a
+    /// candidate of its own, tried in the order of their branches.
+    pub candidates: Vec<Candidate>,
+}
+
+/// One drafter's guess of a node's token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// The branch it came from, in the order branches were added: candidates are tried in
+    /// this order, which is fixed before any token is drawn.
+    pub branch: usize,
+    /// The distribution it was sampled from; `None` is a point mass.
+    pub dist: Option<SparseDist>,
 }
 
 /// Candidate continuations merged into a tree. Node 0 is the root: the last token that the
@@ -83,7 +95,7 @@ impl TokenTree {
                 parent: None,
                 depth: 0,
                 source: None,
-                draft_dist: None,
+                candidates: Vec::new(),
             }],
         }
     }
@@ -259,7 +271,12 @@ impl TreeBuilder {
             }
             let branch = &self.branches[b];
             let token = branch.tokens[d];
+            let candidate = Candidate {
+                branch: b,
+                dist: branch.probs.as_ref().map(|p| p[d].clone()),
+            };
             if let Some(existing) = tree.child_with_token(parent, token) {
+                tree.nodes[existing].candidates.push(candidate);
                 ends[b] = Some(existing);
                 continue;
             }
@@ -272,7 +289,7 @@ impl TreeBuilder {
                 parent: Some(parent),
                 depth: d + 1,
                 source: Some(branch.drafter),
-                draft_dist: branch.probs.as_ref().map(|p| p[d].clone()),
+                candidates: vec![candidate],
             });
             placed += 1;
             values.push(value);
@@ -373,7 +390,7 @@ mod tests {
                 probs: Some(vec![wrong]),
             },
         );
-        assert_eq!(builder.build().nodes()[1].draft_dist, None);
+        assert_eq!(builder.build().nodes()[1].candidates[0].dist, None);
         assert!(SparseDist::new(vec![(1, 0.7), (2, 0.7)]).is_none());
         assert!(SparseDist::new(vec![(1, f32::NAN)]).is_none());
         assert!(SparseDist::new(vec![(1, 0.2), (1, 0.2)]).is_none());

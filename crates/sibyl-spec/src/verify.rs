@@ -1,5 +1,5 @@
 use crate::sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
-use crate::{TokenId, TokenTree};
+use crate::{SparseDist, TokenId, TokenTree};
 use rand::Rng;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -111,12 +111,26 @@ fn choose_sampled<R: Rng>(
 ) -> Choice {
     let mut target = TargetDistribution::new(row, config);
     let nodes = tree.nodes();
-    if children.iter().all(|&c| nodes[c].draft_dist.is_none()) {
+    let sampled = |c: &usize| nodes[*c].candidates.iter().any(|k| k.dist.is_some());
+    if !children.iter().any(sampled) {
         return follow_match(tree, children, target.sample(rng));
     }
-    for &child in children {
+    // Every drafter's guess is a candidate of its own, even where guesses coincide, tried
+    // in branch order (fixed before any token was drawn), each against what the earlier
+    // rejections left of the target (recursive rejection sampling).
+    let mut candidates: Vec<(usize, usize, Option<&SparseDist>)> = children
+        .iter()
+        .flat_map(|&child| {
+            nodes[child]
+                .candidates
+                .iter()
+                .map(move |k| (k.branch, child, k.dist.as_ref()))
+        })
+        .collect();
+    candidates.sort_by_key(|&(branch, _, _)| branch);
+    for (_, child, dist) in candidates {
         let token = nodes[child].token;
-        match &nodes[child].draft_dist {
+        match dist {
             None => {
                 if rng.random::<f64>() < target.prob(token) {
                     return Choice::Follow(child);

@@ -45,6 +45,42 @@ enum Drafts {
     PointMass,
     /// One branch sampled from a random draft distribution that is sent along.
     Sampled,
+    /// Several drafters whose guesses often coincide: the target's own most likely tokens
+    /// (point masses) and two branches sampled from random distributions sent along.
+    Mixed,
+}
+
+/// A branch of up to four tokens, each sampled from a random distribution sent along.
+fn sampled_proposal(vocab: usize, draft_rng: &mut ChaCha8Rng) -> Proposal {
+    let len = draft_rng.random_range(1..5);
+    let mut tokens = Vec::new();
+    let mut probs = Vec::new();
+    for _ in 0..len {
+        let weights: Vec<f32> = (0..vocab)
+            .map(|_| draft_rng.random::<f32>() + 0.05)
+            .collect();
+        let total: f32 = weights.iter().sum();
+        let entries: Vec<(TokenId, f32)> = weights
+            .iter()
+            .enumerate()
+            .map(|(t, w)| (t as TokenId, w / total))
+            .collect();
+        let mut u = draft_rng.random::<f32>();
+        let mut token = entries.last().unwrap().0;
+        for &(t, p) in &entries {
+            if u < p {
+                token = t;
+                break;
+            }
+            u -= p;
+        }
+        tokens.push(token);
+        probs.push(SparseDist::new(entries).unwrap());
+    }
+    Proposal {
+        tokens,
+        probs: Some(probs),
+    }
 }
 
 /// Generates `count` tokens speculatively; returns them and the number of verify steps.
@@ -74,39 +110,19 @@ fn generate(
                 }
             }
             Drafts::Sampled => {
-                let len = draft_rng.random_range(1..5);
-                let mut tokens = Vec::new();
-                let mut probs = Vec::new();
-                for _ in 0..len {
-                    let weights: Vec<f32> = (0..model.vocab)
-                        .map(|_| draft_rng.random::<f32>() + 0.05)
-                        .collect();
-                    let total: f32 = weights.iter().sum();
-                    let entries: Vec<(TokenId, f32)> = weights
-                        .iter()
-                        .enumerate()
-                        .map(|(t, w)| (t as TokenId, w / total))
-                        .collect();
-                    let mut u = draft_rng.random::<f32>();
-                    let mut token = entries.last().unwrap().0;
-                    for &(t, p) in &entries {
-                        if u < p {
-                            token = t;
-                            break;
-                        }
-                        u -= p;
-                    }
-                    tokens.push(token);
-                    probs.push(SparseDist::new(entries).unwrap());
+                builder.add(DrafterId(0), 0.7, sampled_proposal(model.vocab, draft_rng));
+            }
+            Drafts::Mixed => {
+                let mut ctx = context.clone();
+                let mut guesses = Vec::new();
+                for _ in 0..2 {
+                    let token = sibyl_spec::argmax(&model.logits(&ctx));
+                    guesses.push(token);
+                    ctx.push(token);
                 }
-                builder.add(
-                    DrafterId(0),
-                    0.7,
-                    Proposal {
-                        tokens,
-                        probs: Some(probs),
-                    },
-                );
+                builder.add(DrafterId(0), 0.9, Proposal::greedy(guesses));
+                builder.add(DrafterId(1), 0.7, sampled_proposal(model.vocab, draft_rng));
+                builder.add(DrafterId(2), 0.6, sampled_proposal(model.vocab, draft_rng));
             }
         }
         let tree = builder.build();
@@ -261,6 +277,12 @@ fn sampling_with_point_mass_drafts_follows_the_target_distribution() {
 #[test]
 fn sampling_with_probabilistic_drafts_follows_the_target_distribution() {
     let (stat, critical) = chi_square_of(Drafts::Sampled);
+    assert!(stat < critical, "chi-square {stat:.1} >= {critical:.1}");
+}
+
+#[test]
+fn sampling_with_coinciding_drafts_of_several_drafters_follows_the_target_distribution() {
+    let (stat, critical) = chi_square_of(Drafts::Mixed);
     assert!(stat < critical, "chi-square {stat:.1} >= {critical:.1}");
 }
 

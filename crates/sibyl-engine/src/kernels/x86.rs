@@ -14,6 +14,8 @@ use std::arch::x86_64::*;
 /// eight with AVX-512's 32.
 const TILE: usize = 4;
 const TILE_VNNI: usize = 8;
+/// Q6_K unpacks into more registers: fewer rows per tile.
+const Q6K_TILE: usize = 6;
 
 #[inline(always)]
 unsafe fn load(p: *const u8) -> __m256i {
@@ -527,7 +529,10 @@ unsafe fn pack_pairs512(low: __m512i, high: __m512i) -> __m512i {
 }
 
 macro_rules! paired {
-    ($tile:ident, $size:expr, $groups:expr, $blocks:expr, $xs:expr, $one:expr, $two:expr) => {{
+    ($tile:ident, $size:expr, $groups:expr, $blocks:expr, $xs:expr, $one:expr, $two:expr) => {
+        paired!($tile, TILE_VNNI, $size, $groups, $blocks, $xs, $one, $two)
+    };
+    ($tile:ident, $max:expr, $size:expr, $groups:expr, $blocks:expr, $xs:expr, $one:expr, $two:expr) => {{
         let rows = $one.len();
         debug_assert!(rows <= ROWS_PER_PASS && $two.len() == rows);
         let mut acc = [_mm512_setzero_ps(); ROWS_PER_PASS];
@@ -540,7 +545,7 @@ macro_rules! paired {
             prefetch_ahead(blocks[1], $size);
             let mut first = 0;
             while first < rows {
-                let n = (rows - first).min(TILE_VNNI);
+                let n = (rows - first).min($max);
                 let acc = &mut acc[first..first + n];
                 match n {
                     8 => $tile::<8>(blocks, $xs, $blocks, b, first, acc),
@@ -656,7 +661,16 @@ pub(super) unsafe fn q6k_pair(
     one: &mut [[f32; GROUP]],
     two: &mut [[f32; GROUP]],
 ) {
-    paired!(q6k_pair_tile, GROUP * 210, groups, blocks, xs, one, two)
+    paired!(
+        q6k_pair_tile,
+        Q6K_TILE,
+        GROUP * 210,
+        groups,
+        blocks,
+        xs,
+        one,
+        two
+    )
 }
 
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
