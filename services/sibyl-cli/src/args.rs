@@ -84,6 +84,16 @@ pub struct LmArgs {
     /// The LM drafter ends a block before a token it gives less than this probability.
     #[arg(long, env = "SIBYL_LM_MIN_CONFIDENCE", default_value_t = 0.3)]
     pub lm_min_confidence: f32,
+
+    /// 0: the LM drafter drafts its most likely tokens. Above 0: it samples at this
+    /// temperature from its `--lm-top-k` most likely tokens and sends that distribution, so
+    /// that sampled requests accept its drafts by exact rejection sampling.
+    #[arg(long, env = "SIBYL_LM_TEMPERATURE", default_value_t = 0.0)]
+    pub lm_temperature: f32,
+
+    /// Tokens in each distribution a sampling LM drafter sends.
+    #[arg(long, env = "SIBYL_LM_TOP_K", default_value_t = 8)]
+    pub lm_top_k: usize,
 }
 
 impl Default for LmArgs {
@@ -92,6 +102,8 @@ impl Default for LmArgs {
             draft_model: "qwen2.5-coder-0.5b".into(),
             lm_max_tokens: 8,
             lm_min_confidence: 0.3,
+            lm_temperature: 0.0,
+            lm_top_k: 8,
         }
     }
 }
@@ -104,9 +116,17 @@ impl LmArgs {
         if !(0.0..=1.0).contains(&self.lm_min_confidence) {
             anyhow::bail!("--lm-min-confidence must be in [0, 1]");
         }
+        if !(self.lm_temperature.is_finite() && self.lm_temperature >= 0.0) {
+            anyhow::bail!("--lm-temperature must be a number at least 0");
+        }
+        if self.lm_top_k == 0 {
+            anyhow::bail!("--lm-top-k must be at least 1");
+        }
         Ok(sibyl_lm::LmConfig {
             max_tokens: self.lm_max_tokens,
             min_confidence: self.lm_min_confidence,
+            temperature: self.lm_temperature,
+            top_k: self.lm_top_k,
             ..sibyl_lm::LmConfig::default()
         })
     }

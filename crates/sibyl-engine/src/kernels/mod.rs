@@ -94,13 +94,9 @@ impl Isa {
         })
     }
 
-    /// Whether this instruction set runs two groups at once.
+    /// Whether this instruction set has kernels for the two groups of a stored pair.
     fn pairs_groups(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if self == Isa::Vnni {
-            return true;
-        }
-        false
+        self != Isa::Portable
     }
 
     /// Every instruction set this CPU runs (the tests compare them).
@@ -263,7 +259,14 @@ impl Packed {
         let mut data = vec![0u8; groups * blocks * group_block];
         let zero = vec![0u8; kind.block_bytes()];
         let mut sources: [&[u8]; GROUP] = [&zero; GROUP];
-        for (group, out) in data.chunks_exact_mut(blocks * group_block).enumerate() {
+        let mut packed = Packed {
+            kind,
+            rows,
+            cols,
+            data: Vec::new(),
+        };
+        for group in 0..groups {
+            let layout = packed.group(group);
             for b in 0..blocks {
                 for (i, source) in sources.iter_mut().enumerate() {
                     let row = group * GROUP + i;
@@ -273,7 +276,8 @@ impl Packed {
                         &zero
                     };
                 }
-                let out = &mut out[b * group_block..(b + 1) * group_block];
+                let at = layout.first + b * layout.stride;
+                let out = &mut data[at..at + group_block];
                 match kind {
                     Kind::Q4K => packed_layout::pack_q4k(&sources, out),
                     Kind::Q6K => packed_layout::pack_q6k(&sources, out),
@@ -281,12 +285,8 @@ impl Packed {
                 }
             }
         }
-        Some(Packed {
-            kind,
-            rows,
-            cols,
-            data,
-        })
+        packed.data = data;
+        Some(packed)
     }
 
     pub(crate) fn kind(&self) -> Kind {
@@ -305,14 +305,27 @@ impl Packed {
         self.blocks() * self.kind.group_block_bytes()
     }
 
+    /// The blocks of group `g`. Groups are stored in pairs, block by block (block `b` of
+    /// group `2p`, then block `b` of group `2p + 1`), so that the kernels that run a pair
+    /// read one sequential stream; a last group without a partner is stored alone.
+    fn group(&self, g: usize) -> GroupBlocks<'_> {
+        let size = self.kind.group_block_bytes();
+        let pair_start = g / 2 * 2 * self.group_bytes();
+        let alone = g / 2 * 2 + 1 >= self.groups();
+        GroupBlocks {
+            data: &self.data,
+            first: pair_start + if g % 2 == 1 { size } else { 0 },
+            stride: if alone { size } else { 2 * size },
+            size,
+        }
+    }
+
     /// Row `row` as floats, bit-identical to candle's dequantization of the GGUF blocks.
     pub(crate) fn dequantize_row(&self, row: usize, out: &mut [f32]) {
-        let group = &self.data[row / GROUP * self.group_bytes()..][..self.group_bytes()];
-        let group_block = self.kind.group_block_bytes();
+        let group = self.group(row / GROUP);
         let values = self.kind.block_values();
         for (b, out) in out.chunks_exact_mut(values).enumerate() {
-            let block = &group[b * group_block..(b + 1) * group_block];
-            packed_layout::dequantize(self.kind, block, row % GROUP, out);
+            packed_layout::dequantize(self.kind, group.block(b), row % GROUP, out);
         }
     }
 
@@ -332,27 +345,26 @@ impl Packed {
         F: FnMut(usize, usize, &[[f32; GROUP]]),
     {
         let blocks = self.blocks();
-        let group = |i: usize| &self.data[i * self.group_bytes()..][..self.group_bytes()];
+        let group = |i: usize| self.group(i);
         let mut tiles = [[[0f32; GROUP]; ROWS_PER_PASS]; 2];
         let end = first_group + count;
         let mut i = first_group;
         while i < end {
-            // With AVX-512, two groups share each 512-bit instruction when there are several
-            // rows (one row is bound by reading the weights, one stream is faster there).
-            let pair = isa.pairs_groups() && m > 1 && i + 1 < end;
+            // The two groups of a stored pair are read together, as one stream.
+            let pair = isa.pairs_groups() && i.is_multiple_of(2) && i + 1 < end;
             for first in (0..m).step_by(ROWS_PER_PASS) {
                 let rows = (m - first).min(ROWS_PER_PASS);
                 let [one, two] = &mut tiles;
                 let (one, two) = (&mut one[..rows], &mut two[..rows]);
                 if pair {
                     group_pair_kernel(
+                        isa,
                         self.kind,
                         [group(i), group(i + 1)],
                         blocks,
                         acts,
                         first,
-                        one,
-                        two,
+                        [&mut *one, &mut *two],
                     );
                     emit(i, first, one);
                     emit(i + 1, first, two);
@@ -371,67 +383,101 @@ impl Packed {
     }
 }
 
+/// Where the blocks of one group lie in a [`Packed`] matrix.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GroupBlocks<'a> {
+    data: &'a [u8],
+    /// Offset of block 0.
+    first: usize,
+    /// Bytes from one block to the next.
+    stride: usize,
+    /// Bytes of one block.
+    size: usize,
+}
+
+impl<'a> GroupBlocks<'a> {
+    /// Block `b`.
+    pub(crate) fn block(&self, b: usize) -> &'a [u8] {
+        &self.data[self.first + b * self.stride..][..self.size]
+    }
+
+    /// The start of block `b`, which must exist.
+    pub(crate) fn ptr(&self, b: usize) -> *const u8 {
+        self.block(b).as_ptr()
+    }
+
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
 /// Activation rows one kernel call handles (its accumulators live on the stack).
 pub(crate) const ROWS_PER_PASS: usize = 64;
 
 /// [`group_kernel`] for two groups at once, on 512-bit vectors (`Isa::Vnni` only).
 fn group_pair_kernel(
+    isa: Isa,
     kind: Kind,
-    groups: [&[u8]; 2],
+    groups: [GroupBlocks<'_>; 2],
     blocks: usize,
     acts: &Activations,
     first: usize,
-    one: &mut [[f32; GROUP]],
-    two: &mut [[f32; GROUP]],
+    [one, two]: [&mut [[f32; GROUP]]; 2],
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        assert_eq!(Isa::detect(), Isa::Vnni, "pairs of groups need AVX-512");
+        assert!(isa.pairs_groups() && Isa::detect() != Isa::Portable);
         let rows = first..first + one.len();
-        // SAFETY (all three): the CPU has AVX-512 F, BW, VL and VNNI (checked above).
-        match (kind, acts) {
-            (Kind::Q4K, Activations::K(xs)) => unsafe {
-                x86::q4k_pair(
-                    groups,
-                    blocks,
-                    &xs[rows.start * blocks..rows.end * blocks],
-                    one,
-                    two,
-                )
-            },
-            (Kind::Q6K, Activations::K(xs)) => unsafe {
-                x86::q6k_pair(
-                    groups,
-                    blocks,
-                    &xs[rows.start * blocks..rows.end * blocks],
-                    one,
-                    two,
-                )
-            },
-            (Kind::Q8_0, Activations::Q8(xs)) => unsafe {
-                x86::q8_0_pair(
-                    groups,
-                    blocks,
-                    &xs[rows.start * blocks..rows.end * blocks],
-                    one,
-                    two,
-                )
-            },
-            _ => panic!("activations quantized for another weight kind"),
+        // 512-bit instructions over both groups pay from two rows on; one row is bound by
+        // reading the weights, which 256-bit code does faster here.
+        let wide = isa == Isa::Vnni && one.len() >= WIDE_FROM_ROWS;
+        // SAFETY (all): `Isa::Avx2` and `Isa::Vnni` are only made where the CPU has AVX2 and
+        // F16C, `Isa::Vnni` where it also has AVX-512 F, BW, VL and VNNI (asserted above).
+        unsafe {
+            match (kind, acts) {
+                (Kind::Q4K, Activations::K(xs)) => {
+                    let xs = &xs[rows.start * blocks..rows.end * blocks];
+                    match (wide, isa) {
+                        (true, _) => x86::q4k_pair(groups, blocks, xs, one, two),
+                        (false, Isa::Vnni) => x86::q4k_vnni_dual(groups, blocks, xs, one, two),
+                        _ => x86::q4k_dual(groups, blocks, xs, one, two),
+                    }
+                }
+                (Kind::Q6K, Activations::K(xs)) => {
+                    let xs = &xs[rows.start * blocks..rows.end * blocks];
+                    match (wide, isa) {
+                        (true, _) => x86::q6k_pair(groups, blocks, xs, one, two),
+                        (false, Isa::Vnni) => x86::q6k_vnni_dual(groups, blocks, xs, one, two),
+                        _ => x86::q6k_dual(groups, blocks, xs, one, two),
+                    }
+                }
+                (Kind::Q8_0, Activations::Q8(xs)) => {
+                    let xs = &xs[rows.start * blocks..rows.end * blocks];
+                    if wide {
+                        x86::q8_0_pair(groups, blocks, xs, one, two)
+                    } else {
+                        x86::q8_0_dual(groups, blocks, xs, one, two)
+                    }
+                }
+                _ => panic!("activations quantized for another weight kind"),
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (kind, groups, blocks, acts, first, one, two);
-        unreachable!("pairs of groups are for x86-64 with AVX-512")
+        let _ = (isa, kind, groups, blocks, acts, first, one, two);
+        unreachable!("pairs of groups are for x86-64")
     }
 }
+
+/// Activation rows from which the 512-bit pair kernels are used.
+const WIDE_FROM_ROWS: usize = 2;
 
 /// `out[r][c] = dot(weight row c of the group, activation row first + r)`.
 fn group_kernel(
     isa: Isa,
     kind: Kind,
-    group: &[u8],
+    group: GroupBlocks<'_>,
     blocks: usize,
     acts: &Activations,
     first: usize,

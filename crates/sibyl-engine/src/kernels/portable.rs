@@ -2,16 +2,16 @@
 //! must match bit for bit, and what runs on CPUs without AVX2.
 
 use super::packed_layout::*;
+use super::GroupBlocks;
 use super::{q4k_accumulate, q6k_accumulate, q8_0_accumulate, GROUP, Q8, Q8K, QK8_0, QK_K};
 
 /// `out[r][c]` for a group of Q4_K rows (`blocks` group blocks) and `out.len()` activation
 /// rows, `xs` holding `blocks` blocks per row.
-pub(super) fn q4k(group: &[u8], blocks: usize, xs: &[Q8K], out: &mut [[f32; GROUP]]) {
-    let size = Q4K_GROUP_BYTES;
+pub(super) fn q4k(group: GroupBlocks<'_>, blocks: usize, xs: &[Q8K], out: &mut [[f32; GROUP]]) {
     for (r, row) in out.iter_mut().enumerate() {
         for (c, acc) in row.iter_mut().enumerate() {
             *acc = 0.0;
-            for (b, block) in group.chunks_exact(size).take(blocks).enumerate() {
+            for (b, block) in (0..blocks).map(|b| (b, group.block(b))) {
                 let x = &xs[r * blocks + b];
                 let (mut isum, mut msum) = (0i32, 0i32);
                 for j in 0..8 {
@@ -29,12 +29,11 @@ pub(super) fn q4k(group: &[u8], blocks: usize, xs: &[Q8K], out: &mut [[f32; GROU
 }
 
 /// As [`q4k`], for Q6_K rows.
-pub(super) fn q6k(group: &[u8], blocks: usize, xs: &[Q8K], out: &mut [[f32; GROUP]]) {
-    let size = GROUP * 210;
+pub(super) fn q6k(group: GroupBlocks<'_>, blocks: usize, xs: &[Q8K], out: &mut [[f32; GROUP]]) {
     for (r, row) in out.iter_mut().enumerate() {
         for (c, acc) in row.iter_mut().enumerate() {
             *acc = 0.0;
-            for (b, block) in group.chunks_exact(size).take(blocks).enumerate() {
+            for (b, block) in (0..blocks).map(|b| (b, group.block(b))) {
                 let x = &xs[r * blocks + b];
                 let (mut isum, mut bsum) = (0i32, 0i32);
                 for s in 0..QK_K / 16 {
@@ -52,12 +51,11 @@ pub(super) fn q6k(group: &[u8], blocks: usize, xs: &[Q8K], out: &mut [[f32; GROU
 }
 
 /// As [`q4k`], for Q8_0 rows.
-pub(super) fn q8_0(group: &[u8], blocks: usize, xs: &[Q8], out: &mut [[f32; GROUP]]) {
-    let size = GROUP * 34;
+pub(super) fn q8_0(group: GroupBlocks<'_>, blocks: usize, xs: &[Q8], out: &mut [[f32; GROUP]]) {
     for (r, row) in out.iter_mut().enumerate() {
         for (c, acc) in row.iter_mut().enumerate() {
             *acc = 0.0;
-            for (b, block) in group.chunks_exact(size).take(blocks).enumerate() {
+            for (b, block) in (0..blocks).map(|b| (b, group.block(b))) {
                 let x = &xs[r * blocks + b];
                 let isum: i32 = (0..QK8_0)
                     .map(|v| q8_value(block, c, v) as i32 * x.qs[v] as i32)

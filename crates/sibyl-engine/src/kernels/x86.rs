@@ -7,6 +7,7 @@
 //! both give bit-identical results.
 
 use super::packed_layout::*;
+use super::GroupBlocks;
 use super::{GROUP, Q8, Q8K, ROWS_PER_PASS};
 use std::arch::x86_64::*;
 
@@ -61,11 +62,11 @@ unsafe fn broadcast_pair(p: *const i16) -> __m256i {
 /// reading the weights overlaps the arithmetic on the rows.
 const PREFETCH_AHEAD: usize = 2;
 
-/// Asks for the `size` bytes `PREFETCH_AHEAD` blocks after `block` (the next group's first
-/// blocks near a group's end: groups lie one after another). Never faults, even past the end.
+/// Asks for the `size` bytes of the block `PREFETCH_AHEAD` strides after `block` (near a
+/// group's end, the start of the next pair of groups). Never faults, even past the end.
 #[inline(always)]
-unsafe fn prefetch_ahead(block: *const u8, size: usize) {
-    let ahead = block.wrapping_add(PREFETCH_AHEAD * size);
+unsafe fn prefetch_ahead(block: *const u8, stride: usize, size: usize) {
+    let ahead = block.wrapping_add(PREFETCH_AHEAD * stride);
     for line in (0..size).step_by(64) {
         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
     }
@@ -80,8 +81,8 @@ macro_rules! tiled {
         debug_assert!(rows <= ROWS_PER_PASS);
         let mut acc = [_mm256_setzero_ps(); ROWS_PER_PASS];
         for b in 0..$blocks {
-            let block = $group.as_ptr().add(b * $size);
-            prefetch_ahead(block, $size);
+            let block = $group.ptr(b);
+            prefetch_ahead(block, $group.stride(), $size);
             let mut first = 0;
             while first < rows {
                 let n = (rows - first).min($max);
@@ -110,7 +111,12 @@ macro_rules! tiled {
 /// # Safety
 /// The CPU must have AVX2 and F16C.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn q4k(group: &[u8], blocks: usize, xs: &[Q8K], out: &mut [[f32; GROUP]]) {
+pub(super) unsafe fn q4k(
+    group: GroupBlocks<'_>,
+    blocks: usize,
+    xs: &[Q8K],
+    out: &mut [[f32; GROUP]],
+) {
     tiled!(q4k_tile, Q4K_GROUP_BYTES, group, blocks, xs, out)
 }
 
@@ -166,7 +172,12 @@ unsafe fn q4k_tile<const R: usize>(
 /// # Safety
 /// The CPU must have AVX2 and F16C.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn q6k(group: &[u8], blocks: usize, xs: &[Q8K], out: &mut [[f32; GROUP]]) {
+pub(super) unsafe fn q6k(
+    group: GroupBlocks<'_>,
+    blocks: usize,
+    xs: &[Q8K],
+    out: &mut [[f32; GROUP]],
+) {
     tiled!(q6k_tile, GROUP * 210, group, blocks, xs, out)
 }
 
@@ -286,7 +297,12 @@ unsafe fn q6k_finish<const R: usize>(
 /// # Safety
 /// The CPU must have AVX2 and F16C.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn q8_0(group: &[u8], blocks: usize, xs: &[Q8], out: &mut [[f32; GROUP]]) {
+pub(super) unsafe fn q8_0(
+    group: GroupBlocks<'_>,
+    blocks: usize,
+    xs: &[Q8],
+    out: &mut [[f32; GROUP]],
+) {
     tiled!(q8_0_tile, GROUP * 34, group, blocks, xs, out)
 }
 
@@ -343,7 +359,12 @@ unsafe fn scales_i8(p: *const u8) -> __m256i {
 /// # Safety
 /// The CPU must have AVX2, F16C, AVX-512 VL and AVX-512 VNNI.
 #[target_feature(enable = "avx2,f16c,avx512vl,avx512vnni")]
-pub(super) unsafe fn q4k_vnni(group: &[u8], blocks: usize, xs: &[Q8K], out: &mut [[f32; GROUP]]) {
+pub(super) unsafe fn q4k_vnni(
+    group: GroupBlocks<'_>,
+    blocks: usize,
+    xs: &[Q8K],
+    out: &mut [[f32; GROUP]],
+) {
     tiled!(
         q4k_vnni_tile,
         TILE_VNNI,
@@ -430,7 +451,12 @@ unsafe fn q4k_finish<const R: usize>(
 /// # Safety
 /// The CPU must have AVX2, F16C, AVX-512 VL and AVX-512 VNNI.
 #[target_feature(enable = "avx2,f16c,avx512vl,avx512vnni")]
-pub(super) unsafe fn q6k_vnni(group: &[u8], blocks: usize, xs: &[Q8K], out: &mut [[f32; GROUP]]) {
+pub(super) unsafe fn q6k_vnni(
+    group: GroupBlocks<'_>,
+    blocks: usize,
+    xs: &[Q8K],
+    out: &mut [[f32; GROUP]],
+) {
     tiled!(
         q6k_vnni_tile,
         TILE_VNNI,
@@ -485,6 +511,145 @@ unsafe fn q6k_vnni_tile<const R: usize>(
     q6k_finish(block, &x, &isum, acc);
 }
 
+/// [`tiled!`] over the two groups of a stored pair, block by block (one sequential stream):
+/// each block of the first group, then the same block of the second, with 256-bit tiles.
+macro_rules! dual {
+    ($tile:ident, $max:expr, $size:expr, $groups:expr, $blocks:expr, $xs:expr, $one:expr, $two:expr) => {{
+        let rows = $one.len();
+        debug_assert!(rows <= ROWS_PER_PASS && $two.len() == rows);
+        let mut acc = [[_mm256_setzero_ps(); ROWS_PER_PASS]; 2];
+        for b in 0..$blocks {
+            let blocks = [$groups[0].ptr(b), $groups[1].ptr(b)];
+            prefetch_ahead(blocks[0], $groups[0].stride(), 2 * $size);
+            for (block, acc) in blocks.into_iter().zip(acc.iter_mut()) {
+                let mut first = 0;
+                while first < rows {
+                    let n = (rows - first).min($max);
+                    let acc = &mut acc[first..first + n];
+                    match n {
+                        8 => $tile::<8>(block, $xs, $blocks, b, first, acc),
+                        7 => $tile::<7>(block, $xs, $blocks, b, first, acc),
+                        6 => $tile::<6>(block, $xs, $blocks, b, first, acc),
+                        5 => $tile::<5>(block, $xs, $blocks, b, first, acc),
+                        4 => $tile::<4>(block, $xs, $blocks, b, first, acc),
+                        3 => $tile::<3>(block, $xs, $blocks, b, first, acc),
+                        2 => $tile::<2>(block, $xs, $blocks, b, first, acc),
+                        _ => $tile::<1>(block, $xs, $blocks, b, first, acc),
+                    }
+                    first += n;
+                }
+            }
+        }
+        for (out, acc) in [$one, $two].into_iter().zip(&acc) {
+            for (row, acc) in out.iter_mut().zip(acc) {
+                _mm256_storeu_ps(row.as_mut_ptr(), *acc);
+            }
+        }
+    }};
+}
+
+/// See `portable::q4k`, for the two groups of a stored pair (AVX2).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn q4k_dual(
+    groups: [GroupBlocks<'_>; 2],
+    blocks: usize,
+    xs: &[Q8K],
+    one: &mut [[f32; GROUP]],
+    two: &mut [[f32; GROUP]],
+) {
+    dual!(
+        q4k_tile,
+        TILE,
+        Q4K_GROUP_BYTES,
+        groups,
+        blocks,
+        xs,
+        one,
+        two
+    )
+}
+
+/// See `portable::q6k`, for the two groups of a stored pair (AVX2).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn q6k_dual(
+    groups: [GroupBlocks<'_>; 2],
+    blocks: usize,
+    xs: &[Q8K],
+    one: &mut [[f32; GROUP]],
+    two: &mut [[f32; GROUP]],
+) {
+    dual!(q6k_tile, TILE, GROUP * 210, groups, blocks, xs, one, two)
+}
+
+/// See `portable::q8_0`, for the two groups of a stored pair (AVX2).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn q8_0_dual(
+    groups: [GroupBlocks<'_>; 2],
+    blocks: usize,
+    xs: &[Q8],
+    one: &mut [[f32; GROUP]],
+    two: &mut [[f32; GROUP]],
+) {
+    dual!(q8_0_tile, TILE, GROUP * 34, groups, blocks, xs, one, two)
+}
+
+/// [`q4k_dual`] with VNNI.
+///
+/// # Safety
+/// The CPU must have AVX2, F16C, AVX-512 VL and AVX-512 VNNI.
+#[target_feature(enable = "avx2,f16c,avx512vl,avx512vnni")]
+pub(super) unsafe fn q4k_vnni_dual(
+    groups: [GroupBlocks<'_>; 2],
+    blocks: usize,
+    xs: &[Q8K],
+    one: &mut [[f32; GROUP]],
+    two: &mut [[f32; GROUP]],
+) {
+    dual!(
+        q4k_vnni_tile,
+        TILE_VNNI,
+        Q4K_GROUP_BYTES,
+        groups,
+        blocks,
+        xs,
+        one,
+        two
+    )
+}
+
+/// [`q6k_dual`] with VNNI.
+///
+/// # Safety
+/// The CPU must have AVX2, F16C, AVX-512 VL and AVX-512 VNNI.
+#[target_feature(enable = "avx2,f16c,avx512vl,avx512vnni")]
+pub(super) unsafe fn q6k_vnni_dual(
+    groups: [GroupBlocks<'_>; 2],
+    blocks: usize,
+    xs: &[Q8K],
+    one: &mut [[f32; GROUP]],
+    two: &mut [[f32; GROUP]],
+) {
+    dual!(
+        q6k_vnni_tile,
+        Q6K_TILE,
+        GROUP * 210,
+        groups,
+        blocks,
+        xs,
+        one,
+        two
+    )
+}
+
 /// Two 32-byte vectors, at `a` and `b`, as one 512-bit vector (`a` in the low half).
 #[inline(always)]
 unsafe fn load_pair(a: *const u8, b: *const u8) -> __m512i {
@@ -537,12 +702,9 @@ macro_rules! paired {
         debug_assert!(rows <= ROWS_PER_PASS && $two.len() == rows);
         let mut acc = [_mm512_setzero_ps(); ROWS_PER_PASS];
         for b in 0..$blocks {
-            let blocks = [
-                $groups[0].as_ptr().add(b * $size),
-                $groups[1].as_ptr().add(b * $size),
-            ];
-            prefetch_ahead(blocks[0], $size);
-            prefetch_ahead(blocks[1], $size);
+            let blocks = [$groups[0].ptr(b), $groups[1].ptr(b)];
+            prefetch_ahead(blocks[0], $groups[0].stride(), $size);
+            prefetch_ahead(blocks[1], $groups[1].stride(), $size);
             let mut first = 0;
             while first < rows {
                 let n = (rows - first).min($max);
@@ -576,7 +738,7 @@ macro_rules! paired {
 /// The CPU must have AVX-512 F, BW, VL and VNNI.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn q4k_pair(
-    groups: [&[u8]; 2],
+    groups: [GroupBlocks<'_>; 2],
     blocks: usize,
     xs: &[Q8K],
     one: &mut [[f32; GROUP]],
@@ -655,7 +817,7 @@ unsafe fn q4k_pair_tile<const R: usize>(
 /// The CPU must have AVX-512 F, BW, VL and VNNI.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn q6k_pair(
-    groups: [&[u8]; 2],
+    groups: [GroupBlocks<'_>; 2],
     blocks: usize,
     xs: &[Q8K],
     one: &mut [[f32; GROUP]],
@@ -763,7 +925,7 @@ unsafe fn q6k_pair_tile<const R: usize>(
 /// The CPU must have AVX-512 F, BW, VL and VNNI.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn q8_0_pair(
-    groups: [&[u8]; 2],
+    groups: [GroupBlocks<'_>; 2],
     blocks: usize,
     xs: &[Q8],
     one: &mut [[f32; GROUP]],
