@@ -72,6 +72,29 @@ unsafe fn prefetch_ahead(block: *const u8, stride: usize, size: usize) {
     }
 }
 
+/// Calls `$tile::<n>($block, $xs, $blocks, $b, first, &mut $acc[first..first + n])` for
+/// row tiles of at most `$max` rows (`n` a constant, so each tile is unrolled).
+macro_rules! for_tiles {
+    ($tile:ident, $max:expr, $block:expr, $xs:expr, $blocks:expr, $b:expr, $acc:expr, $rows:expr) => {{
+        let mut first = 0;
+        while first < $rows {
+            let n = ($rows - first).min($max);
+            let acc = &mut $acc[first..first + n];
+            match n {
+                8 => $tile::<8>($block, $xs, $blocks, $b, first, acc),
+                7 => $tile::<7>($block, $xs, $blocks, $b, first, acc),
+                6 => $tile::<6>($block, $xs, $blocks, $b, first, acc),
+                5 => $tile::<5>($block, $xs, $blocks, $b, first, acc),
+                4 => $tile::<4>($block, $xs, $blocks, $b, first, acc),
+                3 => $tile::<3>($block, $xs, $blocks, $b, first, acc),
+                2 => $tile::<2>($block, $xs, $blocks, $b, first, acc),
+                _ => $tile::<1>($block, $xs, $blocks, $b, first, acc),
+            }
+            first += n;
+        }
+    }};
+}
+
 macro_rules! tiled {
     ($tile:ident, $size:expr, $group:expr, $blocks:expr, $xs:expr, $out:expr) => {
         tiled!($tile, TILE, $size, $group, $blocks, $xs, $out)
@@ -83,22 +106,7 @@ macro_rules! tiled {
         for b in 0..$blocks {
             let block = $group.ptr(b);
             prefetch_ahead(block, $group.stride(), $size);
-            let mut first = 0;
-            while first < rows {
-                let n = (rows - first).min($max);
-                let acc = &mut acc[first..first + n];
-                match n {
-                    8 => $tile::<8>(block, $xs, $blocks, b, first, acc),
-                    7 => $tile::<7>(block, $xs, $blocks, b, first, acc),
-                    6 => $tile::<6>(block, $xs, $blocks, b, first, acc),
-                    5 => $tile::<5>(block, $xs, $blocks, b, first, acc),
-                    4 => $tile::<4>(block, $xs, $blocks, b, first, acc),
-                    3 => $tile::<3>(block, $xs, $blocks, b, first, acc),
-                    2 => $tile::<2>(block, $xs, $blocks, b, first, acc),
-                    _ => $tile::<1>(block, $xs, $blocks, b, first, acc),
-                }
-                first += n;
-            }
+            for_tiles!($tile, $max, block, $xs, $blocks, b, acc, rows);
         }
         for (row, acc) in $out.iter_mut().zip(&acc) {
             _mm256_storeu_ps(row.as_mut_ptr(), *acc);
@@ -522,22 +530,7 @@ macro_rules! dual {
             let blocks = [$groups[0].ptr(b), $groups[1].ptr(b)];
             prefetch_ahead(blocks[0], $groups[0].stride(), 2 * $size);
             for (block, acc) in blocks.into_iter().zip(acc.iter_mut()) {
-                let mut first = 0;
-                while first < rows {
-                    let n = (rows - first).min($max);
-                    let acc = &mut acc[first..first + n];
-                    match n {
-                        8 => $tile::<8>(block, $xs, $blocks, b, first, acc),
-                        7 => $tile::<7>(block, $xs, $blocks, b, first, acc),
-                        6 => $tile::<6>(block, $xs, $blocks, b, first, acc),
-                        5 => $tile::<5>(block, $xs, $blocks, b, first, acc),
-                        4 => $tile::<4>(block, $xs, $blocks, b, first, acc),
-                        3 => $tile::<3>(block, $xs, $blocks, b, first, acc),
-                        2 => $tile::<2>(block, $xs, $blocks, b, first, acc),
-                        _ => $tile::<1>(block, $xs, $blocks, b, first, acc),
-                    }
-                    first += n;
-                }
+                for_tiles!($tile, $max, block, $xs, $blocks, b, acc, rows);
             }
         }
         for (out, acc) in [$one, $two].into_iter().zip(&acc) {
@@ -705,22 +698,7 @@ macro_rules! paired {
             let blocks = [$groups[0].ptr(b), $groups[1].ptr(b)];
             prefetch_ahead(blocks[0], $groups[0].stride(), $size);
             prefetch_ahead(blocks[1], $groups[1].stride(), $size);
-            let mut first = 0;
-            while first < rows {
-                let n = (rows - first).min($max);
-                let acc = &mut acc[first..first + n];
-                match n {
-                    8 => $tile::<8>(blocks, $xs, $blocks, b, first, acc),
-                    7 => $tile::<7>(blocks, $xs, $blocks, b, first, acc),
-                    6 => $tile::<6>(blocks, $xs, $blocks, b, first, acc),
-                    5 => $tile::<5>(blocks, $xs, $blocks, b, first, acc),
-                    4 => $tile::<4>(blocks, $xs, $blocks, b, first, acc),
-                    3 => $tile::<3>(blocks, $xs, $blocks, b, first, acc),
-                    2 => $tile::<2>(blocks, $xs, $blocks, b, first, acc),
-                    _ => $tile::<1>(blocks, $xs, $blocks, b, first, acc),
-                }
-                first += n;
-            }
+            for_tiles!($tile, $max, blocks, $xs, $blocks, b, acc, rows);
         }
         for ((one, two), acc) in $one.iter_mut().zip($two.iter_mut()).zip(&acc) {
             let mut lanes = [0f32; 2 * GROUP];
