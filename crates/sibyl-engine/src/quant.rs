@@ -108,10 +108,10 @@ impl QuantMatrix {
             return None;
         }
         if let Some(kind) = kind_of(dtype) {
-            return Self::fast(kind, rows, cols, bytes.to_vec());
+            return Self::fast(kind, rows, cols, bytes);
         }
         let requantize = options.requantize_slow_types && cols.is_multiple_of(32);
-        let converted = |bytes: Vec<u8>| Self::fast(Kind::Q8_0, rows, cols, bytes);
+        let converted = |bytes: Vec<u8>| Self::fast(Kind::Q8_0, rows, cols, &bytes);
         let blocks = match dtype {
             GgmlDType::F32 => Blocks::F32(
                 bytes
@@ -154,11 +154,11 @@ impl QuantMatrix {
     }
 
     /// A matrix for sibyl's kernels; `None` unless `bytes` holds exactly its blocks.
-    fn fast(kind: Kind, rows: usize, cols: usize, bytes: Vec<u8>) -> Option<Self> {
+    fn fast(kind: Kind, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
         Some(Self {
             rows,
             cols,
-            blocks: Blocks::Fast(Packed::new(kind, rows, cols, &bytes)?),
+            blocks: Blocks::Fast(Packed::new(kind, rows, cols, bytes)?),
         })
     }
 
@@ -172,7 +172,7 @@ impl QuantMatrix {
         if values.len() != rows * cols || !cols.is_multiple_of(dtype.block_size()) {
             return None;
         }
-        let fast = |kind: Kind, bytes: &[u8]| Self::fast(kind, rows, cols, bytes.to_vec());
+        let fast = |kind: Kind, bytes: &[u8]| Self::fast(kind, rows, cols, bytes);
         let blocks = match dtype {
             GgmlDType::F32 => Blocks::F32(values.to_vec()),
             GgmlDType::Q4_0 => Blocks::Q4_0(quantize_as(values)),

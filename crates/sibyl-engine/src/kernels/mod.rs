@@ -414,7 +414,8 @@ impl<'a> GroupBlocks<'a> {
 /// Activation rows one kernel call handles (its accumulators live on the stack).
 pub(crate) const ROWS_PER_PASS: usize = 64;
 
-/// [`group_kernel`] for two groups at once, on 512-bit vectors (`Isa::Vnni` only).
+/// [`group_kernel`] for the two groups of a stored pair, read block by block as one stream:
+/// 256-bit code for each group, or with AVX-512 from two rows on one 512-bit kernel for both.
 fn group_pair_kernel(
     isa: Isa,
     kind: Kind,
