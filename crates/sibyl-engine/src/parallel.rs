@@ -3,9 +3,10 @@
 
 /// Calls `f(i, chunk)` for every `chunk_len`-sized chunk `i` of `out`, in parallel. Each
 /// chunk is computed by exactly one call, so results never depend on the split.
-pub(crate) fn for_each_chunk_mut<F>(out: &mut [f32], chunk_len: usize, f: F)
+pub(crate) fn for_each_chunk_mut<T, F>(out: &mut [T], chunk_len: usize, f: F)
 where
-    F: Fn(usize, &mut [f32]) + Sync,
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync,
 {
     if out.is_empty() || chunk_len == 0 {
         return;
@@ -19,9 +20,8 @@ where
             let end = len.min(start + chunk_len);
             // SAFETY: the pool hands out each index once; chunks are disjoint and inside
             // `out`, which outlives the call (the pool returns when all work is done).
-            let chunk = unsafe {
-                std::slice::from_raw_parts_mut((base as *mut f32).add(start), end - start)
-            };
+            let chunk =
+                unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(start), end - start) };
             f(i, chunk);
         }
     });

@@ -223,11 +223,38 @@ impl Activations {
         debug_assert!(cols.is_multiple_of(kind.block_values()));
         match kind {
             Kind::Q4K | Kind::Q6K => {
-                Activations::K(x.chunks_exact(QK_K).map(Q8K::quantize).collect())
+                Activations::K(quantize_all(x, QK_K, Q8K::ZERO, Q8K::quantize))
             }
-            Kind::Q8_0 => Activations::Q8(x.chunks_exact(QK8_0).map(Q8::quantize).collect()),
+            Kind::Q8_0 => Activations::Q8(quantize_all(x, QK8_0, Q8::ZERO, Q8::quantize)),
         }
     }
+}
+
+/// `quantize` applied to every `block`-sized piece of `x`, in parallel for long inputs (each
+/// block alone, so the split changes nothing).
+fn quantize_all<Q: Copy + Send>(
+    x: &[f32],
+    block: usize,
+    zero: Q,
+    quantize: fn(&[f32]) -> Q,
+) -> Vec<Q> {
+    /// Blocks per parallel work item.
+    const BLOCKS_PER_TASK: usize = 16;
+    let mut out = vec![zero; x.len() / block];
+    if out.len() <= BLOCKS_PER_TASK {
+        out.iter_mut()
+            .zip(x.chunks_exact(block))
+            .for_each(|(q, x)| *q = quantize(x));
+        return out;
+    }
+    crate::parallel::for_each_chunk_mut(&mut out, BLOCKS_PER_TASK, |i, chunk| {
+        let x = &x[i * BLOCKS_PER_TASK * block..];
+        chunk
+            .iter_mut()
+            .zip(x.chunks_exact(block))
+            .for_each(|(q, x)| *q = quantize(x));
+    });
+    out
 }
 
 /// Output columns (weight rows) interleaved in one group.
