@@ -129,13 +129,6 @@ fn block_length_follows_acceptance() {
     assert!(drafter.propose(&[1, 99], 4).is_empty());
 }
 
-/// Upper quantile of the chi-square distribution (Wilson-Hilferty), z = 3.09 for p = 0.001.
-fn chi_square_critical(df: usize) -> f64 {
-    let df = df as f64;
-    let a = 2.0 / (9.0 * df);
-    df * (1.0 - a + 3.090_232 * a.sqrt()).powi(3)
-}
-
 /// Sampling with the three kinds of drafter competing every step (n-gram over the session,
 /// retrieval over a datastore, and this drafter sampling from a model of its own with its
 /// top-4 distributions) follows the target's distribution: a chi-square test of the first
@@ -259,27 +252,8 @@ fn sampling_with_all_three_drafters_competing_follows_the_target_distribution() 
             "{kind}: {accepted:?}"
         );
     }
-    // Pool outcomes whose expected count is under 5 into one cell.
-    let (mut stat, mut cells, mut pooled_e, mut pooled_o) = (0.0, 0usize, 0.0, 0.0);
-    for (p, &o) in expected.iter().zip(&observed) {
-        let e = p * RUNS as f64;
-        if e < 5.0 {
-            pooled_e += e;
-            pooled_o += o as f64;
-        } else {
-            stat += (o as f64 - e).powi(2) / e;
-            cells += 1;
-        }
-    }
-    if pooled_e > 0.0 {
-        stat += (pooled_o - pooled_e).powi(2) / pooled_e;
-        cells += 1;
-    }
-    let critical = chi_square_critical(cells - 1);
-    assert!(
-        stat < critical,
-        "chi-square {stat:.1} >= {critical:.1} over {cells} cells"
-    );
+    let (stat, critical) = sibyl_spec::stats::chi_square(&expected, &observed);
+    assert!(stat < critical, "chi-square {stat:.1} >= {critical:.1}");
 }
 
 /// Sampled drafts carry the distribution they were drawn from, top-k wide, and the same

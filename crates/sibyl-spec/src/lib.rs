@@ -14,6 +14,7 @@ mod acceptance;
 mod cost;
 mod inbox;
 mod sampling;
+pub mod stats;
 mod tree;
 mod verify;
 

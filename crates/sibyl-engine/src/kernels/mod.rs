@@ -293,7 +293,7 @@ impl Packed {
             data: Vec::new(),
         };
         for group in 0..groups {
-            let layout = packed.group(group);
+            let (first, stride) = packed.placement(group);
             for b in 0..blocks {
                 for (i, source) in sources.iter_mut().enumerate() {
                     let row = group * GROUP + i;
@@ -303,7 +303,7 @@ impl Packed {
                         &zero
                     };
                 }
-                let at = layout.first + b * layout.stride;
+                let at = first + b * stride;
                 let out = &mut data[at..at + group_block];
                 match kind {
                     Kind::Q4K => packed_layout::pack_q4k(&sources, out),
@@ -332,18 +332,26 @@ impl Packed {
         self.blocks() * self.kind.group_block_bytes()
     }
 
-    /// The blocks of group `g`. Groups are stored in pairs, block by block (block `b` of
-    /// group `2p`, then block `b` of group `2p + 1`), so that the kernels that run a pair
-    /// read one sequential stream; a last group without a partner is stored alone.
-    fn group(&self, g: usize) -> GroupBlocks<'_> {
+    /// Where group `g`'s blocks lie: the offset of block 0 and the bytes from one block to
+    /// the next. Groups are stored in pairs, block by block (block `b` of group `2p`, then
+    /// block `b` of group `2p + 1`), so that the kernels that run a pair read one sequential
+    /// stream; a last group without a partner is stored alone.
+    fn placement(&self, g: usize) -> (usize, usize) {
         let size = self.kind.group_block_bytes();
         let pair_start = g / 2 * 2 * self.group_bytes();
         let alone = g / 2 * 2 + 1 >= self.groups();
+        let first = pair_start + if g % 2 == 1 { size } else { 0 };
+        (first, if alone { size } else { 2 * size })
+    }
+
+    /// The blocks of group `g`.
+    fn group(&self, g: usize) -> GroupBlocks<'_> {
+        let (first, stride) = self.placement(g);
         GroupBlocks {
             data: &self.data,
-            first: pair_start + if g % 2 == 1 { size } else { 0 },
-            stride: if alone { size } else { 2 * size },
-            size,
+            first,
+            stride,
+            size: self.kind.group_block_bytes(),
         }
     }
 

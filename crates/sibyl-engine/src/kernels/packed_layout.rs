@@ -97,13 +97,9 @@ pub(super) fn pack_q8_0(blocks: &[&[u8]; GROUP], out: &mut [u8]) {
     }
 }
 
-fn f16_of(block: &[u8], at: usize, c: usize) -> f32 {
-    f16::from_le_bytes([block[at + 2 * c], block[at + 2 * c + 1]]).to_f32()
-}
-
-/// The d of column `c`, as f32.
+/// Column `c` of the eight f16 scales at `at` (`d` or `dmin`), as f32.
 pub(crate) fn d(block: &[u8], at: usize, c: usize) -> f32 {
-    f16_of(block, at, c)
+    f16::from_le_bytes([block[at + 2 * c], block[at + 2 * c + 1]]).to_f32()
 }
 
 /// Value `v` (0..256) of column `c` in a Q4_K group block: 0..16.
