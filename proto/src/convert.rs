@@ -35,6 +35,7 @@ impl From<&AnchoredBlock> for pb::DraftBlock {
                             probabilities: dist.entries().iter().map(|&(_, p)| p).collect(),
                         })
                         .collect(),
+                    evidence: branch.evidence,
                 })
                 .collect(),
         }
@@ -64,6 +65,7 @@ impl TryFrom<pb::DraftBlock> for AnchoredBlock {
                 Ok(Proposal {
                     tokens: branch.tokens,
                     probs,
+                    evidence: branch.evidence,
                 })
             })
             .collect::<Result<Vec<_>, WireError>>()?;
@@ -137,10 +139,11 @@ mod tests {
         let block = AnchoredBlock {
             anchor: 12,
             branches: vec![
-                Proposal::greedy(vec![1, 2, 3]),
+                Proposal::greedy(vec![1, 2, 3]).with_evidence(8),
                 Proposal {
                     tokens: vec![4],
                     probs: Some(vec![SparseDist::new(vec![(4, 0.75), (9, 0.25)]).unwrap()]),
+                    evidence: 0,
                 },
             ],
         };

@@ -187,9 +187,11 @@ impl pb::drafter_server::Drafter for Garbage {
             let mut len = open.context_tokens.len() as u64;
             let mut step = 0u32;
             loop {
+                // Every guess claims the strongest evidence there is.
                 let branch = |tokens: Vec<u32>| pb::DraftBranch {
                     tokens,
                     distributions: Vec::new(),
+                    evidence: u32::MAX,
                 };
                 let mut garbage = vec![
                     pb::DraftBlock {
@@ -224,6 +226,7 @@ impl pb::drafter_server::Drafter for Garbage {
                                 tokens: vec![3],
                                 probabilities: vec![7.0],
                             }],
+                            evidence: 0,
                         }],
                     },
                 ];

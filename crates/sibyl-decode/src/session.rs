@@ -11,25 +11,20 @@ use std::time::{Duration, Instant};
 /// Prompt tokens processed per forward pass.
 const PROMPT_CHUNK: usize = 256;
 
-/// Trust in a drafter's second, third... proposal relative to the one before.
-const ALTERNATIVE_DISCOUNT: f64 = 0.5;
-
 /// After this many steps in a row that left out every draft, one step verifies the best
 /// draft node anyway, so a drafter whose estimate fell low can show it is right again. On
 /// 2 AVX2 cores one node costs about 5% of a step: 0.3% of the time when nothing pays.
 const EXPLORE_AFTER: usize = 16;
-
-/// Weight of a finished session's acceptance estimate in its drafter kind's starting one.
-const KIND_SMOOTHING: f64 = 0.5;
 
 /// What the sessions of one model learn and share (a process learns it once): what steps
 /// cost, and where each drafter kind's acceptance estimate starts in a new session.
 #[derive(Debug, Clone, Default)]
 pub struct Learned {
     pub costs: StepCosts,
-    /// Starting acceptance estimate per drafter kind; [`AcceptanceStats::PRIOR`] for a
-    /// kind not seen yet.
-    pub acceptance: HashMap<String, f64>,
+    /// Where each drafter kind's acceptance estimates start in a new session: where the
+    /// last session of that kind left them ([`AcceptanceStats::default`] for a kind not
+    /// seen yet).
+    pub acceptance: HashMap<String, AcceptanceStats>,
 }
 
 /// [`Learned`], shared by the sessions of a process.
@@ -57,6 +52,22 @@ pub struct GenerationConfig {
     pub learning: Option<SharedLearning>,
     /// Tokens that end the generation; they are not emitted.
     pub stop_tokens: Vec<TokenId>,
+}
+
+impl GenerationConfig {
+    /// Plain greedy decoding of at most `max_tokens` tokens: no drafts verified.
+    pub fn plain(max_tokens: usize, stop_tokens: Vec<TokenId>) -> Self {
+        Self {
+            max_tokens,
+            sampling: SamplingConfig::greedy(),
+            draft_budget: 0,
+            max_draft_depth: 0,
+            min_draft_value: 0.0,
+            exempt_draft_nodes: 1,
+            learning: None,
+            stop_tokens,
+        }
+    }
 }
 
 /// A request that cannot run, or a failure while running it.
@@ -257,9 +268,11 @@ impl<'m> Session<'m> {
                 let learned = lock(learning);
                 drafter_kinds
                     .iter()
-                    .map(|kind| match learned.acceptance.get(kind) {
-                        Some(&rate) => AcceptanceStats::starting_at(rate),
-                        None => AcceptanceStats::default(),
+                    .map(|kind| {
+                        learned
+                            .acceptance
+                            .get(kind)
+                            .map_or_else(AcceptanceStats::default, AcceptanceStats::carried_over)
                     })
                     .collect()
             }
@@ -369,16 +382,24 @@ impl<'m> Session<'m> {
         let depth = self.draft_depth();
         let mut builder = TreeBuilder::new(root, vocab, self.config.draft_budget, depth)
             .with_min_value(self.config.min_draft_value, self.config.exempt_draft_nodes);
+        // Per branch of the builder: its drafter, rank and evidence.
+        let mut branches = Vec::new();
         if depth > 0 && self.config.draft_budget > 0 {
             for (id, drafts) in proposals {
                 let Some(stats) = self.stats.get(id.0) else {
                     continue;
                 };
-                // A drafter lists its best guess first; each later branch is trusted less.
-                let mut score = stats.rate();
-                for proposal in drafts {
-                    builder.add(id, score, proposal);
-                    score *= ALTERNATIVE_DISCOUNT;
+                // A drafter lists its best guess first.
+                for (rank, proposal) in drafts.into_iter().enumerate() {
+                    let evidence = proposal.evidence;
+                    let chances = stats.chances(rank, evidence, proposal.tokens.len().min(depth));
+                    if builder.add_with_chances(id, chances, proposal).is_some() {
+                        branches.push(BranchOrigin {
+                            drafter: id.0,
+                            rank,
+                            evidence,
+                        });
+                    }
                 }
             }
         }
@@ -403,7 +424,7 @@ impl<'m> Session<'m> {
         let mut kept = vec![0];
         kept.extend_from_slice(&outcome.path);
         self.cache.keep_path(prefix_len, tree.len(), &kept)?;
-        record(&tree, &outcome.path, &mut self.stats);
+        record(&tree, &outcome.path, &branches, &mut self.stats);
         self.steps += 1;
         let elapsed = step_started.elapsed();
         self.step_times.push(elapsed);
@@ -415,20 +436,17 @@ impl<'m> Session<'m> {
         Ok(self.emit(&outcome.emitted(&tree)))
     }
 
-    /// Ends the session and reports it; with adaptive sizing, what it measured of each
-    /// drafter kind moves where the next sessions' estimates start.
+    /// Ends the session and reports it; with adaptive sizing, the next sessions' estimates
+    /// of each drafter kind start where this one left them.
     pub fn finish(self, finish_reason: FinishReason) -> GenerationReport {
         if let Some(learning) = &self.config.learning {
             let mut learned = lock(learning);
             for (kind, stats) in self.drafter_kinds.iter().zip(&self.stats) {
-                if stats.proposed == 0 {
-                    continue;
+                if stats.proposed > 0 {
+                    learned
+                        .acceptance
+                        .insert(kind.clone(), stats.carried_over());
                 }
-                let start = learned
-                    .acceptance
-                    .entry(kind.clone())
-                    .or_insert(AcceptanceStats::PRIOR);
-                *start += KIND_SMOOTHING * (stats.rate() - *start);
             }
         }
         GenerationReport {
@@ -488,39 +506,45 @@ fn lock(learning: &SharedLearning) -> std::sync::MutexGuard<'_, Learned> {
     learning.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Credits each drafter with its nodes in the tree, with the levels of the accepted path
-/// where it had a guess (a child of the root or of an accepted node), and with those levels
-/// where its guess was the one accepted.
-fn record(tree: &TokenTree, path: &[usize], stats: &mut [AcceptanceStats]) {
+/// Where a branch of a step's tree came from.
+struct BranchOrigin {
+    drafter: usize,
+    /// Its place among its drafter's proposals (0: the best).
+    rank: usize,
+    evidence: u32,
+}
+
+/// Credits each drafter with its nodes in the tree and those the target accepted, and
+/// teaches its estimates: every proposal of a node whose parent was accepted (a child of the
+/// root or of an accepted node) is an observation at that depth, accepted or not.
+fn record(
+    tree: &TokenTree,
+    path: &[usize],
+    branches: &[BranchOrigin],
+    stats: &mut [AcceptanceStats],
+) {
     let mut proposed = vec![0usize; stats.len()];
-    let mut reached = vec![0usize; stats.len()];
     let mut accepted = vec![0usize; stats.len()];
-    for node in &tree.nodes()[1..] {
-        if let Some(DrafterId(d)) = node.source {
-            proposed[d] += 1;
+    let on_path = |node: usize| node == 0 || path.contains(&node);
+    for (index, node) in tree.nodes().iter().enumerate().skip(1) {
+        let Some(DrafterId(source)) = node.source else {
+            continue;
+        };
+        let taken = on_path(index);
+        proposed[source] += 1;
+        accepted[source] += usize::from(taken);
+        if !node.parent.is_some_and(on_path) {
+            continue;
         }
-    }
-    let levels = std::iter::once(0).chain(path.iter().copied());
-    for (level, parent) in levels.enumerate() {
-        let chosen = path.get(level).copied();
-        let mut guessed = vec![false; stats.len()];
-        for child in tree.children(parent) {
-            if let Some(DrafterId(d)) = tree.nodes()[child].source {
-                guessed[d] = true;
+        for candidate in &node.candidates {
+            if let Some(origin) = branches.get(candidate.branch) {
+                if let Some(s) = stats.get_mut(origin.drafter) {
+                    s.observe(origin.rank, origin.evidence, node.depth, taken);
+                }
             }
-        }
-        for (d, &g) in guessed.iter().enumerate() {
-            if g {
-                reached[d] += 1;
-            }
-        }
-        if let Some(DrafterId(d)) = chosen.and_then(|c| tree.nodes()[c].source) {
-            accepted[d] += 1;
         }
     }
     for (d, s) in stats.iter_mut().enumerate() {
-        if proposed[d] > 0 {
-            s.record(proposed[d], reached[d], accepted[d]);
-        }
+        s.count(proposed[d], accepted[d]);
     }
 }

@@ -156,6 +156,7 @@ impl LmDrafter {
         let mut rng = ChaCha8Rng::seed_from_u64(context_seed(self.config.seed, context));
         let mut tokens = Vec::with_capacity(length);
         let mut dists = Vec::with_capacity(if sampling { length } else { 0 });
+        let mut first_probability = 0.0f32;
         while tokens.len() < length {
             let (token, probability) = if sampling {
                 let Some(dist) = top_k(&logits, self.config.temperature, self.config.top_k) else {
@@ -174,6 +175,9 @@ impl LmDrafter {
             if !sampling && !tokens.is_empty() && probability < self.config.min_confidence {
                 break;
             }
+            if tokens.is_empty() {
+                first_probability = probability;
+            }
             tokens.push(token);
             if tokens.len() == length {
                 break;
@@ -188,9 +192,15 @@ impl LmDrafter {
         Ok(Proposal {
             tokens,
             probs: sampling.then_some(dists),
+            // Its confidence in the first token, in sixteenths.
+            evidence: (first_probability.clamp(0.0, 1.0) * EVIDENCE_SCALE) as u32,
         })
     }
 }
+
+/// The drafter's confidence in a block's first token, a probability, is sent as evidence
+/// in steps of 1/16.
+const EVIDENCE_SCALE: f32 = 16.0;
 
 /// A seed for the draws after `context`: the configured seed mixed with the context length
 /// and its last tokens (splitmix64 steps).

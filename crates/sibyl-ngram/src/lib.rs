@@ -3,7 +3,8 @@
 //! The longest suffix of the context that occurred earlier in the context (the prompt and
 //! the session's own output) proposes the tokens that followed it. Lengths are tried from
 //! `max_ngram` down to `min_ngram`; distinct continuations become separate branches, most
-//! recent occurrence first.
+//! recent occurrence first. Each branch carries the length of its match as evidence: an
+//! eight-token match in code being copied is accepted far more often than a one-token one.
 
 use sibyl_spec::{Drafter, Proposal, TokenId};
 
@@ -50,9 +51,10 @@ impl NgramDrafter {
         }
     }
 
-    /// Continuations of the longest matching suffixes, each at most `max_tokens` long.
-    pub fn lookup(&self, context: &[TokenId], max_tokens: usize) -> Vec<Vec<TokenId>> {
-        let mut branches: Vec<Vec<TokenId>> = Vec::new();
+    /// Continuations of the longest matching suffixes, each at most `max_tokens` long, with
+    /// the length of the suffix that matched as evidence.
+    pub fn lookup(&self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
+        let mut branches: Vec<Proposal> = Vec::new();
         if max_tokens == 0 || self.config.max_branches == 0 {
             return branches;
         }
@@ -77,17 +79,18 @@ impl NgramDrafter {
                 }
                 let known = branches
                     .iter_mut()
-                    .find(|b| b.first() == continuation.first());
+                    .find(|b| b.tokens.first() == continuation.first());
                 match known {
                     // A longer continuation with the same start replaces a shorter one.
                     Some(branch)
-                        if branch.len() < continuation.len()
-                            && continuation.starts_with(branch) =>
+                        if branch.tokens.len() < continuation.len()
+                            && continuation.starts_with(&branch.tokens) =>
                     {
-                        *branch = continuation.to_vec();
+                        branch.tokens = continuation.to_vec();
                     }
                     Some(_) => {}
-                    None => branches.push(continuation.to_vec()),
+                    None => branches
+                        .push(Proposal::greedy(continuation.to_vec()).with_evidence(n as u32)),
                 }
                 if branches.len() >= self.config.max_branches || matches >= self.config.max_matches
                 {
@@ -109,9 +112,6 @@ impl Drafter for NgramDrafter {
 
     fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
         self.lookup(context, max_tokens)
-            .into_iter()
-            .map(Proposal::greedy)
-            .collect()
     }
 }
 
@@ -125,7 +125,8 @@ mod tests {
         // "a b c d e ... a b c" -> "d e"
         let context = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3];
         let branches = drafter.lookup(&context, 2);
-        assert_eq!(branches[0], vec![4, 5]);
+        assert_eq!(branches[0].tokens, vec![4, 5]);
+        assert_eq!(branches[0].evidence, 3, "the length of the match");
     }
 
     #[test]
@@ -138,7 +139,8 @@ mod tests {
         });
         let context = [7, 8, 1, 0, 7, 8, 2, 0, 7, 8];
         let branches = drafter.lookup(&context, 3);
-        assert_eq!(branches, vec![vec![2, 0, 7], vec![1, 0, 7]]);
+        let tokens: Vec<_> = branches.iter().map(|b| b.tokens.clone()).collect();
+        assert_eq!(tokens, vec![vec![2, 0, 7], vec![1, 0, 7]]);
     }
 
     #[test]
@@ -154,7 +156,8 @@ mod tests {
         let drafter = NgramDrafter::default();
         let branches = drafter.lookup(&[5, 5, 5, 5], 10);
         assert_eq!(branches.len(), 1);
-        assert!(branches[0].len() <= 3 && branches[0].iter().all(|&t| t == 5));
+        let tokens = &branches[0].tokens;
+        assert!(tokens.len() <= 3 && tokens.iter().all(|&t| t == 5));
     }
 
     #[test]

@@ -28,12 +28,13 @@ impl Default for RetrievalConfig {
     }
 }
 
-/// One continuation: its tokens and how many occurrences of the context suffix support its
-/// first token.
+/// One continuation: its tokens, how many occurrences of the context suffix support its
+/// first token, and the length of that suffix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Continuation {
     pub tokens: Vec<TokenId>,
     pub support: usize,
+    pub matched: usize,
 }
 
 /// A trie node: a token, how many continuations pass through it, its children.
@@ -130,6 +131,7 @@ pub fn lookup(
                 Continuation {
                     tokens,
                     support: trie[first].count,
+                    matched: length,
                 }
             })
             .collect();
@@ -169,7 +171,7 @@ impl Drafter for RetrievalDrafter {
         all.sort_by_key(|c| std::cmp::Reverse(c.support));
         all.into_iter()
             .take(self.config.max_branches)
-            .map(|c| Proposal::greedy(c.tokens))
+            .map(|c| Proposal::greedy(c.tokens).with_evidence(c.matched as u32))
             .collect()
     }
 }

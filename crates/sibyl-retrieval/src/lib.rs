@@ -56,6 +56,7 @@ mod tests {
         let found = lookup(&store, &[42, 3, 4, 5], 8, &config);
         assert_eq!(found[0].tokens, vec![6, 10]);
         assert_eq!(found[0].support, 3);
+        assert_eq!(found[0].matched, 3, "the length of the suffix found");
         assert_eq!(found[1].tokens, vec![7]);
         // A continuation stops at the end of its document: "1 2 3 4 5 6" ends there, so a
         // shorter suffix speaks: "3 4 5 6" is followed by 10 twice.
@@ -64,7 +65,8 @@ mod tests {
             found,
             vec![Continuation {
                 tokens: vec![10],
-                support: 2
+                support: 2,
+                matched: 4,
             }]
         );
         // max_tokens bounds a branch.

@@ -1,60 +1,158 @@
-/// Running estimate of how often a drafter's tokens are accepted, used to rank its branches
-/// when the tree has to be cut to the verify budget.
-#[derive(Debug, Clone)]
+//! How likely a drafter's tokens are to be accepted, learned online per session: the number
+//! that ranks draft nodes and decides how many are worth verifying.
+//!
+//! One acceptance rate per drafter is not enough. A prompt-lookup match of eight tokens in
+//! code that is being copied is accepted about 95% of the time, level after level, while a
+//! one-token match is right about 15% of the time; and once a branch's first tokens are
+//! accepted, its next ones are more likely to be. So each drafter's estimates are kept per
+//! cell: the branch's rank among the drafter's proposals (its best, or an alternative), the
+//! drafter's own evidence for the branch (see [`crate::Proposal::evidence`]) in classes, and
+//! the depth. A cell holds the chance that the branch's token at that depth is accepted
+//! once its parent was, counted with a decay so that it follows the session. A cell with
+//! few observations leans on the cell one level up (or, at depth 1, on the drafter's prior).
+
+/// Evidence classes: 0, 1, 2, 3, 4-5, 6-7, 8-11, 12-15, 16 and more.
+const EVIDENCE_CLASSES: usize = 9;
+/// Rank classes: the drafter's best branch, and its alternatives.
+const RANK_CLASSES: usize = 2;
+/// Depth classes: 1, 2, 3, 4, 5-8, 9 and deeper.
+const DEPTH_CLASSES: usize = 6;
+/// Weight of a cell's prior, in observations.
+const PRIOR_WEIGHT: f64 = 2.0;
+/// Each observation of a cell multiplies its earlier counts by this: about the last 30
+/// observations count.
+const DECAY: f64 = 0.97;
+/// Chance of an alternative branch's first token relative to the best branch's, before
+/// alternatives are measured.
+const ALTERNATIVE_PRIOR: f64 = 0.5;
+
+fn evidence_class(evidence: u32) -> usize {
+    match evidence {
+        0..=3 => evidence as usize,
+        4..=5 => 4,
+        6..=7 => 5,
+        8..=11 => 6,
+        12..=15 => 7,
+        _ => 8,
+    }
+}
+
+fn rank_class(rank: usize) -> usize {
+    rank.min(RANK_CLASSES - 1)
+}
+
+fn depth_class(depth: usize) -> usize {
+    match depth {
+        0..=4 => depth.max(1) - 1,
+        5..=8 => 4,
+        _ => 5,
+    }
+}
+
+/// Decayed counts of one cell.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Cell {
+    seen: f64,
+    accepted: f64,
+}
+
+/// A drafter's acceptance, measured as a session goes (see the module documentation).
+#[derive(Debug, Clone, PartialEq)]
 pub struct AcceptanceStats {
     /// Draft tokens of this drafter that were placed in a verified tree.
     pub proposed: u64,
     /// Draft tokens of this drafter that the target accepted.
     pub accepted: u64,
-    rate: f64,
+    /// Chance assumed for the first token of a best branch in a cell not yet measured.
+    prior: f64,
+    cells: [[[Cell; DEPTH_CLASSES]; EVIDENCE_CLASSES]; RANK_CLASSES],
 }
 
 impl Default for AcceptanceStats {
     fn default() -> Self {
-        Self {
-            proposed: 0,
-            accepted: 0,
-            rate: Self::PRIOR,
-        }
+        Self::starting_at(Self::PRIOR)
     }
 }
 
 impl AcceptanceStats {
     /// Acceptance assumed before anything has been measured.
     pub const PRIOR: f64 = 0.6;
-    /// Weight of the newest step in the moving average.
-    const SMOOTHING: f64 = 0.2;
+    /// The lowest chance a level is given: low enough that two drafters that are always
+    /// wrong are not worth a node (see [`crate::MIN_GAIN`]), never zero, so that a drafter
+    /// can be tried again.
+    const FLOOR: f64 = 0.01;
 
-    /// Statistics that start from the estimate `rate` instead of [`Self::PRIOR`] (what
-    /// earlier sessions measured for this kind of drafter).
-    pub fn starting_at(rate: f64) -> Self {
+    /// Statistics with no measurement, assuming `prior` (clamped to [0, 1]; not finite:
+    /// [`Self::PRIOR`]) for the first token of a best branch.
+    pub fn starting_at(prior: f64) -> Self {
         Self {
-            rate: if rate.is_finite() {
-                rate.clamp(0.0, 1.0)
+            proposed: 0,
+            accepted: 0,
+            prior: if prior.is_finite() {
+                prior.clamp(0.0, 1.0)
             } else {
                 Self::PRIOR
             },
-            ..Self::default()
+            cells: Default::default(),
         }
     }
 
-    /// Records one verify step: `proposed` of this drafter's tokens were in the tree; at
-    /// `reached` levels of the accepted path it had a guess, and at `accepted` of those its
-    /// guess was accepted.
-    pub fn record(&mut self, proposed: usize, reached: usize, accepted: usize) {
+    /// These estimates with the counters reset: where a new session of the same drafter
+    /// kind starts from.
+    pub fn carried_over(&self) -> Self {
+        Self {
+            proposed: 0,
+            accepted: 0,
+            ..self.clone()
+        }
+    }
+
+    /// Counts draft tokens placed in a verified tree and accepted (for reports; the
+    /// estimates learn from [`Self::observe`]).
+    pub fn count(&mut self, proposed: usize, accepted: usize) {
         self.proposed += proposed as u64;
         self.accepted += accepted as u64;
-        if reached > 0 {
-            let step_rate = accepted as f64 / reached as f64;
-            self.rate += Self::SMOOTHING * (step_rate - self.rate);
-        }
     }
 
-    /// Estimated probability that this drafter's best guess for the next level is accepted
-    /// once the level before was, in [0.01, 1]. The floor is low enough that two drafters
-    /// that are always wrong are not worth a node (see [`crate::MIN_GAIN`]).
+    /// Records one verified token of a branch of rank `rank` (0: the drafter's best) and
+    /// evidence `evidence`, at `depth` (1: the token after the root), whose parent was
+    /// accepted: whether it was accepted too.
+    pub fn observe(&mut self, rank: usize, evidence: u32, depth: usize, accepted: bool) {
+        let cell = &mut self.cells[rank_class(rank)][evidence_class(evidence)][depth_class(depth)];
+        cell.seen = cell.seen * DECAY + 1.0;
+        cell.accepted = cell.accepted * DECAY + f64::from(u8::from(accepted));
+    }
+
+    /// For a branch of rank `rank` and evidence `evidence`, the estimated chance that its
+    /// first 1, 2, ..., `len` tokens are all accepted. Never increasing, each in (0, 1].
+    pub fn chances(&self, rank: usize, evidence: u32, len: usize) -> Vec<f64> {
+        let cells = &self.cells[rank_class(rank)][evidence_class(evidence)];
+        let mut prior = if rank_class(rank) == 0 {
+            self.prior
+        } else {
+            self.prior * ALTERNATIVE_PRIOR
+        };
+        let mut chance = 1.0;
+        let mut class = usize::MAX;
+        let mut level = prior;
+        (1..=len)
+            .map(|depth| {
+                if depth_class(depth) != class {
+                    class = depth_class(depth);
+                    let cell = cells[class];
+                    level = ((cell.accepted + PRIOR_WEIGHT * prior) / (cell.seen + PRIOR_WEIGHT))
+                        .clamp(Self::FLOOR, 1.0);
+                    prior = level;
+                }
+                chance *= level;
+                chance
+            })
+            .collect()
+    }
+
+    /// Estimated chance that this drafter's best guess for the next token is accepted.
     pub fn rate(&self) -> f64 {
-        self.rate.clamp(0.01, 1.0)
+        self.chances(0, 0, 1)[0]
     }
 }
 
@@ -63,17 +161,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rate_follows_measured_acceptance_and_stays_in_bounds() {
+    fn estimates_follow_what_is_accepted_per_evidence_and_depth() {
         let mut stats = AcceptanceStats::default();
+        let fresh = stats.chances(0, 5, 2);
+        assert!((fresh[0] - 0.6).abs() < 1e-12 && (fresh[1] - 0.36).abs() < 1e-12);
+        assert!((stats.chances(1, 5, 1)[0] - 0.3).abs() < 1e-12);
         for _ in 0..100 {
-            stats.record(4, 1, 0);
+            // Strong evidence: accepted at every level; weak evidence: first token wrong.
+            for depth in 1..=10 {
+                stats.observe(0, 8, depth, true);
+            }
+            stats.observe(0, 1, 1, false);
         }
-        assert!(stats.rate() <= 0.01 + 1e-12);
+        let strong = stats.chances(0, 8, 10);
+        assert!(strong[9] > 0.9, "{strong:?}");
+        let weak = stats.chances(0, 1, 3);
+        // The prior keeps a little weight: about 2 of 35 observations.
+        assert!(weak[0] < 0.05, "{weak:?}");
+        // Other classes still start from the prior.
+        assert_eq!(stats.chances(0, 3, 1), vec![0.6]);
+        // Evidence 8 to 11 share a class; 16 and more share one.
+        assert_eq!(stats.chances(0, 11, 4), stats.chances(0, 8, 4));
+        assert_eq!(stats.chances(0, 16, 1), stats.chances(0, 1000, 1));
+        // A deep level never measured leans on the one above it.
         for _ in 0..100 {
-            stats.record(4, 4, 4);
+            stats.observe(0, 2, 1, true);
         }
-        assert!(stats.rate() > 0.99);
-        assert_eq!(stats.proposed, 800);
-        assert_eq!(stats.accepted, 400);
+        let chained = stats.chances(0, 2, 12);
+        assert!(chained[0] > 0.95, "{chained:?}");
+        assert!(
+            (chained[11] - chained[0].powi(12)).abs() < 1e-12,
+            "{chained:?}"
+        );
+    }
+
+    #[test]
+    fn estimates_move_when_the_drafter_changes_and_carry_over_without_counters() {
+        let mut stats = AcceptanceStats::starting_at(f64::NAN);
+        assert_eq!(stats.rate(), AcceptanceStats::PRIOR);
+        for _ in 0..200 {
+            stats.observe(0, 0, 1, true);
+        }
+        assert!(stats.rate() > 0.95);
+        for _ in 0..200 {
+            stats.observe(0, 0, 1, false);
+        }
+        assert!(stats.rate() < 0.05);
+        stats.count(5, 2);
+        let next = stats.carried_over();
+        assert_eq!((next.proposed, next.accepted), (0, 0));
+        assert_eq!(next.rate(), stats.rate());
+        assert_eq!(AcceptanceStats::starting_at(7.0).rate(), 1.0);
     }
 }

@@ -231,6 +231,7 @@ fn rebase(block: &AnchoredBlock, context: &[TokenId]) -> Vec<Proposal> {
         .map(|branch| Proposal {
             tokens: branch.tokens[overlap..].to_vec(),
             probs: branch.probs.as_ref().map(|p| p[overlap..].to_vec()),
+            evidence: branch.evidence,
         })
         .collect()
 }
@@ -348,6 +349,7 @@ mod tests {
                 branches: vec![Proposal {
                     tokens: vec![1, 2],
                     probs: Some(Vec::new()),
+                    evidence: 0,
                 }],
             },
         ];

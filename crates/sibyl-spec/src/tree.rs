@@ -40,15 +40,27 @@ pub struct Proposal {
     /// For each token, the drafter's distribution it was sampled from; `None` for a
     /// deterministic guess (treated as a point mass).
     pub probs: Option<Vec<SparseDist>>,
+    /// The drafter's own measure of how strong this guess is, larger for stronger (the
+    /// n-gram and retrieval drafters: the length of the context suffix that matched). Its
+    /// scale is the drafter's: the verifier learns each drafter's acceptance separately per
+    /// class of evidence, so a drafter that overstates it only misleads its own estimates.
+    pub evidence: u32,
 }
 
 impl Proposal {
-    /// A deterministic proposal (point masses).
+    /// A deterministic proposal (point masses), without evidence.
     pub fn greedy(tokens: Vec<TokenId>) -> Self {
         Self {
             tokens,
             probs: None,
+            evidence: 0,
         }
+    }
+
+    /// This proposal with `evidence` (see [`Proposal::evidence`]).
+    pub fn with_evidence(mut self, evidence: u32) -> Self {
+        self.evidence = evidence;
+        self
     }
 }
 
@@ -152,7 +164,7 @@ impl TokenTree {
 /// Proposals are untrusted: a token outside the vocabulary cuts its branch there, a branch
 /// longer than `max_depth` is cut, malformed probabilities make the branch a point mass
 /// (which keeps verification lossless). When the budget is short, the nodes with the highest
-/// expected acceptance (`score ^ depth` for a drafter scoring `score`) go in first.
+/// estimated chance of acceptance go in first.
 #[derive(Debug, Clone)]
 pub struct TreeBuilder {
     root: TokenId,
@@ -168,7 +180,8 @@ pub struct TreeBuilder {
 #[derive(Debug, Clone)]
 struct Branch {
     drafter: DrafterId,
-    score: f64,
+    /// Chance that the first 1, 2, ... tokens are all accepted, never increasing.
+    chances: Vec<f64>,
     tokens: Vec<TokenId>,
     probs: Option<Vec<SparseDist>>,
 }
@@ -188,7 +201,7 @@ impl TreeBuilder {
         }
     }
 
-    /// Leaves out nodes whose expected acceptance (`score ^ depth`) is below `min_value`:
+    /// Leaves out nodes whose estimated chance of acceptance is below `min_value`:
     /// a node costs verify time whether or not it is accepted. The `exempt_nodes` most
     /// valuable nodes (at least one) are kept whatever their value, so a drafter whose
     /// estimate fell low can still prove itself, and nodes that cost almost nothing to
@@ -200,18 +213,36 @@ impl TreeBuilder {
     }
 
     /// Adds one proposal of `drafter`, whose tokens are accepted with estimated probability
-    /// `score` each (see [`crate::AcceptanceStats::rate`]).
-    pub fn add(&mut self, drafter: DrafterId, score: f64, proposal: Proposal) {
-        let Proposal { mut tokens, probs } = proposal;
+    /// `score` each, so its token at depth d with probability `score ^ d`.
+    pub fn add(&mut self, drafter: DrafterId, score: f64, proposal: Proposal) -> Option<usize> {
+        let chances = (1..=proposal.tokens.len())
+            .map(|d| score.powi(d as i32))
+            .collect();
+        self.add_with_chances(drafter, chances, proposal)
+    }
+
+    /// Adds one proposal of `drafter`; `chances[d]` estimates the probability that its
+    /// first d + 1 tokens are all accepted (see [`crate::AcceptanceStats::chances`]). Tokens
+    /// past the end of `chances` are left out. Returns the branch's index, by which the
+    /// tree's [`Candidate::branch`] refers to it, or `None` when nothing of it is usable.
+    pub fn add_with_chances(
+        &mut self,
+        drafter: DrafterId,
+        mut chances: Vec<f64>,
+        proposal: Proposal,
+    ) -> Option<usize> {
+        let Proposal {
+            mut tokens, probs, ..
+        } = proposal;
         let valid_len = tokens
             .iter()
             .position(|&t| t as usize >= self.vocab_size)
             .unwrap_or(tokens.len())
             .min(self.max_depth);
         self.dropped_tokens += tokens.len() - valid_len;
-        tokens.truncate(valid_len);
+        tokens.truncate(valid_len.min(chances.len()));
         if tokens.is_empty() {
-            return;
+            return None;
         }
         let probs = probs.and_then(|mut probs| {
             let usable = probs.len() >= tokens.len()
@@ -219,17 +250,21 @@ impl TreeBuilder {
             probs.truncate(tokens.len());
             usable.then_some(probs)
         });
-        let score = if score.is_finite() {
-            score.clamp(1e-6, 1.0)
-        } else {
-            1e-6
-        };
+        // In (0, 1] and never increasing, so that parents always outrank their children.
+        chances.truncate(tokens.len());
+        let mut ceiling = 1.0f64;
+        for chance in &mut chances {
+            let valid = if chance.is_finite() { *chance } else { 0.0 };
+            ceiling = valid.clamp(1e-6, ceiling);
+            *chance = ceiling;
+        }
         self.branches.push(Branch {
             drafter,
-            score,
+            chances,
             tokens,
             probs,
         });
+        Some(self.branches.len() - 1)
     }
 
     /// Tokens dropped so far because they were outside the vocabulary or too deep.
@@ -243,20 +278,25 @@ impl TreeBuilder {
     }
 
     /// [`TreeBuilder::build`], also giving each draft node's estimated chance of acceptance
-    /// (`score ^ depth` of the branch that placed it), in node order. Nodes come in order of
+    /// (that of the branch that placed it), in node order. Nodes come in order of
     /// decreasing value with parents first, so [`TokenTree::truncate`] to any length keeps
     /// the most valuable tree of that size.
     pub fn build_ranked(self) -> (TokenTree, Vec<f64>) {
         let mut tree = TokenTree::root_only(self.root);
         let mut values = Vec::new();
-        // (value, branch, depth index); parents always outrank their children because
-        // score <= 1, and ties go to the shallower node, then the earlier branch.
+        // (value, branch, depth index); parents never rank below their children because
+        // chances never increase along a branch, and ties go to the shallower node, then
+        // the earlier branch.
         let mut order: Vec<(f64, usize, usize)> = self
             .branches
             .iter()
             .enumerate()
             .flat_map(|(b, branch)| {
-                (0..branch.tokens.len()).map(move |d| (branch.score.powi(d as i32 + 1), b, d))
+                branch
+                    .chances
+                    .iter()
+                    .enumerate()
+                    .map(move |(d, &c)| (c, b, d))
             })
             .collect();
         order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.2.cmp(&b.2)).then(a.1.cmp(&b.1)));
@@ -388,6 +428,7 @@ mod tests {
             Proposal {
                 tokens: vec![1],
                 probs: Some(vec![wrong]),
+                evidence: 0,
             },
         );
         assert_eq!(builder.build().nodes()[1].candidates[0].dist, None);

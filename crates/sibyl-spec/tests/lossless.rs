@@ -81,6 +81,7 @@ fn sampled_proposal(vocab: usize, draft_rng: &mut ChaCha8Rng) -> Proposal {
     Proposal {
         tokens,
         probs: Some(probs),
+        evidence: 0,
     }
 }
 

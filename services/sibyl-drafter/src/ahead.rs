@@ -98,7 +98,11 @@ impl DraftAhead {
                     }
                     _ => None,
                 };
-                Proposal { tokens, probs }
+                Proposal {
+                    tokens,
+                    probs,
+                    evidence: guess.evidence,
+                }
             })
             .collect();
         let block = AnchoredBlock {

@@ -22,7 +22,6 @@ use sibyl_decode::{generate, GenerationConfig, SharedLearning};
 use sibyl_engine::LoadedModel;
 use sibyl_proto::server::{run_role, OnLoadError, ServeError};
 use sibyl_proto::v1::verifier_server::{VerifierServer, SERVICE_NAME};
-use sibyl_spec::SamplingConfig;
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
@@ -61,16 +60,7 @@ where
 fn warm_up(
     loaded: LoadedModel,
 ) -> Result<session::Engine, Box<dyn std::error::Error + Send + Sync>> {
-    let config = GenerationConfig {
-        max_tokens: 2,
-        sampling: SamplingConfig::greedy(),
-        draft_budget: 0,
-        max_draft_depth: 0,
-        min_draft_value: 0.0,
-        exempt_draft_nodes: 1,
-        learning: None,
-        stop_tokens: Vec::new(),
-    };
+    let config = GenerationConfig::plain(2, Vec::new());
     let prompt: Vec<u32> = (0..8).collect();
     generate(&loaded.model, &prompt, &config, &mut [], |_| {
         ControlFlow::Continue(())
