@@ -438,6 +438,35 @@ mod tests {
     }
 
     #[test]
+    fn chances_rank_nodes_and_never_increase_along_a_branch() {
+        let mut builder = TreeBuilder::new(0, 50, 3, 8);
+        // A copy run, likely for three tokens, and a guess less likely than its third.
+        let run = Proposal::greedy(vec![1, 2, 3]);
+        assert_eq!(
+            builder.add_with_chances(DrafterId(0), vec![0.95, 0.9, 0.85], run),
+            Some(0)
+        );
+        let guess = Proposal::greedy(vec![4, 5]);
+        assert_eq!(
+            builder.add_with_chances(DrafterId(1), vec![0.5, 0.4], guess),
+            Some(1)
+        );
+        let no_chances = Proposal::greedy(vec![6]);
+        assert_eq!(
+            builder.add_with_chances(DrafterId(1), Vec::new(), no_chances),
+            None
+        );
+        let (tree, values) = builder.build_ranked();
+        assert_eq!(tree.tokens(), vec![0, 1, 2, 3]);
+        assert_eq!(values, vec![0.95, 0.9, 0.85]);
+        // A chance above its parent's is capped by it; one that is not a number is tiny.
+        let mut builder = TreeBuilder::new(0, 50, 16, 8);
+        let rising = Proposal::greedy(vec![1, 2, 3]);
+        builder.add_with_chances(DrafterId(0), vec![0.5, 0.9, f64::NAN], rising);
+        assert_eq!(builder.build_ranked().1, vec![0.5, 0.5, 1e-6]);
+    }
+
+    #[test]
     fn parents_precede_children() {
         let mut builder = TreeBuilder::new(0, 100, 64, 8);
         for (i, score) in [0.3, 0.9, 0.5, 0.7].into_iter().enumerate() {
