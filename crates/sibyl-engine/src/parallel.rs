@@ -13,6 +13,10 @@ where
     }
     let len = out.len();
     let chunks = len.div_ceil(chunk_len);
+    if chunks == 1 {
+        // Not worth waking the pool.
+        return f(0, out);
+    }
     let base = out.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
         for i in range {

@@ -56,46 +56,24 @@ struct Cell {
     accepted: f64,
 }
 
-/// A drafter's acceptance, measured as a session goes (see the module documentation).
-#[derive(Debug, Clone, PartialEq)]
+/// A drafter's acceptance, measured as a session goes (see the module documentation). The
+/// default has measured nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AcceptanceStats {
     /// Draft tokens of this drafter that were placed in a verified tree.
     pub proposed: u64,
     /// Draft tokens of this drafter that the target accepted.
     pub accepted: u64,
-    /// Chance assumed for the first token of a best branch in a cell not yet measured.
-    prior: f64,
     cells: [[[Cell; DEPTH_CLASSES]; EVIDENCE_CLASSES]; RANK_CLASSES],
 }
 
-impl Default for AcceptanceStats {
-    fn default() -> Self {
-        Self::starting_at(Self::PRIOR)
-    }
-}
-
 impl AcceptanceStats {
-    /// Acceptance assumed before anything has been measured.
+    /// Chance assumed for the first token of a best branch in a cell not yet measured.
     pub const PRIOR: f64 = 0.6;
     /// The lowest chance a level is given: low enough that two drafters that are always
     /// wrong are not worth a node (see [`crate::MIN_GAIN`]), never zero, so that a drafter
     /// can be tried again.
     const FLOOR: f64 = 0.01;
-
-    /// Statistics with no measurement, assuming `prior` (clamped to [0, 1]; not finite:
-    /// [`Self::PRIOR`]) for the first token of a best branch.
-    pub fn starting_at(prior: f64) -> Self {
-        Self {
-            proposed: 0,
-            accepted: 0,
-            prior: if prior.is_finite() {
-                prior.clamp(0.0, 1.0)
-            } else {
-                Self::PRIOR
-            },
-            cells: Default::default(),
-        }
-    }
 
     /// These estimates with the counters reset: where a new session of the same drafter
     /// kind starts from.
@@ -128,9 +106,9 @@ impl AcceptanceStats {
     pub fn chances(&self, rank: usize, evidence: u32, len: usize) -> Vec<f64> {
         let cells = &self.cells[rank_class(rank)][evidence_class(evidence)];
         let mut prior = if rank_class(rank) == 0 {
-            self.prior
+            Self::PRIOR
         } else {
-            self.prior * ALTERNATIVE_PRIOR
+            Self::PRIOR * ALTERNATIVE_PRIOR
         };
         let mut chance = 1.0;
         let mut class = usize::MAX;
@@ -197,7 +175,7 @@ mod tests {
 
     #[test]
     fn estimates_move_when_the_drafter_changes_and_carry_over_without_counters() {
-        let mut stats = AcceptanceStats::starting_at(f64::NAN);
+        let mut stats = AcceptanceStats::default();
         assert_eq!(stats.rate(), AcceptanceStats::PRIOR);
         for _ in 0..200 {
             stats.observe(0, 0, 1, true);
@@ -211,6 +189,5 @@ mod tests {
         let next = stats.carried_over();
         assert_eq!((next.proposed, next.accepted), (0, 0));
         assert_eq!(next.rate(), stats.rate());
-        assert_eq!(AcceptanceStats::starting_at(7.0).rate(), 1.0);
     }
 }

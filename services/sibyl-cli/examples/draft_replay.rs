@@ -47,13 +47,15 @@ const MAX_DEPTH: usize = 16;
 /// A prompt and its plain greedy output.
 type Sample = (Vec<TokenId>, Vec<TokenId>);
 
-/// The drafter's best branch at a position (all zero when it has none): the length of its
-/// match, how many of its tokens the plain output goes on with, and its length.
+/// The drafter's proposals at a position (all zero when it has none): the length of its
+/// best branch's match, how many of that branch's tokens the plain answer goes on with, and
+/// its length; and the most tokens any of its branches got right.
 #[derive(Debug, Clone, Copy, Default)]
 struct Replayed {
     matched: usize,
     kept: usize,
     len: usize,
+    kept_by_any: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -103,39 +105,45 @@ fn main() -> anyhow::Result<()> {
 
     // At every position: the longest match length and how many tokens of its best branch
     // the plain output continues with.
+    // Every position of every answer, replayed once: the drafter as `sibyl generate` runs it.
     let drafter = NgramDrafter::new(NgramConfig {
         max_ngram: args.ngram_max,
-        max_branches: 1,
         ..NgramConfig::default()
     });
-    let draft = |context: &[TokenId], output: &[TokenId]| -> Replayed {
-        let Some(best) = drafter.lookup(context, MAX_DEPTH).into_iter().next() else {
-            return Replayed::default();
-        };
-        let kept = best
-            .tokens
-            .iter()
-            .zip(output)
-            .take_while(|(a, b)| a == b)
-            .count();
-        Replayed {
-            matched: best.evidence as usize,
-            kept,
-            len: best.tokens.len(),
-        }
-    };
-    // kept[n][k]: positions whose match had length n and whose branch kept k tokens.
+    let replayed: Vec<Vec<Replayed>> = samples
+        .iter()
+        .map(|(prompt, output)| {
+            let mut context = prompt.clone();
+            (0..output.len())
+                .map(|i| {
+                    let branches = drafter.lookup(&context, MAX_DEPTH);
+                    context.push(output[i]);
+                    let kept = |tokens: &[TokenId]| {
+                        tokens
+                            .iter()
+                            .zip(&output[i..])
+                            .take_while(|(a, b)| a == b)
+                            .count()
+                    };
+                    let Some(best) = branches.first() else {
+                        return Replayed::default();
+                    };
+                    Replayed {
+                        matched: best.evidence as usize,
+                        kept: kept(&best.tokens),
+                        len: best.tokens.len(),
+                        kept_by_any: branches.iter().map(|b| kept(&b.tokens)).max().unwrap_or(0),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    // kept[n][k]: positions whose match had length n and whose best branch kept k tokens.
     let mut kept = vec![vec![0usize; MAX_DEPTH + 1]; args.ngram_max + 1];
-    let mut positions = 0;
-    for (prompt, output) in &samples {
-        let mut context = prompt.clone();
-        for i in 0..output.len() {
-            positions += 1;
-            let best = draft(&context, &output[i..]);
-            kept[best.matched][best.kept] += 1;
-            context.push(output[i]);
-        }
+    for position in replayed.iter().flatten() {
+        kept[position.matched][position.kept] += 1;
     }
+    let positions: usize = replayed.iter().map(Vec::len).sum();
     // rates[n][d]: chance that level d + 1 is accepted once level d was.
     let rates: Vec<Vec<f64>> = kept
         .iter()
@@ -193,77 +201,51 @@ fn main() -> anyhow::Result<()> {
     );
     for (name, costs) in [("this engine", &measured), ("flat", &flat)] {
         for max_depth in [4, 8, 16] {
-            let speedup = replay(&samples, &draft, &rates, costs, max_depth);
+            let speedup = replay(&replayed, &rates, costs, max_depth);
             println!("{name}, at most {max_depth} draft tokens: speedup {speedup:.2}x");
         }
     }
-    // The bound of bounds: every branch the drafter has (as `sibyl generate` asks for them),
-    // 16 tokens deep, verified at the price of one step.
-    let all_branches = NgramDrafter::new(NgramConfig {
-        max_ngram: args.ngram_max,
-        ..NgramConfig::default()
-    });
-    let (mut tokens, mut steps) = (0usize, 0usize);
-    for (prompt, output) in &samples {
-        let mut context = prompt.clone();
-        let mut i = 0;
-        while i < output.len() {
-            let kept = all_branches
-                .lookup(&context, MAX_DEPTH)
-                .iter()
-                .map(|b| {
-                    b.tokens
-                        .iter()
-                        .zip(&output[i..])
-                        .take_while(|(a, b)| a == b)
-                        .count()
-                })
-                .max()
-                .unwrap_or(0);
-            let advance = (kept + 1).min(output.len() - i);
-            context.extend_from_slice(&output[i..i + advance]);
-            i += advance;
-            tokens += advance;
-            steps += 1;
-        }
-    }
+    // The bound of bounds: every branch the drafter has, 16 tokens deep, verified at the
+    // price of one step.
+    let (tokens, steps) = decode(&replayed, |position| (1.0, position.kept_by_any));
     println!(
         "flat, every branch {MAX_DEPTH} tokens deep: speedup {:.2}x",
-        tokens as f64 / steps as f64
+        tokens as f64 / steps
     );
     Ok(())
 }
 
-/// Decodes every sample again with the best chain length of each step for the expected
-/// tokens per cost (knowing the acceptance `rates` per match length, not the output), and
+/// Decodes every answer again with the best chain length of each step for the expected
+/// tokens per cost (knowing the acceptance `rates` per match length, not the answer), and
 /// returns tokens per plain step's cost.
-fn replay(
-    samples: &[Sample],
-    draft: &dyn Fn(&[TokenId], &[TokenId]) -> Replayed,
-    rates: &[Vec<f64>],
-    costs: &[f64],
-    max_depth: usize,
-) -> f64 {
-    let (mut tokens, mut cost) = (0usize, 0.0);
-    for (prompt, output) in samples {
-        let mut context = prompt.clone();
-        let mut i = 0;
-        while i < output.len() {
-            let branch = draft(&context, &output[i..]);
-            let (mut length, mut best, mut expected, mut chance) = (0, 1.0 / costs[0], 1.0, 1.0);
-            for d in 1..=max_depth.min(branch.len) {
-                chance *= rates[branch.matched][d - 1];
-                expected += chance;
-                if expected / costs[d] > best {
-                    (length, best) = (d, expected / costs[d]);
-                }
+fn replay(replayed: &[Vec<Replayed>], rates: &[Vec<f64>], costs: &[f64], max_depth: usize) -> f64 {
+    let (tokens, cost) = decode(replayed, |branch| {
+        let (mut length, mut best, mut expected, mut chance) = (0, 1.0 / costs[0], 1.0, 1.0);
+        for d in 1..=max_depth.min(branch.len) {
+            chance *= rates[branch.matched][d - 1];
+            expected += chance;
+            if expected / costs[d] > best {
+                (length, best) = (d, expected / costs[d]);
             }
-            cost += costs[length];
-            let advance = (branch.kept.min(length) + 1).min(output.len() - i);
-            context.extend_from_slice(&output[i..i + advance]);
+        }
+        (costs[length], branch.kept.min(length))
+    });
+    tokens as f64 / cost
+}
+
+/// Decodes every answer again, `step` giving at each position the step's cost and the draft
+/// tokens it accepts; returns the tokens and the total cost.
+fn decode(replayed: &[Vec<Replayed>], step: impl Fn(&Replayed) -> (f64, usize)) -> (usize, f64) {
+    let (mut tokens, mut cost) = (0usize, 0.0);
+    for answer in replayed {
+        let mut i = 0;
+        while i < answer.len() {
+            let (spent, accepted) = step(&answer[i]);
+            let advance = (accepted + 1).min(answer.len() - i);
+            cost += spent;
             i += advance;
             tokens += advance;
         }
     }
-    tokens as f64 / cost
+    (tokens, cost)
 }

@@ -230,8 +230,8 @@ impl Activations {
     }
 }
 
-/// `quantize` applied to every `block`-sized piece of `x`, in parallel for long inputs (each
-/// block alone, so the split changes nothing).
+/// `quantize` applied to every `block`-sized piece of `x`, in parallel (each block alone, so
+/// the split changes nothing).
 fn quantize_all<Q: Copy + Send>(
     x: &[f32],
     block: usize,
@@ -241,12 +241,6 @@ fn quantize_all<Q: Copy + Send>(
     /// Blocks per parallel work item.
     const BLOCKS_PER_TASK: usize = 16;
     let mut out = vec![zero; x.len() / block];
-    if out.len() <= BLOCKS_PER_TASK {
-        out.iter_mut()
-            .zip(x.chunks_exact(block))
-            .for_each(|(q, x)| *q = quantize(x));
-        return out;
-    }
     crate::parallel::for_each_chunk_mut(&mut out, BLOCKS_PER_TASK, |i, chunk| {
         let x = &x[i * BLOCKS_PER_TASK * block..];
         chunk
