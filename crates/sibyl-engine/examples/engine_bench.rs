@@ -31,6 +31,13 @@ struct BenchArgs {
     /// Skip candle-transformers.
     #[arg(long)]
     no_reference: bool,
+    /// Chain lengths of the verification curve.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,3,4,5,6,8,10,12,16,20,24,32"
+    )]
+    chains: Vec<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -117,9 +124,12 @@ fn main() -> anyhow::Result<()> {
     let mut cache = model.new_cache();
     model.forward(&mut cache, &TreeInput::chain(&prompt), LogitRows::None)?;
     let chain: Vec<u32> = prompt.iter().rev().take(32).copied().collect();
-    let mut one = 0.0;
+    if let Some(k) = args.chains.iter().find(|&&k| k == 0 || k > chain.len()) {
+        anyhow::bail!("chain length {k} is outside 1..={}", chain.len());
+    }
+    let mut one = f64::NAN;
     println!("k | median ms | k tokens / 1 step");
-    for k in [1usize, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32] {
+    for &k in &args.chains {
         let mut times = Vec::new();
         for _ in 0..(rounds * 2 + 1) {
             let t = Instant::now();

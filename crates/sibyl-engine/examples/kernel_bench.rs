@@ -2,12 +2,22 @@
 //! shapes of Qwen2.5-Coder-1.5B (random weights; the kernels' speed does not depend on
 //! the values).
 //!
-//! `CANDLE_NUM_THREADS=2 cargo run --release -p sibyl-engine --example kernel_bench`
+//! `CANDLE_NUM_THREADS=2 cargo run --release -p sibyl-engine --example kernel_bench
+//!      [--from-memory]`
 
 use sibyl_engine::{GgmlDType, QuantMatrix};
 use std::time::Instant;
 
+#[derive(clap::Parser)]
+struct Args {
+    /// Cycle through copies of each matrix that together exceed the caches (about 512 MiB),
+    /// so that the weights come from memory, as in a forward pass of a real model.
+    #[arg(long)]
+    from_memory: bool,
+}
+
 fn main() {
+    let args = <Args as clap::Parser>::parse();
     let shapes = [
         ("ffn_gate Q4_K", GgmlDType::Q4K, 8960, 1536),
         ("ffn_down Q6_K", GgmlDType::Q6K, 1536, 8960),
@@ -27,13 +37,19 @@ fn main() {
     for (name, dtype, n, k) in shapes {
         let values: Vec<f32> = (0..n * k).map(|_| value()).collect();
         let w = QuantMatrix::quantize(dtype, n, k, &values).expect("shape");
+        let copies = if args.from_memory {
+            ((512 << 20) / w.size_in_bytes()).max(2)
+        } else {
+            1
+        };
+        let ws: Vec<QuantMatrix> = (0..copies).map(|_| w.clone()).collect();
         let mut one = 0.0;
         for m in [1usize, 2, 3, 4, 5, 6, 8, 12, 16, 32] {
             let x: Vec<f32> = (0..m * k).map(|_| value()).collect();
             let mut out = vec![0f32; m * n];
             let repeats = 200 / m + 5;
             let mut times = Vec::new();
-            for _ in 0..repeats {
+            for w in ws.iter().cycle().take(repeats) {
                 let t = Instant::now();
                 w.matmul(&x, m, &mut out).expect("matmul");
                 times.push(t.elapsed().as_secs_f64() * 1e3);

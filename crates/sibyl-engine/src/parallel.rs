@@ -31,15 +31,16 @@ where
     });
 }
 
-/// Calls `f(i)` for every `i < count`, in parallel on the same pool.
-pub(crate) fn for_each_index<F>(count: usize, f: F)
+/// Calls `f` on ranges that together cover `0..count` once, in parallel on the same pool
+/// (a few ranges per thread, so that per-call set-up is paid rarely).
+pub(crate) fn for_each_range<F>(count: usize, f: F)
 where
-    F: Fn(usize) + Sync,
+    F: Fn(std::ops::Range<usize>) + Sync,
 {
     if count == 0 {
         return;
     }
-    candle_core::utils::barrier_pool().execute_chunked(count, |range| range.for_each(&f));
+    candle_core::utils::barrier_pool().execute_chunked(count, f);
 }
 
 /// A slice that parallel work items write at disjoint indices.
@@ -59,11 +60,18 @@ impl DisjointWrites {
         }
     }
 
+    /// Writes `values` at `start..start + values.len()`.
+    ///
     /// # Safety
-    /// No other work item writes or reads `index` during the parallel call, and the slice
-    /// given to `new` is still borrowed.
-    pub(crate) unsafe fn write(&self, index: usize, value: f32) {
-        assert!(index < self.len, "index {index} out of {}", self.len);
-        *self.start.add(index) = value;
+    /// No other work item writes or reads those indices during the parallel call, and the
+    /// slice given to `new` is still borrowed.
+    pub(crate) unsafe fn write_all(&self, start: usize, values: &[f32]) {
+        assert!(
+            start + values.len() <= self.len,
+            "indices {start}..{} out of {}",
+            start + values.len(),
+            self.len
+        );
+        std::ptr::copy_nonoverlapping(values.as_ptr(), self.start.add(start), values.len());
     }
 }

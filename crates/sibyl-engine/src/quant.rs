@@ -1,6 +1,6 @@
 use crate::gguf::LoadOptions;
 use crate::kernels::{Activations, Isa, Kind, Packed, GROUP};
-use crate::parallel::{for_each_chunk_mut, for_each_index, DisjointWrites};
+use crate::parallel::{for_each_chunk_mut, for_each_range, DisjointWrites};
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
     BlockQ8_0, GgmlType,
@@ -11,7 +11,8 @@ use half::{bf16, f16};
 /// Output columns handled by one parallel work item.
 const COLUMNS_PER_TASK: usize = 16;
 
-/// Groups of interleaved columns handled by one parallel work item of sibyl's kernels.
+/// The unit in which sibyl's kernels split groups of interleaved columns over threads: a
+/// stored pair (`kernels::Packed`) is never split.
 const GROUPS_PER_TASK: usize = 2;
 
 /// A weight matrix of `rows` outputs by `cols` inputs, stored as quantized blocks, row-major.
@@ -260,18 +261,16 @@ impl QuantMatrix {
         let isa = Isa::detect();
         let (n, groups) = (self.rows, packed.groups());
         let target = DisjointWrites::new(out);
-        for_each_index(groups.div_ceil(GROUPS_PER_TASK), |task| {
-            let first = task * GROUPS_PER_TASK;
-            let count = GROUPS_PER_TASK.min(groups - first);
+        for_each_range(groups.div_ceil(GROUPS_PER_TASK), |tasks| {
+            let first = tasks.start * GROUPS_PER_TASK;
+            let count = (tasks.end * GROUPS_PER_TASK).min(groups) - first;
             packed.dot_groups(isa, first, count, acts, m, |group, first_row, tile| {
+                // The last group may be padded past the last column.
+                let columns = GROUP.min(n - group * GROUP);
                 for (r, values) in tile.iter().enumerate() {
-                    for (j, &value) in values.iter().enumerate() {
-                        let c = group * GROUP + j;
-                        if c < n {
-                            // SAFETY: each group (so each column c) belongs to one work item.
-                            unsafe { target.write((first_row + r) * n + c, value) };
-                        }
-                    }
+                    let at = (first_row + r) * n + group * GROUP;
+                    // SAFETY: each group (so each column) belongs to one work item.
+                    unsafe { target.write_all(at, &values[..columns]) };
                 }
             });
         });

@@ -437,13 +437,19 @@ async fn the_gateway_follows_its_verifier_and_a_lost_drafter_is_reported() {
         sample(&text, "sibyl_verifier_drafter_up{drafter=\"ngram\"}"),
         Some(0.0)
     );
-    let warned: Vec<String> = verifier_logs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("drafter does not answer"))
-        .cloned()
-        .collect();
+    // The drafter checks run every 2 s, apart from serving: under load the first one may
+    // not have finished yet.
+    let warnings = || -> Vec<String> {
+        verifier_logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("drafter does not answer"))
+            .cloned()
+            .collect()
+    };
+    eventually(Duration::from_secs(30), || !warnings().is_empty()).await;
+    let warned = warnings();
     assert_eq!(warned.len(), 1, "{warned:?}");
     assert!(warned[0].contains("no-such-drafter.invalid"), "{warned:?}");
 
