@@ -145,6 +145,16 @@ impl Q8K {
 
     /// ggml's `quantize_row_q8_K`: the value of largest magnitude maps to -127.
     pub(crate) fn quantize(x: &[f32]) -> Q8K {
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect() != Isa::Portable {
+            // SAFETY: `Isa::detect` finds AVX2 before it answers anything but `Portable`.
+            return unsafe { x86::quantize_q8k(x) };
+        }
+        Self::quantize_portable(x)
+    }
+
+    /// [`Q8K::quantize`] one value at a time.
+    pub(crate) fn quantize_portable(x: &[f32]) -> Q8K {
         debug_assert_eq!(x.len(), QK_K);
         // The first value of largest magnitude, found in two passes that vectorize.
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));

@@ -229,6 +229,53 @@ fn activation_quantizers_match_candle() {
     assert_eq!(ours, decoded);
 }
 
+/// The vector activation quantizer gives the scalar one's bytes, also where rounding is a
+/// tie, on NaN and infinities, on a denormal largest value and on zeros.
+#[test]
+fn the_vector_activation_quantizer_gives_the_scalar_bytes() {
+    let mut rng = Rng(11);
+    let mut rows: Vec<Vec<f32>> = (0..20)
+        .map(|_| (0..QK_K).map(|_| rng.unit() * 3.0).collect())
+        .collect();
+    // Largest value -127: the scale is 1, and halves are ties.
+    let ties: Vec<f32> = (0..QK_K)
+        .map(|i| {
+            if i == 9 {
+                -127.0
+            } else {
+                (i as f32 - 128.0) / 2.0
+            }
+        })
+        .collect();
+    rows.push(ties);
+    let mut special = rows[0].clone();
+    special[3] = f32::NAN;
+    special[100] = f32::INFINITY;
+    special[200] = f32::NEG_INFINITY;
+    rows.push(special);
+    let mut nan = rows[1].clone();
+    nan[0] = f32::NAN;
+    nan[255] = -f32::NAN;
+    rows.push(nan);
+    rows.push(
+        (0..QK_K)
+            .map(|i| f32::from_bits(1 + i as u32) * if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect(),
+    );
+    rows.push(vec![0.0; QK_K]);
+    rows.push(vec![f32::NAN; QK_K]);
+    for (r, row) in rows.iter().enumerate() {
+        let (q, scalar) = (Q8K::quantize(row), Q8K::quantize_portable(row));
+        assert_eq!(q.qs, scalar.qs, "row {r}");
+        assert_eq!(q.d.to_bits(), scalar.d.to_bits(), "row {r}");
+        assert_eq!(
+            (q.bsums, q.sums32),
+            (scalar.bsums, scalar.sums32),
+            "row {r}"
+        );
+    }
+}
+
 #[test]
 fn all_zero_activations_give_zero() {
     let mut rng = Rng(3);

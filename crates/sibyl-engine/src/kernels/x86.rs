@@ -8,7 +8,7 @@
 
 use super::packed_layout::*;
 use super::GroupBlocks;
-use super::{GROUP, Q8, Q8K, ROWS_PER_PASS};
+use super::{GROUP, Q8, Q8K, QK_K, ROWS_PER_PASS};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
@@ -1000,4 +1000,79 @@ unsafe fn q8_0_pair_tile<const R: usize>(
         let scale = _mm512_mul_ps(d, _mm512_set1_ps(x[i].d));
         acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(total)));
     }
+}
+
+/// `Q8K::quantize` (ggml's `quantize_row_q8_K`) eight values at a time: each value goes
+/// through the same operations as in the scalar code, so the bytes are the same (tested,
+/// with NaN, infinities and ties).
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn quantize_q8k(x: &[f32]) -> Q8K {
+    assert_eq!(x.len(), QK_K);
+    let p = x.as_ptr();
+    let sign = _mm256_set1_ps(-0.0);
+    // `max_ps` answers its second operand when either is NaN: NaN values are skipped, as
+    // `f32::max` skips them.
+    let mut m = _mm256_setzero_ps();
+    for i in (0..QK_K).step_by(8) {
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(p.add(i))), m);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+    let mut out = Q8K::ZERO;
+    if amax == 0.0 || amax.is_nan() {
+        return out;
+    }
+    // The first value of that magnitude.
+    let target = _mm256_set1_ps(amax);
+    let mut max = amax;
+    for i in (0..QK_K).step_by(8) {
+        let v = _mm256_loadu_ps(p.add(i));
+        let hits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(
+            _mm256_andnot_ps(sign, v),
+            target,
+        ));
+        if hits != 0 {
+            max = x[i + hits.trailing_zeros() as usize];
+            break;
+        }
+    }
+    let iscale = -127f32 / max;
+    let scale = _mm256_set1_ps(iscale);
+    let (half, minus_half, one) = (
+        _mm256_set1_ps(0.5),
+        _mm256_set1_ps(-0.5),
+        _mm256_set1_ps(1.0),
+    );
+    let (low, high) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    // Bytes 0..4 of each 8-value part of `packs` output, back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for i in (0..QK_K).step_by(32) {
+        let ints: [__m256i; 4] = std::array::from_fn(|j| {
+            let v = _mm256_mul_ps(scale, _mm256_loadu_ps(p.add(i + 8 * j)));
+            // `round_away`: the integer part, one more or less when the fraction reaches a
+            // half (exact: small integers).
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+            let fraction = _mm256_sub_ps(v, t);
+            let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(fraction, half), one);
+            let down = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(fraction, minus_half), one);
+            let r = _mm256_sub_ps(_mm256_add_ps(t, up), down);
+            // `clamp`, and NaN to 0 as `as i8` makes it.
+            let r = _mm256_min_ps(_mm256_max_ps(r, low), high);
+            let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v));
+            _mm256_cvttps_epi32(r)
+        });
+        let words = [
+            _mm256_packs_epi32(ints[0], ints[1]),
+            _mm256_packs_epi32(ints[2], ints[3]),
+        ];
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(words[0], words[1]), order);
+        _mm256_storeu_si256(out.qs.as_mut_ptr().add(i) as *mut __m256i, bytes);
+    }
+    out.set_sums();
+    out.d = 1.0 / iscale;
+    out
 }
