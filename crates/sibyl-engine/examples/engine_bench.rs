@@ -40,9 +40,15 @@ struct BenchArgs {
     chains: Vec<usize>,
 }
 
+/// The longest chain measured: the prompt's last tokens, reversed.
+const MAX_CHAIN: usize = 32;
+
 fn main() -> anyhow::Result<()> {
     let args = <BenchArgs as clap::Parser>::parse();
     let (model_name, tokens, rounds) = (args.model, args.tokens, args.rounds);
+    if let Some(k) = args.chains.iter().find(|&&k| k == 0 || k > MAX_CHAIN) {
+        anyhow::bail!("chain length {k} is outside 1..={MAX_CHAIN}");
+    }
     let with_reference = !args.no_reference;
     let path = sibyl_models::locate(
         &model_name,
@@ -123,10 +129,7 @@ fn main() -> anyhow::Result<()> {
     // Forward over k chained tokens after the prompt, relative to one step.
     let mut cache = model.new_cache();
     model.forward(&mut cache, &TreeInput::chain(&prompt), LogitRows::None)?;
-    let chain: Vec<u32> = prompt.iter().rev().take(32).copied().collect();
-    if let Some(k) = args.chains.iter().find(|&&k| k == 0 || k > chain.len()) {
-        anyhow::bail!("chain length {k} is outside 1..={}", chain.len());
-    }
+    let chain: Vec<u32> = prompt.iter().rev().take(MAX_CHAIN).copied().collect();
     let mut one = f64::NAN;
     println!("k | median ms | k tokens / 1 step");
     for &k in &args.chains {
@@ -141,7 +144,12 @@ fn main() -> anyhow::Result<()> {
         if k == 1 {
             one = m;
         }
-        println!("{k} | {m:.1} | {:.2}x", m / one);
+        if one.is_nan() {
+            // No one-token step measured to compare with.
+            println!("{k} | {m:.1} | -");
+        } else {
+            println!("{k} | {m:.1} | {:.2}x", m / one);
+        }
     }
     Ok(())
 }
