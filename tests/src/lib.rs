@@ -24,9 +24,8 @@ pub const TEST_MODEL: &str = "smollm2-135m";
 
 /// The local path of [`TEST_MODEL`].
 pub fn test_model_path() -> anyhow::Result<PathBuf> {
-    Ok(sibyl_models::locate(
+    Ok(sibyl_models::locate_in_user_cache(
         TEST_MODEL,
-        &sibyl_models::cache_dir(),
         &sibyl_models::NoProgress,
     )?)
 }

@@ -50,11 +50,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("chain length {k} is outside 1..={MAX_CHAIN}");
     }
     let with_reference = !args.no_reference;
-    let path = sibyl_models::locate(
-        &model_name,
-        &sibyl_models::cache_dir(),
-        &sibyl_models::NoProgress,
-    )?;
+    let path = sibyl_models::locate_in_user_cache(&model_name, &sibyl_models::NoProgress)?;
     let loaded = load(&path, &LoadOptions::default())?;
     let model = &loaded.model;
     let prompt = loaded.tokenizer.encode(

@@ -35,11 +35,7 @@ fn top_two(row: &[f32]) -> (f32, f32) {
 
 fn main() -> anyhow::Result<()> {
     let args = <DiffArgs as clap::Parser>::parse();
-    let path = sibyl_models::locate(
-        &args.model,
-        &sibyl_models::cache_dir(),
-        &sibyl_models::NoProgress,
-    )?;
+    let path = sibyl_models::locate_in_user_cache(&args.model, &sibyl_models::NoProgress)?;
     let loaded = load(&path, &LoadOptions::default())?;
     let model = &loaded.model;
     let vocab = model.vocab_size();

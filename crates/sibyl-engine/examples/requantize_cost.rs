@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
         model: name,
         tokens: count,
     } = <CostArgs as clap::Parser>::parse();
-    let path = sibyl_models::locate(&name, &sibyl_models::cache_dir(), &sibyl_models::NoProgress)?;
+    let path = sibyl_models::locate_in_user_cache(&name, &sibyl_models::NoProgress)?;
     let converted = load(&path, &LoadOptions::default())?;
     let original = load(
         &path,

@@ -9,7 +9,7 @@ use sibyl_spec::argmax;
 use std::path::PathBuf;
 
 fn model_path(name: &str) -> PathBuf {
-    sibyl_models::locate(name, &sibyl_models::cache_dir(), &sibyl_models::NoProgress)
+    sibyl_models::locate_in_user_cache(name, &sibyl_models::NoProgress)
         .unwrap_or_else(|e| panic!("fetching {name}: {e}"))
 }
 

@@ -130,6 +130,14 @@ pub fn cache_dir() -> PathBuf {
     base.join("sibyl").join("models")
 }
 
+/// [`locate`] with the user's model cache ([`cache_dir`]).
+pub fn locate_in_user_cache(
+    name_or_path: &str,
+    progress: &dyn Progress,
+) -> Result<PathBuf, FetchError> {
+    locate(name_or_path, &cache_dir(), progress)
+}
+
 /// The local path of a `--model` value, fetching a catalog model into `cache` if needed.
 pub fn locate(
     name_or_path: &str,

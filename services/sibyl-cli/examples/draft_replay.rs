@@ -60,11 +60,7 @@ struct Replayed {
 
 fn main() -> anyhow::Result<()> {
     let args = <ReplayArgs as clap::Parser>::parse();
-    let path = sibyl_models::locate(
-        &args.model,
-        &sibyl_models::cache_dir(),
-        &sibyl_models::NoProgress,
-    )?;
+    let path = sibyl_models::locate_in_user_cache(&args.model, &sibyl_models::NoProgress)?;
     let loaded = load(&path, &LoadOptions::default())?;
     let samples: Vec<Sample> = if args.cache.exists() {
         serde_json::from_str(&std::fs::read_to_string(&args.cache)?)?

@@ -48,11 +48,7 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let args = <BenchArgs as clap::Parser>::parse();
-    let path = sibyl_models::locate(
-        &args.model,
-        &sibyl_models::cache_dir(),
-        &sibyl_models::NoProgress,
-    )?;
+    let path = sibyl_models::locate_in_user_cache(&args.model, &sibyl_models::NoProgress)?;
     let mut items = Vec::new();
     for line in std::io::BufReader::new(std::fs::File::open(&args.data)?).lines() {
         let item: serde_json::Value = serde_json::from_str(&line?)?;

@@ -18,6 +18,17 @@ pub struct ModelArgs {
     pub keep_slow_types: bool,
 }
 
+impl ModelArgs {
+    /// The model file's path, fetching a catalog model into the user's cache first (with a
+    /// progress bar).
+    pub fn locate(&self) -> anyhow::Result<std::path::PathBuf> {
+        Ok(sibyl_models::locate_in_user_cache(
+            &self.model,
+            &crate::progress::BarProgress::default(),
+        )?)
+    }
+}
+
 /// The name a flag value has on the command line (`ngram`, `retrieval`, ...).
 pub fn value_name(value: impl ValueEnum) -> String {
     value

@@ -2,7 +2,6 @@ use crate::args::{
     DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, SamplingArgs, SpeculationArgs,
     NEEDS_DATASTORE,
 };
-use crate::progress::BarProgress;
 use anyhow::{bail, Context};
 use clap::Args;
 use sibyl_decode::{GenerationConfig, GenerationReport};
@@ -235,11 +234,7 @@ pub fn init_threads(threads: Option<usize>) {
 
 /// Finds (fetching if needed) and loads the model of `args`.
 pub fn load_model(args: &ModelArgs) -> anyhow::Result<sibyl_engine::LoadedModel> {
-    let path = sibyl_models::locate(
-        &args.model,
-        &sibyl_models::cache_dir(),
-        &BarProgress::default(),
-    )?;
+    let path = args.locate()?;
     let options = LoadOptions {
         requantize_slow_types: !args.keep_slow_types,
     };

@@ -1,7 +1,6 @@
 //! `sibyl index`: tokenizes a corpus with the target's tokenizer into a retrieval datastore.
 
 use crate::args::ModelArgs;
-use crate::progress::BarProgress;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -83,11 +82,7 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
             .build_global()
             .ok();
     }
-    let path = sibyl_models::locate(
-        &args.model.model,
-        &sibyl_models::cache_dir(),
-        &BarProgress::default(),
-    )?;
+    let path = args.model.locate()?;
     let text_model = sibyl_engine::load_text(&path)?;
     let tokenizer = &text_model.tokenizer;
     let files = files(&args.inputs, &args.exclude)?;

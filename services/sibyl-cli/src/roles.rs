@@ -6,7 +6,6 @@ use crate::args::{
     value_name, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs, NEEDS_DATASTORE,
 };
 use crate::generate::{init_threads, load_model, tokenizer_id};
-use crate::progress::BarProgress;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use sibyl_drafter::{DraftService, MakeDrafter};
@@ -309,18 +308,10 @@ fn served_name(model: &ModelArgs, explicit: Option<&String>) -> String {
     }
 }
 
-fn locate(model: &ModelArgs) -> anyhow::Result<std::path::PathBuf> {
-    Ok(sibyl_models::locate(
-        &model.model,
-        &sibyl_models::cache_dir(),
-        &BarProgress::default(),
-    )?)
-}
-
 fn text_loader(
     model: ModelArgs,
 ) -> impl FnMut() -> anyhow::Result<sibyl_engine::TextModel> + Send + 'static {
-    move || Ok(sibyl_engine::load_text(&locate(&model)?)?)
+    move || Ok(sibyl_engine::load_text(&model.locate()?)?)
 }
 
 fn ngram_drafter(ngram: &NgramArgs) -> anyhow::Result<MakeDrafter> {
@@ -506,7 +497,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let result = runtime.block_on(async move {
         // The model file first, once, so the three roles do not race to fetch it.
         let model = args.model.clone();
-        let path = tokio::task::spawn_blocking(move || locate(&model)).await??;
+        let path = tokio::task::spawn_blocking(move || model.locate()).await??;
         let mut model = args.model.clone();
         model.model = path.to_string_lossy().into_owned();
 

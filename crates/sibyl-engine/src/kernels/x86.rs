@@ -1048,7 +1048,8 @@ pub(super) unsafe fn quantize_q8k(x: &[f32]) -> Q8K {
         _mm256_set1_ps(1.0),
     );
     let (low, high) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
-    // Bytes 0..4 of each 8-value part of `packs` output, back in order.
+    // `packs` works within each 128-bit half: this puts its four-byte groups back in row
+    // order.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for i in (0..QK_K).step_by(32) {
         let ints: [__m256i; 4] = std::array::from_fn(|j| {
