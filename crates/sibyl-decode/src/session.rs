@@ -1,7 +1,7 @@
 use sibyl_engine::{EngineError, KvCache, LogitRows, Model, TreeInput};
 use sibyl_spec::{
-    choose_draft_nodes, verify, AcceptanceStats, Drafter, DrafterId, Proposal, SamplingConfig,
-    SamplingError, StepCosts, TokenId, TokenTree, TreeBuilder,
+    choose_draft_length, choose_draft_nodes, verify, AcceptanceStats, DraftCosts, Drafter,
+    DrafterId, Proposal, SamplingConfig, SamplingError, StepCosts, TokenId, TokenTree, TreeBuilder,
 };
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -16,11 +16,24 @@ const PROMPT_CHUNK: usize = 256;
 /// 2 AVX2 cores one node costs about 5% of a step: 0.3% of the time when nothing pays.
 const EXPLORE_AFTER: usize = 16;
 
+/// A drafter that costs the verifier time (it runs on the same cores) and was not asked for
+/// this many steps in a row is asked for one token, verified alone, so that its estimate
+/// follows the session even where other drafters were better value. Each probe after which
+/// it is still not asked doubles the wait, up to [`PROBE_AFTER_MAX`].
+const PROBE_AFTER: usize = 32;
+const PROBE_AFTER_MAX: usize = 512;
+
+/// A drafter whose full-depth block is expected to take less than this share of a plain
+/// step is asked at every step without weighing its cost (prompt lookup, retrieval).
+const FREE_DRAFTING: f64 = 0.05;
+
 /// What the sessions of one model learn and share (a process learns it once): what steps
 /// cost, and where each drafter kind's acceptance estimate starts in a new session.
 #[derive(Debug, Clone, Default)]
 pub struct Learned {
     pub costs: StepCosts,
+    /// What each in-process drafter kind's tokens take to draft on the verifier's cores.
+    pub drafting: DraftCosts,
     /// Where each drafter kind's acceptance estimates start in a new session: where the
     /// last session of that kind left them ([`AcceptanceStats::default`] for a kind not
     /// seen yet).
@@ -106,6 +119,11 @@ pub struct DrafterReport {
     pub proposed: u64,
     /// Of those, tokens the target accepted.
     pub accepted: u64,
+    /// Steps that had this drafter's drafts (an in-process drafter is left out of a step
+    /// when its drafting is not expected to pay; a remote one when it sent nothing).
+    pub asked: u64,
+    /// Time spent drafting in this process (zero for remote drafters).
+    pub drafting_time: Duration,
 }
 
 /// What a generation produced and how.
@@ -185,15 +203,45 @@ pub fn generate_cancellable(
         if cancelled() {
             return Ok(session.finish(FinishReason::Cancelled));
         }
-        let depth = session.draft_depth();
-        let mut proposals = Vec::new();
-        if depth > 0 {
-            for (i, drafter) in drafters.iter_mut().enumerate() {
-                proposals.push((DrafterId(i), drafter.propose(session.context(), depth)));
-            }
-        }
+        let proposals = draft(&mut session, drafters);
         step = session.step(proposals)?;
     }
+}
+
+/// Asks the drafters of this process for the next step's drafts: the cheapest first, each
+/// for as many tokens as [`Session::draft_length`] says pay, timing each call.
+fn draft(
+    session: &mut Session,
+    drafters: &mut [Box<dyn Drafter>],
+) -> Vec<(DrafterId, Vec<Proposal>)> {
+    let mut proposals = Vec::new();
+    if session.draft_depth() == 0 {
+        return proposals;
+    }
+    let mut order: Vec<usize> = (0..drafters.len()).collect();
+    if let Some(probe) = session.probe() {
+        order = vec![probe.0];
+    } else {
+        order.sort_by(|&a, &b| {
+            let cost = |i: usize| session.drafting_cost(DrafterId(i), 1).unwrap_or(0.0);
+            cost(a).total_cmp(&cost(b))
+        });
+    }
+    for i in order {
+        let id = DrafterId(i);
+        let length = session.draft_length(id, &proposals);
+        if length == 0 {
+            continue;
+        }
+        let started = Instant::now();
+        drafters[i].catch_up(session.context());
+        let caught_up = Instant::now();
+        let drafts = drafters[i].propose(session.context(), length);
+        session.record_drafting(id, caught_up - started, caught_up.elapsed(), &drafts);
+        proposals.push((id, drafts));
+    }
+    proposals.sort_by_key(|(id, _)| id.0);
+    proposals
 }
 
 /// Checks that `prompt` and `config` make a generation `model` can run: the checks of
@@ -248,6 +296,17 @@ pub struct Session<'m> {
     step_times: Vec<Duration>,
     /// Steps in a row that had drafts and verified none of them.
     plain_streak: usize,
+    /// Per drafter: steps in a row it was not asked for drafts, steps it was asked at,
+    /// and its drafting time (in-process drafters, see [`generate`]).
+    not_asked: Vec<usize>,
+    /// Steps without it after which each drafter is probed next.
+    probe_after: Vec<usize>,
+    /// Context length at each drafter's last call.
+    last_asked_at: Vec<Option<usize>>,
+    asked: Vec<u64>,
+    drafting_time: Vec<Duration>,
+    /// The next step verifies at least one node: a drafter is being probed.
+    probing: bool,
     started: Instant,
     prompt_time: Duration,
     decode_started: Option<Instant>,
@@ -285,6 +344,12 @@ impl<'m> Session<'m> {
             prompt_tokens: prompt.len(),
             context: prompt.to_vec(),
             output: Vec::new(),
+            not_asked: vec![0; drafter_kinds.len()],
+            probe_after: vec![PROBE_AFTER; drafter_kinds.len()],
+            last_asked_at: vec![None; drafter_kinds.len()],
+            asked: vec![0; drafter_kinds.len()],
+            drafting_time: vec![Duration::ZERO; drafter_kinds.len()],
+            probing: false,
             stats,
             drafter_kinds,
             steps: 0,
@@ -378,39 +443,21 @@ impl<'m> Session<'m> {
             });
         }
         let step_started = Instant::now();
-        let root = *self.context.last().unwrap_or(&0);
-        let depth = self.draft_depth();
-        let mut builder = TreeBuilder::new(root, vocab, self.config.draft_budget, depth)
-            .with_min_value(self.config.min_draft_value, self.config.exempt_draft_nodes);
-        // Per branch of the builder: its drafter, rank and evidence.
-        let mut branches = Vec::new();
-        if depth > 0 && self.config.draft_budget > 0 {
-            for (id, drafts) in proposals {
-                let Some(stats) = self.stats.get(id.0) else {
-                    continue;
-                };
-                // A drafter lists its best guess first.
-                for (rank, proposal) in drafts.into_iter().enumerate() {
-                    let evidence = proposal.evidence;
-                    let chances = stats.chances(rank, evidence, proposal.tokens.len().min(depth));
-                    if builder.add_with_chances(id, chances, proposal).is_some() {
-                        branches.push(BranchOrigin {
-                            drafter: id.0,
-                            rank,
-                            evidence,
-                        });
-                    }
-                }
+        for (id, _) in &proposals {
+            if let Some(asked) = self.asked.get_mut(id.0) {
+                *asked += 1;
             }
         }
+        let (builder, branches) = self.builder(proposals);
         let (mut tree, values) = builder.build_ranked();
         let context = self.context.len();
         if let Some(learning) = &self.config.learning {
             let costs = lock(learning).costs.clone();
-            let explore = self.plain_streak >= EXPLORE_AFTER;
+            let explore = self.plain_streak >= EXPLORE_AFTER || self.probing;
             let nodes = choose_draft_nodes(&values, |n| costs.estimate(n, context), explore);
             tree.truncate(nodes + 1);
         }
+        self.probing = false;
         self.plain_streak = match (values.is_empty(), tree.len()) {
             (false, 1) => self.plain_streak + 1,
             _ => 0,
@@ -434,6 +481,186 @@ impl<'m> Session<'m> {
                 .record(tree.len(), context, elapsed.as_secs_f64());
         }
         Ok(self.emit(&outcome.emitted(&tree)))
+    }
+
+    /// The tree builder of a step over `proposals`, and where each of its branches came
+    /// from. Proposals are untrusted: out-of-vocabulary tokens and branches past
+    /// [`Session::draft_depth`] are cut.
+    fn builder(
+        &self,
+        proposals: Vec<(DrafterId, Vec<Proposal>)>,
+    ) -> (TreeBuilder, Vec<BranchOrigin>) {
+        let root = *self.context.last().unwrap_or(&0);
+        let depth = self.draft_depth();
+        let mut builder = TreeBuilder::new(
+            root,
+            self.model.vocab_size(),
+            self.config.draft_budget,
+            depth,
+        )
+        .with_min_value(self.config.min_draft_value, self.config.exempt_draft_nodes);
+        let mut branches = Vec::new();
+        if depth > 0 && self.config.draft_budget > 0 {
+            for (id, drafts) in proposals {
+                let Some(stats) = self.stats.get(id.0) else {
+                    continue;
+                };
+                // A drafter lists its best guess first.
+                for (rank, proposal) in drafts.into_iter().enumerate() {
+                    let evidence = proposal.evidence;
+                    let chances = stats.chances(rank, evidence, proposal.tokens.len().min(depth));
+                    if builder.add_with_chances(id, chances, proposal).is_some() {
+                        branches.push(BranchOrigin {
+                            drafter: id.0,
+                            rank,
+                            evidence,
+                        });
+                    }
+                }
+            }
+        }
+        (builder, branches)
+    }
+
+    /// Context tokens that came since `drafter` was last asked (all of them at first).
+    fn new_tokens(&self, drafter: DrafterId) -> usize {
+        let context = self.context.len();
+        let last = self.last_asked_at.get(drafter.0).copied().flatten();
+        context - last.unwrap_or(0).min(context)
+    }
+
+    /// Seconds that `drafter`, an in-process drafter, is expected to take to catch up with
+    /// the context and draft `length` tokens, once its kind was measured (adaptive sizing
+    /// only).
+    pub fn drafting_cost(&self, drafter: DrafterId, length: usize) -> Option<f64> {
+        let learning = self.config.learning.as_ref()?;
+        let kind = self.drafter_kinds.get(drafter.0)?;
+        let new = self.new_tokens(drafter);
+        lock(learning).drafting.estimate(kind, new, length)
+    }
+
+    /// How many tokens to ask of `drafter`, an in-process drafter, for the next step, given
+    /// the drafts already gathered for it (0: leave it out). A drafter whose cost is not
+    /// measured yet, or is negligible, is asked for the full [`Session::draft_depth`]; an
+    /// expensive one for what [`choose_draft_length`] finds pays, from its acceptance so far
+    /// and what catching up with the context and drafting would take now (so a small model
+    /// that would first have to compute its cache for a long prompt, or for many tokens
+    /// since it was last asked, is asked only where that step alone pays for it). Fixed
+    /// sizing asks every drafter for the full depth.
+    pub fn draft_length(
+        &mut self,
+        drafter: DrafterId,
+        at_hand: &[(DrafterId, Vec<Proposal>)],
+    ) -> usize {
+        let depth = self.draft_depth();
+        let Some(index) = (drafter.0 < self.stats.len()).then_some(drafter.0) else {
+            return 0;
+        };
+        let length = if self.probing {
+            self.probe_after[index] = (self.probe_after[index] * 2).min(PROBE_AFTER_MAX);
+            depth.min(1)
+        } else {
+            let length = self.weigh_drafting(drafter, depth, at_hand);
+            if length > 0 {
+                self.probe_after[index] = PROBE_AFTER;
+            }
+            length
+        };
+        if length == 0 {
+            self.not_asked[index] += 1;
+        } else {
+            self.not_asked[index] = 0;
+        }
+        length
+    }
+
+    fn weigh_drafting(
+        &self,
+        drafter: DrafterId,
+        depth: usize,
+        at_hand: &[(DrafterId, Vec<Proposal>)],
+    ) -> usize {
+        let (Some(learning), Some(kind)) =
+            (&self.config.learning, self.drafter_kinds.get(drafter.0))
+        else {
+            return depth;
+        };
+        let context = self.context.len();
+        let new = self.new_tokens(drafter);
+        let (costs, drafting) = {
+            let learned = lock(learning);
+            (learned.costs.clone(), learned.drafting.clone())
+        };
+        let Some(full) = drafting.estimate(kind, new, depth) else {
+            return depth;
+        };
+        if !costs.measured(context) || full <= FREE_DRAFTING * costs.estimate(1, context) {
+            return depth;
+        }
+        let (builder, _) = self.builder(at_hand.to_vec());
+        let (_, values) = builder.build_ranked();
+        let chances = self.stats[drafter.0].expected_chances(depth);
+        choose_draft_length(
+            &values,
+            &chances,
+            |length| drafting.estimate(kind, new, length).unwrap_or(full),
+            |n| costs.estimate(n, context),
+        )
+    }
+
+    /// A drafter to probe at the next step, if one that costs drafting time has not been
+    /// asked for [`PROBE_AFTER`] steps (more after probes that did not change that): it
+    /// alone is asked, for one token, and that token is verified, so that its estimates
+    /// follow the session.
+    pub fn probe(&mut self) -> Option<DrafterId> {
+        if self.config.learning.is_none() || self.draft_depth() == 0 {
+            return None;
+        }
+        let context = self.context.len();
+        let plain = {
+            let learned = lock(self.config.learning.as_ref()?);
+            learned
+                .costs
+                .measured(context)
+                .then(|| learned.costs.estimate(1, context))
+        };
+        // A probe costs at most a plain step: not one that has a long context to catch up.
+        let index = (0..self.not_asked.len()).find(|&i| {
+            self.not_asked[i] >= self.probe_after[i]
+                && self
+                    .drafting_cost(DrafterId(i), 1)
+                    .zip(plain)
+                    .is_some_and(|(probe, plain)| probe <= plain)
+        })?;
+        self.probing = true;
+        Some(DrafterId(index))
+    }
+
+    /// Records a call of an in-process drafter: how long it took to catch up with the
+    /// context and then to draft, and what it drafted.
+    pub fn record_drafting(
+        &mut self,
+        drafter: DrafterId,
+        catching_up: Duration,
+        drafting: Duration,
+        drafts: &[Proposal],
+    ) {
+        let Some(kind) = self.drafter_kinds.get(drafter.0) else {
+            return;
+        };
+        self.drafting_time[drafter.0] += catching_up + drafting;
+        let new = self.new_tokens(drafter);
+        self.last_asked_at[drafter.0] = Some(self.context.len());
+        if let Some(learning) = &self.config.learning {
+            let longest = drafts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
+            let mut learned = lock(learning);
+            learned
+                .drafting
+                .record_catch_up(kind, catching_up.as_secs_f64(), new);
+            learned
+                .drafting
+                .record_drafting(kind, drafting.as_secs_f64(), longest);
+        }
     }
 
     /// Ends the session and reports it; with adaptive sizing, the next sessions' estimates
@@ -463,10 +690,13 @@ impl<'m> Session<'m> {
                 .drafter_kinds
                 .into_iter()
                 .zip(&self.stats)
-                .map(|(kind, s)| DrafterReport {
+                .zip(self.asked.iter().zip(&self.drafting_time))
+                .map(|((kind, s), (&asked, &drafting_time))| DrafterReport {
                     kind,
                     proposed: s.proposed,
                     accepted: s.accepted,
+                    asked,
+                    drafting_time,
                 })
                 .collect(),
             seed: self.config.sampling.seed,

@@ -6,7 +6,7 @@
 use sibyl_decode::{generate, GenerationConfig, Learned, Session, SharedLearning, Step};
 use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
 use sibyl_engine::{Architecture, GgmlDType, Model};
-use sibyl_spec::{DrafterId, Proposal, SamplingConfig, StepCosts, TokenId};
+use sibyl_spec::{DraftCosts, Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
@@ -31,8 +31,24 @@ fn cpu_like_costs() -> SharedLearning {
     }
     Arc::new(Mutex::new(Learned {
         costs: costs.frozen(),
+        drafting: DraftCosts::default(),
         acceptance: Default::default(),
     }))
+}
+
+/// [`cpu_like_costs`], with drafters whose drafting takes the verifier's time: per drafter
+/// kind, seconds per drafted token (a plain step is 0.1 s), fixed.
+fn costs_with_drafting(per_token: &[(&str, f64)]) -> SharedLearning {
+    let learning = cpu_like_costs();
+    let mut drafting = DraftCosts::default();
+    for &(kind, seconds) in per_token {
+        // The first token comes with catching up (a forward pass of one token, or two).
+        drafting.record_catch_up(kind, seconds, 1);
+        drafting.record_catch_up(kind, seconds, 2);
+        drafting.record_drafting(kind, seconds, 2);
+    }
+    learning.lock().unwrap().drafting = drafting.frozen();
+    learning
 }
 
 fn config(max_tokens: usize, learning: Option<SharedLearning>) -> GenerationConfig {
@@ -242,4 +258,144 @@ fn a_drafter_is_trusted_where_its_evidence_has_been_right() {
     assert!(whole.iter().all(|&v| v >= 3), "strong: {strong:?}");
     let weak_total: u64 = weak.iter().sum();
     assert!(weak_total <= 2, "weak: {weak:?}");
+}
+
+/// A drafter in this process that drafts the truth (or a wrong first token, shifted by
+/// `shift`), and writes down at which step (context length) it was asked for how many tokens.
+struct Scripted {
+    kind: &'static str,
+    prompt_len: usize,
+    truth: Vec<TokenId>,
+    shift: Option<u32>,
+    asked: Arc<Mutex<Vec<(usize, usize)>>>,
+}
+
+impl Drafter for Scripted {
+    fn kind(&self) -> &str {
+        self.kind
+    }
+
+    fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
+        self.asked.lock().unwrap().push((context.len(), max_tokens));
+        vec![draft(
+            &self.truth,
+            context.len() - self.prompt_len,
+            max_tokens,
+            self.shift,
+        )]
+    }
+}
+
+/// What `generate` printed and, per drafter, the lengths it was asked for after the first
+/// `from` tokens, with the number of steps after them.
+fn run_in_process(
+    model: &Model,
+    prompt: &[TokenId],
+    truth: &[TokenId],
+    drafters: &[(&'static str, Option<u32>)],
+    learning: SharedLearning,
+    from: usize,
+) -> (Vec<TokenId>, Vec<Vec<usize>>, usize) {
+    let logs: Vec<_> = drafters
+        .iter()
+        .map(|_| Arc::new(Mutex::new(Vec::new())))
+        .collect();
+    let mut boxed: Vec<Box<dyn Drafter>> = drafters
+        .iter()
+        .zip(&logs)
+        .map(|(&(kind, shift), asked)| {
+            Box::new(Scripted {
+                kind,
+                prompt_len: prompt.len(),
+                truth: truth.to_vec(),
+                shift,
+                asked: asked.clone(),
+            }) as Box<dyn Drafter>
+        })
+        .collect();
+    let config = config(truth.len(), Some(learning));
+    let mut contexts = Vec::new();
+    let mut seen = prompt.len();
+    let report = generate(model, prompt, &config, &mut boxed, |tokens| {
+        seen += tokens.len();
+        contexts.push(seen);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let start = prompt.len() + from;
+    let steps = contexts
+        .iter()
+        .filter(|&&c| c >= start)
+        .count()
+        .saturating_sub(1);
+    let asked = logs
+        .iter()
+        .map(|log| {
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|&&(at, _)| at >= start)
+                .map(|&(_, length)| length)
+                .collect()
+        })
+        .collect();
+    for (drafter, log) in report.drafters.iter().zip(&logs) {
+        assert_eq!(
+            drafter.asked as usize,
+            log.lock().unwrap().len(),
+            "{}",
+            drafter.kind
+        );
+    }
+    (report.tokens, asked, steps)
+}
+
+#[test]
+fn a_drafter_that_costs_a_step_per_token_is_only_probed() {
+    let model = model();
+    let prompt = [3, 1, 4, 1, 5, 9, 2, 6];
+    let truth = plain(&model, &prompt, 160);
+    // Always right, but drafting a token costs as much as decoding it: no block pays.
+    let learning = costs_with_drafting(&[("costly", 0.1)]);
+    let (output, asked, steps) =
+        run_in_process(&model, &prompt, &truth, &[("costly", None)], learning, 0);
+    assert_eq!(output, truth, "lossless");
+    // Asked for one token every 33 steps, to follow the session; the rest is plain decoding.
+    assert!(steps >= 140, "{steps}");
+    assert!(asked[0].iter().all(|&length| length == 1), "{asked:?}");
+    assert!(
+        asked[0].len() <= steps / 32 + 1,
+        "{} probes in {steps} steps",
+        asked[0].len()
+    );
+    assert!(!asked[0].is_empty(), "never probed in {steps} steps");
+}
+
+#[test]
+fn an_expensive_drafter_is_asked_where_the_cheap_ones_have_nothing() {
+    let model = model();
+    let prompt = [3, 1, 4, 1, 5, 9, 2, 6];
+    let truth = plain(&model, &prompt, 160);
+    // A small model: always right, a fifth of a step per token. Beside it, prompt lookup
+    // that costs nothing and is always wrong, or always right.
+    for (cheap_shift, lm_share) in [(Some(1), 0.9..=1.0), (None, 0.0..=0.1)] {
+        let learning = costs_with_drafting(&[("lookup", 0.0), ("small-model", 0.02)]);
+        let drafters = [("lookup", cheap_shift), ("small-model", None)];
+        let (output, asked, steps) =
+            run_in_process(&model, &prompt, &truth, &drafters, learning, 20);
+        assert_eq!(output, truth, "lossless");
+        // Prompt lookup is asked at every step, for the whole depth, but the probes of the
+        // small model (one step in 33 where it was not asked).
+        assert!(
+            asked[0].len() + steps / 32 + 1 >= steps,
+            "{asked:?} in {steps} steps"
+        );
+        assert!(asked[0].iter().all(|&length| length == 4), "{asked:?}");
+        let share = asked[1].len() as f64 / steps.max(1) as f64;
+        assert!(
+            lm_share.contains(&share),
+            "lookup shifted by {cheap_shift:?}: the small model was asked at {share:.2} of \
+             the steps ({asked:?} in {steps} steps)"
+        );
+    }
 }

@@ -71,6 +71,9 @@ pub struct LmDrafter {
     last: Option<(usize, Vec<TokenId>)>,
     /// Moving average of how many tokens of a block were accepted.
     accepted: f64,
+    /// Logits after the whole cache, computed by [`Drafter::catch_up`] for the context of
+    /// that length, not yet used.
+    ready: Option<(usize, Vec<f32>)>,
 }
 
 impl LmDrafter {
@@ -84,6 +87,7 @@ impl LmDrafter {
             cached: Vec::new(),
             last: None,
             accepted,
+            ready: None,
         }
     }
 
@@ -94,6 +98,19 @@ impl LmDrafter {
             return max;
         }
         ((self.accepted.round() as usize) + 2).clamp(1, max)
+    }
+
+    /// Forgets everything computed.
+    fn reset(&mut self) {
+        self.cache.truncate(0);
+        self.cached.clear();
+        self.ready = None;
+    }
+
+    /// Whether every token of `context` is in the drafter's vocabulary.
+    fn vocabulary_holds(&self, context: &[TokenId]) -> bool {
+        let vocab = self.model.vocab_size();
+        context.iter().all(|&t| (t as usize) < vocab)
     }
 
     /// Tokens of `context` that are in the cache (computed, not redrafted).
@@ -117,9 +134,16 @@ impl LmDrafter {
         self.accepted += SMOOTHING * (kept as f64 - self.accepted);
     }
 
-    /// Brings the cache to `context` minus its last token and returns the logits after the
-    /// whole context: the common prefix with what is cached is kept, the rest computed.
-    fn catch_up(&mut self, context: &[TokenId]) -> Result<Vec<f32>, EngineError> {
+    /// Brings the cache to `context` and returns the logits after it: the common prefix with
+    /// what is cached is kept, the rest computed (the last token again when the cache holds
+    /// it all, to get the logits; they are kept, so a [`Drafter::catch_up`] followed by
+    /// [`Drafter::propose`] on the same context computes nothing twice).
+    fn catch_up_to(&mut self, context: &[TokenId]) -> Result<Vec<f32>, EngineError> {
+        if let Some((at, logits)) = self.ready.take() {
+            if at == context.len() && self.cached == context {
+                return Ok(logits);
+            }
+        }
         let common = self
             .cached
             .iter()
@@ -151,7 +175,7 @@ impl LmDrafter {
     /// A block after `context`: its tokens and, when sampling, the distribution each was
     /// drawn from.
     fn draft(&mut self, context: &[TokenId], length: usize) -> Result<Proposal, EngineError> {
-        let mut logits = self.catch_up(context)?;
+        let mut logits = self.catch_up_to(context)?;
         let sampling = self.config.temperature > 0.0;
         let mut rng = ChaCha8Rng::seed_from_u64(context_seed(self.config.seed, context));
         let mut tokens = Vec::with_capacity(length);
@@ -286,6 +310,16 @@ impl Drafter for LmDrafter {
         "lm"
     }
 
+    fn catch_up(&mut self, context: &[TokenId]) {
+        if context.is_empty() || !self.vocabulary_holds(context) {
+            return;
+        }
+        match self.catch_up_to(context) {
+            Ok(logits) => self.ready = Some((context.len(), logits)),
+            Err(_) => self.reset(),
+        }
+    }
+
     fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
         self.observe(context);
         let room = self
@@ -297,10 +331,7 @@ impl Drafter for LmDrafter {
         if context.is_empty() || length == 0 {
             return Vec::new();
         }
-        if context
-            .iter()
-            .any(|&t| t as usize >= self.model.vocab_size())
-        {
+        if !self.vocabulary_holds(context) {
             return Vec::new();
         }
         match self.draft(context, length) {
@@ -311,8 +342,7 @@ impl Drafter for LmDrafter {
             Ok(_) => Vec::new(),
             // A draft is only a guess: on a model error, start over next time.
             Err(_) => {
-                self.cache.truncate(0);
-                self.cached.clear();
+                self.reset();
                 Vec::new()
             }
         }

@@ -61,6 +61,16 @@ fn drafting_ahead_then_rebasing_gives_the_drafts_of_a_fresh_drafter() {
         assert_eq!(rebased, fresh, "after {context:?}");
         assert!(drafter.cached_len() >= context.len());
     }
+    // Catching up first (as the decode loop does, to time it apart from drafting) changes
+    // nothing either, on the same context or after a rebase; nor does catching up with a
+    // context that is then not drafted from.
+    for context in [&rejected, &ahead, &prompt] {
+        drafter.catch_up(&rejected);
+        drafter.catch_up(context);
+        let caught_up = tokens(&mut drafter, context);
+        let fresh = tokens(&mut LmDrafter::new(model.clone(), fixed_length()), context);
+        assert_eq!(caught_up, fresh, "after catching up with {context:?}");
+    }
 }
 
 #[test]

@@ -56,6 +56,13 @@ struct Cell {
     accepted: f64,
 }
 
+impl Cell {
+    fn observe(&mut self, accepted: bool) {
+        self.seen = self.seen * DECAY + 1.0;
+        self.accepted = self.accepted * DECAY + f64::from(u8::from(accepted));
+    }
+}
+
 /// A drafter's acceptance, measured as a session goes (see the module documentation). The
 /// default has measured nothing.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -65,6 +72,9 @@ pub struct AcceptanceStats {
     /// Draft tokens of this drafter that the target accepted.
     pub accepted: u64,
     cells: [[[Cell; DEPTH_CLASSES]; EVIDENCE_CLASSES]; RANK_CLASSES],
+    /// The best branches' cells by depth, whatever their evidence: what a branch is
+    /// expected to do before it is drafted.
+    best: [Cell; DEPTH_CLASSES],
 }
 
 impl AcceptanceStats {
@@ -97,14 +107,27 @@ impl AcceptanceStats {
     /// accepted: whether it was accepted too.
     pub fn observe(&mut self, rank: usize, evidence: u32, depth: usize, accepted: bool) {
         let cell = &mut self.cells[rank_class(rank)][evidence_class(evidence)][depth_class(depth)];
-        cell.seen = cell.seen * DECAY + 1.0;
-        cell.accepted = cell.accepted * DECAY + f64::from(u8::from(accepted));
+        cell.observe(accepted);
+        if rank_class(rank) == 0 {
+            self.best[depth_class(depth)].observe(accepted);
+        }
     }
 
     /// For a branch of rank `rank` and evidence `evidence`, the estimated chance that its
     /// first 1, 2, ..., `len` tokens are all accepted. Never increasing, each in (0, 1].
     pub fn chances(&self, rank: usize, evidence: u32, len: usize) -> Vec<f64> {
         let cells = &self.cells[rank_class(rank)][evidence_class(evidence)];
+        Self::chain(|class| cells[class], rank, len)
+    }
+
+    /// [`Self::chances`] of the drafter's best branch before it is drafted, its evidence not
+    /// known yet: from the latest observations of best branches of any evidence.
+    pub fn expected_chances(&self, len: usize) -> Vec<f64> {
+        Self::chain(|class| self.best[class], 0, len)
+    }
+
+    /// The chances of a branch whose cells by depth class are `cell`.
+    fn chain(cell: impl Fn(usize) -> Cell, rank: usize, len: usize) -> Vec<f64> {
         let mut prior = if rank_class(rank) == 0 {
             Self::PRIOR
         } else {
@@ -117,7 +140,7 @@ impl AcceptanceStats {
             .map(|depth| {
                 if depth_class(depth) != class {
                     class = depth_class(depth);
-                    let cell = cells[class];
+                    let cell = cell(class);
                     level = ((cell.accepted + PRIOR_WEIGHT * prior) / (cell.seen + PRIOR_WEIGHT))
                         .clamp(Self::FLOOR, 1.0);
                     prior = level;
@@ -189,5 +212,24 @@ mod tests {
         let next = stats.carried_over();
         assert_eq!((next.proposed, next.accepted), (0, 0));
         assert_eq!(next.rate(), stats.rate());
+    }
+
+    #[test]
+    fn before_drafting_every_evidence_class_counts() {
+        let mut stats = AcceptanceStats::default();
+        assert_eq!(stats.expected_chances(2), stats.chances(0, 0, 2));
+        // Three accepted blocks with strong evidence, one rejected with weak evidence, and
+        // alternatives (rank 1) that do not count for the best branch.
+        for _ in 0..30 {
+            for _ in 0..3 {
+                stats.observe(0, 12, 1, true);
+            }
+            stats.observe(0, 1, 1, false);
+            stats.observe(1, 12, 1, false);
+        }
+        let first = stats.expected_chances(1)[0];
+        assert!((first - 0.75).abs() < 0.03, "{first}");
+        assert!(stats.chances(0, 12, 1)[0] > 0.9);
+        assert!(stats.chances(0, 1, 1)[0] < 0.1);
     }
 }

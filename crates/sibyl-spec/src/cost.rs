@@ -6,6 +6,14 @@
 //! nodes ranked by their chance of being accepted, take the first j when
 //! `(1 + sum of their chances) / cost(1 + j)` beats plain decoding, `1 / cost(1)`, by a
 //! margin; otherwise the step is plain decoding.
+//!
+//! A drafter that runs on the verifier's own cores (a small model in the same process) costs
+//! time before the step, and that time is lost whether its tokens are accepted or not. So
+//! such a drafter is asked for as many tokens as are expected to pay for their drafting and
+//! their nodes, given the drafts the cheap drafters already offered: none when those are
+//! better value ([`choose_draft_length`]).
+
+use std::collections::HashMap;
 
 /// Node-count buckets: 1, 2, 3-4, 5-8, 9-16, 17-32, 33-64, 65 and more.
 const NODE_BUCKETS: usize = 8;
@@ -67,6 +75,14 @@ impl StepCosts {
         });
     }
 
+    /// Whether a step after `context` tokens was measured (else [`StepCosts::estimate`] is
+    /// in units of a plain step, not seconds).
+    pub fn measured(&self, context: usize) -> bool {
+        self.buckets[context_bucket(context)]
+            .iter()
+            .any(Option::is_some)
+    }
+
     /// Estimated cost of a step over `nodes` nodes after `context` tokens, in seconds, or
     /// in units of one plain step while nothing at this context length is measured. Never
     /// decreases with `nodes`.
@@ -119,6 +135,162 @@ pub fn choose_draft_nodes(values: &[f64], cost: impl Fn(usize) -> f64, explore: 
     } else {
         best.0
     }
+}
+
+/// Each measurement of a drafter multiplies the weight of the earlier ones in its kind's
+/// costs by this: about the last 20 count.
+const DRAFT_DECAY: f64 = 0.95;
+
+/// Weight of the newest block in a drafter kind's moving average of seconds per token.
+const DRAFT_SMOOTHING: f64 = 0.2;
+
+/// A decayed least-squares line `seconds = fixed + per_token * tokens`, for the time a
+/// drafter takes to catch up with `tokens` new context tokens (one forward pass: a fixed
+/// part, like a decoding step of its model, and a part per token).
+#[derive(Debug, Clone, Copy, Default)]
+struct Line {
+    weight: f64,
+    x: f64,
+    xx: f64,
+    y: f64,
+    xy: f64,
+}
+
+impl Line {
+    fn add(&mut self, x: f64, y: f64) {
+        for (sum, sample) in [
+            (&mut self.weight, 1.0),
+            (&mut self.x, x),
+            (&mut self.xx, x * x),
+            (&mut self.y, y),
+            (&mut self.xy, x * y),
+        ] {
+            *sum = *sum * DRAFT_DECAY + sample;
+        }
+    }
+
+    /// The line's value at `x`: the fit; where the samples cannot tell a slope (all at one
+    /// size, as after a first call) the line through the origin, which is optimistic for
+    /// smaller sizes so that they get measured; where the slope comes out negative (noise)
+    /// the mean. Never negative.
+    fn at(&self, x: f64) -> f64 {
+        let variance = self.weight * self.xx - self.x * self.x;
+        let mean = self.y / self.weight.max(f64::MIN_POSITIVE);
+        if variance <= 1e-9 * self.weight * self.xx.max(1.0) {
+            return (self.xy / self.xx.max(f64::MIN_POSITIVE) * x).max(0.0);
+        }
+        let slope = (self.weight * self.xy - self.x * self.y) / variance;
+        if slope <= 0.0 {
+            return mean.max(0.0);
+        }
+        let fixed = (self.y - slope * self.x) / self.weight;
+        if fixed < 0.0 {
+            // Through the origin instead.
+            return (self.xy / self.xx * x).max(0.0);
+        }
+        fixed + slope * x
+    }
+}
+
+/// What one drafter kind costs the verifier when it runs on its cores.
+#[derive(Debug, Clone, Copy, Default)]
+struct KindCosts {
+    catch_up: Line,
+    /// Moving average of the seconds per drafted token after the first.
+    per_token: Option<f64>,
+}
+
+/// What drafting costs the verifier when the drafter runs on its cores (in the same
+/// process), per drafter kind, in two parts: catching up with the context that grew since
+/// its last call (a small model computes its cache for those tokens and its first draft
+/// token with them; the whole prompt at its first call of a generation), and each further
+/// drafted token (one forward pass of its model each).
+#[derive(Debug, Clone, Default)]
+pub struct DraftCosts {
+    kinds: HashMap<String, KindCosts>,
+    frozen: bool,
+}
+
+impl DraftCosts {
+    /// These costs, no longer changed by the `record` methods (for tests).
+    pub fn frozen(mut self) -> Self {
+        self.frozen = true;
+        self
+    }
+
+    /// Records that a drafter of `kind` took `seconds` to catch up with `new` tokens.
+    /// Non-finite or negative times are ignored.
+    pub fn record_catch_up(&mut self, kind: &str, seconds: f64, new: usize) {
+        if self.frozen || !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        let costs = self.kinds.entry(kind.to_string()).or_default();
+        costs.catch_up.add(new as f64, seconds);
+    }
+
+    /// Records that a drafter of `kind`, caught up, took `seconds` to draft a block of
+    /// `drafted` tokens (its longest branch). Blocks of one token tell nothing of the
+    /// further ones; non-finite or negative times are ignored.
+    pub fn record_drafting(&mut self, kind: &str, seconds: f64, drafted: usize) {
+        if self.frozen || !seconds.is_finite() || seconds < 0.0 || drafted < 2 {
+            return;
+        }
+        let sample = seconds / (drafted - 1) as f64;
+        let costs = self.kinds.entry(kind.to_string()).or_default();
+        costs.per_token = Some(match costs.per_token {
+            Some(mean) => mean + DRAFT_SMOOTHING * (sample - mean),
+            None => sample,
+        });
+    }
+
+    /// Estimated seconds for a drafter of `kind` to catch up with `new` tokens and draft a
+    /// block of `length` tokens, once both parts were measured.
+    pub fn estimate(&self, kind: &str, new: usize, length: usize) -> Option<f64> {
+        let costs = self.kinds.get(kind)?;
+        let per_token = costs.per_token?;
+        (costs.catch_up.weight > 0.0)
+            .then(|| costs.catch_up.at(new as f64) + per_token * length.saturating_sub(1) as f64)
+    }
+}
+
+/// How many tokens to ask of a drafter that takes `drafting(n)` seconds of the verifier's
+/// time to draft a block of `n` tokens (0: not worth asking). `at_hand` are the chances of
+/// the draft nodes the other drafters already offer (best first, as [`choose_draft_nodes`]
+/// takes them), `chances` the drafter's estimated chance that its first 1, 2, ... tokens are
+/// all accepted, and `cost(n)` the cost of a step over `n` nodes with the root, in seconds.
+///
+/// Both the tree the step would verify of the drafts at hand and the drafter's block are
+/// counted: the block's drafting time and one node per token. Where both are right they
+/// propose the same tokens, so the drafts at hand add to the block's expected length only
+/// where its first token is wrong (as if the two were independent). A length is chosen only
+/// when it beats the drafts at hand (or plain decoding) by [`MIN_GAIN`]. A drafter that
+/// takes a plain step per token is never asked: no block can pay for itself.
+pub fn choose_draft_length(
+    at_hand: &[f64],
+    chances: &[f64],
+    drafting: impl Fn(usize) -> f64,
+    cost: impl Fn(usize) -> f64,
+) -> usize {
+    let rate = |expected: f64, seconds: f64| (1.0 + expected) / seconds.max(f64::MIN_POSITIVE);
+    // The tree the step would verify of the drafts at hand (none: a plain step).
+    let nodes = choose_draft_nodes(at_hand, &cost, false);
+    let expected_at_hand: f64 = at_hand[..nodes].iter().map(|v| v.clamp(0.0, 1.0)).sum();
+    let rate_at_hand = rate(expected_at_hand, cost(1 + nodes));
+    let first = chances.first().map_or(0.0, |c| c.clamp(0.0, 1.0));
+    let mut best = (0usize, rate_at_hand * MIN_GAIN);
+    let mut drafted = 0.0;
+    for (i, chance) in chances.iter().enumerate() {
+        let length = i + 1;
+        drafted += chance.clamp(0.0, 1.0);
+        let seconds = drafting(length).max(0.0) + cost(1 + nodes + length);
+        let together =
+            drafted.max(expected_at_hand) + (1.0 - first) * drafted.min(expected_at_hand);
+        let r = rate(together, seconds);
+        if r > best.1 {
+            best = (length, r);
+        }
+    }
+    best.0
 }
 
 #[cfg(test)]
@@ -194,5 +366,79 @@ mod tests {
         // GPU-like: nodes are almost free, so every plausible one goes in.
         let gpu = |n: usize| 1.0 + 0.001 * (n - 1) as f64;
         assert_eq!(choose_draft_nodes(&chain, gpu, false), 10);
+    }
+
+    #[test]
+    fn an_expensive_drafter_is_asked_only_where_it_pays() {
+        // CPU-like steps of 1 s plus 15% per node; a small model accepted 85% per level.
+        let cpu = |n: usize| 1.0 + 0.15 * (n - 1) as f64;
+        let small_model: Vec<f64> = (1..=8).map(|d| 0.85f64.powi(d)).collect();
+        let per_token = |seconds: f64| move |n: usize| seconds * n as f64;
+        // Nothing at hand: at half a step per token, a short block pays.
+        let asked = choose_draft_length(&[], &small_model, per_token(0.5), cpu);
+        assert!((1..=4).contains(&asked), "{asked}");
+        // Free drafting: a longer block.
+        assert!(choose_draft_length(&[], &small_model, per_token(0.0), cpu) > asked);
+        // A prompt-lookup chain that is almost sure: not worth drafting beside it.
+        assert_eq!(
+            choose_draft_length(&[0.97; 8], &small_model, per_token(0.5), cpu),
+            0
+        );
+        // A weak match at hand does not stop it.
+        assert!(choose_draft_length(&[0.1], &small_model, per_token(0.5), cpu) > 0);
+        // Catching up first with many tokens (here 3 steps) does.
+        let after_a_prompt = |n: usize| 3.0 + 0.5 * n as f64;
+        assert_eq!(
+            choose_draft_length(&[], &small_model, after_a_prompt, cpu),
+            0
+        );
+        // A plain step per token never pays, even for tokens sure to be accepted, nor does a
+        // drafter that is always wrong.
+        assert_eq!(choose_draft_length(&[], &[1.0; 8], per_token(1.0), cpu), 0);
+        assert_eq!(
+            choose_draft_length(&[], &[0.01; 8], per_token(0.05), cpu),
+            0
+        );
+        assert_eq!(choose_draft_length(&[], &[], per_token(0.0), cpu), 0);
+    }
+
+    #[test]
+    fn drafting_time_is_told_apart_from_catching_up() {
+        let mut costs = DraftCosts::default();
+        assert_eq!(costs.estimate("lm", 1, 1), None);
+        // Catching up: one forward pass of 20 ms plus 2 ms per token; each further drafted
+        // token 19 ms.
+        for new in [1, 3, 2, 200, 5, 1, 4] {
+            costs.record_catch_up("lm", 0.020 + 0.002 * new as f64, new);
+        }
+        assert_eq!(costs.estimate("lm", 1, 1), None, "no block measured yet");
+        costs.record_drafting("lm", 0.0, 1);
+        assert_eq!(
+            costs.estimate("lm", 1, 1),
+            None,
+            "a one-token block tells nothing"
+        );
+        for drafted in [2, 5, 3] {
+            costs.record_drafting("lm", 0.019 * (drafted - 1) as f64, drafted);
+        }
+        costs.record_catch_up("lm", f64::NAN, 4);
+        costs.record_drafting("lm", -1.0, 4);
+        let estimate = |new, length| costs.estimate("lm", new, length).unwrap();
+        assert!((estimate(1, 1) - 0.022).abs() < 1e-9, "{}", estimate(1, 1));
+        assert!((estimate(100, 4) - (0.220 + 3.0 * 0.019)).abs() < 1e-9);
+        // Catch-ups all of one size: their mean at that size, in proportion elsewhere.
+        let mut same = DraftCosts::default();
+        same.record_catch_up("lm", 0.02, 3);
+        same.record_catch_up("lm", 0.04, 3);
+        same.record_drafting("lm", 0.01, 2);
+        let mean = same.estimate("lm", 3, 1).unwrap();
+        assert!((mean - 0.03).abs() < 0.002, "{mean}");
+        assert!((same.estimate("lm", 6, 1).unwrap() - 2.0 * mean).abs() < 1e-9);
+        assert_eq!(same.estimate("ngram", 1, 1), None);
+        let frozen = costs.clone().frozen();
+        let mut changed = frozen.clone();
+        changed.record_catch_up("lm", 9.0, 1);
+        changed.record_drafting("lm", 9.0, 2);
+        assert_eq!(changed.estimate("lm", 7, 3), frozen.estimate("lm", 7, 3));
     }
 }

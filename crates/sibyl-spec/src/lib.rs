@@ -19,7 +19,7 @@ mod tree;
 mod verify;
 
 pub use acceptance::AcceptanceStats;
-pub use cost::{choose_draft_nodes, StepCosts, MIN_GAIN};
+pub use cost::{choose_draft_length, choose_draft_nodes, DraftCosts, StepCosts, MIN_GAIN};
 pub use inbox::{AnchoredBlock, BlockRejection, DraftInbox, InboxLimits};
 pub use sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
 pub use tree::{Candidate, Node, Proposal, SparseDist, TokenTree, TreeBuilder};
@@ -43,4 +43,9 @@ pub trait Drafter: Send {
     /// Proposes continuations of `context` (the whole sequence so far, prompt included).
     /// At most `max_tokens` tokens per branch are useful; longer branches are cut.
     fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal>;
+
+    /// Does what [`Drafter::propose`] would first do to follow `context` (a small model
+    /// computes its cache for the tokens it has not seen), so that its cost can be measured
+    /// apart from drafting. Nothing for drafters without such work.
+    fn catch_up(&mut self, _context: &[TokenId]) {}
 }

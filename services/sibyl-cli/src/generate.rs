@@ -322,11 +322,15 @@ pub fn summary(report: &GenerationReport) -> String {
             0.0
         };
         text.push_str(&format!(
-            "\n{}: {} draft tokens proposed, {} accepted ({:.0}%)",
+            "\n{}: {} draft tokens proposed, {} accepted ({:.0}%); drafted at {} of {} steps \
+             in {:.2} s",
             drafter.kind,
             drafter.proposed,
             drafter.accepted,
-            rate * 100.0
+            rate * 100.0,
+            drafter.asked,
+            report.steps.saturating_sub(1),
+            drafter.drafting_time.as_secs_f64(),
         ));
     }
     text

@@ -433,6 +433,9 @@ fn report(summary: pb::GenerateSummary) -> anyhow::Result<GenerationReport> {
                 kind: stats.kind.clone(),
                 proposed: stats.proposed_tokens,
                 accepted: stats.accepted_tokens,
+                // The gateway's summary does not say which steps had which drafter.
+                asked: 0,
+                drafting_time: Duration::ZERO,
             }),
         }
     }

@@ -12,6 +12,10 @@ use std::time::Duration;
 pub struct DraftCounts {
     pub proposed: u64,
     pub accepted: u64,
+    /// Steps that had this drafter's drafts.
+    pub asked: u64,
+    /// Seconds spent drafting in this process (0 for remote drafters).
+    pub drafting_s: f64,
 }
 
 /// One prompt (all its turns) under one config.
@@ -107,6 +111,8 @@ impl ItemRecord {
                 let counts = record.drafters.entry(drafter.kind.clone()).or_default();
                 counts.proposed += drafter.proposed;
                 counts.accepted += drafter.accepted;
+                counts.asked += drafter.asked;
+                counts.drafting_s += drafter.drafting_time.as_secs_f64();
             }
         }
         record.tokens_per_s = rate(record.decoded, record.decode_s);
@@ -171,6 +177,12 @@ pub struct DrafterSummary {
     pub accepted: u64,
     /// Accepted over proposed.
     pub acceptance_rate: f64,
+    /// This drafter's share of the draft tokens accepted from all drafters.
+    pub accepted_share: f64,
+    /// Verify steps that had this drafter's drafts.
+    pub asked_steps: u64,
+    /// Seconds spent drafting in this process (0 for remote drafters).
+    pub drafting_s: f64,
 }
 
 impl Summary {
@@ -202,9 +214,12 @@ impl Summary {
                 let sum = drafts.entry(kind.clone()).or_default();
                 sum.proposed += counts.proposed;
                 sum.accepted += counts.accepted;
+                sum.asked += counts.asked;
+                sum.drafting_s += counts.drafting_s;
             }
         }
         let (step_p50_ms, step_p99_ms) = percentiles_ms(&mut step_times);
+        let all_accepted: u64 = drafts.values().map(|c| c.accepted).sum();
         Self {
             tokens_per_s: rate(decoded, decode_s),
             speedup_geomean: (speedups > 0).then(|| (log_speedups / speedups as f64).exp()),
@@ -222,7 +237,7 @@ impl Summary {
             step_p50_ms,
             step_p99_ms,
             drafters: drafts
-                .into_iter()
+                .iter()
                 .map(|(kind, c)| {
                     let acceptance_rate = if c.proposed > 0 {
                         c.accepted as f64 / c.proposed as f64
@@ -233,8 +248,15 @@ impl Summary {
                         proposed: c.proposed,
                         accepted: c.accepted,
                         acceptance_rate,
+                        accepted_share: if all_accepted > 0 {
+                            c.accepted as f64 / all_accepted as f64
+                        } else {
+                            0.0
+                        },
+                        asked_steps: c.asked,
+                        drafting_s: c.drafting_s,
                     };
-                    (kind, summary)
+                    (kind.clone(), summary)
                 })
                 .collect(),
         }
@@ -570,17 +592,21 @@ impl Results {
             }
         }
         out.push_str(
-            "\n## Drafters\n\n| config | drafter | proposed | accepted | acceptance |\n\
-             |---|---|---:|---:|---:|\n",
+            "\n## Drafters\n\n| config | drafter | proposed | accepted | acceptance | \
+             share of accepted | steps drafted | drafting s |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|\n",
         );
         for name in &speculative {
             if let Some(r) = self.configs.get(*name) {
                 for (kind, d) in &r.drafters {
                     out.push_str(&format!(
-                        "| {name} | {kind} | {} | {} | {:.1}% |\n",
+                        "| {name} | {kind} | {} | {} | {:.1}% | {:.1}% | {} | {:.2} |\n",
                         d.proposed,
                         d.accepted,
-                        d.acceptance_rate * 100.0
+                        d.acceptance_rate * 100.0,
+                        d.accepted_share * 100.0,
+                        d.asked_steps,
+                        d.drafting_s,
                     ));
                 }
             }
