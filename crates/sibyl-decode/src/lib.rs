@@ -7,6 +7,6 @@
 mod session;
 
 pub use session::{
-    check_request, generate, generate_cancellable, DrafterReport, FinishReason, GenerateError,
-    GenerationConfig, GenerationReport, Learned, Session, SharedLearning, Step,
+    check_request, generate, generate_cancellable, DraftTiming, DrafterReport, FinishReason,
+    GenerateError, GenerationConfig, GenerationReport, Learned, Session, SharedLearning, Step,
 };

@@ -208,6 +208,18 @@ pub fn generate_cancellable(
     }
 }
 
+/// How one call of an in-process drafter went.
+#[derive(Debug, Clone, Copy)]
+pub struct DraftTiming {
+    /// Context tokens the drafter computed to catch up ([`Drafter::catch_up`]).
+    pub computed: usize,
+    pub catching_up: Duration,
+    /// The block length it was asked for.
+    pub asked_for: usize,
+    /// Time to draft, once caught up.
+    pub drafting: Duration,
+}
+
 /// Asks the drafters of this process for the next step's drafts: the cheapest first, each
 /// for as many tokens as [`Session::draft_length`] says pay, timing each call.
 fn draft(
@@ -234,10 +246,16 @@ fn draft(
             continue;
         }
         let started = Instant::now();
-        drafters[i].catch_up(session.context());
+        let computed = drafters[i].catch_up(session.context());
         let caught_up = Instant::now();
         let drafts = drafters[i].propose(session.context(), length);
-        session.record_drafting(id, caught_up - started, caught_up.elapsed(), &drafts);
+        let timing = DraftTiming {
+            computed,
+            catching_up: caught_up - started,
+            asked_for: length,
+            drafting: caught_up.elapsed(),
+        };
+        session.record_drafting(id, &timing, &drafts);
         proposals.push((id, drafts));
     }
     proposals.sort_by_key(|(id, _)| id.0);
@@ -443,8 +461,15 @@ impl<'m> Session<'m> {
             });
         }
         let step_started = Instant::now();
-        for (id, _) in &proposals {
-            if let Some(asked) = self.asked.get_mut(id.0) {
+        let mut had_drafts: Vec<usize> = proposals
+            .iter()
+            .filter(|(_, drafts)| !drafts.is_empty())
+            .map(|(id, _)| id.0)
+            .collect();
+        had_drafts.sort_unstable();
+        had_drafts.dedup();
+        for id in had_drafts {
+            if let Some(asked) = self.asked.get_mut(id) {
                 *asked += 1;
             }
         }
@@ -641,25 +666,32 @@ impl<'m> Session<'m> {
     pub fn record_drafting(
         &mut self,
         drafter: DrafterId,
-        catching_up: Duration,
-        drafting: Duration,
+        timing: &DraftTiming,
         drafts: &[Proposal],
     ) {
         let Some(kind) = self.drafter_kinds.get(drafter.0) else {
             return;
         };
-        self.drafting_time[drafter.0] += catching_up + drafting;
-        let new = self.new_tokens(drafter);
+        self.drafting_time[drafter.0] += timing.catching_up + timing.drafting;
         self.last_asked_at[drafter.0] = Some(self.context.len());
         if let Some(learning) = &self.config.learning {
             let longest = drafts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
+            // The first token comes with catching up; a block that stopped early (its
+            // drafter's confidence fell) computed one more that it did not send.
+            let passes = if longest < timing.asked_for {
+                longest
+            } else {
+                longest.saturating_sub(1)
+            };
             let mut learned = lock(learning);
+            learned.drafting.record_catch_up(
+                kind,
+                timing.catching_up.as_secs_f64(),
+                timing.computed,
+            );
             learned
                 .drafting
-                .record_catch_up(kind, catching_up.as_secs_f64(), new);
-            learned
-                .drafting
-                .record_drafting(kind, drafting.as_secs_f64(), longest);
+                .record_drafting(kind, timing.drafting.as_secs_f64(), passes);
         }
     }
 

@@ -67,13 +67,16 @@ pub struct LmDrafter {
     cache: KvCache,
     /// The tokens whose keys and values are in `cache`, in order.
     cached: Vec<TokenId>,
-    /// The last block: the context length it followed and its tokens.
-    last: Option<(usize, Vec<TokenId>)>,
+    /// The last block: the context length it followed, its tokens, and whether the caller
+    /// asked for fewer tokens than the block length.
+    last: Option<(usize, Vec<TokenId>, bool)>,
     /// Moving average of how many tokens of a block were accepted.
     accepted: f64,
     /// Logits after the whole cache, computed by [`Drafter::catch_up`] for the context of
     /// that length, not yet used.
     ready: Option<(usize, Vec<f32>)>,
+    /// Context tokens computed while catching up, in all.
+    computed: usize,
 }
 
 impl LmDrafter {
@@ -88,6 +91,7 @@ impl LmDrafter {
             last: None,
             accepted,
             ready: None,
+            computed: 0,
         }
     }
 
@@ -107,6 +111,14 @@ impl LmDrafter {
         self.ready = None;
     }
 
+    /// Draft tokens that fit in the drafter's context window after `context`.
+    fn room(&self, context: &[TokenId]) -> usize {
+        self.model
+            .config()
+            .context_length
+            .saturating_sub(context.len() + 1)
+    }
+
     /// Whether every token of `context` is in the drafter's vocabulary.
     fn vocabulary_holds(&self, context: &[TokenId]) -> bool {
         let vocab = self.model.vocab_size();
@@ -120,7 +132,7 @@ impl LmDrafter {
 
     /// Counts how many tokens of the last block `context` kept.
     fn observe(&mut self, context: &[TokenId]) {
-        let Some((at, block)) = self.last.take() else {
+        let Some((at, block, cut)) = self.last.take() else {
             return;
         };
         if context.len() <= at || context.get(..at).is_none() {
@@ -131,6 +143,11 @@ impl LmDrafter {
             .zip(&block)
             .take_while(|(a, b)| a == b)
             .count();
+        // A block the caller asked to be shorter than ours, kept whole, does not say how
+        // much of a longer one would have been.
+        if cut && kept == block.len() {
+            return;
+        }
         self.accepted += SMOOTHING * (kept as f64 - self.accepted);
     }
 
@@ -168,6 +185,7 @@ impl LmDrafter {
                 .model
                 .forward(&mut self.cache, &TreeInput::chain(chunk), rows)?;
             self.cached.extend_from_slice(chunk);
+            self.computed += chunk.len();
         }
         Ok(logits)
     }
@@ -310,33 +328,31 @@ impl Drafter for LmDrafter {
         "lm"
     }
 
-    fn catch_up(&mut self, context: &[TokenId]) {
-        if context.is_empty() || !self.vocabulary_holds(context) {
-            return;
+    fn catch_up(&mut self, context: &[TokenId]) -> usize {
+        if context.is_empty() || self.room(context) == 0 || !self.vocabulary_holds(context) {
+            return 0;
         }
+        let before = self.computed;
         match self.catch_up_to(context) {
             Ok(logits) => self.ready = Some((context.len(), logits)),
             Err(_) => self.reset(),
         }
+        self.computed - before
     }
 
     fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
         self.observe(context);
-        let room = self
-            .model
-            .config()
-            .context_length
-            .saturating_sub(context.len() + 1);
-        let length = self.block_length().min(max_tokens).min(room);
+        let length = self.block_length().min(max_tokens).min(self.room(context));
         if context.is_empty() || length == 0 {
             return Vec::new();
         }
         if !self.vocabulary_holds(context) {
             return Vec::new();
         }
+        let cut = max_tokens < self.block_length();
         match self.draft(context, length) {
             Ok(proposal) if !proposal.tokens.is_empty() => {
-                self.last = Some((context.len(), proposal.tokens.clone()));
+                self.last = Some((context.len(), proposal.tokens.clone(), cut));
                 vec![proposal]
             }
             Ok(_) => Vec::new(),

@@ -71,6 +71,16 @@ fn drafting_ahead_then_rebasing_gives_the_drafts_of_a_fresh_drafter() {
         let fresh = tokens(&mut LmDrafter::new(model.clone(), fixed_length()), context);
         assert_eq!(caught_up, fresh, "after catching up with {context:?}");
     }
+    drafter.catch_up(&ahead);
+    let elsewhere = tokens(&mut drafter, &rejected);
+    let fresh = tokens(
+        &mut LmDrafter::new(model.clone(), fixed_length()),
+        &rejected,
+    );
+    assert_eq!(
+        elsewhere, fresh,
+        "drafting after catching up with another context"
+    );
 }
 
 #[test]

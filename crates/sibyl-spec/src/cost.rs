@@ -228,14 +228,15 @@ impl DraftCosts {
         costs.catch_up.add(new as f64, seconds);
     }
 
-    /// Records that a drafter of `kind`, caught up, took `seconds` to draft a block of
-    /// `drafted` tokens (its longest branch). Blocks of one token tell nothing of the
-    /// further ones; non-finite or negative times are ignored.
-    pub fn record_drafting(&mut self, kind: &str, seconds: f64, drafted: usize) {
-        if self.frozen || !seconds.is_finite() || seconds < 0.0 || drafted < 2 {
+    /// Records that a drafter of `kind`, caught up, took `seconds` for `passes` more
+    /// forward passes of its model (a block of n tokens takes n - 1 after the catch-up's,
+    /// or n when it stopped early). No pass tells nothing; non-finite or negative times are
+    /// ignored.
+    pub fn record_drafting(&mut self, kind: &str, seconds: f64, passes: usize) {
+        if self.frozen || !seconds.is_finite() || seconds < 0.0 || passes == 0 {
             return;
         }
-        let sample = seconds / (drafted - 1) as f64;
+        let sample = seconds / passes as f64;
         let costs = self.kinds.entry(kind.to_string()).or_default();
         costs.per_token = Some(match costs.per_token {
             Some(mean) => mean + DRAFT_SMOOTHING * (sample - mean),
@@ -244,12 +245,14 @@ impl DraftCosts {
     }
 
     /// Estimated seconds for a drafter of `kind` to catch up with `new` tokens and draft a
-    /// block of `length` tokens, once both parts were measured.
+    /// block of `length` tokens, once it was measured catching up (a further token costs
+    /// what catching up with one does until one is measured).
     pub fn estimate(&self, kind: &str, new: usize, length: usize) -> Option<f64> {
         let costs = self.kinds.get(kind)?;
-        let per_token = costs.per_token?;
-        (costs.catch_up.weight > 0.0)
-            .then(|| costs.catch_up.at(new as f64) + per_token * length.saturating_sub(1) as f64)
+        (costs.catch_up.weight > 0.0).then(|| {
+            let per_token = costs.per_token.unwrap_or_else(|| costs.catch_up.at(1.0));
+            costs.catch_up.at(new as f64) + per_token * length.saturating_sub(1) as f64
+        })
     }
 }
 
@@ -405,21 +408,17 @@ mod tests {
     #[test]
     fn drafting_time_is_told_apart_from_catching_up() {
         let mut costs = DraftCosts::default();
-        assert_eq!(costs.estimate("lm", 1, 1), None);
+        assert_eq!(costs.estimate("lm", 1, 1), None, "nothing measured yet");
         // Catching up: one forward pass of 20 ms plus 2 ms per token; each further drafted
         // token 19 ms.
         for new in [1, 3, 2, 200, 5, 1, 4] {
             costs.record_catch_up("lm", 0.020 + 0.002 * new as f64, new);
         }
-        assert_eq!(costs.estimate("lm", 1, 1), None, "no block measured yet");
-        costs.record_drafting("lm", 0.0, 1);
-        assert_eq!(
-            costs.estimate("lm", 1, 1),
-            None,
-            "a one-token block tells nothing"
-        );
-        for drafted in [2, 5, 3] {
-            costs.record_drafting("lm", 0.019 * (drafted - 1) as f64, drafted);
+        // Until a further token is measured, it costs what catching up with one does.
+        assert!((costs.estimate("lm", 1, 3).unwrap() - 3.0 * 0.022).abs() < 1e-9);
+        costs.record_drafting("lm", 0.5, 0);
+        for passes in [1, 4, 2] {
+            costs.record_drafting("lm", 0.019 * passes as f64, passes);
         }
         costs.record_catch_up("lm", f64::NAN, 4);
         costs.record_drafting("lm", -1.0, 4);
@@ -430,7 +429,7 @@ mod tests {
         let mut same = DraftCosts::default();
         same.record_catch_up("lm", 0.02, 3);
         same.record_catch_up("lm", 0.04, 3);
-        same.record_drafting("lm", 0.01, 2);
+        same.record_drafting("lm", 0.01, 1);
         let mean = same.estimate("lm", 3, 1).unwrap();
         assert!((mean - 0.03).abs() < 0.002, "{mean}");
         assert!((same.estimate("lm", 6, 1).unwrap() - 2.0 * mean).abs() < 1e-9);
@@ -438,7 +437,7 @@ mod tests {
         let frozen = costs.clone().frozen();
         let mut changed = frozen.clone();
         changed.record_catch_up("lm", 9.0, 1);
-        changed.record_drafting("lm", 9.0, 2);
+        changed.record_drafting("lm", 9.0, 1);
         assert_eq!(changed.estimate("lm", 7, 3), frozen.estimate("lm", 7, 3));
     }
 }

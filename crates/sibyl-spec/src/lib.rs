@@ -45,7 +45,10 @@ pub trait Drafter: Send {
     fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal>;
 
     /// Does what [`Drafter::propose`] would first do to follow `context` (a small model
-    /// computes its cache for the tokens it has not seen), so that its cost can be measured
-    /// apart from drafting. Nothing for drafters without such work.
-    fn catch_up(&mut self, _context: &[TokenId]) {}
+    /// computes its cache for the tokens it has not seen, and its next token's logits), so
+    /// that its cost can be measured apart from drafting. Returns how many context tokens
+    /// it computed; nothing to do (0) for drafters without such work.
+    fn catch_up(&mut self, _context: &[TokenId]) -> usize {
+        0
+    }
 }
