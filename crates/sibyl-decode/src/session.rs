@@ -1,12 +1,17 @@
 use sibyl_engine::{EngineError, KvCache, LogitRows, Model, TreeInput};
 use sibyl_spec::{
-    choose_draft_length, choose_draft_nodes, verify, AcceptanceStats, DraftCosts, Drafter,
-    DrafterId, Proposal, SamplingConfig, SamplingError, StepCosts, TokenId, TokenTree, TreeBuilder,
+    choose_draft_nodes, verify, AcceptanceStats, DraftCosts, Drafter, DrafterId, Proposal,
+    SamplingConfig, SamplingError, StepCosts, TokenId, TokenTree, TreeBuilder,
 };
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod drafting;
+
+pub use drafting::DraftTiming;
+use drafting::{draft, DrafterCalls};
 
 /// Prompt tokens processed per forward pass.
 const PROMPT_CHUNK: usize = 256;
@@ -15,17 +20,6 @@ const PROMPT_CHUNK: usize = 256;
 /// draft node anyway, so a drafter whose estimate fell low can show it is right again. On
 /// 2 AVX2 cores one node costs about 5% of a step: 0.3% of the time when nothing pays.
 const EXPLORE_AFTER: usize = 16;
-
-/// A drafter that costs the verifier time (it runs on the same cores) and was not asked for
-/// this many steps in a row is asked for one token, verified alone, so that its estimate
-/// follows the session even where other drafters were better value. Each probe after which
-/// it is still not asked doubles the wait, up to [`PROBE_AFTER_MAX`].
-const PROBE_AFTER: usize = 32;
-const PROBE_AFTER_MAX: usize = 512;
-
-/// A drafter whose full-depth block is expected to take less than this share of a plain
-/// step is asked at every step without weighing its cost (prompt lookup, retrieval).
-const FREE_DRAFTING: f64 = 0.05;
 
 /// What the sessions of one model learn and share (a process learns it once): what steps
 /// cost, and where each drafter kind's acceptance estimate starts in a new session.
@@ -208,60 +202,6 @@ pub fn generate_cancellable(
     }
 }
 
-/// How one call of an in-process drafter went.
-#[derive(Debug, Clone, Copy)]
-pub struct DraftTiming {
-    /// Context tokens the drafter computed to catch up ([`Drafter::catch_up`]).
-    pub computed: usize,
-    pub catching_up: Duration,
-    /// The block length it was asked for.
-    pub asked_for: usize,
-    /// Time to draft, once caught up.
-    pub drafting: Duration,
-}
-
-/// Asks the drafters of this process for the next step's drafts: the cheapest first, each
-/// for as many tokens as [`Session::draft_length`] says pay, timing each call.
-fn draft(
-    session: &mut Session,
-    drafters: &mut [Box<dyn Drafter>],
-) -> Vec<(DrafterId, Vec<Proposal>)> {
-    let mut proposals = Vec::new();
-    if session.draft_depth() == 0 {
-        return proposals;
-    }
-    let mut order: Vec<usize> = (0..drafters.len()).collect();
-    if let Some(probe) = session.probe() {
-        order = vec![probe.0];
-    } else {
-        order.sort_by(|&a, &b| {
-            let cost = |i: usize| session.drafting_cost(DrafterId(i), 1).unwrap_or(0.0);
-            cost(a).total_cmp(&cost(b))
-        });
-    }
-    for i in order {
-        let id = DrafterId(i);
-        let length = session.draft_length(id, &proposals);
-        if length == 0 {
-            continue;
-        }
-        let started = Instant::now();
-        let computed = drafters[i].catch_up(session.context());
-        let caught_up = Instant::now();
-        let drafts = drafters[i].propose(session.context(), length);
-        let timing = DraftTiming {
-            computed,
-            catching_up: caught_up - started,
-            asked_for: length,
-            drafting: caught_up.elapsed(),
-        };
-        session.record_drafting(id, &timing, &drafts);
-        proposals.push((id, drafts));
-    }
-    proposals.sort_by_key(|(id, _)| id.0);
-    proposals
-}
-
 /// Checks that `prompt` and `config` make a generation `model` can run: the checks of
 /// [`Session::new`], for callers that answer before they start the session.
 pub fn check_request(
@@ -314,15 +254,8 @@ pub struct Session<'m> {
     step_times: Vec<Duration>,
     /// Steps in a row that had drafts and verified none of them.
     plain_streak: usize,
-    /// Per drafter: steps in a row it was not asked for drafts, steps it was asked at,
-    /// and its drafting time (in-process drafters, see [`generate`]).
-    not_asked: Vec<usize>,
-    /// Steps without it after which each drafter is probed next.
-    probe_after: Vec<usize>,
-    /// Context length at each drafter's last call.
-    last_asked_at: Vec<Option<usize>>,
-    asked: Vec<u64>,
-    drafting_time: Vec<Duration>,
+    /// Per drafter, its calls (in-process drafters: see [`generate`]).
+    calls: Vec<DrafterCalls>,
     /// The next step verifies at least one node: a drafter is being probed.
     probing: bool,
     started: Instant,
@@ -362,11 +295,7 @@ impl<'m> Session<'m> {
             prompt_tokens: prompt.len(),
             context: prompt.to_vec(),
             output: Vec::new(),
-            not_asked: vec![0; drafter_kinds.len()],
-            probe_after: vec![PROBE_AFTER; drafter_kinds.len()],
-            last_asked_at: vec![None; drafter_kinds.len()],
-            asked: vec![0; drafter_kinds.len()],
-            drafting_time: vec![Duration::ZERO; drafter_kinds.len()],
+            calls: vec![DrafterCalls::default(); drafter_kinds.len()],
             probing: false,
             stats,
             drafter_kinds,
@@ -469,8 +398,8 @@ impl<'m> Session<'m> {
         had_drafts.sort_unstable();
         had_drafts.dedup();
         for id in had_drafts {
-            if let Some(asked) = self.asked.get_mut(id) {
-                *asked += 1;
+            if let Some(calls) = self.calls.get_mut(id) {
+                calls.asked += 1;
             }
         }
         let (builder, branches) = self.builder(proposals);
@@ -547,154 +476,6 @@ impl<'m> Session<'m> {
         (builder, branches)
     }
 
-    /// Context tokens that came since `drafter` was last asked (all of them at first).
-    fn new_tokens(&self, drafter: DrafterId) -> usize {
-        let context = self.context.len();
-        let last = self.last_asked_at.get(drafter.0).copied().flatten();
-        context - last.unwrap_or(0).min(context)
-    }
-
-    /// Seconds that `drafter`, an in-process drafter, is expected to take to catch up with
-    /// the context and draft `length` tokens, once its kind was measured (adaptive sizing
-    /// only).
-    pub fn drafting_cost(&self, drafter: DrafterId, length: usize) -> Option<f64> {
-        let learning = self.config.learning.as_ref()?;
-        let kind = self.drafter_kinds.get(drafter.0)?;
-        let new = self.new_tokens(drafter);
-        lock(learning).drafting.estimate(kind, new, length)
-    }
-
-    /// How many tokens to ask of `drafter`, an in-process drafter, for the next step, given
-    /// the drafts already gathered for it (0: leave it out). A drafter whose cost is not
-    /// measured yet, or is negligible, is asked for the full [`Session::draft_depth`]; an
-    /// expensive one for what [`choose_draft_length`] finds pays, from its acceptance so far
-    /// and what catching up with the context and drafting would take now (so a small model
-    /// that would first have to compute its cache for a long prompt, or for many tokens
-    /// since it was last asked, is asked only where that step alone pays for it). Fixed
-    /// sizing asks every drafter for the full depth.
-    pub fn draft_length(
-        &mut self,
-        drafter: DrafterId,
-        at_hand: &[(DrafterId, Vec<Proposal>)],
-    ) -> usize {
-        let depth = self.draft_depth();
-        let Some(index) = (drafter.0 < self.stats.len()).then_some(drafter.0) else {
-            return 0;
-        };
-        let length = if self.probing {
-            self.probe_after[index] = (self.probe_after[index] * 2).min(PROBE_AFTER_MAX);
-            depth.min(1)
-        } else {
-            let length = self.weigh_drafting(drafter, depth, at_hand);
-            if length > 0 {
-                self.probe_after[index] = PROBE_AFTER;
-            }
-            length
-        };
-        if length == 0 {
-            self.not_asked[index] += 1;
-        } else {
-            self.not_asked[index] = 0;
-        }
-        length
-    }
-
-    fn weigh_drafting(
-        &self,
-        drafter: DrafterId,
-        depth: usize,
-        at_hand: &[(DrafterId, Vec<Proposal>)],
-    ) -> usize {
-        let (Some(learning), Some(kind)) =
-            (&self.config.learning, self.drafter_kinds.get(drafter.0))
-        else {
-            return depth;
-        };
-        let context = self.context.len();
-        let new = self.new_tokens(drafter);
-        let (costs, drafting) = {
-            let learned = lock(learning);
-            (learned.costs.clone(), learned.drafting.clone())
-        };
-        let Some(full) = drafting.estimate(kind, new, depth) else {
-            return depth;
-        };
-        if !costs.measured(context) || full <= FREE_DRAFTING * costs.estimate(1, context) {
-            return depth;
-        }
-        let (builder, _) = self.builder(at_hand.to_vec());
-        let (_, values) = builder.build_ranked();
-        let chances = self.stats[drafter.0].expected_chances(depth);
-        choose_draft_length(
-            &values,
-            &chances,
-            |length| drafting.estimate(kind, new, length).unwrap_or(full),
-            |n| costs.estimate(n, context),
-        )
-    }
-
-    /// A drafter to probe at the next step, if one that costs drafting time has not been
-    /// asked for [`PROBE_AFTER`] steps (more after probes that did not change that): it
-    /// alone is asked, for one token, and that token is verified, so that its estimates
-    /// follow the session.
-    pub fn probe(&mut self) -> Option<DrafterId> {
-        if self.config.learning.is_none() || self.draft_depth() == 0 {
-            return None;
-        }
-        let context = self.context.len();
-        let plain = {
-            let learned = lock(self.config.learning.as_ref()?);
-            learned
-                .costs
-                .measured(context)
-                .then(|| learned.costs.estimate(1, context))
-        };
-        // A probe costs at most a plain step: not one that has a long context to catch up.
-        let index = (0..self.not_asked.len()).find(|&i| {
-            self.not_asked[i] >= self.probe_after[i]
-                && self
-                    .drafting_cost(DrafterId(i), 1)
-                    .zip(plain)
-                    .is_some_and(|(probe, plain)| probe <= plain)
-        })?;
-        self.probing = true;
-        Some(DrafterId(index))
-    }
-
-    /// Records a call of an in-process drafter: how long it took to catch up with the
-    /// context and then to draft, and what it drafted.
-    pub fn record_drafting(
-        &mut self,
-        drafter: DrafterId,
-        timing: &DraftTiming,
-        drafts: &[Proposal],
-    ) {
-        let Some(kind) = self.drafter_kinds.get(drafter.0) else {
-            return;
-        };
-        self.drafting_time[drafter.0] += timing.catching_up + timing.drafting;
-        self.last_asked_at[drafter.0] = Some(self.context.len());
-        if let Some(learning) = &self.config.learning {
-            let longest = drafts.iter().map(|p| p.tokens.len()).max().unwrap_or(0);
-            // The first token comes with catching up; a block that stopped early (its
-            // drafter's confidence fell) computed one more that it did not send.
-            let passes = if longest < timing.asked_for {
-                longest
-            } else {
-                longest.saturating_sub(1)
-            };
-            let mut learned = lock(learning);
-            learned.drafting.record_catch_up(
-                kind,
-                timing.catching_up.as_secs_f64(),
-                timing.computed,
-            );
-            learned
-                .drafting
-                .record_drafting(kind, timing.drafting.as_secs_f64(), passes);
-        }
-    }
-
     /// Ends the session and reports it; with adaptive sizing, the next sessions' estimates
     /// of each drafter kind start where this one left them.
     pub fn finish(self, finish_reason: FinishReason) -> GenerationReport {
@@ -722,13 +503,13 @@ impl<'m> Session<'m> {
                 .drafter_kinds
                 .into_iter()
                 .zip(&self.stats)
-                .zip(self.asked.iter().zip(&self.drafting_time))
-                .map(|((kind, s), (&asked, &drafting_time))| DrafterReport {
+                .zip(&self.calls)
+                .map(|((kind, s), calls)| DrafterReport {
                     kind,
                     proposed: s.proposed,
                     accepted: s.accepted,
-                    asked,
-                    drafting_time,
+                    asked: calls.asked,
+                    drafting_time: calls.drafting_time,
                 })
                 .collect(),
             seed: self.config.sampling.seed,

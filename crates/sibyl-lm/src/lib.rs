@@ -72,11 +72,8 @@ pub struct LmDrafter {
     last: Option<(usize, Vec<TokenId>, bool)>,
     /// Moving average of how many tokens of a block were accepted.
     accepted: f64,
-    /// Logits after the whole cache, computed by [`Drafter::catch_up`] for the context of
-    /// that length, not yet used.
-    ready: Option<(usize, Vec<f32>)>,
-    /// Context tokens computed while catching up, in all.
-    computed: usize,
+    /// Logits after the whole cache, computed by [`Drafter::catch_up`] and not yet used.
+    ready: Option<Vec<f32>>,
 }
 
 impl LmDrafter {
@@ -91,7 +88,6 @@ impl LmDrafter {
             last: None,
             accepted,
             ready: None,
-            computed: 0,
         }
     }
 
@@ -151,14 +147,15 @@ impl LmDrafter {
         self.accepted += SMOOTHING * (kept as f64 - self.accepted);
     }
 
-    /// Brings the cache to `context` and returns the logits after it: the common prefix with
-    /// what is cached is kept, the rest computed (the last token again when the cache holds
-    /// it all, to get the logits; they are kept, so a [`Drafter::catch_up`] followed by
-    /// [`Drafter::propose`] on the same context computes nothing twice).
-    fn catch_up_to(&mut self, context: &[TokenId]) -> Result<Vec<f32>, EngineError> {
-        if let Some((at, logits)) = self.ready.take() {
-            if at == context.len() && self.cached == context {
-                return Ok(logits);
+    /// Brings the cache to `context` and returns the logits after it, with the number of
+    /// context tokens computed: the common prefix with what is cached is kept, the rest
+    /// computed (the last token again when the cache holds it all, to get the logits; they
+    /// are kept, so a [`Drafter::catch_up`] followed by [`Drafter::propose`] on the same
+    /// context computes nothing twice).
+    fn catch_up_to(&mut self, context: &[TokenId]) -> Result<(Vec<f32>, usize), EngineError> {
+        if let Some(logits) = self.ready.take() {
+            if self.cached == context {
+                return Ok((logits, 0));
             }
         }
         let common = self
@@ -185,15 +182,14 @@ impl LmDrafter {
                 .model
                 .forward(&mut self.cache, &TreeInput::chain(chunk), rows)?;
             self.cached.extend_from_slice(chunk);
-            self.computed += chunk.len();
         }
-        Ok(logits)
+        Ok((logits, rest.len()))
     }
 
     /// A block after `context`: its tokens and, when sampling, the distribution each was
     /// drawn from.
     fn draft(&mut self, context: &[TokenId], length: usize) -> Result<Proposal, EngineError> {
-        let mut logits = self.catch_up_to(context)?;
+        let (mut logits, _) = self.catch_up_to(context)?;
         let sampling = self.config.temperature > 0.0;
         let mut rng = ChaCha8Rng::seed_from_u64(context_seed(self.config.seed, context));
         let mut tokens = Vec::with_capacity(length);
@@ -332,12 +328,16 @@ impl Drafter for LmDrafter {
         if context.is_empty() || self.room(context) == 0 || !self.vocabulary_holds(context) {
             return 0;
         }
-        let before = self.computed;
         match self.catch_up_to(context) {
-            Ok(logits) => self.ready = Some((context.len(), logits)),
-            Err(_) => self.reset(),
+            Ok((logits, computed)) => {
+                self.ready = Some(logits);
+                computed
+            }
+            Err(_) => {
+                self.reset();
+                0
+            }
         }
-        self.computed - before
     }
 
     fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {

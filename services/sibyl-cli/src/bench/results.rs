@@ -18,6 +18,15 @@ pub struct DraftCounts {
     pub drafting_s: f64,
 }
 
+impl std::ops::AddAssign for DraftCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.proposed += other.proposed;
+        self.accepted += other.accepted;
+        self.asked += other.asked;
+        self.drafting_s += other.drafting_s;
+    }
+}
+
 /// One prompt (all its turns) under one config.
 #[derive(Debug, Clone, Serialize)]
 pub struct ItemRecord {
@@ -109,10 +118,12 @@ impl ItemRecord {
                 .extend_from_slice(turn.step_times.get(1..).unwrap_or_default());
             for drafter in &turn.drafters {
                 let counts = record.drafters.entry(drafter.kind.clone()).or_default();
-                counts.proposed += drafter.proposed;
-                counts.accepted += drafter.accepted;
-                counts.asked += drafter.asked;
-                counts.drafting_s += drafter.drafting_time.as_secs_f64();
+                *counts += DraftCounts {
+                    proposed: drafter.proposed,
+                    accepted: drafter.accepted,
+                    asked: drafter.asked,
+                    drafting_s: drafter.drafting_time.as_secs_f64(),
+                };
             }
         }
         record.tokens_per_s = rate(record.decoded, record.decode_s);
@@ -212,10 +223,7 @@ impl Summary {
             step_times.extend_from_slice(&record.step_times);
             for (kind, counts) in &record.drafters {
                 let sum = drafts.entry(kind.clone()).or_default();
-                sum.proposed += counts.proposed;
-                sum.accepted += counts.accepted;
-                sum.asked += counts.asked;
-                sum.drafting_s += counts.drafting_s;
+                *sum += *counts;
             }
         }
         let (step_p50_ms, step_p99_ms) = percentiles_ms(&mut step_times);
