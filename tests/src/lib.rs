@@ -44,6 +44,11 @@ pub struct ClusterOptions {
     pub extra_drafters: Vec<DrafterEndpoint>,
     pub step_wait: Duration,
     pub max_tokens_limit: usize,
+    /// The verifier's session slots, queue, queue timeout and idle timeout.
+    pub max_sessions: usize,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl Default for ClusterOptions {
@@ -53,6 +58,10 @@ impl Default for ClusterOptions {
             extra_drafters: Vec::new(),
             step_wait: Duration::from_millis(5),
             max_tokens_limit: 512,
+            max_sessions: 8,
+            max_queue: 64,
+            queue_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -99,13 +108,15 @@ impl Cluster {
         let listener = loopback().await?;
         let verifier = listener.local_addr()?;
         let config = VerifierConfig {
-            model_name: TEST_MODEL.into(),
-            drafters: endpoints,
             speculation: SpeculationConfig {
                 step_wait: options.step_wait,
                 ..SpeculationConfig::default()
             },
-            max_sessions: 8,
+            max_sessions: options.max_sessions,
+            max_queue: options.max_queue,
+            queue_timeout: options.queue_timeout,
+            idle_timeout: options.idle_timeout,
+            ..VerifierConfig::new(TEST_MODEL.into(), endpoints)
         };
         let model_path = path.clone();
         let load = move || sibyl_engine::load(&model_path, &sibyl_engine::LoadOptions::default());

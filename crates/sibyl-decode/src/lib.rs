@@ -1,12 +1,18 @@
-//! The in-process decode loop: prompt processing, then draft, merge, verify, keep, emit.
+//! The decode loop: prompt processing, then draft, merge, verify, keep, emit.
 //!
-//! [`Session`] is the step loop of the architecture, one step at a time: the verifier service
-//! drives it with drafts gathered from remote drafters; [`generate`] drives it with drafters
-//! in the same process.
+//! [`Session`] is one generation as a state machine with no model in it; the [`Scheduler`]
+//! runs many sessions with one forward pass per step (continuous batching). [`generate`] is
+//! the scheduler with one session and drafters in the same process; the verifier service
+//! drives the same scheduler with drafts gathered from remote drafters.
 
+mod scheduler;
 mod session;
 
+pub use scheduler::{
+    generate, generate_cancellable, Client, Finished, Scheduler, SchedulerConfig, StepStats,
+};
 pub use session::{
-    check_request, generate, generate_cancellable, DraftTiming, DrafterReport, FinishReason,
-    GenerateError, GenerationConfig, GenerationReport, Learned, Session, SharedLearning, Step,
+    check_request, DraftTiming, DrafterReport, FinishReason, GenerateError, GenerationConfig,
+    GenerationReport, Learned, PlannedStep, PromptChunk, Session, SharedLearning, Step,
+    PROMPT_CHUNK,
 };

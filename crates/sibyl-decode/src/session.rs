@@ -1,20 +1,20 @@
-use sibyl_engine::{EngineError, KvCache, LogitRows, Model, TreeInput};
+use sibyl_engine::{EngineError, KvCache, LogitRows, Model, Sequence, TreeInput};
 use sibyl_spec::{
     choose_draft_nodes, verify, AcceptanceStats, DraftCosts, Drafter, DrafterId, Proposal,
     SamplingConfig, SamplingError, StepCosts, TokenId, TokenTree, TreeBuilder,
 };
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod drafting;
 
 pub use drafting::DraftTiming;
-use drafting::{draft, DrafterCalls};
+use drafting::draft;
+use drafting::DrafterCalls;
 
-/// Prompt tokens processed per forward pass.
-const PROMPT_CHUNK: usize = 256;
+/// Prompt tokens processed per forward pass when a session runs alone.
+pub const PROMPT_CHUNK: usize = 256;
 
 /// After this many steps in a row that left out every draft, one step verifies the best
 /// draft node anyway, so a drafter whose estimate fell low can show it is right again. On
@@ -92,6 +92,9 @@ pub enum GenerateError {
     Sampling(#[from] SamplingError),
     #[error("model: {0}")]
     Engine(#[from] EngineError),
+    /// The batched forward pass this session was part of failed.
+    #[error("model (batched step): {0}")]
+    Batch(#[source] Arc<EngineError>),
 }
 
 /// Why generation stopped.
@@ -161,47 +164,6 @@ impl GenerationReport {
     }
 }
 
-/// Generates from `prompt` with `model`, speculating with `drafters` (none: plain decoding).
-/// `on_tokens` receives the tokens of each step as soon as they are accepted and may stop
-/// the generation by returning `ControlFlow::Break`.
-pub fn generate(
-    model: &Model,
-    prompt: &[TokenId],
-    config: &GenerationConfig,
-    drafters: &mut [Box<dyn Drafter>],
-    on_tokens: impl FnMut(&[TokenId]) -> ControlFlow<()>,
-) -> Result<GenerationReport, GenerateError> {
-    generate_cancellable(model, prompt, config, drafters, &mut || false, on_tokens)
-}
-
-/// [`generate`], also asking `cancelled` between prompt chunks and before each step: a
-/// long prompt can be stopped before its first token.
-pub fn generate_cancellable(
-    model: &Model,
-    prompt: &[TokenId],
-    config: &GenerationConfig,
-    drafters: &mut [Box<dyn Drafter>],
-    cancelled: &mut dyn FnMut() -> bool,
-    mut on_tokens: impl FnMut(&[TokenId]) -> ControlFlow<()>,
-) -> Result<GenerationReport, GenerateError> {
-    let kinds = drafters.iter().map(|d| d.kind().to_string()).collect();
-    let mut session = Session::new(model, prompt, config.clone(), kinds)?;
-    let mut step = session.prefill(cancelled)?;
-    loop {
-        if !step.tokens.is_empty() && on_tokens(&step.tokens).is_break() {
-            return Ok(session.finish(FinishReason::Cancelled));
-        }
-        if let Some(reason) = step.finish {
-            return Ok(session.finish(reason));
-        }
-        if cancelled() {
-            return Ok(session.finish(FinishReason::Cancelled));
-        }
-        let proposals = draft(&mut session, drafters);
-        step = session.step(proposals)?;
-    }
-}
-
 /// Checks that `prompt` and `config` make a generation `model` can run: the checks of
 /// [`Session::new`], for callers that answer before they start the session.
 pub fn check_request(
@@ -239,13 +201,19 @@ pub struct Step {
     pub finish: Option<FinishReason>,
 }
 
-/// One generation as a sequence of steps, for callers that gather drafts themselves (the
-/// verifier service). [`generate`] is this loop with in-process drafters.
-pub struct Session<'m> {
-    model: &'m Model,
+/// One generation as a state machine with no model in it: [`Session::prompt_chunk`] and
+/// [`Session::plan`] say what the next forward pass should compute for it, and
+/// [`Session::commit_prompt`] and [`Session::commit`] take what it computed. Whoever runs
+/// the forward pass (the [`Scheduler`](crate::Scheduler), batching many sessions) drives it;
+/// [`Session::prefill`] and [`Session::step`] are the same for a session alone.
+pub struct Session {
     config: GenerationConfig,
+    vocab_size: usize,
+    context_length: usize,
     cache: KvCache,
     prompt_tokens: usize,
+    /// Prompt tokens in the cache.
+    prefilled: usize,
     context: Vec<TokenId>,
     output: Vec<TokenId>,
     stats: Vec<AcceptanceStats>,
@@ -263,11 +231,11 @@ pub struct Session<'m> {
     decode_started: Option<Instant>,
 }
 
-impl<'m> Session<'m> {
+impl Session {
     /// Checks the request; no model work yet. `drafter_kinds` names the drafters whose
-    /// proposals [`Session::step`] will receive, indexed by [`DrafterId`].
+    /// proposals [`Session::plan`] will receive, indexed by [`DrafterId`].
     pub fn new(
-        model: &'m Model,
+        model: &Model,
         prompt: &[TokenId],
         config: GenerationConfig,
         drafter_kinds: Vec<String>,
@@ -289,10 +257,12 @@ impl<'m> Session<'m> {
             None => vec![AcceptanceStats::default(); drafter_kinds.len()],
         };
         Ok(Self {
-            model,
             config,
+            vocab_size: model.vocab_size(),
+            context_length: model.config().context_length,
             cache: model.new_cache(),
             prompt_tokens: prompt.len(),
+            prefilled: 0,
             context: prompt.to_vec(),
             output: Vec::new(),
             calls: vec![DrafterCalls::default(); drafter_kinds.len()],
@@ -308,43 +278,102 @@ impl<'m> Session<'m> {
         })
     }
 
-    /// Processes the prompt and chooses the first token. `cancelled` is asked between
-    /// chunks of the prompt; when it says yes the step returns with `Cancelled`.
-    pub fn prefill(&mut self, cancelled: &mut dyn FnMut() -> bool) -> Result<Step, GenerateError> {
-        let prompt_len = self.context.len();
-        let mut logits = Vec::new();
-        let mut done = 0;
-        while done < prompt_len {
+    /// Processes the prompt alone, [`PROMPT_CHUNK`] tokens per forward pass, and chooses the
+    /// first token. `cancelled` is asked between chunks of the prompt; when it says yes the
+    /// step returns with `Cancelled`.
+    pub fn prefill(
+        &mut self,
+        model: &Model,
+        cancelled: &mut dyn FnMut() -> bool,
+    ) -> Result<Step, GenerateError> {
+        loop {
             if cancelled() {
                 return Ok(Step {
                     tokens: Vec::new(),
                     finish: Some(FinishReason::Cancelled),
                 });
             }
-            let end = (done + PROMPT_CHUNK).min(prompt_len);
-            let rows = if end == prompt_len {
-                LogitRows::Last
-            } else {
-                LogitRows::None
+            let Some(chunk) = self.prompt_chunk(PROMPT_CHUNK) else {
+                return Err(GenerateError::EmptyPrompt);
             };
-            let chunk = TreeInput::chain(&self.context[done..end]);
-            logits = self.model.forward(&mut self.cache, &chunk, rows)?;
-            done = end;
+            let logits = model.forward(&mut self.cache, &chunk.input, chunk.rows)?;
+            if let Some(step) = self.commit_prompt(&chunk, &logits)? {
+                return Ok(step);
+            }
         }
+    }
+
+    /// Whether prompt tokens are still to be processed.
+    pub fn prefilling(&self) -> bool {
+        self.prefilled < self.prompt_tokens
+    }
+
+    /// The next at most `budget` prompt tokens to process (`None` once the prompt is done or
+    /// with a zero budget).
+    pub fn prompt_chunk(&mut self, budget: usize) -> Option<PromptChunk> {
+        let end = self.prompt_tokens.min(self.prefilled + budget);
+        if end <= self.prefilled {
+            return None;
+        }
+        if self.prefilled == 0 {
+            self.started = Instant::now();
+        }
+        let rows = if end == self.prompt_tokens {
+            LogitRows::Last
+        } else {
+            LogitRows::None
+        };
+        Some(PromptChunk {
+            input: TreeInput::chain(&self.context[self.prefilled..end]),
+            rows,
+        })
+    }
+
+    /// Takes the forward pass of `chunk` (now in the cache); after the prompt's last chunk,
+    /// chooses the first token from its `logits` and returns it as the first step.
+    pub fn commit_prompt(
+        &mut self,
+        chunk: &PromptChunk,
+        logits: &[f32],
+    ) -> Result<Option<Step>, GenerateError> {
+        self.prefilled += chunk.input.tokens.len();
+        if self.prefilling() {
+            return Ok(None);
+        }
+        let prompt_len = self.prompt_tokens;
         self.prompt_time = self.started.elapsed();
         let decode_started = Instant::now();
         self.decode_started = Some(decode_started);
         // The first token comes from the prompt's last logits: a root-only step.
         let first = verify(
             &TokenTree::root_only(*self.context.last().unwrap_or(&0)),
-            &logits,
-            self.model.vocab_size(),
+            logits,
+            self.vocab_size,
             &self.config.sampling,
             prompt_len - 1,
         )?;
         self.steps = 1;
         self.step_times.push(decode_started.elapsed());
-        Ok(self.emit(&[first.next_token]))
+        Ok(Some(self.emit(&[first.next_token])))
+    }
+
+    /// Asks `drafters`, running in this process, for the next step's drafts: the cheapest
+    /// first, each for as many tokens as pay for its time (see [`Session::draft_length`]).
+    pub fn draft_in_process(
+        &mut self,
+        drafters: &mut [Box<dyn Drafter>],
+    ) -> Vec<(DrafterId, Vec<Proposal>)> {
+        draft(self, drafters)
+    }
+
+    /// What this session learns with the others of its process (adaptive sizing), if it does.
+    pub fn learning(&self) -> Option<&SharedLearning> {
+        self.config.learning.as_ref()
+    }
+
+    /// The cache the next forward pass for this session appends to.
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
     }
 
     /// The whole sequence so far: prompt and accepted tokens.
@@ -372,24 +401,64 @@ impl<'m> Session<'m> {
 
     /// Most draft tokens on one branch that the next step can use (0: no room left).
     pub fn draft_depth(&self) -> usize {
-        let room = self.model.config().context_length - self.context.len();
+        let room = self.context_length.saturating_sub(self.context.len());
         self.config.max_draft_depth.min(room.saturating_sub(1))
     }
 
-    /// One verify step over the drafts of each drafter, best proposal first. Proposals are
-    /// untrusted: out-of-vocabulary tokens and branches past [`Session::draft_depth`] are cut.
+    /// One verify step alone over the drafts of each drafter, best proposal first:
+    /// [`Session::plan`], sized for this session alone, one forward pass, and
+    /// [`Session::commit`].
     pub fn step(
         &mut self,
+        model: &Model,
         proposals: Vec<(DrafterId, Vec<Proposal>)>,
     ) -> Result<Step, GenerateError> {
-        let vocab = self.model.vocab_size();
-        if self.context.len() >= self.model.config().context_length {
-            return Ok(Step {
-                tokens: Vec::new(),
-                finish: Some(FinishReason::Length),
-            });
+        let started = Instant::now();
+        let Some(mut plan) = self.plan(proposals) else {
+            return Ok(self.context_full());
+        };
+        if let Some(learning) = &self.config.learning {
+            let costs = lock(learning).costs.clone();
+            let nodes = choose_draft_nodes(
+                &plan.values,
+                |n| costs.estimate(n, plan.context),
+                plan.explore,
+            );
+            plan.keep_drafts(nodes);
         }
-        let step_started = Instant::now();
+        let input = plan.input();
+        let mut batch = [Sequence {
+            cache: &mut self.cache,
+            input: &input,
+            rows: LogitRows::All,
+        }];
+        let logits = model.forward_batch(&mut batch)?.pop().unwrap_or_default();
+        let elapsed = started.elapsed();
+        if let Some(learning) = &self.config.learning {
+            lock(learning)
+                .costs
+                .record(plan.tree.len(), plan.context, elapsed.as_secs_f64());
+        }
+        self.commit(plan, &logits, elapsed)
+    }
+
+    /// The step that ends a session whose context window is full.
+    pub fn context_full(&self) -> Step {
+        Step {
+            tokens: Vec::new(),
+            finish: Some(FinishReason::Length),
+        }
+    }
+
+    /// Plans the next verify step over the drafts of each drafter, best proposal first:
+    /// their tree with every node that fits the budget, best first, for the caller to cut
+    /// ([`PlannedStep::keep_drafts`]) and compute. `None` when the context window is full
+    /// (the session is over: [`Session::context_full`]). Proposals are untrusted:
+    /// out-of-vocabulary tokens and branches past [`Session::draft_depth`] are cut.
+    pub fn plan(&mut self, proposals: Vec<(DrafterId, Vec<Proposal>)>) -> Option<PlannedStep> {
+        if self.context.len() >= self.context_length {
+            return None;
+        }
         let mut had_drafts: Vec<usize> = proposals
             .iter()
             .filter(|(_, drafts)| !drafts.is_empty())
@@ -403,37 +472,53 @@ impl<'m> Session<'m> {
             }
         }
         let (builder, branches) = self.builder(proposals);
-        let (mut tree, values) = builder.build_ranked();
-        let context = self.context.len();
-        if let Some(learning) = &self.config.learning {
-            let costs = lock(learning).costs.clone();
-            let explore = self.plain_streak >= EXPLORE_AFTER || self.probing;
-            let nodes = choose_draft_nodes(&values, |n| costs.estimate(n, context), explore);
-            tree.truncate(nodes + 1);
-        }
+        let (tree, values) = builder.build_ranked();
+        let plan = PlannedStep {
+            tree,
+            values,
+            branches,
+            context: self.context.len(),
+            prefix_len: self.cache.len(),
+            adaptive: self.config.learning.is_some(),
+            explore: self.plain_streak >= EXPLORE_AFTER || self.probing,
+        };
         self.probing = false;
+        Some(plan)
+    }
+
+    /// Takes the forward pass of `plan` (its nodes now in the cache, their `logits` one row
+    /// each): verifies the tree, keeps the accepted path in the cache, learns from what was
+    /// accepted and emits. `elapsed`: the step's time, for the report.
+    pub fn commit(
+        &mut self,
+        plan: PlannedStep,
+        logits: &[f32],
+        elapsed: Duration,
+    ) -> Result<Step, GenerateError> {
+        let PlannedStep {
+            tree,
+            values,
+            branches,
+            prefix_len,
+            ..
+        } = plan;
         self.plain_streak = match (values.is_empty(), tree.len()) {
             (false, 1) => self.plain_streak + 1,
             _ => 0,
         };
-        let prefix_len = self.cache.len();
-        let input = TreeInput::tree(tree.tokens(), tree.parents());
-        let logits = self
-            .model
-            .forward(&mut self.cache, &input, LogitRows::All)?;
-        let outcome = verify(&tree, &logits, vocab, &self.config.sampling, prefix_len)?;
+        let outcome = verify(
+            &tree,
+            logits,
+            self.vocab_size,
+            &self.config.sampling,
+            prefix_len,
+        )?;
         let mut kept = vec![0];
         kept.extend_from_slice(&outcome.path);
         self.cache.keep_path(prefix_len, tree.len(), &kept)?;
         record(&tree, &outcome.path, &branches, &mut self.stats);
         self.steps += 1;
-        let elapsed = step_started.elapsed();
         self.step_times.push(elapsed);
-        if let Some(learning) = &self.config.learning {
-            lock(learning)
-                .costs
-                .record(tree.len(), context, elapsed.as_secs_f64());
-        }
         Ok(self.emit(&outcome.emitted(&tree)))
     }
 
@@ -448,7 +533,7 @@ impl<'m> Session<'m> {
         let depth = self.draft_depth();
         let mut builder = TreeBuilder::new(
             root,
-            self.model.vocab_size(),
+            self.vocab_size,
             self.config.draft_budget,
             depth,
         )
@@ -535,7 +620,7 @@ impl<'m> Session<'m> {
         let accepted = &tokens[..take];
         self.output.extend_from_slice(accepted);
         self.context.extend_from_slice(accepted);
-        if finish.is_none() && self.context.len() >= self.model.config().context_length {
+        if finish.is_none() && self.context.len() >= self.context_length {
             finish = Some(FinishReason::Length);
         }
         Step {
@@ -545,11 +630,73 @@ impl<'m> Session<'m> {
     }
 }
 
-fn lock(learning: &SharedLearning) -> std::sync::MutexGuard<'_, Learned> {
+/// Prompt tokens for one forward pass ([`Session::prompt_chunk`]).
+#[derive(Debug, Clone)]
+pub struct PromptChunk {
+    pub input: TreeInput,
+    /// Logits of the last token after the prompt's last chunk, else none.
+    pub rows: LogitRows,
+}
+
+/// A verify step planned by [`Session::plan`]: its token tree, to be cut to the draft nodes
+/// the step can afford and computed.
+#[derive(Debug)]
+pub struct PlannedStep {
+    tree: TokenTree,
+    /// Chance of acceptance of each draft node, in node order (best first).
+    values: Vec<f64>,
+    branches: Vec<BranchOrigin>,
+    /// Context length before the step.
+    context: usize,
+    prefix_len: usize,
+    adaptive: bool,
+    explore: bool,
+}
+
+impl PlannedStep {
+    /// Estimated chance of acceptance of each draft node, best first: every prefix is a tree.
+    pub fn draft_values(&self) -> &[f64] {
+        &self.values
+    }
+
+    /// Whether the step's size is chosen from measured costs (else it verifies every node).
+    pub fn adaptive(&self) -> bool {
+        self.adaptive
+    }
+
+    /// Whether the step verifies at least one draft node whatever it is worth (a drafter is
+    /// being probed, or many steps in a row verified none).
+    pub fn explore(&self) -> bool {
+        self.explore
+    }
+
+    /// Context length before the step.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// Keeps the first `nodes` draft nodes (0: a plain step).
+    pub fn keep_drafts(&mut self, nodes: usize) {
+        self.tree.truncate(nodes + 1);
+    }
+
+    /// Rows of its forward pass: the root and the draft nodes kept.
+    pub fn rows(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// The input of its forward pass.
+    pub fn input(&self) -> TreeInput {
+        TreeInput::tree(self.tree.tokens(), self.tree.parents())
+    }
+}
+
+pub(crate) fn lock(learning: &SharedLearning) -> std::sync::MutexGuard<'_, Learned> {
     learning.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Where a branch of a step's tree came from.
+#[derive(Debug)]
 struct BranchOrigin {
     drafter: usize,
     /// Its place among its drafter's proposals (0: the best).

@@ -100,7 +100,7 @@ fn run_scripted(
     let config = config(truth.len(), Some(cpu_like_costs()));
     let kinds = vec!["first".to_string(), "second".to_string()];
     let mut session = Session::new(model, prompt, config, kinds).unwrap();
-    let mut step: Step = session.prefill(&mut || false).unwrap();
+    let mut step: Step = session.prefill(model, &mut || false).unwrap();
     let mut output = Vec::new();
     let mut steps = 0;
     let mut at_start = None;
@@ -118,7 +118,7 @@ fn run_scripted(
         let proposals = (0..2)
             .map(|d| (DrafterId(d), vec![draft(truth, at, depth, shifts[d])]))
             .collect();
-        step = session.step(proposals).unwrap();
+        step = session.step(model, proposals).unwrap();
     }
     let start = at_start.expect("the session ran past the measuring start");
     let end = session.drafter_counts();
@@ -172,12 +172,12 @@ fn verified_in_first_step(model: &Model, learning: &SharedLearning) -> u64 {
     let config = config(truth.len(), Some(learning.clone()));
     let kinds = vec!["wrong".to_string()];
     let mut session = Session::new(model, &prompt, config, kinds).unwrap();
-    let mut step = session.prefill(&mut || false).unwrap();
+    let mut step = session.prefill(model, &mut || false).unwrap();
     let mut first = None;
     while step.finish.is_none() {
         let at = session.context().len() - prompt.len();
         let proposal = draft(&truth, at, session.draft_depth(), Some(1));
-        step = session.step(vec![(DrafterId(0), vec![proposal])]).unwrap();
+        step = session.step(model, vec![(DrafterId(0), vec![proposal])]).unwrap();
         first.get_or_insert(session.drafter_counts()[0].0);
     }
     session.finish(sibyl_decode::FinishReason::Length);
@@ -208,12 +208,12 @@ fn without_adaptive_sizing_the_budget_is_always_used() {
     let config = config(truth.len(), None);
     let kinds = vec!["wrong".to_string()];
     let mut session = Session::new(&model, &prompt, config, kinds).unwrap();
-    let mut step = session.prefill(&mut || false).unwrap();
+    let mut step = session.prefill(&model, &mut || false).unwrap();
     let mut steps = 0u64;
     while step.finish.is_none() {
         let at = session.context().len() - prompt.len();
         let proposal = draft(&truth, at, session.draft_depth(), Some(1));
-        step = session.step(vec![(DrafterId(0), vec![proposal])]).unwrap();
+        step = session.step(&model, vec![(DrafterId(0), vec![proposal])]).unwrap();
         steps += 1;
     }
     // Every step verified at least the wrong drafter's first token.
@@ -230,7 +230,7 @@ fn a_drafter_is_trusted_where_its_evidence_has_been_right() {
     let truth = plain(&model, &prompt, 200);
     let config = config(truth.len(), Some(cpu_like_costs()));
     let mut session = Session::new(&model, &prompt, config, vec!["mixed".to_string()]).unwrap();
-    let mut step = session.prefill(&mut || false).unwrap();
+    let mut step = session.prefill(&model, &mut || false).unwrap();
     let mut output = step.tokens.clone();
     let (mut steps, mut strong, mut weak) = (0usize, Vec::new(), Vec::new());
     while step.finish.is_none() {
@@ -243,7 +243,7 @@ fn a_drafter_is_trusted_where_its_evidence_has_been_right() {
             draft(&truth, at, session.draft_depth(), Some(1)).with_evidence(1)
         };
         let before = session.drafter_counts()[0].0;
-        step = session.step(vec![(DrafterId(0), vec![proposal])]).unwrap();
+        step = session.step(&model, vec![(DrafterId(0), vec![proposal])]).unwrap();
         output.extend_from_slice(&step.tokens);
         if steps > 20 {
             let verified = session.drafter_counts()[0].0 - before;

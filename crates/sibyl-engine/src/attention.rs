@@ -31,17 +31,25 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// `queries`: `[node][head][head_dim]` for the new nodes. `keys`/`values`: the cache of
-/// this layer, `[position][kv_head][head_dim]`, holding the prefix (`prefix_len` rows) and
-/// then the new nodes. `visible[i]`: the new nodes node `i` attends to (its ancestors and
-/// itself), ascending. Writes `[node][head][head_dim]` into `out`.
+/// One sequence's share of a batched attention: `keys`/`values` are the cache of this
+/// layer, `[position][kv_head][head_dim]`, holding the prefix (`prefix_len` rows) and then
+/// the sequence's new nodes; `visible[i]` lists the new nodes its node `i` attends to (its
+/// ancestors and itself), ascending.
+pub(crate) struct AttendedSequence<'a> {
+    pub(crate) keys: &'a [f32],
+    pub(crate) values: &'a [f32],
+    pub(crate) prefix_len: usize,
+    pub(crate) visible: &'a [Vec<usize>],
+}
+
+/// `queries`: `[node][head][head_dim]` for the new nodes of every sequence, in sequence
+/// order; each node attends to its own sequence only. Writes `[node][head][head_dim]` into
+/// `out`. Every (node, head) pair is one work item, so the split over threads never changes
+/// a value.
 pub(crate) fn tree_attention(
     layout: HeadLayout,
     queries: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    prefix_len: usize,
-    visible: &[Vec<usize>],
+    sequences: &[AttendedSequence<'_>],
     out: &mut [f32],
 ) {
     let HeadLayout {
@@ -51,18 +59,25 @@ pub(crate) fn tree_attention(
     } = layout;
     let group = heads / kv_heads;
     let kv_row = kv_heads * head_dim;
+    // Per node of the batch: its sequence and its index there.
+    let owners: Vec<(usize, usize)> = sequences
+        .iter()
+        .enumerate()
+        .flat_map(|(s, sequence)| (0..sequence.visible.len()).map(move |node| (s, node)))
+        .collect();
     #[cfg(target_arch = "x86_64")]
     let avx2 = crate::kernels::Isa::detect() != crate::kernels::Isa::Portable;
     for_each_chunk_mut(out, head_dim, |index, out_head| {
-        let node = index / heads;
+        let (s, node) = owners[index / heads];
+        let sequence = &sequences[s];
         let kv_head = index % heads / group;
         let head = Head {
             query: &queries[index * head_dim..(index + 1) * head_dim],
-            keys: &keys[kv_head * head_dim..],
-            values: &values[kv_head * head_dim..],
+            keys: &sequence.keys[kv_head * head_dim..],
+            values: &sequence.values[kv_head * head_dim..],
             stride: kv_row,
-            prefix_len,
-            visible: &visible[node],
+            prefix_len: sequence.prefix_len,
+            visible: &sequence.visible[node],
         };
         #[cfg(target_arch = "x86_64")]
         if avx2 {

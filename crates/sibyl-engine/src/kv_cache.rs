@@ -89,6 +89,11 @@ impl KvCache {
         (&self.keys[layer], &self.values[layer])
     }
 
+    /// Bytes one cached position takes (keys and values of every layer).
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.keys.len() * self.row * std::mem::size_of::<f32>()
+    }
+
     /// Bytes held by keys and values.
     pub fn size_in_bytes(&self) -> usize {
         self.keys

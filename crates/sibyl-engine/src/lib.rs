@@ -7,7 +7,9 @@
 //! rows: quantized matrix products compute each output element with the same operations
 //! whatever the row count (`kernels`),
 //! attention reduces each (token, head) pair in a fixed order, norms and rotations are
-//! per row. Greedy speculation is therefore exactly lossless, not "up to numerics".
+//! per row. Greedy speculation is therefore exactly lossless, not "up to numerics". The same
+//! holds across sequences: [`Model::forward_batch`] runs several sessions' rows through one
+//! pass, and each session's logits are those it would get alone.
 
 mod attention;
 mod chat;
@@ -29,7 +31,7 @@ pub use error::EngineError;
 pub use gguf::{Architecture, LoadOptions, ModelConfig};
 pub use kv_cache::KvCache;
 pub use load::{load, load_text, LoadedModel, TextModel};
-pub use model::{LogitRows, Model, TreeInput};
+pub use model::{LogitRows, Model, Sequence, TreeInput};
 pub use quant::QuantMatrix;
 pub use tokenizer::{Detokenizer, TextTokenizer};
 

@@ -1,4 +1,4 @@
-use crate::attention::{tree_attention, HeadLayout};
+use crate::attention::{tree_attention, AttendedSequence, HeadLayout};
 use crate::gguf::{Architecture, LoadOptions, ModelConfig, ModelFile};
 use crate::parallel::for_each_chunk_mut;
 use crate::{EngineError, KvCache, QuantMatrix, TokenId};
@@ -362,13 +362,41 @@ impl Model {
         input: &TreeInput,
         rows: LogitRows,
     ) -> Result<Vec<f32>, EngineError> {
-        let tree = self.layout(cache, input)?;
-        let c = &self.config;
-        let m = input.tokens.len();
-        let prefix_len = cache.len();
-        let mut x: Vec<f32> = input
-            .tokens
+        let mut batch = [Sequence { cache, input, rows }];
+        Ok(self.forward_batch(&mut batch)?.pop().unwrap_or_default())
+    }
+
+    /// One forward pass over several sequences, each with its own cache and tree: their rows
+    /// go through every matrix product together (each weight is read once for the whole
+    /// batch), and each attends only to its own cache. Returns each sequence's logits, in
+    /// order, as [`Model::forward`] would have returned them alone: bit for bit, since no
+    /// row's arithmetic depends on the other rows. Every sequence is checked before any
+    /// cache changes; on an error none has.
+    pub fn forward_batch(
+        &self,
+        batch: &mut [Sequence<'_>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let trees = batch
             .iter()
+            .map(|s| self.layout(s.cache, s.input))
+            .collect::<Result<Vec<_>, _>>()?;
+        let c = &self.config;
+        let offsets: Vec<usize> = batch
+            .iter()
+            .scan(0, |start, s| {
+                let here = *start;
+                *start += s.input.tokens.len();
+                Some(here)
+            })
+            .collect();
+        let m: usize = batch.iter().map(|s| s.input.tokens.len()).sum();
+        let prefix_lens: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
+        let mut x: Vec<f32> = batch
+            .iter()
+            .flat_map(|s| &s.input.tokens)
             .flat_map(|&t| self.embedding.dequantize_row(t as usize))
             .collect();
         let layout = HeadLayout {
@@ -377,11 +405,12 @@ impl Model {
             head_dim: c.head_dim,
         };
         // The same rotation serves every layer.
-        let angles: Vec<_> = tree
-            .positions
+        let angles: Vec<_> = trees
             .iter()
+            .flat_map(|t| &t.positions)
             .map(|&p| self.rotary.angles(p))
             .collect();
+        let kv_row = c.num_kv_heads * c.head_dim;
         for (index, block) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &block.attention_norm, c.rms_norm_eps);
             let a = &block.attention;
@@ -389,7 +418,6 @@ impl Model {
             add_bias(&mut q, a.q_bias.as_ref());
             add_bias(&mut k, a.k_bias.as_ref());
             add_bias(&mut v, a.v_bias.as_ref());
-            let kv_row = c.num_kv_heads * c.head_dim;
             for (node, node_angles) in angles.iter().enumerate() {
                 self.rotary.apply(
                     &mut q[node * c.hidden_size..][..c.hidden_size],
@@ -399,18 +427,27 @@ impl Model {
                 self.rotary
                     .apply(&mut k[node * kv_row..][..kv_row], c.head_dim, node_angles);
             }
-            cache.append(index, &k, &v);
-            let (keys, values) = cache.layer(index);
+            for (s, &start) in batch.iter_mut().zip(&offsets) {
+                let rows = start * kv_row..(start + s.input.tokens.len()) * kv_row;
+                s.cache
+                    .append(index, &k[rows.clone()], &v[rows]);
+            }
+            let sequences: Vec<AttendedSequence<'_>> = batch
+                .iter()
+                .zip(&trees)
+                .zip(&prefix_lens)
+                .map(|((s, tree), &prefix_len)| {
+                    let (keys, values) = s.cache.layer(index);
+                    AttendedSequence {
+                        keys,
+                        values,
+                        prefix_len,
+                        visible: &tree.visible,
+                    }
+                })
+                .collect();
             let mut attended = vec![0f32; m * c.hidden_size];
-            tree_attention(
-                layout,
-                &q,
-                keys,
-                values,
-                prefix_len,
-                &tree.visible,
-                &mut attended,
-            );
+            tree_attention(layout, &q, &sequences, &mut attended);
             let projected = project(&a.o, &attended, m)?;
             for (x, p) in x.iter_mut().zip(&projected) {
                 *x += p;
@@ -421,14 +458,45 @@ impl Model {
                 *x += p;
             }
         }
-        cache.set_len(prefix_len + m);
-        let (selected, count) = match rows {
-            LogitRows::All => (&x[..], m),
-            LogitRows::Last => (&x[(m - 1) * c.hidden_size..], 1),
-            LogitRows::None => return Ok(Vec::new()),
+        // The rows each sequence asked logits for, gathered for one output product.
+        let mut selected = Vec::new();
+        let mut counts = Vec::with_capacity(batch.len());
+        for ((s, &start), &prefix_len) in batch.iter_mut().zip(&offsets).zip(&prefix_lens) {
+            let n = s.input.tokens.len();
+            s.cache.set_len(prefix_len + n);
+            let (first, count) = match s.rows {
+                LogitRows::All => (start, n),
+                LogitRows::Last => (start + n - 1, 1),
+                LogitRows::None => (start, 0),
+            };
+            selected.extend_from_slice(&x[first * c.hidden_size..][..count * c.hidden_size]);
+            counts.push(count);
+        }
+        let total: usize = counts.iter().sum();
+        let logits = if total == 0 {
+            Vec::new()
+        } else {
+            let h = rms_norm(&selected, &self.output_norm, c.rms_norm_eps);
+            let output = self.output.as_ref().unwrap_or(&self.embedding);
+            project(output, &h, total)?
         };
-        let h = rms_norm(selected, &self.output_norm, c.rms_norm_eps);
-        let output = self.output.as_ref().unwrap_or(&self.embedding);
-        project(output, &h, count)
+        let vocab = c.vocab_size;
+        let mut rest = &logits[..];
+        Ok(counts
+            .into_iter()
+            .map(|count| {
+                let (mine, after) = rest.split_at(count * vocab);
+                rest = after;
+                mine.to_vec()
+            })
+            .collect())
     }
+}
+
+/// One sequence of a batched forward pass ([`Model::forward_batch`]).
+pub struct Sequence<'a> {
+    /// Its cached prefix, to which the new nodes are appended.
+    pub cache: &'a mut KvCache,
+    pub input: &'a TreeInput,
+    pub rows: LogitRows,
 }

@@ -4,7 +4,9 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
-use sibyl_engine::{load, Detokenizer, LoadOptions, LoadedModel, LogitRows, Model, TreeInput};
+use sibyl_engine::{
+    load, Detokenizer, LoadOptions, LoadedModel, LogitRows, Model, Sequence, TreeInput,
+};
 use sibyl_spec::argmax;
 use std::path::PathBuf;
 
@@ -209,6 +211,43 @@ fn batch_invariant(name: &str) {
     for i in 0..24 {
         let row = &tree[(2 * i + 1) * vocab..(2 * i + 2) * vocab];
         assert_eq!(row, alone[i].as_slice(), "{name}: tree node {}", 2 * i + 1);
+    }
+    // the same steps batched with other sessions: one decoding a different prompt, one
+    // processing a prompt chunk, both with caches of other lengths
+    let mut cache = model.new_cache();
+    model
+        .forward(&mut cache, &TreeInput::chain(&prompt), LogitRows::None)
+        .unwrap();
+    let other_prompt = loaded.tokenizer.encode("import numpy as np\n\n").unwrap();
+    let mut other = model.new_cache();
+    model
+        .forward(&mut other, &TreeInput::chain(&other_prompt), LogitRows::None)
+        .unwrap();
+    let mut third = model.new_cache();
+    for (i, &t) in continuation.iter().enumerate() {
+        let mine = TreeInput::chain(&[t]);
+        let theirs = TreeInput::chain(&[(t + 7) % vocab as u32]);
+        let chunk = TreeInput::chain(&prompt[..1 + i % prompt.len()]);
+        let mut batch = [
+            Sequence {
+                cache: &mut other,
+                input: &theirs,
+                rows: LogitRows::All,
+            },
+            Sequence {
+                cache: &mut cache,
+                input: &mine,
+                rows: LogitRows::All,
+            },
+            Sequence {
+                cache: &mut third,
+                input: &chunk,
+                rows: LogitRows::Last,
+            },
+        ];
+        let logits = model.forward_batch(&mut batch).unwrap();
+        assert_eq!(logits[1], alone[i], "{name}: batched step {i}");
+        third.truncate(0);
     }
 }
 

@@ -2,7 +2,7 @@
 
 use candle_core::quantized::GgmlDType;
 use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
-use sibyl_engine::{Architecture, EngineError, LogitRows, Model, TreeInput};
+use sibyl_engine::{Architecture, EngineError, LogitRows, Model, Sequence, TreeInput};
 
 fn models() -> Vec<(String, Model)> {
     let mut models = Vec::new();
@@ -196,4 +196,111 @@ fn bad_inputs_are_refused_and_leave_the_cache_untouched() {
         Err(EngineError::ContextOverflow { .. })
     ));
     assert!(cache.keep_path(0, 3, &[0]).is_err());
+}
+
+/// A small deterministic generator for the random batches below.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+/// A random tree of `len` nodes: each node's parent is an earlier node or the prefix.
+fn random_tree(rng: &mut Lcg, vocab: usize, len: usize) -> TreeInput {
+    let tokens = (0..len).map(|_| rng.below(vocab) as u32).collect();
+    let parents = (0..len)
+        .map(|i| match i {
+            0 => None,
+            _ => Some(rng.below(i)),
+        })
+        .collect();
+    TreeInput::tree(tokens, parents)
+}
+
+#[test]
+fn every_sequence_of_a_random_batch_gets_the_logits_and_cache_it_gets_alone() {
+    let mut rng = Lcg(11);
+    for (name, model) in models() {
+        let vocab = model.vocab_size();
+        for round in 0..6 {
+            let count = 1 + rng.below(5);
+            // Per sequence: a cache with a prefix of its own length, and its new nodes.
+            let mut caches = Vec::new();
+            let mut inputs = Vec::new();
+            let mut rows = Vec::new();
+            for _ in 0..count {
+                let mut cache = model.new_cache();
+                let prefix_len = rng.below(40);
+                if prefix_len > 0 {
+                    let prefix: Vec<u32> =
+                        (0..prefix_len).map(|_| rng.below(vocab) as u32).collect();
+                    model
+                        .forward(&mut cache, &TreeInput::chain(&prefix), LogitRows::None)
+                        .unwrap();
+                }
+                caches.push(cache);
+                let len = 1 + rng.below(12);
+                inputs.push(random_tree(&mut rng, vocab, len));
+                rows.push([LogitRows::All, LogitRows::Last, LogitRows::None][rng.below(3)]);
+            }
+            let mut alone_caches = caches.clone();
+            let alone: Vec<Vec<f32>> = alone_caches
+                .iter_mut()
+                .zip(&inputs)
+                .zip(&rows)
+                .map(|((cache, input), &rows)| model.forward(cache, input, rows).unwrap())
+                .collect();
+            let mut batch: Vec<Sequence<'_>> = caches
+                .iter_mut()
+                .zip(&inputs)
+                .zip(&rows)
+                .map(|((cache, input), &rows)| Sequence { cache, input, rows })
+                .collect();
+            let batched = model.forward_batch(&mut batch).unwrap();
+            assert_eq!(batched, alone, "{name}: round {round}, {count} sequences");
+            for (i, (cache, alone_cache)) in caches.iter().zip(&alone_caches).enumerate() {
+                assert_eq!(cache.len(), alone_cache.len(), "{name}: sequence {i}");
+                let next = TreeInput::chain(&[1]);
+                let after = model
+                    .forward(&mut cache.clone(), &next, LogitRows::All)
+                    .unwrap();
+                let after_alone = model
+                    .forward(&mut alone_cache.clone(), &next, LogitRows::All)
+                    .unwrap();
+                assert_eq!(after, after_alone, "{name}: cache of sequence {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bad_sequence_fails_the_batch_before_any_cache_changes() {
+    let (_, model) = models().remove(0);
+    let vocab = model.vocab_size() as u32;
+    let mut good = model.new_cache();
+    let mut other = model.new_cache();
+    let fine = TreeInput::chain(&[1, 2]);
+    let bad = TreeInput::chain(&[3, vocab]);
+    let mut batch = [
+        Sequence {
+            cache: &mut good,
+            input: &fine,
+            rows: LogitRows::All,
+        },
+        Sequence {
+            cache: &mut other,
+            input: &bad,
+            rows: LogitRows::All,
+        },
+    ];
+    let error = model.forward_batch(&mut batch).unwrap_err();
+    assert!(error.to_string().contains("outside the vocabulary"), "{error}");
+    assert_eq!((good.len(), other.len()), (0, 0));
+    assert!(model.forward_batch(&mut []).unwrap().is_empty());
 }

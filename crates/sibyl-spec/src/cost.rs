@@ -118,23 +118,66 @@ impl StepCosts {
 /// that every prefix is a tree) to verify, given `cost(n)`, the cost of a step over `n`
 /// nodes with the root. 0 means a plain step: no prefix is expected to beat plain decoding
 /// by [`MIN_GAIN`]. With `explore`, at least one node is verified when there is one, so a
-/// drafter whose estimate fell low can show it has become useful again.
+/// drafter whose estimate fell low can show it has become useful again. This is
+/// [`choose_batch_draft_nodes`] for a batch of one session.
 pub fn choose_draft_nodes(values: &[f64], cost: impl Fn(usize) -> f64, explore: bool) -> usize {
-    let plain = 1.0 / cost(1).max(f64::MIN_POSITIVE);
+    choose_batch_draft_nodes(&[BatchDrafts { values, explore }], 1, cost)[0]
+}
+
+/// One session's draft nodes in a batched step: their chances, best first (every prefix is
+/// a tree), and whether it verifies at least one of them whatever they are worth.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchDrafts<'a> {
+    pub values: &'a [f64],
+    pub explore: bool,
+}
+
+/// How many draft nodes each session of a batched step verifies. The step already has
+/// `rows` rows (each session's root, prompt chunks, sessions sized otherwise); `cost(n)` is
+/// the cost of a forward pass of `n` rows. The nodes of all sessions are taken best first
+/// (each session's in its own order), and the count that gives the most expected tokens per
+/// unit of cost is kept: `(sessions + sum of chances) / cost(rows + nodes)`, where no draft
+/// at all must be beaten by [`MIN_GAIN`]. So speculation shrinks as the batch grows (each
+/// row costs more once the pass is no longer bound by reading weights) and comes back as it
+/// falls. An exploring session gets one node when it got none.
+pub fn choose_batch_draft_nodes(
+    sessions: &[BatchDrafts<'_>],
+    rows: usize,
+    cost: impl Fn(usize) -> f64,
+) -> Vec<usize> {
+    let base = sessions.len() as f64;
+    let plain = base / cost(rows).max(f64::MIN_POSITIVE);
+    let mut taken = vec![0usize; sessions.len()];
+    let mut order = Vec::new();
     let mut best = (0usize, plain * MIN_GAIN);
-    let mut expected = 1.0;
-    for (j, value) in values.iter().enumerate() {
-        expected += value.clamp(0.0, 1.0);
-        let rate = expected / cost(j + 2).max(f64::MIN_POSITIVE);
+    let mut expected = base;
+    loop {
+        let next = sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.values.get(taken[i]).map(|&v| (i, v.clamp(0.0, 1.0))))
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+        let Some((session, value)) = next else {
+            break;
+        };
+        taken[session] += 1;
+        order.push(session);
+        expected += value;
+        let rate = expected / cost(rows + order.len()).max(f64::MIN_POSITIVE);
         if rate > best.1 {
-            best = (j + 1, rate);
+            best = (order.len(), rate);
         }
     }
-    if best.0 == 0 && explore {
-        values.len().min(1)
-    } else {
-        best.0
+    let mut chosen = vec![0usize; sessions.len()];
+    for &session in &order[..best.0] {
+        chosen[session] += 1;
     }
+    for (count, s) in chosen.iter_mut().zip(sessions) {
+        if *count == 0 && s.explore && !s.values.is_empty() {
+            *count = 1;
+        }
+    }
+    chosen
 }
 
 /// Each measurement of a drafter multiplies the weight of the earlier ones in its kind's
@@ -369,6 +412,62 @@ mod tests {
         // GPU-like: nodes are almost free, so every plausible one goes in.
         let gpu = |n: usize| 1.0 + 0.001 * (n - 1) as f64;
         assert_eq!(choose_draft_nodes(&chain, gpu, false), 10);
+    }
+
+    #[test]
+    fn a_batch_speculates_less_as_rows_grow_dear() {
+        // A pass costs one unit up to 16 rows (reading weights), then a tenth per row.
+        let cost = |n: usize| 1.0 + 0.1 * n.saturating_sub(16) as f64;
+        let good = [0.9, 0.8, 0.7, 0.6, 0.5];
+        let weak = [0.2, 0.1];
+        let one = choose_batch_draft_nodes(
+            &[BatchDrafts {
+                values: &good,
+                explore: false,
+            }],
+            1,
+            cost,
+        );
+        assert_eq!(one, vec![5]);
+        // Eight sessions fill half the cheap rows with their roots: the best nodes take the
+        // rest, and the weak ones are left out.
+        let eight: Vec<BatchDrafts> = (0..8)
+            .map(|i| BatchDrafts {
+                values: if i % 2 == 0 { &good } else { &weak },
+                explore: false,
+            })
+            .collect();
+        let chosen = choose_batch_draft_nodes(&eight, 8, cost);
+        assert_eq!(chosen.iter().sum::<usize>(), 8, "{chosen:?}");
+        assert!(chosen.iter().step_by(2).all(|&n| n == 2), "{chosen:?}");
+        assert!(chosen.iter().skip(1).step_by(2).all(|&n| n == 0), "{chosen:?}");
+        // When every row costs a unit, nothing weak is worth a row; an exploring session
+        // still gets one node.
+        let linear = |n: usize| n as f64;
+        let explore = [
+            BatchDrafts {
+                values: &weak,
+                explore: true,
+            },
+            BatchDrafts {
+                values: &weak,
+                explore: false,
+            },
+        ];
+        assert_eq!(choose_batch_draft_nodes(&explore, 2, linear), vec![1, 0]);
+        // One session of a batch is choose_draft_nodes.
+        for values in [&good[..], &weak[..], &[]] {
+            let alone = choose_draft_nodes(values, cost, false);
+            let batch = choose_batch_draft_nodes(
+                &[BatchDrafts {
+                    values,
+                    explore: false,
+                }],
+                1,
+                cost,
+            );
+            assert_eq!(batch, vec![alone]);
+        }
     }
 
     #[test]

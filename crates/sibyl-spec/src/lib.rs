@@ -19,7 +19,10 @@ mod tree;
 mod verify;
 
 pub use acceptance::AcceptanceStats;
-pub use cost::{choose_draft_length, choose_draft_nodes, DraftCosts, StepCosts, MIN_GAIN};
+pub use cost::{
+    choose_batch_draft_nodes, choose_draft_length, choose_draft_nodes, BatchDrafts, DraftCosts,
+    StepCosts, MIN_GAIN,
+};
 pub use inbox::{AnchoredBlock, BlockRejection, DraftInbox, InboxLimits};
 pub use sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
 pub use tree::{Candidate, Node, Proposal, SparseDist, TokenTree, TreeBuilder};

@@ -122,6 +122,17 @@ pub struct VerifierMetrics {
     pub drafter_stream_errors: IntCounterVec,
     pub drafter_up: IntGaugeVec,
     pub model_loaded: IntGauge,
+    /// Sessions in each batched forward pass.
+    pub batch_sessions: Histogram,
+    /// Rows (tokens) of each batched forward pass.
+    pub batch_rows: Histogram,
+    pub batch_prompt_tokens: Histogram,
+    pub batch_draft_tokens: Histogram,
+    /// Requests waiting for a session slot or KV-cache room.
+    pub queued_requests: IntGauge,
+    pub queue_wait: Histogram,
+    /// Sessions ended because their client did not read for the idle timeout.
+    pub idle_timeouts: IntCounter,
 }
 
 pub fn verifier() -> &'static VerifierMetrics {
@@ -186,6 +197,39 @@ pub fn verifier() -> &'static VerifierMetrics {
             model_loaded: gauge(
                 "sibyl_verifier_model_loaded",
                 "1 once the target model is loaded and warmed up.",
+            ),
+            batch_sessions: histogram(
+                "sibyl_verifier_batch_sessions",
+                "Sessions in one batched forward pass (decoding or processing their prompt).",
+                &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0],
+            ),
+            batch_rows: histogram(
+                "sibyl_verifier_batch_tokens",
+                "Rows (tokens) of one batched forward pass: roots, draft nodes and prompt tokens.",
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            ),
+            batch_prompt_tokens: histogram(
+                "sibyl_verifier_batch_prompt_tokens",
+                "Prompt tokens in one batched forward pass.",
+                &[0.0, 1.0, 4.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            ),
+            batch_draft_tokens: histogram(
+                "sibyl_verifier_batch_draft_tokens",
+                "Draft tokens verified in one batched forward pass, all sessions together.",
+                &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+            ),
+            queued_requests: gauge(
+                "sibyl_verifier_queued_requests",
+                "Requests waiting for a session slot or KV-cache room.",
+            ),
+            queue_wait: histogram(
+                "sibyl_verifier_queue_wait_seconds",
+                "Time a request waited for a session slot or KV-cache room (admitted or not).",
+                &[0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0],
+            ),
+            idle_timeouts: counter(
+                "sibyl_verifier_idle_timeouts_total",
+                "Sessions ended because their client did not read its stream for the idle timeout.",
             ),
         }
     });

@@ -33,9 +33,47 @@ pub struct VerifierArgs {
     #[arg(long, env = "SIBYL_DRAFT_WAIT_MS", default_value_t = 5)]
     pub draft_wait_ms: u64,
 
-    /// Most generations at once; more are refused with RESOURCE_EXHAUSTED (HTTP 429).
+    /// Most generations at once, run together one forward pass per step; more wait in
+    /// the queue.
     #[arg(long, env = "SIBYL_MAX_SESSIONS", default_value_t = 16)]
     pub max_sessions: usize,
+
+    /// Most requests waiting for a session slot or KV-cache room; more are refused at once
+    /// with RESOURCE_EXHAUSTED (HTTP 429 with Retry-After). 0: no queue.
+    #[arg(long, env = "SIBYL_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// Longest a request waits in the queue, in milliseconds, before it is refused with
+    /// RESOURCE_EXHAUSTED (HTTP 429 with Retry-After).
+    #[arg(long, env = "SIBYL_QUEUE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub queue_timeout_ms: u64,
+
+    /// KV-cache bytes all sessions together may reserve; each reserves room for its prompt,
+    /// its max_tokens and one step's draft nodes when it is admitted (default: no budget
+    /// beyond --max-sessions).
+    #[arg(long, env = "SIBYL_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<usize>,
+
+    /// Most tokens of prompt and output of one request, below the model's context window:
+    /// a longer prompt is refused before any work, an output stops there (default: the
+    /// model's window).
+    #[arg(long, env = "SIBYL_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+
+    /// A client that does not read its stream for this many milliseconds loses its session
+    /// (its slot and KV cache are freed).
+    #[arg(long, env = "SIBYL_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub idle_timeout_ms: u64,
+
+    /// Most prompt tokens in one forward pass (a long prompt is processed in chunks).
+    #[arg(long, env = "SIBYL_PREFILL_CHUNK", default_value_t = 256)]
+    pub prefill_chunk: usize,
+
+    /// While other sessions are decoding, prompt tokens join a step only as far as the step
+    /// is expected to take at most this many times as long as without them (by measured
+    /// step costs), so a long prompt never stalls the streams.
+    #[arg(long, env = "SIBYL_PREFILL_STALL", default_value_t = 2.0)]
+    pub prefill_stall: f64,
 }
 
 impl VerifierArgs {
@@ -48,12 +86,30 @@ impl VerifierArgs {
         if self.max_sessions == 0 {
             bail!("--max-sessions must be at least 1");
         }
+        if self.prefill_chunk == 0 {
+            bail!("--prefill-chunk must be at least 1");
+        }
+        if !(self.prefill_stall.is_finite() && self.prefill_stall >= 1.0) {
+            bail!("--prefill-stall must be a number of at least 1");
+        }
+        if self.max_model_len == Some(0) {
+            bail!("--max-model-len must be at least 1");
+        }
         if self.tree.draft_depth > 256 {
             bail!("--draft-depth must be at most 256");
         }
         Ok(VerifierConfig {
-            model_name,
-            drafters,
+            max_sessions: self.max_sessions,
+            max_queue: self.max_queue,
+            queue_timeout: Duration::from_millis(self.queue_timeout_ms),
+            kv_cache_bytes: self.kv_cache_bytes,
+            max_model_len: self.max_model_len,
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            scheduler: sibyl_decode::SchedulerConfig {
+                prompt_tokens_per_step: self.prefill_chunk,
+                prefill_stall: self.prefill_stall,
+                draft_wait: Duration::from_millis(self.draft_wait_ms),
+            },
             speculation: SpeculationConfig {
                 draft_budget: self.tree.draft_budget,
                 max_draft_depth: self.tree.draft_depth.max(1),
@@ -63,7 +119,7 @@ impl VerifierArgs {
                 step_wait: Duration::from_millis(self.draft_wait_ms),
                 ..SpeculationConfig::default()
             },
-            max_sessions: self.max_sessions,
+            ..VerifierConfig::new(model_name, drafters)
         })
     }
 }

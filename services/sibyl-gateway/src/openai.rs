@@ -80,7 +80,23 @@ impl IntoResponse for GatewayError {
                 Value::Null,
             ),
         };
-        (status, Json(error_body(&self.to_string(), kind, code))).into_response()
+        let mut response = (status, Json(error_body(&self.to_string(), kind, code))).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // The verifier's hint, in seconds; one second where it gave none.
+            let retry_after = match &self {
+                GatewayError::Verifier(status) => status
+                    .metadata()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok()),
+                _ => None,
+            };
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(retry_after.unwrap_or(1)),
+            );
+        }
+        response
     }
 }
 

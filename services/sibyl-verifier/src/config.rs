@@ -93,8 +93,42 @@ pub struct VerifierConfig {
     pub model_name: String,
     pub drafters: Vec<DrafterEndpoint>,
     pub speculation: SpeculationConfig,
-    /// Most sessions at once; more are refused with RESOURCE_EXHAUSTED.
+    /// Most sessions at once; more wait in the queue.
     pub max_sessions: usize,
+    /// Most requests waiting for a session slot or KV-cache room; more are refused at once
+    /// with RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
+    /// Longest a request waits in the queue before it is refused with RESOURCE_EXHAUSTED.
+    pub queue_timeout: Duration,
+    /// KV-cache bytes all sessions together may reserve (each reserves room for its prompt,
+    /// its output and one step's draft nodes); `None`: no budget beyond the session slots.
+    pub kv_cache_bytes: Option<usize>,
+    /// Most tokens of prompt and output of one session, below the model's context window:
+    /// longer prompts are refused, outputs stop there. `None`: the model's window.
+    pub max_model_len: Option<usize>,
+    /// A session whose client has not read its stream for this long is ended.
+    pub idle_timeout: Duration,
+    /// How the step scheduler fills each forward pass.
+    pub scheduler: sibyl_decode::SchedulerConfig,
+}
+
+impl VerifierConfig {
+    /// A verifier of `model_name` drafting with `drafters`, with the default speculation,
+    /// limits and scheduling (those of `sibyl verifier --help`).
+    pub fn new(model_name: String, drafters: Vec<DrafterEndpoint>) -> Self {
+        Self {
+            model_name,
+            drafters,
+            speculation: SpeculationConfig::default(),
+            max_sessions: 16,
+            max_queue: 64,
+            queue_timeout: Duration::from_secs(30),
+            kv_cache_bytes: None,
+            max_model_len: None,
+            idle_timeout: Duration::from_secs(30),
+            scheduler: sibyl_decode::SchedulerConfig::default(),
+        }
+    }
 }
 
 #[cfg(test)]

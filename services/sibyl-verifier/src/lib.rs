@@ -2,14 +2,17 @@
 //! KV cache per session, drafts with remote drafters and streams back only the tokens the
 //! target model itself would have produced.
 //!
-//! Each session runs the step loop of `sibyl-decode` on a blocking thread. Its drafter links
-//! (async tasks, one per configured drafter) keep blocks in bounded inboxes; a step waits for
-//! them at most [`SpeculationConfig::step_wait`], then merges, verifies and emits, and the
-//! links send the accepted tokens back to the drafters.
+//! One scheduler thread owns the model and runs every session together, one forward pass
+//! per step (`sibyl-decode`'s [`Scheduler`](sibyl_decode::Scheduler)); requests wait for a
+//! session slot and KV-cache room in a bounded queue. Each session's drafter links (async
+//! tasks, one per configured drafter) keep blocks in bounded inboxes; a step waits for them
+//! at most [`SpeculationConfig::step_wait`] (all sessions together), then merges, verifies
+//! and emits, and the links send the accepted tokens back to the drafters.
 
 mod config;
 mod link;
 mod probe;
+mod scheduler;
 mod service;
 mod session;
 mod shared;
@@ -18,13 +21,14 @@ pub use config::{DrafterEndpoint, EndpointError, SpeculationConfig, VerifierConf
 pub use probe::DRAFTERS_HEALTH;
 pub use service::VerifierService;
 
-use sibyl_decode::{generate, GenerationConfig, SharedLearning};
+use scheduler::SchedulerHandle;
+use sibyl_decode::{generate, GenerationConfig, SchedulerConfig, SharedLearning};
 use sibyl_engine::LoadedModel;
 use sibyl_proto::server::{run_role, OnLoadError, ServeError};
 use sibyl_proto::v1::verifier_server::{VerifierServer, SERVICE_NAME};
 use std::future::Future;
 use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::server::Router;
 
@@ -45,7 +49,14 @@ where
     let metrics = sibyl_telemetry::metrics::verifier();
     metrics.model_loaded.set(0);
     let add = |router: Router| router.add_service(VerifierServer::new(service.clone()));
-    let load = move || load().map_err(Into::into).and_then(warm_up);
+    let mut scheduler = service.scheduler_config();
+    scheduler.draft_wait = service.step_wait();
+    let runtime = tokio::runtime::Handle::current();
+    let load = move || {
+        load()
+            .map_err(Into::into)
+            .and_then(|loaded| warm_up(loaded, scheduler.clone(), runtime.clone()))
+    };
     let ready = |engine, health| {
         service.set_ready(Arc::new(engine));
         metrics.model_loaded.set(1);
@@ -56,18 +67,21 @@ where
 }
 
 /// Runs a short generation so the first request does not pay for thread-pool start-up and
-/// first-touch page faults.
+/// first-touch page faults, then starts the step scheduler.
 fn warm_up(
     loaded: LoadedModel,
-) -> Result<session::Engine, Box<dyn std::error::Error + Send + Sync>> {
+    scheduler: SchedulerConfig,
+    runtime: tokio::runtime::Handle,
+) -> Result<service::Engine, Box<dyn std::error::Error + Send + Sync>> {
     let config = GenerationConfig::plain(2, Vec::new());
     let prompt: Vec<u32> = (0..8).collect();
     generate(&loaded.model, &prompt, &config, &mut [], |_| {
         ControlFlow::Continue(())
     })?;
-    Ok(session::Engine {
+    let loaded = Arc::new(loaded);
+    Ok(service::Engine {
+        scheduler: SchedulerHandle::spawn(loaded.clone(), scheduler, runtime)?,
         loaded,
-        compute: Mutex::new(()),
         learning: SharedLearning::default(),
     })
 }

@@ -1,20 +1,43 @@
 use crate::config::VerifierConfig;
 use crate::link::{self, LinkParams};
-use crate::session::{self, Engine, Plan};
+use crate::scheduler::{Join, SchedulerHandle};
+use crate::session::{Plan, RemoteClient, RemoteFields};
 use crate::shared::Shared;
-use sibyl_decode::{check_request, GenerationConfig};
+use sibyl_decode::{check_request, GenerationConfig, Session, SharedLearning};
+use sibyl_engine::LoadedModel;
 use sibyl_proto::v1 as pb;
 use sibyl_spec::InboxLimits;
 use sibyl_telemetry::metrics::{self, GaugeGuard};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use tokio::sync::{mpsc, watch};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-/// Events buffered per session before the step loop waits for the client.
+/// Events buffered per session; past them the session waits (without holding up the others)
+/// for its client to read.
 const EVENT_QUEUE: usize = 64;
+
+/// The loaded model and the scheduler that runs every session on it.
+pub(crate) struct Engine {
+    pub(crate) loaded: Arc<LoadedModel>,
+    /// What steps of this model cost, learned from every session (adaptive tree size).
+    pub(crate) learning: SharedLearning,
+    pub(crate) scheduler: SchedulerHandle,
+}
+
+/// What admission reserves for a session: a session slot and room in the KV-cache budget
+/// (in tokens), given back when the session leaves the scheduler.
+struct Admission {
+    slots: Arc<Semaphore>,
+    /// KV-cache room in tokens.
+    cache_tokens: Arc<Semaphore>,
+    total_cache_tokens: usize,
+    /// Requests waiting now.
+    waiting: AtomicUsize,
+}
 
 /// The `sibyl.v1.Verifier` service.
 #[derive(Clone)]
@@ -25,6 +48,7 @@ pub struct VerifierService {
 struct Inner {
     config: VerifierConfig,
     engine: OnceLock<Arc<Engine>>,
+    admission: OnceLock<Admission>,
     endpoints: Arc<sibyl_proto::client::Balancer>,
     active: Arc<AtomicUsize>,
     started: AtomicU64,
@@ -32,6 +56,13 @@ struct Inner {
 
 /// Counts a session as active for as long as it lives.
 struct ActiveSession(Arc<AtomicUsize>);
+
+impl ActiveSession {
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
 
 impl Drop for ActiveSession {
     fn drop(&mut self) {
@@ -46,6 +77,7 @@ impl VerifierService {
             inner: Arc::new(Inner {
                 config,
                 engine: OnceLock::new(),
+                admission: OnceLock::new(),
                 endpoints: Arc::default(),
                 active: Arc::new(AtomicUsize::new(0)),
                 started: AtomicU64::new(0),
@@ -54,7 +86,29 @@ impl VerifierService {
     }
 
     pub(crate) fn set_ready(&self, engine: Arc<Engine>) {
+        let config = &self.inner.config;
+        let per_token = engine.loaded.model.new_cache().bytes_per_token().max(1);
+        let total_cache_tokens = match config.kv_cache_bytes {
+            Some(bytes) => (bytes / per_token).min(Semaphore::MAX_PERMITS),
+            None => Semaphore::MAX_PERMITS,
+        };
+        let _ = self.inner.admission.set(Admission {
+            slots: Arc::new(Semaphore::new(config.max_sessions)),
+            cache_tokens: Arc::new(Semaphore::new(total_cache_tokens)),
+            total_cache_tokens,
+            waiting: AtomicUsize::new(0),
+        });
         let _ = self.inner.engine.set(engine);
+    }
+
+    /// How its scheduler fills each forward pass.
+    pub(crate) fn scheduler_config(&self) -> sibyl_decode::SchedulerConfig {
+        self.inner.config.scheduler.clone()
+    }
+
+    /// Longest a step waits for drafts.
+    pub(crate) fn step_wait(&self) -> Duration {
+        self.inner.config.speculation.step_wait
     }
 
     /// The drafters it is configured with.
@@ -93,8 +147,19 @@ impl VerifierService {
         let sampling = sibyl_proto::sampling_config(request.sampling.as_ref(), rand::random)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let speculation = &config.speculation;
+        let mut max_tokens = request.max_tokens as usize;
+        if let Some(cap) = config.max_model_len {
+            let prompt = request.prompt_tokens.len();
+            if prompt >= cap {
+                return Err(Status::invalid_argument(format!(
+                    "the prompt has {prompt} tokens; this verifier serves at most {cap} tokens \
+                     of prompt and output together (--max-model-len)"
+                )));
+            }
+            max_tokens = max_tokens.min(cap - prompt);
+        }
         let generation = GenerationConfig {
-            max_tokens: request.max_tokens as usize,
+            max_tokens,
             sampling,
             draft_budget: speculation.draft_budget,
             max_draft_depth: speculation.max_draft_depth,
@@ -134,7 +199,6 @@ impl VerifierService {
             prompt: request.prompt_tokens,
             config: generation,
             drafter_kinds: links.iter().map(|l| l.endpoint.kind.clone()).collect(),
-            step_wait: speculation.step_wait,
             inbox,
             step_times: request.step_times,
         };
@@ -186,7 +250,10 @@ impl pb::verifier_server::Verifier for VerifierService {
         let request_id = sibyl_telemetry::trace::request_id(request.metadata());
         let span = tracing::info_span!("verify_session", request_id = %request_id);
         sibyl_telemetry::trace::set_remote_parent(&span, request.metadata());
-        let started = self.start(request.into_inner(), request_id, &span);
+        let started = self
+            .start(request.into_inner(), request_id, &span)
+            .instrument(span.clone())
+            .await;
         if started.is_err() {
             metrics::verifier()
                 .sessions
@@ -221,8 +288,8 @@ impl pb::verifier_server::Verifier for VerifierService {
 }
 
 impl VerifierService {
-    /// Checks a request and starts its session in `span`.
-    fn start(
+    /// Checks a request, waits for its admission and hands its session to the scheduler.
+    async fn start(
         &self,
         request: pb::VerifyRequest,
         request_id: String,
@@ -230,19 +297,19 @@ impl VerifierService {
     ) -> Result<Response<ReceiverStream<Result<pb::VerifyEvent, Status>>>, Status> {
         let engine = self.engine()?.clone();
         let (plan, links) = self.plan(&engine, request)?;
+        let held = self.admit(&engine, &plan).await?;
         let inner = &self.inner;
-        let previous = inner.active.fetch_add(1, Ordering::SeqCst);
-        let active = ActiveSession(inner.active.clone());
-        if previous >= inner.config.max_sessions {
-            return Err(Status::resource_exhausted(format!(
-                "all {} session slots of this verifier are busy; retry later or add replicas",
-                inner.config.max_sessions
-            )));
-        }
-        let active_metric = GaugeGuard::new(&metrics::verifier().active_sessions);
         inner.started.fetch_add(1, Ordering::Relaxed);
+        let session = Session::new(
+            &engine.loaded.model,
+            &plan.prompt,
+            plan.config.clone(),
+            plan.drafter_kinds.clone(),
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), plan.inbox));
         let (accepted_len, watch_len) = watch::channel(plan.prompt.len());
+        let gathers = plan.config.draft_budget > 0 && !links.is_empty();
         let tasks: Vec<_> = links
             .into_iter()
             .map(|params| {
@@ -259,16 +326,116 @@ impl VerifierService {
             })
             .collect();
         let (events, receiver) = mpsc::channel(EVENT_QUEUE);
-        let span = span.clone();
-        tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            session::run(&engine, plan, &shared, accepted_len, &events);
-            for task in tasks {
-                task.abort();
+        let client = RemoteClient::new(
+            RemoteFields {
+                shared,
+                accepted_len,
+                events,
+                gathers,
+                idle_timeout: inner.config.idle_timeout,
+                step_times: plan.step_times,
+                links: tasks,
+                span: span.clone(),
+                held,
+            },
+            &plan.drafter_kinds,
+        );
+        if let Err(join) = engine.scheduler.join(Join { session, client }) {
+            for link in join.client.links {
+                link.abort();
             }
-            drop(active);
-            drop(active_metric);
-        });
+            return Err(Status::unavailable("the verifier is shutting down"));
+        }
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
+
+    /// Waits, in a bounded queue and at most the queue timeout, for a session slot and for
+    /// room in the KV-cache budget for the whole request (prompt, output and one step's
+    /// draft nodes). Refused requests get RESOURCE_EXHAUSTED with a `retry-after` hint.
+    async fn admit(&self, engine: &Engine, plan: &Plan) -> Result<crate::session::Held, Status> {
+        let config = &self.inner.config;
+        let admission = self
+            .inner
+            .admission
+            .get()
+            .ok_or_else(|| Status::unavailable("the verifier is still loading its model"))?;
+        let context_length = engine.loaded.model.config().context_length;
+        let needed = (plan.prompt.len()
+            + plan.config.max_tokens
+            + plan.config.draft_budget
+            + 1)
+        .min(context_length);
+        if needed > admission.total_cache_tokens {
+            return Err(Status::resource_exhausted(format!(
+                "the request needs KV-cache room for {needed} tokens; this verifier's whole \
+                 budget (--kv-cache-bytes) holds {}: lower max_tokens or shorten the prompt",
+                admission.total_cache_tokens
+            )));
+        }
+        let m = metrics::verifier();
+        let queued = admission.waiting.fetch_add(1, Ordering::SeqCst);
+        let _queued = Waiting(&admission.waiting);
+        let immediate = admission.slots.available_permits() > 0 && queued == 0;
+        if !immediate && queued >= config.max_queue {
+            return Err(overloaded(
+                format!(
+                    "all {} session slots are busy and {} requests are waiting (--max-queue); \
+                     retry later or add replicas",
+                    config.max_sessions, config.max_queue
+                ),
+                config.queue_timeout,
+            ));
+        }
+        let _gauge = GaugeGuard::new(&m.queued_requests);
+        let waited = Instant::now();
+        let acquire = async {
+            let slot = admission.slots.clone().acquire_owned().await;
+            let room = admission
+                .cache_tokens
+                .clone()
+                .acquire_many_owned(u32::try_from(needed).unwrap_or(u32::MAX))
+                .await;
+            match (slot, room) {
+                (Ok(slot), Ok(room)) => Some((slot, room)),
+                _ => None,
+            }
+        };
+        let admitted = tokio::time::timeout(config.queue_timeout, acquire).await;
+        m.queue_wait.observe(waited.elapsed().as_secs_f64());
+        let Ok(Some((slot, room))) = admitted else {
+            return Err(overloaded(
+                format!(
+                    "no session slot or KV-cache room came free within {} ms \
+                     (--queue-timeout-ms); retry later or add replicas",
+                    config.queue_timeout.as_millis()
+                ),
+                config.queue_timeout,
+            ));
+        };
+        let active = ActiveSession::new(self.inner.active.clone());
+        let gauge = GaugeGuard::new(&m.active_sessions);
+        let held: (OwnedSemaphorePermit, OwnedSemaphorePermit, ActiveSession, GaugeGuard) =
+            (slot, room, active, gauge);
+        Ok(Box::new(held))
+    }
+}
+
+/// Counts a request as waiting for admission while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// RESOURCE_EXHAUSTED with a `retry-after` hint in seconds (the gateway's HTTP 429 carries
+/// it as `Retry-After`).
+fn overloaded(message: String, queue_timeout: Duration) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    let seconds = queue_timeout.as_secs().clamp(1, 60);
+    if let Ok(value) = seconds.to_string().parse() {
+        status.metadata_mut().insert("retry-after", value);
+    }
+    status
 }

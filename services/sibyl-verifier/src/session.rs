@@ -1,25 +1,21 @@
-//! One generation on a blocking thread: prompt, then gather drafts, verify, emit, repeat.
+//! One session's side of the verifier's scheduler: where its drafts come from (its drafter
+//! links), where its tokens go (the client's stream), and its report at the end.
 
 use crate::shared::{LinkStatus, Shared};
 use sibyl_decode::{
-    FinishReason, GenerateError, GenerationConfig, GenerationReport, Session, SharedLearning,
+    Client, FinishReason, GenerateError, GenerationConfig, GenerationReport, Session,
 };
-use sibyl_engine::LoadedModel;
 use sibyl_proto::v1::{self as pb, verify_event::Event};
-use sibyl_spec::{InboxLimits, TokenId};
+use sibyl_spec::{DrafterId, InboxLimits, Proposal, TokenId};
 use sibyl_telemetry::metrics::{self, GaugeShare};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tonic::Status;
-
-/// The loaded model and the lock that makes sessions take turns on the compute threads.
-pub(crate) struct Engine {
-    pub(crate) loaded: LoadedModel,
-    pub(crate) compute: Mutex<()>,
-    /// What steps of this model cost, learned from every session (adaptive tree size).
-    pub(crate) learning: SharedLearning,
-}
 
 /// A checked request, ready to run.
 pub(crate) struct Plan {
@@ -27,7 +23,6 @@ pub(crate) struct Plan {
     pub(crate) config: GenerationConfig,
     /// Kind of each drafter, by link index.
     pub(crate) drafter_kinds: Vec<String>,
-    pub(crate) step_wait: Duration,
     /// What each drafter's blocks are held to.
     pub(crate) inbox: InboxLimits,
     /// Whether the summary lists each step's duration.
@@ -36,98 +31,210 @@ pub(crate) struct Plan {
 
 pub(crate) type Events = mpsc::Sender<Result<pb::VerifyEvent, Status>>;
 
-/// Runs the session to its end; errors go to the client as the stream's status.
-pub(crate) fn run(
-    engine: &Engine,
-    plan: Plan,
-    shared: &Shared,
-    accepted_len: watch::Sender<usize>,
-    events: &Events,
+/// What a session holds while it runs and gives back when it ends (a session slot, its
+/// KV-cache reservation, gauges).
+pub(crate) type Held = Box<dyn std::any::Any + Send>;
+
+/// A session's client in the scheduler: its drafter links and the stream to its caller.
+pub(crate) struct RemoteClient {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) accepted_len: watch::Sender<usize>,
+    pub(crate) events: Events,
+    /// Whether steps gather drafts at all (no drafters, or a zero budget: plain decoding).
+    pub(crate) gathers: bool,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) step_times: bool,
+    pub(crate) links: Vec<JoinHandle<()>>,
+    pub(crate) span: tracing::Span,
+    pub(crate) held: Held,
+    /// Events the stream had no room for yet, oldest first.
+    pending: VecDeque<pb::VerifyEvent>,
+    /// Since when the stream has had no room.
+    stalled_since: Option<Instant>,
+    timed_out: bool,
+    waits: Vec<Duration>,
+    recorder: StepRecorder,
+}
+
+impl RemoteClient {
+    pub(crate) fn new(
+        fields: RemoteFields,
+        kinds: &[String],
+    ) -> Self {
+        let RemoteFields {
+            shared,
+            accepted_len,
+            events,
+            gathers,
+            idle_timeout,
+            step_times,
+            links,
+            span,
+            held,
+        } = fields;
+        Self {
+            shared,
+            accepted_len,
+            events,
+            gathers,
+            idle_timeout,
+            step_times,
+            links,
+            span,
+            held,
+            pending: VecDeque::new(),
+            stalled_since: None,
+            timed_out: false,
+            waits: Vec::new(),
+            recorder: StepRecorder::new(kinds),
+        }
+    }
+
+    /// Sends what the stream has room for.
+    fn flush(&mut self) {
+        while let Some(event) = self.pending.pop_front() {
+            match self.events.try_send(Ok(event)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(Ok(event))) => {
+                    self.pending.push_front(event);
+                    self.stalled_since.get_or_insert_with(Instant::now);
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        self.stalled_since = None;
+    }
+}
+
+/// The parts of a [`RemoteClient`] the service makes.
+pub(crate) struct RemoteFields {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) accepted_len: watch::Sender<usize>,
+    pub(crate) events: Events,
+    pub(crate) gathers: bool,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) step_times: bool,
+    pub(crate) links: Vec<JoinHandle<()>>,
+    pub(crate) span: tracing::Span,
+    pub(crate) held: Held,
+}
+
+impl Client for RemoteClient {
+    fn cancelled(&mut self) -> bool {
+        if self.events.is_closed() {
+            return true;
+        }
+        self.flush();
+        let idle = self
+            .stalled_since
+            .is_some_and(|since| since.elapsed() >= self.idle_timeout);
+        if idle && !self.timed_out {
+            self.timed_out = true;
+            metrics::verifier().idle_timeouts.inc();
+            let _entered = self.span.enter();
+            tracing::warn!(
+                idle_timeout_ms = self.idle_timeout.as_millis() as u64,
+                "the client did not read its stream; its session is ended"
+            );
+        }
+        self.timed_out
+    }
+
+    fn ready(&mut self) -> bool {
+        self.flush();
+        self.pending.is_empty()
+    }
+
+    fn drafts(
+        &mut self,
+        session: &mut Session,
+        deadline: Instant,
+    ) -> Vec<(DrafterId, Vec<Proposal>)> {
+        if !self.gathers || session.draft_depth() == 0 {
+            return Vec::new();
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let (proposals, waited) = self.shared.gather(wait);
+        self.waits.push(waited);
+        proposals
+    }
+
+    fn deliver(&mut self, session: &Session, tokens: &[TokenId]) -> ControlFlow<()> {
+        self.shared.extend(tokens);
+        self.accepted_len.send_replace(session.context().len());
+        self.recorder.record(session, tokens);
+        self.pending.push_back(pb::VerifyEvent {
+            event: Some(Event::Tokens(pb::AcceptedTokens {
+                tokens: tokens.to_vec(),
+            })),
+        });
+        self.flush();
+        if self.events.is_closed() {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Ends a session: stops its drafter links, gives back what it held and hands its last
+/// events (the summary, or the error) to a task that delivers them, so that a slow reader
+/// never holds up the scheduler.
+pub(crate) fn finish(
+    mut client: RemoteClient,
+    outcome: Result<GenerationReport, GenerateError>,
+    runtime: &tokio::runtime::Handle,
 ) {
-    let step_times = plan.step_times;
-    let outcome = steps(engine, plan, shared, &accepted_len, events);
-    drop(accepted_len);
+    for link in client.links.drain(..) {
+        link.abort();
+    }
+    drop(client.accepted_len);
     let sessions = &metrics::verifier().sessions;
-    let message = match outcome {
-        Ok((report, waits)) => {
+    let last = match outcome {
+        Ok(_) if client.timed_out => {
+            sessions.with_label_values(&["cancelled"]).inc();
+            Err(Status::deadline_exceeded(format!(
+                "the client did not read its stream for {} ms; the session was ended",
+                client.idle_timeout.as_millis()
+            )))
+        }
+        Ok(report) => {
             let outcome = match report.finish_reason {
                 FinishReason::Cancelled => "cancelled",
                 FinishReason::Stop | FinishReason::Length => "completed",
             };
             sessions.with_label_values(&[outcome]).inc();
             Ok(pb::VerifyEvent {
-                event: Some(Event::Summary(summary(&report, &waits, shared, step_times))),
+                event: Some(Event::Summary(summary(
+                    &report,
+                    &client.waits,
+                    &client.shared,
+                    client.step_times,
+                ))),
             })
         }
         // The request was checked before the session started: what fails now is ours.
         Err(error) => {
             sessions.with_label_values(&["failed"]).inc();
+            let _entered = client.span.enter();
             tracing::error!(%error, "session failed");
             Err(Status::internal(format!("the generation failed: {error}")))
         }
     };
-    let _ = events.blocking_send(message);
-}
-
-fn steps(
-    engine: &Engine,
-    plan: Plan,
-    shared: &Shared,
-    accepted_len: &watch::Sender<usize>,
-    events: &Events,
-) -> Result<(GenerationReport, Vec<Duration>), GenerateError> {
-    let model = &engine.loaded.model;
-    // Whether steps gather drafts at all (no drafters, or a zero budget: plain decoding).
-    let gathers = plan.config.draft_budget > 0 && !plan.drafter_kinds.is_empty();
-    let mut recorder = StepRecorder::new(&plan.drafter_kinds);
-    let mut session = Session::new(model, &plan.prompt, plan.config, plan.drafter_kinds)?;
-    let mut step = {
-        let _span = tracing::info_span!("prefill", prompt_tokens = plan.prompt.len()).entered();
-        let _turn = engine.compute.lock().unwrap_or_else(|e| e.into_inner());
-        session.prefill(&mut || events.is_closed())?
-    };
-    metrics::verifier()
-        .prompt_tokens
-        .inc_by(plan.prompt.len() as u64);
-    recorder.record(&session, &step.tokens);
-    let mut waits = Vec::new();
-    loop {
-        if !step.tokens.is_empty() {
-            shared.extend(&step.tokens);
-            accepted_len.send_replace(session.context().len());
-            let event = pb::VerifyEvent {
-                event: Some(Event::Tokens(pb::AcceptedTokens {
-                    tokens: step.tokens.clone(),
-                })),
-            };
-            if events.blocking_send(Ok(event)).is_err() {
-                return Ok((session.finish(FinishReason::Cancelled), waits));
+    drop(client.held);
+    let mut pending: Vec<Result<pb::VerifyEvent, Status>> =
+        client.pending.into_iter().map(Ok).collect();
+    pending.push(last);
+    let events = client.events;
+    let timeout = client.idle_timeout;
+    runtime.spawn(async move {
+        for event in pending {
+            match tokio::time::timeout(timeout, events.send(event)).await {
+                Ok(Ok(())) => {}
+                _ => return,
             }
         }
-        if let Some(reason) = step.finish {
-            return Ok((session.finish(reason), waits));
-        }
-        if events.is_closed() {
-            return Ok((session.finish(FinishReason::Cancelled), waits));
-        }
-        let proposals = if gathers && session.draft_depth() > 0 {
-            let (proposals, waited) = shared.gather(plan.step_wait);
-            waits.push(waited);
-            proposals
-        } else {
-            Vec::new()
-        };
-        let span = tracing::info_span!(
-            "verify_step",
-            proposals = proposals.len(),
-            accepted = tracing::field::Empty,
-        );
-        let _entered = span.enter();
-        let _turn = engine.compute.lock().unwrap_or_else(|e| e.into_inner());
-        step = session.step(proposals)?;
-        span.record("accepted", step.tokens.len());
-        recorder.record(&session, &step.tokens);
-    }
+    });
 }
 
 /// Feeds each step into the verifier's metrics: step count and duration, tokens, draft
@@ -147,7 +254,7 @@ impl StepRecorder {
         }
     }
 
-    fn record(&mut self, session: &Session<'_>, tokens: &[TokenId]) {
+    fn record(&mut self, session: &Session, tokens: &[TokenId]) {
         let m = metrics::verifier();
         m.steps.inc();
         m.generated_tokens.inc_by(tokens.len() as u64);

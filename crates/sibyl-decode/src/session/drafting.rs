@@ -58,7 +58,7 @@ pub struct DraftTiming {
 
 /// Asks the drafters of this process for the next step's drafts: the cheapest first, each
 /// for as many tokens as [`Session::draft_length`] says pay, timing each call.
-pub(super) fn draft(
+pub(crate) fn draft(
     session: &mut Session,
     drafters: &mut [Box<dyn Drafter>],
 ) -> Vec<(DrafterId, Vec<Proposal>)> {
@@ -98,7 +98,7 @@ pub(super) fn draft(
     proposals
 }
 
-impl Session<'_> {
+impl Session {
     /// Context tokens that came since `drafter` was last asked (all of them at first).
     fn new_tokens(&self, drafter: DrafterId) -> usize {
         let context = self.context.len();
