@@ -351,3 +351,68 @@ pub(crate) fn finish_reason(reason: FinishReason) -> pb::FinishReason {
         FinishReason::Cancelled => pb::FinishReason::Cancelled,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(events: Events, idle_timeout: Duration) -> RemoteClient {
+        let limits = InboxLimits {
+            vocab_size: 16,
+            max_branch_tokens: 4,
+            max_branches: 1,
+            capacity: 1,
+        };
+        RemoteClient::new(
+            RemoteFields {
+                shared: Arc::new(Shared::new(vec![1], 0, limits)),
+                accepted_len: watch::channel(1).0,
+                events,
+                gathers: false,
+                idle_timeout,
+                step_times: false,
+                links: Vec::new(),
+                span: tracing::Span::none(),
+                held: Box::new(()),
+            },
+            &[],
+        )
+    }
+
+    fn session() -> Session {
+        let model = sibyl_engine::testkit::tiny_model(&Default::default()).unwrap();
+        Session::new(&model, &[1], GenerationConfig::plain(8, Vec::new()), Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn a_reader_that_falls_behind_holds_only_its_own_session_then_loses_it() {
+        let (events, mut receiver) = mpsc::channel(1);
+        let mut client = client(events, Duration::from_millis(30));
+        let session = session();
+        let before = metrics::verifier().idle_timeouts.get();
+        // The stream takes one event; the second waits, and the session is not ready.
+        assert!(client.deliver(&session, &[3]).is_continue());
+        assert!(client.deliver(&session, &[4]).is_continue());
+        assert!(!client.ready());
+        assert!(!client.cancelled());
+        // Once the reader takes an event, the one that waited goes out and the session runs.
+        assert!(receiver.try_recv().is_ok());
+        assert!(client.ready());
+        // A reader that stops for the idle timeout loses the session, counted once.
+        assert!(client.deliver(&session, &[5]).is_continue());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(client.cancelled());
+        assert!(client.cancelled());
+        assert_eq!(metrics::verifier().idle_timeouts.get(), before + 1);
+    }
+
+    #[test]
+    fn a_reader_that_left_cancels_the_session() {
+        let (events, receiver) = mpsc::channel(4);
+        let mut client = client(events, Duration::from_secs(60));
+        assert!(!client.cancelled());
+        drop(receiver);
+        assert!(client.cancelled());
+        assert!(client.deliver(&session(), &[3]).is_break());
+    }
+}

@@ -1,0 +1,161 @@
+//! The verifier's step scheduler as clients see it: sessions that run together give what
+//! they give alone, and requests past the session slots wait in a bounded queue or are
+//! refused with 429 and Retry-After, never left hanging.
+
+use sibyl_proto::v1 as pb;
+use sibyl_tests::{verify, Cluster, ClusterOptions};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+const PROMPTS: [&str; 4] = [
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "<|im_start|>user\nList the numbers from one to twelve in words.<|im_end|>\n<|im_start|>assistant\n",
+    "The capital of France is",
+    "import numpy as np\n\ndef normalize(x):\n",
+];
+
+fn request(prompt: Vec<u32>, max_tokens: u32, seed: Option<u64>) -> pb::VerifyRequest {
+    pb::VerifyRequest {
+        prompt_tokens: prompt,
+        max_tokens,
+        sampling: Some(pb::SamplingParams {
+            temperature: if seed.is_some() { 0.8 } else { 0.0 },
+            seed,
+            ..Default::default()
+        }),
+        speculation: Some(pb::Speculation {
+            mode: pb::SpeculationMode::On as i32,
+            drafters: Vec::new(),
+        }),
+        tokenizer_fingerprint: String::new(),
+        step_times: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_give_the_tokens_they_give_one_at_a_time() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let requests: Vec<pb::VerifyRequest> = PROMPTS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let seed = (i % 2 == 1).then_some(40 + i as u64);
+            request(cluster.tokenize(p), 40, seed)
+        })
+        .collect();
+    let mut verifier = cluster.verifier_client().await.unwrap();
+    let mut alone = Vec::new();
+    for request in &requests {
+        alone.push(verify(&mut verifier, request.clone()).await.unwrap().0);
+    }
+    let batches_before = sibyl_telemetry::metrics::verifier()
+        .batch_sessions
+        .get_sample_sum();
+    let tasks: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|request| {
+            let mut client = verifier.clone();
+            tokio::spawn(async move { verify(&mut client, request).await })
+        })
+        .collect();
+    for (task, alone) in tasks.into_iter().zip(&alone) {
+        let (together, summary) = task.await.unwrap().unwrap();
+        assert_eq!(&together, alone);
+        assert_eq!(summary.completion_tokens as usize, together.len());
+    }
+    // Some step carried more than one session: the sum of batch sizes grew by more than
+    // the number of steps would alone.
+    let metrics = sibyl_telemetry::metrics::verifier();
+    assert!(metrics.batch_sessions.get_sample_sum() > batches_before);
+    assert!(metrics.batch_sessions.get_sample_sum() > metrics.batch_sessions.get_sample_count() as f64);
+    cluster.stop().await;
+}
+
+/// Sends an OpenAI completion request over plain HTTP/1.1 and returns the response's
+/// status line and headers.
+async fn http_head(cluster: &Cluster, body: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(cluster.gateway_http)
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response).to_string();
+    response
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_slots_requests_wait_in_a_bounded_queue_then_get_429_with_retry_after() {
+    let cluster = Cluster::start(ClusterOptions {
+        max_sessions: 1,
+        max_queue: 1,
+        queue_timeout: Duration::from_millis(300),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
+    let mut verifier = cluster.verifier_client().await.unwrap();
+    // One long generation holds the only slot.
+    let long = request(cluster.tokenize(PROMPTS[0]), 2000, Some(1));
+    let mut stream = verifier.generate(long).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    // The next request waits in the queue; while it does, one more is refused at once.
+    let queued = {
+        let mut client = verifier.clone();
+        let request = request(cluster.tokenize(PROMPTS[2]), 4, None);
+        tokio::spawn(async move { verify(&mut client, request).await })
+    };
+    let mut waiting = 0;
+    while waiting == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waiting = sibyl_telemetry::metrics::verifier().queued_requests.get();
+    }
+    let refused = verify(&mut verifier, request(cluster.tokenize(PROMPTS[3]), 4, None))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("--max-queue"), "{refused:?}");
+    assert!(refused.metadata().get("retry-after").is_some());
+    // The queued one gives up when its wait runs out, with the same status.
+    let timed_out = queued.await.unwrap().unwrap_err();
+    assert_eq!(timed_out.code(), Code::ResourceExhausted, "{timed_out:?}");
+    assert!(timed_out.message().contains("--queue-timeout-ms"));
+    // Through the OpenAI API: 429 with Retry-After.
+    let head = http_head(
+        &cluster,
+        r#"{"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 4}"#,
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 429"), "{head}");
+    assert!(head.contains("\r\nretry-after: 1"), "{head}");
+    drop(stream);
+    // Once the slot is free, requests are served again.
+    let mut served = None;
+    for _ in 0..100 {
+        match verify(&mut verifier, request(cluster.tokenize(PROMPTS[2]), 4, None)).await {
+            Ok(done) => {
+                served = Some(done);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert_eq!(served.expect("served after the slot came free").0.len(), 4);
+    cluster.stop().await;
+}
