@@ -340,3 +340,55 @@ fn a_long_prompt_is_processed_in_chunks_while_another_session_decodes() {
     }
     assert!(steps_with_both >= 144 / 5, "{steps_with_both}");
 }
+
+/// A client that records the deadline it was given for its drafts.
+struct DeadlineClient {
+    seen: Arc<Mutex<Vec<(usize, Instant)>>>,
+    id: usize,
+}
+
+impl Client for DeadlineClient {
+    fn drafts(&mut self, _: &mut Session, deadline: Instant) -> Vec<(DrafterId, Vec<Proposal>)> {
+        self.seen.lock().unwrap().push((self.id, deadline));
+        Vec::new()
+    }
+
+    fn deliver(&mut self, _: &Session, _: &[TokenId]) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+}
+
+#[test]
+fn the_sessions_of_a_step_share_one_deadline_for_their_drafts() {
+    let wait = std::time::Duration::from_millis(5);
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        draft_wait: wait,
+        ..SchedulerConfig::default()
+    });
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut config = GenerationConfig::plain(6, Vec::new());
+    config.draft_budget = 4;
+    config.max_draft_depth = 2;
+    for id in 0..3 {
+        let session = Session::new(model(), &[1, 2, id], config.clone(), vec![]).unwrap();
+        let client = DeadlineClient {
+            seen: seen.clone(),
+            id: id as usize,
+        };
+        scheduler.add(session, client);
+    }
+    while !scheduler.is_empty() {
+        let before = Instant::now();
+        let _ = scheduler.step(model());
+        let step: Vec<(usize, Instant)> = seen.lock().unwrap().drain(..).collect();
+        if step.is_empty() {
+            continue;
+        }
+        // One deadline for every session of the step, at most the wait after it began: a
+        // drafter that is slow for one session cannot make the others wait longer.
+        assert_eq!(step.len(), 3);
+        assert!(step.iter().all(|(_, d)| *d == step[0].1));
+        assert!(step[0].1 >= before + wait);
+        assert!(step[0].1 <= Instant::now() + wait);
+    }
+}
