@@ -71,7 +71,9 @@ async fn concurrent_sessions_give_the_tokens_they_give_one_at_a_time() {
     // the number of steps would alone.
     let metrics = sibyl_telemetry::metrics::verifier();
     assert!(metrics.batch_sessions.get_sample_sum() > batches_before);
-    assert!(metrics.batch_sessions.get_sample_sum() > metrics.batch_sessions.get_sample_count() as f64);
+    assert!(
+        metrics.batch_sessions.get_sample_sum() > metrics.batch_sessions.get_sample_count() as f64
+    );
     cluster.stop().await;
 }
 
@@ -123,9 +125,12 @@ async fn past_the_slots_requests_wait_in_a_bounded_queue_then_get_429_with_retry
         tokio::time::sleep(Duration::from_millis(5)).await;
         waiting = sibyl_telemetry::metrics::verifier().queued_requests.get();
     }
-    let refused = verify(&mut verifier, request(cluster.tokenize(PROMPTS[3]), 4, None))
-        .await
-        .unwrap_err();
+    let refused = verify(
+        &mut verifier,
+        request(cluster.tokenize(PROMPTS[3]), 4, None),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("--max-queue"), "{refused:?}");
     assert!(refused.metadata().get("retry-after").is_some());
@@ -145,7 +150,12 @@ async fn past_the_slots_requests_wait_in_a_bounded_queue_then_get_429_with_retry
     // Once the slot is free, requests are served again.
     let mut served = None;
     for _ in 0..100 {
-        match verify(&mut verifier, request(cluster.tokenize(PROMPTS[2]), 4, None)).await {
+        match verify(
+            &mut verifier,
+            request(cluster.tokenize(PROMPTS[2]), 4, None),
+        )
+        .await
+        {
             Ok(done) => {
                 served = Some(done);
                 break;

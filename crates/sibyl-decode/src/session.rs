@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 mod drafting;
 
-pub use drafting::DraftTiming;
 use drafting::draft;
+pub use drafting::DraftTiming;
 use drafting::DrafterCalls;
 
 /// Prompt tokens processed per forward pass when a session runs alone.
@@ -531,13 +531,8 @@ impl Session {
     ) -> (TreeBuilder, Vec<BranchOrigin>) {
         let root = *self.context.last().unwrap_or(&0);
         let depth = self.draft_depth();
-        let mut builder = TreeBuilder::new(
-            root,
-            self.vocab_size,
-            self.config.draft_budget,
-            depth,
-        )
-        .with_min_value(self.config.min_draft_value, self.config.exempt_draft_nodes);
+        let mut builder = TreeBuilder::new(root, self.vocab_size, self.config.draft_budget, depth)
+            .with_min_value(self.config.min_draft_value, self.config.exempt_draft_nodes);
         let mut branches = Vec::new();
         if depth > 0 && self.config.draft_budget > 0 {
             for (id, drafts) in proposals {

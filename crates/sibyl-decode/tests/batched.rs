@@ -3,8 +3,8 @@
 
 use proptest::prelude::*;
 use sibyl_decode::{
-    generate, Client, FinishReason, GenerationConfig, Learned, Scheduler, SchedulerConfig,
-    Session, SharedLearning,
+    generate, Client, FinishReason, GenerationConfig, Learned, Scheduler, SchedulerConfig, Session,
+    SharedLearning,
 };
 use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
 use sibyl_engine::Model;

@@ -177,7 +177,9 @@ fn verified_in_first_step(model: &Model, learning: &SharedLearning) -> u64 {
     while step.finish.is_none() {
         let at = session.context().len() - prompt.len();
         let proposal = draft(&truth, at, session.draft_depth(), Some(1));
-        step = session.step(model, vec![(DrafterId(0), vec![proposal])]).unwrap();
+        step = session
+            .step(model, vec![(DrafterId(0), vec![proposal])])
+            .unwrap();
         first.get_or_insert(session.drafter_counts()[0].0);
     }
     session.finish(sibyl_decode::FinishReason::Length);
@@ -213,7 +215,9 @@ fn without_adaptive_sizing_the_budget_is_always_used() {
     while step.finish.is_none() {
         let at = session.context().len() - prompt.len();
         let proposal = draft(&truth, at, session.draft_depth(), Some(1));
-        step = session.step(&model, vec![(DrafterId(0), vec![proposal])]).unwrap();
+        step = session
+            .step(&model, vec![(DrafterId(0), vec![proposal])])
+            .unwrap();
         steps += 1;
     }
     // Every step verified at least the wrong drafter's first token.
@@ -243,7 +247,9 @@ fn a_drafter_is_trusted_where_its_evidence_has_been_right() {
             draft(&truth, at, session.draft_depth(), Some(1)).with_evidence(1)
         };
         let before = session.drafter_counts()[0].0;
-        step = session.step(&model, vec![(DrafterId(0), vec![proposal])]).unwrap();
+        step = session
+            .step(&model, vec![(DrafterId(0), vec![proposal])])
+            .unwrap();
         output.extend_from_slice(&step.tokens);
         if steps > 20 {
             let verified = session.drafter_counts()[0].0 - before;

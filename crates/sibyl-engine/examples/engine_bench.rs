@@ -2,12 +2,13 @@
 //! `quantized_qwen2` on the same file, and the cost of one forward over k chained tokens.
 //!
 //! `CANDLE_NUM_THREADS=2 cargo run --release --example engine_bench -- \
-//!      [--model qwen2.5-coder-1.5b] [--tokens 24] [--rounds 3]`
+//!      [--model qwen2.5-coder-1.5b] [--tokens 24] [--rounds 3] [--chains 1,2,4,8]
+//!      [--sessions 1,2,4,8]`
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_qwen2;
-use sibyl_engine::{load, LoadOptions, LogitRows, TreeInput};
+use sibyl_engine::{load, LoadOptions, LogitRows, Sequence, TreeInput};
 use sibyl_spec::argmax;
 use std::time::Instant;
 
@@ -38,6 +39,10 @@ struct BenchArgs {
         default_value = "1,2,3,4,5,6,8,10,12,16,20,24,32"
     )]
     chains: Vec<usize>,
+    /// Batch sizes of the sessions curve: one forward over c sessions, one token each,
+    /// each with its own cache of the prompt (what the verifier's scheduler runs).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    sessions: Vec<usize>,
 }
 
 /// The longest chain measured: the prompt's last tokens, reversed.
@@ -145,6 +150,48 @@ fn main() -> anyhow::Result<()> {
             println!("{k} | {m:.1} | -");
         } else {
             println!("{k} | {m:.1} | {:.2}x", m / one);
+        }
+    }
+
+    // One forward over c sessions (one token each, each after its own copy of the prompt),
+    // relative to one session: the cost(c) of the verifier's batched decoding steps.
+    if args.sessions.contains(&0) {
+        anyhow::bail!("a batch has at least one session");
+    }
+    let mut caches: Vec<_> = (0..args.sessions.iter().copied().max().unwrap_or(0))
+        .map(|_| cache.clone())
+        .collect();
+    let tokens: Vec<TreeInput> = chain.iter().map(|&t| TreeInput::chain(&[t])).collect();
+    let mut alone = f64::NAN;
+    println!("c | median ms | c sessions / 1 session");
+    for &c in &args.sessions {
+        let mut times = Vec::new();
+        for _ in 0..(rounds * 2 + 1) {
+            let mut batch: Vec<Sequence<'_>> = caches
+                .iter_mut()
+                .take(c)
+                .zip(tokens.iter().cycle())
+                .map(|(cache, input)| Sequence {
+                    cache,
+                    input,
+                    rows: LogitRows::All,
+                })
+                .collect();
+            let t = Instant::now();
+            model.forward_batch(&mut batch)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            for cache in caches.iter_mut().take(c) {
+                cache.truncate(prompt.len());
+            }
+        }
+        let m = median(&mut times);
+        if c == 1 {
+            alone = m;
+        }
+        if alone.is_nan() {
+            println!("{c} | {m:.1} | -");
+        } else {
+            println!("{c} | {m:.1} | {:.2}x", m / alone);
         }
     }
     Ok(())

@@ -372,10 +372,7 @@ impl Model {
     /// order, as [`Model::forward`] would have returned them alone: bit for bit, since no
     /// row's arithmetic depends on the other rows. Every sequence is checked before any
     /// cache changes; on an error none has.
-    pub fn forward_batch(
-        &self,
-        batch: &mut [Sequence<'_>],
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
+    pub fn forward_batch(&self, batch: &mut [Sequence<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -429,8 +426,7 @@ impl Model {
             }
             for (s, &start) in batch.iter_mut().zip(&offsets) {
                 let rows = start * kv_row..(start + s.input.tokens.len()) * kv_row;
-                s.cache
-                    .append(index, &k[rows.clone()], &v[rows]);
+                s.cache.append(index, &k[rows.clone()], &v[rows]);
             }
             let sequences: Vec<AttendedSequence<'_>> = batch
                 .iter()

@@ -221,7 +221,11 @@ fn batch_invariant(name: &str) {
     let other_prompt = loaded.tokenizer.encode("import numpy as np\n\n").unwrap();
     let mut other = model.new_cache();
     model
-        .forward(&mut other, &TreeInput::chain(&other_prompt), LogitRows::None)
+        .forward(
+            &mut other,
+            &TreeInput::chain(&other_prompt),
+            LogitRows::None,
+        )
         .unwrap();
     let mut third = model.new_cache();
     for (i, &t) in continuation.iter().enumerate() {

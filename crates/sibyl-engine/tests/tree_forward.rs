@@ -300,7 +300,10 @@ fn a_bad_sequence_fails_the_batch_before_any_cache_changes() {
         },
     ];
     let error = model.forward_batch(&mut batch).unwrap_err();
-    assert!(error.to_string().contains("outside the vocabulary"), "{error}");
+    assert!(
+        error.to_string().contains("outside the vocabulary"),
+        "{error}"
+    );
     assert_eq!((good.len(), other.len()), (0, 0));
     assert!(model.forward_batch(&mut []).unwrap().is_empty());
 }

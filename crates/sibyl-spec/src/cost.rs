@@ -440,7 +440,10 @@ mod tests {
         let chosen = choose_batch_draft_nodes(&eight, 8, cost);
         assert_eq!(chosen.iter().sum::<usize>(), 8, "{chosen:?}");
         assert!(chosen.iter().step_by(2).all(|&n| n == 2), "{chosen:?}");
-        assert!(chosen.iter().skip(1).step_by(2).all(|&n| n == 0), "{chosen:?}");
+        assert!(
+            chosen.iter().skip(1).step_by(2).all(|&n| n == 0),
+            "{chosen:?}"
+        );
         // When every row costs a unit, nothing weak is worth a row; an exploring session
         // still gets one node.
         let linear = |n: usize| n as f64;

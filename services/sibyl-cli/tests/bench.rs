@@ -140,6 +140,68 @@ fn real_weights_bench_writes_results_report_and_chart() {
     let svg = std::fs::read_to_string(dir.join("out/speedup.svg")).unwrap();
     assert!(svg.starts_with("<svg"), "{svg}");
     assert!(svg.contains("overall") && svg.contains("ngram"));
+    // Without --concurrency the run is the sequential one alone.
+    assert!(json["configs"]["plain"].get("concurrency").is_none());
+    assert!(!report.contains("concurrency"), "{report}");
+    assert!(!dir.join("out/concurrency.svg").exists());
+}
+
+#[test]
+fn real_weights_bench_at_concurrency_2_gives_each_request_its_output_alone() {
+    let dir = workdir("concurrency");
+    let output = bench(
+        &dir,
+        &[
+            "--model",
+            &model_path(),
+            "--max-tokens",
+            "16",
+            "--configs",
+            "ngram",
+            "--limit",
+            "2",
+            "--concurrency",
+            "1,2",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let json = results(&dir);
+    // The sequential run's results are all there, as without the flag.
+    assert_schema(&json, 2);
+    for config in ["plain", "ngram"] {
+        let runs = json["configs"][config]["concurrency"].as_array().unwrap();
+        let levels: Vec<u64> = runs
+            .iter()
+            .map(|r| r["concurrency"].as_u64().unwrap())
+            .collect();
+        assert_eq!(levels, [1, 2], "{config}");
+        for run in runs {
+            assert_eq!(run["identical"], true, "{config}: {run}");
+            assert_eq!(run["mismatches"], 0, "{config}: {run}");
+            // chat-1's two turns and two code prompts.
+            assert_eq!(run["requests"], 4, "{config}: {run}");
+            for key in [
+                "aggregate_tokens_per_s",
+                "request_tokens_per_s_p50",
+                "ttft_p50_ms",
+                "itl_p50_ms",
+                "mean_batch",
+            ] {
+                assert!(run[key].as_f64().unwrap() > 0.0, "{config} {key}: {run}");
+            }
+        }
+    }
+    let report = std::fs::read_to_string(dir.join("out/report.md")).unwrap();
+    assert!(
+        report.contains("## Throughput against concurrency"),
+        "{report}"
+    );
+    assert!(report.contains("| ngram | 2 |"), "{report}");
+    let svg = std::fs::read_to_string(dir.join("out/concurrency.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
+    assert!(svg.contains("ngram") && svg.contains("concurrency 2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,6 +270,35 @@ fn real_weights_ctrl_c_keeps_the_prompts_finished() {
     assert!(std::fs::read_to_string(dir.join("out/report.md"))
         .unwrap()
         .contains("**Interrupted**"));
+}
+
+#[test]
+fn a_bad_concurrency_is_refused_before_any_work() {
+    let dir = workdir("bad-concurrency");
+    let env = [("SIBYL_CACHE_DIR", "/nonexistent/sibyl-cache")];
+    let cases: [(&str, &str); 4] = [
+        ("0", "concurrency must be at least 1"),
+        ("1,,2", "`` is not a positive integer"),
+        ("two", "`two` is not a positive integer"),
+        ("", "`` is not a positive integer"),
+    ];
+    for (value, expected) in cases {
+        let args = ["--concurrency", value, "--model", "qwen2.5-coder-1.5b"];
+        let output = bench(&dir, &args).envs(env).output().unwrap();
+        let text = stderr(&output);
+        assert!(!output.status.success(), "{value:?}");
+        assert!(text.contains(expected), "{value:?}: {text}");
+        assert!(!text.contains("panicked"), "{text}");
+    }
+    // Checked before connecting: the URL goes nowhere.
+    let args = ["--gateway", "http://127.0.0.1:1", "--concurrency", "1,2"];
+    let output = bench(&dir, &args).output().unwrap();
+    let text = stderr(&output);
+    assert!(!output.status.success());
+    assert!(
+        text.contains("--concurrency above 1 runs in process only for now"),
+        "{text}"
+    );
 }
 
 #[test]

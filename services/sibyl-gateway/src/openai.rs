@@ -80,7 +80,8 @@ impl IntoResponse for GatewayError {
                 Value::Null,
             ),
         };
-        let mut response = (status, Json(error_body(&self.to_string(), kind, code))).into_response();
+        let mut response =
+            (status, Json(error_body(&self.to_string(), kind, code))).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {
             // The verifier's hint, in seconds; one second where it gave none.
             let retry_after = match &self {

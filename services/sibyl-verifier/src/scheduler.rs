@@ -41,8 +41,8 @@ impl SchedulerHandle {
     }
 
     /// Hands a session to the scheduler; gives it back if the scheduler has stopped.
-    pub(crate) fn join(&self, join: Join) -> Result<(), Join> {
-        self.joins.send(join).map_err(|e| e.0)
+    pub(crate) fn join(&self, join: Join) -> Result<(), Box<Join>> {
+        self.joins.send(join).map_err(|e| Box::new(e.0))
     }
 }
 

@@ -360,11 +360,8 @@ impl VerifierService {
             .get()
             .ok_or_else(|| Status::unavailable("the verifier is still loading its model"))?;
         let context_length = engine.loaded.model.config().context_length;
-        let needed = (plan.prompt.len()
-            + plan.config.max_tokens
-            + plan.config.draft_budget
-            + 1)
-        .min(context_length);
+        let needed = (plan.prompt.len() + plan.config.max_tokens + plan.config.draft_budget + 1)
+            .min(context_length);
         if needed > admission.total_cache_tokens {
             return Err(Status::resource_exhausted(format!(
                 "the request needs KV-cache room for {needed} tokens; this verifier's whole \
@@ -414,8 +411,12 @@ impl VerifierService {
         };
         let active = ActiveSession::new(self.inner.active.clone());
         let gauge = GaugeGuard::new(&m.active_sessions);
-        let held: (OwnedSemaphorePermit, OwnedSemaphorePermit, ActiveSession, GaugeGuard) =
-            (slot, room, active, gauge);
+        let held: (
+            OwnedSemaphorePermit,
+            OwnedSemaphorePermit,
+            ActiveSession,
+            GaugeGuard,
+        ) = (slot, room, active, gauge);
         Ok(Box::new(held))
     }
 }

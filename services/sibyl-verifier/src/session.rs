@@ -57,10 +57,7 @@ pub(crate) struct RemoteClient {
 }
 
 impl RemoteClient {
-    pub(crate) fn new(
-        fields: RemoteFields,
-        kinds: &[String],
-    ) -> Self {
+    pub(crate) fn new(fields: RemoteFields, kinds: &[String]) -> Self {
         let RemoteFields {
             shared,
             accepted_len,
@@ -381,7 +378,13 @@ mod tests {
 
     fn session() -> Session {
         let model = sibyl_engine::testkit::tiny_model(&Default::default()).unwrap();
-        Session::new(&model, &[1], GenerationConfig::plain(8, Vec::new()), Vec::new()).unwrap()
+        Session::new(
+            &model,
+            &[1],
+            GenerationConfig::plain(8, Vec::new()),
+            Vec::new(),
+        )
+        .unwrap()
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Where the benchmark's generations run: in this process on a loaded model, or through a
 //! running gateway (the distributed path).
 
+use super::concurrency::{self, ConcurrentRun, Traces};
 use crate::args::{value_name, DraftKind};
 use crate::generate::DrafterSources;
 use anyhow::{bail, Context};
@@ -127,6 +128,16 @@ pub trait Backend {
         config: &BenchConfig,
         interrupted: &AtomicBool,
     ) -> anyhow::Result<Generated>;
+
+    /// Runs every turn of `run.items` under `run.config`, `run.concurrency` requests in
+    /// flight at a time, and records what each request's client saw; `None` once
+    /// `run.interrupted` is set.
+    fn generate_concurrently(&mut self, run: &ConcurrentRun<'_>) -> anyhow::Result<Option<Traces>> {
+        bail!(
+            "--concurrency {} runs in process only for now",
+            run.concurrency
+        )
+    }
 }
 
 /// Generations in this process: `sibyl generate`'s code path, model loaded once.
@@ -140,7 +151,7 @@ pub struct InProcess {
 
 impl InProcess {
     /// The prompt's tokens: chats rendered with the model's template.
-    fn tokenize(&self, prompt: &PromptInput) -> anyhow::Result<Vec<u32>> {
+    pub(super) fn tokenize(&self, prompt: &PromptInput) -> anyhow::Result<Vec<u32>> {
         let text = match prompt {
             PromptInput::Text(text) => text.clone(),
             PromptInput::Chat(messages) => self
@@ -151,6 +162,42 @@ impl InProcess {
                 .render(messages)?,
         };
         Ok(self.loaded.tokenizer.encode(&text)?)
+    }
+
+    /// The settings and fresh drafters of one generation under `config` (every generation
+    /// shares the backend's `learning`).
+    pub(super) fn prepare(
+        &self,
+        config: &BenchConfig,
+    ) -> anyhow::Result<(GenerationConfig, Vec<Box<dyn Drafter>>)> {
+        let kinds = match &config.drafters {
+            Drafters::Off => Vec::new(),
+            Drafters::All => self.sources.available(),
+            Drafters::Kinds(kinds) => kinds
+                .iter()
+                .map(|k| local_kind(k).with_context(|| format!("unknown drafter kind `{k}`")))
+                .collect::<anyhow::Result<_>>()?,
+        };
+        let drafters = kinds
+            .into_iter()
+            .map(|kind| self.sources.drafter(kind))
+            .collect::<anyhow::Result<Vec<Box<dyn Drafter>>>>()?;
+        let mut generation = self.generation.clone();
+        if config.is_plain() {
+            generation.draft_budget = 0;
+        }
+        Ok((generation, drafters))
+    }
+
+    /// The text of generated tokens, as a client streaming them would put it together.
+    pub(super) fn answer(&self, tokens: &[u32]) -> anyhow::Result<String> {
+        let mut detokenizer = Detokenizer::new(&self.loaded.tokenizer);
+        let mut answer = String::new();
+        for &token in tokens {
+            answer.push_str(&detokenizer.push(token)?.unwrap_or_default());
+        }
+        answer.push_str(&detokenizer.finish()?.unwrap_or_default());
+        Ok(answer)
     }
 }
 
@@ -185,22 +232,7 @@ impl Backend for InProcess {
         interrupted: &AtomicBool,
     ) -> anyhow::Result<Generated> {
         let tokens = self.tokenize(prompt)?;
-        let kinds = match &config.drafters {
-            Drafters::Off => Vec::new(),
-            Drafters::All => self.sources.available(),
-            Drafters::Kinds(kinds) => kinds
-                .iter()
-                .map(|k| local_kind(k).with_context(|| format!("unknown drafter kind `{k}`")))
-                .collect::<anyhow::Result<_>>()?,
-        };
-        let mut drafters = kinds
-            .into_iter()
-            .map(|kind| self.sources.drafter(kind))
-            .collect::<anyhow::Result<Vec<Box<dyn Drafter>>>>()?;
-        let mut generation = self.generation.clone();
-        if config.is_plain() {
-            generation.draft_budget = 0;
-        }
+        let (generation, mut drafters) = self.prepare(config)?;
         let report = sibyl_decode::generate_cancellable(
             &self.loaded.model,
             &tokens,
@@ -212,13 +244,12 @@ impl Backend for InProcess {
         if report.finish_reason == FinishReason::Cancelled {
             return Ok(None);
         }
-        let mut detokenizer = Detokenizer::new(&self.loaded.tokenizer);
-        let mut answer = String::new();
-        for &token in &report.tokens {
-            answer.push_str(&detokenizer.push(token)?.unwrap_or_default());
-        }
-        answer.push_str(&detokenizer.finish()?.unwrap_or_default());
+        let answer = self.answer(&report.tokens)?;
         Ok(Some((report, answer)))
+    }
+
+    fn generate_concurrently(&mut self, run: &ConcurrentRun<'_>) -> anyhow::Result<Option<Traces>> {
+        concurrency::run_in_process(self, run)
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod backend;
 mod chart;
+mod concurrency;
 mod dataset;
 mod results;
 
@@ -57,6 +58,17 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
+    /// Also run each config's prompts this many at a time through one step scheduler
+    /// (continuous batching), for each number in this comma-separated list (1 is always
+    /// run too: each output must equal the same request's at 1). Beyond 1, in process only.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1",
+        value_parser = concurrency::parse_level
+    )]
+    pub concurrency: Vec<usize>,
+
     /// Measure through the gateway at this URL (`http://HOST:PORT`, its gRPC port) instead
     /// of in this process; `--model` and the speculation settings are then the servers'.
     #[arg(long)]
@@ -106,6 +118,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.model.threads == Some(0) {
         bail!("--threads must be at least 1");
+    }
+    let levels = concurrency::levels(&args.concurrency);
+    if !levels.is_empty() && args.gateway.is_some() {
+        bail!(
+            "--concurrency above 1 runs in process only for now: leave out --gateway (the \
+             gateway's text deltas do not say how many tokens each carries)"
+        );
     }
     args.tree.validate()?;
     args.ngram.config()?;
@@ -229,7 +248,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // From here Ctrl-C keeps what was measured (before, it ends the process as usual).
     let interrupted = Arc::new(AtomicBool::new(false));
     watch_interrupt(interrupted.clone());
-    let results = measure(
+    let mut results = measure(
         backend.as_mut(),
         &items,
         &configs,
@@ -237,6 +256,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         &args.out,
         &interrupted,
     )?;
+    if !levels.is_empty() && !results.interrupted {
+        let sweep = concurrency::Sweep {
+            levels: &levels,
+            configs: &configs,
+            out: &args.out,
+            interrupted: &interrupted,
+        };
+        sweep.run(backend.as_mut(), &items, &mut results)?;
+    }
     conclude(&results, &args.out)
 }
 
@@ -263,15 +291,7 @@ fn measure(
     let names: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
     let exact = setup.temperature == 0.0;
     let runs: usize = items.iter().map(|i| i.turns.len()).sum::<usize>() * configs.len();
-    let progress = ProgressBar::new(runs as u64);
-    progress.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} generations, eta {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    progress.enable_steady_tick(std::time::Duration::from_secs(1));
+    let progress = progress_bar(runs as u64);
     let mut records = Vec::new();
     let mut failures = Vec::new();
     let mut stopped = false;
@@ -315,13 +335,10 @@ fn measure(
                     record.compare(&plain, exact);
                 }
             }
-            let line = item_line(index + 1, items.len(), item, configs, &done);
-            if progress.is_hidden() {
-                // Not a terminal (a log file, CI): a line per prompt instead of the bar.
-                eprintln!("{line}");
-            } else {
-                progress.println(line);
-            }
+            print_line(
+                &progress,
+                item_line(index + 1, items.len(), item, configs, &done),
+            );
             records.extend(done);
         }
         Results::new(
@@ -337,6 +354,29 @@ fn measure(
     results.interrupted = stopped;
     results.write(out)?;
     Ok(results)
+}
+
+/// A bar counting `len` generations.
+fn progress_bar(len: u64) -> ProgressBar {
+    let progress = ProgressBar::new(len);
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} generations, eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    progress.enable_steady_tick(std::time::Duration::from_secs(1));
+    progress
+}
+
+/// A line above the bar; on no terminal (a log file, CI), a line instead of the bar.
+fn print_line(progress: &ProgressBar, line: String) {
+    if progress.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        progress.println(line);
+    }
 }
 
 /// `[3/20] id (category): plain 9.8 tok/s; ngram 14.1 tok/s 1.44x MAT 1.90 identical`.
@@ -394,14 +434,23 @@ fn conclude(results: &Results, out: &Path) -> anyhow::Result<()> {
             out.display()
         );
     }
+    let concurrency = results.configs.values().any(|r| !r.concurrency.is_empty());
     eprintln!(
-        "results of {prompts} prompts in {} (results.json, report.md, speedup.svg)",
-        out.display()
+        "results of {prompts} prompts in {} (results.json, report.md, speedup.svg{})",
+        out.display(),
+        if concurrency { ", concurrency.svg" } else { "" }
     );
     if !results.mismatches.is_empty() {
         bail!(
             "{} outputs differ from plain decoding: speculation was not lossless",
             results.mismatches.len()
+        );
+    }
+    let batched = concurrency::mismatches(results);
+    if batched > 0 {
+        bail!(
+            "{batched} outputs under --concurrency differ from the same request's at \
+             concurrency 1: batching was not lossless (listed in report.md)"
         );
     }
     if !results.failures.is_empty() {

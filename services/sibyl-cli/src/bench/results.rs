@@ -278,6 +278,9 @@ pub struct ConfigResults {
     pub categories: BTreeMap<String, Summary>,
     /// The overall draft counts per drafter kind (as in `overall`).
     pub drafters: BTreeMap<String, DrafterSummary>,
+    /// Figures per concurrency, ascending (`--concurrency`; absent without it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub concurrency: Vec<super::concurrency::Figures>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -422,6 +425,7 @@ impl Results {
                     overall,
                     categories,
                     drafters,
+                    concurrency: Vec::new(),
                 };
                 (name.clone(), results)
             })
@@ -450,8 +454,9 @@ impl Results {
         }
     }
 
-    /// Writes `results.json`, `report.md` and `speedup.svg` into `dir`, each replaced whole
-    /// (written aside, then renamed), so an interruption never leaves half a file.
+    /// Writes `results.json`, `report.md`, `speedup.svg` and (with figures per concurrency)
+    /// `concurrency.svg` into `dir`, each replaced whole (written aside, then renamed), so an
+    /// interruption never leaves half a file.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(self)?;
         replace(&dir.join("results.json"), json.as_bytes())?;
@@ -460,6 +465,9 @@ impl Results {
             &dir.join("speedup.svg"),
             super::chart::svg(self)?.as_bytes(),
         )?;
+        if let Some(svg) = super::chart::concurrency_svg(self)? {
+            replace(&dir.join("concurrency.svg"), svg.as_bytes())?;
+        }
         Ok(())
     }
 
@@ -643,6 +651,7 @@ impl Results {
             }
         }
         out.push_str("\n![speedup per category](speedup.svg)\n");
+        out.push_str(&super::concurrency::markdown(self));
         out
     }
 }

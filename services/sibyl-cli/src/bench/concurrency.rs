@@ -1,0 +1,629 @@
+//! `sibyl bench --concurrency`: each config's prompts c at a time through one step
+//! scheduler (continuous batching), measured as each request's client sees it, with a gate
+//! that every request's output equals its output at concurrency 1.
+
+use super::backend::{Backend, BenchConfig, InProcess};
+use super::dataset::{Format, Item};
+use super::results::Results;
+use anyhow::Context;
+use indicatif::ProgressBar;
+use serde::Serialize;
+use sibyl_decode::{Client, FinishReason, Scheduler, SchedulerConfig, Session};
+use sibyl_engine::ChatMessage;
+use sibyl_gateway::PromptInput;
+use sibyl_spec::{Drafter, DrafterId, Proposal, TokenId};
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// One `--concurrency` value: a positive integer.
+pub fn parse_level(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("concurrency must be at least 1".into()),
+        Ok(level) => Ok(level),
+        Err(_) => Err(format!(
+            "`{text}` is not a positive integer (a list is comma-separated, as in 1,2,4,8)"
+        )),
+    }
+}
+
+/// The levels to run, ascending, 1 first (the identity gate's reference) even if not asked
+/// for; none when only 1 is asked for (the sequential run alone, as without the flag).
+pub fn levels(asked: &[usize]) -> Vec<usize> {
+    if asked.iter().all(|&level| level == 1) {
+        return Vec::new();
+    }
+    let mut levels = asked.to_vec();
+    levels.push(1);
+    levels.sort_unstable();
+    levels.dedup();
+    levels
+}
+
+/// One concurrent run: which prompts, under which config, how many in flight.
+pub struct ConcurrentRun<'a> {
+    pub items: &'a [Item],
+    pub config: &'a BenchConfig,
+    pub concurrency: usize,
+    pub interrupted: &'a AtomicBool,
+    /// Advanced by one per request finished.
+    pub progress: &'a ProgressBar,
+}
+
+/// One request (one turn of an item) as its client saw it.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// The item's index among the items run.
+    pub item: usize,
+    /// The turn, from 0.
+    pub turn: usize,
+    /// When it joined the scheduler.
+    pub arrived: Instant,
+    /// Each delivery of tokens: when, and how many.
+    pub deliveries: Vec<(Instant, usize)>,
+    /// When the scheduler reported it finished.
+    pub ended: Instant,
+    /// Its output (stop tokens excluded).
+    pub tokens: Vec<TokenId>,
+}
+
+/// What a concurrent run recorded.
+#[derive(Debug, Clone, Default)]
+pub struct Traces {
+    pub requests: Vec<Trace>,
+    /// Forward passes, and the sessions they carried, all passes together.
+    pub steps: usize,
+    pub step_sessions: usize,
+}
+
+/// A session's client in a concurrent run: its own drafters, and what it was given when.
+struct Request<'a> {
+    conversation: Conversation,
+    drafters: Vec<Box<dyn Drafter>>,
+    arrived: Instant,
+    deliveries: Vec<(Instant, usize)>,
+    interrupted: &'a AtomicBool,
+}
+
+impl Client for Request<'_> {
+    fn cancelled(&mut self) -> bool {
+        self.interrupted.load(Ordering::Relaxed)
+    }
+
+    fn drafts(&mut self, session: &mut Session, _: Instant) -> Vec<(DrafterId, Vec<Proposal>)> {
+        session.draft_in_process(&mut self.drafters)
+    }
+
+    fn deliver(&mut self, _: &Session, tokens: &[TokenId]) -> ControlFlow<()> {
+        self.deliveries.push((Instant::now(), tokens.len()));
+        ControlFlow::Continue(())
+    }
+}
+
+/// An item's turns: the next one runs when the one before has ended, after the model's own
+/// answer (as in the sequential run).
+struct Conversation {
+    item: usize,
+    turn: usize,
+    messages: Vec<ChatMessage>,
+}
+
+/// Runs `run` in process: one scheduler, `run.concurrency` sessions in flight while prompts
+/// remain; a session joins as soon as one ends. `None` once interrupted.
+pub fn run_in_process(
+    backend: &InProcess,
+    run: &ConcurrentRun<'_>,
+) -> anyhow::Result<Option<Traces>> {
+    let model = &backend.loaded.model;
+    let mut scheduler = Scheduler::new(SchedulerConfig::default());
+    let mut waiting = 0..run.items.len();
+    let mut traces = Traces::default();
+    for item in waiting.by_ref().take(run.concurrency) {
+        join(backend, run, &mut scheduler, Conversation::new(item))?;
+    }
+    while !scheduler.is_empty() {
+        let (finished, stats) = scheduler.step(model);
+        let ended = Instant::now();
+        if stats.sessions > 0 {
+            traces.steps += 1;
+            traces.step_sessions += stats.sessions;
+        }
+        for done in finished {
+            let request = done.client;
+            let mut conversation = request.conversation;
+            let item = &run.items[conversation.item];
+            let report = done.outcome.with_context(|| {
+                format!(
+                    "{} turn {} ({}) at concurrency {}",
+                    item.id,
+                    conversation.turn + 1,
+                    run.config.name,
+                    run.concurrency
+                )
+            })?;
+            if report.finish_reason == FinishReason::Cancelled {
+                return Ok(None);
+            }
+            run.progress.inc(1);
+            if item.format == Format::Chat {
+                let answer = backend.answer(&report.tokens)?;
+                conversation
+                    .messages
+                    .push(ChatMessage::new("assistant", &answer));
+            }
+            traces.requests.push(Trace {
+                item: conversation.item,
+                turn: conversation.turn,
+                arrived: request.arrived,
+                deliveries: request.deliveries,
+                ended,
+                tokens: report.tokens,
+            });
+            conversation.turn += 1;
+            let next = if conversation.turn < item.turns.len() {
+                Some(conversation)
+            } else {
+                waiting.next().map(Conversation::new)
+            };
+            if let Some(next) = next {
+                join(backend, run, &mut scheduler, next)?;
+            }
+        }
+    }
+    Ok(Some(traces))
+}
+
+impl Conversation {
+    fn new(item: usize) -> Self {
+        Self {
+            item,
+            turn: 0,
+            messages: Vec::new(),
+        }
+    }
+}
+
+/// Starts `conversation`'s next turn in `scheduler`, with fresh drafters.
+fn join<'a>(
+    backend: &InProcess,
+    run: &ConcurrentRun<'a>,
+    scheduler: &mut Scheduler<Request<'a>>,
+    mut conversation: Conversation,
+) -> anyhow::Result<()> {
+    let item = &run.items[conversation.item];
+    let context = || format!("{} turn {}", item.id, conversation.turn + 1);
+    let turn = item.turns.get(conversation.turn).with_context(context)?;
+    let prompt = match item.format {
+        Format::Completion => PromptInput::Text(turn.clone()),
+        Format::Chat => {
+            conversation.messages.push(ChatMessage::new("user", turn));
+            PromptInput::Chat(conversation.messages.clone())
+        }
+    };
+    let tokens = backend.tokenize(&prompt).with_context(context)?;
+    let (generation, drafters) = backend.prepare(run.config)?;
+    let kinds = drafters.iter().map(|d| d.kind().to_string()).collect();
+    let arrived = Instant::now();
+    let session =
+        Session::new(&backend.loaded.model, &tokens, generation, kinds).with_context(context)?;
+    scheduler.add(
+        session,
+        Request {
+            conversation,
+            drafters,
+            arrived,
+            deliveries: Vec::new(),
+            interrupted: run.interrupted,
+        },
+    );
+    Ok(())
+}
+
+/// A request whose output differs from its output at concurrency 1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Differing {
+    pub id: String,
+    /// The turn, from 1.
+    pub turn: usize,
+    /// The first differing generated token, from 0.
+    pub position: usize,
+}
+
+/// A config's figures at one concurrency.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figures {
+    pub concurrency: usize,
+    /// Requests run (each turn of each prompt is one).
+    pub requests: usize,
+    /// Completion tokens of every request (stop tokens excluded).
+    pub tokens: usize,
+    /// From the first request's arrival to the last one's end, prompt processing included.
+    pub wall_s: f64,
+    /// `tokens` over `wall_s`.
+    pub aggregate_tokens_per_s: f64,
+    /// Median over requests of the tokens after the first over the time from the first
+    /// token to the request's end.
+    pub request_tokens_per_s_p50: f64,
+    /// Time to first token, from the request's arrival in the scheduler.
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    /// Inter-token latency: each delivery's gap from the one before, over its tokens, as
+    /// the gap of each of them.
+    pub itl_p50_ms: f64,
+    pub itl_p99_ms: f64,
+    /// Forward passes, and the mean sessions each carried.
+    pub steps: usize,
+    pub mean_batch: f64,
+    /// Whether every request's output equals its output at concurrency 1.
+    pub identical: bool,
+    /// Requests whose output differs.
+    pub mismatches: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub differing: Vec<Differing>,
+}
+
+impl Figures {
+    /// The figures of `traces`, run at `concurrency`, compared with `reference` (the same
+    /// requests at concurrency 1).
+    pub fn of(concurrency: usize, traces: &Traces, reference: &Traces, items: &[Item]) -> Self {
+        let requests = &traces.requests;
+        let tokens: usize = requests.iter().map(|r| r.tokens.len()).sum();
+        let first = requests.iter().map(|r| r.arrived).min();
+        let last = requests.iter().map(|r| r.ended).max();
+        let wall_s = match (first, last) {
+            (Some(first), Some(last)) => last.duration_since(first).as_secs_f64(),
+            _ => 0.0,
+        };
+        let mut rates = Vec::new();
+        let mut ttfts = Vec::new();
+        let mut gaps = Vec::new();
+        for request in requests {
+            let Some(&(first_token, _)) = request.deliveries.first() else {
+                continue;
+            };
+            ttfts.push(first_token.duration_since(request.arrived).as_secs_f64());
+            let decode_s = request.ended.duration_since(first_token).as_secs_f64();
+            if request.tokens.len() > 1 && decode_s > 0.0 {
+                rates.push((request.tokens.len() - 1) as f64 / decode_s);
+            }
+            for pair in request.deliveries.windows(2) {
+                let (before, _) = pair[0];
+                let (at, count) = pair[1];
+                let gap = at.duration_since(before).as_secs_f64() / count.max(1) as f64;
+                gaps.extend(std::iter::repeat_n(gap, count));
+            }
+        }
+        let alone: HashMap<(usize, usize), &[TokenId]> = reference
+            .requests
+            .iter()
+            .map(|r| ((r.item, r.turn), r.tokens.as_slice()))
+            .collect();
+        let mut differing: Vec<Differing> = requests
+            .iter()
+            .filter_map(|r| {
+                let theirs = alone.get(&(r.item, r.turn)).copied().unwrap_or_default();
+                let position = first_difference(&r.tokens, theirs)?;
+                Some(Differing {
+                    id: items.get(r.item).map(|i| i.id.clone()).unwrap_or_default(),
+                    turn: r.turn + 1,
+                    position,
+                })
+            })
+            .collect();
+        differing.sort_by(|a, b| (&a.id, a.turn).cmp(&(&b.id, b.turn)));
+        Self {
+            concurrency,
+            requests: requests.len(),
+            tokens,
+            wall_s,
+            aggregate_tokens_per_s: if wall_s > 0.0 {
+                tokens as f64 / wall_s
+            } else {
+                0.0
+            },
+            request_tokens_per_s_p50: percentile(&mut rates, 0.5),
+            ttft_p50_ms: percentile(&mut ttfts, 0.5) * 1e3,
+            ttft_p99_ms: percentile(&mut ttfts, 0.99) * 1e3,
+            itl_p50_ms: percentile(&mut gaps, 0.5) * 1e3,
+            itl_p99_ms: percentile(&mut gaps, 0.99) * 1e3,
+            steps: traces.steps,
+            mean_batch: if traces.steps > 0 {
+                traces.step_sessions as f64 / traces.steps as f64
+            } else {
+                0.0
+            },
+            identical: differing.is_empty(),
+            mismatches: differing.len(),
+            differing,
+        }
+    }
+
+    /// `ngram at concurrency 4: 41.30 tok/s aggregate, 12.10 tok/s per request, TTFT p50
+    /// 210 ms, ITL p50 60.2 ms, 3.85 sessions per step, identical`.
+    pub fn line(&self, config: &str) -> String {
+        format!(
+            "{config} at concurrency {}: {:.2} tok/s aggregate, {:.2} tok/s per request, \
+             TTFT p50 {:.0} ms, ITL p50 {:.1} ms, {:.2} sessions per step, {}",
+            self.concurrency,
+            self.aggregate_tokens_per_s,
+            self.request_tokens_per_s_p50,
+            self.ttft_p50_ms,
+            self.itl_p50_ms,
+            self.mean_batch,
+            if self.identical {
+                "identical".to_string()
+            } else {
+                format!("{} DIFFER", self.mismatches)
+            }
+        )
+    }
+}
+
+/// Where `ours` first differs from `theirs` (a length difference counts at the shorter's end).
+fn first_difference(ours: &[TokenId], theirs: &[TokenId]) -> Option<usize> {
+    ours.iter()
+        .zip(theirs)
+        .position(|(a, b)| a != b)
+        .or_else(|| (ours.len() != theirs.len()).then(|| ours.len().min(theirs.len())))
+}
+
+/// The `q` quantile by nearest rank (the smallest value with at least that share of values
+/// at or below it); 0 for no values.
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
+}
+
+/// Runs every config at every level in turn, after the sequential run.
+pub struct Sweep<'a> {
+    /// Ascending, 1 first (see [`levels`]).
+    pub levels: &'a [usize],
+    pub configs: &'a [BenchConfig],
+    /// Where the results are written after each run.
+    pub out: &'a Path,
+    pub interrupted: &'a AtomicBool,
+}
+
+impl Sweep<'_> {
+    /// Runs the prompts of `items` that every config finished in the sequential run, adding
+    /// each config's figures per level to `results`; sets `results.interrupted` when
+    /// interrupted.
+    pub fn run(
+        &self,
+        backend: &mut dyn Backend,
+        items: &[Item],
+        results: &mut Results,
+    ) -> anyhow::Result<()> {
+        let items: Vec<Item> = items
+            .iter()
+            .filter(|i| results.items.iter().any(|r| r.id == i.id))
+            .cloned()
+            .collect();
+        let turns: usize = items.iter().map(|i| i.turns.len()).sum();
+        let runs = turns * self.configs.len() * self.levels.len();
+        let progress = super::progress_bar(runs as u64);
+        for config in self.configs {
+            let mut reference: Option<Traces> = None;
+            for &concurrency in self.levels {
+                progress.set_message(format!("{} at concurrency {concurrency}", config.name));
+                let run = ConcurrentRun {
+                    items: &items,
+                    config,
+                    concurrency,
+                    interrupted: self.interrupted,
+                    progress: &progress,
+                };
+                let traces = backend
+                    .generate_concurrently(&run)
+                    .with_context(|| format!("{} at concurrency {concurrency}", config.name))?;
+                let Some(traces) = traces else {
+                    progress.finish_and_clear();
+                    results.interrupted = true;
+                    return results.write(self.out);
+                };
+                let figures = Figures::of(
+                    concurrency,
+                    &traces,
+                    reference.as_ref().unwrap_or(&traces),
+                    &items,
+                );
+                super::print_line(&progress, figures.line(&config.name));
+                if let Some(config) = results.configs.get_mut(&config.name) {
+                    config.concurrency.push(figures);
+                }
+                results.write(self.out)?;
+                if reference.is_none() {
+                    reference = Some(traces);
+                }
+            }
+        }
+        progress.finish_and_clear();
+        Ok(())
+    }
+}
+
+/// Requests under concurrency whose output differs from the same request's at
+/// concurrency 1, all configs and levels.
+pub fn mismatches(results: &Results) -> usize {
+    results
+        .configs
+        .values()
+        .flat_map(|r| &r.concurrency)
+        .map(|f| f.mismatches)
+        .sum()
+}
+
+/// The report's section on concurrency; empty when no config ran at more than one.
+pub fn markdown(results: &Results) -> String {
+    let runs: Vec<(&String, &Figures)> = results
+        .config_names
+        .iter()
+        .filter_map(|name| results.configs.get(name).map(|r| (name, &r.concurrency)))
+        .flat_map(|(name, figures)| figures.iter().map(move |f| (name, f)))
+        .collect();
+    if runs.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n## Throughput against concurrency\n\nEach config's prompts (every turn a request) \
+         c at a time through one step scheduler, a request joining as soon as one ends. \
+         Aggregate: all tokens over the wall time, prompt processing included; per request: \
+         median of tokens after the first over the time from the first token to the end; \
+         TTFT from the request's arrival; ITL: each delivery's gap over its tokens; \
+         identical: every output equals the same request's at concurrency 1.\n\n\
+         | config | concurrency | aggregate tok/s | per-request tok/s | TTFT p50 | TTFT p99 \
+         | ITL p50 | ITL p99 | sessions per step | identical |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (name, f) in &runs {
+        out.push_str(&format!(
+            "| {name} | {} | {:.2} | {:.2} | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms | {:.2} \
+             | {} |\n",
+            f.concurrency,
+            f.aggregate_tokens_per_s,
+            f.request_tokens_per_s_p50,
+            f.ttft_p50_ms,
+            f.ttft_p99_ms,
+            f.itl_p50_ms,
+            f.itl_p99_ms,
+            f.mean_batch,
+            if f.identical {
+                "yes".to_string()
+            } else {
+                format!("**no: {} differ**", f.mismatches)
+            }
+        ));
+    }
+    let differing: Vec<String> = runs
+        .iter()
+        .flat_map(|(name, f)| {
+            f.differing.iter().map(move |d| {
+                format!(
+                    "- `{}`, config {name} at concurrency {}: turn {}, first differing token at \
+                     position {}\n",
+                    d.id.replace('`', "'"),
+                    f.concurrency,
+                    d.turn,
+                    d.position
+                )
+            })
+        })
+        .collect();
+    if !differing.is_empty() {
+        out.push_str(&format!(
+            "\n**{} outputs differ from the same request at concurrency 1:**\n\n",
+            differing.len()
+        ));
+        out.extend(differing);
+    }
+    out.push_str("\n![aggregate tokens/s against concurrency](concurrency.svg)\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn item(id: &str) -> Item {
+        Item {
+            id: id.into(),
+            category: "c".into(),
+            format: Format::Completion,
+            turns: vec!["p".into()],
+        }
+    }
+
+    /// A request of `item` arriving at `arrived` ms after `t0`, with deliveries of `(ms,
+    /// tokens)`, ending at `ended` ms.
+    fn trace(t0: Instant, item: usize, deliveries: &[(u64, usize)], ended: u64) -> Trace {
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let count: usize = deliveries.iter().map(|&(_, n)| n).sum();
+        Trace {
+            item,
+            turn: 0,
+            arrived: t0,
+            deliveries: deliveries.iter().map(|&(ms, n)| (at(ms), n)).collect(),
+            ended: at(ended),
+            tokens: (0..count as u32).collect(),
+        }
+    }
+
+    #[test]
+    fn levels_run_one_first_and_only_when_more_is_asked() {
+        assert_eq!(levels(&[1]), Vec::<usize>::new());
+        assert_eq!(levels(&[]), Vec::<usize>::new());
+        assert_eq!(levels(&[4, 2, 4]), [1, 2, 4]);
+        assert_eq!(levels(&[1, 8, 2]), [1, 2, 8]);
+        assert!(parse_level("0").unwrap_err().contains("at least 1"));
+        assert!(parse_level("")
+            .unwrap_err()
+            .contains("not a positive integer"));
+        assert!(parse_level("two")
+            .unwrap_err()
+            .contains("not a positive integer"));
+        assert_eq!(parse_level(" 3"), Ok(3));
+    }
+
+    #[test]
+    fn figures_follow_each_request_as_its_client_saw_it() {
+        let t0 = Instant::now();
+        // Request 0: first token at 100 ms, then 3 tokens at 130 ms and 1 at 140 ms, ends
+        // at 150 ms. Request 1: first token at 200 ms, 1 at 260 ms, ends at 400 ms.
+        let traces = Traces {
+            requests: vec![
+                trace(t0, 0, &[(100, 1), (130, 3), (140, 1)], 150),
+                trace(t0, 1, &[(200, 1), (260, 1)], 400),
+            ],
+            steps: 8,
+            step_sessions: 12,
+        };
+        let items = [item("a"), item("b")];
+        let figures = Figures::of(2, &traces, &traces, &items);
+        assert_eq!((figures.requests, figures.tokens), (2, 7));
+        assert!((figures.wall_s - 0.4).abs() < 1e-9);
+        assert!((figures.aggregate_tokens_per_s - 17.5).abs() < 1e-6);
+        // 4 tokens in 50 ms and 1 in 200 ms: 80 and 5 tokens/s; nearest rank median 5.
+        assert!((figures.request_tokens_per_s_p50 - 5.0).abs() < 1e-6);
+        assert!((figures.ttft_p50_ms - 100.0).abs() < 1e-6);
+        assert!((figures.ttft_p99_ms - 200.0).abs() < 1e-6);
+        // Gaps: 10, 10, 10 (30 ms over 3 tokens), 10, 60 ms.
+        assert!((figures.itl_p50_ms - 10.0).abs() < 1e-6);
+        assert!((figures.itl_p99_ms - 60.0).abs() < 1e-6);
+        assert_eq!(figures.mean_batch, 1.5);
+        assert!(figures.identical);
+        assert_eq!(figures.mismatches, 0);
+    }
+
+    #[test]
+    fn an_output_that_differs_from_the_one_alone_is_caught() {
+        let t0 = Instant::now();
+        let alone = Traces {
+            requests: vec![
+                trace(t0, 0, &[(1, 1), (2, 3)], 3),
+                trace(t0, 1, &[(1, 2)], 3),
+            ],
+            ..Traces::default()
+        };
+        let mut batched = alone.clone();
+        batched.requests.reverse();
+        batched.requests[1].tokens[2] = 99;
+        let figures = Figures::of(2, &batched, &alone, &[item("a"), item("b")]);
+        assert!(!figures.identical);
+        assert_eq!(figures.mismatches, 1);
+        let expected = Differing {
+            id: "a".into(),
+            turn: 1,
+            position: 2,
+        };
+        assert_eq!(figures.differing, [expected]);
+        assert_eq!(first_difference(&[1, 2], &[1, 2, 3]), Some(2));
+        assert_eq!(first_difference(&[1, 2], &[1, 2]), None);
+    }
+}
