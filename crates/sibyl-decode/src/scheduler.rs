@@ -27,7 +27,8 @@ pub struct SchedulerConfig {
     /// While sessions are decoding, prompt tokens join a step only as far as the step is
     /// expected to cost at most this many times the decoding rows alone (by the measured
     /// step costs), and at least one token does, so a long prompt never stalls the streams
-    /// that are decoding.
+    /// that are decoding. Where more prompts wait than sessions decode, the prompts get
+    /// that much more (each waiting prompt as much of the step as a decoding session).
     pub prefill_stall: f64,
     /// Longest a step waits for the drafts of its sessions (all of them together).
     pub draft_wait: Duration,
@@ -195,7 +196,15 @@ impl<C: Client> Scheduler<C> {
                 Work::Prompt(_) => 0,
             })
             .sum();
-        let mut budget = self.prompt_budget(&costs, decode_rows, context);
+        let decoding = works.iter().flatten().count();
+        let waiting = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| e.session.prefilling() && !ended.iter().any(|(j, _)| j == i))
+            .count();
+        let stall = self.stall(decoding, waiting);
+        let mut budget = self.prompt_budget(&costs, decode_rows, stall, context);
         for (i, entry) in self.entries.iter_mut().enumerate() {
             if budget == 0 {
                 break;
@@ -337,13 +346,30 @@ impl<C: Client> Scheduler<C> {
             .unwrap_or_default()
     }
 
-    /// Prompt tokens the step can carry besides `decode_rows` decoding rows.
-    fn prompt_budget(&self, costs: &StepCosts, decode_rows: usize, context: usize) -> usize {
+    /// How many times the cost of its decoding rows a step may take with prompt tokens:
+    /// [`SchedulerConfig::prefill_stall`] while prompts are no more than the decoding
+    /// sessions, and each session's fair share when more prompts wait (`waiting` prompts
+    /// against `decoding` sessions each get as much of the step as one of them), so that
+    /// prompts queued behind busy streams are not starved.
+    fn stall(&self, decoding: usize, waiting: usize) -> f64 {
+        let share = (waiting as f64 / decoding.max(1) as f64).max(1.0);
+        1.0 + (self.config.prefill_stall - 1.0) * share
+    }
+
+    /// Prompt tokens the step can carry besides `decode_rows` decoding rows, so that it
+    /// costs at most `stall` times those rows alone.
+    fn prompt_budget(
+        &self,
+        costs: &StepCosts,
+        decode_rows: usize,
+        stall: f64,
+        context: usize,
+    ) -> usize {
         let most = self.config.prompt_tokens_per_step;
         if decode_rows == 0 {
             return most;
         }
-        let limit = self.config.prefill_stall * costs.estimate(decode_rows, context);
+        let limit = stall * costs.estimate(decode_rows, context);
         (1..=most)
             .rev()
             .find(|&p| costs.estimate(decode_rows + p, context) <= limit)

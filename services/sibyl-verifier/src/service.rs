@@ -1,7 +1,7 @@
 use crate::config::VerifierConfig;
 use crate::link::{self, LinkParams};
 use crate::scheduler::{Join, SchedulerHandle};
-use crate::session::{Plan, RemoteClient, RemoteFields};
+use crate::session::{Plan, Remote, RemoteClient};
 use crate::shared::Shared;
 use sibyl_decode::{check_request, GenerationConfig, Session, SharedLearning};
 use sibyl_engine::LoadedModel;
@@ -327,7 +327,7 @@ impl VerifierService {
             .collect();
         let (events, receiver) = mpsc::channel(EVENT_QUEUE);
         let client = RemoteClient::new(
-            RemoteFields {
+            Remote {
                 shared,
                 accepted_len,
                 events,
@@ -341,9 +341,7 @@ impl VerifierService {
             &plan.drafter_kinds,
         );
         if let Err(join) = engine.scheduler.join(Join { session, client }) {
-            for link in join.client.links {
-                link.abort();
-            }
+            join.client.abort_links();
             return Err(Status::unavailable("the verifier is shutting down"));
         }
         Ok(Response::new(ReceiverStream::new(receiver)))

@@ -35,8 +35,9 @@ pub(crate) type Events = mpsc::Sender<Result<pb::VerifyEvent, Status>>;
 /// KV-cache reservation, gauges).
 pub(crate) type Held = Box<dyn std::any::Any + Send>;
 
-/// A session's client in the scheduler: its drafter links and the stream to its caller.
-pub(crate) struct RemoteClient {
+/// What a session has outside the scheduler: its drafter links, the stream to its caller,
+/// and what admission reserved for it.
+pub(crate) struct Remote {
     pub(crate) shared: Arc<Shared>,
     pub(crate) accepted_len: watch::Sender<usize>,
     pub(crate) events: Events,
@@ -47,6 +48,12 @@ pub(crate) struct RemoteClient {
     pub(crate) links: Vec<JoinHandle<()>>,
     pub(crate) span: tracing::Span,
     pub(crate) held: Held,
+}
+
+/// A session's client in the scheduler: its [`Remote`] side, and what the stream could not
+/// take yet.
+pub(crate) struct RemoteClient {
+    remote: Remote,
     /// Events the stream had no room for yet, oldest first.
     pending: VecDeque<pb::VerifyEvent>,
     /// Since when the stream has had no room.
@@ -57,28 +64,9 @@ pub(crate) struct RemoteClient {
 }
 
 impl RemoteClient {
-    pub(crate) fn new(fields: RemoteFields, kinds: &[String]) -> Self {
-        let RemoteFields {
-            shared,
-            accepted_len,
-            events,
-            gathers,
-            idle_timeout,
-            step_times,
-            links,
-            span,
-            held,
-        } = fields;
+    pub(crate) fn new(remote: Remote, kinds: &[String]) -> Self {
         Self {
-            shared,
-            accepted_len,
-            events,
-            gathers,
-            idle_timeout,
-            step_times,
-            links,
-            span,
-            held,
+            remote,
             pending: VecDeque::new(),
             stalled_since: None,
             timed_out: false,
@@ -87,10 +75,17 @@ impl RemoteClient {
         }
     }
 
+    /// Stops the session's drafter links (a session that never ran).
+    pub(crate) fn abort_links(&self) {
+        for link in &self.remote.links {
+            link.abort();
+        }
+    }
+
     /// Sends what the stream has room for.
     fn flush(&mut self) {
         while let Some(event) = self.pending.pop_front() {
-            match self.events.try_send(Ok(event)) {
+            match self.remote.events.try_send(Ok(event)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(Ok(event))) => {
                     self.pending.push_front(event);
@@ -104,34 +99,21 @@ impl RemoteClient {
     }
 }
 
-/// The parts of a [`RemoteClient`] the service makes.
-pub(crate) struct RemoteFields {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) accepted_len: watch::Sender<usize>,
-    pub(crate) events: Events,
-    pub(crate) gathers: bool,
-    pub(crate) idle_timeout: Duration,
-    pub(crate) step_times: bool,
-    pub(crate) links: Vec<JoinHandle<()>>,
-    pub(crate) span: tracing::Span,
-    pub(crate) held: Held,
-}
-
 impl Client for RemoteClient {
     fn cancelled(&mut self) -> bool {
-        if self.events.is_closed() {
+        if self.remote.events.is_closed() {
             return true;
         }
         self.flush();
         let idle = self
             .stalled_since
-            .is_some_and(|since| since.elapsed() >= self.idle_timeout);
+            .is_some_and(|since| since.elapsed() >= self.remote.idle_timeout);
         if idle && !self.timed_out {
             self.timed_out = true;
             metrics::verifier().idle_timeouts.inc();
-            let _entered = self.span.enter();
+            let _entered = self.remote.span.enter();
             tracing::warn!(
-                idle_timeout_ms = self.idle_timeout.as_millis() as u64,
+                idle_timeout_ms = self.remote.idle_timeout.as_millis() as u64,
                 "the client did not read its stream; its session is ended"
             );
         }
@@ -148,18 +130,20 @@ impl Client for RemoteClient {
         session: &mut Session,
         deadline: Instant,
     ) -> Vec<(DrafterId, Vec<Proposal>)> {
-        if !self.gathers || session.draft_depth() == 0 {
+        if !self.remote.gathers || session.draft_depth() == 0 {
             return Vec::new();
         }
         let wait = deadline.saturating_duration_since(Instant::now());
-        let (proposals, waited) = self.shared.gather(wait);
+        let (proposals, waited) = self.remote.shared.gather(wait);
         self.waits.push(waited);
         proposals
     }
 
     fn deliver(&mut self, session: &Session, tokens: &[TokenId]) -> ControlFlow<()> {
-        self.shared.extend(tokens);
-        self.accepted_len.send_replace(session.context().len());
+        self.remote.shared.extend(tokens);
+        self.remote
+            .accepted_len
+            .send_replace(session.context().len());
         self.recorder.record(session, tokens);
         self.pending.push_back(pb::VerifyEvent {
             event: Some(Event::Tokens(pb::AcceptedTokens {
@@ -167,7 +151,7 @@ impl Client for RemoteClient {
             })),
         });
         self.flush();
-        if self.events.is_closed() {
+        if self.remote.events.is_closed() {
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
@@ -182,17 +166,17 @@ pub(crate) fn finish(
     outcome: Result<GenerationReport, GenerateError>,
     runtime: &tokio::runtime::Handle,
 ) {
-    for link in client.links.drain(..) {
+    for link in client.remote.links.drain(..) {
         link.abort();
     }
-    drop(client.accepted_len);
+    drop(client.remote.accepted_len);
     let sessions = &metrics::verifier().sessions;
     let last = match outcome {
         Ok(_) if client.timed_out => {
             sessions.with_label_values(&["cancelled"]).inc();
             Err(Status::deadline_exceeded(format!(
                 "the client did not read its stream for {} ms; the session was ended",
-                client.idle_timeout.as_millis()
+                client.remote.idle_timeout.as_millis()
             )))
         }
         Ok(report) => {
@@ -205,25 +189,25 @@ pub(crate) fn finish(
                 event: Some(Event::Summary(summary(
                     &report,
                     &client.waits,
-                    &client.shared,
-                    client.step_times,
+                    &client.remote.shared,
+                    client.remote.step_times,
                 ))),
             })
         }
         // The request was checked before the session started: what fails now is ours.
         Err(error) => {
             sessions.with_label_values(&["failed"]).inc();
-            let _entered = client.span.enter();
+            let _entered = client.remote.span.enter();
             tracing::error!(%error, "session failed");
             Err(Status::internal(format!("the generation failed: {error}")))
         }
     };
-    drop(client.held);
+    drop(client.remote.held);
     let mut pending: Vec<Result<pb::VerifyEvent, Status>> =
         client.pending.into_iter().map(Ok).collect();
     pending.push(last);
-    let events = client.events;
-    let timeout = client.idle_timeout;
+    let events = client.remote.events;
+    let timeout = client.remote.idle_timeout;
     runtime.spawn(async move {
         for event in pending {
             match tokio::time::timeout(timeout, events.send(event)).await {
@@ -361,7 +345,7 @@ mod tests {
             capacity: 1,
         };
         RemoteClient::new(
-            RemoteFields {
+            Remote {
                 shared: Arc::new(Shared::new(vec![1], 0, limits)),
                 accepted_len: watch::channel(1).0,
                 events,
