@@ -65,7 +65,7 @@ fn run(
             scheduler.add(join.session, join.client);
         }
         let span = tracing::info_span!(
-            "verify_step",
+            "batch_step",
             batch_size = tracing::field::Empty,
             rows = tracing::field::Empty,
             prompt_tokens = tracing::field::Empty,

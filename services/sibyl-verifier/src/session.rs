@@ -61,6 +61,9 @@ pub(crate) struct RemoteClient {
     timed_out: bool,
     waits: Vec<Duration>,
     recorder: StepRecorder,
+    /// The `verify_step` span of the step under way, a child of the session's span so that
+    /// it stays in the generation's trace (the batched pass has a `batch_step` span).
+    step: Option<tracing::Span>,
 }
 
 impl RemoteClient {
@@ -72,6 +75,7 @@ impl RemoteClient {
             timed_out: false,
             waits: Vec::new(),
             recorder: StepRecorder::new(kinds),
+            step: None,
         }
     }
 
@@ -130,6 +134,11 @@ impl Client for RemoteClient {
         session: &mut Session,
         deadline: Instant,
     ) -> Vec<(DrafterId, Vec<Proposal>)> {
+        self.step = Some(tracing::info_span!(
+            parent: &self.remote.span,
+            "verify_step",
+            accepted = tracing::field::Empty,
+        ));
         if !self.remote.gathers || session.draft_depth() == 0 {
             return Vec::new();
         }
@@ -140,6 +149,9 @@ impl Client for RemoteClient {
     }
 
     fn deliver(&mut self, session: &Session, tokens: &[TokenId]) -> ControlFlow<()> {
+        if let Some(step) = self.step.take() {
+            step.record("accepted", tokens.len());
+        }
         self.remote.shared.extend(tokens);
         self.remote
             .accepted_len
@@ -202,6 +214,8 @@ pub(crate) fn finish(
             Err(Status::internal(format!("the generation failed: {error}")))
         }
     };
+    // Its KV-cache bytes leave the gauge before the slot is given back.
+    drop(client.recorder);
     drop(client.remote.held);
     let mut pending: Vec<Result<pb::VerifyEvent, Status>> =
         client.pending.into_iter().map(Ok).collect();
