@@ -348,7 +348,8 @@ async fn a_missing_or_bad_model_file_is_not_serving_until_it_is_fixed() {
         .unwrap();
     assert_eq!(sample(&text, "sibyl_verifier_model_loaded"), Some(1.0));
     assert!(processes.0[0].try_wait().unwrap().is_none());
-    processes.0.clear();
+    // Dropping the list kills and reaps the verifier (clearing it would leave it running).
+    drop(processes);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
