@@ -1,11 +1,12 @@
 //! Client side of a role talking to another: a host name is resolved for every new stream
 //! and streams are spread round-robin over its addresses (a Kubernetes headless Service
-//! lists one per replica); one HTTP/2 channel per address is shared by all streams.
+//! lists one per replica), or sent by affinity (a key goes to the same address while it
+//! stays and is not busy); one HTTP/2 channel per address is shared by all streams.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
@@ -14,6 +15,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A key's address is busy, and the least loaded address takes the stream instead, when it
+/// has this many more streams open (from this process) than the least loaded one.
+pub const BUSY_MARGIN: usize = 4;
+
 /// Channels to the replicas of one or more services.
 #[derive(Debug, Default)]
 pub struct Balancer {
@@ -21,26 +26,64 @@ pub struct Balancer {
     /// that no longer resolve, such as replaced pods, are forgotten).
     channels: Mutex<HashMap<(String, u16), HashMap<SocketAddr, Channel>>>,
     next: AtomicUsize,
+    /// Streams open per address, of those picked by affinity.
+    open: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+}
+
+/// A stream picked by affinity, counted open at its address until this is dropped.
+#[derive(Debug)]
+pub struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Balancer {
     /// A channel to one of the addresses of `host`, and that address.
     pub async fn pick(&self, host: &str, port: u16) -> Result<(SocketAddr, Channel), String> {
-        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .collect();
-        addrs.sort();
-        addrs.dedup();
-        if addrs.is_empty() {
-            return Err(format!("{host} resolves to no address"));
-        }
+        let addrs = resolve(host, port).await?;
         let addr = addrs[self.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
+        Ok((addr, self.channel(host, port, &addrs, addr)?))
+    }
+
+    /// A channel to the address of `host` that `key` goes to (see [`by_affinity`]), that
+    /// address, and the stream's count there.
+    pub async fn pick_by_affinity(
+        &self,
+        host: &str,
+        port: u16,
+        key: u64,
+    ) -> Result<(SocketAddr, Channel, Open), String> {
+        let addrs = resolve(host, port).await?;
+        let open = {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            // Addresses that went (replaced pods) are forgotten once their streams ended.
+            open.retain(|addr, n| addrs.contains(addr) || n.load(Ordering::Relaxed) > 0);
+            let load = |addr: &SocketAddr| open.get(addr).map_or(0, |n| n.load(Ordering::Relaxed));
+            let addr = by_affinity(&addrs, key, load);
+            let count = open.entry(addr).or_default().clone();
+            count.fetch_add(1, Ordering::Relaxed);
+            (addr, Open(count))
+        };
+        let (addr, open) = open;
+        Ok((addr, self.channel(host, port, &addrs, addr)?, open))
+    }
+
+    /// The channel to `addr`, one of `addrs` (the addresses `host` resolves to now).
+    fn channel(
+        &self,
+        host: &str,
+        port: u16,
+        addrs: &[SocketAddr],
+        addr: SocketAddr,
+    ) -> Result<Channel, String> {
         let mut all = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let channels = all.entry((host.to_string(), port)).or_default();
         channels.retain(|known, _| addrs.contains(known));
         if let Some(channel) = channels.get(&addr) {
-            return Ok((addr, channel.clone()));
+            return Ok(channel.clone());
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| e.to_string())?
@@ -51,8 +94,63 @@ impl Balancer {
             .keep_alive_while_idle(true)
             .connect_lazy();
         channels.insert(addr, channel.clone());
-        Ok((addr, channel))
+        Ok(channel)
     }
+}
+
+/// The addresses `host` resolves to now, sorted, at least one.
+async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("{host} resolves to no address"));
+    }
+    Ok(addrs)
+}
+
+/// Where a stream with `key` goes among `addrs` (not empty), given each one's open streams:
+/// the address that rendezvous hashing ranks first for the key, so that a key stays where it
+/// went while that address stays (when one goes, only its keys move; one that comes takes
+/// its share), unless it has [`BUSY_MARGIN`] more streams open than the least loaded one,
+/// which then takes the stream.
+pub fn by_affinity(
+    addrs: &[SocketAddr],
+    key: u64,
+    load: impl Fn(&SocketAddr) -> usize,
+) -> SocketAddr {
+    let preferred = addrs
+        .iter()
+        .max_by_key(|addr| mix(key ^ mix(fnv1a(addr.to_string().as_bytes()))))
+        .copied()
+        .unwrap_or(addrs[0]);
+    let least = addrs
+        .iter()
+        .min_by_key(|addr| load(addr))
+        .copied()
+        .unwrap_or(preferred);
+    if load(&preferred) >= load(&least) + BUSY_MARGIN {
+        least
+    } else {
+        preferred
+    }
+}
+
+/// FNV-1a: a hash that is the same in every process and build.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// SplitMix64's finalizer: spreads a hash's bits.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// Where a service listens: `http://HOST:PORT`.
@@ -177,6 +275,48 @@ pub async fn check_serving(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_stays_where_it_went_unless_that_address_goes_or_is_busy() {
+        let addrs: Vec<SocketAddr> = (1..=4)
+            .map(|i| format!("10.0.0.{i}:50051").parse().unwrap())
+            .collect();
+        let idle = |_: &SocketAddr| 0;
+        let keys: Vec<u64> = (0..400)
+            .map(|k| fnv1a(&[k as u8, (k >> 8) as u8]))
+            .collect();
+        let chosen: Vec<SocketAddr> = keys.iter().map(|&k| by_affinity(&addrs, k, idle)).collect();
+        // Spread over every address, and the same every time.
+        for addr in &addrs {
+            let share = chosen.iter().filter(|c| *c == addr).count();
+            assert!((60..=140).contains(&share), "{addr}: {share} of 400");
+        }
+        assert_eq!(chosen[7], by_affinity(&addrs, keys[7], idle));
+        // One address goes: only its keys move.
+        let gone = addrs[2];
+        let rest: Vec<SocketAddr> = addrs.iter().copied().filter(|a| *a != gone).collect();
+        for (&key, &before) in keys.iter().zip(&chosen) {
+            let after = by_affinity(&rest, key, idle);
+            if before != gone {
+                assert_eq!(after, before);
+            }
+        }
+        // A busy address gives its keys to the least loaded one.
+        let key = keys[0];
+        let home = chosen[0];
+        let other = *addrs.iter().find(|a| **a != home).unwrap();
+        let load = |n: usize| {
+            move |a: &SocketAddr| {
+                if *a == home {
+                    n
+                } else {
+                    usize::from(*a != other) * n
+                }
+            }
+        };
+        assert_eq!(by_affinity(&addrs, key, load(BUSY_MARGIN - 1)), home);
+        assert_eq!(by_affinity(&addrs, key, load(BUSY_MARGIN)), other);
+    }
 
     #[test]
     fn addresses_parse_and_bad_ones_say_why() {

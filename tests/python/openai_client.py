@@ -60,6 +60,32 @@ def main() -> None:
     assert streamed == text, f"streamed {streamed!r} != whole {text!r}"
     assert finish == whole.choices[0].finish_reason, (finish, whole.choices[0].finish_reason)
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens, usage
+    # The same prompt again: all of it but its last token comes from the prefix cache.
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert cached == whole.usage.prompt_tokens - 1, (usage, whole.usage)
+
+    # The next turn starts from the first turn's prompt and answer; without the cache it
+    # computes everything and says the same.
+    turn = messages + [
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": "Now make it a one-liner."},
+    ]
+    second = client.chat.completions.create(
+        model=model, messages=turn, max_tokens=32, temperature=0
+    )
+    assert second.usage.prompt_tokens_details.cached_tokens >= whole.usage.prompt_tokens, (
+        second.usage,
+        whole.usage,
+    )
+    uncached = client.chat.completions.create(
+        model=model,
+        messages=turn,
+        max_tokens=32,
+        temperature=0,
+        extra_body={"prefix_cache": False},
+    )
+    assert uncached.usage.prompt_tokens_details.cached_tokens == 0, uncached.usage
+    assert uncached.choices[0].message.content == second.choices[0].message.content
 
     completion = client.completions.create(
         model=model, prompt="def add(a, b):", max_tokens=16, temperature=0

@@ -30,6 +30,7 @@ fn request(prompt: Vec<u32>, max_tokens: u32, seed: Option<u64>) -> pb::VerifyRe
         }),
         tokenizer_fingerprint: String::new(),
         step_times: false,
+        prefix_cache: None,
     }
 }
 
@@ -77,6 +78,42 @@ async fn concurrent_sessions_give_the_tokens_they_give_one_at_a_time() {
     cluster.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_that_extends_an_earlier_one_starts_from_its_work_and_says_the_same() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let mut verifier = cluster.verifier_client().await.unwrap();
+    let metrics = sibyl_telemetry::metrics::verifier();
+    let first_prompt = cluster.tokenize(PROMPTS[1]);
+    let (answer, summary) = verify(&mut verifier, request(first_prompt.clone(), 24, None))
+        .await
+        .unwrap();
+    assert_eq!(summary.cached_tokens, 0);
+    // The next turn of the chat: the first prompt, the answer and a new question.
+    let mut next = [first_prompt.clone(), answer.clone()].concat();
+    next.extend(cluster.tokenize(
+        "<|im_end|>\n<|im_start|>user\nAnd backwards?<|im_end|>\n<|im_start|>assistant\n",
+    ));
+    for seed in [None, Some(9)] {
+        let mut uncached = request(next.clone(), 24, seed);
+        uncached.prefix_cache = Some(false);
+        let (expected, summary) = verify(&mut verifier, uncached).await.unwrap();
+        assert_eq!(summary.cached_tokens, 0);
+        let copied_before = metrics.prefix_cache_tokens.get();
+        let (tokens, summary) = verify(&mut verifier, request(next.clone(), 24, seed))
+            .await
+            .unwrap();
+        assert_eq!(tokens, expected, "seed {seed:?}");
+        // At least the first turn's prompt and all of its answer but the last token.
+        let cached = summary.cached_tokens as usize;
+        assert!(cached >= first_prompt.len() + answer.len() - 1, "{cached}");
+        assert!(cached < next.len());
+        assert!(metrics.prefix_cache_tokens.get() >= copied_before + cached as u64);
+    }
+    cluster.stop().await;
+}
+
 /// Sends an OpenAI completion request over plain HTTP/1.1 and returns the response's
 /// status line and headers.
 async fn http_head(cluster: &Cluster, body: &str) -> String {
@@ -110,8 +147,10 @@ async fn past_the_slots_requests_wait_in_a_bounded_queue_then_get_429_with_retry
     .await
     .expect("cluster");
     let mut verifier = cluster.verifier_client().await.unwrap();
-    // One long generation holds the only slot.
-    let long = request(cluster.tokenize(PROMPTS[0]), 2000, Some(1));
+    // One long generation holds the only slot: counting, greedy, which goes on for well
+    // over a thousand tokens (a sampled one may end at once on another CPU's rounding).
+    let counting = cluster.tokenize("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,");
+    let long = request(counting, 2000, None);
     let mut stream = verifier.generate(long).await.unwrap().into_inner();
     assert!(stream.message().await.unwrap().is_some());
     // The next request waits in the queue; while it does, one more is refused at once.

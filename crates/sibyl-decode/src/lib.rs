@@ -5,9 +5,11 @@
 //! the scheduler with one session and drafters in the same process; the verifier service
 //! drives the same scheduler with drafts gathered from remote drafters.
 
+mod prefix;
 mod scheduler;
 mod session;
 
+pub use prefix::PrefixCache;
 pub use scheduler::{
     generate, generate_cancellable, Client, Finished, Scheduler, SchedulerConfig, StepStats,
 };

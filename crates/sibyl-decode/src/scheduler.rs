@@ -6,7 +6,13 @@
 //! going while a long prompt is processed), runs one [`Model::forward_batch`] and commits
 //! each session. Sessions join and leave between steps. A position's logits do not depend on
 //! the other rows of the pass, so every session's output is the one it would have alone.
+//!
+//! A prompt's work is done once: a session still processing its prompt first copies the
+//! longest prefix of it that another session has computed, or that the [`PrefixCache`] keeps
+//! from sessions that ended, and waits a step rather than compute tokens another session is
+//! computing in this one.
 
+use crate::prefix::{common_prefix, PrefixCache};
 use crate::session::{
     lock, FinishReason, GenerateError, GenerationConfig, GenerationReport, PlannedStep,
     PromptChunk, Session, PROMPT_CHUNK,
@@ -18,6 +24,11 @@ use sibyl_spec::{
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A session waits a step for prompt tokens another session computes in this one, rather
+/// than compute them too, only for at least this many (a chat template's shared first
+/// tokens are not worth a step's wait).
+const SHARED_WAIT_MIN: usize = 32;
 
 /// How the scheduler fills a step.
 #[derive(Debug, Clone)]
@@ -32,6 +43,9 @@ pub struct SchedulerConfig {
     pub prefill_stall: f64,
     /// Longest a step waits for the drafts of its sessions (all of them together).
     pub draft_wait: Duration,
+    /// Bytes of keys and values kept from ended sessions for later prompts that start the
+    /// same way (the [`PrefixCache`]); 0 keeps none.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -40,6 +54,7 @@ impl Default for SchedulerConfig {
             prompt_tokens_per_step: PROMPT_CHUNK,
             prefill_stall: 2.0,
             draft_wait: Duration::ZERO,
+            prefix_cache_bytes: 0,
         }
     }
 }
@@ -85,6 +100,10 @@ pub struct StepStats {
     pub prompt_tokens: usize,
     /// Draft nodes verified.
     pub draft_tokens: usize,
+    /// Prompt tokens copied from computed prefixes instead of computed.
+    pub cached_tokens: usize,
+    /// Tokens the step gave its sessions (accepted tokens, first tokens of prompts done).
+    pub tokens: usize,
     /// Time of the pass and the sessions' commits (drafting comes before).
     pub elapsed: Duration,
 }
@@ -103,11 +122,13 @@ enum Work {
 pub struct Scheduler<C> {
     config: SchedulerConfig,
     entries: Vec<Entry<C>>,
+    prefixes: PrefixCache,
 }
 
 impl<C: Client> Scheduler<C> {
     pub fn new(config: SchedulerConfig) -> Self {
         Self {
+            prefixes: PrefixCache::new(config.prefix_cache_bytes),
             config,
             entries: Vec::new(),
         }
@@ -139,6 +160,11 @@ impl<C: Client> Scheduler<C> {
     /// KV-cache bytes held by the sessions.
     pub fn cache_bytes(&self) -> usize {
         self.entries.iter().map(|e| e.session.cache_bytes()).sum()
+    }
+
+    /// What ended sessions left for later prompts.
+    pub fn prefix_cache(&self) -> &PrefixCache {
+        &self.prefixes
     }
 
     /// Ends every session as cancelled (the server is going away).
@@ -205,19 +231,29 @@ impl<C: Client> Scheduler<C> {
             .count();
         let stall = self.stall(decoding, waiting);
         let mut budget = self.prompt_budget(&costs, decode_rows, stall, context);
-        for (i, entry) in self.entries.iter_mut().enumerate() {
+        let mut stats = StepStats::default();
+        let reusing = |entry: &Entry<C>| entry.session.prefilling() && entry.session.prefix_cache();
+        // Copying costs no rows: every prompt takes what is there before the budget is shared.
+        for i in 0..self.entries.len() {
+            if reusing(&self.entries[i]) && !ended.iter().any(|(e, _)| *e == i) {
+                stats.cached_tokens += self.reuse(i);
+            }
+        }
+        for i in 0..self.entries.len() {
             if budget == 0 {
                 break;
             }
             if works[i].is_some() || ended.iter().any(|(e, _)| *e == i) {
                 continue;
             }
-            if let Some(chunk) = entry.session.prompt_chunk(budget) {
+            if reusing(&self.entries[i]) && self.computing_for(i, &works) {
+                continue;
+            }
+            if let Some(chunk) = self.entries[i].session.prompt_chunk(budget) {
                 budget -= chunk.input.tokens.len();
                 works[i] = Some(Work::Prompt(chunk));
             }
         }
-        let mut stats = StepStats::default();
         let inputs: Vec<Option<(TreeInput, LogitRows)>> = works
             .iter()
             .map(|work| {
@@ -256,7 +292,7 @@ impl<C: Client> Scheduler<C> {
                     for (i, work) in works.into_iter().enumerate() {
                         let Some(work) = work else { continue };
                         let rows = logits.next().unwrap_or_default();
-                        if let Some(end) = self.commit(i, work, &rows, started) {
+                        if let Some(end) = self.commit(i, work, &rows, started, &mut stats) {
                             ended.push((i, end));
                         }
                     }
@@ -287,6 +323,7 @@ impl<C: Client> Scheduler<C> {
         work: Work,
         logits: &[f32],
         started: Instant,
+        stats: &mut StepStats,
     ) -> Option<Result<FinishReason, GenerateError>> {
         let entry = &mut self.entries[i];
         let step = match work {
@@ -301,6 +338,7 @@ impl<C: Client> Scheduler<C> {
             Ok(None) => return None,
             Err(error) => return Some(Err(error)),
         };
+        stats.tokens += step.tokens.len();
         if !step.tokens.is_empty()
             && entry
                 .client
@@ -312,6 +350,58 @@ impl<C: Client> Scheduler<C> {
         step.finish.map(Ok)
     }
 
+    /// Copies into session `i`, still processing its prompt, the longest prefix of it that
+    /// another session or the prefix cache holds; returns the tokens copied.
+    fn reuse(&mut self, i: usize) -> usize {
+        let session = &self.entries[i].session;
+        let prompt = session.context();
+        let before = session.cached().0.len();
+        let mut best: Option<(usize, usize)> = None;
+        for (j, other) in self.entries.iter().enumerate() {
+            if j == i || !other.session.prefix_cache() {
+                continue;
+            }
+            let len = session.reusable(common_prefix(other.session.cached().0, prompt));
+            if len > best.map_or(before, |(_, l)| l) {
+                best = Some((j, len));
+            }
+        }
+        let hit = self
+            .prefixes
+            .longest(prompt)
+            .filter(|hit| session.reusable(hit.len) > best.map_or(before, |(_, l)| l));
+        if let Some(hit) = hit {
+            let entry = hit.entry;
+            self.entries[i].session.reuse_prefix(hit.cache, hit.len);
+            self.prefixes.used(entry);
+        } else if let Some((j, len)) = best {
+            let (source, target) = if j < i {
+                let (head, tail) = self.entries.split_at_mut(i);
+                (&head[j], &mut tail[0])
+            } else {
+                let (head, tail) = self.entries.split_at_mut(j);
+                (&tail[0], &mut head[i])
+            };
+            target.session.reuse_prefix(source.session.cached().1, len);
+        }
+        self.entries[i].session.cached().0.len() - before
+    }
+
+    /// Whether a session before `i` in this step computes prompt tokens that session `i`
+    /// needs next, at least [`SHARED_WAIT_MIN`] of them (`i` then copies them in the next
+    /// step rather than compute them too).
+    fn computing_for(&self, i: usize, works: &[Option<Work>]) -> bool {
+        let session = &self.entries[i].session;
+        let next = session.cached().0.len();
+        works.iter().enumerate().any(|(j, work)| {
+            let other = &self.entries[j].session;
+            matches!(work, Some(Work::Prompt(_)))
+                && other.prefix_cache()
+                && session.reusable(common_prefix(other.context(), session.context()))
+                    >= next + SHARED_WAIT_MIN
+        })
+    }
+
     /// Takes the sessions that ended out, reporting each (the first reason given counts).
     fn remove(
         &mut self,
@@ -321,7 +411,11 @@ impl<C: Client> Scheduler<C> {
         ended.dedup_by_key(|(i, _)| *i);
         let mut finished = Vec::with_capacity(ended.len());
         for (i, end) in ended.into_iter().rev() {
-            let entry = self.entries.remove(i);
+            let mut entry = self.entries.remove(i);
+            if end.is_ok() && entry.session.prefix_cache() && self.prefixes.keeps() {
+                let (tokens, cache) = entry.session.take_cache();
+                self.prefixes.insert(tokens, cache);
+            }
             let outcome = end.map(|reason| entry.session.finish(reason));
             finished.push(Finished {
                 client: entry.client,
@@ -447,12 +541,22 @@ pub fn generate(
     drafters: &mut [Box<dyn Drafter>],
     on_tokens: impl FnMut(&[TokenId]) -> ControlFlow<()>,
 ) -> Result<GenerationReport, GenerateError> {
-    generate_cancellable(model, prompt, config, drafters, &mut || false, on_tokens)
+    generate_cancellable(
+        model,
+        prompt,
+        config,
+        drafters,
+        &mut || false,
+        on_tokens,
+        None,
+    )
 }
 
 /// [`generate`], also asking `cancelled` between prompt chunks and before each step: a
-/// long prompt can be stopped before its first token. This is the [`Scheduler`] with one
-/// session.
+/// long prompt can be stopped before its first token. With `prefixes` (filled by this
+/// `model` only), the generation starts from the longest prefix of its prompt held there
+/// and leaves its own work there (as [`GenerationConfig::prefix_cache`] says). This is the
+/// [`Scheduler`] with one session.
 pub fn generate_cancellable(
     model: &Model,
     prompt: &[TokenId],
@@ -460,10 +564,14 @@ pub fn generate_cancellable(
     drafters: &mut [Box<dyn Drafter>],
     cancelled: &mut dyn FnMut() -> bool,
     on_tokens: impl FnMut(&[TokenId]) -> ControlFlow<()>,
+    mut prefixes: Option<&mut PrefixCache>,
 ) -> Result<GenerationReport, GenerateError> {
     let kinds = drafters.iter().map(|d| d.kind().to_string()).collect();
     let session = Session::new(model, prompt, config.clone(), kinds)?;
     let mut scheduler = Scheduler::new(SchedulerConfig::default());
+    if let Some(prefixes) = prefixes.as_deref_mut() {
+        std::mem::swap(prefixes, &mut scheduler.prefixes);
+    }
     scheduler.add(
         session,
         InProcess {
@@ -475,6 +583,9 @@ pub fn generate_cancellable(
     loop {
         let (mut finished, _) = scheduler.step(model);
         if let Some(done) = finished.pop() {
+            if let Some(prefixes) = prefixes {
+                std::mem::swap(prefixes, &mut scheduler.prefixes);
+            }
             return done.outcome;
         }
     }

@@ -59,6 +59,10 @@ pub struct GenerationConfig {
     pub learning: Option<SharedLearning>,
     /// Tokens that end the generation; they are not emitted.
     pub stop_tokens: Vec<TokenId>,
+    /// Start from the longest prefix of the prompt that the scheduler holds computed (by
+    /// another session or in its prefix cache), and leave this session's work there when
+    /// it ends. Lossless either way; off for measuring prompt processing.
+    pub prefix_cache: bool,
 }
 
 impl GenerationConfig {
@@ -73,6 +77,7 @@ impl GenerationConfig {
             exempt_draft_nodes: 1,
             learning: None,
             stop_tokens,
+            prefix_cache: true,
         }
     }
 }
@@ -128,6 +133,8 @@ pub struct DrafterReport {
 pub struct GenerationReport {
     pub tokens: Vec<TokenId>,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values were copied, not computed (prefix cache).
+    pub cached_tokens: usize,
     pub finish_reason: FinishReason,
     /// Verify steps (forward passes after the prompt), the first token's included.
     pub steps: usize,
@@ -214,6 +221,8 @@ pub struct Session {
     prompt_tokens: usize,
     /// Prompt tokens in the cache.
     prefilled: usize,
+    /// Of those, tokens copied from another sequence's cache.
+    cached_tokens: usize,
     context: Vec<TokenId>,
     output: Vec<TokenId>,
     stats: Vec<AcceptanceStats>,
@@ -263,6 +272,7 @@ impl Session {
             cache: model.new_cache(),
             prompt_tokens: prompt.len(),
             prefilled: 0,
+            cached_tokens: 0,
             context: prompt.to_vec(),
             output: Vec::new(),
             calls: vec![DrafterCalls::default(); drafter_kinds.len()],
@@ -306,6 +316,53 @@ impl Session {
     /// Whether prompt tokens are still to be processed.
     pub fn prefilling(&self) -> bool {
         self.prefilled < self.prompt_tokens
+    }
+
+    /// Whether this session starts from, and leaves, computed prefixes (see
+    /// [`GenerationConfig::prefix_cache`]).
+    pub fn prefix_cache(&self) -> bool {
+        self.config.prefix_cache
+    }
+
+    /// Prompt tokens still to process after the first `len` (the prompt's last token is
+    /// always processed: its logits choose the first token).
+    pub fn reusable(&self, len: usize) -> usize {
+        len.min(self.prompt_tokens.saturating_sub(1))
+    }
+
+    /// Takes the keys and values of the prompt's first `len` tokens from `cache`, a cache
+    /// of the same model over a sequence that starts with them (the prompt's last token
+    /// excepted, see [`Session::reusable`]); nothing when that is no further than this
+    /// session got, or `cache` is of another shape.
+    pub fn reuse_prefix(&mut self, cache: &KvCache, len: usize) {
+        let len = self.reusable(len).min(cache.len());
+        if !self.prefilling() || len <= self.prefilled {
+            return;
+        }
+        let started = Instant::now();
+        if !self.cache.copy_from(cache, len) {
+            return;
+        }
+        if self.prefilled == 0 {
+            self.started = started;
+        }
+        self.cached_tokens += len - self.prefilled;
+        self.prefilled = len;
+    }
+
+    /// The tokens whose keys and values the cache holds, with the cache, leaving the session
+    /// an empty cache: what the session computed, for the prefix cache, once it has ended.
+    pub fn take_cache(&mut self) -> (&[TokenId], KvCache) {
+        let empty = self.cache.prefix(0);
+        let cache = std::mem::replace(&mut self.cache, empty);
+        let len = cache.len().min(self.context.len());
+        (&self.context[..len], cache)
+    }
+
+    /// The positions the cache holds, with their tokens.
+    pub fn cached(&self) -> (&[TokenId], &KvCache) {
+        let len = self.cache.len().min(self.context.len());
+        (&self.context[..len], &self.cache)
     }
 
     /// The next at most `budget` prompt tokens to process (`None` once the prompt is done or
@@ -572,6 +629,7 @@ impl Session {
         GenerationReport {
             tokens: self.output,
             prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
             finish_reason,
             steps: self.steps,
             prompt_time: self.prompt_time,

@@ -148,6 +148,7 @@ fn config(request: &Request, learning: &SharedLearning) -> GenerationConfig {
         exempt_draft_nodes: 1,
         learning: request.adaptive.then(|| learning.clone()),
         stop_tokens: vec![VOCAB - 1],
+        prefix_cache: true,
     }
 }
 
@@ -162,6 +163,42 @@ fn drafters(request: &Request) -> Vec<Box<dyn Drafter>> {
         })),
         Box::new(Echo),
     ]
+}
+
+/// Adds `request` to `scheduler` as session `id` under `config`, with its own drafters.
+fn add(
+    scheduler: &mut Scheduler<TestClient>,
+    id: usize,
+    request: &Request,
+    config: GenerationConfig,
+    cancel_after_tokens: Option<usize>,
+) {
+    let drafters = drafters(request);
+    let kinds = drafters.iter().map(|d| d.kind().to_string()).collect();
+    let session = Session::new(model(), &request.prompt, config, kinds).unwrap();
+    let client = TestClient {
+        id,
+        drafters,
+        delivered: Vec::new(),
+        not_ready_for: request.not_ready_for,
+        cancel_after_tokens,
+    };
+    scheduler.add(session, client);
+}
+
+/// Runs `request` under `config` alone in `scheduler` (which keeps its prefix cache).
+fn run_in(
+    scheduler: &mut Scheduler<TestClient>,
+    request: &Request,
+    config: GenerationConfig,
+) -> sibyl_decode::GenerationReport {
+    add(scheduler, 0, request, config, None);
+    loop {
+        let (mut finished, _) = scheduler.step(model());
+        if let Some(done) = finished.pop() {
+            break done.outcome.unwrap();
+        }
+    }
 }
 
 /// The request alone, without drafts: what it must produce in any batch.
@@ -190,24 +227,7 @@ fn batched(
     while results.iter().any(Option::is_none) {
         for (i, request) in requests.iter().enumerate() {
             if request.joins_at_step == step {
-                let session = Session::new(
-                    model(),
-                    &request.prompt,
-                    config(request, &learning),
-                    drafters(request)
-                        .iter()
-                        .map(|d| d.kind().to_string())
-                        .collect(),
-                )
-                .unwrap();
-                let client = TestClient {
-                    id: i,
-                    drafters: drafters(request),
-                    delivered: Vec::new(),
-                    not_ready_for: request.not_ready_for,
-                    cancel_after_tokens: None,
-                };
-                scheduler.add(session, client);
+                add(&mut scheduler, i, request, config(request, &learning), None);
             }
         }
         let (finished, stats) = scheduler.step(model());
@@ -258,18 +278,14 @@ fn sessions_share_steps_and_a_cancelled_one_leaves_the_others_alone() {
         .collect();
     let mut scheduler = Scheduler::new(SchedulerConfig::default());
     for (i, request) in requests.iter().enumerate() {
-        let drafters = drafters(request);
-        let kinds = drafters.iter().map(|d| d.kind().to_string()).collect();
-        let session =
-            Session::new(model(), &request.prompt, config(request, &learning), kinds).unwrap();
-        let client = TestClient {
-            id: i,
-            drafters,
-            delivered: Vec::new(),
-            not_ready_for: 0,
-            cancel_after_tokens: (i == 1).then_some(3),
-        };
-        scheduler.add(session, client);
+        let cancel_after = (i == 1).then_some(3);
+        add(
+            &mut scheduler,
+            i,
+            request,
+            config(request, &learning),
+            cancel_after,
+        );
     }
     let mut finished = Vec::new();
     let mut widest = 0;
@@ -314,17 +330,7 @@ fn a_long_prompt_is_processed_in_chunks_while_another_session_decodes() {
     for request in [&short, &long] {
         let mut config = config(request, &learning);
         config.stop_tokens.clear();
-        let session = Session::new(model(), &request.prompt, config, vec![]).unwrap();
-        scheduler.add(
-            session,
-            TestClient {
-                id: 0,
-                drafters: Vec::new(),
-                delivered: Vec::new(),
-                not_ready_for: 0,
-                cancel_after_tokens: None,
-            },
-        );
+        add(&mut scheduler, 0, request, config, None);
     }
     // The short prompt is done in the first step; from then on, every step that carries
     // prompt tokens of the long one also decodes the short one, and carries few enough that
@@ -391,4 +397,157 @@ fn the_sessions_of_a_step_share_one_deadline_for_their_drafts() {
         assert!(step[0].1 >= before + wait);
         assert!(step[0].1 <= Instant::now() + wait);
     }
+}
+
+fn shared(a: &[TokenId], b: &[TokenId]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// Prompts that share prefixes of every length with what ran before (its prompts, or a
+    /// prompt and its answer, as a chat's next turn) start from the longest one computed and
+    /// give exactly what they give alone.
+    #[test]
+    fn a_prompt_starts_from_the_longest_computed_prefix_and_gives_what_it_gives_alone(
+        base in request(),
+        follow_ups in proptest::collection::vec(
+            (0usize..3, 0usize..80, proptest::collection::vec(0..VOCAB, 0..8), request()),
+            1..6,
+        ),
+    ) {
+        let mut scheduler = Scheduler::new(SchedulerConfig {
+            prompt_tokens_per_step: 7,
+            prefix_cache_bytes: usize::MAX,
+            ..SchedulerConfig::default()
+        });
+        let learning = cpu_like_costs();
+        let first = run_in(&mut scheduler, &base, config(&base, &learning));
+        let mut sequences = vec![[base.prompt.clone(), first.tokens].concat()];
+        for (source, cut, tail, settings) in follow_ups {
+            // A prefix of an earlier sequence (which may be a whole prompt, or cut inside
+            // the answer), then tokens of its own.
+            let earlier = &sequences[source % sequences.len()];
+            let mut prompt = earlier[..cut.min(earlier.len())].to_vec();
+            prompt.extend(tail);
+            if prompt.is_empty() {
+                prompt.push(3);
+            }
+            let request = Request { prompt: prompt.clone(), ..settings };
+            let report = run_in(&mut scheduler, &request, config(&request, &learning));
+            prop_assert_eq!(&report.tokens, &alone(&request), "{:?}", request);
+            // Every earlier sequence is held but its last token (whose keys and values were
+            // never computed when it ended at the token limit); the prompt's own last token
+            // is always computed.
+            let most = prompt.len() - 1;
+            let lower = sequences.iter().map(|s| shared(&s[..s.len() - 1], &prompt)).max().unwrap_or(0);
+            let upper = sequences.iter().map(|s| shared(s, &prompt)).max().unwrap_or(0);
+            prop_assert!(
+                (lower.min(most)..=upper.min(most)).contains(&report.cached_tokens),
+                "{} cached, expected {}..={}", report.cached_tokens, lower.min(most), upper.min(most)
+            );
+            sequences.push([prompt, report.tokens].concat());
+        }
+    }
+}
+
+#[test]
+fn sessions_that_share_a_prompt_compute_it_once() {
+    let system: Vec<TokenId> = (0..300).map(|t| (t * 7 + 2) % (VOCAB - 1)).collect();
+    let requests: Vec<Request> = (0..3)
+        .map(|i| Request {
+            prompt: [system.clone(), vec![i, i + 1, 5, 7, 9]].concat(),
+            max_tokens: 12,
+            seed: if i == 2 { 77 } else { 0 },
+            speculate: i == 1,
+            adaptive: true,
+            joins_at_step: 0,
+            not_ready_for: 0,
+        })
+        .collect();
+    let learning = cpu_like_costs();
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        prefix_cache_bytes: usize::MAX,
+        ..SchedulerConfig::default()
+    });
+    for (i, request) in requests.iter().enumerate() {
+        add(&mut scheduler, i, request, config(request, &learning), None);
+    }
+    let (mut computed, mut copied) = (0, 0);
+    let mut reports = vec![None, None, None];
+    while !scheduler.is_empty() {
+        let (finished, stats) = scheduler.step(model());
+        computed += stats.prompt_tokens;
+        copied += stats.cached_tokens;
+        for done in finished {
+            reports[done.client.id] = done.outcome.ok();
+        }
+    }
+    // The first computes its 305 tokens; the others copy the 300 shared ones and compute
+    // their own 5.
+    assert_eq!(computed, 305 + 5 + 5);
+    assert_eq!(copied, 600);
+    for (i, (request, report)) in requests.iter().zip(reports).enumerate() {
+        let report = report.unwrap();
+        assert_eq!(report.tokens, alone(request));
+        assert_eq!(report.cached_tokens, if i == 0 { 0 } else { 300 });
+    }
+}
+
+#[test]
+fn the_prefix_cache_stays_within_its_budget_and_an_opted_out_request_neither_takes_nor_leaves() {
+    let per_token = model().new_cache().bytes_per_token();
+    let budget = 220 * per_token;
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        prefix_cache_bytes: budget,
+        ..SchedulerConfig::default()
+    });
+    // Prompts of 60 tokens from 2 shared beginnings of 40: each leaves about 70 positions,
+    // so three sequences fit and the rest are evicted, least recently used first.
+    let requests: Vec<Request> = (0..12u32)
+        .map(|i| Request {
+            prompt: (0..60)
+                .map(|t| {
+                    if t < 40 {
+                        (t * 3 + i % 2) % 40
+                    } else {
+                        (t + i) % 40
+                    }
+                })
+                .collect(),
+            max_tokens: 10,
+            seed: u64::from(i % 3),
+            speculate: i % 2 == 0,
+            adaptive: true,
+            joins_at_step: 0,
+            not_ready_for: 0,
+        })
+        .collect();
+    let learning = cpu_like_costs();
+    let mut hits = 0;
+    for request in &requests {
+        let report = run_in(&mut scheduler, request, config(request, &learning));
+        assert_eq!(report.tokens, alone(request));
+        assert!(scheduler.prefix_cache().bytes() <= budget);
+        hits += usize::from(report.cached_tokens > 0);
+    }
+    assert!(hits >= 8, "{hits}");
+    assert!(scheduler.prefix_cache().evictions() > 0);
+    // Off for one request: it computes its whole prompt and leaves nothing.
+    let before = (
+        scheduler.prefix_cache().len(),
+        scheduler.prefix_cache().bytes(),
+    );
+    let request = &requests[11];
+    let mut opted_out = config(request, &learning);
+    opted_out.prefix_cache = false;
+    let report = run_in(&mut scheduler, request, opted_out);
+    assert_eq!(report.cached_tokens, 0);
+    assert_eq!(report.tokens, alone(request));
+    let after = (
+        scheduler.prefix_cache().len(),
+        scheduler.prefix_cache().bytes(),
+    );
+    assert_eq!(before, after);
 }

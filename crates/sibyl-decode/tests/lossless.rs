@@ -79,6 +79,7 @@ fn config(max_tokens: usize, budget: usize, depth: usize) -> GenerationConfig {
         exempt_draft_nodes: 1,
         learning: None,
         stop_tokens: Vec::new(),
+        prefix_cache: true,
     }
 }
 
@@ -245,6 +246,7 @@ fn a_cancelled_generation_stops_before_its_next_step() {
             asked > 4
         },
         |_| ControlFlow::Continue(()),
+        None,
     )
     .unwrap();
     assert_eq!(report.finish_reason, FinishReason::Cancelled);
@@ -258,6 +260,7 @@ fn a_cancelled_generation_stops_before_its_next_step() {
         &mut [],
         &mut always,
         |_| ControlFlow::Continue(()),
+        None,
     )
     .unwrap();
     assert_eq!(report.finish_reason, FinishReason::Cancelled);

@@ -61,6 +61,7 @@ fn config(max_tokens: usize, learning: Option<SharedLearning>) -> GenerationConf
         exempt_draft_nodes: 1,
         learning,
         stop_tokens: Vec::new(),
+        prefix_cache: true,
     }
 }
 

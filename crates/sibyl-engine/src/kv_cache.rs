@@ -32,6 +32,43 @@ impl KvCache {
         self.len == 0
     }
 
+    /// A copy of the first `len` positions (all of them if there are fewer): what processing
+    /// those tokens again would put in a new cache.
+    pub fn prefix(&self, len: usize) -> KvCache {
+        let mut copy = KvCache::new(self.keys.len(), self.row, 1);
+        copy.copy_from(self, len);
+        copy
+    }
+
+    /// Extends this cache to `len` positions (at most `other`'s) with `other`'s positions
+    /// from this one's length on, and says whether it grew. Meant for a cache of the same
+    /// model whose positions so far hold the same tokens as `other`'s: the result is then
+    /// what processing the tokens would give. A cache of another shape is left as it is.
+    pub fn copy_from(&mut self, other: &KvCache, len: usize) -> bool {
+        let len = len.min(other.len);
+        if len <= self.len || other.row != self.row || other.keys.len() != self.keys.len() {
+            return false;
+        }
+        let span = self.len * self.row..len * self.row;
+        for (mine, theirs) in self
+            .keys
+            .iter_mut()
+            .zip(&other.keys)
+            .chain(self.values.iter_mut().zip(&other.values))
+        {
+            mine.extend_from_slice(&theirs[span.clone()]);
+        }
+        self.len = len;
+        true
+    }
+
+    /// Gives back memory beyond the cached positions (rows of trees no longer kept).
+    pub fn shrink_to_fit(&mut self) {
+        for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            layer.shrink_to_fit();
+        }
+    }
+
     /// Drops every position from `len` on.
     pub fn truncate(&mut self, len: usize) {
         if len >= self.len {

@@ -173,6 +173,39 @@ fn truncating_the_cache_equals_never_having_run_the_suffix() {
 }
 
 #[test]
+fn a_copied_prefix_continues_as_the_prefix_computed_afresh() {
+    for (name, model) in models() {
+        let tokens = prompt(model.vocab_size(), 24);
+        let mut cache = model.new_cache();
+        model
+            .forward(&mut cache, &TreeInput::chain(&tokens), LogitRows::None)
+            .unwrap();
+        for len in [0, 1, 9, 23, 24] {
+            // Half copied at once, the rest appended to it.
+            let mut copy = cache.prefix(len / 2);
+            assert_eq!(copy.copy_from(&cache, len), len > len / 2, "{name}");
+            assert_eq!(copy.len(), len, "{name}");
+            let next = [5, 7, 2];
+            let reused = model
+                .forward(&mut copy, &TreeInput::chain(&next), LogitRows::All)
+                .unwrap();
+            let mut fresh = model.new_cache();
+            let mut sequence = tokens[..len].to_vec();
+            sequence.extend(next);
+            let expected = model
+                .forward(&mut fresh, &TreeInput::chain(&sequence), LogitRows::All)
+                .unwrap();
+            let vocab = model.vocab_size();
+            assert_eq!(reused, expected[len * vocab..], "{name}, prefix {len}");
+            assert_eq!(copy.size_in_bytes(), fresh.size_in_bytes(), "{name}");
+        }
+        // The original is untouched, and a prefix longer than it is all of it.
+        assert_eq!(cache.len(), 24);
+        assert_eq!(cache.prefix(99).len(), 24);
+    }
+}
+
+#[test]
 fn bad_inputs_are_refused_and_leave_the_cache_untouched() {
     let (_, model) = models().remove(0);
     let mut cache = model.new_cache();

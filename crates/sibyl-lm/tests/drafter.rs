@@ -96,6 +96,7 @@ fn speculation_with_the_lm_drafter_prints_what_plain_decoding_prints() {
         exempt_draft_nodes: 1,
         learning: None,
         stop_tokens: Vec::new(),
+        prefix_cache: true,
     };
     let run = |drafters: &mut [Box<dyn Drafter>]| {
         generate(&target, &prompt, &config, drafters, |_| {
@@ -232,6 +233,7 @@ fn sampling_with_all_three_drafters_competing_follows_the_target_distribution() 
             exempt_draft_nodes: 8,
             learning: None,
             stop_tokens: Vec::new(),
+            prefix_cache: true,
         };
         let lm = LmConfig {
             max_tokens: 3,

@@ -133,6 +133,10 @@ pub struct VerifierMetrics {
     pub queue_wait: Histogram,
     /// Sessions ended because their client did not read for the idle timeout.
     pub idle_timeouts: IntCounter,
+    /// Prompt tokens copied from computed prefixes instead of computed.
+    pub prefix_cache_tokens: IntCounter,
+    pub prefix_cache_bytes: IntGauge,
+    pub prefix_cache_evictions: IntCounter,
 }
 
 pub fn verifier() -> &'static VerifierMetrics {
@@ -154,7 +158,7 @@ pub fn verifier() -> &'static VerifierMetrics {
             ),
             prompt_tokens: counter(
                 "sibyl_verifier_prompt_tokens_total",
-                "Prompt tokens processed.",
+                "Prompt tokens computed (those copied from the prefix cache are counted apart).",
             ),
             steps: counter(
                 "sibyl_verifier_steps_total",
@@ -230,6 +234,19 @@ pub fn verifier() -> &'static VerifierMetrics {
             idle_timeouts: counter(
                 "sibyl_verifier_idle_timeouts_total",
                 "Sessions ended because their client did not read its stream for the idle timeout.",
+            ),
+            prefix_cache_tokens: counter(
+                "sibyl_verifier_prefix_cache_tokens_total",
+                "Prompt tokens whose keys and values were copied from a computed prefix (another \
+                 session's or the prefix cache's) instead of computed.",
+            ),
+            prefix_cache_bytes: gauge(
+                "sibyl_verifier_prefix_cache_bytes",
+                "Bytes of keys and values the prefix cache keeps from ended sessions.",
+            ),
+            prefix_cache_evictions: counter(
+                "sibyl_verifier_prefix_cache_evictions_total",
+                "Sequences evicted from the prefix cache to stay within its budget.",
             ),
         }
     });

@@ -84,6 +84,7 @@ fn main() -> anyhow::Result<()> {
             exempt_draft_nodes: 1,
             learning: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
+            prefix_cache: true,
         };
         let mut runs = Vec::new();
         for (_, text) in items {

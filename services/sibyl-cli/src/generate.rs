@@ -84,6 +84,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
                 exempt_draft_nodes: args.speculation.tree.draft_exempt,
                 learning: args.speculation.tree.draft_sizing.learning(),
                 stop_tokens: Vec::new(),
+                prefix_cache: true,
             },
             speculation: args.speculation,
         })

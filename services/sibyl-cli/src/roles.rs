@@ -74,6 +74,13 @@ pub struct VerifierArgs {
     /// step costs), so a long prompt never stalls the streams.
     #[arg(long, env = "SIBYL_PREFILL_STALL", default_value_t = 2.0)]
     pub prefill_stall: f64,
+
+    /// Bytes of keys and values kept from ended sessions (prompt and output), so that a
+    /// later prompt starting the same way (the next turn of a chat, a shared system prompt)
+    /// computes only the rest; least recently used first out. Besides --kv-cache-bytes.
+    /// 0 keeps nothing (running sessions still share their work).
+    #[arg(long, env = "SIBYL_PREFIX_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub prefix_cache_bytes: usize,
 }
 
 impl VerifierArgs {
@@ -109,6 +116,7 @@ impl VerifierArgs {
                 prompt_tokens_per_step: self.prefill_chunk,
                 prefill_stall: self.prefill_stall,
                 draft_wait: Duration::from_millis(self.draft_wait_ms),
+                prefix_cache_bytes: self.prefix_cache_bytes,
             },
             speculation: SpeculationConfig {
                 draft_budget: self.tree.draft_budget,

@@ -162,6 +162,7 @@ fn real_weights_bench_at_concurrency_2_gives_each_request_its_output_alone() {
             "2",
             "--concurrency",
             "1,2",
+            "--prefix-cache",
         ],
     )
     .output()
@@ -191,7 +192,17 @@ fn real_weights_bench_at_concurrency_2_gives_each_request_its_output_alone() {
             ] {
                 assert!(run[key].as_f64().unwrap() > 0.0, "{config} {key}: {run}");
             }
+            // Absent only when no step had every session decoding.
+            let decoding = &run["decode_tokens_per_s"];
+            assert!(
+                decoding.is_null() || decoding.as_f64().unwrap() > 0.0,
+                "{run}"
+            );
+            if run["concurrency"] == 1 {
+                assert!(decoding.as_f64().unwrap() > 0.0, "{run}");
+            }
         }
+        assert_prefix_cache(&json["configs"][config]["prefix_cache"], config);
     }
     let report = std::fs::read_to_string(dir.join("out/report.md")).unwrap();
     assert!(
@@ -202,6 +213,18 @@ fn real_weights_bench_at_concurrency_2_gives_each_request_its_output_alone() {
     let svg = std::fs::read_to_string(dir.join("out/concurrency.svg")).unwrap();
     assert!(svg.starts_with("<svg"), "{svg}");
     assert!(svg.contains("ngram") && svg.contains("concurrency 2"));
+    assert!(report.contains("## Prefix cache"), "{report}");
+}
+
+/// The prefix cache's figures of a config run on [`ITEMS`] (limit 2): every output as
+/// without it, and chat-1's second turn starts from its first turn's prompt and answer.
+fn assert_prefix_cache(figures: &serde_json::Value, config: &str) {
+    assert_eq!(figures["identical"], true, "{config}: {figures}");
+    assert_eq!(figures["requests"], 4, "{config}: {figures}");
+    assert!(figures["later_turn_ttft_p50_ms"]["on"].as_f64().unwrap() > 0.0);
+    let cached = figures["cached_tokens"].as_u64().unwrap();
+    let prompt = figures["prompt_tokens"].as_u64().unwrap();
+    assert!(cached > 0 && cached < prompt, "{config}: {figures}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +239,17 @@ async fn real_weights_bench_through_a_gateway_measures_the_distributed_path() {
     let url = format!("http://{}", roles.gateway);
     let mut command = bench(
         &dir,
-        &["--gateway", &url, "--max-tokens", "16", "--limit", "1"],
+        &[
+            "--gateway",
+            &url,
+            "--max-tokens",
+            "16",
+            "--limit",
+            "2",
+            "--concurrency",
+            "2",
+            "--prefix-cache",
+        ],
     );
     let output = tokio::task::spawn_blocking(move || command.output())
         .await
@@ -224,9 +257,19 @@ async fn real_weights_bench_through_a_gateway_measures_the_distributed_path() {
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let json = results(&dir);
-    assert_schema(&json, 1);
+    assert_schema(&json, 2);
     assert_eq!(json["backend"], url.as_str());
     assert_eq!(json["model"], "smollm2-135m");
+    // Two streams open at once give every request's output alone; the client sees no
+    // forward passes.
+    let runs = json["configs"]["plain"]["concurrency"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        assert_eq!(run["identical"], true, "{run}");
+        assert!(run["ttft_p50_ms"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(run["mean_batch"].is_null(), "{run}");
+    }
+    assert_prefix_cache(&json["configs"]["plain"]["prefix_cache"], "plain");
 }
 
 #[test]
@@ -290,15 +333,6 @@ fn a_bad_concurrency_is_refused_before_any_work() {
         assert!(text.contains(expected), "{value:?}: {text}");
         assert!(!text.contains("panicked"), "{text}");
     }
-    // Checked before connecting: the URL goes nowhere.
-    let args = ["--gateway", "http://127.0.0.1:1", "--concurrency", "1,2"];
-    let output = bench(&dir, &args).output().unwrap();
-    let text = stderr(&output);
-    assert!(!output.status.success());
-    assert!(
-        text.contains("--concurrency above 1 runs in process only for now"),
-        "{text}"
-    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use crate::stop::StopStrings;
 use crate::GatewayConfig;
 use sibyl_engine::{ChatMessage, Detokenizer, TextModel};
-use sibyl_proto::client::Balancer;
+use sibyl_proto::client::{fnv1a, Balancer, Open};
 use sibyl_proto::v1::{self as pb, verifier_client::VerifierClient, verify_event::Event};
 use sibyl_telemetry::metrics::{self, GaugeGuard};
 use std::sync::Arc;
@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 use tracing::Instrument;
+
+/// Prompt tokens whose hash picks the verifier of a request (see [`Gateway::generate`]): a
+/// chat template's first tokens and the start of the first message.
+pub const ROUTING_BLOCK: usize = 64;
 
 /// Longest a request waits for a verifier to accept its session.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +44,8 @@ pub struct Generation {
     pub stop: Vec<String>,
     /// Report token ids and step durations in the summary.
     pub details: bool,
+    /// Whether the verifier may reuse prompt work it holds; `None`: yes.
+    pub prefix_cache: Option<bool>,
     /// The API it came through (a metrics label).
     pub api: Api,
     /// Names the request in logs, traces and on the verifier; empty: the gateway makes one.
@@ -164,6 +170,9 @@ impl GatewayError {
 pub struct Summary {
     pub finish_reason: pb::FinishReason,
     pub prompt_tokens: u32,
+    /// Prompt tokens the verifier took from its prefix cache (0 when the gateway ended the
+    /// generation itself, at a stop string, and the verifier's summary never came).
+    pub cached_tokens: u32,
     pub completion_tokens: u32,
     pub accepted_prediction_tokens: u32,
     pub rejected_prediction_tokens: u32,
@@ -183,7 +192,11 @@ pub struct Summary {
 /// What a running generation sends: text pieces, then one summary (or an error).
 #[derive(Debug, Clone)]
 pub enum Output {
-    Text(String),
+    /// New text, and the generated tokens received since the text before.
+    Text {
+        text: String,
+        tokens: u32,
+    },
     Done(Summary),
 }
 
@@ -235,6 +248,31 @@ impl Gateway {
             .await
             .map_err(GatewayError::Unavailable)?;
         Ok(VerifierClient::new(channel))
+    }
+
+    /// A client of the verifier for `prompt`: with `affinity`, the one that its first
+    /// [`ROUTING_BLOCK`] tokens go to (the prompts of a conversation's turns, or behind one
+    /// system prompt, meet the work of the ones before in that verifier's prefix cache),
+    /// unless it is busy ([`sibyl_proto::client::by_affinity`]); else round-robin.
+    async fn client_for(
+        &self,
+        prompt: &[u32],
+        affinity: bool,
+    ) -> Result<(VerifierClient<tonic::transport::Channel>, Option<Open>), GatewayError> {
+        if !affinity {
+            return Ok((self.client().await?, None));
+        }
+        let address = &self.config.verifier;
+        let block: Vec<u8> = prompt[..prompt.len().min(ROUTING_BLOCK)]
+            .iter()
+            .flat_map(|t| t.to_le_bytes())
+            .collect();
+        let (_, channel, open) = self
+            .verifiers
+            .pick_by_affinity(&address.host, address.port, fnv1a(&block))
+            .await
+            .map_err(GatewayError::Unavailable)?;
+        Ok((VerifierClient::new(channel), Some(open)))
     }
 
     /// Checks `request`, starts it on a verifier and returns its prompt length and output.
@@ -306,9 +344,12 @@ impl Gateway {
             speculation: request.speculation,
             tokenizer_fingerprint: sibyl_proto::fingerprint(self.text.tokenizer.fingerprint()),
             step_times: request.details,
+            prefix_cache: request.prefix_cache,
         };
         let prompt_tokens = verify.prompt_tokens.len();
-        let mut client = self.client().await?;
+        let (mut client, open) = self
+            .client_for(&verify.prompt_tokens, request.prefix_cache != Some(false))
+            .await?;
         let mut verify = tonic::Request::new(verify);
         sibyl_telemetry::trace::inject(&tracing::Span::current(), verify.metadata_mut());
         sibyl_telemetry::trace::set_request_id(verify.metadata_mut(), &request.request_id);
@@ -326,6 +367,7 @@ impl Gateway {
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
             seed,
             details: request.details,
+            _open: open,
         };
         Ok((prompt_tokens, events, params))
     }
@@ -397,6 +439,8 @@ struct RelayParams {
     prompt_tokens: u32,
     seed: u64,
     details: bool,
+    /// Counts the session open at its verifier (affinity routing) while the relay runs.
+    _open: Option<Open>,
 }
 
 /// Turns the verifier's token stream into text, until it ends, a stop string appears or the
@@ -444,10 +488,13 @@ async fn relay_events(
         prompt_tokens,
         seed,
         details,
+        _open,
     } = params;
     let generated = &metrics::gateway().generated_tokens;
     let mut detokenizer = Detokenizer::new(&text.tokenizer);
     let mut completion_tokens = 0u32;
+    // Tokens received since the last text sent.
+    let mut unsent = 0u32;
     let mut token_ids = Vec::new();
     loop {
         let event = tokio::select! {
@@ -474,6 +521,7 @@ async fn relay_events(
                 record.tokens += tokens.tokens.len() as u64;
                 for token in tokens.tokens {
                     completion_tokens += 1;
+                    unsent += 1;
                     if let Some(text) = detokenizer
                         .push(token)
                         .map_err(|e| GatewayError::Internal(e.to_string()))?
@@ -484,7 +532,11 @@ async fn relay_events(
                 let (piece, stopped) = stops.push(&piece);
                 if !piece.is_empty() {
                     record.text();
-                    if output.send(Ok(Output::Text(piece))).await.is_err() {
+                    let text = Output::Text {
+                        text: piece,
+                        tokens: std::mem::take(&mut unsent),
+                    };
+                    if output.send(Ok(text)).await.is_err() {
                         return Ok(false);
                     }
                 }
@@ -516,7 +568,11 @@ async fn relay_events(
                 }
                 if !rest.is_empty() {
                     record.text();
-                    if output.send(Ok(Output::Text(rest))).await.is_err() {
+                    let text = Output::Text {
+                        text: rest,
+                        tokens: unsent,
+                    };
+                    if output.send(Ok(text)).await.is_err() {
                         return Ok(false);
                     }
                 }
@@ -542,6 +598,7 @@ impl Summary {
         Self {
             finish_reason,
             prompt_tokens: summary.prompt_tokens,
+            cached_tokens: summary.cached_tokens,
             completion_tokens: summary.completion_tokens,
             accepted_prediction_tokens: u32::try_from(accepted).unwrap_or(u32::MAX),
             rejected_prediction_tokens: u32::try_from(proposed - accepted.min(proposed))

@@ -63,6 +63,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             speculation: request.speculation,
             stop: request.stop,
             details: request.details,
+            prefix_cache: request.prefix_cache,
             api: Api::Grpc,
             request_id: String::new(),
         })
@@ -92,11 +93,14 @@ impl pb::gateway_server::Gateway for GatewayService {
                 let Some(output) = output else { return };
                 let message = output.map_err(Status::from).map(|output| {
                     let event = match output {
-                        Output::Text(text) => Event::Delta(pb::TextDelta { text }),
+                        Output::Text { text, tokens } => {
+                            Event::Delta(pb::TextDelta { text, tokens })
+                        }
                         Output::Done(summary) => Event::Summary(pb::GenerateSummary {
                             finish_reason: summary.finish_reason as i32,
                             usage: Some(pb::Usage {
                                 prompt_tokens: summary.prompt_tokens,
+                                cached_tokens: summary.cached_tokens,
                                 completion_tokens: summary.completion_tokens,
                                 accepted_prediction_tokens: summary.accepted_prediction_tokens,
                                 rejected_prediction_tokens: summary.rejected_prediction_tokens,

@@ -2,7 +2,9 @@
 //! `stream: true` as server-sent events ending in `data: [DONE]`), `/v1/models`, `/health`.
 //!
 //! Extension: `"speculation": {"enabled": false}` turns speculation off for one request;
-//! `"speculation": {"drafters": ["ngram"]}` picks drafter kinds. `top_k` is accepted too.
+//! `"speculation": {"drafters": ["ngram"]}` picks drafter kinds; `"prefix_cache": false`
+//! computes the whole prompt (the verifier reuses none of the work it holds, and keeps
+//! none of this request's). `top_k` is accepted too.
 
 use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput, Summary};
 use axum::body::Bytes;
@@ -170,6 +172,7 @@ struct Common {
     n: Option<u32>,
     logprobs: Option<Value>,
     speculation: Option<SpeculationExtension>,
+    prefix_cache: Option<bool>,
 }
 
 impl Common {
@@ -227,6 +230,7 @@ impl Common {
             speculation,
             stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             details: false,
+            prefix_cache: self.prefix_cache,
             api: Api::Http,
             request_id: String::new(),
         })
@@ -395,7 +399,7 @@ async fn respond(
                 };
                 let Some(output) = output else { break };
                 let value = match output {
-                    Ok(Output::Text(text)) => meta.text_chunk(&text, include_usage),
+                    Ok(Output::Text { text, .. }) => meta.text_chunk(&text, include_usage),
                     Ok(Output::Done(summary)) => {
                         let finish = finish_reason(&summary);
                         let empty = if kind == Kind::Chat {
@@ -443,7 +447,7 @@ async fn respond(
     let mut text = String::new();
     while let Some(output) = outputs.recv().await {
         match output? {
-            Output::Text(piece) => text.push_str(&piece),
+            Output::Text { text: piece, .. } => text.push_str(&piece),
             Output::Done(summary) => {
                 let choice = match kind {
                     Kind::Completion => json!({
@@ -524,6 +528,7 @@ fn usage(summary: &Summary) -> Value {
         "prompt_tokens": summary.prompt_tokens,
         "completion_tokens": summary.completion_tokens,
         "total_tokens": summary.prompt_tokens + summary.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": summary.cached_tokens},
         "completion_tokens_details": {
             "accepted_prediction_tokens": summary.accepted_prediction_tokens,
             "rejected_prediction_tokens": summary.rejected_prediction_tokens,

@@ -126,7 +126,10 @@ impl VerifierConfig {
             kv_cache_bytes: None,
             max_model_len: None,
             idle_timeout: Duration::from_secs(30),
-            scheduler: sibyl_decode::SchedulerConfig::default(),
+            scheduler: sibyl_decode::SchedulerConfig {
+                prefix_cache_bytes: 1 << 30,
+                ..sibyl_decode::SchedulerConfig::default()
+            },
         }
     }
 }

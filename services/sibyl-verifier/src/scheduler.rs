@@ -54,6 +54,7 @@ fn run(
 ) {
     let mut scheduler: Scheduler<RemoteClient> = Scheduler::new(config);
     let m = metrics::verifier();
+    let mut evicted = 0;
     loop {
         if scheduler.is_empty() {
             match joins.recv() {
@@ -72,6 +73,14 @@ fn run(
         );
         let (finished, stats) = span.in_scope(|| scheduler.step(&loaded.model));
         if stats.sessions > 0 {
+            tracing::trace!(
+                sessions = stats.sessions,
+                rows = stats.rows,
+                prompt_tokens = stats.prompt_tokens,
+                draft_tokens = stats.draft_tokens,
+                elapsed_ms = stats.elapsed.as_secs_f64() * 1e3,
+                "batched step"
+            );
             span.record("batch_size", stats.sessions);
             span.record("rows", stats.rows);
             span.record("prompt_tokens", stats.prompt_tokens);
@@ -81,6 +90,12 @@ fn run(
             m.batch_draft_tokens.observe(stats.draft_tokens as f64);
             m.prompt_tokens.inc_by(stats.prompt_tokens as u64);
         }
+        m.prefix_cache_tokens.inc_by(stats.cached_tokens as u64);
+        let prefixes = scheduler.prefix_cache();
+        m.prefix_cache_bytes.set(prefixes.bytes() as i64);
+        m.prefix_cache_evictions
+            .inc_by(prefixes.evictions() - evicted);
+        evicted = prefixes.evictions();
         for done in finished {
             session::finish(done.client, done.outcome, runtime);
         }

@@ -167,6 +167,7 @@ impl VerifierService {
             exempt_draft_nodes: speculation.exempt_draft_nodes,
             learning: speculation.adaptive_tree.then(|| engine.learning.clone()),
             stop_tokens: tokenizer.stop_tokens().to_vec(),
+            prefix_cache: request.prefix_cache.unwrap_or(true),
         };
         check_request(&engine.loaded.model, &request.prompt_tokens, &generation)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

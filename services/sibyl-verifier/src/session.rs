@@ -315,6 +315,7 @@ fn summary(
     pb::VerifySummary {
         finish_reason: finish_reason(report.finish_reason) as i32,
         prompt_tokens: count(report.prompt_tokens),
+        cached_tokens: count(report.cached_tokens),
         completion_tokens: count(report.tokens.len()),
         steps: count(report.steps),
         drafters,

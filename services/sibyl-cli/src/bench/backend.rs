@@ -6,14 +6,15 @@ use crate::args::{value_name, DraftKind};
 use crate::generate::DrafterSources;
 use anyhow::{bail, Context};
 use clap::ValueEnum;
-use sibyl_decode::{DrafterReport, FinishReason, GenerationConfig, GenerationReport};
+use sibyl_decode::{DrafterReport, FinishReason, GenerationConfig, GenerationReport, PrefixCache};
 use sibyl_engine::{Detokenizer, LoadedModel};
 use sibyl_gateway::PromptInput;
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
 use sibyl_spec::Drafter;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
 
 /// The unmeasured generation before the first prompt.
 const WARM_UP_PROMPT: &str = "def hello():\n";
@@ -132,12 +133,11 @@ pub trait Backend {
     /// Runs every turn of `run.items` under `run.config`, `run.concurrency` requests in
     /// flight at a time, and records what each request's client saw; `None` once
     /// `run.interrupted` is set.
-    fn generate_concurrently(&mut self, run: &ConcurrentRun<'_>) -> anyhow::Result<Option<Traces>> {
-        bail!(
-            "--concurrency {} runs in process only for now",
-            run.concurrency
-        )
-    }
+    fn generate_concurrently(&mut self, run: &ConcurrentRun<'_>) -> anyhow::Result<Option<Traces>>;
+
+    /// Whether the requests from now on reuse the prompt work of the ones before (the prefix
+    /// cache: in process, one that starts empty now; through a gateway, the verifier's).
+    fn set_prefix_cache(&mut self, on: bool);
 }
 
 /// Generations in this process: `sibyl generate`'s code path, model loaded once.
@@ -147,7 +147,12 @@ pub struct InProcess {
     /// Everything but the drafters; `plain` runs it with a zero draft budget.
     pub generation: GenerationConfig,
     pub sources: DrafterSources,
+    /// The prefix cache the generations share, while it is on.
+    pub prefixes: Option<PrefixCache>,
 }
+
+/// Bytes the in-process prefix cache keeps: the verifier's default.
+const PREFIX_CACHE_BYTES: usize = 1 << 30;
 
 impl InProcess {
     /// The prompt's tokens: chats rendered with the model's template.
@@ -240,6 +245,7 @@ impl Backend for InProcess {
             &mut drafters,
             &mut || interrupted.load(Ordering::Relaxed),
             |_| ControlFlow::Continue(()),
+            self.prefixes.as_mut(),
         )?;
         if report.finish_reason == FinishReason::Cancelled {
             return Ok(None);
@@ -251,15 +257,21 @@ impl Backend for InProcess {
     fn generate_concurrently(&mut self, run: &ConcurrentRun<'_>) -> anyhow::Result<Option<Traces>> {
         concurrency::run_in_process(self, run)
     }
+
+    fn set_prefix_cache(&mut self, on: bool) {
+        self.generation.prefix_cache = on;
+        self.prefixes = on.then(|| PrefixCache::new(PREFIX_CACHE_BYTES));
+    }
 }
 
 /// Generations through a gateway's gRPC API; figures come from the verifier's summary.
 pub struct Remote {
-    runtime: tokio::runtime::Runtime,
-    client: GatewayClient<tonic::transport::Channel>,
+    pub(super) runtime: tokio::runtime::Runtime,
+    pub(super) client: GatewayClient<Channel>,
     model: String,
     max_tokens: u32,
     sampling: pb::SamplingParams,
+    prefix_cache: bool,
 }
 
 impl Remote {
@@ -302,6 +314,7 @@ impl Remote {
             model,
             max_tokens: u32::try_from(max_tokens).context("--max-tokens is too large")?,
             sampling,
+            prefix_cache: false,
         })
     }
 }
@@ -329,6 +342,32 @@ impl Backend for Remote {
         config: &BenchConfig,
         interrupted: &AtomicBool,
     ) -> anyhow::Result<Generated> {
+        let request = self.request(prompt, config);
+        let Some(streamed) = self.stream(request, interrupted)? else {
+            return Ok(None);
+        };
+        if !config.is_plain() {
+            check_drafters(&streamed.summary)?;
+        }
+        Ok(Some((report(streamed.summary)?, streamed.text)))
+    }
+
+    fn generate_concurrently(&mut self, run: &ConcurrentRun<'_>) -> anyhow::Result<Option<Traces>> {
+        concurrency::run_through_gateway(self, run)
+    }
+
+    fn set_prefix_cache(&mut self, on: bool) {
+        self.prefix_cache = on;
+    }
+}
+
+impl Remote {
+    /// The request for `prompt` under `config`, with the token ids in its summary.
+    pub(super) fn request(
+        &self,
+        prompt: &PromptInput,
+        config: &BenchConfig,
+    ) -> pb::GenerateRequest {
         let input = match prompt {
             PromptInput::Text(text) => pb::generate_request::Input::Prompt(text.clone()),
             PromptInput::Chat(messages) => {
@@ -352,7 +391,7 @@ impl Backend for Remote {
             mode: mode as i32,
             drafters,
         };
-        let request = pb::GenerateRequest {
+        pb::GenerateRequest {
             model: self.model.clone(),
             input: Some(input),
             max_tokens: self.max_tokens,
@@ -360,61 +399,83 @@ impl Backend for Remote {
             speculation: Some(speculation),
             stop: Vec::new(),
             details: true,
-        };
-        let Some((text, summary)) = self.stream(request, interrupted)? else {
-            return Ok(None);
-        };
-        if !config.is_plain() {
-            check_drafters(&summary)?;
+            prefix_cache: Some(self.prefix_cache),
         }
-        Ok(Some((report(summary)?, text)))
     }
-}
 
-impl Remote {
-    /// Sends `request` and collects its text and summary; `None` once `interrupted` is set
-    /// (dropping the stream cancels the generation).
+    /// Streams `request` to its end; `None` once `interrupted` is set (dropping the stream
+    /// cancels the generation).
     fn stream(
         &mut self,
         request: pb::GenerateRequest,
         interrupted: &AtomicBool,
-    ) -> anyhow::Result<Option<(String, pb::GenerateSummary)>> {
-        let client = &mut self.client;
+    ) -> anyhow::Result<Option<Streamed>> {
+        let streamed = stream(self.client.clone(), request);
         self.runtime.block_on(async move {
-            let mut stream = client
-                .generate(request)
-                .await
-                .map_err(|s| anyhow::anyhow!("gateway: {}", s.message()))?
-                .into_inner();
-            let mut text = String::new();
+            tokio::pin!(streamed);
             let mut poll = tokio::time::interval(Duration::from_millis(50));
             loop {
-                let message = tokio::select! {
-                    message = stream.message() => message,
+                tokio::select! {
+                    streamed = &mut streamed => return streamed.map(Some),
                     _ = poll.tick() => {
                         if interrupted.load(Ordering::Relaxed) {
                             return Ok(None);
                         }
-                        continue;
                     }
-                };
-                let message = message.map_err(|s| anyhow::anyhow!("gateway: {}", s.message()))?;
-                match message.and_then(|m| m.event) {
-                    Some(pb::generate_response::Event::Delta(delta)) => text.push_str(&delta.text),
-                    Some(pb::generate_response::Event::Summary(summary)) => {
-                        return Ok(Some((text, summary)));
-                    }
-                    None => bail!("the gateway ended the stream without a summary"),
                 }
             }
         })
     }
 }
 
+/// One streamed generation as its client saw it.
+pub(super) struct Streamed {
+    pub text: String,
+    pub summary: pb::GenerateSummary,
+    /// Each text delta: when it came, and the tokens it said it carried.
+    pub deliveries: Vec<(Instant, usize)>,
+}
+
+/// Sends `request` through `client` and collects the stream to its summary.
+pub(super) async fn stream(
+    mut client: GatewayClient<Channel>,
+    request: pb::GenerateRequest,
+) -> anyhow::Result<Streamed> {
+    let gateway = |s: tonic::Status| anyhow::anyhow!("gateway: {}", s.message());
+    let mut stream = client
+        .generate(request)
+        .await
+        .map_err(gateway)?
+        .into_inner();
+    let mut text = String::new();
+    let mut deliveries = Vec::new();
+    loop {
+        match stream
+            .message()
+            .await
+            .map_err(gateway)?
+            .and_then(|m| m.event)
+        {
+            Some(pb::generate_response::Event::Delta(delta)) => {
+                deliveries.push((Instant::now(), delta.tokens as usize));
+                text.push_str(&delta.text);
+            }
+            Some(pb::generate_response::Event::Summary(summary)) => {
+                return Ok(Streamed {
+                    text,
+                    summary,
+                    deliveries,
+                })
+            }
+            None => bail!("the gateway ended the stream without a summary"),
+        }
+    }
+}
+
 /// A speculative generation whose drafters failed or were refused measured plain decoding
 /// under another name: an error, not a figure. (A stream still opening when a short
 /// generation ended is not a fault.)
-fn check_drafters(summary: &pb::GenerateSummary) -> anyhow::Result<()> {
+pub(super) fn check_drafters(summary: &pb::GenerateSummary) -> anyhow::Result<()> {
     let usable = [pb::DrafterState::Connected, pb::DrafterState::Connecting].map(|s| s as i32);
     if summary.drafters.iter().any(|d| usable.contains(&d.state)) {
         return Ok(());
@@ -438,7 +499,7 @@ fn check_drafters(summary: &pb::GenerateSummary) -> anyhow::Result<()> {
 }
 
 /// The verifier's figures as the gateway relays them, in the in-process report's terms.
-fn report(summary: pb::GenerateSummary) -> anyhow::Result<GenerationReport> {
+pub(super) fn report(summary: pb::GenerateSummary) -> anyhow::Result<GenerationReport> {
     let finish_reason = match summary.finish_reason() {
         pb::FinishReason::Stop => FinishReason::Stop,
         pb::FinishReason::Length => FinishReason::Length,
@@ -473,6 +534,7 @@ fn report(summary: pb::GenerateSummary) -> anyhow::Result<GenerationReport> {
     Ok(GenerationReport {
         tokens: summary.token_ids,
         prompt_tokens: usage.prompt_tokens as usize,
+        cached_tokens: usage.cached_tokens as usize,
         finish_reason,
         steps: summary.steps as usize,
         prompt_time: sibyl_proto::std_duration(summary.prompt_time.as_ref()),

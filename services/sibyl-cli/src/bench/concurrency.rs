@@ -1,8 +1,9 @@
 //! `sibyl bench --concurrency`: each config's prompts c at a time through one step
-//! scheduler (continuous batching), measured as each request's client sees it, with a gate
-//! that every request's output equals its output at concurrency 1.
+//! scheduler (continuous batching), in process or through a gateway, measured as each
+//! request's client sees it, with a gate that every request's output equals its output at
+//! concurrency 1.
 
-use super::backend::{Backend, BenchConfig, InProcess};
+use super::backend::{self, Backend, BenchConfig, InProcess, Remote};
 use super::dataset::{Format, Item};
 use super::results::Results;
 use anyhow::Context;
@@ -16,7 +17,8 @@ use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
 
 /// One `--concurrency` value: a positive integer.
 pub fn parse_level(text: &str) -> Result<usize, String> {
@@ -73,9 +75,21 @@ pub struct Trace {
 #[derive(Debug, Clone, Default)]
 pub struct Traces {
     pub requests: Vec<Trace>,
-    /// Forward passes, and the sessions they carried, all passes together.
+    /// The scheduler's steps, where the run sees them (in process).
+    pub passes: Option<Passes>,
+}
+
+/// What the scheduler's steps computed, all steps together.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Passes {
+    /// Forward passes, and the sessions they carried.
     pub steps: usize,
     pub step_sessions: usize,
+    /// Tokens given by the steps in which every one of the run's sessions decoded (no prompt
+    /// tokens, none missing), and those steps' time (drafting included): the decoding rate
+    /// of a full batch, prompt processing and the run's tail left out.
+    pub decode_tokens: usize,
+    pub decode_s: f64,
 }
 
 /// A session's client in a concurrent run: its own drafters, and what it was given when.
@@ -120,38 +134,33 @@ pub fn run_in_process(
     let mut scheduler = Scheduler::new(SchedulerConfig::default());
     let mut waiting = 0..run.items.len();
     let mut traces = Traces::default();
+    let mut passes = Passes::default();
     for item in waiting.by_ref().take(run.concurrency) {
         join(backend, run, &mut scheduler, Conversation::new(item))?;
     }
     while !scheduler.is_empty() {
+        let began = Instant::now();
         let (finished, stats) = scheduler.step(model);
         let ended = Instant::now();
         if stats.sessions > 0 {
-            traces.steps += 1;
-            traces.step_sessions += stats.sessions;
+            passes.steps += 1;
+            passes.step_sessions += stats.sessions;
+            if stats.prompt_tokens == 0 && stats.sessions == run.concurrency {
+                passes.decode_tokens += stats.tokens;
+                passes.decode_s += ended.duration_since(began).as_secs_f64();
+            }
         }
         for done in finished {
             let request = done.client;
             let mut conversation = request.conversation;
             let item = &run.items[conversation.item];
-            let report = done.outcome.with_context(|| {
-                format!(
-                    "{} turn {} ({}) at concurrency {}",
-                    item.id,
-                    conversation.turn + 1,
-                    run.config.name,
-                    run.concurrency
-                )
-            })?;
+            let report = done.outcome.with_context(|| conversation.name(run))?;
             if report.finish_reason == FinishReason::Cancelled {
                 return Ok(None);
             }
             run.progress.inc(1);
             if item.format == Format::Chat {
-                let answer = backend.answer(&report.tokens)?;
-                conversation
-                    .messages
-                    .push(ChatMessage::new("assistant", &answer));
+                conversation.answered(&backend.answer(&report.tokens)?);
             }
             traces.requests.push(Trace {
                 item: conversation.item,
@@ -161,18 +170,89 @@ pub fn run_in_process(
                 ended,
                 tokens: report.tokens,
             });
-            conversation.turn += 1;
-            let next = if conversation.turn < item.turns.len() {
-                Some(conversation)
-            } else {
-                waiting.next().map(Conversation::new)
-            };
-            if let Some(next) = next {
+            if let Some(next) = conversation.next(item, &mut waiting) {
                 join(backend, run, &mut scheduler, next)?;
             }
         }
     }
+    traces.passes = Some(passes);
     Ok(Some(traces))
+}
+
+/// A request through the gateway: its conversation, when it was sent, what came back.
+type Flight = (Conversation, Instant, anyhow::Result<backend::Streamed>);
+
+/// Runs `run` through the gateway of `backend`: `run.concurrency` streams open while prompts
+/// remain, a request sent as soon as one ends. `None` once interrupted.
+pub fn run_through_gateway(
+    backend: &Remote,
+    run: &ConcurrentRun<'_>,
+) -> anyhow::Result<Option<Traces>> {
+    backend.runtime.block_on(async {
+        let mut flights: JoinSet<Flight> = JoinSet::new();
+        let mut waiting = 0..run.items.len();
+        let mut traces = Traces::default();
+        for item in waiting.by_ref().take(run.concurrency) {
+            send(backend, run, &mut flights, Conversation::new(item))?;
+        }
+        let mut poll = tokio::time::interval(Duration::from_millis(50));
+        while !flights.is_empty() {
+            let landed = tokio::select! {
+                landed = flights.join_next() => landed,
+                _ = poll.tick() => {
+                    if run.interrupted.load(Ordering::Relaxed) {
+                        flights.abort_all();
+                        return Ok(None);
+                    }
+                    continue;
+                }
+            };
+            let Some(landed) = landed else { break };
+            let ended = Instant::now();
+            let (mut conversation, arrived, streamed) = landed?;
+            let item = &run.items[conversation.item];
+            let context = || conversation.name(run);
+            let streamed = streamed.with_context(context)?;
+            if !run.config.is_plain() {
+                backend::check_drafters(&streamed.summary).with_context(context)?;
+            }
+            let report = backend::report(streamed.summary).with_context(context)?;
+            run.progress.inc(1);
+            if item.format == Format::Chat {
+                conversation.answered(&streamed.text);
+            }
+            traces.requests.push(Trace {
+                item: conversation.item,
+                turn: conversation.turn,
+                arrived,
+                deliveries: streamed.deliveries,
+                ended,
+                tokens: report.tokens,
+            });
+            if let Some(next) = conversation.next(item, &mut waiting) {
+                send(backend, run, &mut flights, next)?;
+            }
+        }
+        Ok(Some(traces))
+    })
+}
+
+/// Sends `conversation`'s next turn through the gateway of `backend`.
+fn send(
+    backend: &Remote,
+    run: &ConcurrentRun<'_>,
+    flights: &mut JoinSet<Flight>,
+    mut conversation: Conversation,
+) -> anyhow::Result<()> {
+    let prompt = conversation.prompt(&run.items[conversation.item])?;
+    let request = backend.request(&prompt, run.config);
+    let client = backend.client.clone();
+    flights.spawn(async move {
+        let arrived = Instant::now();
+        let streamed = backend::stream(client, request).await;
+        (conversation, arrived, streamed)
+    });
+    Ok(())
 }
 
 impl Conversation {
@@ -182,6 +262,39 @@ impl Conversation {
             turn: 0,
             messages: Vec::new(),
         }
+    }
+
+    /// The prompt of the next turn of `item` (this conversation's item).
+    fn prompt(&mut self, item: &Item) -> anyhow::Result<PromptInput> {
+        item.prompt(self.turn, &mut self.messages)
+            .with_context(|| format!("{} has no turn {}", item.id, self.turn + 1))
+    }
+
+    /// What runs after this conversation's turn ended: its next turn, or the first turn of
+    /// the next item `waiting`.
+    fn next(mut self, item: &Item, waiting: &mut std::ops::Range<usize>) -> Option<Self> {
+        self.turn += 1;
+        if self.turn < item.turns.len() {
+            Some(self)
+        } else {
+            waiting.next().map(Conversation::new)
+        }
+    }
+
+    /// Its turn in `run`, for errors: `id turn 2 (ngram) at concurrency 4`.
+    fn name(&self, run: &ConcurrentRun<'_>) -> String {
+        format!(
+            "{} turn {} ({}) at concurrency {}",
+            run.items[self.item].id,
+            self.turn + 1,
+            run.config.name,
+            run.concurrency
+        )
+    }
+
+    /// Adds the model's answer to the turn just run.
+    fn answered(&mut self, answer: &str) {
+        self.messages.push(ChatMessage::new("assistant", answer));
     }
 }
 
@@ -193,15 +306,8 @@ fn join<'a>(
     mut conversation: Conversation,
 ) -> anyhow::Result<()> {
     let item = &run.items[conversation.item];
+    let prompt = conversation.prompt(item)?;
     let context = || format!("{} turn {}", item.id, conversation.turn + 1);
-    let turn = item.turns.get(conversation.turn).with_context(context)?;
-    let prompt = match item.format {
-        Format::Completion => PromptInput::Text(turn.clone()),
-        Format::Chat => {
-            conversation.messages.push(ChatMessage::new("user", turn));
-            PromptInput::Chat(conversation.messages.clone())
-        }
-    };
     let tokens = backend.tokenize(&prompt).with_context(context)?;
     let (generation, drafters) = backend.prepare(run.config)?;
     let kinds = drafters.iter().map(|d| d.kind().to_string()).collect();
@@ -253,9 +359,12 @@ pub struct Figures {
     /// the gap of each of them.
     pub itl_p50_ms: f64,
     pub itl_p99_ms: f64,
-    /// Forward passes, and the mean sessions each carried.
-    pub steps: usize,
-    pub mean_batch: f64,
+    /// Tokens over the time of the steps in which all `concurrency` sessions decoded (in
+    /// process only; absent when no step had them all).
+    pub decode_tokens_per_s: Option<f64>,
+    /// Forward passes, and the mean sessions each carried (in process only).
+    pub steps: Option<usize>,
+    pub mean_batch: Option<f64>,
     /// Whether every request's output equals its output at concurrency 1.
     pub identical: bool,
     /// Requests whose output differs.
@@ -328,30 +437,40 @@ impl Figures {
             ttft_p99_ms: percentile(&mut ttfts, 0.99) * 1e3,
             itl_p50_ms: percentile(&mut gaps, 0.5) * 1e3,
             itl_p99_ms: percentile(&mut gaps, 0.99) * 1e3,
-            steps: traces.steps,
-            mean_batch: if traces.steps > 0 {
-                traces.step_sessions as f64 / traces.steps as f64
-            } else {
-                0.0
-            },
+            decode_tokens_per_s: traces
+                .passes
+                .filter(|p| p.decode_s > 0.0)
+                .map(|p| p.decode_tokens as f64 / p.decode_s),
+            steps: traces.passes.map(|p| p.steps),
+            mean_batch: traces
+                .passes
+                .filter(|p| p.steps > 0)
+                .map(|p| p.step_sessions as f64 / p.steps as f64),
             identical: differing.is_empty(),
             mismatches: differing.len(),
             differing,
         }
     }
 
-    /// `ngram at concurrency 4: 41.30 tok/s aggregate, 12.10 tok/s per request, TTFT p50
-    /// 210 ms, ITL p50 60.2 ms, 3.85 sessions per step, identical`.
+    /// `ngram at concurrency 4: 41.30 tok/s aggregate (52.10 decoding), 12.10 tok/s per
+    /// request, TTFT p50 210 ms, ITL p50 60.2 ms, 3.85 sessions per step, identical`.
     pub fn line(&self, config: &str) -> String {
+        let decoding = self
+            .decode_tokens_per_s
+            .map(|r| format!(" ({r:.2} decoding)"))
+            .unwrap_or_default();
+        let batch = self
+            .mean_batch
+            .map(|b| format!("{b:.2} sessions per step, "))
+            .unwrap_or_default();
         format!(
-            "{config} at concurrency {}: {:.2} tok/s aggregate, {:.2} tok/s per request, \
-             TTFT p50 {:.0} ms, ITL p50 {:.1} ms, {:.2} sessions per step, {}",
+            "{config} at concurrency {}: {:.2} tok/s aggregate{decoding}, {:.2} tok/s per \
+             request, TTFT p50 {:.0} ms, ITL p50 {:.1} ms, {batch}{}",
             self.concurrency,
             self.aggregate_tokens_per_s,
             self.request_tokens_per_s_p50,
             self.ttft_p50_ms,
             self.itl_p50_ms,
-            self.mean_batch,
             if self.identical {
                 "identical".to_string()
             } else {
@@ -473,26 +592,29 @@ pub fn markdown(results: &Results) -> String {
     let mut out = String::from(
         "\n## Throughput against concurrency\n\nEach config's prompts (every turn a request) \
          c at a time through one step scheduler, a request joining as soon as one ends. \
-         Aggregate: all tokens over the wall time, prompt processing included; per request: \
-         median of tokens after the first over the time from the first token to the end; \
-         TTFT from the request's arrival; ITL: each delivery's gap over its tokens; \
-         identical: every output equals the same request's at concurrency 1.\n\n\
-         | config | concurrency | aggregate tok/s | per-request tok/s | TTFT p50 | TTFT p99 \
-         | ITL p50 | ITL p99 | sessions per step | identical |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         Aggregate: all tokens over the wall time, prompt processing included; decoding: the \
+         tokens of the steps in which all c sessions decoded (no prompt tokens) over those \
+         steps' time (in process only); per request: median of tokens after the first over the time from the first \
+         token to the end; TTFT from the request's arrival; ITL: each delivery's gap over its \
+         tokens; identical: every output equals the same request's at concurrency 1.\n\n\
+         | config | concurrency | aggregate tok/s | decoding tok/s | per-request tok/s \
+         | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | sessions per step | identical |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
+    let or_dash = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     for (name, f) in &runs {
         out.push_str(&format!(
-            "| {name} | {} | {:.2} | {:.2} | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms | {:.2} \
-             | {} |\n",
+            "| {name} | {} | {:.2} | {} | {:.2} | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms \
+             | {} | {} |\n",
             f.concurrency,
             f.aggregate_tokens_per_s,
+            or_dash(f.decode_tokens_per_s),
             f.request_tokens_per_s_p50,
             f.ttft_p50_ms,
             f.ttft_p99_ms,
             f.itl_p50_ms,
             f.itl_p99_ms,
-            f.mean_batch,
+            or_dash(f.mean_batch),
             if f.identical {
                 "yes".to_string()
             } else {
@@ -537,6 +659,7 @@ mod tests {
             category: "c".into(),
             format: Format::Completion,
             turns: vec!["p".into()],
+            system: None,
         }
     }
 
@@ -581,8 +704,12 @@ mod tests {
                 trace(t0, 0, &[(100, 1), (130, 3), (140, 1)], 150),
                 trace(t0, 1, &[(200, 1), (260, 1)], 400),
             ],
-            steps: 8,
-            step_sessions: 12,
+            passes: Some(Passes {
+                steps: 8,
+                step_sessions: 12,
+                decode_tokens: 5,
+                decode_s: 0.5,
+            }),
         };
         let items = [item("a"), item("b")];
         let figures = Figures::of(2, &traces, &traces, &items);
@@ -596,7 +723,8 @@ mod tests {
         // Gaps: 10, 10, 10 (30 ms over 3 tokens), 10, 60 ms.
         assert!((figures.itl_p50_ms - 10.0).abs() < 1e-6);
         assert!((figures.itl_p99_ms - 60.0).abs() < 1e-6);
-        assert_eq!(figures.mean_batch, 1.5);
+        assert_eq!(figures.mean_batch, Some(1.5));
+        assert_eq!(figures.decode_tokens_per_s, Some(10.0));
         assert!(figures.identical);
         assert_eq!(figures.mismatches, 0);
     }

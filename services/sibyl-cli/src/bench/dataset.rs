@@ -2,6 +2,8 @@
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
+use sibyl_engine::ChatMessage;
+use sibyl_gateway::PromptInput;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
 use std::path::Path;
@@ -28,6 +30,30 @@ pub struct Item {
     pub format: Format,
     /// The user turns, in order (one for single-turn items).
     pub turns: Vec<String>,
+    /// A system prompt before the turns (`sibyl bench --system-prompt`): a chat's first
+    /// message, or the start of each completion prompt.
+    pub system: Option<String>,
+}
+
+impl Item {
+    /// The prompt of turn `turn` (from 0), or `None` past the last. For a chat, `messages`
+    /// holds the turns before with the model's answers (empty for the first) and gets this
+    /// turn's message.
+    pub fn prompt(&self, turn: usize, messages: &mut Vec<ChatMessage>) -> Option<PromptInput> {
+        let text = self.turns.get(turn)?;
+        Some(match self.format {
+            Format::Completion => {
+                PromptInput::Text(format!("{}{text}", self.system.as_deref().unwrap_or("")))
+            }
+            Format::Chat => {
+                if let (true, Some(system)) = (messages.is_empty(), &self.system) {
+                    messages.push(ChatMessage::new("system", system));
+                }
+                messages.push(ChatMessage::new("user", text));
+                PromptInput::Chat(messages.clone())
+            }
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -102,6 +128,7 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Item>> {
             category: line.category,
             format: line.format,
             turns,
+            system: None,
         });
     }
     if items.is_empty() {
@@ -217,6 +244,7 @@ mod tests {
             category: category.into(),
             format: Format::Chat,
             turns: vec!["p".into()],
+            system: None,
         };
         let files = vec![
             vec![

@@ -5,6 +5,7 @@ mod backend;
 mod chart;
 mod concurrency;
 mod dataset;
+mod prefix;
 mod results;
 
 use crate::args::{DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
@@ -12,7 +13,7 @@ use crate::generate::{DrafterSettings, DrafterSources};
 use anyhow::{bail, Context};
 use backend::{Backend, BenchConfig, InProcess, Remote};
 use clap::Args;
-use dataset::{Format, Item};
+use dataset::Item;
 use indicatif::{ProgressBar, ProgressStyle};
 use results::{Failure, ItemRecord, Machine, Results, Setup, Speculation};
 use sibyl_decode::GenerationConfig;
@@ -59,8 +60,9 @@ pub struct BenchArgs {
     pub seed: u64,
 
     /// Also run each config's prompts this many at a time through one step scheduler
-    /// (continuous batching), for each number in this comma-separated list (1 is always
-    /// run too: each output must equal the same request's at 1). Beyond 1, in process only.
+    /// (continuous batching; with --gateway, that many streams open), for each number in
+    /// this comma-separated list (1 is always run too: each output must equal the same
+    /// request's at 1).
     #[arg(
         long,
         value_delimiter = ',',
@@ -68,6 +70,19 @@ pub struct BenchArgs {
         value_parser = concurrency::parse_level
     )]
     pub concurrency: Vec<usize>,
+
+    /// Then run each config's prompts again, in the same order, with the prefix cache on (in
+    /// process one that starts empty; through --gateway the verifier's), and report time to
+    /// first token of first and later turns and prompt time against the run without it
+    /// (which every run does: each figure includes its own prompt processing). Every output
+    /// must be the same.
+    #[arg(long)]
+    pub prefix_cache: bool,
+
+    /// Put this file's text before every prompt: as a system message before a chat's turns,
+    /// or as the start of a completion prompt (a long shared system prompt).
+    #[arg(long, value_name = "FILE")]
+    pub system_prompt: Option<PathBuf>,
 
     /// Measure through the gateway at this URL (`http://HOST:PORT`, its gRPC port) instead
     /// of in this process; `--model` and the speculation settings are then the servers'.
@@ -120,12 +135,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--threads must be at least 1");
     }
     let levels = concurrency::levels(&args.concurrency);
-    if !levels.is_empty() && args.gateway.is_some() {
-        bail!(
-            "--concurrency above 1 runs in process only for now: leave out --gateway (the \
-             gateway's text deltas do not say how many tokens each carries)"
-        );
-    }
     args.tree.validate()?;
     args.ngram.config()?;
     args.lm.config()?;
@@ -135,7 +144,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .iter()
         .map(|path| dataset::read(path))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let items = dataset::select(files, &args.categories, args.limit)?;
+    let mut items = dataset::select(files, &args.categories, args.limit)?;
+    if let Some(path) = &args.system_prompt {
+        let system = std::fs::read_to_string(path)
+            .with_context(|| format!("--system-prompt: cannot read {}", path.display()))?;
+        if system.trim().is_empty() {
+            bail!("--system-prompt: {} is empty", path.display());
+        }
+        for item in &mut items {
+            item.system = Some(system.clone());
+        }
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create --out {}", args.out.display()))?;
     if cfg!(debug_assertions) {
@@ -170,6 +189,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 exempt_draft_nodes: args.tree.draft_exempt,
                 learning: args.tree.draft_sizing.learning(),
                 stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
+                // Each figure includes its prompt's own processing.
+                prefix_cache: false,
             };
             // Datastores are opened (and checked) whether or not a config uses them; the LM
             // drafter's model is loaded only for a config that uses it.
@@ -188,6 +209,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 loaded,
                 generation,
                 sources,
+                prefixes: None,
             })
         }
     };
@@ -265,16 +287,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         sweep.run(backend.as_mut(), &items, &mut results)?;
     }
+    if args.prefix_cache && !results.interrupted {
+        prefix::sweep(
+            backend.as_mut(),
+            &items,
+            &configs,
+            &mut results,
+            &args.out,
+            &interrupted,
+        )?;
+    }
     conclude(&results, &args.out)
 }
 
 /// An item's first turn as a prompt.
 fn first_prompt(item: &Item) -> PromptInput {
-    let first = item.turns.first().cloned().unwrap_or_default();
-    match item.format {
-        Format::Completion => PromptInput::Text(first),
-        Format::Chat => PromptInput::Chat(vec![ChatMessage::new("user", &first)]),
-    }
+    item.prompt(0, &mut Vec::new())
+        .unwrap_or_else(|| PromptInput::Text(String::new()))
 }
 
 /// Runs every item under every config, writing the results into `out` after each item;
@@ -453,6 +482,13 @@ fn conclude(results: &Results, out: &Path) -> anyhow::Result<()> {
              concurrency 1: batching was not lossless (listed in report.md)"
         );
     }
+    let cached = prefix::mismatches(results);
+    if cached > 0 {
+        bail!(
+            "{cached} outputs with the prefix cache differ from the same request's without \
+             it: the cache was not lossless (listed in report.md)"
+        );
+    }
     if !results.failures.is_empty() {
         bail!(
             "{} prompts failed (listed in report.md)",
@@ -472,14 +508,7 @@ fn run_item(
 ) -> anyhow::Result<Option<ItemRecord>> {
     let mut messages = Vec::new();
     let mut turns = Vec::new();
-    for turn in &item.turns {
-        let prompt = match item.format {
-            Format::Completion => PromptInput::Text(turn.clone()),
-            Format::Chat => {
-                messages.push(ChatMessage::new("user", turn));
-                PromptInput::Chat(messages.clone())
-            }
-        };
+    while let Some(prompt) = item.prompt(turns.len(), &mut messages) {
         let Some((report, answer)) = backend
             .generate(&prompt, config, interrupted)
             .with_context(|| format!("{} ({})", item.id, config.name))?
@@ -549,6 +578,7 @@ fn command_line() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dataset::Format;
     use sibyl_engine::LoadOptions;
     use sibyl_ngram::NgramConfig;
 
@@ -583,6 +613,17 @@ mod tests {
                 (report, text)
             }))
         }
+
+        fn generate_concurrently(
+            &mut self,
+            run: &concurrency::ConcurrentRun<'_>,
+        ) -> anyhow::Result<Option<concurrency::Traces>> {
+            self.0.generate_concurrently(run)
+        }
+
+        fn set_prefix_cache(&mut self, on: bool) {
+            self.0.set_prefix_cache(on);
+        }
     }
 
     fn setup(model: &str) -> Setup {
@@ -615,6 +656,7 @@ mod tests {
             exempt_draft_nodes: 1,
             learning: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
+            prefix_cache: true,
         };
         let sources = DrafterSources {
             ngram: NgramConfig::default(),
@@ -626,6 +668,7 @@ mod tests {
             loaded,
             generation,
             sources,
+            prefixes: None,
         });
         let items = vec![
             Item {
@@ -633,12 +676,14 @@ mod tests {
                 category: "chat".into(),
                 format: Format::Chat,
                 turns: vec!["Count from one to ten.".into(), "Now backwards.".into()],
+                system: None,
             },
             Item {
                 id: "code-1".into(),
                 category: "code".into(),
                 format: Format::Completion,
                 turns: vec!["def fibonacci(n):\n".into()],
+                system: None,
             },
             // Longer than the model's context window: a failure, recorded, and the run
             // goes on.
@@ -647,6 +692,7 @@ mod tests {
                 category: "code".into(),
                 format: Format::Completion,
                 turns: vec!["word ".repeat(9000)],
+                system: None,
             },
         ];
         let lossy = BenchConfig {

@@ -37,6 +37,8 @@ pub struct ItemRecord {
     /// Generated tokens, all turns (stop tokens excluded).
     pub tokens: usize,
     pub prompt_tokens: usize,
+    /// Of those, tokens served by the prefix cache (`--prefix-cache` runs only).
+    pub cached_tokens: usize,
     /// Prompt processing, apart from generation.
     pub prompt_s: f64,
     /// Generation from the first token (which prompt processing yields) to the last.
@@ -65,6 +67,9 @@ pub struct ItemRecord {
     pub outputs: Vec<Vec<u32>>,
     #[serde(skip)]
     pub step_times: Vec<Duration>,
+    /// Each turn's prompt processing (its time to first token), seconds.
+    #[serde(skip)]
+    pub turn_prompt_s: Vec<f64>,
 }
 
 /// The first token where an output differs from plain decoding's.
@@ -86,6 +91,7 @@ impl ItemRecord {
             turns: turns.len(),
             tokens: 0,
             prompt_tokens: 0,
+            cached_tokens: 0,
             prompt_s: 0.0,
             decode_s: 0.0,
             steps: 0,
@@ -100,6 +106,7 @@ impl ItemRecord {
             decoded: 0,
             outputs: Vec::new(),
             step_times: Vec::new(),
+            turn_prompt_s: Vec::new(),
         };
         for turn in turns {
             record.tokens += turn.tokens.len();
@@ -109,7 +116,9 @@ impl ItemRecord {
             record.accepted +=
                 turn.tokens.len() + usize::from(turn.finish_reason == FinishReason::Stop);
             record.prompt_tokens += turn.prompt_tokens;
+            record.cached_tokens += turn.cached_tokens;
             record.prompt_s += turn.prompt_time.as_secs_f64();
+            record.turn_prompt_s.push(turn.prompt_time.as_secs_f64());
             record.decode_s += turn.decode_time.as_secs_f64();
             record.steps += turn.steps;
             record.outputs.push(turn.tokens.clone());
@@ -281,6 +290,9 @@ pub struct ConfigResults {
     /// Figures per concurrency, ascending (`--concurrency`; absent without it).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub concurrency: Vec<super::concurrency::Figures>,
+    /// With the prefix cache against without (`--prefix-cache`; absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_cache: Option<super::prefix::CacheFigures>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -426,6 +438,7 @@ impl Results {
                     categories,
                     drafters,
                     concurrency: Vec::new(),
+                    prefix_cache: None,
                 };
                 (name.clone(), results)
             })
@@ -652,6 +665,7 @@ impl Results {
         }
         out.push_str("\n![speedup per category](speedup.svg)\n");
         out.push_str(&super::concurrency::markdown(self));
+        out.push_str(&super::prefix::markdown(self));
         out
     }
 }
@@ -734,6 +748,7 @@ mod tests {
         let report = GenerationReport {
             tokens,
             prompt_tokens: 10,
+            cached_tokens: 0,
             finish_reason: sibyl_decode::FinishReason::Length,
             steps,
             prompt_time: Duration::from_secs(1),
@@ -797,6 +812,7 @@ mod tests {
         let mut report = GenerationReport {
             tokens: vec![1, 2, 3],
             prompt_tokens: 10,
+            cached_tokens: 0,
             finish_reason: sibyl_decode::FinishReason::Stop,
             steps: 4,
             prompt_time: Duration::ZERO,
