@@ -353,9 +353,9 @@ impl Session {
     /// The tokens whose keys and values the cache holds, with the cache, leaving the session
     /// an empty cache: what the session computed, for the prefix cache, once it has ended.
     pub fn take_cache(&mut self) -> (&[TokenId], KvCache) {
+        let len = self.cached().0.len();
         let empty = self.cache.prefix(0);
         let cache = std::mem::replace(&mut self.cache, empty);
-        let len = cache.len().min(self.context.len());
         (&self.context[..len], cache)
     }
 
