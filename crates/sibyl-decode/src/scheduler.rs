@@ -204,53 +204,69 @@ impl<C: Client> Scheduler<C> {
         }
         let started = Instant::now();
         let costs = self.costs();
-        let context = works
-            .iter()
-            .flatten()
-            .map(|w| match w {
-                Work::Verify(plan) => plan.context(),
-                Work::Prompt(_) => 0,
-            })
-            .max()
-            .unwrap_or(0);
-        size_speculation(&mut works, |n| costs.estimate(n, context));
-        let decode_rows: usize = works
-            .iter()
-            .flatten()
-            .map(|w| match w {
-                Work::Verify(plan) => plan.rows(),
-                Work::Prompt(_) => 0,
-            })
-            .sum();
-        let decoding = works.iter().flatten().count();
-        let waiting = self
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(i, e)| e.session.prefilling() && !ended.iter().any(|(j, _)| j == i))
-            .count();
-        let stall = self.stall(decoding, waiting);
-        let mut budget = self.prompt_budget(&costs, decode_rows, stall, context);
+        let mut roots = RowKeys::default();
+        for work in works.iter().flatten() {
+            if let Work::Verify(plan) = work {
+                roots.verify(1, plan.context());
+            }
+        }
+        size_speculation(&mut works, |n| costs.estimate(n, roots.context()));
+        let is_ended = |i: usize| ended.iter().any(|(e, _)| *e == i);
+        let mut rows = RowKeys::default();
+        for work in works.iter().flatten() {
+            if let Work::Verify(plan) = work {
+                rows.verify(plan.rows(), plan.context());
+            }
+        }
+        // What the step must not hold up: the decoding rows, and a row for each stream not
+        // ready this time (it will be by the next step).
+        let mut streams = rows;
+        let mut decoding = 0;
+        let mut waiting = 0;
+        for (i, entry) in self.entries.iter().enumerate() {
+            if is_ended(i) {
+                continue;
+            }
+            if entry.session.prefilling() {
+                waiting += 1;
+            } else {
+                decoding += 1;
+                if works[i].is_none() {
+                    streams.verify(1, entry.session.context().len());
+                }
+            }
+        }
         let mut stats = StepStats::default();
         let reusing = |entry: &Entry<C>| entry.session.prefilling() && entry.session.prefix_cache();
         // Copying costs no rows: every prompt takes what is there before the budget is shared.
         for i in 0..self.entries.len() {
-            if reusing(&self.entries[i]) && !ended.iter().any(|(e, _)| *e == i) {
+            if reusing(&self.entries[i]) && !is_ended(i) {
                 stats.cached_tokens += self.reuse(i);
             }
         }
+        // Prompts are budgeted as if all were as far along as the furthest one (their
+        // rows attend to the most keys).
+        let prompt_start = (0..self.entries.len())
+            .filter(|&i| !is_ended(i) && self.entries[i].session.prefilling())
+            .map(|i| self.entries[i].session.prefilled())
+            .max()
+            .unwrap_or(0);
+        let stall = self.stall(decoding, waiting);
+        let mut budget = self.prompt_budget(&costs, streams, prompt_start, stall);
         for i in 0..self.entries.len() {
             if budget == 0 {
                 break;
             }
-            if works[i].is_some() || ended.iter().any(|(e, _)| *e == i) {
+            if works[i].is_some() || is_ended(i) {
                 continue;
             }
             if reusing(&self.entries[i]) && self.computing_for(i, &works) {
                 continue;
             }
+            let start = self.entries[i].session.prefilled();
             if let Some(chunk) = self.entries[i].session.prompt_chunk(budget) {
                 budget -= chunk.input.tokens.len();
+                rows.prompt(start, chunk.input.tokens.len());
                 works[i] = Some(Work::Prompt(chunk));
             }
         }
@@ -307,9 +323,11 @@ impl<C: Client> Scheduler<C> {
             }
             stats.elapsed = started.elapsed();
             if let Some(learning) = self.learning() {
-                lock(&learning)
-                    .costs
-                    .record(stats.rows, context, stats.elapsed.as_secs_f64());
+                lock(&learning).costs.record(
+                    stats.rows,
+                    rows.context(),
+                    stats.elapsed.as_secs_f64(),
+                );
             }
         }
         (self.remove(ended), stats)
@@ -450,24 +468,67 @@ impl<C: Client> Scheduler<C> {
         1.0 + (self.config.prefill_stall - 1.0) * share
     }
 
-    /// Prompt tokens the step can carry besides `decode_rows` decoding rows, so that it
-    /// costs at most `stall` times those rows alone.
+    /// Prompt tokens the step can carry besides the rows of the decoding `streams`, so that
+    /// it costs at most `stall` times those rows alone, the prompt tokens starting after
+    /// `prompt_start` tokens. Where steps whose rows read as many keys were never measured
+    /// (while others were), at most [`PROBE_PROMPT_TOKENS`] go in: their cost is a guess
+    /// until then.
     fn prompt_budget(
         &self,
         costs: &StepCosts,
-        decode_rows: usize,
+        streams: RowKeys,
+        prompt_start: usize,
         stall: f64,
-        context: usize,
     ) -> usize {
         let most = self.config.prompt_tokens_per_step;
-        if decode_rows == 0 {
+        if streams.rows == 0 {
             return most;
         }
-        let limit = stall * costs.estimate(decode_rows, context);
+        let limit = stall * costs.estimate(streams.rows, streams.context());
+        // Without any measurement (sessions that do not learn), the prior it is.
+        let learnt = costs.measured(0);
         (1..=most)
             .rev()
-            .find(|&p| costs.estimate(decode_rows + p, context) <= limit)
+            .find(|&p| {
+                let mut step = streams;
+                step.prompt(prompt_start, p);
+                (p <= PROBE_PROMPT_TOKENS || !learnt || costs.measured_at(step.context()))
+                    && costs.estimate(step.rows, step.context()) <= limit
+            })
             .unwrap_or(1.min(most))
+    }
+}
+
+/// Prompt tokens a step beside decoding streams carries at most where no step that long
+/// was measured yet.
+const PROBE_PROMPT_TOKENS: usize = 4;
+
+/// The rows of a step and the keys their attention reads, all rows together. A step's cost
+/// is estimated and recorded at the mean of the keys per row: the matrix products grow with
+/// the rows, attention with the keys, and a prompt chunk late in a long prompt reads many
+/// more keys per row than the decoding rows beside it.
+#[derive(Debug, Clone, Copy, Default)]
+struct RowKeys {
+    rows: usize,
+    keys: usize,
+}
+
+impl RowKeys {
+    /// A verify step's `rows` after `context` tokens.
+    fn verify(&mut self, rows: usize, context: usize) {
+        self.rows += rows;
+        self.keys += rows * context;
+    }
+
+    /// `len` prompt tokens after the first `start`: the k-th reads `start + k` keys.
+    fn prompt(&mut self, start: usize, len: usize) {
+        self.rows += len;
+        self.keys += len * start + len * (len + 1) / 2;
+    }
+
+    /// Keys per row.
+    fn context(&self) -> usize {
+        self.keys / self.rows.max(1)
     }
 }
 
@@ -588,5 +649,76 @@ pub fn generate_cancellable(
             }
             return done.outcome;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Budgeting = Scheduler<InProcess<'static, fn(&[TokenId]) -> ControlFlow<()>>>;
+
+    /// A CPU's pass: a fixed part, and per row a part that grows with the keys it reads.
+    fn seconds(rows: usize, keys_per_row: usize) -> f64 {
+        0.08 + rows as f64 * 0.02 * (1.0 + keys_per_row as f64 / 1000.0)
+    }
+
+    fn measured(contexts: &[usize]) -> StepCosts {
+        let mut costs = StepCosts::default();
+        for &context in contexts {
+            for rows in [1, 2, 4, 8, 16, 32, 64, 128, 256] {
+                costs.record(rows, context, seconds(rows, context));
+            }
+        }
+        costs
+    }
+
+    #[test]
+    fn prompt_tokens_beside_a_stream_keep_its_step_within_the_stall_however_far_the_prompt_is() {
+        let scheduler = Budgeting::new(SchedulerConfig::default());
+        let costs = measured(&[256, 768, 1280, 1792, 2560, 3584, 5120, 7000]);
+        let mut stream = RowKeys::default();
+        stream.verify(1, 200);
+        let alone = seconds(1, 200);
+        let stall = 3.0;
+        let mut budgets = Vec::new();
+        for start in [0, 800, 2500, 4000] {
+            let budget = scheduler.prompt_budget(&costs, stream, start, stall);
+            let mut step = stream;
+            step.prompt(start, budget);
+            // Within the stall, but for the estimates' buckets of context lengths.
+            let cost = seconds(step.rows, step.context());
+            assert!(
+                cost <= 1.15 * stall * alone,
+                "{start}: {budget} tokens, {cost} s"
+            );
+            // One token more would have been too much (by the estimates).
+            step.prompt(start + budget, 1);
+            let more = costs.estimate(step.rows, step.context());
+            assert!(more > stall * costs.estimate(1, 200), "{start}");
+            budgets.push(budget);
+        }
+        assert!(budgets.windows(2).all(|w| w[0] >= w[1]), "{budgets:?}");
+        assert!(budgets[0] >= 3 * budgets[3], "{budgets:?}");
+        // Without a stream to keep going, a whole chunk.
+        let none = scheduler.prompt_budget(&costs, RowKeys::default(), 3500, 2.0);
+        assert_eq!(none, PROMPT_CHUNK);
+    }
+
+    #[test]
+    fn where_no_step_read_as_many_keys_the_prompt_probes_with_a_few_tokens() {
+        let scheduler = Budgeting::new(SchedulerConfig::default());
+        let mut stream = RowKeys::default();
+        stream.verify(1, 200);
+        // Only short contexts measured: a prompt 3,500 tokens along takes a few tokens.
+        let short = measured(&[256]);
+        let budget = scheduler.prompt_budget(&short, stream, 3500, 3.0);
+        assert!((1..=PROBE_PROMPT_TOKENS).contains(&budget), "{budget}");
+        // Early in the prompt its steps were measured, so it takes what they allow.
+        let early = scheduler.prompt_budget(&short, stream, 0, 3.0);
+        assert!(early > PROBE_PROMPT_TOKENS, "{early}");
+        // Nothing measured at all (sessions that do not learn): the prior, as before.
+        let prior = scheduler.prompt_budget(&StepCosts::default(), stream, 3500, 3.0);
+        assert!(prior > PROBE_PROMPT_TOKENS, "{prior}");
     }
 }

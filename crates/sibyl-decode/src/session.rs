@@ -318,6 +318,11 @@ impl Session {
         self.prefilled < self.prompt_tokens
     }
 
+    /// Prompt tokens in the cache so far (computed or copied).
+    pub fn prefilled(&self) -> usize {
+        self.prefilled
+    }
+
     /// Whether this session starts from, and leaves, computed prefixes (see
     /// [`GenerationConfig::prefix_cache`]).
     pub fn prefix_cache(&self) -> bool {

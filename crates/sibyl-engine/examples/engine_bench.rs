@@ -3,7 +3,7 @@
 //!
 //! `CANDLE_NUM_THREADS=2 cargo run --release --example engine_bench -- \
 //!      [--model qwen2.5-coder-1.5b] [--tokens 24] [--rounds 3] [--chains 1,2,4,8]
-//!      [--sessions 1,2,4,8]`
+//!      [--sessions 1,2,4,8] [--context 600]`
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -43,6 +43,10 @@ struct BenchArgs {
     /// each with its own cache of the prompt (what the verifier's scheduler runs).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     sessions: Vec<usize>,
+    /// Tokens of context before every measured step: the prompt repeated to this length
+    /// (attention reads more of the cache as it grows). Default: the prompt as it is.
+    #[arg(long, default_value_t = 0)]
+    context: usize,
 }
 
 /// The longest chain measured: the prompt's last tokens, reversed.
@@ -58,10 +62,13 @@ fn main() -> anyhow::Result<()> {
     let path = sibyl_models::locate_in_user_cache(&model_name, &sibyl_models::NoProgress)?;
     let loaded = load(&path, &LoadOptions::default())?;
     let model = &loaded.model;
-    let prompt = loaded.tokenizer.encode(
+    let mut prompt = loaded.tokenizer.encode(
         "<|im_start|>user\nWrite a Python function that parses an ISO 8601 date string and \
          returns a datetime object, with error handling.<|im_end|>\n<|im_start|>assistant\n",
     )?;
+    if args.context > prompt.len() {
+        prompt = prompt.iter().cycle().take(args.context).copied().collect();
+    }
     println!(
         "model {model_name}: {} layers, hidden {}, weights {:.0} MiB; prompt {} tokens; threads {}",
         model.config().num_layers,

@@ -18,8 +18,8 @@ use std::collections::HashMap;
 /// Node-count buckets: 1, 2, 3-4, 5-8, 9-16, 17-32, 33-64, 65 and more.
 const NODE_BUCKETS: usize = 8;
 /// Context-length buckets (attention over the cached prefix grows with it): under 512,
-/// under 1024, under 2048, under 4096, the rest.
-const CONTEXT_BUCKETS: usize = 5;
+/// 1024, 1536, 2048, 3072, 4096, 6144, and the rest.
+const CONTEXT_BUCKETS: usize = 8;
 
 /// Cost of each extra node, relative to a plain step, assumed until a size is measured:
 /// low enough that speculation is tried on any machine, and measured on the first steps.
@@ -47,9 +47,12 @@ fn context_bucket(context: usize) -> usize {
     match context {
         0..512 => 0,
         512..1024 => 1,
-        1024..2048 => 2,
-        2048..4096 => 3,
-        _ => 4,
+        1024..1536 => 2,
+        1536..2048 => 3,
+        2048..3072 => 4,
+        3072..4096 => 5,
+        4096..6144 => 6,
+        _ => 7,
     }
 }
 
@@ -61,8 +64,10 @@ impl StepCosts {
         self
     }
 
-    /// Records a step over `nodes` tree nodes (root included) after `context` tokens that
-    /// took `seconds`. Non-finite or negative times are ignored.
+    /// Records a step over `nodes` rows (tree nodes, root included, and prompt tokens) that
+    /// took `seconds`, its rows attending to `context` earlier tokens on average (a verify
+    /// step's context length; more for a prompt chunk late in a long prompt). Non-finite or
+    /// negative times are ignored.
     pub fn record(&mut self, nodes: usize, context: usize, seconds: f64) {
         if self.frozen || !seconds.is_finite() || seconds < 0.0 || nodes == 0 {
             return;
@@ -79,6 +84,14 @@ impl StepCosts {
     /// step, not seconds).
     pub fn measured(&self, _context: usize) -> bool {
         self.buckets.iter().flatten().any(Option::is_some)
+    }
+
+    /// Whether a step after `context` tokens was measured (else its cost is inferred from
+    /// other context lengths, which may be far off).
+    pub fn measured_at(&self, context: usize) -> bool {
+        self.buckets[context_bucket(context)]
+            .iter()
+            .any(Option::is_some)
     }
 
     /// Estimated cost of a step over `nodes` nodes after `context` tokens, in seconds, or
@@ -404,7 +417,8 @@ mod tests {
             .collect();
         assert_eq!(buckets, vec![0, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7, 7]);
         assert_eq!(context_bucket(0), 0);
-        assert_eq!(context_bucket(4096), 4);
+        assert_eq!(context_bucket(4096), 6);
+        assert_eq!(context_bucket(100_000), CONTEXT_BUCKETS - 1);
     }
 
     #[test]
@@ -427,6 +441,7 @@ mod tests {
         // A context length not measured yet borrows the nearest measured one's costs.
         assert!((costs.estimate(8, 3000) - 0.2).abs() < 1e-6);
         assert!(costs.measured(3000));
+        assert!(costs.measured_at(100) && !costs.measured_at(3000));
         let mut previous = 0.0;
         for n in 1..80 {
             let c = costs.estimate(n, 100);
