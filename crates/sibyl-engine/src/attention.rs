@@ -158,6 +158,11 @@ impl KvGroup<'_> {
             .chain(self.visible.iter().map(|&j| self.prefix_len + j))
             .collect();
         let n = positions.len();
+        if n == 0 {
+            // Nothing visible (never so for a node, which sees itself): as the portable loop.
+            out.fill(0.0);
+            return;
+        }
         let key = |p: usize| self.keys[p * self.stride..][..head_dim].as_ptr();
         // Per head, the scaled dot products, then the softmax weights.
         let mut scores = vec![0f32; group * n];
