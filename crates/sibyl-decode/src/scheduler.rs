@@ -486,7 +486,7 @@ impl<C: Client> Scheduler<C> {
         }
         let limit = stall * costs.estimate(streams.rows, streams.context());
         // Without any measurement (sessions that do not learn), the prior it is.
-        let learnt = costs.measured(0);
+        let learnt = costs.measured();
         (1..=most)
             .rev()
             .find(|&p| {

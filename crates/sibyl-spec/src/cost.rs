@@ -82,7 +82,7 @@ impl StepCosts {
 
     /// Whether any step was measured (else [`StepCosts::estimate`] is in units of a plain
     /// step, not seconds).
-    pub fn measured(&self, _context: usize) -> bool {
+    pub fn measured(&self) -> bool {
         self.buckets.iter().flatten().any(Option::is_some)
     }
 
@@ -440,7 +440,7 @@ mod tests {
         assert!((costs.estimate(32, 100) - (0.2 + 0.1 * PRIOR_SLOPE * 16.0)).abs() < 1e-6);
         // A context length not measured yet borrows the nearest measured one's costs.
         assert!((costs.estimate(8, 3000) - 0.2).abs() < 1e-6);
-        assert!(costs.measured(3000));
+        assert!(costs.measured());
         assert!(costs.measured_at(100) && !costs.measured_at(3000));
         let mut previous = 0.0;
         for n in 1..80 {

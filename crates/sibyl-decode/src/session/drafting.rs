@@ -167,7 +167,7 @@ impl Session {
             return depth;
         };
         let costs = &learned.costs;
-        if !costs.measured(context) || full <= FREE_DRAFTING * costs.estimate(1, context) {
+        if !costs.measured() || full <= FREE_DRAFTING * costs.estimate(1, context) {
             return depth;
         }
         let (builder, _) = self.builder(at_hand.to_vec());
@@ -194,7 +194,7 @@ impl Session {
             let learned = lock(self.config.learning.as_ref()?);
             learned
                 .costs
-                .measured(context)
+                .measured()
                 .then(|| learned.costs.estimate(1, context))?
         };
         // A probe costs at most a plain step: not one that has a long context to catch up.
