@@ -120,6 +120,40 @@ fn real_weights_speculation_prints_exactly_what_plain_decoding_prints() {
 }
 
 #[test]
+fn real_weights_every_kernel_set_prints_what_the_fastest_prints() {
+    let args = [
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--max-tokens",
+        "32",
+        "--draft",
+        "none",
+        "--prompt",
+        "def fibonacci(n):",
+    ];
+    let fastest = sibyl(&args, &[]);
+    assert!(fastest.status.success(), "{}", stderr(&fastest));
+    assert!(!fastest.stdout.is_empty());
+    for set in ["portable", "avx2", "avx9000"] {
+        let output = sibyl(&args, &[("SIBYL_KERNELS", set)]);
+        assert!(output.status.success(), "{set}: {}", stderr(&output));
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&fastest.stdout),
+            "SIBYL_KERNELS={set}"
+        );
+        if set == "avx9000" {
+            assert!(
+                stderr(&output).contains("unknown kernel set"),
+                "{}",
+                stderr(&output)
+            );
+        }
+    }
+}
+
+#[test]
 fn real_weights_a_seeded_sampled_run_prints_the_same_with_and_without_drafts() {
     let common = [
         "generate",

@@ -75,23 +75,59 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
-    /// The fastest one this CPU runs, detected once.
+    /// The fastest one this CPU runs, detected once, or a slower one where
+    /// `SIBYL_KERNELS` (`portable`, `avx2`) asks for it: to see what a CPU without the
+    /// newer instructions would do.
     pub(crate) fn detect() -> Isa {
         static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                use std::arch::is_x86_feature_detected as has;
-                if has!("avx2") && has!("f16c") {
-                    if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
-                    {
-                        return Isa::Vnni;
-                    }
-                    return Isa::Avx2;
+            let best = Isa::fastest();
+            let Ok(asked) = std::env::var("SIBYL_KERNELS") else {
+                return best;
+            };
+            let cap = match asked.as_str() {
+                "portable" => Isa::Portable,
+                #[cfg(target_arch = "x86_64")]
+                "avx2" => Isa::Avx2,
+                _ => {
+                    tracing::warn!(
+                        SIBYL_KERNELS = %asked,
+                        "unknown kernel set (portable, avx2); using the fastest this CPU runs"
+                    );
+                    return best;
                 }
+            };
+            if cap.rank() > best.rank() {
+                tracing::warn!(SIBYL_KERNELS = %asked, "this CPU cannot run that kernel set");
+                return best;
             }
-            Isa::Portable
+            cap
         })
+    }
+
+    fn fastest() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("f16c") {
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+                    return Isa::Vnni;
+                }
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// Order by speed: each runs only where the ones below it do.
+    fn rank(self) -> u8 {
+        match self {
+            Isa::Portable => 0,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => 1,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => 2,
+        }
     }
 
     /// Whether this instruction set has kernels for the two groups of a stored pair.
