@@ -91,7 +91,7 @@ pub struct Finished<C> {
 }
 
 /// What one step computed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StepStats {
     /// Sessions with rows in the pass.
     pub sessions: usize,
@@ -106,6 +106,12 @@ pub struct StepStats {
     pub tokens: usize,
     /// Time of the pass and the sessions' commits (drafting comes before).
     pub elapsed: Duration,
+    /// Tokens the verify steps were expected to give when they were sized (compare
+    /// `tokens`, less the prompts' first tokens).
+    pub expected_tokens: f64,
+    /// The pass's estimated cost when it was planned, in seconds (compare `elapsed`), or in
+    /// plain steps while no step was measured.
+    pub estimated: f64,
 }
 
 struct Entry<C> {
@@ -280,6 +286,7 @@ impl<C: Client> Scheduler<C> {
                     }
                     Work::Verify(plan) => {
                         stats.draft_tokens += plan.rows() - 1;
+                        stats.expected_tokens += plan.expected_tokens();
                         (plan.input(), LogitRows::All)
                     }
                 })
@@ -288,6 +295,7 @@ impl<C: Client> Scheduler<C> {
         stats.sessions = inputs.iter().flatten().count();
         stats.rows = inputs.iter().flatten().map(|(i, _)| i.tokens.len()).sum();
         if stats.sessions > 0 {
+            stats.estimated = costs.estimate(stats.rows, rows.context());
             let mut batch: Vec<Sequence<'_>> = self
                 .entries
                 .iter_mut()
@@ -322,6 +330,18 @@ impl<C: Client> Scheduler<C> {
                 }
             }
             stats.elapsed = started.elapsed();
+            tracing::trace!(
+                sessions = stats.sessions,
+                rows = stats.rows,
+                keys_per_row = rows.context(),
+                prompt_tokens = stats.prompt_tokens,
+                draft_tokens = stats.draft_tokens,
+                tokens = stats.tokens,
+                expected_tokens = stats.expected_tokens,
+                estimated_ms = stats.estimated * 1e3,
+                elapsed_ms = stats.elapsed.as_secs_f64() * 1e3,
+                "batched step"
+            );
             if let Some(learning) = self.learning() {
                 lock(&learning).costs.record(
                     stats.rows,

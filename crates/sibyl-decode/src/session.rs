@@ -743,6 +743,11 @@ impl PlannedStep {
         self.tree.len()
     }
 
+    /// Tokens the step is expected to give: the root's, and each kept draft node's chance.
+    pub fn expected_tokens(&self) -> f64 {
+        1.0 + self.values.iter().take(self.rows() - 1).sum::<f64>()
+    }
+
     /// The input of its forward pass.
     pub fn input(&self) -> TreeInput {
         TreeInput::tree(self.tree.tokens(), self.tree.parents())

@@ -6,7 +6,7 @@
 pub mod metrics;
 pub mod trace;
 
-pub use trace::{init, Telemetry, REQUEST_ID_KEY};
+pub use trace::{init, init_command, Telemetry, REQUEST_ID_KEY};
 
 use axum::routing::get;
 use axum::Router;

@@ -91,6 +91,18 @@ pub fn init(service: &str, json: bool) -> Telemetry {
     }
 }
 
+/// Installs logging on stderr for a command a person runs (`generate`, `bench`, `index`):
+/// warnings only, unless `SIBYL_LOG` says otherwise; no span export. A second call in one
+/// process changes nothing.
+pub fn init_command() {
+    let filter = EnvFilter::try_from_env("SIBYL_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter)
+        .try_init();
+}
+
 fn exporter(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()

@@ -44,6 +44,12 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Generate(_) | Command::Bench(_) | Command::Index(_)
+    ) {
+        sibyl_telemetry::init_command();
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => roles::run_serve(args),

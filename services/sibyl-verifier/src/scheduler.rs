@@ -73,14 +73,6 @@ fn run(
         );
         let (finished, stats) = span.in_scope(|| scheduler.step(&loaded.model));
         if stats.sessions > 0 {
-            tracing::trace!(
-                sessions = stats.sessions,
-                rows = stats.rows,
-                prompt_tokens = stats.prompt_tokens,
-                draft_tokens = stats.draft_tokens,
-                elapsed_ms = stats.elapsed.as_secs_f64() * 1e3,
-                "batched step"
-            );
             span.record("batch_size", stats.sessions);
             span.record("rows", stats.rows);
             span.record("prompt_tokens", stats.prompt_tokens);
