@@ -159,8 +159,11 @@ fn prior(nodes: f64) -> f64 {
     1.0 + PRIOR_SLOPE * (nodes - 1.0)
 }
 
-/// Cost of `nodes` from one bucket's `points` (not empty): interpolated between them, and
-/// beyond them scaled by the prior.
+/// Cost of `nodes` from one bucket's `points` (not empty): interpolated between them; below
+/// them scaled by the prior; beyond them along the mean slope of the measured points, or
+/// the prior's where that is steeper (rows grow dearer as the pass stops being bound by
+/// reading weights, so the mean slope up to the largest measured size is the least the
+/// next rows cost; the prior alone made trees larger than any measured look cheap).
 fn estimate_in(points: &[(f64, f64)], nodes: f64) -> f64 {
     let Some(&(first_n, first_s)) = points.first() else {
         return prior(nodes);
@@ -177,7 +180,12 @@ fn estimate_in(points: &[(f64, f64)], nodes: f64) -> f64 {
         }
     }
     let &(last_n, last_s) = points.last().unwrap_or(&(first_n, first_s));
-    last_s + unit * PRIOR_SLOPE * (nodes - last_n)
+    let measured_slope = if last_n > first_n {
+        (last_s - first_s) / (last_n - first_n)
+    } else {
+        0.0
+    };
+    last_s + measured_slope.max(unit * PRIOR_SLOPE) * (nodes - last_n)
 }
 
 /// How many of `values` (each draft node's estimated chance of acceptance, best first, so
@@ -436,8 +444,15 @@ mod tests {
         let middle = costs.estimate(4, 100);
         assert!(middle > 0.1 && middle < 0.2, "{middle}");
         assert!((costs.estimate(16, 100) - 0.2).abs() < 1e-6);
-        // Past the largest measured size: the prior slope per extra node.
-        assert!((costs.estimate(32, 100) - (0.2 + 0.1 * PRIOR_SLOPE * 16.0)).abs() < 1e-6);
+        // Past the largest measured size: the mean slope of the measured sizes.
+        let slope = (0.2 - 0.1) / 15.0;
+        assert!((costs.estimate(32, 100) - (0.2 + slope * 16.0)).abs() < 1e-6);
+        // Where they are flatter than the prior (a GPU's), the prior's slope.
+        let mut flat = StepCosts::default();
+        flat.record(1, 100, 0.100);
+        flat.record(8, 100, 0.101);
+        let expected = 0.101 + 0.1 * PRIOR_SLOPE * 8.0;
+        assert!((flat.estimate(16, 100) - expected).abs() < 1e-6);
         // A context length not measured yet borrows the nearest measured one's costs.
         assert!((costs.estimate(8, 3000) - 0.2).abs() < 1e-6);
         assert!(costs.measured());
