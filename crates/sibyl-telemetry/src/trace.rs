@@ -9,8 +9,10 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
+use std::io::Stderr;
 use tonic::metadata::{KeyRef, MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::fmt::format::{DefaultFields, Format};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -41,12 +43,8 @@ impl Drop for Telemetry {
 /// `OTEL_SERVICE_NAME` says otherwise). Must run inside a Tokio runtime when exporting (the
 /// gRPC channel lives on it). A second call in one process changes nothing.
 pub fn init(service: &str, json: bool) -> Telemetry {
-    let filter = EnvFilter::try_from_env("SIBYL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a person at a terminal, not in `docker logs` or a log collector.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let filter = log_filter("info");
+    let logs = stderr_logs();
     let logs = if json {
         logs.json()
             .with_current_span(true)
@@ -95,12 +93,26 @@ pub fn init(service: &str, json: bool) -> Telemetry {
 /// warnings only, unless `SIBYL_LOG` says otherwise; no span export. A second call in one
 /// process changes nothing.
 pub fn init_command() {
-    let filter = EnvFilter::try_from_env("SIBYL_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(filter)
+    let _ = tracing_subscriber::registry()
+        .with(stderr_logs().with_filter(log_filter("warn")))
         .try_init();
+}
+
+/// What `SIBYL_LOG` asks for, else `default`.
+fn log_filter(default: &str) -> EnvFilter {
+    EnvFilter::try_from_env("SIBYL_LOG").unwrap_or_else(|_| EnvFilter::new(default))
+}
+
+/// Log lines on stderr; colours only for a person at a terminal, not in `docker logs` or a
+/// log collector.
+fn stderr_logs<S>() -> tracing_subscriber::fmt::Layer<S, DefaultFields, Format, fn() -> Stderr>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr as fn() -> Stderr)
+        .with_ansi(ansi)
 }
 
 fn exporter(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {

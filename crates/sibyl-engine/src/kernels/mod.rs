@@ -63,8 +63,9 @@ impl Kind {
     }
 }
 
-/// Instruction sets the kernels have code for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Instruction sets the kernels have code for, slowest first: each runs only where the
+/// ones before it do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     Portable,
     #[cfg(target_arch = "x86_64")]
@@ -97,7 +98,7 @@ impl Isa {
                     return best;
                 }
             };
-            if cap.rank() > best.rank() {
+            if cap > best {
                 tracing::warn!(SIBYL_KERNELS = %asked, "this CPU cannot run that kernel set");
                 return best;
             }
@@ -117,17 +118,6 @@ impl Isa {
             }
         }
         Isa::Portable
-    }
-
-    /// Order by speed: each runs only where the ones below it do.
-    fn rank(self) -> u8 {
-        match self {
-            Isa::Portable => 0,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => 1,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Vnni => 2,
-        }
     }
 
     /// Whether this instruction set has kernels for the two groups of a stored pair.
