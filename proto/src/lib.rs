@@ -3,6 +3,7 @@
 //! Proto types stop at each service's gRPC adapter, which converts them once, with
 //! validation, into the domain types of `sibyl-spec` and `sibyl-decode`.
 
+pub mod auth;
 pub mod client;
 mod convert;
 pub mod server;

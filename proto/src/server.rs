@@ -228,12 +228,13 @@ where
 }
 
 /// One switch that stops several servers: each takes a [`ShutdownSwitch::stopped`] future.
-#[derive(Debug)]
-pub struct ShutdownSwitch(tokio::sync::watch::Sender<bool>);
+/// Clones are the same switch.
+#[derive(Debug, Clone)]
+pub struct ShutdownSwitch(Arc<tokio::sync::watch::Sender<bool>>);
 
 impl Default for ShutdownSwitch {
     fn default() -> Self {
-        Self(tokio::sync::watch::channel(false).0)
+        Self(Arc::new(tokio::sync::watch::channel(false).0))
     }
 }
 
@@ -248,5 +249,10 @@ impl ShutdownSwitch {
 
     pub fn trigger(&self) {
         self.0.send_replace(true);
+    }
+
+    /// Whether [`ShutdownSwitch::trigger`] has been called.
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
     }
 }

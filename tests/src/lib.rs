@@ -49,6 +49,13 @@ pub struct ClusterOptions {
     pub max_queue: usize,
     pub queue_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The verifier's `--max-model-len`.
+    pub max_model_len: Option<usize>,
+    /// How long the gateway's streams go on once shutdown begins.
+    pub drain_timeout: Duration,
+    /// The gateway's API keys (`None`: open) and SSE keep-alive interval.
+    pub api_keys: Option<Arc<sibyl_proto::auth::ApiKeys>>,
+    pub sse_keep_alive: Duration,
 }
 
 impl Default for ClusterOptions {
@@ -62,6 +69,10 @@ impl Default for ClusterOptions {
             max_queue: 64,
             queue_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
+            max_model_len: None,
+            drain_timeout: Duration::from_secs(30),
+            api_keys: None,
+            sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
         }
     }
 }
@@ -116,6 +127,7 @@ impl Cluster {
             max_queue: options.max_queue,
             queue_timeout: options.queue_timeout,
             idle_timeout: options.idle_timeout,
+            max_model_len: options.max_model_len,
             ..VerifierConfig::new(TEST_MODEL.into(), endpoints)
         };
         let model_path = path.clone();
@@ -139,6 +151,10 @@ impl Cluster {
             model_name: TEST_MODEL.into(),
             verifier: format!("http://{verifier}").parse()?,
             max_tokens_limit: options.max_tokens_limit,
+            sse_keep_alive: options.sse_keep_alive,
+            api_keys: options.api_keys.clone(),
+            drain_timeout: options.drain_timeout,
+            metrics_on_http: true,
         };
         let text_path = path.clone();
         let server = sibyl_gateway::serve(
@@ -197,6 +213,11 @@ impl Cluster {
             .tokenizer
             .encode(text)
             .expect("the test text tokenizes")
+    }
+
+    /// Tells every server to shut down, as SIGTERM does, and lets them drain.
+    pub fn begin_shutdown(&self) {
+        self.stop.trigger();
     }
 
     /// Stops every server.
@@ -485,4 +506,63 @@ pub async fn serve_banner(
         .with_context(|| format!("no gRPC address in {lines:?}"))?
         .to_string();
     Ok((lines, grpc))
+}
+
+/// A response read off the wire by [`http`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// The header lines, lowercased.
+    pub head: String,
+    /// The body as sent (a streamed body keeps its chunk framing).
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The body as JSON (panics with the body when it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request to `addr` (`Connection: close`): a JSON body when `body` is given,
+/// and the extra `headers`.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> anyhow::Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or(""));
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let response = String::from_utf8_lossy(&response).to_string();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("no end of the response head")?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head}"))?;
+    Ok(HttpResponse {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.to_string(),
+    })
 }

@@ -3,9 +3,8 @@
 //! refused with 429 and Retry-After, never left hanging.
 
 use sibyl_proto::v1 as pb;
-use sibyl_tests::{verify, Cluster, ClusterOptions};
+use sibyl_tests::{http, verify, Cluster, ClusterOptions};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 const PROMPTS: [&str; 4] = [
@@ -114,26 +113,18 @@ async fn a_prompt_that_extends_an_earlier_one_starts_from_its_work_and_says_the_
     cluster.stop().await;
 }
 
-/// Sends an OpenAI completion request over plain HTTP/1.1 and returns the response's
-/// status line and headers.
+/// Sends an OpenAI completion request and returns the response's status line and headers.
 async fn http_head(cluster: &Cluster, body: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(cluster.gateway_http)
-        .await
-        .unwrap();
-    let request = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let response = String::from_utf8_lossy(&response).to_string();
-    response
-        .split("\r\n\r\n")
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase()
+    let response = http(
+        cluster.gateway_http,
+        "POST",
+        "/v1/completions",
+        &[],
+        Some(body),
+    )
+    .await
+    .unwrap();
+    response.head
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -237,9 +237,11 @@ impl pb::drafter_server::Drafter for Garbage {
                     branches: vec![branch(vec![(i * 31 + step) % vocab, (i * 17) % vocab])],
                 }));
                 if step == 3 {
+                    // 200 000 three-byte varints: about 600 KB, over the verifier's 256 KiB
+                    // cap on one message, which ends the stream (it is reopened).
                     garbage.push(pb::DraftBlock {
                         anchor: len,
-                        branches: vec![branch(vec![1; 200_000])],
+                        branches: vec![branch(vec![100_000; 200_000])],
                     });
                 }
                 for block in garbage {
@@ -266,6 +268,10 @@ impl pb::drafter_server::Drafter for Garbage {
 async fn a_drafter_sending_garbage_changes_nothing_and_its_blocks_are_dropped() {
     let garbage = serve_drafter(Garbage { vocab: 49152 }).await;
     let cluster = cluster(1, &[format!("garbage={garbage}")]).await;
+    let stream_errors = sibyl_telemetry::metrics::verifier()
+        .drafter_stream_errors
+        .with_label_values(&["garbage"]);
+    let errors_before = stream_errors.get();
     for prompt in &PROMPTS[..2] {
         let summary = assert_speculation_changes_nothing(&cluster, prompt, 48).await;
         let stats = summary
@@ -279,6 +285,9 @@ async fn a_drafter_sending_garbage_changes_nothing_and_its_blocks_are_dropped() 
             "{stats:?}"
         );
     }
+    // The oversized message ended the stream at least once (once per prompt reaching the
+    // fourth step).
+    assert!(stream_errors.get() > errors_before);
     cluster.stop().await;
 }
 

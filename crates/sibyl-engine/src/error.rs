@@ -53,6 +53,8 @@ pub enum EngineError {
     },
     #[error("{path}: invalid configuration: {reason}")]
     Config { path: PathBuf, reason: String },
+    #[error("{path} is malformed: reading it failed with `{reason}`")]
+    Malformed { path: PathBuf, reason: String },
     #[error("{path}: building the tokenizer: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("tokenizing text: {0}")]

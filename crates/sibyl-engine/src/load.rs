@@ -18,6 +18,10 @@ pub struct TextModel {
 
 /// Loads a GGUF file: weights, tokenizer and chat template.
 pub fn load(path: &std::path::Path, options: &LoadOptions) -> Result<LoadedModel, EngineError> {
+    contain_panics(path, || load_model(path, options))
+}
+
+fn load_model(path: &std::path::Path, options: &LoadOptions) -> Result<LoadedModel, EngineError> {
     let file = gguf::ModelFile::open(path)?;
     let model = Model::from_gguf(&file, options)?;
     let tokenizer = TextTokenizer::from_gguf(&file)?;
@@ -31,6 +35,10 @@ pub fn load(path: &std::path::Path, options: &LoadOptions) -> Result<LoadedModel
 
 /// Loads the configuration, tokenizer and chat template of a GGUF file, not its weights.
 pub fn load_text(path: &std::path::Path) -> Result<TextModel, EngineError> {
+    contain_panics(path, || read_text(path))
+}
+
+fn read_text(path: &std::path::Path) -> Result<TextModel, EngineError> {
     let file = gguf::ModelFile::open(path)?;
     let config = file.config()?;
     let tokenizer = TextTokenizer::from_gguf(&file)?;
@@ -39,5 +47,25 @@ pub fn load_text(path: &std::path::Path) -> Result<TextModel, EngineError> {
         config,
         tokenizer,
         chat_template,
+    })
+}
+
+/// Runs a load, turning a panic inside it (a dependency's parser meeting a malformed file,
+/// such as a GGUF alignment of 0) into a load error: a bad file leaves the role running
+/// and saying NOT_SERVING, as any other bad file does.
+fn contain_panics<T>(
+    path: &std::path::Path,
+    load: impl FnOnce() -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        Err(EngineError::Malformed {
+            path: path.to_path_buf(),
+            reason,
+        })
     })
 }

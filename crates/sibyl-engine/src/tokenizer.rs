@@ -1,5 +1,6 @@
 use crate::gguf::{value_as_u32, ModelFile};
 use crate::{EngineError, TokenId};
+use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::unicode::NFC;
@@ -30,12 +31,26 @@ const STOP_TOKEN_NAMES: [&str; 5] = [
 /// A byte-level BPE tokenizer built from GGUF metadata, with the model's stop tokens.
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// `inner` with control tokens read as plain text (content that must not steer).
+    text_only: Tokenizer,
+    /// The control tokens' strings, in id order, and a matcher of them (leftmost longest,
+    /// as the tokenizer itself matches them).
+    controls: Vec<(String, TokenId)>,
+    control_matcher: AhoCorasick,
     stop_tokens: Vec<TokenId>,
     bos: Option<(TokenId, String)>,
     eos_text: String,
     add_bos: bool,
     fingerprint: u64,
+    /// Bytes of the longest token string (at least what any token stands for).
+    longest_token_bytes: usize,
+    /// Whether text may be tokenized piece by piece at [`next_cut`]'s cuts (no added token
+    /// holds a space or a newline, so none can straddle one).
+    piecewise: bool,
 }
+
+/// Bytes of text [`TextTokenizer::encode_at_most`] tokenizes at a time, at least.
+const PIECE_BYTES: usize = 16 * 1024;
 
 impl TextTokenizer {
     pub(crate) fn from_gguf(file: &ModelFile) -> Result<Self, EngineError> {
@@ -74,6 +89,7 @@ impl TextTokenizer {
             .unwrap_or("gpt2")
             .to_string();
         let fingerprint = fingerprint(&tokens, &merges);
+        let longest_token_bytes = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
         let vocab: Vocab = tokens
             .iter()
             .enumerate()
@@ -119,6 +135,17 @@ impl TextTokenizer {
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
+        let controls: Vec<(String, TokenId)> = token_types
+            .iter()
+            .enumerate()
+            .filter(|&(_, &t)| t == TOKEN_TYPE_CONTROL)
+            .filter_map(|(i, _)| Some((tokens.get(i)?.to_string(), i as TokenId)))
+            .filter(|(s, _)| !s.is_empty())
+            .collect();
+        let control_matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(controls.iter().map(|(s, _)| s))
+            .map_err(|e| error(e.to_string()))?;
         let specials: Vec<AddedToken> = token_types
             .iter()
             .enumerate()
@@ -150,13 +177,25 @@ impl TextTokenizer {
             .metadata("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
+        let piecewise = token_types
+            .iter()
+            .zip(&tokens)
+            .filter(|&(&t, _)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .all(|(_, token)| !token.contains([' ', '\n']));
+        let mut text_only = inner.clone();
+        text_only.set_encode_special_tokens(true);
         Ok(Self {
             inner,
+            text_only,
+            controls,
+            control_matcher,
             stop_tokens,
             bos,
             eos_text,
             add_bos,
             fingerprint,
+            longest_token_bytes,
+            piecewise,
         })
     }
 
@@ -168,13 +207,86 @@ impl TextTokenizer {
             .encode(text, false)
             .map_err(|e| EngineError::Encode(e.to_string()))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
-        if self.add_bos {
-            if let Some((bos, _)) = &self.bos {
-                ids.push(*bos);
-            }
-        }
+        ids.extend(self.leading_bos());
         ids.extend_from_slice(encoding.get_ids());
         Ok(ids)
+    }
+
+    /// [`Self::encode`]'s ids of `text`, or `None` as soon as they are known to number more
+    /// than `limit`: long text is tokenized a piece at a time (cut only where the tokens
+    /// cannot change, [`next_cut`]), so an over-long prompt costs about `limit` tokens'
+    /// work, not its whole length's.
+    pub fn encode_at_most(
+        &self,
+        text: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<TokenId>>, EngineError> {
+        let ids = self.leading_bos().into_iter().collect();
+        self.pieces_at_most(&self.inner, ids, text, limit)
+    }
+
+    /// [`Self::encode_text`]'s ids, or `None` as soon as they number more than `limit`.
+    pub fn encode_text_at_most(
+        &self,
+        text: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<TokenId>>, EngineError> {
+        self.pieces_at_most(&self.text_only, Vec::new(), text, limit)
+    }
+
+    fn pieces_at_most(
+        &self,
+        tokenizer: &Tokenizer,
+        mut ids: Vec<TokenId>,
+        text: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<TokenId>>, EngineError> {
+        let mut start = 0;
+        while start < text.len() {
+            let end = if self.piecewise {
+                next_cut(text, start + PIECE_BYTES)
+            } else {
+                text.len()
+            };
+            let encoding = tokenizer
+                .encode(&text[start..end], false)
+                .map_err(|e| EngineError::Encode(e.to_string()))?;
+            ids.extend_from_slice(encoding.get_ids());
+            if ids.len() > limit {
+                return Ok(None);
+            }
+            start = end;
+        }
+        Ok(Some(ids))
+    }
+
+    /// Token ids of `text` read as plain text: a control token's string (`<|im_start|>`)
+    /// becomes the ids of its characters, not the control id. No BOS.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<TokenId>, EngineError> {
+        let encoding = self
+            .text_only
+            .encode(text, false)
+            .map_err(|e| EngineError::Encode(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The BOS id to put first, when the model asks for one.
+    pub(crate) fn leading_bos(&self) -> Option<TokenId> {
+        self.bos
+            .as_ref()
+            .filter(|_| self.add_bos)
+            .map(|(id, _)| *id)
+    }
+
+    /// The control tokens' strings and ids, in id order.
+    pub(crate) fn controls(&self) -> &[(String, TokenId)] {
+        &self.controls
+    }
+
+    /// Finds control token strings in text, leftmost longest; the pattern index of a match
+    /// is its index in [`Self::controls`].
+    pub(crate) fn control_matcher(&self) -> &AhoCorasick {
+        &self.control_matcher
     }
 
     /// Text of `ids`, special tokens left out. Bytes that do not form whole UTF-8
@@ -204,6 +316,12 @@ impl TextTokenizer {
         &self.eos_text
     }
 
+    /// A bound on the bytes of text one token stands for: the longest token string (a
+    /// byte-level token's string is at least as long as the bytes it decodes to).
+    pub fn longest_token_bytes(&self) -> usize {
+        self.longest_token_bytes
+    }
+
     /// Number of token strings in the vocabulary (the model may pad its embedding further).
     pub fn vocab_len(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -214,6 +332,30 @@ impl TextTokenizer {
     pub fn fingerprint(&self) -> u64 {
         self.fingerprint
     }
+}
+
+/// The first place at or after `from` where text can be cut without changing its tokens
+/// (the end of the text when there is none): after a single newline between two printable
+/// ASCII characters, or before a space between two ASCII letters. Every supported
+/// pre-tokenizer (qwen2, llama3, gpt2, smollm) ends a piece there and starts the next one
+/// at the same place whether the text is whole or cut; NFC composes nothing across a
+/// newline or a space; and no added token straddles the cut (checked at load).
+fn next_cut(text: &str, from: usize) -> usize {
+    let bytes = text.as_bytes();
+    let printable = |b: u8| b.is_ascii_graphic();
+    let mut at = from.max(2);
+    while at + 1 < bytes.len() {
+        let after_newline =
+            bytes[at - 1] == b'\n' && printable(bytes[at - 2]) && printable(bytes[at]);
+        let before_space = bytes[at] == b' '
+            && bytes[at - 1].is_ascii_alphabetic()
+            && bytes[at + 1].is_ascii_alphabetic();
+        if after_newline || before_space {
+            return at;
+        }
+        at += 1;
+    }
+    bytes.len()
 }
 
 /// FNV-1a over the tokens and merges, with separators.

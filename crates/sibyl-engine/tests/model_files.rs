@@ -102,3 +102,107 @@ fn a_missing_file_is_named() {
     let error = load(&path, &LoadOptions::default()).err().unwrap();
     assert!(matches!(error, EngineError::Open { .. }), "{error}");
 }
+
+/// A small valid GGUF: a model's metadata, a tokenizer's, and one tensor.
+fn valid_file_bytes() -> Vec<u8> {
+    let path = scratch("valid-for-mutation.gguf");
+    let tokens: Vec<Value> = ["a", "b", "ab", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .map(|t| Value::String(t.to_string()))
+        .collect();
+    let mut metadata = qwen2_metadata();
+    metadata.extend([
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String("qwen2".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        (
+            "tokenizer.ggml.merges",
+            Value::Array(vec![Value::String("a b".into())]),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array([1, 1, 1, 3, 3].map(Value::I32).to_vec()),
+        ),
+        ("tokenizer.ggml.eos_token_id", Value::U32(4)),
+        (
+            "tokenizer.chat_template",
+            Value::String("{% for m in messages %}{{ m.content }}{% endfor %}".into()),
+        ),
+    ]);
+    write_gguf(&path, &metadata, true);
+    std::fs::read(&path).unwrap()
+}
+
+#[test]
+fn a_zero_alignment_is_a_load_error_not_a_panic() {
+    let path = scratch("zero-alignment.gguf");
+    let mut metadata = qwen2_metadata();
+    metadata.push(("general.alignment", Value::U32(0)));
+    write_gguf(&path, &metadata, true);
+    let error = load(&path, &LoadOptions::default()).err().unwrap();
+    assert!(matches!(error, EngineError::Malformed { .. }), "{error}");
+    assert!(error.to_string().contains("zero-alignment.gguf"), "{error}");
+    let error = sibyl_engine::load_text(&path).err().unwrap();
+    assert!(matches!(error, EngineError::Malformed { .. }), "{error}");
+}
+
+mod mutated {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What can go wrong in a file: cut short, bytes flipped, a count or length made huge.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Truncate(usize),
+        Flip(usize, u8),
+        Huge(usize, u64),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            any::<usize>().prop_map(Mutation::Truncate),
+            (any::<usize>(), 1..=255u8).prop_map(|(at, mask)| Mutation::Flip(at, mask)),
+            (
+                any::<usize>(),
+                prop_oneof![Just(u64::MAX), Just(u64::MAX / 2), Just(1 << 40), Just(0)]
+            )
+                .prop_map(|(at, value)| Mutation::Huge(at, value)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Whatever is done to a valid file, loading it returns: a model or an error,
+        /// never a panic that escapes, an abort or a hang.
+        #[test]
+        fn loading_a_mutated_file_returns(mutations in proptest::collection::vec(mutation(), 1..4)) {
+            let mut bytes = valid_file_bytes();
+            for mutation in &mutations {
+                match *mutation {
+                    Mutation::Truncate(at) => bytes.truncate(at % (bytes.len() + 1)),
+                    Mutation::Flip(at, mask) if !bytes.is_empty() => {
+                        let at = at % bytes.len();
+                        bytes[at] ^= mask;
+                    }
+                    Mutation::Huge(at, value) if bytes.len() >= 8 => {
+                        let at = at % (bytes.len() - 7);
+                        bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+                    }
+                    _ => {}
+                }
+            }
+            let path = scratch(&format!("mutated-{}.gguf", unique()));
+            std::fs::write(&path, &bytes).unwrap();
+            let _ = sibyl_engine::load_text(&path);
+            let _ = load(&path, &LoadOptions::default());
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+
+    /// A fresh file name (cases may run in parallel threads).
+    fn unique() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -12,6 +12,7 @@ use sibyl_drafter::{DraftService, MakeDrafter};
 use sibyl_gateway::GatewayConfig;
 use sibyl_lm::LmDrafter;
 use sibyl_ngram::NgramDrafter;
+use sibyl_proto::auth::ApiKeys;
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{OnLoadError, ShutdownSwitch};
 use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter};
@@ -19,6 +20,7 @@ use sibyl_spec::{Drafter, Proposal};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -142,6 +144,49 @@ pub struct GatewayLimitArgs {
     /// Name the model is served under (default: the --model value, or the file's stem).
     #[arg(long, env = "SIBYL_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+
+    /// File of API keys, one per line: every request but /health (and gRPC health) then
+    /// needs `Authorization: Bearer KEY` (401, or UNAUTHENTICATED, otherwise). Without it
+    /// the API is open to anyone who can reach it.
+    #[arg(long, env = "SIBYL_API_KEYS_FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// Serve Prometheus `/metrics` on this address, open, instead of on the HTTP API's port
+    /// (where it needs an API key when there are keys).
+    #[arg(long, env = "SIBYL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl GatewayLimitArgs {
+    /// The gateway's config for serving `model_name` from `verifier`.
+    fn config(
+        &self,
+        model_name: String,
+        verifier: ServiceAddress,
+        drain_timeout: Duration,
+    ) -> anyhow::Result<GatewayConfig> {
+        let api_keys = match &self.api_key_file {
+            Some(path) => Some(Arc::new(ApiKeys::from_file(path)?)),
+            None => None,
+        };
+        Ok(GatewayConfig {
+            model_name,
+            verifier,
+            max_tokens_limit: self.max_tokens_limit,
+            sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
+            api_keys,
+            drain_timeout,
+            metrics_on_http: self.metrics_addr.is_none(),
+        })
+    }
+
+    /// Serves `/metrics` on its own address, when one was given.
+    async fn spawn_metrics(&self) -> anyhow::Result<()> {
+        match self.metrics_addr {
+            Some(addr) => spawn_metrics(addr).await,
+            None => Ok(()),
+        }
+    }
 }
 
 /// Logs and traces. Spans are exported over OTLP/gRPC when the standard
@@ -167,6 +212,63 @@ impl LoadArgs {
         match self.load_retry_ms {
             0 => OnLoadError::Fail,
             ms => OnLoadError::Retry(Duration::from_millis(ms)),
+        }
+    }
+}
+
+/// How a role stops.
+#[derive(Debug, Clone, Args)]
+pub struct DrainArgs {
+    /// On SIGTERM or Ctrl-C a role stops taking requests and finishes the streams it has
+    /// for at most this many milliseconds; then each one still open ends with an error
+    /// that says the server is shutting down (keep it below the pod's grace period).
+    #[arg(long, env = "SIBYL_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+}
+
+/// Time a role has, past its drain timeout, to end what is left before it is cut.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+impl DrainArgs {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+
+    /// A switch triggered by SIGTERM or Ctrl-C.
+    fn on_signal(&self) -> ShutdownSwitch {
+        let stop = ShutdownSwitch::default();
+        let trigger = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            trigger.trigger();
+        });
+        stop
+    }
+
+    /// Runs a role's server until it ends, or until the drain timeout (and a moment more)
+    /// has passed since `stop` was triggered: what is still open is then cut.
+    async fn bounded<E>(
+        &self,
+        stop: &ShutdownSwitch,
+        serve: impl std::future::Future<Output = Result<(), E>>,
+    ) -> Result<(), E> {
+        let deadline = {
+            let stopped = stop.stopped();
+            let timeout = self.timeout() + DRAIN_GRACE;
+            async move {
+                stopped.await;
+                tokio::time::sleep(timeout).await;
+            }
+        };
+        tokio::select! {
+            result = serve => result,
+            () = deadline => {
+                tracing::warn!(
+                    drain_timeout_ms = self.drain_timeout_ms,
+                    "streams were still open when the drain time ran out; they are cut"
+                );
+                Ok(())
+            }
         }
     }
 }
@@ -198,6 +300,9 @@ pub struct ServeArgs {
     pub limits: GatewayLimitArgs,
 
     #[command(flatten)]
+    pub drain: DrainArgs,
+
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
 
@@ -224,6 +329,9 @@ pub struct GatewayArgs {
 
     #[command(flatten)]
     pub load: LoadArgs,
+
+    #[command(flatten)]
+    pub drain: DrainArgs,
 
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -256,6 +364,9 @@ pub struct VerifierRoleArgs {
 
     #[command(flatten)]
     pub load: LoadArgs,
+
+    #[command(flatten)]
+    pub drain: DrainArgs,
 
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -301,6 +412,9 @@ pub struct DrafterArgs {
 
     #[command(flatten)]
     pub load: LoadArgs,
+
+    #[command(flatten)]
+    pub drain: DrainArgs,
 
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -482,14 +596,15 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
         let listener = bind(args.grpc_addr, "drafter").await?;
         spawn_metrics(args.metrics_addr).await?;
         tracing::info!(addr = %listener.local_addr()?, kind = ?args.kind, "drafter listening");
-        sibyl_drafter::serve(
+        let stop = args.drain.on_signal();
+        let serve = sibyl_drafter::serve(
             listener,
             service,
             load,
             args.load.on_error(),
-            shutdown_signal(),
-        )
-        .await?;
+            stop.stopped(),
+        );
+        args.drain.bounded(&stop, serve).await?;
         Ok(())
     });
     drop(telemetry);
@@ -508,14 +623,15 @@ pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
         spawn_metrics(args.metrics_addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "verifier listening");
         let model = args.model.clone();
-        sibyl_verifier::serve(
+        let stop = args.drain.on_signal();
+        let serve = sibyl_verifier::serve(
             listener,
             VerifierService::new(config),
             move || load_model(&model),
             args.load.on_error(),
-            shutdown_signal(),
-        )
-        .await?;
+            stop.stopped(),
+        );
+        args.drain.bounded(&stop, serve).await?;
         Ok(())
     });
     drop(telemetry);
@@ -523,25 +639,27 @@ pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    let config = GatewayConfig {
-        model_name: served_name(&args.model, args.limits.served_model_name.as_ref()),
-        verifier: args.verifier.parse::<ServiceAddress>()?,
-        max_tokens_limit: args.limits.max_tokens_limit,
-    };
+    let config = args.limits.config(
+        served_name(&args.model, args.limits.served_model_name.as_ref()),
+        args.verifier.parse::<ServiceAddress>()?,
+        args.drain.timeout(),
+    )?;
     let (runtime, telemetry) = runtime("gateway", &args.telemetry)?;
     let result = runtime.block_on(async move {
+        args.limits.spawn_metrics().await?;
         let grpc = bind(args.grpc_addr, "gRPC API").await?;
         let http = bind(args.http_addr, "HTTP API").await?;
         tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "gateway listening");
-        sibyl_gateway::serve(
+        let stop = args.drain.on_signal();
+        let serve = sibyl_gateway::serve(
             grpc,
             http,
             config,
             text_loader(args.model.clone()),
             args.load.on_error(),
-            shutdown_signal(),
-        )
-        .await?;
+            stop.stopped(),
+        );
+        args.drain.bounded(&stop, serve).await?;
         Ok(())
     });
     drop(telemetry);
@@ -559,6 +677,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     args.ngram.config()?;
     let (runtime, telemetry) = runtime("serve", &args.telemetry)?;
     let result = runtime.block_on(async move {
+        args.limits.spawn_metrics().await?;
         // The model file first, once, so the three roles do not race to fetch it.
         let model = args.model.clone();
         let path = tokio::task::spawn_blocking(move || model.locate()).await??;
@@ -610,11 +729,11 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 stop.stopped(),
             )),
         ));
-        let gateway_config = GatewayConfig {
-            model_name: name.clone(),
-            verifier: format!("http://{verifier_addr}").parse()?,
-            max_tokens_limit: args.limits.max_tokens_limit,
-        };
+        let gateway_config = args.limits.config(
+            name.clone(),
+            format!("http://{verifier_addr}").parse()?,
+            args.drain.timeout(),
+        )?;
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
         tasks.push((
@@ -664,8 +783,11 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         stop.trigger();
         let mut outcome = Ok(());
+        // The gateway ends the streams still open at the drain timeout; the rest end soon
+        // after.
+        let deadline = tokio::time::Instant::now() + args.drain.timeout() + DRAIN_GRACE;
         for (role, task) in tasks {
-            let error = match tokio::time::timeout(Duration::from_secs(10), task).await {
+            let error = match tokio::time::timeout_at(deadline, task).await {
                 Ok(Ok(Ok(()))) | Err(_) => continue,
                 Ok(Ok(Err(error))) => anyhow::Error::from(error),
                 Ok(Err(error)) => anyhow::Error::from(error),

@@ -4,7 +4,9 @@
 use crate::stop::StopStrings;
 use crate::GatewayConfig;
 use sibyl_engine::{ChatMessage, Detokenizer, TextModel};
+use sibyl_proto::auth::KeyId;
 use sibyl_proto::client::{fnv1a, Balancer, Open};
+use sibyl_proto::server::ShutdownSwitch;
 use sibyl_proto::v1::{self as pb, verifier_client::VerifierClient, verify_event::Event};
 use sibyl_telemetry::metrics::{self, GaugeGuard};
 use std::sync::Arc;
@@ -50,6 +52,8 @@ pub struct Generation {
     pub api: Api,
     /// Names the request in logs, traces and on the verifier; empty: the gateway makes one.
     pub request_id: String,
+    /// The API key it came with (its id, never the key), for logs.
+    pub key_id: Option<KeyId>,
 }
 
 /// The API a request came through.
@@ -125,6 +129,12 @@ impl Drop for RequestRecord {
 pub enum GatewayError {
     #[error("{0}")]
     InvalidRequest(String),
+    /// An invalid or unsupported request field, named by `param` (as the API spells it).
+    #[error("{message}")]
+    InvalidParam {
+        param: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("the model `{requested}` does not exist; this server serves `{served}`")]
@@ -135,16 +145,19 @@ pub enum GatewayError {
     Verifier(Status),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("the gateway is shutting down and its drain time is over: send the request again")]
+    ShuttingDown,
 }
 
 impl GatewayError {
     /// The `outcome` label of a request that failed with this error.
     fn outcome(&self) -> &'static str {
         match self {
-            Self::InvalidRequest(_) | Self::PayloadTooLarge(_) | Self::ModelNotFound { .. } => {
-                "invalid"
-            }
-            Self::Unavailable(_) => "unavailable",
+            Self::InvalidRequest(_)
+            | Self::InvalidParam { .. }
+            | Self::PayloadTooLarge(_)
+            | Self::ModelNotFound { .. } => "invalid",
+            Self::Unavailable(_) | Self::ShuttingDown => "unavailable",
             Self::Verifier(status) => match status.code() {
                 Code::ResourceExhausted => "overloaded",
                 Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => "invalid",
@@ -208,23 +221,91 @@ pub struct Gateway {
     config: GatewayConfig,
     text: Arc<TextModel>,
     verifiers: Balancer,
+    /// One permit per core: prompts tokenized at once (the rest wait their turn, so that
+    /// big prompts cannot take every core from the gateway's other work).
+    tokenizing: Arc<tokio::sync::Semaphore>,
+    /// Triggered when the drain time after shutdown is over: open streams end.
+    drained: ShutdownSwitch,
+    /// The context window the verifier last said it serves (0: not heard yet).
+    verifier_context: std::sync::atomic::AtomicUsize,
 }
+
+/// How far Unicode normalization can shrink text (three conjoining jamo, 9 bytes, compose
+/// into one Hangul syllable of 3): with the longest token's bytes, it bounds the bytes of
+/// text any one token stands for.
+const NORMALIZATION_SHRINK: usize = 3;
 
 impl Gateway {
     pub fn new(config: GatewayConfig, text: TextModel) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
             config,
             text: Arc::new(text),
             verifiers: Balancer::default(),
+            tokenizing: Arc::new(tokio::sync::Semaphore::new(cores)),
+            verifier_context: std::sync::atomic::AtomicUsize::new(0),
+            drained: ShutdownSwitch::default(),
         }
+    }
+
+    /// Ends every open stream with [`GatewayError::ShuttingDown`] (the drain time is over).
+    pub fn end_streams(&self) {
+        tracing::warn!("the drain time is over: ending the streams still open");
+        self.drained.trigger();
+    }
+
+    /// Refuses, before any tokenizing, a prompt with more bytes than the longest prompt
+    /// that fits the context window could have.
+    fn check_prompt_bytes(&self, prompt: &PromptInput) -> Result<(), GatewayError> {
+        let (bytes, param) = match prompt {
+            PromptInput::Text(text) => (text.len(), "prompt"),
+            PromptInput::Chat(messages) => (
+                messages
+                    .iter()
+                    .map(|m| m.content.len() + m.role.len())
+                    .sum(),
+                "messages",
+            ),
+        };
+        let context = self.context_length();
+        let per_token = self.text.tokenizer.longest_token_bytes() * NORMALIZATION_SHRINK;
+        let limit = context.saturating_sub(1).saturating_mul(per_token);
+        if bytes > limit {
+            return Err(GatewayError::InvalidParam {
+                param,
+                message: format!(
+                    "the prompt has {bytes} bytes, more than any prompt that fits this \
+                     model's context window of {context} tokens could have ({limit})"
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub fn model_name(&self) -> &str {
         &self.config.model_name
     }
 
+    /// The keys requests need, if any.
+    pub fn api_keys(&self) -> Option<&sibyl_proto::auth::ApiKeys> {
+        self.config.api_keys.as_deref()
+    }
+
+    pub fn sse_keep_alive(&self) -> Duration {
+        self.config.sse_keep_alive
+    }
+
+    /// The context window requests get: the model's, or the verifier's when it serves
+    /// less (`--max-model-len`).
     pub fn context_length(&self) -> usize {
-        self.text.config.context_length
+        let model = self.text.config.context_length;
+        match self
+            .verifier_context
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => model,
+            verifier => verifier.min(model),
+        }
     }
 
     /// Asks a verifier for its status (the gateway's readiness check).
@@ -236,8 +317,13 @@ impl Gateway {
         )
         .await
         .map_err(|_| GatewayError::Unavailable("the verifier did not answer within 1 s".into()))?
-        .map_err(GatewayError::from_verifier)?;
-        Ok(status.into_inner())
+        .map_err(GatewayError::from_verifier)?
+        .into_inner();
+        self.verifier_context.store(
+            status.context_length as usize,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(status)
     }
 
     async fn client(&self) -> Result<VerifierClient<tonic::transport::Channel>, GatewayError> {
@@ -289,12 +375,14 @@ impl Gateway {
             "generation",
             request_id = %request.request_id,
             api = request.api.label(),
+            key_id = request.key_id.as_ref().map(|id| id.0.as_str()),
         );
         match self.start(request).instrument(span.clone()).await {
             Ok((prompt_tokens, events, relay_params)) => {
                 let (output, receiver) = mpsc::channel(64);
                 let text = self.text.clone();
-                let relay = relay(text, events, relay_params, output, record);
+                let drained = self.drained.stopped();
+                let relay = relay(text, events, relay_params, output, record, drained);
                 tokio::spawn(relay.instrument(span));
                 Ok((prompt_tokens, receiver))
             }
@@ -327,11 +415,26 @@ impl Gateway {
                  {MAX_STOP_BYTES} bytes"
             )));
         }
+        self.check_prompt_bytes(&request.prompt)?;
         let text = self.text.clone();
         let input = request.prompt;
-        let prompt = tokio::task::spawn_blocking(move || tokenize(&text, &input))
+        let permit = self
+            .tokenizing
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|e| GatewayError::Internal(e.to_string()))??;
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        // The permit goes with the work: a request dropped meanwhile frees it only when
+        // its tokenizing is done.
+        // A prompt must leave room for one token of output.
+        let limit = self.context_length().saturating_sub(1);
+        let prompt = tokio::task::spawn_blocking(move || {
+            let tokens = tokenize(&text, &input, limit);
+            drop(permit);
+            tokens
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(e.to_string()))??;
         let mut sampling = request.sampling;
         // Fixed here so that the gateway can report the seed even when it ends the
         // generation itself (at a stop string).
@@ -398,10 +501,17 @@ impl Gateway {
     }
 }
 
-/// Renders (a chat) and tokenizes a prompt: CPU work, run off the async workers.
-fn tokenize(text_model: &TextModel, prompt: &PromptInput) -> Result<Vec<u32>, GatewayError> {
-    let text = match prompt {
-        PromptInput::Text(text) => text.clone(),
+/// Renders (a chat) and tokenizes a prompt: CPU work, run off the async workers. In a chat
+/// control tokens count only where the template writes them (content is text). A prompt
+/// of more than `limit` tokens is refused as soon as that is known, before the rest of it
+/// is tokenized.
+fn tokenize(
+    text_model: &TextModel,
+    prompt: &PromptInput,
+    limit: usize,
+) -> Result<Vec<u32>, GatewayError> {
+    let tokens = match prompt {
+        PromptInput::Text(text) => text_model.tokenizer.encode_at_most(text, limit),
         PromptInput::Chat(messages) => {
             if messages.is_empty() {
                 return Err(GatewayError::InvalidRequest("`messages` is empty".into()));
@@ -418,15 +528,16 @@ fn tokenize(text_model: &TextModel, prompt: &PromptInput) -> Result<Vec<u32>, Ga
                     "this model has no chat template; use /v1/completions".into(),
                 )
             })?;
-            template
-                .render(messages)
-                .map_err(|e| GatewayError::InvalidRequest(format!("cannot render the chat: {e}")))?
+            template.encode_at_most(&text_model.tokenizer, messages, limit)
         }
-    };
-    let tokens = text_model
-        .tokenizer
-        .encode(&text)
-        .map_err(|e| GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?;
+    }
+    .map_err(|e| GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?
+    .ok_or_else(|| {
+        GatewayError::InvalidRequest(format!(
+            "the prompt has more than {limit} tokens; this model's context window is {} tokens",
+            limit + 1
+        ))
+    })?;
     if tokens.is_empty() {
         return Err(GatewayError::InvalidRequest("the prompt is empty".into()));
     }
@@ -452,8 +563,13 @@ async fn relay(
     params: RelayParams,
     output: mpsc::Sender<Result<Output, GatewayError>>,
     mut record: RequestRecord,
+    drained: impl std::future::Future<Output = ()>,
 ) {
-    let error = match relay_events(text, events, params, &output, &mut record).await {
+    let relayed = tokio::select! {
+        relayed = relay_events(text, events, params, &output, &mut record) => relayed,
+        () = drained => Err(GatewayError::ShuttingDown),
+    };
+    let error = match relayed {
         Ok(true) => {
             record.finish("ok");
             tracing::info!(

@@ -2,6 +2,7 @@
 
 use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput};
 use sibyl_engine::ChatMessage;
+use sibyl_proto::auth::{ApiKeys, KeyId};
 use sibyl_proto::v1::{self as pb, generate_request::Input, generate_response::Event};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
@@ -20,6 +21,11 @@ impl GatewayService {
         let _ = self.gateway.set(gateway);
     }
 
+    /// The gateway, once it is loaded.
+    pub fn ready(&self) -> Option<&Arc<Gateway>> {
+        self.gateway.get()
+    }
+
     fn gateway(&self) -> Result<&Arc<Gateway>, Status> {
         self.gateway
             .get()
@@ -27,14 +33,39 @@ impl GatewayService {
     }
 }
 
+/// Checks the API key in a gRPC request's `authorization` metadata (`Bearer KEY`) when
+/// the gateway has keys, and puts the key's id in the request's extensions for its logs.
+#[derive(Clone)]
+pub struct Authorize(pub Option<Arc<ApiKeys>>);
+
+impl tonic::service::Interceptor for Authorize {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(keys) = &self.0 else {
+            return Ok(request);
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.to_str().unwrap_or(""));
+        let id = keys
+            .check(header)
+            .map_err(|denied| Status::unauthenticated(denied.to_string()))?
+            .clone();
+        request.extensions_mut().insert(id);
+        Ok(request)
+    }
+}
+
 impl From<GatewayError> for Status {
     fn from(error: GatewayError) -> Self {
         match error {
-            GatewayError::InvalidRequest(message) | GatewayError::PayloadTooLarge(message) => {
-                Status::invalid_argument(message)
-            }
+            GatewayError::InvalidRequest(message)
+            | GatewayError::PayloadTooLarge(message)
+            | GatewayError::InvalidParam { message, .. } => Status::invalid_argument(message),
             error @ GatewayError::ModelNotFound { .. } => Status::not_found(error.to_string()),
-            error @ GatewayError::Unavailable(_) => Status::unavailable(error.to_string()),
+            error @ (GatewayError::Unavailable(_) | GatewayError::ShuttingDown) => {
+                Status::unavailable(error.to_string())
+            }
             GatewayError::Verifier(status) => status,
             error @ GatewayError::Internal(_) => Status::internal(error.to_string()),
         }
@@ -66,6 +97,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             prefix_cache: request.prefix_cache,
             api: Api::Grpc,
             request_id: String::new(),
+            key_id: None,
         })
     }
 }
@@ -79,8 +111,10 @@ impl pb::gateway_server::Gateway for GatewayService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let request_id = sibyl_telemetry::trace::request_id(request.metadata());
+        let key_id = request.extensions().get::<KeyId>().cloned();
         let mut generation = Generation::try_from(request.into_inner())?;
         generation.request_id = request_id;
+        generation.key_id = key_id;
         let (_, mut outputs) = self.gateway()?.generate(generation).await?;
         let (sender, receiver) = mpsc::channel(16);
         tokio::spawn(async move {

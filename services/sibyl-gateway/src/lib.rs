@@ -9,10 +9,11 @@ mod openai;
 mod stop;
 
 pub use generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput, Summary};
-pub use grpc::GatewayService;
+pub use grpc::{Authorize, GatewayService};
 pub use stop::StopStrings;
 
 use sibyl_engine::TextModel;
+use sibyl_proto::auth::ApiKeys;
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{run_role, Health, OnLoadError, ServeError, ShutdownSwitch};
 use sibyl_proto::v1::gateway_server::{GatewayServer, SERVICE_NAME};
@@ -31,14 +32,29 @@ pub struct GatewayConfig {
     pub verifier: ServiceAddress,
     /// Most tokens one request may generate.
     pub max_tokens_limit: usize,
+    /// Interval of the SSE comments a stream sends while no token is ready.
+    pub sse_keep_alive: Duration,
+    /// The API keys requests must carry; `None`: the API is open to anyone who reaches it.
+    pub api_keys: Option<Arc<ApiKeys>>,
+    /// How long open streams may go on once shutdown begins; then each ends with an error
+    /// that says the gateway is shutting down.
+    pub drain_timeout: Duration,
+    /// Serve `/metrics` on the HTTP API's port (behind the keys, when there are keys);
+    /// `false` where the role serves it on a port of its own.
+    pub metrics_on_http: bool,
 }
+
+/// The default [`GatewayConfig::sse_keep_alive`]: well under the idle timeouts of common
+/// proxies and load balancers (60 s for nginx and AWS ALB).
+pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Serves the gRPC API on `grpc` and the HTTP API on `http` until `shutdown` completes.
 /// `load` (on a blocking thread: it may fetch the model file) reads the tokenizer and chat
 /// template; until it has, gRPC health says NOT_SERVING, the gRPC API answers UNAVAILABLE and
 /// the HTTP API is not listening. A failed load ends the server or is retried, as `on_error`
 /// says. Once loaded, health follows the verifier: SERVING while it answers (checked every
-/// [`VERIFIER_CHECK_INTERVAL`]). The HTTP API also serves `/metrics`.
+/// [`VERIFIER_CHECK_INTERVAL`]). With API keys, every request but `/health` and gRPC health
+/// needs one. The HTTP API also serves `/metrics` unless the config says not to.
 pub async fn serve<E>(
     grpc: TcpListener,
     http: TcpListener,
@@ -51,22 +67,38 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     sibyl_telemetry::metrics::gateway();
+    match &config.api_keys {
+        Some(keys) => tracing::info!(keys = keys.len(), "requests need an API key"),
+        None => tracing::warn!(
+            "no API keys (--api-key-file): anyone who can reach this gateway can use it"
+        ),
+    }
+    let authorize = Authorize(config.api_keys.clone());
     let switch = ShutdownSwitch::default();
     let (grpc_stopped, http_stopped) = (switch.stopped(), switch.stopped());
+    let service = GatewayService::default();
+    let drain_timeout = config.drain_timeout;
+    let draining = service.clone();
     tokio::spawn(async move {
         shutdown.await;
         switch.trigger();
+        tokio::time::sleep(drain_timeout).await;
+        if let Some(gateway) = draining.ready() {
+            gateway.end_streams();
+        }
     });
-    let service = GatewayService::default();
-    let add = |router: Router| router.add_service(GatewayServer::new(service.clone()));
+    let add = |router: Router| {
+        router.add_service(GatewayServer::with_interceptor(service.clone(), authorize))
+    };
     let mut http_server = None;
     let ready = |text, health| {
+        let metrics = config.metrics_on_http;
         let gateway = Arc::new(Gateway::new(config, text));
         service.set_ready(gateway.clone());
         // Health is the verifier's to decide from here on.
         tokio::spawn(follow_verifier(gateway.clone(), health));
-        let server =
-            axum::serve(http, openai::router(gateway)).with_graceful_shutdown(http_stopped);
+        let server = axum::serve(http, openai::router(gateway, metrics))
+            .with_graceful_shutdown(http_stopped);
         http_server = Some(tokio::spawn(server.into_future()));
         false
     };

@@ -10,13 +10,14 @@ use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptIn
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sibyl_engine::ChatMessage;
+use sibyl_proto::auth::KeyId;
 use sibyl_proto::v1 as pb;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -27,17 +28,70 @@ use tokio_stream::wrappers::ReceiverStream;
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
-/// The HTTP routes of the gateway.
-pub fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
+/// The HTTP routes of the gateway: with API keys, every one but `/health` needs a key.
+pub fn router(gateway: Arc<Gateway>, metrics: bool) -> Router {
+    let mut api = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models))
-        .route("/health", get(health))
-        .merge(sibyl_telemetry::metrics_router())
+        .route("/v1/models", get(models));
+    if metrics {
+        api = api.merge(sibyl_telemetry::metrics_router());
+    }
+    let api = api
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            gateway.clone(),
+            authorize,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(gateway)
+}
+
+/// Lets a request through when the gateway has no keys or it carries one of them (its id
+/// then goes into the request's extensions); 401 with OpenAI's error object otherwise.
+async fn authorize(
+    State(gateway): State<Arc<Gateway>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(keys) = gateway.api_keys() else {
+        return next.run(request).await;
+    };
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or(""));
+    match keys.check(header) {
+        Ok(id) => {
+            let id = id.clone();
+            request.extensions_mut().insert(id);
+            next.run(request).await
+        }
+        Err(denied) => {
+            let body = error_body(
+                &denied.to_string(),
+                "invalid_request_error",
+                Value::Null,
+                json!("invalid_api_key"),
+            );
+            let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+    }
+}
+
+/// The id of the key a request came with, when the gateway has keys.
+type Key = Option<axum::Extension<KeyId>>;
+
+fn key_id(key: Key) -> Option<KeyId> {
+    key.map(|axum::Extension(id)| id)
 }
 
 impl IntoResponse for GatewayError {
@@ -48,7 +102,7 @@ impl IntoResponse for GatewayError {
                 "invalid_request_error",
                 Value::Null,
             ),
-            GatewayError::InvalidRequest(_) => (
+            GatewayError::InvalidRequest(_) | GatewayError::InvalidParam { .. } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 Value::Null,
@@ -58,7 +112,7 @@ impl IntoResponse for GatewayError {
                 "invalid_request_error",
                 json!("model_not_found"),
             ),
-            GatewayError::Unavailable(_) => (
+            GatewayError::Unavailable(_) | GatewayError::ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",
                 Value::Null,
@@ -82,8 +136,15 @@ impl IntoResponse for GatewayError {
                 Value::Null,
             ),
         };
-        let mut response =
-            (status, Json(error_body(&self.to_string(), kind, code))).into_response();
+        let param = match &self {
+            GatewayError::InvalidParam { param, .. } => json!(param),
+            _ => Value::Null,
+        };
+        let mut response = (
+            status,
+            Json(error_body(&self.to_string(), kind, param, code)),
+        )
+            .into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {
             // The verifier's hint, in seconds; one second where it gave none.
             let retry_after = match &self {
@@ -103,12 +164,20 @@ impl IntoResponse for GatewayError {
     }
 }
 
-fn error_body(message: &str, kind: &str, code: Value) -> Value {
-    json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+/// OpenAI's error object; `param` names the request field at fault, where one is.
+fn error_body(message: &str, kind: &str, param: Value, code: Value) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
 }
 
 fn invalid(message: impl Into<String>) -> GatewayError {
     GatewayError::InvalidRequest(message.into())
+}
+
+fn invalid_param(param: &'static str, message: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidParam {
+        param,
+        message: message.into(),
+    }
 }
 
 /// A request body as the extractor delivered it (an error when it is over the size limit or
@@ -169,41 +238,133 @@ struct Common {
     stream: bool,
     stream_options: Option<StreamOptions>,
     stop: Option<OneOrMany>,
-    n: Option<u32>,
-    logprobs: Option<Value>,
     speculation: Option<SpeculationExtension>,
     prefix_cache: Option<bool>,
+    #[serde(flatten)]
+    unsupported: Unsupported,
+}
+
+/// OpenAI fields this server does not implement. Each is refused with a 400 naming it
+/// when set to anything but its neutral value (which clients often send explicitly), so
+/// that a client never gets free text where it asked for tool calls, JSON or log
+/// probabilities. Fields OpenAI does not define are ignored.
+#[derive(Debug, Default, Deserialize)]
+struct Unsupported {
+    n: Option<Value>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    response_format: Option<Value>,
+    logit_bias: Option<Value>,
+    presence_penalty: Option<Value>,
+    frequency_penalty: Option<Value>,
+    echo: Option<Value>,
+    best_of: Option<Value>,
+    suffix: Option<Value>,
+}
+
+impl Unsupported {
+    /// The first field set to something this server cannot do, with why.
+    fn check(&self) -> Result<(), GatewayError> {
+        let neutral = |value: &Option<Value>, allowed: &[Value]| match value {
+            None | Some(Value::Null) => true,
+            Some(v) => allowed.contains(v),
+        };
+        let empty = |value: &Option<Value>| match value {
+            Some(Value::Array(items)) => items.is_empty(),
+            Some(Value::Object(fields)) => fields.is_empty(),
+            other => neutral(other, &[]),
+        };
+        let zero = |value: &Option<Value>| neutral(value, &[json!(0), json!(0.0)]);
+        let one = |value: &Option<Value>| neutral(value, &[json!(1)]);
+        let checks: [(&'static str, bool, &str); 14] = [
+            ("n", one(&self.n), "only one choice per request (`n: 1`) is supported"),
+            (
+                "logprobs",
+                neutral(&self.logprobs, &[json!(false), json!(0)]),
+                "log probabilities are not supported",
+            ),
+            ("top_logprobs", zero(&self.top_logprobs), "log probabilities are not supported"),
+            ("tools", empty(&self.tools), "tool calls are not supported"),
+            (
+                "tool_choice",
+                neutral(&self.tool_choice, &[json!("none"), json!("auto")]),
+                "tool calls are not supported",
+            ),
+            ("functions", empty(&self.functions), "function calls are not supported"),
+            (
+                "function_call",
+                neutral(&self.function_call, &[json!("none"), json!("auto")]),
+                "function calls are not supported",
+            ),
+            (
+                "response_format",
+                neutral(&self.response_format, &[json!({"type": "text"})]),
+                "only `response_format: {\"type\": \"text\"}` is supported (no JSON mode or schema)",
+            ),
+            ("logit_bias", empty(&self.logit_bias), "`logit_bias` is not supported"),
+            (
+                "presence_penalty",
+                zero(&self.presence_penalty),
+                "penalties are not supported (the output is the model's own distribution)",
+            ),
+            (
+                "frequency_penalty",
+                zero(&self.frequency_penalty),
+                "penalties are not supported (the output is the model's own distribution)",
+            ),
+            ("echo", neutral(&self.echo, &[json!(false)]), "`echo` is not supported"),
+            ("best_of", one(&self.best_of), "only `best_of: 1` is supported"),
+            ("suffix", neutral(&self.suffix, &[json!("")]), "`suffix` (insertion) is not supported"),
+        ];
+        match checks.into_iter().find(|(_, ok, _)| !ok) {
+            Some((param, _, message)) => Err(invalid_param(param, message)),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Common {
     fn generation(self, prompt: PromptInput) -> Result<Generation, GatewayError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(invalid("only `n: 1` is supported"));
-        }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && *v != json!(false) && *v != json!(0))
-        {
-            return Err(invalid("`logprobs` is not supported"));
-        }
-        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
-            None => None,
-            Some(n) if n < 1 => return Err(invalid("`max_tokens` must be at least 1")),
-            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        self.unsupported.check()?;
+        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
+            (None, None) => None,
+            (Some(n), _) | (None, Some(n)) if n < 1 => {
+                let param = if self.max_completion_tokens.is_some() {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                };
+                return Err(invalid_param(
+                    param,
+                    format!("`{param}` must be at least 1"),
+                ));
+            }
+            (Some(n), _) | (None, Some(n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         };
         let temperature = self.temperature.unwrap_or(1.0);
         if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-            return Err(invalid("`temperature` must be between 0 and 2"));
+            return Err(invalid_param(
+                "temperature",
+                "`temperature` must be between 0 and 2",
+            ));
         }
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(invalid("`top_p` must be in (0, 1]"));
+            return Err(invalid_param("top_p", "`top_p` must be in (0, 1]"));
         }
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => u32::try_from(k).unwrap_or(u32::MAX),
-            Some(_) => return Err(invalid("`top_k` must be -1 (all) or at least 1")),
+            Some(_) => {
+                return Err(invalid_param(
+                    "top_k",
+                    "`top_k` must be -1 (all) or at least 1",
+                ))
+            }
         };
         let speculation = self
             .speculation
@@ -233,6 +394,7 @@ impl Common {
             prefix_cache: self.prefix_cache,
             api: Api::Http,
             request_id: String::new(),
+            key_id: None,
         })
     }
 }
@@ -240,8 +402,6 @@ impl Common {
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
     prompt: OneOrMany,
-    #[serde(default)]
-    echo: bool,
     #[serde(flatten)]
     common: Common,
 }
@@ -310,22 +470,28 @@ enum Kind {
 
 async fn completions(
     State(gateway): State<Arc<Gateway>>,
+    key: Key,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let request: CompletionRequest = parse(body)?;
-    if request.echo {
-        return Err(invalid("`echo` is not supported"));
-    }
     let mut prompts = request.prompt.into_vec();
     if prompts.len() != 1 {
-        return Err(invalid("`prompt` must be one string"));
+        return Err(invalid_param("prompt", "`prompt` must be one string"));
     }
     let prompt = PromptInput::Text(prompts.remove(0));
-    respond(gateway, Kind::Completion, request.common, prompt).await
+    respond(
+        gateway,
+        Kind::Completion,
+        request.common,
+        prompt,
+        key_id(key),
+    )
+    .await
 }
 
 async fn chat_completions(
     State(gateway): State<Arc<Gateway>>,
+    key: Key,
     body: Body,
 ) -> Result<Response, GatewayError> {
     let request: ChatRequest = parse(body)?;
@@ -339,6 +505,7 @@ async fn chat_completions(
         Kind::Chat,
         request.common,
         PromptInput::Chat(messages),
+        key_id(key),
     )
     .await
 }
@@ -348,6 +515,7 @@ async fn respond(
     kind: Kind,
     common: Common,
     prompt: PromptInput,
+    key_id: Option<KeyId>,
 ) -> Result<Response, GatewayError> {
     let stream = common.stream;
     let include_usage = common
@@ -366,6 +534,7 @@ async fn respond(
     );
     // The response's id is the request id in logs and traces.
     generation.request_id = id.clone();
+    generation.key_id = key_id;
     let (_, mut outputs) = gateway.generate(generation).await?;
     let meta = Meta {
         id,
@@ -431,6 +600,7 @@ async fn respond(
                                 &response_status,
                                 "server_error",
                                 Value::Null,
+                                Value::Null,
                             )))
                             .await;
                         break;
@@ -442,7 +612,12 @@ async fn respond(
             }
             let _ = events.send(Ok(Event::default().data("[DONE]"))).await;
         });
-        return Ok(Sse::new(ReceiverStream::new(receiver)).into_response());
+        // Comments while no token is ready (a long prompt's prefill, a queue), so that a
+        // proxy's idle timeout does not cut the stream.
+        let keep_alive = KeepAlive::new().interval(gateway.sse_keep_alive());
+        return Ok(Sse::new(ReceiverStream::new(receiver))
+            .keep_alive(keep_alive)
+            .into_response());
     }
     let mut text = String::new();
     while let Some(output) = outputs.recv().await {
@@ -540,7 +715,12 @@ async fn not_found(uri: axum::http::Uri) -> Response {
     let message = format!("no route {uri}; this server has /v1/completions, /v1/chat/completions, /v1/models and /health");
     (
         StatusCode::NOT_FOUND,
-        Json(error_body(&message, "invalid_request_error", Value::Null)),
+        Json(error_body(
+            &message,
+            "invalid_request_error",
+            Value::Null,
+            Value::Null,
+        )),
     )
         .into_response()
 }

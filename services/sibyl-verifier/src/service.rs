@@ -270,11 +270,17 @@ impl pb::verifier_server::Verifier for VerifierService {
     ) -> Result<Response<pb::VerifierStatus>, Status> {
         let engine = self.engine()?;
         let inner = &self.inner;
+        let context_length = engine.loaded.model.config().context_length;
         Ok(Response::new(pb::VerifierStatus {
             model: inner.config.model_name.clone(),
             tokenizer_fingerprint: sibyl_proto::fingerprint(engine.loaded.tokenizer.fingerprint()),
-            context_length: u32::try_from(engine.loaded.model.config().context_length)
-                .unwrap_or(u32::MAX),
+            context_length: u32::try_from(
+                inner
+                    .config
+                    .max_model_len
+                    .map_or(context_length, |cap| cap.min(context_length)),
+            )
+            .unwrap_or(u32::MAX),
             vocab_size: u32::try_from(engine.loaded.model.vocab_size()).unwrap_or(u32::MAX),
             active_sessions: u32::try_from(self.active_sessions()).unwrap_or(u32::MAX),
             sessions_started: inner.started.load(Ordering::Relaxed),

@@ -155,18 +155,18 @@ pub struct InProcess {
 const PREFIX_CACHE_BYTES: usize = 1 << 30;
 
 impl InProcess {
-    /// The prompt's tokens: chats rendered with the model's template.
+    /// The prompt's tokens: chats rendered with the model's template, as the gateway does.
     pub(super) fn tokenize(&self, prompt: &PromptInput) -> anyhow::Result<Vec<u32>> {
-        let text = match prompt {
-            PromptInput::Text(text) => text.clone(),
+        let tokenizer = &self.loaded.tokenizer;
+        Ok(match prompt {
+            PromptInput::Text(text) => tokenizer.encode(text)?,
             PromptInput::Chat(messages) => self
                 .loaded
                 .chat_template
                 .as_ref()
                 .context("this model file has no chat template, so it cannot run chat items")?
-                .render(messages)?,
-        };
-        Ok(self.loaded.tokenizer.encode(&text)?)
+                .encode(tokenizer, messages)?,
+        })
     }
 
     /// The settings and fresh drafters of one generation under `config` (every generation

@@ -1,0 +1,206 @@
+//! Bearer keys: the API keys a gateway accepts from clients.
+//!
+//! A key file holds one key per line (blank lines and lines starting with `#` are skipped).
+//! Only each key's SHA-256 is kept in memory, and a presented key is hashed and compared
+//! with every digest in constant time, so that neither the time taken nor the logs tell
+//! anything about a key. A key is named in logs by its id, `key-` and the first 8 hex
+//! digits of its SHA-256 (`sha256sum` of the key without a newline shows it).
+
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Longest key accepted in a key file, in bytes.
+const MAX_KEY_BYTES: usize = 4096;
+
+/// The keys a server accepts.
+pub struct ApiKeys {
+    /// Each key's SHA-256 and id.
+    keys: Vec<([u8; 32], KeyId)>,
+}
+
+/// The public name of a key, for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyId(pub String);
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A key file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read the key file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the key file {path}, line {line}: {reason}")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        reason: &'static str,
+    },
+    #[error("the key file {0} holds no key")]
+    Empty(PathBuf),
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("no API key: send it as `Authorization: Bearer KEY`")]
+    Missing,
+    #[error("the API key is not valid")]
+    Invalid,
+}
+
+impl ApiKeys {
+    /// Reads a key file.
+    pub fn from_file(path: &Path) -> Result<Self, KeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|problem| match problem {
+            None => KeyFileError::Empty(path.to_path_buf()),
+            Some((line, reason)) => KeyFileError::Line {
+                path: path.to_path_buf(),
+                line,
+                reason,
+            },
+        })
+    }
+
+    /// Keys from a key file's text: `Err(None)` when it holds none, else the first bad
+    /// line (1-based) and why.
+    fn parse(text: &str) -> Result<Self, Option<(usize, &'static str)>> {
+        let mut keys = Vec::new();
+        for (index, line) in text.lines().enumerate() {
+            let key = line.trim();
+            if key.is_empty() || key.starts_with('#') {
+                continue;
+            }
+            let reason = if key.len() > MAX_KEY_BYTES {
+                Some("a key is longer than 4096 bytes")
+            } else if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                Some("a key must be printable ASCII without spaces (it travels in a header)")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(Some((index + 1, reason)));
+            }
+            keys.push(Self::entry(key));
+        }
+        if keys.is_empty() {
+            return Err(None);
+        }
+        Ok(Self { keys })
+    }
+
+    fn entry(key: &str) -> ([u8; 32], KeyId) {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let id = digest[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        (digest, KeyId(format!("key-{id}")))
+    }
+
+    /// How many keys there are.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The id of the key an `Authorization` header value (`Bearer KEY`) carries.
+    pub fn check(&self, authorization: Option<&str>) -> Result<&KeyId, Denied> {
+        let header = authorization.ok_or(Denied::Missing)?;
+        let (scheme, key) = header.trim().split_once(' ').ok_or(Denied::Invalid)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(Denied::Invalid);
+        }
+        self.check_key(key.trim())
+    }
+
+    /// The id of `key`, if it is one of these keys. Every key is compared, whichever
+    /// matches.
+    pub fn check_key(&self, key: &str) -> Result<&KeyId, Denied> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let mut found = None;
+        for (known, id) in &self.keys {
+            if constant_time_eq::constant_time_eq_32(known, &digest) {
+                found = Some(id);
+            }
+        }
+        found.ok_or(Denied::Invalid)
+    }
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self.keys.iter().map(|(_, id)| id.0.as_str()).collect();
+        f.debug_struct("ApiKeys").field("ids", &ids).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_found_by_their_bearer_header_and_named_by_id() {
+        let keys = ApiKeys::parse("# clients\nsk-alpha\n\n  sk-beta  \n").unwrap();
+        assert_eq!(keys.len(), 2);
+        let alpha = keys.check(Some("Bearer sk-alpha")).unwrap().clone();
+        let beta = keys.check(Some("bearer  sk-beta")).unwrap().clone();
+        assert_ne!(alpha, beta);
+        assert!(
+            alpha.0.starts_with("key-") && alpha.0.len() == 12,
+            "{alpha}"
+        );
+        // The id is the start of the key's SHA-256, as `sha256sum` prints it.
+        let digest = Sha256::digest(b"sk-alpha");
+        assert_eq!(
+            alpha.0[4..],
+            format!(
+                "{:02x}{:02x}{:02x}{:02x}",
+                digest[0], digest[1], digest[2], digest[3]
+            )
+        );
+        assert!(!format!("{keys:?}").contains("sk-alpha"));
+    }
+
+    #[test]
+    fn wrong_missing_or_malformed_keys_are_denied() {
+        let keys = ApiKeys::parse("sk-alpha\n").unwrap();
+        assert_eq!(keys.check(None), Err(Denied::Missing));
+        for header in [
+            "Bearer sk-alph",
+            "Bearer sk-alpha2",
+            "Basic sk-alpha",
+            "sk-alpha",
+            "Bearer ",
+            "",
+        ] {
+            assert_eq!(keys.check(Some(header)), Err(Denied::Invalid), "{header:?}");
+        }
+    }
+
+    #[test]
+    fn unusable_key_files_are_refused_with_the_line() {
+        assert!(matches!(ApiKeys::parse("# nothing\n\n"), Err(None)));
+        assert!(matches!(
+            ApiKeys::parse("sk-ok\nsk with space\n"),
+            Err(Some((2, _)))
+        ));
+        assert!(matches!(
+            ApiKeys::parse(&"k".repeat(MAX_KEY_BYTES + 1)),
+            Err(Some((1, _)))
+        ));
+    }
+}
