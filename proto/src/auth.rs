@@ -8,6 +8,9 @@
 
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::{Request, Status};
 
 /// Longest key accepted in a key file, in bytes.
 const MAX_KEY_BYTES: usize = 4096;
@@ -66,6 +69,18 @@ impl ApiKeys {
             None => KeyFileError::Empty(path.to_path_buf()),
             Some((line, reason)) => KeyFileError::Line {
                 path: path.to_path_buf(),
+                line,
+                reason,
+            },
+        })
+    }
+
+    /// The keys of a key file's text (what [`Self::from_file`] reads).
+    pub fn from_text(text: &str) -> Result<Self, KeyFileError> {
+        Self::parse(text).map_err(|problem| match problem {
+            None => KeyFileError::Empty(PathBuf::new()),
+            Some((line, reason)) => KeyFileError::Line {
+                path: PathBuf::new(),
                 line,
                 reason,
             },
@@ -141,6 +156,107 @@ impl ApiKeys {
     }
 }
 
+/// A gRPC interceptor that lets a call through when there are no keys or its
+/// `authorization` metadata (`Bearer KEY`) carries one of them (the key's [`KeyId`] then
+/// goes into the request's extensions, for its logs); UNAUTHENTICATED otherwise.
+#[derive(Clone, Debug, Default)]
+pub struct RequireKey(pub Option<Arc<ApiKeys>>);
+
+impl tonic::service::Interceptor for RequireKey {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(keys) = &self.0 else {
+            return Ok(request);
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.to_str().unwrap_or(""));
+        let id = keys
+            .check(header)
+            .map_err(|denied| Status::unauthenticated(denied.to_string()))?
+            .clone();
+        request.extensions_mut().insert(id);
+        Ok(request)
+    }
+}
+
+/// The token the roles of one deployment show each other (`--internal-token-file`): a
+/// verifier and drafters accept only calls that carry one of the file's tokens, and a role
+/// sends the first. Rotation: add the new token as a second line everywhere, then make it
+/// the first, then remove the old one.
+#[derive(Clone)]
+pub struct InternalToken {
+    accepted: Arc<ApiKeys>,
+    sent: AsciiMetadataValue,
+}
+
+impl InternalToken {
+    /// Reads a token file (the format of an API key file).
+    pub fn from_file(path: &Path) -> Result<Self, KeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let named = |error: KeyFileError| match error {
+            KeyFileError::Empty(_) => KeyFileError::Empty(path.to_path_buf()),
+            KeyFileError::Line { line, reason, .. } => KeyFileError::Line {
+                path: path.to_path_buf(),
+                line,
+                reason,
+            },
+            other => other,
+        };
+        Self::from_text(&text).map_err(named)
+    }
+
+    /// The tokens of a token file's text.
+    pub fn from_text(text: &str) -> Result<Self, KeyFileError> {
+        let accepted = ApiKeys::from_text(text)?;
+        let first = text
+            .lines()
+            .map(str::trim)
+            .find(|line| !line.is_empty() && !line.starts_with('#'))
+            .unwrap_or_default();
+        let sent = format!("Bearer {first}")
+            .parse()
+            .map_err(|_| KeyFileError::Empty(PathBuf::new()))?;
+        Ok(Self {
+            accepted: Arc::new(accepted),
+            sent,
+        })
+    }
+
+    /// Puts the token into a call's metadata.
+    pub fn attach(&self, metadata: &mut MetadataMap) {
+        metadata.insert("authorization", self.sent.clone());
+    }
+
+    /// The interceptor that accepts calls carrying one of the tokens.
+    pub fn require(&self) -> RequireKey {
+        RequireKey(Some(self.accepted.clone()))
+    }
+}
+
+impl std::fmt::Debug for InternalToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InternalToken")
+            .field("accepted", &self.accepted)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Puts `token`, if any, into a call's metadata.
+pub fn attach(token: Option<&InternalToken>, metadata: &mut MetadataMap) {
+    if let Some(token) = token {
+        token.attach(metadata);
+    }
+}
+
+/// The interceptor for `token`: open without one.
+pub fn require(token: Option<&InternalToken>) -> RequireKey {
+    token.map_or_else(RequireKey::default, InternalToken::require)
+}
+
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ids: Vec<&str> = self.keys.iter().map(|(_, id)| id.0.as_str()).collect();
@@ -189,6 +305,19 @@ mod tests {
         ] {
             assert_eq!(keys.check(Some(header)), Err(Denied::Invalid), "{header:?}");
         }
+    }
+
+    #[test]
+    fn an_internal_token_is_sent_first_and_every_one_is_accepted() {
+        let token = InternalToken::from_text("# rotating\nnew-token\nold-token\n").unwrap();
+        let mut metadata = MetadataMap::new();
+        token.attach(&mut metadata);
+        assert_eq!(metadata.get("authorization").unwrap(), "Bearer new-token");
+        for sent in ["Bearer new-token", "Bearer old-token"] {
+            assert!(token.accepted.check(Some(sent)).is_ok());
+        }
+        assert!(token.accepted.check(Some("Bearer other")).is_err());
+        assert!(!format!("{token:?}").contains("new-token"));
     }
 
     #[test]

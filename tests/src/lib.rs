@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     pub idle_timeout: Duration,
     /// The verifier's `--max-model-len`.
     pub max_model_len: Option<usize>,
+    /// The token the roles show each other (`--internal-token-file`).
+    pub internal_token: Option<sibyl_proto::auth::InternalToken>,
     /// How long the gateway's streams go on once shutdown begins.
     pub drain_timeout: Duration,
     /// The gateway's API keys (`None`: open) and SSE keep-alive interval.
@@ -70,6 +72,7 @@ impl Default for ClusterOptions {
             queue_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             max_model_len: None,
+            internal_token: None,
             drain_timeout: Duration::from_secs(30),
             api_keys: None,
             sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
@@ -105,7 +108,8 @@ impl Cluster {
             endpoints.push(format!("ngram=http://{addr}").parse()?);
             let service = DraftService::new(Arc::new(|| {
                 Box::new(NgramDrafter::new(NgramConfig::default()))
-            }));
+            }))
+            .requiring(options.internal_token.clone());
             let path = path.clone();
             let load = move || sibyl_engine::load_text(&path).map(|t| t.tokenizer.fingerprint());
             let server =
@@ -128,6 +132,7 @@ impl Cluster {
             queue_timeout: options.queue_timeout,
             idle_timeout: options.idle_timeout,
             max_model_len: options.max_model_len,
+            internal_token: options.internal_token.clone(),
             ..VerifierConfig::new(TEST_MODEL.into(), endpoints)
         };
         let model_path = path.clone();
@@ -153,6 +158,7 @@ impl Cluster {
             max_tokens_limit: options.max_tokens_limit,
             sse_keep_alive: options.sse_keep_alive,
             api_keys: options.api_keys.clone(),
+            internal_token: options.internal_token.clone(),
             drain_timeout: options.drain_timeout,
             metrics_on_http: true,
         };

@@ -27,6 +27,27 @@ async fn post(
     .unwrap()
 }
 
+/// A gateway request for `max_tokens` greedy tokens after `prompt`.
+fn prompt_request(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Prompt(prompt.into())),
+        max_tokens,
+        sampling: Some(pb::SamplingParams::default()),
+        ..Default::default()
+    }
+}
+
+/// Reads a gateway stream to its summary.
+async fn summary_of(mut stream: tonic::Streaming<pb::GenerateResponse>) -> pb::GenerateSummary {
+    let mut summary = None;
+    while let Some(message) = stream.message().await.unwrap() {
+        if let Some(pb::generate_response::Event::Summary(s)) = message.event {
+            summary = Some(s);
+        }
+    }
+    summary.expect("a summary")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
     let cluster = Cluster::start(ClusterOptions::default())
@@ -175,11 +196,7 @@ async fn with_api_keys_every_route_but_health_needs_one() {
 
     // gRPC: UNAUTHENTICATED without the key in the metadata, served with it.
     let mut gateway = cluster.gateway_client().await.unwrap();
-    let request = || pb::GenerateRequest {
-        input: Some(pb::generate_request::Input::Prompt("Hello".into())),
-        max_tokens: 2,
-        ..Default::default()
-    };
+    let request = || prompt_request("Hello", 2);
     let status = gateway.generate(request()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     let mut wrong = tonic::Request::new(request());
@@ -192,17 +209,8 @@ async fn with_api_keys_every_route_but_health_needs_one() {
     keyed
         .metadata_mut()
         .insert("authorization", "Bearer sk-test-two".parse().unwrap());
-    let mut stream = gateway.generate(keyed).await.unwrap().into_inner();
-    let mut summary = None;
-    while let Some(message) = stream.message().await.unwrap() {
-        if let Some(pb::generate_response::Event::Summary(s)) = message.event {
-            summary = Some(s);
-        }
-    }
-    assert_eq!(
-        summary.expect("a summary").usage.unwrap().completion_tokens,
-        2
-    );
+    let summary = summary_of(gateway.generate(keyed).await.unwrap().into_inner()).await;
+    assert_eq!(summary.usage.unwrap().completion_tokens, 2);
     cluster.stop().await;
 }
 
@@ -344,14 +352,7 @@ async fn at_shutdown_streams_go_on_until_the_drain_time_then_end_with_a_clear_er
     .expect("cluster");
     let mut gateway = cluster.gateway_client().await.unwrap();
     // Counting goes on, greedy, for well over a thousand tokens.
-    let request = pb::GenerateRequest {
-        input: Some(pb::generate_request::Input::Prompt(
-            "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,".into(),
-        )),
-        max_tokens: 2000,
-        sampling: Some(pb::SamplingParams::default()),
-        ..Default::default()
-    };
+    let request = prompt_request("1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", 2000);
     let mut stream = gateway.generate(request).await.unwrap().into_inner();
     assert!(stream.message().await.unwrap().is_some());
     cluster.begin_shutdown();
@@ -372,5 +373,50 @@ async fn at_shutdown_streams_go_on_until_the_drain_time_then_end_with_a_clear_er
     .expect("the stream ends soon after the drain time");
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
     assert!(ended.message().contains("shutting down"), "{ended:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_internal_token_verifier_and_drafters_serve_only_the_roles() {
+    let token = sibyl_proto::auth::InternalToken::from_text("internal-one\n").unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        internal_token: Some(token.clone()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster (health stays open)");
+    // The roles among themselves: the gateway reaches the verifier, the verifier its
+    // drafter (whose drafts are accepted).
+    let mut gateway = cluster.gateway_client().await.unwrap();
+    let counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
+    let summary = summary_of(
+        gateway
+            .generate(prompt_request(counting, 24))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let ngram = summary.drafters.iter().find(|d| d.kind == "ngram").unwrap();
+    assert!(ngram.accepted_tokens > 0, "{ngram:?}");
+    // Anyone else: UNAUTHENTICATED from the verifier and the drafter.
+    let mut verifier = cluster.verifier_client().await.unwrap();
+    let status = verifier
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut with_token = tonic::Request::new(pb::GetStatusRequest {});
+    token.attach(with_token.metadata_mut());
+    assert!(verifier.get_status(with_token).await.is_ok());
+    let mut drafter =
+        pb::drafter_client::DrafterClient::connect(format!("http://{}", cluster.drafters[0]))
+            .await
+            .unwrap();
+    let status = drafter
+        .draft(tokio_stream::iter(Vec::<pb::DraftRequest>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     cluster.stop().await;
 }

@@ -12,7 +12,7 @@ use sibyl_drafter::{DraftService, MakeDrafter};
 use sibyl_gateway::GatewayConfig;
 use sibyl_lm::LmDrafter;
 use sibyl_ngram::NgramDrafter;
-use sibyl_proto::auth::ApiKeys;
+use sibyl_proto::auth::{ApiKeys, InternalToken};
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{OnLoadError, ShutdownSwitch};
 use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter};
@@ -175,6 +175,7 @@ impl GatewayLimitArgs {
             max_tokens_limit: self.max_tokens_limit,
             sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
             api_keys,
+            internal_token: None,
             drain_timeout,
             metrics_on_http: self.metrics_addr.is_none(),
         })
@@ -212,6 +213,25 @@ impl LoadArgs {
         match self.load_retry_ms {
             0 => OnLoadError::Fail,
             ms => OnLoadError::Retry(Duration::from_millis(ms)),
+        }
+    }
+}
+
+/// How the roles of one deployment recognise each other.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// A file of tokens, one per line, shared by the deployment's roles: the verifier and
+    /// drafters accept only calls that carry one (health and reflection stay open), and a
+    /// role sends the first. Without it they accept any caller that reaches them.
+    #[arg(long, env = "SIBYL_INTERNAL_TOKEN_FILE")]
+    pub internal_token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn token(&self) -> anyhow::Result<Option<InternalToken>> {
+        match &self.internal_token_file {
+            Some(path) => Ok(Some(InternalToken::from_file(path)?)),
+            None => Ok(None),
         }
     }
 }
@@ -334,6 +354,9 @@ pub struct GatewayArgs {
     pub drain: DrainArgs,
 
     #[command(flatten)]
+    pub internal: TokenArgs,
+
+    #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
 
@@ -367,6 +390,9 @@ pub struct VerifierRoleArgs {
 
     #[command(flatten)]
     pub drain: DrainArgs,
+
+    #[command(flatten)]
+    pub internal: TokenArgs,
 
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -415,6 +441,9 @@ pub struct DrafterArgs {
 
     #[command(flatten)]
     pub drain: DrainArgs,
+
+    #[command(flatten)]
+    pub internal: TokenArgs,
 
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
@@ -591,6 +620,7 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
         &args.lm,
         args.model,
     )?;
+    let service = service.requiring(args.internal.token()?);
     let (runtime, telemetry) = runtime("drafter", &args.telemetry)?;
     let result = runtime.block_on(async move {
         let listener = bind(args.grpc_addr, "drafter").await?;
@@ -614,9 +644,10 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
 pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
     init_threads(args.model.threads);
     let name = served_name(&args.model, args.served_model_name.as_ref());
-    let config = args
+    let mut config = args
         .verifier
         .config(name, drafter_endpoints(&args.drafters)?)?;
+    config.internal_token = args.internal.token()?;
     let (runtime, telemetry) = runtime("verifier", &args.telemetry)?;
     let result = runtime.block_on(async move {
         let listener = bind(args.grpc_addr, "verifier").await?;
@@ -639,11 +670,12 @@ pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    let config = args.limits.config(
+    let mut config = args.limits.config(
         served_name(&args.model, args.limits.served_model_name.as_ref()),
         args.verifier.parse::<ServiceAddress>()?,
         args.drain.timeout(),
     )?;
+    config.internal_token = args.internal.token()?;
     let (runtime, telemetry) = runtime("gateway", &args.telemetry)?;
     let result = runtime.block_on(async move {
         args.limits.spawn_metrics().await?;
@@ -675,6 +707,9 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         kinds.push(DrafterKindArg::Retrieval);
     }
     args.ngram.config()?;
+    // The roles talk over loopback ports that any local process could reach: they show
+    // each other a token made for this run.
+    let token = InternalToken::from_text(&format!("{:032x}", rand::random::<u128>()))?;
     let (runtime, telemetry) = runtime("serve", &args.telemetry)?;
     let result = runtime.block_on(async move {
         args.limits.spawn_metrics().await?;
@@ -707,7 +742,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 "drafter",
                 tokio::spawn(sibyl_drafter::serve(
                     listener,
-                    service,
+                    service.requiring(Some(token.clone())),
                     load,
                     OnLoadError::Fail,
                     stop.stopped(),
@@ -717,7 +752,8 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             endpoints.push(format!("{kind}=http://{addr}").parse::<DrafterEndpoint>()?);
             drafters_text.push(format!("{kind} drafter {addr}"));
         }
-        let config = args.verifier.config(name.clone(), endpoints)?;
+        let mut config = args.verifier.config(name.clone(), endpoints)?;
+        config.internal_token = Some(token.clone());
         let verifier_model = model.clone();
         tasks.push((
             "verifier",
@@ -729,11 +765,12 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 stop.stopped(),
             )),
         ));
-        let gateway_config = args.limits.config(
+        let mut gateway_config = args.limits.config(
             name.clone(),
             format!("http://{verifier_addr}").parse()?,
             args.drain.timeout(),
         )?;
+        gateway_config.internal_token = Some(token);
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
         tasks.push((

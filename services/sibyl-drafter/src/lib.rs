@@ -30,7 +30,10 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     sibyl_telemetry::metrics::drafter();
-    let add = |router: Router| router.add_service(DrafterServer::new(service.clone()));
+    let require = service.require();
+    let add = |router: Router| {
+        router.add_service(DrafterServer::with_interceptor(service.clone(), require))
+    };
     let ready = |fingerprint, _| {
         service.set_ready(fingerprint);
         true

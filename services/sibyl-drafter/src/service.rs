@@ -28,6 +28,8 @@ pub struct DraftService {
     make: MakeDrafter,
     /// The tokenizer fingerprint, set once the model file has been read.
     fingerprint: Arc<OnceLock<u64>>,
+    /// The token calls must carry (`--internal-token-file`).
+    token: Option<sibyl_proto::auth::InternalToken>,
 }
 
 impl DraftService {
@@ -36,7 +38,19 @@ impl DraftService {
         Self {
             make,
             fingerprint: Arc::new(OnceLock::new()),
+            token: None,
         }
+    }
+
+    /// Accepts only calls that carry `token`.
+    pub fn requiring(mut self, token: Option<sibyl_proto::auth::InternalToken>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The interceptor for the service's token.
+    pub(crate) fn require(&self) -> sibyl_proto::auth::RequireKey {
+        sibyl_proto::auth::require(self.token.as_ref())
     }
 
     /// Accepts sessions whose tokenizer has `fingerprint`.

@@ -311,14 +311,15 @@ impl Gateway {
     /// Asks a verifier for its status (the gateway's readiness check).
     pub async fn verifier_status(&self) -> Result<pb::VerifierStatus, GatewayError> {
         let mut client = self.client().await?;
-        let status = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.get_status(pb::GetStatusRequest {}),
-        )
-        .await
-        .map_err(|_| GatewayError::Unavailable("the verifier did not answer within 1 s".into()))?
-        .map_err(GatewayError::from_verifier)?
-        .into_inner();
+        let mut request = tonic::Request::new(pb::GetStatusRequest {});
+        sibyl_proto::auth::attach(self.config.internal_token.as_ref(), request.metadata_mut());
+        let status = tokio::time::timeout(Duration::from_secs(1), client.get_status(request))
+            .await
+            .map_err(|_| {
+                GatewayError::Unavailable("the verifier did not answer within 1 s".into())
+            })?
+            .map_err(GatewayError::from_verifier)?
+            .into_inner();
         self.verifier_context.store(
             status.context_length as usize,
             std::sync::atomic::Ordering::Relaxed,
@@ -456,6 +457,7 @@ impl Gateway {
         let mut verify = tonic::Request::new(verify);
         sibyl_telemetry::trace::inject(&tracing::Span::current(), verify.metadata_mut());
         sibyl_telemetry::trace::set_request_id(verify.metadata_mut(), &request.request_id);
+        sibyl_proto::auth::attach(self.config.internal_token.as_ref(), verify.metadata_mut());
         let events = tokio::time::timeout(OPEN_TIMEOUT, client.generate(verify))
             .await
             .map_err(|_| {

@@ -2,7 +2,7 @@
 
 use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput};
 use sibyl_engine::ChatMessage;
-use sibyl_proto::auth::{ApiKeys, KeyId};
+use sibyl_proto::auth::KeyId;
 use sibyl_proto::v1::{self as pb, generate_request::Input, generate_response::Event};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
@@ -30,29 +30,6 @@ impl GatewayService {
         self.gateway
             .get()
             .ok_or_else(|| Status::unavailable("the gateway is still loading its tokenizer"))
-    }
-}
-
-/// Checks the API key in a gRPC request's `authorization` metadata (`Bearer KEY`) when
-/// the gateway has keys, and puts the key's id in the request's extensions for its logs.
-#[derive(Clone)]
-pub struct Authorize(pub Option<Arc<ApiKeys>>);
-
-impl tonic::service::Interceptor for Authorize {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(keys) = &self.0 else {
-            return Ok(request);
-        };
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|value| value.to_str().unwrap_or(""));
-        let id = keys
-            .check(header)
-            .map_err(|denied| Status::unauthenticated(denied.to_string()))?
-            .clone();
-        request.extensions_mut().insert(id);
-        Ok(request)
     }
 }
 

@@ -9,11 +9,11 @@ mod openai;
 mod stop;
 
 pub use generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput, Summary};
-pub use grpc::{Authorize, GatewayService};
+pub use grpc::GatewayService;
 pub use stop::StopStrings;
 
 use sibyl_engine::TextModel;
-use sibyl_proto::auth::ApiKeys;
+use sibyl_proto::auth::{ApiKeys, InternalToken, RequireKey};
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{run_role, Health, OnLoadError, ServeError, ShutdownSwitch};
 use sibyl_proto::v1::gateway_server::{GatewayServer, SERVICE_NAME};
@@ -36,6 +36,8 @@ pub struct GatewayConfig {
     pub sse_keep_alive: Duration,
     /// The API keys requests must carry; `None`: the API is open to anyone who reaches it.
     pub api_keys: Option<Arc<ApiKeys>>,
+    /// The token shown to the verifier (`--internal-token-file`).
+    pub internal_token: Option<InternalToken>,
     /// How long open streams may go on once shutdown begins; then each ends with an error
     /// that says the gateway is shutting down.
     pub drain_timeout: Duration,
@@ -73,7 +75,7 @@ where
             "no API keys (--api-key-file): anyone who can reach this gateway can use it"
         ),
     }
-    let authorize = Authorize(config.api_keys.clone());
+    let authorize = RequireKey(config.api_keys.clone());
     let switch = ShutdownSwitch::default();
     let (grpc_stopped, http_stopped) = (switch.stopped(), switch.stopped());
     let service = GatewayService::default();

@@ -108,6 +108,9 @@ pub struct VerifierConfig {
     pub max_model_len: Option<usize>,
     /// A session whose client has not read its stream for this long is ended.
     pub idle_timeout: Duration,
+    /// The token drafters and the gateway show each other (`--internal-token-file`): calls
+    /// to this verifier must carry it, and its draft streams carry it.
+    pub internal_token: Option<sibyl_proto::auth::InternalToken>,
     /// How the step scheduler fills each forward pass.
     pub scheduler: sibyl_decode::SchedulerConfig,
 }
@@ -126,6 +129,7 @@ impl VerifierConfig {
             kv_cache_bytes: None,
             max_model_len: None,
             idle_timeout: Duration::from_secs(30),
+            internal_token: None,
             scheduler: sibyl_decode::SchedulerConfig {
                 prefix_cache_bytes: 1 << 30,
                 ..sibyl_decode::SchedulerConfig::default()

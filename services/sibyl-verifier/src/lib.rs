@@ -48,7 +48,10 @@ where
 {
     let metrics = sibyl_telemetry::metrics::verifier();
     metrics.model_loaded.set(0);
-    let add = |router: Router| router.add_service(VerifierServer::new(service.clone()));
+    let require = sibyl_proto::auth::require(service.internal_token());
+    let add = |router: Router| {
+        router.add_service(VerifierServer::with_interceptor(service.clone(), require))
+    };
     let mut scheduler = service.scheduler_config();
     scheduler.draft_wait = service.step_wait();
     let runtime = tokio::runtime::Handle::current();

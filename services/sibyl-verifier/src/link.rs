@@ -23,6 +23,8 @@ pub(crate) struct LinkParams {
     pub(crate) endpoint: DrafterEndpoint,
     /// The open message without its context.
     pub(crate) open: pb::DraftOpen,
+    /// Shown to the drafter, when the deployment has one.
+    pub(crate) token: Option<sibyl_proto::auth::InternalToken>,
 }
 
 enum End {
@@ -108,6 +110,7 @@ async fn connect(
     let mut request = tonic::Request::new(ReceiverStream::new(receiver));
     sibyl_telemetry::trace::inject(&tracing::Span::current(), request.metadata_mut());
     sibyl_telemetry::trace::set_request_id(request.metadata_mut(), request_id);
+    sibyl_proto::auth::attach(params.token.as_ref(), request.metadata_mut());
     let opened = tokio::time::timeout(OPEN_TIMEOUT, client.draft(request)).await;
     let mut inbound = match opened {
         Err(_) => {

@@ -107,6 +107,10 @@ impl VerifierService {
     }
 
     /// Longest a step waits for drafts.
+    pub(crate) fn internal_token(&self) -> Option<&sibyl_proto::auth::InternalToken> {
+        self.inner.config.internal_token.as_ref()
+    }
+
     pub(crate) fn step_wait(&self) -> Duration {
         self.inner.config.speculation.step_wait
     }
@@ -194,6 +198,7 @@ impl VerifierService {
                 index,
                 endpoint,
                 open: open.clone(),
+                token: self.inner.config.internal_token.clone(),
             })
             .collect();
         let plan = Plan {
