@@ -107,7 +107,7 @@ MODEL = {
 }
 DRAFTERS = ("sibyl-drafter-ngram", "sibyl-drafter-retrieval")
 GRPC_PORT = {"sibyl-gateway": 50051, "sibyl-verifier": 50052} | {d: 50061 for d in DRAFTERS}
-METRICS_PORT = {"sibyl-gateway": "8080", "sibyl-verifier": "9090"} | {d: "9090" for d in DRAFTERS}
+METRICS_PORT = {"sibyl-gateway": "9090", "sibyl-verifier": "9090"} | {d: "9090" for d in DRAFTERS}
 
 
 def base_name(obj):
