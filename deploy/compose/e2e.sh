@@ -2,7 +2,8 @@
 # End-to-end test of the container deployment: builds the image, starts compose.yaml (gateway,
 # verifier, two n-gram drafters, a retrieval drafter), and checks through the gateway's
 # published port that
-#   1. a chat completion answers;
+#   1. a chat completion answers (with the run's API key; without it: 401; the roles show each
+#      other the run's internal token);
 #   2-3. a long greedy generation is identical with speculation off, and with speculation on
 #        (streamed) while one drafter is stopped and the other cut off the network
 #        mid-generation; the longest wait between streamed pieces is printed;
@@ -118,6 +119,15 @@ if [[ ! -f $datastore ]]; then
 fi
 [[ -n $(find "$datastore" -perm -o=r) ]] || fail "$datastore is not readable by uid 65532 (chmod o+r)"
 
+# --- secrets ---------------------------------------------------------------------------------
+# Fresh API key and internal token for this run, readable by the containers' uid 65532.
+export SIBYL_COMPOSE_SECRETS=$work/secrets
+mkdir -p "$SIBYL_COMPOSE_SECRETS"
+api_key="sk-e2e-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+printf '%s\n' "$api_key" >"$SIBYL_COMPOSE_SECRETS/api-keys"
+python3 -c 'import secrets; print(secrets.token_hex(32))' >"$SIBYL_COMPOSE_SECRETS/internal-token"
+chmod 0644 "$SIBYL_COMPOSE_SECRETS"/*
+
 # --- cluster ---------------------------------------------------------------------------------
 compose down -v --remove-orphans >/dev/null 2>&1 || true
 log "docker compose -p $project up -d (models from $SIBYL_MODELS_DIR)"
@@ -163,6 +173,7 @@ published() {
   echo "127.0.0.1:${address##*:}"
 }
 gateway=$(published gateway 8080)
+metrics_gateway=$(published gateway 9090)
 metrics_verifier=$(published verifier 9090)
 metrics_b=$(published drafter-ngram-b 9090)
 
@@ -189,7 +200,7 @@ EOF
 # POST BODY_FILE OUT_FILE MAX_SECONDS to the gateway's chat completions; prints the HTTP status.
 post_chat() {
   curl -sS -o "$2" -w '%{http_code}' --max-time "$3" -H 'content-type: application/json' \
-    --data-binary "@$1" "http://$gateway/v1/chat/completions"
+    -H "authorization: Bearer $api_key" --data-binary "@$1" "http://$gateway/v1/chat/completions"
 }
 # The text of a chat completion response.
 content() {
@@ -234,6 +245,15 @@ text=$(content "$work/hello.out")
 [[ -n $text ]] || fail "chat completion: empty text"
 echo "HTTP 200 in $(since "$step_start") s: $(usage "$work/hello.out")"
 printf '%s\n' "$text" | head -n 5
+# Without the key, or with another: 401, with OpenAI's error object.
+for header in "x-no-key: 1" "authorization: Bearer sk-not-a-key"; do
+  code=$(curl -sS -o "$work/denied.out" -w '%{http_code}' --max-time 10 -H "$header" \
+    -H 'content-type: application/json' --data-binary "@$work/hello.json" \
+    "http://$gateway/v1/chat/completions") || fail "unauthenticated request: curl failed"
+  [[ $code == 401 ]] || fail "a request with \"$header\" got HTTP $code, not 401"
+  grep -q invalid_api_key "$work/denied.out" || fail "401 without code invalid_api_key"
+done
+echo "requests without a valid API key: 401"
 
 # --- 2. the plain reference -------------------------------------------------------------------
 long_prompt="Write a Python class Inventory with twenty methods, add_item_1 through add_item_20. \
@@ -258,11 +278,13 @@ log "3. speculative request, streamed; after $cut_after s: stop drafter-ngram-a,
 cat >"$work/stream.py" <<'EOF'
 import json, sys, time, urllib.error, urllib.request
 url, body_file, text_file, read_timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+api_key = sys.argv[5]
 body = json.load(open(body_file))
 body["stream"] = True
 body["stream_options"] = {"include_usage": True}
 request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json",
+                                          "authorization": f"Bearer {api_key}"})
 start = time.monotonic()
 pieces, usage, finish, last, gap, gap_at, done = [], {}, None, None, 0.0, 0.0, False
 try:
@@ -305,7 +327,7 @@ read_timeout=$(awk -v p="$plain_seconds" 'BEGIN { l = 2 * p; if (l < 60) l = 60;
 drafter_b=$(container drafter-ngram-b)
 step_start=$(now)
 python3 "$work/stream.py" "http://$gateway/v1/chat/completions" "$work/speculative.json" \
-  "$work/speculative.txt" "$read_timeout" >"$work/speculative.out" 2>&1 &
+  "$work/speculative.txt" "$read_timeout" "$api_key" >"$work/speculative.out" 2>&1 &
 speculative_pid=$!
 sleep "$cut_after"
 cut_start=$(now)
@@ -385,7 +407,7 @@ fi
 metrics_a=$(published drafter-ngram-a 9090) # a new host port since the restart
 idle_deadline=$((SECONDS + 10))
 while :; do
-  active="gateway $(metric "$gateway" sibyl_gateway_active_requests), verifier $(metric "$metrics_verifier" sibyl_verifier_active_sessions), drafter-ngram-a $(metric "$metrics_a" sibyl_drafter_active_sessions), drafter-ngram-b $(metric "$metrics_b" sibyl_drafter_active_sessions)"
+  active="gateway $(metric "$metrics_gateway" sibyl_gateway_active_requests), verifier $(metric "$metrics_verifier" sibyl_verifier_active_sessions), drafter-ngram-a $(metric "$metrics_a" sibyl_drafter_active_sessions), drafter-ngram-b $(metric "$metrics_b" sibyl_drafter_active_sessions)"
   [[ $active =~ [1-9] ]] || break
   if ((SECONDS >= idle_deadline)); then
     echo "note: sessions still open with no request running: $active"
@@ -419,7 +441,7 @@ check_metrics() {
   done
   echo "$role: $(grep -c '^[^#]' "$file") samples, promtool ok"
 }
-check_metrics gateway "$gateway" sibyl_gateway_requests_total sibyl_gateway_active_requests sibyl_gateway_verifier_up
+check_metrics gateway "$metrics_gateway" sibyl_gateway_requests_total sibyl_gateway_active_requests sibyl_gateway_verifier_up
 check_metrics verifier "$metrics_verifier" sibyl_verifier_generated_tokens_total sibyl_verifier_model_loaded sibyl_verifier_drafter_up
 check_metrics drafter-ngram-a "$metrics_a" sibyl_drafter_blocks_sent_total sibyl_drafter_active_sessions
 check_metrics drafter-ngram-b "$metrics_b" sibyl_drafter_blocks_sent_total sibyl_drafter_active_sessions

@@ -9,6 +9,7 @@ use sibyl_proto::client::{fnv1a, Balancer, Open};
 use sibyl_proto::server::ShutdownSwitch;
 use sibyl_proto::v1::{self as pb, verifier_client::VerifierClient, verify_event::Event};
 use sibyl_telemetry::metrics::{self, GaugeGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -227,7 +228,7 @@ pub struct Gateway {
     /// Triggered when the drain time after shutdown is over: open streams end.
     drained: ShutdownSwitch,
     /// The context window the verifier last said it serves (0: not heard yet).
-    verifier_context: std::sync::atomic::AtomicUsize,
+    verifier_context: AtomicUsize,
 }
 
 /// How far Unicode normalization can shrink text (three conjoining jamo, 9 bytes, compose
@@ -243,14 +244,20 @@ impl Gateway {
             text: Arc::new(text),
             verifiers: Balancer::default(),
             tokenizing: Arc::new(tokio::sync::Semaphore::new(cores)),
-            verifier_context: std::sync::atomic::AtomicUsize::new(0),
+            verifier_context: AtomicUsize::new(0),
             drained: ShutdownSwitch::default(),
         }
     }
 
     /// Ends every open stream with [`GatewayError::ShuttingDown`] (the drain time is over).
     pub fn end_streams(&self) {
-        tracing::warn!("the drain time is over: ending the streams still open");
+        let open = metrics::gateway().active_requests.get();
+        if open > 0 {
+            tracing::warn!(
+                open,
+                "the drain time is over: ending the streams still open"
+            );
+        }
         self.drained.trigger();
     }
 
@@ -299,10 +306,7 @@ impl Gateway {
     /// less (`--max-model-len`).
     pub fn context_length(&self) -> usize {
         let model = self.text.config.context_length;
-        match self
-            .verifier_context
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        match self.verifier_context.load(Ordering::Relaxed) {
             0 => model,
             verifier => verifier.min(model),
         }
@@ -320,10 +324,8 @@ impl Gateway {
             })?
             .map_err(GatewayError::from_verifier)?
             .into_inner();
-        self.verifier_context.store(
-            status.context_length as usize,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.verifier_context
+            .store(status.context_length as usize, Ordering::Relaxed);
         Ok(status)
     }
 
@@ -425,10 +427,10 @@ impl Gateway {
             .acquire_owned()
             .await
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
-        // The permit goes with the work: a request dropped meanwhile frees it only when
-        // its tokenizing is done.
         // A prompt must leave room for one token of output.
         let limit = self.context_length().saturating_sub(1);
+        // The permit goes with the work: a request dropped meanwhile frees it only when
+        // its tokenizing is done.
         let prompt = tokio::task::spawn_blocking(move || {
             let tokens = tokenize(&text, &input, limit);
             drop(permit);
