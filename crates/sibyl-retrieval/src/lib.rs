@@ -158,8 +158,87 @@ mod tests {
         assert!(!path.exists());
     }
 
+    /// What can be done to a datastore's bytes after the checksum is made right again (a
+    /// buggy writer, or someone who knows the format): counts, vocabulary, tokens, suffix
+    /// positions and their order changed.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        /// A byte of the header's counts (tokens, documents) or vocabulary size, xored.
+        Header(usize, u8),
+        /// A word of the tokens or suffix array set to a value.
+        Word(usize, u32),
+        /// Two words of the suffix array swapped (positions still in range, order wrong).
+        Swap(usize, usize),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (0..28usize, 1..=255u8).prop_map(|(at, mask)| Mutation::Header(at, mask)),
+            (
+                any::<usize>(),
+                prop_oneof![Just(u32::MAX), Just(u32::MAX / 2), 0..200u32]
+            )
+                .prop_map(|(at, value)| Mutation::Word(at, value)),
+            (any::<usize>(), any::<usize>()).prop_map(|(a, b)| Mutation::Swap(a, b)),
+        ]
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// A datastore changed behind its checksum is refused with an error or, where what
+        /// it holds is still in range, opened and searched and drafted from without a panic.
+        #[test]
+        fn a_datastore_changed_behind_its_checksum_never_panics(
+            mutations in prop::collection::vec(mutation(), 1..4),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store.sibyl");
+            let documents = [vec![1, 2, 3, 4, 5, 6], vec![2, 3, 4, 7], vec![3, 4, 5, 6, 9]];
+            write(&path, TOKENIZER, &documents).unwrap();
+            let mut bytes = std::fs::read(&path).unwrap();
+            let header = 64;
+            let words = (bytes.len() - header) / 4;
+            for mutation in &mutations {
+                match *mutation {
+                    // Vocabulary size (12..16), token count (24..32), documents (32..40).
+                    Mutation::Header(at, mask) => {
+                        let at = [12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33]
+                            [at % 14];
+                        bytes[at] ^= mask;
+                    }
+                    Mutation::Word(at, value) => {
+                        let at = header + 4 * (at % words);
+                        bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+                    }
+                    Mutation::Swap(a, b) => {
+                        // The suffix array is the second half of the words.
+                        let half = words / 2;
+                        let (a, b) = (header + 4 * (half + a % half), header + 4 * (half + b % half));
+                        for i in 0..4 {
+                            bytes.swap(a + i, b + i);
+                        }
+                    }
+                }
+            }
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&bytes[..40]);
+            crc.update(&bytes[header..]);
+            bytes[40..44].copy_from_slice(&crc.finalize().to_le_bytes());
+            std::fs::write(&path, &bytes).unwrap();
+            if let Ok(store) = Datastore::open(&path, None) {
+                let config = RetrievalConfig::default();
+                for context in [&[2, 3, 4][..], &[3, 4, 5, 6], &[9], &[0, 1, 2, 3, 4, 5, 6, 7]] {
+                    let _ = lookup(&store, context, 8, &config);
+                    for rank in store.find(context) {
+                        let _ = store.position(rank);
+                    }
+                }
+                let mut drafter =
+                    RetrievalDrafter::new(vec![Arc::new(store)], RetrievalConfig::default());
+                let _ = drafter.propose(&[1, 2, 3], 6);
+            }
+        }
 
         /// `find` returns exactly the positions where the pattern occurs inside a document.
         #[test]
