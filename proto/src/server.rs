@@ -250,9 +250,4 @@ impl ShutdownSwitch {
     pub fn trigger(&self) {
         self.0.send_replace(true);
     }
-
-    /// Whether [`ShutdownSwitch::trigger`] has been called.
-    pub fn is_triggered(&self) -> bool {
-        *self.0.borrow()
-    }
 }

@@ -771,6 +771,10 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             args.drain.timeout(),
         )?;
         gateway_config.internal_token = Some(token);
+        let access = match &gateway_config.api_keys {
+            Some(keys) => format!("API key required ({} in --api-key-file)", keys.len()),
+            None => "open, no API key (--api-key-file)".to_string(),
+        };
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
         tasks.push((
@@ -793,7 +797,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             {
                 let drafters = drafters_text.join(", ");
                 let message = format!(
-                    "sibyl serve: {name} ready\n  OpenAI HTTP API  http://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway)\n  verifier         {verifier_addr}, {drafters} (loopback)\n"
+                    "sibyl serve: {name} ready\n  OpenAI HTTP API  http://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway)\n  verifier         {verifier_addr}, {drafters} (loopback)\n  access           {access}\n"
                 );
                 // One write, and a closed stdout is no reason to stop serving (`println!`
                 // writes piece by piece and panics when the reader has gone).
