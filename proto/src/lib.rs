@@ -7,6 +7,7 @@ pub mod auth;
 pub mod client;
 mod convert;
 pub mod server;
+pub mod tls;
 
 pub use convert::{fingerprint, sampling_config, WireError};
 

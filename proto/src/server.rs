@@ -80,6 +80,18 @@ fn spawn(
     tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
 }
 
+/// Where a server listens: a bound socket, and the TLS it serves there, if any.
+pub struct Listener {
+    pub tcp: tokio::net::TcpListener,
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
+}
+
+impl From<tokio::net::TcpListener> for Listener {
+    fn from(tcp: tokio::net::TcpListener) -> Self {
+        Self { tcp, tls: None }
+    }
+}
+
 /// What a role does when loading its model fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnLoadError {
@@ -145,7 +157,7 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// failed load either stops the server and returns the error, or is retried, as `on_error`
 /// says.
 pub async fn run_role<T, E, L>(
-    listener: tokio::net::TcpListener,
+    listener: impl Into<Listener>,
     service: &str,
     add_service: impl FnOnce(Router) -> Router,
     mut load: L,
@@ -161,10 +173,14 @@ where
     // HTTP/2 pings find clients that vanished without closing their connections (a
     // verifier cut off the network): their streams end instead of holding a session, and a
     // drain, open forever.
+    let Listener { tcp: listener, tls } = listener.into();
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .tcp_keepalive(Some(KEEPALIVE_INTERVAL));
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.tonic())?;
+    }
     let (router, reporter) = base_router(&mut builder, service).await?;
     // On shutdown: NOT_SERVING at once, so balancers stop sending new work while the
     // server finishes the streams it has (tonic's graceful shutdown waits for them).

@@ -53,6 +53,8 @@ pub struct ClusterOptions {
     pub max_model_len: Option<usize>,
     /// The token the roles show each other (`--internal-token-file`).
     pub internal_token: Option<sibyl_proto::auth::InternalToken>,
+    /// TLS on the gateway's listeners.
+    pub tls: Option<TestTls>,
     /// How long the gateway's streams go on once shutdown begins.
     pub drain_timeout: Duration,
     /// The gateway's API keys (`None`: open) and SSE keep-alive interval.
@@ -73,6 +75,7 @@ impl Default for ClusterOptions {
             idle_timeout: Duration::from_secs(30),
             max_model_len: None,
             internal_token: None,
+            tls: None,
             drain_timeout: Duration::from_secs(30),
             api_keys: None,
             sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
@@ -160,6 +163,7 @@ impl Cluster {
             api_keys: options.api_keys.clone(),
             internal_token: options.internal_token.clone(),
             drain_timeout: options.drain_timeout,
+            tls: options.tls.as_ref().map(|tls| tls.server.clone()),
             metrics_on_http: true,
         };
         let text_path = path.clone();
@@ -184,13 +188,18 @@ impl Cluster {
             stop,
             tasks,
         };
+        let plain_gateway = options.tls.is_none().then_some(cluster.gateway_grpc);
         for addr in std::iter::once(cluster.verifier)
             .chain(cluster.drafters.iter().copied())
-            .chain(std::iter::once(cluster.gateway_grpc))
+            .chain(plain_gateway)
         {
             if !wait_until_serving(addr, Duration::from_secs(60)).await {
                 anyhow::bail!("{addr} did not become SERVING within a minute");
             }
+        }
+        if let Some(tls) = &options.tls {
+            tls.wait_until_serving(cluster.gateway_grpc, Duration::from_secs(60))
+                .await?;
         }
         Ok(cluster)
     }
@@ -571,4 +580,102 @@ pub async fn http(
         head: head.to_ascii_lowercase(),
         body: body.to_string(),
     })
+}
+
+/// A test certificate authority and a server certificate it signed for `localhost` and
+/// 127.0.0.1, as PEM files in the temporary directory (removed when the last clone goes).
+#[derive(Clone, Debug)]
+pub struct TestTls {
+    pub ca_pem: String,
+    pub ca_file: PathBuf,
+    pub server: Arc<sibyl_proto::tls::ServerTls>,
+    _files: Arc<TempFiles>,
+}
+
+#[derive(Debug)]
+struct TempFiles(Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl TestTls {
+    pub fn new() -> anyhow::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "sibyl test CA");
+        let ca = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate()?;
+        let params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        let cert = params.signed_by(&key, &issuer)?;
+        let unique = format!(
+            "sibyl-tls-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        );
+        let dir = std::env::temp_dir();
+        let files: Vec<PathBuf> = ["ca.pem", "cert.pem", "key.pem"]
+            .iter()
+            .map(|name| dir.join(format!("{unique}-{name}")))
+            .collect();
+        std::fs::write(&files[0], ca.pem())?;
+        std::fs::write(&files[1], cert.pem())?;
+        std::fs::write(&files[2], key.serialize_pem())?;
+        let server = sibyl_proto::tls::ServerTls::from_files(&files[1], &files[2])?;
+        Ok(Self {
+            ca_pem: ca.pem(),
+            ca_file: files[0].clone(),
+            server: Arc::new(server),
+            _files: Arc::new(TempFiles(files)),
+        })
+    }
+
+    /// A channel to `addr` over TLS, checking its certificate against the test CA.
+    pub async fn channel(&self, addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca_pem))
+            .domain_name("localhost");
+        Ok(Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?)
+    }
+
+    /// Polls gRPC health over TLS until it says SERVING.
+    pub async fn wait_until_serving(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(channel) = self.channel(addr).await {
+                let request = tonic_health::pb::HealthCheckRequest::default();
+                if let Ok(response) = HealthClient::new(channel).check(request).await {
+                    if response.get_ref().status() == ServingStatus::Serving {
+                        return Ok(());
+                    }
+                }
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{addr} did not become SERVING over TLS within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }

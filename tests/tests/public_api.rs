@@ -420,3 +420,55 @@ async fn with_an_internal_token_verifier_and_drafters_serve_only_the_roles() {
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_both_apis_speak_only_tls_and_the_answers_are_the_same() {
+    let tls = sibyl_tests::TestTls::new().unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        tls: Some(tls.clone()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
+    // gRPC over TLS, the certificate checked against the test CA.
+    let channel = tls.channel(cluster.gateway_grpc).await.unwrap();
+    let mut gateway = pb::gateway_client::GatewayClient::new(channel);
+    let summary = summary_of(
+        gateway
+            .generate(prompt_request("def add(a, b):", 8))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(summary.usage.unwrap().completion_tokens, 8);
+    // HTTPS, with curl checking the certificate.
+    let port = cluster.gateway_http.port();
+    let body = json!({"prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0});
+    let curl = |scheme: &str| {
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--cacert"])
+            .arg(&tls.ca_file)
+            .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body.to_string(),
+            ])
+            .arg(format!("{scheme}://localhost:{port}/v1/completions"))
+            .output()
+            .expect("curl runs")
+    };
+    let https = curl("https");
+    assert!(https.status.success(), "{https:?}");
+    let answer: Value = serde_json::from_slice(&https.stdout).unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 8, "{answer}");
+    // Plain HTTP on the TLS port gets no answer.
+    let plain = curl("http");
+    assert!(
+        !plain.status.success() || !String::from_utf8_lossy(&plain.stdout).contains("usage"),
+        "{plain:?}"
+    );
+    cluster.stop().await;
+}

@@ -15,6 +15,7 @@ use sibyl_ngram::NgramDrafter;
 use sibyl_proto::auth::{ApiKeys, InternalToken};
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{OnLoadError, ShutdownSwitch};
+use sibyl_proto::tls::ServerTls;
 use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter};
 use sibyl_spec::{Drafter, Proposal};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
@@ -155,6 +156,15 @@ pub struct GatewayLimitArgs {
     /// (where it needs an API key when there are keys).
     #[arg(long, env = "SIBYL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// PEM certificate chain (leaf first) for TLS on the HTTP and gRPC APIs (HTTPS, gRPC
+    /// over TLS); with --tls-key.
+    #[arg(long, env = "SIBYL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SIBYL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl GatewayLimitArgs {
@@ -169,6 +179,10 @@ impl GatewayLimitArgs {
             Some(path) => Some(Arc::new(ApiKeys::from_file(path)?)),
             None => None,
         };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(ServerTls::from_files(cert, key)?)),
+            _ => None,
+        };
         Ok(GatewayConfig {
             model_name,
             verifier,
@@ -177,6 +191,7 @@ impl GatewayLimitArgs {
             api_keys,
             internal_token: None,
             drain_timeout,
+            tls,
             metrics_on_http: self.metrics_addr.is_none(),
         })
     }
@@ -723,6 +738,14 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let grpc = bind(args.grpc_addr, "gRPC API").await?;
         let verifier_listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "verifier").await?;
         let verifier_addr = verifier_listener.local_addr()?;
+        // Keys and certificates are read before any role starts: a bad file is the first
+        // thing said.
+        let mut gateway_config = args.limits.config(
+            name.clone(),
+            format!("http://{verifier_addr}").parse()?,
+            args.drain.timeout(),
+        )?;
+        gateway_config.internal_token = Some(token.clone());
 
         let stop = ShutdownSwitch::default();
         let mut tasks = Vec::new();
@@ -765,12 +788,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 stop.stopped(),
             )),
         ));
-        let mut gateway_config = args.limits.config(
-            name.clone(),
-            format!("http://{verifier_addr}").parse()?,
-            args.drain.timeout(),
-        )?;
-        gateway_config.internal_token = Some(token);
+        let tls = gateway_config.tls.is_some();
         let access = match &gateway_config.api_keys {
             Some(keys) => format!("API key required ({} in --api-key-file)", keys.len()),
             None => "open, no API key (--api-key-file)".to_string(),
@@ -791,13 +809,24 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("loading {name}");
         loop {
             let wait = Duration::from_secs(2);
-            // The gateway's health follows the verifier's, a moment later.
+            // The gateway's health follows the verifier's, a moment later (checked every
+            // 0.5 s while the verifier does not answer). Over TLS this process cannot ask
+            // its own gateway (it holds no CA for its certificate): it gives it that moment.
+            let gateway_ready = || async {
+                if tls {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    true
+                } else {
+                    sibyl_proto::client::wait_until_serving(grpc_addr, wait).await
+                }
+            };
             if sibyl_proto::client::wait_until_serving(verifier_addr, wait).await
-                && sibyl_proto::client::wait_until_serving(grpc_addr, wait).await
+                && gateway_ready().await
             {
                 let drafters = drafters_text.join(", ");
+                let (scheme, over) = if tls { ("https", ", TLS") } else { ("http", "") };
                 let message = format!(
-                    "sibyl serve: {name} ready\n  OpenAI HTTP API  http://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway)\n  verifier         {verifier_addr}, {drafters} (loopback)\n  access           {access}\n"
+                    "sibyl serve: {name} ready\n  OpenAI HTTP API  {scheme}://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway{over})\n  verifier         {verifier_addr}, {drafters} (loopback)\n  access           {access}\n"
                 );
                 // One write, and a closed stdout is no reason to stop serving (`println!`
                 // writes piece by piece and panics when the reader has gone).

@@ -15,7 +15,9 @@ pub use stop::StopStrings;
 use sibyl_engine::TextModel;
 use sibyl_proto::auth::{ApiKeys, InternalToken, RequireKey};
 use sibyl_proto::client::ServiceAddress;
+use sibyl_proto::server::Listener;
 use sibyl_proto::server::{run_role, Health, OnLoadError, ServeError, ShutdownSwitch};
+use sibyl_proto::tls::ServerTls;
 use sibyl_proto::v1::gateway_server::{GatewayServer, SERVICE_NAME};
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -41,6 +43,8 @@ pub struct GatewayConfig {
     /// How long open streams may go on once shutdown begins; then each ends with an error
     /// that says the gateway is shutting down.
     pub drain_timeout: Duration,
+    /// TLS on both listeners (HTTPS and gRPC over TLS); `None`: plain text.
+    pub tls: Option<Arc<ServerTls>>,
     /// Serve `/metrics` on the HTTP API's port (behind the keys, when there are keys);
     /// `false` where the role serves it on a port of its own.
     pub metrics_on_http: bool,
@@ -92,6 +96,11 @@ where
     let add = |router: Router| {
         router.add_service(GatewayServer::with_interceptor(service.clone(), authorize))
     };
+    let grpc = Listener {
+        tcp: grpc,
+        tls: config.tls.clone(),
+    };
+    let tls = config.tls.clone();
     let mut http_server = None;
     let ready = |text, health| {
         let metrics = config.metrics_on_http;
@@ -99,9 +108,14 @@ where
         service.set_ready(gateway.clone());
         // Health is the verifier's to decide from here on.
         tokio::spawn(follow_verifier(gateway.clone(), health));
-        let server = axum::serve(http, openai::router(gateway, metrics))
-            .with_graceful_shutdown(http_stopped);
-        http_server = Some(tokio::spawn(server.into_future()));
+        let router = openai::router(gateway, metrics);
+        http_server = Some(match tls {
+            None => {
+                let server = axum::serve(http, router).with_graceful_shutdown(http_stopped);
+                tokio::spawn(server.into_future())
+            }
+            Some(tls) => tokio::spawn(serve_https(http, router, tls, http_stopped)),
+        });
         false
     };
     run_role(grpc, SERVICE_NAME, add, load, ready, on_error, grpc_stopped).await?;
@@ -109,6 +123,26 @@ where
         server.await?.map_err(ServeError::Http)?;
     }
     Ok(())
+}
+
+/// Serves `router` over HTTPS on `listener` until `stopped`, then lets open requests end.
+async fn serve_https(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Arc<ServerTls>,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = axum_server::Handle::new();
+    let stopping = handle.clone();
+    tokio::spawn(async move {
+        stopped.await;
+        stopping.graceful_shutdown(None);
+    });
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(tls.rustls());
+    axum_server::from_tcp_rustls(listener.into_std()?, config)
+        .handle(handle)
+        .serve(router.into_make_service())
+        .await
 }
 
 /// How often the gateway checks that its verifier answers (while it does; four times as
