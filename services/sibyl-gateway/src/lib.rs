@@ -60,7 +60,8 @@ pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// the HTTP API is not listening. A failed load ends the server or is retried, as `on_error`
 /// says. Once loaded, health follows the verifier: SERVING while it answers (checked every
 /// [`VERIFIER_CHECK_INTERVAL`]). With API keys, every request but `/health` and gRPC health
-/// needs one. The HTTP API also serves `/metrics` unless the config says not to.
+/// needs one. With TLS in the config both listeners speak only TLS. The HTTP API also
+/// serves `/metrics` unless the config says not to.
 pub async fn serve<E>(
     grpc: TcpListener,
     http: TcpListener,
