@@ -58,39 +58,25 @@ pub enum Denied {
     Invalid,
 }
 
+/// The text of a key file.
+fn read(path: &Path) -> Result<String, KeyFileError> {
+    std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl ApiKeys {
     /// Reads a key file.
     pub fn from_file(path: &Path) -> Result<Self, KeyFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|problem| match problem {
-            None => KeyFileError::Empty(path.to_path_buf()),
-            Some((line, reason)) => KeyFileError::Line {
-                path: path.to_path_buf(),
-                line,
-                reason,
-            },
-        })
+        Ok(Self::parse(&read(path)?, path)?.0)
     }
 
-    /// The keys of a key file's text (what [`Self::from_file`] reads).
-    pub fn from_text(text: &str) -> Result<Self, KeyFileError> {
-        Self::parse(text).map_err(|problem| match problem {
-            None => KeyFileError::Empty(PathBuf::new()),
-            Some((line, reason)) => KeyFileError::Line {
-                path: PathBuf::new(),
-                line,
-                reason,
-            },
-        })
-    }
-
-    /// Keys from a key file's text: `Err(None)` when it holds none, else the first bad
-    /// line (1-based) and why.
-    fn parse(text: &str) -> Result<Self, Option<(usize, &'static str)>> {
+    /// The keys of a key file's text, and its first key; `source` names the text in errors
+    /// (the first bad line, 1-based, and why).
+    fn parse<'t>(text: &'t str, source: &Path) -> Result<(Self, &'t str), KeyFileError> {
         let mut keys = Vec::new();
+        let mut first = None;
         for (index, line) in text.lines().enumerate() {
             let key = line.trim();
             if key.is_empty() || key.starts_with('#') {
@@ -104,14 +90,19 @@ impl ApiKeys {
                 None
             };
             if let Some(reason) = reason {
-                return Err(Some((index + 1, reason)));
+                return Err(KeyFileError::Line {
+                    path: source.to_path_buf(),
+                    line: index + 1,
+                    reason,
+                });
             }
+            first.get_or_insert(key);
             keys.push(Self::entry(key));
         }
-        if keys.is_empty() {
-            return Err(None);
+        match first {
+            Some(first) => Ok((Self { keys }, first)),
+            None => Err(KeyFileError::Empty(source.to_path_buf())),
         }
-        Ok(Self { keys })
     }
 
     fn entry(key: &str) -> ([u8; 32], KeyId) {
@@ -193,30 +184,16 @@ pub struct InternalToken {
 impl InternalToken {
     /// Reads a token file (the format of an API key file).
     pub fn from_file(path: &Path) -> Result<Self, KeyFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let named = |error: KeyFileError| match error {
-            KeyFileError::Empty(_) => KeyFileError::Empty(path.to_path_buf()),
-            KeyFileError::Line { line, reason, .. } => KeyFileError::Line {
-                path: path.to_path_buf(),
-                line,
-                reason,
-            },
-            other => other,
-        };
-        Self::from_text(&text).map_err(named)
+        Self::from_keys(ApiKeys::parse(&read(path)?, path)?)
     }
 
     /// The tokens of a token file's text.
     pub fn from_text(text: &str) -> Result<Self, KeyFileError> {
-        let accepted = ApiKeys::from_text(text)?;
-        let first = text
-            .lines()
-            .map(str::trim)
-            .find(|line| !line.is_empty() && !line.starts_with('#'))
-            .unwrap_or_default();
+        Self::from_keys(ApiKeys::parse(text, Path::new("<text>"))?)
+    }
+
+    fn from_keys((accepted, first): (ApiKeys, &str)) -> Result<Self, KeyFileError> {
+        // A key is printable ASCII (checked by `parse`), so it makes a header value.
         let sent = format!("Bearer {first}")
             .parse()
             .map_err(|_| KeyFileError::Empty(PathBuf::new()))?;
@@ -270,7 +247,9 @@ mod tests {
 
     #[test]
     fn keys_are_found_by_their_bearer_header_and_named_by_id() {
-        let keys = ApiKeys::parse("# clients\nsk-alpha\n\n  sk-beta  \n").unwrap();
+        let (keys, first) =
+            ApiKeys::parse("# clients\nsk-alpha\n\n  sk-beta  \n", Path::new("k")).unwrap();
+        assert_eq!(first, "sk-alpha");
         assert_eq!(keys.len(), 2);
         let alpha = keys.check(Some("Bearer sk-alpha")).unwrap().clone();
         let beta = keys.check(Some("bearer  sk-beta")).unwrap().clone();
@@ -293,7 +272,7 @@ mod tests {
 
     #[test]
     fn wrong_missing_or_malformed_keys_are_denied() {
-        let keys = ApiKeys::parse("sk-alpha\n").unwrap();
+        let (keys, _) = ApiKeys::parse("sk-alpha\n", Path::new("k")).unwrap();
         assert_eq!(keys.check(None), Err(Denied::Missing));
         for header in [
             "Bearer sk-alph",
@@ -322,14 +301,17 @@ mod tests {
 
     #[test]
     fn unusable_key_files_are_refused_with_the_line() {
-        assert!(matches!(ApiKeys::parse("# nothing\n\n"), Err(None)));
+        let parse = |text: &str| ApiKeys::parse(text, Path::new("keys.txt")).map(|_| ());
         assert!(matches!(
-            ApiKeys::parse("sk-ok\nsk with space\n"),
-            Err(Some((2, _)))
+            parse("# nothing\n\n"),
+            Err(KeyFileError::Empty(_))
         ));
         assert!(matches!(
-            ApiKeys::parse(&"k".repeat(MAX_KEY_BYTES + 1)),
-            Err(Some((1, _)))
+            parse("sk-ok\nsk with space\n"),
+            Err(KeyFileError::Line { line: 2, .. })
         ));
+        let long = parse(&"k".repeat(MAX_KEY_BYTES + 1)).unwrap_err();
+        assert!(matches!(long, KeyFileError::Line { line: 1, .. }));
+        assert!(long.to_string().contains("keys.txt"), "{long}");
     }
 }

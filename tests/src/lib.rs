@@ -340,7 +340,7 @@ pub fn python_dir() -> &'static Path {
 /// `on_delta` sees the number of each text delta as it arrives (1 for the first).
 pub async fn generate_text(
     client: &mut pb::gateway_client::GatewayClient<tonic::transport::Channel>,
-    request: pb::GenerateRequest,
+    request: impl tonic::IntoRequest<pb::GenerateRequest>,
     mut on_delta: impl FnMut(usize),
 ) -> Result<(String, pb::GenerateSummary), tonic::Status> {
     let mut stream = client.generate(request).await?.into_inner();

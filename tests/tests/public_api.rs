@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use sibyl_proto::auth::ApiKeys;
 use sibyl_proto::v1 as pb;
-use sibyl_tests::{http, Cluster, ClusterOptions, HttpResponse};
+use sibyl_tests::{generate_text, http, Cluster, ClusterOptions, HttpResponse};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
@@ -35,17 +35,6 @@ fn prompt_request(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
         sampling: Some(pb::SamplingParams::default()),
         ..Default::default()
     }
-}
-
-/// Reads a gateway stream to its summary.
-async fn summary_of(mut stream: tonic::Streaming<pb::GenerateResponse>) -> pb::GenerateSummary {
-    let mut summary = None;
-    while let Some(message) = stream.message().await.unwrap() {
-        if let Some(pb::generate_response::Event::Summary(s)) = message.event {
-            summary = Some(s);
-        }
-    }
-    summary.expect("a summary")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +198,7 @@ async fn with_api_keys_every_route_but_health_needs_one() {
     keyed
         .metadata_mut()
         .insert("authorization", "Bearer sk-test-two".parse().unwrap());
-    let summary = summary_of(gateway.generate(keyed).await.unwrap().into_inner()).await;
+    let (_, summary) = generate_text(&mut gateway, keyed, |_| {}).await.unwrap();
     assert_eq!(summary.usage.unwrap().completion_tokens, 2);
     cluster.stop().await;
 }
@@ -389,14 +378,9 @@ async fn with_an_internal_token_verifier_and_drafters_serve_only_the_roles() {
     // drafter (whose drafts are accepted).
     let mut gateway = cluster.gateway_client().await.unwrap();
     let counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
-    let summary = summary_of(
-        gateway
-            .generate(prompt_request(counting, 24))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await;
+    let (_, summary) = generate_text(&mut gateway, prompt_request(counting, 24), |_| {})
+        .await
+        .unwrap();
     let ngram = summary.drafters.iter().find(|d| d.kind == "ngram").unwrap();
     assert!(ngram.accepted_tokens > 0, "{ngram:?}");
     // Anyone else: UNAUTHENTICATED from the verifier and the drafter.
@@ -433,14 +417,9 @@ async fn with_tls_both_apis_speak_only_tls_and_the_answers_are_the_same() {
     // gRPC over TLS, the certificate checked against the test CA.
     let channel = tls.channel(cluster.gateway_grpc).await.unwrap();
     let mut gateway = pb::gateway_client::GatewayClient::new(channel);
-    let summary = summary_of(
-        gateway
-            .generate(prompt_request("def add(a, b):", 8))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await;
+    let (_, summary) = generate_text(&mut gateway, prompt_request("def add(a, b):", 8), |_| {})
+        .await
+        .unwrap();
     assert_eq!(summary.usage.unwrap().completion_tokens, 8);
     // HTTPS, with curl checking the certificate.
     let port = cluster.gateway_http.port();

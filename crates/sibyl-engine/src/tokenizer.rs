@@ -1,6 +1,7 @@
 use crate::gguf::{value_as_u32, ModelFile};
 use crate::{EngineError, TokenId};
 use aho_corasick::{AhoCorasick, MatchKind};
+use std::sync::OnceLock;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::normalizers::unicode::NFC;
@@ -31,8 +32,9 @@ const STOP_TOKEN_NAMES: [&str; 5] = [
 /// A byte-level BPE tokenizer built from GGUF metadata, with the model's stop tokens.
 pub struct TextTokenizer {
     inner: Tokenizer,
-    /// `inner` with control tokens read as plain text (content that must not steer).
-    text_only: Tokenizer,
+    /// `inner` with control tokens read as plain text (content that must not steer), made
+    /// on first use: only roles that tokenize chats need this second copy of the vocabulary.
+    text_only: OnceLock<Tokenizer>,
     /// The control tokens' strings, in id order, and a matcher of them (leftmost longest,
     /// as the tokenizer itself matches them).
     controls: Vec<(String, TokenId)>,
@@ -182,11 +184,9 @@ impl TextTokenizer {
             .zip(&tokens)
             .filter(|&(&t, _)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
             .all(|(_, token)| !token.contains([' ', '\n']));
-        let mut text_only = inner.clone();
-        text_only.set_encode_special_tokens(true);
         Ok(Self {
             inner,
-            text_only,
+            text_only: OnceLock::new(),
             controls,
             control_matcher,
             stop_tokens,
@@ -231,7 +231,7 @@ impl TextTokenizer {
         text: &str,
         limit: usize,
     ) -> Result<Option<Vec<TokenId>>, EngineError> {
-        self.pieces_at_most(&self.text_only, Vec::new(), text, limit)
+        self.pieces_at_most(self.text_only(), Vec::new(), text, limit)
     }
 
     fn pieces_at_most(
@@ -264,10 +264,18 @@ impl TextTokenizer {
     /// becomes the ids of its characters, not the control id. No BOS.
     pub fn encode_text(&self, text: &str) -> Result<Vec<TokenId>, EngineError> {
         let encoding = self
-            .text_only
+            .text_only()
             .encode(text, false)
             .map_err(|e| EngineError::Encode(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    fn text_only(&self) -> &Tokenizer {
+        self.text_only.get_or_init(|| {
+            let mut tokenizer = self.inner.clone();
+            tokenizer.set_encode_special_tokens(true);
+            tokenizer
+        })
     }
 
     /// The BOS id to put first, when the model asks for one.

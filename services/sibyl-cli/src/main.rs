@@ -3,9 +3,11 @@
 mod args;
 mod bench;
 mod generate;
+mod health;
 mod index;
 mod progress;
 mod roles;
+mod shutdown;
 
 use clap::{Parser, Subcommand};
 
@@ -32,7 +34,7 @@ enum Command {
     /// Run a drafter role.
     Drafter(roles::DrafterArgs),
     /// Ask a sibyl server's gRPC health once: exit code 0 when it is SERVING.
-    Health(roles::HealthArgs),
+    Health(health::HealthArgs),
     /// Measure speculation against plain decoding on benchmark prompts (tokens/s, speedup,
     /// accepted tokens per step) and check that outputs are identical.
     Bench(bench::BenchArgs),
@@ -57,7 +59,7 @@ fn main() -> std::process::ExitCode {
         Command::Verifier(args) => roles::run_verifier(args),
         Command::Drafter(args) => roles::run_drafter(args),
         Command::Bench(args) => bench::run(args),
-        Command::Health(args) => roles::run_health(args),
+        Command::Health(args) => health::run_health(args),
         Command::Index(args) => index::run(args),
     };
     match result {

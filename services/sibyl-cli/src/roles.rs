@@ -6,6 +6,7 @@ use crate::args::{
     value_name, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs, NEEDS_DATASTORE,
 };
 use crate::generate::{init_threads, load_model, tokenizer_id};
+use crate::shutdown::{shutdown_signal, DrainArgs, DRAIN_GRACE};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use sibyl_drafter::{DraftService, MakeDrafter};
@@ -251,63 +252,6 @@ impl TokenArgs {
     }
 }
 
-/// How a role stops.
-#[derive(Debug, Clone, Args)]
-pub struct DrainArgs {
-    /// On SIGTERM or Ctrl-C a role stops taking requests and finishes the streams it has
-    /// for at most this many milliseconds; then each one still open ends with an error
-    /// that says the server is shutting down (keep it below the pod's grace period).
-    #[arg(long, env = "SIBYL_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
-    pub drain_timeout_ms: u64,
-}
-
-/// Time a role has, past its drain timeout, to end what is left before it is cut.
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
-
-impl DrainArgs {
-    fn timeout(&self) -> Duration {
-        Duration::from_millis(self.drain_timeout_ms)
-    }
-
-    /// A switch triggered by SIGTERM or Ctrl-C.
-    fn on_signal(&self) -> ShutdownSwitch {
-        let stop = ShutdownSwitch::default();
-        let trigger = stop.clone();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            trigger.trigger();
-        });
-        stop
-    }
-
-    /// Runs a role's server until it ends, or until the drain timeout (and a moment more)
-    /// has passed since `stop` was triggered: what is still open is then cut.
-    async fn bounded<E>(
-        &self,
-        stop: &ShutdownSwitch,
-        serve: impl std::future::Future<Output = Result<(), E>>,
-    ) -> Result<(), E> {
-        let deadline = {
-            let stopped = stop.stopped();
-            let timeout = self.timeout() + DRAIN_GRACE;
-            async move {
-                stopped.await;
-                tokio::time::sleep(timeout).await;
-            }
-        };
-        tokio::select! {
-            result = serve => result,
-            () = deadline => {
-                tracing::warn!(
-                    drain_timeout_ms = self.drain_timeout_ms,
-                    "streams were still open when the drain time ran out; they are cut"
-                );
-                Ok(())
-            }
-        }
-    }
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address of the OpenAI-compatible HTTP API.
@@ -492,29 +436,6 @@ async fn spawn_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         }
     });
     Ok(())
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down");
 }
 
 /// The name a model is served under.
@@ -870,44 +791,4 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     drop(telemetry);
     result
-}
-
-/// Asks a server's gRPC health once.
-#[derive(Debug, Clone, Args)]
-pub struct HealthArgs {
-    /// The server, as HOST:PORT.
-    #[arg(long)]
-    pub addr: String,
-
-    /// The health entry to ask about ("" for the whole server).
-    #[arg(long, default_value = "")]
-    pub service: String,
-
-    /// Longest wait for the answer, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    pub timeout_ms: u64,
-}
-
-/// `sibyl health`: exit code 0 when the server says SERVING (container health checks; the
-/// image has no other gRPC client).
-pub fn run_health(args: HealthArgs) -> anyhow::Result<()> {
-    let (host, port) = args
-        .addr
-        .rsplit_once(':')
-        .and_then(|(host, port)| Some((host.trim_matches(['[', ']']), port.parse::<u16>().ok()?)))
-        .with_context(|| format!("--addr `{}`: expected HOST:PORT", args.addr))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let timeout = Duration::from_millis(args.timeout_ms);
-    runtime
-        .block_on(sibyl_proto::client::check_serving(
-            host,
-            port,
-            &args.service,
-            timeout,
-        ))
-        .map_err(|reason| anyhow::anyhow!("not serving: {reason}"))?;
-    println!("SERVING");
-    Ok(())
 }

@@ -1,0 +1,89 @@
+//! OpenAI request fields sibyl does not implement, refused by name rather than ignored.
+
+use super::invalid_param;
+use crate::generation::GatewayError;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// OpenAI fields this server does not implement. Each is refused with a 400 naming it
+/// when set to anything but its neutral value (which clients often send explicitly), so
+/// that a client never gets free text where it asked for tool calls, JSON or log
+/// probabilities. Fields OpenAI does not define are ignored.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct Unsupported {
+    n: Option<Value>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    response_format: Option<Value>,
+    logit_bias: Option<Value>,
+    presence_penalty: Option<Value>,
+    frequency_penalty: Option<Value>,
+    echo: Option<Value>,
+    best_of: Option<Value>,
+    suffix: Option<Value>,
+}
+
+impl Unsupported {
+    /// The first field set to something this server cannot do, with why.
+    pub(super) fn check(&self) -> Result<(), GatewayError> {
+        let neutral = |value: &Option<Value>, allowed: &[Value]| match value {
+            None | Some(Value::Null) => true,
+            Some(v) => allowed.contains(v),
+        };
+        let empty = |value: &Option<Value>| match value {
+            Some(Value::Array(items)) => items.is_empty(),
+            Some(Value::Object(fields)) => fields.is_empty(),
+            other => neutral(other, &[]),
+        };
+        let zero = |value: &Option<Value>| neutral(value, &[json!(0), json!(0.0)]);
+        let one = |value: &Option<Value>| neutral(value, &[json!(1)]);
+        let checks: [(&'static str, bool, &str); 14] = [
+            ("n", one(&self.n), "only one choice per request (`n: 1`) is supported"),
+            (
+                "logprobs",
+                neutral(&self.logprobs, &[json!(false), json!(0)]),
+                "log probabilities are not supported",
+            ),
+            ("top_logprobs", zero(&self.top_logprobs), "log probabilities are not supported"),
+            ("tools", empty(&self.tools), "tool calls are not supported"),
+            (
+                "tool_choice",
+                neutral(&self.tool_choice, &[json!("none"), json!("auto")]),
+                "tool calls are not supported",
+            ),
+            ("functions", empty(&self.functions), "function calls are not supported"),
+            (
+                "function_call",
+                neutral(&self.function_call, &[json!("none"), json!("auto")]),
+                "function calls are not supported",
+            ),
+            (
+                "response_format",
+                neutral(&self.response_format, &[json!({"type": "text"})]),
+                "only `response_format: {\"type\": \"text\"}` is supported (no JSON mode or schema)",
+            ),
+            ("logit_bias", empty(&self.logit_bias), "`logit_bias` is not supported"),
+            (
+                "presence_penalty",
+                zero(&self.presence_penalty),
+                "penalties are not supported (the output is the model's own distribution)",
+            ),
+            (
+                "frequency_penalty",
+                zero(&self.frequency_penalty),
+                "penalties are not supported (the output is the model's own distribution)",
+            ),
+            ("echo", neutral(&self.echo, &[json!(false)]), "`echo` is not supported"),
+            ("best_of", one(&self.best_of), "only `best_of: 1` is supported"),
+            ("suffix", neutral(&self.suffix, &[json!("")]), "`suffix` (insertion) is not supported"),
+        ];
+        match checks.into_iter().find(|(_, ok, _)| !ok) {
+            Some((param, _, message)) => Err(invalid_param(param, message)),
+            None => Ok(()),
+        }
+    }
+}
