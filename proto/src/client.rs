@@ -1,7 +1,9 @@
 //! Client side of a role talking to another: a host name is resolved for every new stream
 //! and streams are spread round-robin over its addresses (a Kubernetes headless Service
 //! lists one per replica), or sent by affinity (a key goes to the same address while it
-//! stays and is not busy); one HTTP/2 channel per address is shared by all streams.
+//! stays and is not busy); one HTTP/2 channel per address is shared by all streams. An
+//! `https://` address is called over TLS, trusting the certificate authorities of
+//! [`ClientTls`] and checking that the certificate names the host.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,6 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::tls::ClientTls;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 pings find a peer that vanished without closing its connections.
@@ -22,9 +26,11 @@ pub const BUSY_MARGIN: usize = 4;
 /// Channels to the replicas of one or more services.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    /// Per `(host, port)`: a channel for each address it resolved to last time (addresses
+    /// Per service address: a channel for each address it resolved to last time (addresses
     /// that no longer resolve, such as replaced pods, are forgotten).
-    channels: Mutex<HashMap<(String, u16), HashMap<SocketAddr, Channel>>>,
+    channels: Mutex<HashMap<ServiceAddress, HashMap<SocketAddr, Channel>>>,
+    /// What `https://` addresses are checked against.
+    tls: Option<Arc<ClientTls>>,
     next: AtomicUsize,
     /// Streams open per address, of those picked by affinity.
     open: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
@@ -41,22 +47,29 @@ impl Drop for Open {
 }
 
 impl Balancer {
-    /// A channel to one of the addresses of `host`, and that address.
-    pub async fn pick(&self, host: &str, port: u16) -> Result<(SocketAddr, Channel), String> {
-        let addrs = resolve(host, port).await?;
-        let addr = addrs[self.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
-        Ok((addr, self.channel(host, port, &addrs, addr)?))
+    /// Calls `https://` addresses trusting `tls` (without it they cannot be called).
+    pub fn new(tls: Option<Arc<ClientTls>>) -> Self {
+        Self {
+            tls,
+            ..Self::default()
+        }
     }
 
-    /// A channel to the address of `host` that `key` goes to (see [`by_affinity`]), that
+    /// A channel to one of the addresses of `service`, and that address.
+    pub async fn pick(&self, service: &ServiceAddress) -> Result<(SocketAddr, Channel), String> {
+        let addrs = resolve(&service.host, service.port).await?;
+        let addr = addrs[self.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
+        Ok((addr, self.channel(service, &addrs, addr)?))
+    }
+
+    /// A channel to the address of `service` that `key` goes to (see [`by_affinity`]), that
     /// address, and the stream's count there.
     pub async fn pick_by_affinity(
         &self,
-        host: &str,
-        port: u16,
+        service: &ServiceAddress,
         key: u64,
     ) -> Result<(SocketAddr, Channel, Open), String> {
-        let addrs = resolve(host, port).await?;
+        let addrs = resolve(&service.host, service.port).await?;
         let open = {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             // Addresses that went (replaced pods) are forgotten once their streams ended.
@@ -68,25 +81,23 @@ impl Balancer {
             (addr, Open(count))
         };
         let (addr, open) = open;
-        Ok((addr, self.channel(host, port, &addrs, addr)?, open))
+        Ok((addr, self.channel(service, &addrs, addr)?, open))
     }
 
-    /// The channel to `addr`, one of `addrs` (the addresses `host` resolves to now).
+    /// The channel to `addr`, one of `addrs` (the addresses `service` resolves to now).
     fn channel(
         &self,
-        host: &str,
-        port: u16,
+        service: &ServiceAddress,
         addrs: &[SocketAddr],
         addr: SocketAddr,
     ) -> Result<Channel, String> {
         let mut all = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        let channels = all.entry((host.to_string(), port)).or_default();
+        let channels = all.entry(service.clone()).or_default();
         channels.retain(|known, _| addrs.contains(known));
         if let Some(channel) = channels.get(&addr) {
             return Ok(channel.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
+        let channel = endpoint(service, addr, self.tls.as_deref())?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -96,6 +107,24 @@ impl Balancer {
         channels.insert(addr, channel.clone());
         Ok(channel)
     }
+}
+
+/// An endpoint for `addr`, one of the addresses of `service`: over TLS, checking the
+/// certificate against `tls` for the service's host name, when the address is `https://`.
+fn endpoint(
+    service: &ServiceAddress,
+    addr: SocketAddr,
+    tls: Option<&ClientTls>,
+) -> Result<Endpoint, String> {
+    if !service.tls {
+        return Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string());
+    }
+    let tls = tls.ok_or_else(|| {
+        format!("{service} is TLS, and no certificate authority to trust was given (--tls-ca)")
+    })?;
+    Endpoint::from_shared(format!("https://{addr}"))
+        .and_then(|endpoint| endpoint.tls_config(tls.tonic(&service.host)))
+        .map_err(|e| crate::server::error_chain(&e))
 }
 
 /// The addresses `host` resolves to now, sorted, at least one.
@@ -153,16 +182,18 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Where a service listens: `http://HOST:PORT`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a service listens: `http://HOST:PORT`, or `https://HOST:PORT` over TLS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServiceAddress {
     pub host: String,
     pub port: u16,
+    /// Called over TLS (`https://`).
+    pub tls: bool,
 }
 
 /// An address that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("address `{value}`: {reason} (expected http://HOST:PORT)")]
+#[error("address `{value}`: {reason} (expected http://HOST:PORT or https://HOST:PORT)")]
 pub struct AddressError {
     value: String,
     reason: &'static str,
@@ -176,10 +207,15 @@ impl std::str::FromStr for ServiceAddress {
             value: value.to_string(),
             reason,
         };
-        let rest = value
-            .strip_prefix("http://")
-            .ok_or_else(|| error("it must start with http://"))?
-            .trim_end_matches('/');
+        let (tls, rest) = match (
+            value.strip_prefix("http://"),
+            value.strip_prefix("https://"),
+        ) {
+            (Some(rest), _) => (false, rest),
+            (None, Some(rest)) => (true, rest),
+            (None, None) => return Err(error("it must start with http:// or https://")),
+        };
+        let rest = rest.trim_end_matches('/');
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| error("no port"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains('/') {
@@ -189,6 +225,7 @@ impl std::str::FromStr for ServiceAddress {
             Ok(port) if port > 0 => Ok(Self {
                 host: host.to_string(),
                 port,
+                tls,
             }),
             _ => Err(error("the port is not a number in 1..=65535")),
         }
@@ -197,10 +234,11 @@ impl std::str::FromStr for ServiceAddress {
 
 impl std::fmt::Display for ServiceAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
         if self.host.contains(':') {
-            write!(f, "http://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "http://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -216,7 +254,10 @@ pub async fn wait_until_serving(addr: SocketAddr, timeout: Duration) -> bool {
             return false;
         }
         let attempt = left.min(Duration::from_secs(2));
-        if check_serving(&host, addr.port(), "", attempt).await.is_ok() {
+        if check_serving(&host, addr.port(), "", None, attempt)
+            .await
+            .is_ok()
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100).min(left)).await;
@@ -224,11 +265,13 @@ pub async fn wait_until_serving(addr: SocketAddr, timeout: Duration) -> bool {
 }
 
 /// Asks the gRPC health of `service` ("" for the whole server) at every address `host`
-/// resolves to; `Ok` if one says SERVING within `timeout`, else why not.
+/// resolves to, over TLS trusting `tls` when given; `Ok` if one says SERVING within
+/// `timeout`, else why not.
 pub async fn check_serving(
     host: &str,
     port: u16,
     service: &str,
+    tls: Option<&ClientTls>,
     timeout: Duration,
 ) -> Result<(), String> {
     use tonic_health::pb::health_check_response::ServingStatus;
@@ -241,10 +284,15 @@ pub async fn check_serving(
         if addrs.is_empty() {
             return Err(format!("{host} resolves to no address"));
         }
+        let server = ServiceAddress {
+            host: host.to_string(),
+            port,
+            tls: tls.is_some(),
+        };
         let mut reasons = Vec::new();
         for addr in addrs {
-            let reason = match Endpoint::from_shared(format!("http://{addr}")) {
-                Err(error) => error.to_string(),
+            let reason = match endpoint(&server, addr, tls) {
+                Err(error) => error,
                 Ok(endpoint) => match endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await {
                     Err(error) => format!("cannot connect: {}", crate::server::error_chain(&error)),
                     Ok(channel) => {
@@ -319,22 +367,36 @@ mod tests {
     }
 
     #[test]
+    fn an_https_address_needs_a_certificate_authority() {
+        let service: ServiceAddress = "https://verifier:50052".parse().unwrap();
+        let error = endpoint(&service, "127.0.0.1:50052".parse().unwrap(), None).unwrap_err();
+        assert!(error.contains("--tls-ca"), "{error}");
+        let plain: ServiceAddress = "http://verifier:50052".parse().unwrap();
+        assert!(endpoint(&plain, "127.0.0.1:50052".parse().unwrap(), None).is_ok());
+    }
+
+    #[test]
     fn addresses_parse_and_bad_ones_say_why() {
         let address: ServiceAddress = "http://drafters.sibyl.svc:50061".parse().unwrap();
         assert_eq!(
             (address.host.as_str(), address.port),
             ("drafters.sibyl.svc", 50061)
         );
+        assert!(!address.tls);
         let v6: ServiceAddress = "http://[::1]:7/".parse().unwrap();
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 7));
         assert_eq!(v6.to_string(), "http://[::1]:7");
+        let tls: ServiceAddress = "https://verifier.sibyl.svc:50052".parse().unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.to_string(), "https://verifier.sibyl.svc:50052");
         for bad in [
             "x:1",
             "http://x",
             "http://x:0",
             "http://x:99999",
             "http://:1",
-            "https://x:1",
+            "https://x",
+            "grpc://x:1",
         ] {
             let error = bad.parse::<ServiceAddress>().unwrap_err();
             assert!(error.to_string().contains("expected http://"), "{error}");

@@ -1,6 +1,6 @@
-//! TLS for a public listener: a certificate chain and its key in PEM files (rustls, with
-//! ring; no OpenSSL). Read and checked once, at start, so that a bad file is a clear error
-//! before anything listens.
+//! TLS for a listener (a certificate chain and its key in PEM files) and for a client (the
+//! certificate authorities it trusts), with rustls and ring; no OpenSSL. Files are read and
+//! checked once, at start, so that a bad file is a clear error before anything listens.
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -83,6 +83,63 @@ impl ServerTls {
     /// The configuration for an HTTP server.
     pub fn rustls(&self) -> Arc<rustls::ServerConfig> {
         self.rustls.clone()
+    }
+}
+
+/// The certificate authorities a client trusts for the servers it calls over TLS
+/// (`https://` addresses): it checks that a server's certificate chains to one of them and
+/// names the host it called.
+#[derive(Clone)]
+pub struct ClientTls {
+    ca_pem: Vec<u8>,
+    /// The name certificates must carry, whatever host was called.
+    server_name: Option<String>,
+}
+
+impl ClientTls {
+    /// Reads `path`, one or more PEM certificates.
+    pub fn from_file(path: &Path) -> Result<Self, TlsError> {
+        let ca_pem = std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let certificates = CertificateDer::pem_slice_iter(&ca_pem)
+            .filter_map(Result::ok)
+            .count();
+        if certificates == 0 {
+            return Err(TlsError::NoCertificate {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(Self {
+            ca_pem,
+            server_name: None,
+        })
+    }
+
+    /// The same authorities, with certificates checked for `name` instead of the host
+    /// called (a health check calling 127.0.0.1 in a container whose certificate names the
+    /// service).
+    pub fn expecting(self, name: String) -> Self {
+        Self {
+            server_name: Some(name),
+            ..self
+        }
+    }
+
+    /// The configuration for a tonic client calling `host` (the name its certificate must
+    /// carry unless [`Self::expecting`] says otherwise; an IP address works when the
+    /// certificate lists it).
+    pub fn tonic(&self, host: &str) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .domain_name(self.server_name.as_deref().unwrap_or(host))
+    }
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").finish_non_exhaustive()
     }
 }
 

@@ -7,8 +7,8 @@ use sibyl_drafter::DraftService;
 use sibyl_gateway::GatewayConfig;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_proto::client::wait_until_serving;
-use sibyl_proto::server::OnLoadError;
 use sibyl_proto::server::ShutdownSwitch;
+use sibyl_proto::server::{Listener, OnLoadError};
 use sibyl_proto::v1 as pb;
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::net::SocketAddr;
@@ -53,7 +53,7 @@ pub struct ClusterOptions {
     pub max_model_len: Option<usize>,
     /// The token the roles show each other (`--internal-token-file`).
     pub internal_token: Option<sibyl_proto::auth::InternalToken>,
-    /// TLS on the gateway's listeners.
+    /// TLS on every role's listeners, and on the links between them.
     pub tls: Option<TestTls>,
     /// How long the gateway's streams go on once shutdown begins.
     pub drain_timeout: Duration,
@@ -104,11 +104,24 @@ impl Cluster {
         let mut tasks = Vec::new();
         let mut drafters = Vec::new();
         let mut endpoints = Vec::new();
+        let server_tls = options.tls.as_ref().map(|tls| tls.server.clone());
+        let client_tls = options.tls.as_ref().map(|tls| tls.client.clone());
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let listen = || async {
+            Ok::<_, anyhow::Error>(Listener {
+                tcp: loopback().await?,
+                tls: server_tls.clone(),
+            })
+        };
         for _ in 0..options.ngram_drafters {
-            let listener = loopback().await?;
-            let addr = listener.local_addr()?;
+            let listener = listen().await?;
+            let addr = listener.tcp.local_addr()?;
             drafters.push(addr);
-            endpoints.push(format!("ngram=http://{addr}").parse()?);
+            endpoints.push(format!("ngram={scheme}://{addr}").parse()?);
             let service = DraftService::new(Arc::new(|| {
                 Box::new(NgramDrafter::new(NgramConfig::default()))
             }))
@@ -123,8 +136,8 @@ impl Cluster {
         }
         endpoints.extend(options.extra_drafters.iter().cloned());
 
-        let listener = loopback().await?;
-        let verifier = listener.local_addr()?;
+        let listener = listen().await?;
+        let verifier = listener.tcp.local_addr()?;
         let config = VerifierConfig {
             speculation: SpeculationConfig {
                 step_wait: options.step_wait,
@@ -136,6 +149,7 @@ impl Cluster {
             idle_timeout: options.idle_timeout,
             max_model_len: options.max_model_len,
             internal_token: options.internal_token.clone(),
+            drafter_tls: client_tls.clone(),
             ..VerifierConfig::new(TEST_MODEL.into(), endpoints)
         };
         let model_path = path.clone();
@@ -157,13 +171,14 @@ impl Cluster {
         let gateway_http = http.local_addr()?;
         let config = GatewayConfig {
             model_name: TEST_MODEL.into(),
-            verifier: format!("http://{verifier}").parse()?,
+            verifier: format!("{scheme}://{verifier}").parse()?,
             max_tokens_limit: options.max_tokens_limit,
             sse_keep_alive: options.sse_keep_alive,
             api_keys: options.api_keys.clone(),
             internal_token: options.internal_token.clone(),
             drain_timeout: options.drain_timeout,
-            tls: options.tls.as_ref().map(|tls| tls.server.clone()),
+            tls: server_tls.clone(),
+            verifier_tls: client_tls.clone(),
             metrics_on_http: true,
         };
         let text_path = path.clone();
@@ -188,18 +203,15 @@ impl Cluster {
             stop,
             tasks,
         };
-        let plain_gateway = options.tls.is_none().then_some(cluster.gateway_grpc);
         for addr in std::iter::once(cluster.verifier)
             .chain(cluster.drafters.iter().copied())
-            .chain(plain_gateway)
+            .chain([cluster.gateway_grpc])
         {
-            if !wait_until_serving(addr, Duration::from_secs(60)).await {
-                anyhow::bail!("{addr} did not become SERVING within a minute");
-            }
-        }
-        if let Some(tls) = &options.tls {
-            tls.wait_until_serving(cluster.gateway_grpc, Duration::from_secs(60))
-                .await?;
+            let serving = match &options.tls {
+                Some(tls) => tls.wait_until_serving(addr, Duration::from_secs(60)).await,
+                None => wait_until_serving(addr, Duration::from_secs(60)).await,
+            };
+            anyhow::ensure!(serving, "{addr} did not become SERVING within a minute");
         }
         Ok(cluster)
     }
@@ -586,9 +598,10 @@ pub async fn http(
 /// 127.0.0.1, as PEM files in the temporary directory (removed when the last clone goes).
 #[derive(Clone, Debug)]
 pub struct TestTls {
-    pub ca_pem: String,
     pub ca_file: PathBuf,
     pub server: Arc<sibyl_proto::tls::ServerTls>,
+    /// What a role calling another trusts: the test CA.
+    pub client: Arc<sibyl_proto::tls::ClientTls>,
     _files: Arc<TempFiles>,
 }
 
@@ -634,47 +647,42 @@ impl TestTls {
         std::fs::write(&files[1], cert.pem())?;
         std::fs::write(&files[2], key.serialize_pem())?;
         let server = sibyl_proto::tls::ServerTls::from_files(&files[1], &files[2])?;
+        let client = sibyl_proto::tls::ClientTls::from_file(&files[0])?;
         Ok(Self {
-            ca_pem: ca.pem(),
             ca_file: files[0].clone(),
             server: Arc::new(server),
+            client: Arc::new(client),
             _files: Arc::new(TempFiles(files)),
         })
     }
 
     /// A channel to `addr` over TLS, checking its certificate against the test CA.
     pub async fn channel(&self, addr: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
-        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .domain_name("localhost");
-        Ok(Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(tls)?
-            .connect()
-            .await?)
+        Ok(
+            tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+                .tls_config(self.client.tonic("localhost"))?
+                .connect()
+                .await?,
+        )
     }
 
-    /// Polls gRPC health over TLS until it says SERVING.
-    pub async fn wait_until_serving(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-    ) -> anyhow::Result<()> {
-        use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+    /// Polls gRPC health over TLS until it says SERVING; false if it has not within
+    /// `timeout`.
+    pub async fn wait_until_serving(&self, addr: SocketAddr, timeout: Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
+        let host = addr.ip().to_string();
         loop {
-            if let Ok(channel) = self.channel(addr).await {
-                let request = tonic_health::pb::HealthCheckRequest::default();
-                if let Ok(response) = HealthClient::new(channel).check(request).await {
-                    if response.get_ref().status() == ServingStatus::Serving {
-                        return Ok(());
-                    }
-                }
+            let tls = Some(self.client.as_ref());
+            let attempt = Duration::from_secs(2);
+            if sibyl_proto::client::check_serving(&host, addr.port(), "", tls, attempt)
+                .await
+                .is_ok()
+            {
+                return true;
             }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "{addr} did not become SERVING over TLS within {timeout:?}"
-            );
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -4,6 +4,7 @@
 
 use serde_json::{json, Value};
 use sibyl_proto::auth::ApiKeys;
+use sibyl_proto::client::check_serving;
 use sibyl_proto::v1 as pb;
 use sibyl_tests::{generate_text, http, Cluster, ClusterOptions, HttpResponse};
 use std::sync::Arc;
@@ -406,29 +407,49 @@ async fn with_an_internal_token_verifier_and_drafters_serve_only_the_roles() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_tls_both_apis_speak_only_tls_and_the_answers_are_the_same() {
+async fn with_tls_every_role_speaks_only_tls_and_checks_certificates() {
     let tls = sibyl_tests::TestTls::new().unwrap();
+    let file = KeyFile::new("sk-tls\n");
     let cluster = Cluster::start(ClusterOptions {
         tls: Some(tls.clone()),
+        api_keys: Some(Arc::new(ApiKeys::from_file(&file.0).unwrap())),
         ..ClusterOptions::default()
     })
     .await
-    .expect("cluster");
-    // gRPC over TLS, the certificate checked against the test CA.
+    .expect("cluster (every role SERVING over TLS)");
+    // gRPC over TLS, the certificate checked against the test CA; the gateway reached the
+    // verifier, and the verifier its drafter, over TLS (the drafter's tokens were accepted).
     let channel = tls.channel(cluster.gateway_grpc).await.unwrap();
     let mut gateway = pb::gateway_client::GatewayClient::new(channel);
-    let (_, summary) = generate_text(&mut gateway, prompt_request("def add(a, b):", 8), |_| {})
-        .await
-        .unwrap();
-    assert_eq!(summary.usage.unwrap().completion_tokens, 8);
+    let counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
+    let mut request = tonic::Request::new(prompt_request(counting, 24));
+    let bearer = "Bearer sk-tls".parse().unwrap();
+    request.metadata_mut().insert("authorization", bearer);
+    let (_, summary) = generate_text(&mut gateway, request, |_| {}).await.unwrap();
+    assert_eq!(summary.usage.unwrap().completion_tokens, 24);
+    let ngram = summary.drafters.iter().find(|d| d.kind == "ngram").unwrap();
+    assert!(ngram.accepted_tokens > 0, "{ngram:?}");
+    // The verifier and the drafter answer neither plain text nor a client trusting another
+    // authority.
+    let stranger = sibyl_tests::TestTls::new().unwrap();
+    for addr in [cluster.verifier, cluster.drafters[0]] {
+        let quick = Duration::from_secs(2);
+        let plain = check_serving("127.0.0.1", addr.port(), "", None, quick).await;
+        assert!(plain.is_err(), "{addr} answered plain text");
+        let other = Some(stranger.client.as_ref());
+        let untrusted = check_serving("127.0.0.1", addr.port(), "", other, quick).await;
+        assert!(untrusted.is_err(), "{addr} was trusted under another CA");
+        assert!(tls.wait_until_serving(addr, quick).await);
+    }
     // HTTPS, with curl checking the certificate.
     let port = cluster.gateway_http.port();
     let body = json!({"prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0});
-    let curl = |scheme: &str| {
+    let curl = |scheme: &str, key: &str| {
         std::process::Command::new("curl")
             .args(["-sS", "--max-time", "30", "--cacert"])
             .arg(&tls.ca_file)
             .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+            .args(["-H", &format!("authorization: Bearer {key}")])
             .args([
                 "-H",
                 "content-type: application/json",
@@ -439,12 +460,20 @@ async fn with_tls_both_apis_speak_only_tls_and_the_answers_are_the_same() {
             .output()
             .expect("curl runs")
     };
-    let https = curl("https");
+    let https = curl("https", "sk-tls");
     assert!(https.status.success(), "{https:?}");
     let answer: Value = serde_json::from_slice(&https.stdout).unwrap();
     assert_eq!(answer["usage"]["completion_tokens"], 8, "{answer}");
     // Plain HTTP on the TLS port gets no answer.
-    let plain = curl("http");
+    // Over HTTP/2 (curl's choice with TLS), a refused request gets its 401, not a reset
+    // stream, also while its body is still arriving.
+    for _ in 0..5 {
+        let refused = curl("https", "sk-wrong");
+        assert!(refused.status.success(), "{refused:?}");
+        let answer: Value = serde_json::from_slice(&refused.stdout).unwrap();
+        assert_eq!(answer["error"]["code"], "invalid_api_key", "{answer}");
+    }
+    let plain = curl("http", "sk-tls");
     assert!(
         !plain.status.success() || !String::from_utf8_lossy(&plain.stdout).contains("usage"),
         "{plain:?}"

@@ -15,6 +15,16 @@ pub struct HealthArgs {
     #[arg(long, default_value = "")]
     pub service: String,
 
+    /// Ask over TLS, trusting the certificate authorities in this PEM file (the server's
+    /// certificate must name the host of --addr, or --tls-server-name).
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+
+    /// The name the server's certificate must carry, when it is not the host of --addr (a
+    /// container's health check calling 127.0.0.1, say).
+    #[arg(long, requires = "tls_ca")]
+    pub tls_server_name: Option<String>,
+
     /// Longest wait for the answer, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     pub timeout_ms: u64,
@@ -32,11 +42,22 @@ pub fn run_health(args: HealthArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let timeout = Duration::from_millis(args.timeout_ms);
+    let tls = match &args.tls_ca {
+        Some(path) => {
+            let tls = sibyl_proto::tls::ClientTls::from_file(path)?;
+            Some(match args.tls_server_name {
+                Some(name) => tls.expecting(name),
+                None => tls,
+            })
+        }
+        None => None,
+    };
     runtime
         .block_on(sibyl_proto::client::check_serving(
             host,
             port,
             &args.service,
+            tls.as_ref(),
             timeout,
         ))
         .map_err(|reason| anyhow::anyhow!("not serving: {reason}"))?;

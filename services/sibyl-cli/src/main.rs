@@ -7,6 +7,7 @@ mod health;
 mod index;
 mod progress;
 mod roles;
+mod security;
 mod shutdown;
 
 use clap::{Parser, Subcommand};

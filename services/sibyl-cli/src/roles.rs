@@ -6,6 +6,7 @@ use crate::args::{
     value_name, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs, NEEDS_DATASTORE,
 };
 use crate::generate::{init_threads, load_model, tokenizer_id};
+use crate::security::{ClientTlsArgs, ServerTlsArgs, TokenArgs};
 use crate::shutdown::{shutdown_signal, DrainArgs, DRAIN_GRACE};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
@@ -15,8 +16,7 @@ use sibyl_lm::LmDrafter;
 use sibyl_ngram::NgramDrafter;
 use sibyl_proto::auth::{ApiKeys, InternalToken};
 use sibyl_proto::client::ServiceAddress;
-use sibyl_proto::server::{OnLoadError, ShutdownSwitch};
-use sibyl_proto::tls::ServerTls;
+use sibyl_proto::server::{Listener, OnLoadError, ShutdownSwitch};
 use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter};
 use sibyl_spec::{Drafter, Proposal};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
@@ -158,14 +158,8 @@ pub struct GatewayLimitArgs {
     #[arg(long, env = "SIBYL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
-    /// PEM certificate chain (leaf first) for TLS on the HTTP and gRPC APIs (HTTPS, gRPC
-    /// over TLS); with --tls-key.
-    #[arg(long, env = "SIBYL_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-
-    /// PEM private key of --tls-cert.
-    #[arg(long, env = "SIBYL_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
 }
 
 impl GatewayLimitArgs {
@@ -180,10 +174,7 @@ impl GatewayLimitArgs {
             Some(path) => Some(Arc::new(ApiKeys::from_file(path)?)),
             None => None,
         };
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(Arc::new(ServerTls::from_files(cert, key)?)),
-            _ => None,
-        };
+        let tls = self.tls.load()?;
         Ok(GatewayConfig {
             model_name,
             verifier,
@@ -191,6 +182,7 @@ impl GatewayLimitArgs {
             sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
             api_keys,
             internal_token: None,
+            verifier_tls: None,
             drain_timeout,
             tls,
             metrics_on_http: self.metrics_addr.is_none(),
@@ -229,25 +221,6 @@ impl LoadArgs {
         match self.load_retry_ms {
             0 => OnLoadError::Fail,
             ms => OnLoadError::Retry(Duration::from_millis(ms)),
-        }
-    }
-}
-
-/// How the roles of one deployment recognise each other.
-#[derive(Debug, Clone, Args)]
-pub struct TokenArgs {
-    /// A file of tokens, one per line, shared by the deployment's roles: the verifier and
-    /// drafters accept only calls that carry one (health and reflection stay open), and a
-    /// role sends the first. Without it they accept any caller that reaches them.
-    #[arg(long, env = "SIBYL_INTERNAL_TOKEN_FILE")]
-    pub internal_token_file: Option<PathBuf>,
-}
-
-impl TokenArgs {
-    fn token(&self) -> anyhow::Result<Option<InternalToken>> {
-        match &self.internal_token_file {
-            Some(path) => Ok(Some(InternalToken::from_file(path)?)),
-            None => Ok(None),
         }
     }
 }
@@ -295,9 +268,13 @@ pub struct GatewayArgs {
     #[arg(long, env = "SIBYL_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
-    /// The verifier, as http://HOST:PORT (a name with several addresses spreads requests).
+    /// The verifier, as http://HOST:PORT, or https://HOST:PORT over TLS (with --tls-ca); a
+    /// name with several addresses spreads requests.
     #[arg(long, env = "SIBYL_VERIFIER")]
     pub verifier: String,
+
+    #[command(flatten)]
+    pub tls_ca: ClientTlsArgs,
 
     /// The model the verifier serves: its tokenizer and chat template are read from the file.
     #[command(flatten)]
@@ -329,10 +306,17 @@ pub struct VerifierRoleArgs {
     #[arg(long, env = "SIBYL_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
 
-    /// A drafter to speculate with, as KIND=http://HOST:PORT; repeat for several. A name that
-    /// resolves to several addresses (a headless Service) spreads sessions over them.
+    /// A drafter to speculate with, as KIND=http://HOST:PORT (https:// over TLS, with
+    /// --tls-ca); repeat for several. A name that resolves to several addresses (a headless
+    /// Service) spreads sessions over them.
     #[arg(long = "drafter", env = "SIBYL_DRAFTERS", value_delimiter = ',')]
     pub drafters: Vec<String>,
+
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+
+    #[command(flatten)]
+    pub tls_ca: ClientTlsArgs,
 
     #[command(flatten)]
     pub model: ModelArgs,
@@ -381,6 +365,9 @@ pub struct DrafterArgs {
     /// Address of the Prometheus `/metrics` endpoint (HTTP).
     #[arg(long, env = "SIBYL_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
 
     /// The verifier's model: sessions whose tokenizer differs from this file's are refused.
     #[command(flatten)]
@@ -557,11 +544,14 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
         args.model,
     )?;
     let service = service.requiring(args.internal.token()?);
+    let tls = args.tls.load()?;
     let (runtime, telemetry) = runtime("drafter", &args.telemetry)?;
     let result = runtime.block_on(async move {
-        let listener = bind(args.grpc_addr, "drafter").await?;
+        let tcp = bind(args.grpc_addr, "drafter").await?;
         spawn_metrics(args.metrics_addr).await?;
-        tracing::info!(addr = %listener.local_addr()?, kind = ?args.kind, "drafter listening");
+        let addr = tcp.local_addr()?;
+        tracing::info!(%addr, kind = ?args.kind, tls = tls.is_some(), "drafter listening");
+        let listener = Listener { tcp, tls };
         let stop = args.drain.on_signal();
         let serve = sibyl_drafter::serve(
             listener,
@@ -580,15 +570,19 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
 pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
     init_threads(args.model.threads);
     let name = served_name(&args.model, args.served_model_name.as_ref());
-    let mut config = args
-        .verifier
-        .config(name, drafter_endpoints(&args.drafters)?)?;
+    let drafters = drafter_endpoints(&args.drafters)?;
+    let drafter_tls = args.tls_ca.load(drafters.iter().map(|d| &d.address))?;
+    let mut config = args.verifier.config(name, drafters)?;
     config.internal_token = args.internal.token()?;
+    config.drafter_tls = drafter_tls;
+    let tls = args.tls.load()?;
     let (runtime, telemetry) = runtime("verifier", &args.telemetry)?;
     let result = runtime.block_on(async move {
-        let listener = bind(args.grpc_addr, "verifier").await?;
+        let tcp = bind(args.grpc_addr, "verifier").await?;
         spawn_metrics(args.metrics_addr).await?;
-        tracing::info!(addr = %listener.local_addr()?, "verifier listening");
+        let addr = tcp.local_addr()?;
+        tracing::info!(%addr, tls = tls.is_some(), "verifier listening");
+        let listener = Listener { tcp, tls };
         let model = args.model.clone();
         let stop = args.drain.on_signal();
         let serve = sibyl_verifier::serve(
@@ -606,12 +600,15 @@ pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let verifier = args.verifier.parse::<ServiceAddress>()?;
+    let verifier_tls = args.tls_ca.load([&verifier])?;
     let mut config = args.limits.config(
         served_name(&args.model, args.limits.served_model_name.as_ref()),
-        args.verifier.parse::<ServiceAddress>()?,
+        verifier,
         args.drain.timeout(),
     )?;
     config.internal_token = args.internal.token()?;
+    config.verifier_tls = verifier_tls;
     let (runtime, telemetry) = runtime("gateway", &args.telemetry)?;
     let result = runtime.block_on(async move {
         args.limits.spawn_metrics().await?;

@@ -58,6 +58,45 @@ fn zero_max_tokens_is_refused_before_any_work() {
 }
 
 #[test]
+fn an_https_address_without_a_certificate_authority_is_refused_at_start() {
+    let cache = [("SIBYL_CACHE_DIR", "/nonexistent/sibyl-cache")];
+    let model = ["--model", "qwen2.5-coder-1.5b", "--load-retry-ms", "0"];
+    assert_refused(
+        &[
+            &["verifier", "--drafter", "ngram=https://drafters:50061"][..],
+            &model,
+        ]
+        .concat(),
+        &cache,
+        "give the certificate authority to trust with --tls-ca",
+    );
+    assert_refused(
+        &[
+            &["gateway", "--verifier", "https://verifier:50052"][..],
+            &model,
+        ]
+        .concat(),
+        &cache,
+        "give the certificate authority to trust with --tls-ca",
+    );
+    assert_refused(
+        &[
+            &[
+                "drafter",
+                "--kind",
+                "ngram",
+                "--tls-cert",
+                "/nonexistent/cert.pem",
+            ][..],
+            &model,
+        ]
+        .concat(),
+        &cache,
+        "--tls-key",
+    );
+}
+
+#[test]
 fn a_negative_temperature_is_refused_before_any_work() {
     assert_refused(
         &["generate", "--prompt", "hi", "--temperature", "-0.5"],

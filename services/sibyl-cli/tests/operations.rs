@@ -88,9 +88,15 @@ async fn scrape_when(addr: SocketAddr, ready: impl Fn(&str) -> bool) -> String {
 }
 
 async fn serving(addr: SocketAddr, service: &str) -> bool {
-    check_serving("127.0.0.1", addr.port(), service, Duration::from_secs(2))
-        .await
-        .is_ok()
+    check_serving(
+        "127.0.0.1",
+        addr.port(),
+        service,
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .is_ok()
 }
 
 /// A span received: service name, span name, trace id, parent span id.

@@ -1,8 +1,8 @@
 //! The drafter role: a `sibyl.v1.Drafter` gRPC service that streams candidate token blocks
 //! to verifiers, drafting ahead of their feedback.
 //!
-//! The service hosts any [`sibyl_spec::Drafter`] (the n-gram drafter today); each session
-//! gets a fresh one through [`MakeDrafter`].
+//! The service hosts any [`sibyl_spec::Drafter`] (n-gram, retrieval, a small LM); each
+//! session gets a fresh one through [`MakeDrafter`].
 
 mod ahead;
 mod service;
@@ -10,17 +10,16 @@ mod service;
 pub use ahead::{AdvanceError, AheadLimits, DraftAhead};
 pub use service::{DraftService, MakeDrafter};
 
-use sibyl_proto::server::{run_role, OnLoadError, ServeError};
+use sibyl_proto::server::{run_role, Listener, OnLoadError, ServeError};
 use sibyl_proto::v1::drafter_server::{DrafterServer, SERVICE_NAME};
 use std::future::Future;
-use tokio::net::TcpListener;
 use tonic::transport::server::Router;
 
 /// Serves `service` on `listener` until `shutdown` completes. Health says SERVING once
 /// `load` (run on a blocking thread: it may fetch a model file) has returned the tokenizer
 /// fingerprint; a failed load ends the server or is retried, as `on_error` says.
 pub async fn serve<E>(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     service: DraftService,
     load: impl FnMut() -> Result<u64, E> + Send + 'static,
     on_error: OnLoadError,

@@ -240,9 +240,9 @@ impl Gateway {
     pub fn new(config: GatewayConfig, text: TextModel) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
+            verifiers: Balancer::new(config.verifier_tls.clone()),
             config,
             text: Arc::new(text),
-            verifiers: Balancer::default(),
             tokenizing: Arc::new(tokio::sync::Semaphore::new(cores)),
             verifier_context: AtomicUsize::new(0),
             drained: ShutdownSwitch::default(),
@@ -333,7 +333,7 @@ impl Gateway {
         let address = &self.config.verifier;
         let (_, channel) = self
             .verifiers
-            .pick(&address.host, address.port)
+            .pick(address)
             .await
             .map_err(GatewayError::Unavailable)?;
         Ok(VerifierClient::new(channel))
@@ -358,7 +358,7 @@ impl Gateway {
             .collect();
         let (_, channel, open) = self
             .verifiers
-            .pick_by_affinity(&address.host, address.port, fnv1a(&block))
+            .pick_by_affinity(address, fnv1a(&block))
             .await
             .map_err(GatewayError::Unavailable)?;
         Ok((VerifierClient::new(channel), Some(open)))

@@ -17,7 +17,7 @@ use sibyl_proto::auth::{ApiKeys, InternalToken, RequireKey};
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::Listener;
 use sibyl_proto::server::{run_role, Health, OnLoadError, ServeError, ShutdownSwitch};
-use sibyl_proto::tls::ServerTls;
+use sibyl_proto::tls::{ClientTls, ServerTls};
 use sibyl_proto::v1::gateway_server::{GatewayServer, SERVICE_NAME};
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -43,6 +43,8 @@ pub struct GatewayConfig {
     /// How long open streams may go on once shutdown begins; then each ends with an error
     /// that says the gateway is shutting down.
     pub drain_timeout: Duration,
+    /// The certificate authorities an `https://` verifier is checked against (`--tls-ca`).
+    pub verifier_tls: Option<Arc<ClientTls>>,
     /// TLS on both listeners (HTTPS and gRPC over TLS); `None`: plain text.
     pub tls: Option<Arc<ServerTls>>,
     /// Serve `/metrics` on the HTTP API's port (behind the keys, when there are keys);

@@ -26,9 +26,14 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Longest a refused request's body is read (and dropped) before the 401 goes out (see
+/// [`authorize`]); at most [`MAX_BODY_BYTES`] of it.
+const REFUSED_BODY_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The HTTP routes of the gateway: with API keys, every one but `/health` needs a key.
 pub fn router(gateway: Arc<Gateway>, metrics: bool) -> Router {
@@ -73,6 +78,21 @@ async fn authorize(
             next.run(request).await
         }
         Err(denied) => {
+            // Read what the client is still sending (a bounded amount, briefly) before
+            // answering: over HTTP/2 an answer to a request whose body is unread resets the
+            // stream, and a client still uploading (curl) then reports a stream error
+            // instead of the 401.
+            let mut unread = request.into_body().into_data_stream();
+            let drain = async {
+                let mut bytes = 0;
+                while let Some(Ok(chunk)) = unread.next().await {
+                    bytes += chunk.len();
+                    if bytes > MAX_BODY_BYTES {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(REFUSED_BODY_TIME, drain).await;
             let body = error_body(
                 &denied.to_string(),
                 "invalid_request_error",

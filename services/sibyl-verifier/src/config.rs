@@ -111,6 +111,8 @@ pub struct VerifierConfig {
     /// The token drafters and the gateway show each other (`--internal-token-file`): calls
     /// to this verifier must carry it, and its draft streams carry it.
     pub internal_token: Option<sibyl_proto::auth::InternalToken>,
+    /// The certificate authorities `https://` drafters are checked against (`--tls-ca`).
+    pub drafter_tls: Option<std::sync::Arc<sibyl_proto::tls::ClientTls>>,
     /// How the step scheduler fills each forward pass.
     pub scheduler: sibyl_decode::SchedulerConfig,
 }
@@ -130,6 +132,7 @@ impl VerifierConfig {
             max_model_len: None,
             idle_timeout: Duration::from_secs(30),
             internal_token: None,
+            drafter_tls: None,
             scheduler: sibyl_decode::SchedulerConfig {
                 prefix_cache_bytes: 1 << 30,
                 ..sibyl_decode::SchedulerConfig::default()

@@ -24,12 +24,11 @@ pub use service::VerifierService;
 use scheduler::SchedulerHandle;
 use sibyl_decode::{generate, GenerationConfig, SchedulerConfig, SharedLearning};
 use sibyl_engine::LoadedModel;
-use sibyl_proto::server::{run_role, OnLoadError, ServeError};
+use sibyl_proto::server::{run_role, Listener, OnLoadError, ServeError};
 use sibyl_proto::v1::verifier_server::{VerifierServer, SERVICE_NAME};
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 use tonic::transport::server::Router;
 
 /// Serves `service` on `listener` until `shutdown` completes. Health says SERVING once
@@ -37,7 +36,7 @@ use tonic::transport::server::Router;
 /// warm-up generation has run; a failed load ends the server or is retried, as `on_error`
 /// says. The configured drafters are then watched (see [`DRAFTERS_HEALTH`]).
 pub async fn serve<E>(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     service: VerifierService,
     mut load: impl FnMut() -> Result<LoadedModel, E> + Send + 'static,
     on_error: OnLoadError,
@@ -63,7 +62,7 @@ where
     let ready = |engine, health| {
         service.set_ready(Arc::new(engine));
         metrics.model_loaded.set(1);
-        probe::spawn(service.drafters().to_vec(), health);
+        probe::spawn(service.drafters().to_vec(), service.drafter_tls(), health);
         true
     };
     run_role(listener, SERVICE_NAME, add, load, ready, on_error, shutdown).await

@@ -82,10 +82,7 @@ async fn connect(
     shared: &Shared,
     accepted_len: &mut watch::Receiver<usize>,
 ) -> (End, bool) {
-    let (addr, channel) = match endpoints
-        .pick(&params.endpoint.address.host, params.endpoint.address.port)
-        .await
-    {
+    let (addr, channel) = match endpoints.pick(&params.endpoint.address).await {
         Ok(picked) => picked,
         Err(error) => return (End::Failed(error), false),
     };

@@ -7,7 +7,9 @@
 
 use crate::config::DrafterEndpoint;
 use sibyl_proto::server::Health;
+use sibyl_proto::tls::ClientTls;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How often drafters are checked.
@@ -18,7 +20,7 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 pub const DRAFTERS_HEALTH: &str = "sibyl.v1.Drafter";
 
 /// Starts the watch; it ends with the runtime.
-pub(crate) fn spawn(drafters: Vec<DrafterEndpoint>, health: Health) {
+pub(crate) fn spawn(drafters: Vec<DrafterEndpoint>, tls: Option<Arc<ClientTls>>, health: Health) {
     if drafters.is_empty() {
         return;
     }
@@ -33,9 +35,15 @@ pub(crate) fn spawn(drafters: Vec<DrafterEndpoint>, health: Health) {
             let mut per_kind: BTreeMap<&str, i64> = BTreeMap::new();
             for (endpoint, last) in drafters.iter().zip(&mut answered) {
                 let address = &endpoint.address;
-                let result =
-                    sibyl_proto::client::check_serving(&address.host, address.port, "", TIMEOUT)
-                        .await;
+                let tls = tls.as_deref().filter(|_| address.tls);
+                let result = sibyl_proto::client::check_serving(
+                    &address.host,
+                    address.port,
+                    "",
+                    tls,
+                    TIMEOUT,
+                )
+                .await;
                 let now = result.is_ok();
                 *per_kind.entry(endpoint.kind.as_str()).or_default() += i64::from(now);
                 match (&result, *last) {

@@ -73,12 +73,13 @@ impl Drop for ActiveSession {
 impl VerifierService {
     /// A service that answers UNAVAILABLE until a model is set with [`Self::set_ready`].
     pub fn new(config: VerifierConfig) -> Self {
+        let endpoints = sibyl_proto::client::Balancer::new(config.drafter_tls.clone());
         Self {
             inner: Arc::new(Inner {
                 config,
                 engine: OnceLock::new(),
                 admission: OnceLock::new(),
-                endpoints: Arc::default(),
+                endpoints: Arc::new(endpoints),
                 active: Arc::new(AtomicUsize::new(0)),
                 started: AtomicU64::new(0),
             }),
@@ -106,11 +107,17 @@ impl VerifierService {
         self.inner.config.scheduler.clone()
     }
 
-    /// Longest a step waits for drafts.
+    /// The token its callers must show, and it shows its drafters.
     pub(crate) fn internal_token(&self) -> Option<&sibyl_proto::auth::InternalToken> {
         self.inner.config.internal_token.as_ref()
     }
 
+    /// What `https://` drafters are checked against.
+    pub(crate) fn drafter_tls(&self) -> Option<std::sync::Arc<sibyl_proto::tls::ClientTls>> {
+        self.inner.config.drafter_tls.clone()
+    }
+
+    /// Longest a step waits for drafts.
     pub(crate) fn step_wait(&self) -> Duration {
         self.inner.config.speculation.step_wait
     }
