@@ -55,21 +55,30 @@ impl Balancer {
         }
     }
 
-    /// A channel to one of the addresses of `service`, and that address.
-    pub async fn pick(&self, service: &ServiceAddress) -> Result<(SocketAddr, Channel), String> {
-        let addrs = resolve(&service.host, service.port).await?;
+    /// A channel to one of the addresses of `services` (round-robin over all of them but
+    /// those in `avoid`, unless that leaves none), and that address.
+    pub async fn pick(
+        &self,
+        services: &[ServiceAddress],
+        avoid: &[SocketAddr],
+    ) -> Result<(SocketAddr, Channel), String> {
+        let resolved = resolve_all(services).await?;
+        let addrs = usable(&resolved, avoid);
         let addr = addrs[self.next.fetch_add(1, Ordering::Relaxed) % addrs.len()];
-        Ok((addr, self.channel(service, &addrs, addr)?))
+        Ok((addr, self.channel_among(&resolved, addr)?))
     }
 
-    /// A channel to the address of `service` that `key` goes to (see [`by_affinity`]), that
-    /// address, and the stream's count there.
+    /// A channel to the address of `services` that `key` goes to (see [`by_affinity`]) among
+    /// those not in `avoid` (unless that leaves none), that address, and the stream's count
+    /// there.
     pub async fn pick_by_affinity(
         &self,
-        service: &ServiceAddress,
+        services: &[ServiceAddress],
         key: u64,
+        avoid: &[SocketAddr],
     ) -> Result<(SocketAddr, Channel, Open), String> {
-        let addrs = resolve(&service.host, service.port).await?;
+        let resolved = resolve_all(services).await?;
+        let addrs = usable(&resolved, avoid);
         let open = {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             // Addresses that went (replaced pods) are forgotten once their streams ended.
@@ -81,7 +90,26 @@ impl Balancer {
             (addr, Open(count))
         };
         let (addr, open) = open;
-        Ok((addr, self.channel(service, &addrs, addr)?, open))
+        Ok((addr, self.channel_among(&resolved, addr)?, open))
+    }
+
+    /// The channel to `addr`, one of the `resolved` addresses.
+    fn channel_among(
+        &self,
+        resolved: &[(SocketAddr, &ServiceAddress)],
+        addr: SocketAddr,
+    ) -> Result<Channel, String> {
+        let service = resolved
+            .iter()
+            .find(|(known, _)| *known == addr)
+            .map(|(_, service)| *service)
+            .ok_or_else(|| format!("{addr} is not an address of the services"))?;
+        let addrs: Vec<SocketAddr> = resolved
+            .iter()
+            .filter(|(_, s)| *s == service)
+            .map(|(a, _)| *a)
+            .collect();
+        self.channel(service, &addrs, addr)
     }
 
     /// The channel to `addr`, one of `addrs` (the addresses `service` resolves to now).
@@ -125,6 +153,39 @@ fn endpoint(
     Endpoint::from_shared(format!("https://{addr}"))
         .and_then(|endpoint| endpoint.tls_config(tls.tonic(&service.host)))
         .map_err(|e| crate::server::error_chain(&e))
+}
+
+/// The `resolved` addresses not in `avoid`, or all of them if none is left.
+fn usable(resolved: &[(SocketAddr, &ServiceAddress)], avoid: &[SocketAddr]) -> Vec<SocketAddr> {
+    let all = resolved.iter().map(|(addr, _)| *addr);
+    let rest: Vec<SocketAddr> = all.clone().filter(|addr| !avoid.contains(addr)).collect();
+    if rest.is_empty() {
+        all.collect()
+    } else {
+        rest
+    }
+}
+
+/// The addresses every one of `services` resolves to now, each with its service, sorted (an
+/// address listed twice counts once); at least one, else why none.
+async fn resolve_all(
+    services: &[ServiceAddress],
+) -> Result<Vec<(SocketAddr, &ServiceAddress)>, String> {
+    let mut all = Vec::new();
+    let mut errors = Vec::new();
+    for service in services {
+        match resolve(&service.host, service.port).await {
+            Ok(addrs) => all.extend(addrs.into_iter().map(|addr| (addr, service))),
+            Err(error) => errors.push(error),
+        }
+    }
+    if all.is_empty() {
+        errors.push("no service to call".into());
+        return Err(errors.join("; "));
+    }
+    all.sort_by_key(|(addr, _)| *addr);
+    all.dedup_by_key(|(addr, _)| *addr);
+    Ok(all)
 }
 
 /// The addresses `host` resolves to now, sorted, at least one.

@@ -3,15 +3,14 @@
 
 use sibyl_drafter::DraftService;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
-use sibyl_proto::v1::{self as pb, draft_request::Message};
-use sibyl_tests::{generate_text, loopback, verify, Cluster, ClusterOptions};
-use std::pin::Pin;
+use sibyl_proto::v1 as pb;
+use sibyl_tests::{
+    generate_text, serve_drafter, verify, BlockStream, Cluster, ClusterOptions, Garbage,
+};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 /// Prompts whose answers repeat parts of themselves, so n-gram drafts get accepted.
@@ -144,124 +143,6 @@ async fn seeded_sampling_gives_the_same_tokens_with_and_without_drafters() {
     assert_eq!(speculative, plain);
     assert_eq!(summary.seed, 11);
     cluster.stop().await;
-}
-
-type BlockStream = Pin<Box<dyn Stream<Item = Result<pb::DraftBlock, Status>> + Send>>;
-
-async fn serve_drafter<S: pb::drafter_server::Drafter>(service: S) -> String {
-    let listener = loopback().await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(pb::drafter_server::DrafterServer::new(service))
-            .serve_with_incoming(incoming),
-    );
-    format!("http://{addr}")
-}
-
-/// A drafter that answers every advance with garbage: tokens outside the vocabulary,
-/// anchors far in the past and future, oversized blocks, broken distributions, a flood of
-/// wrong guesses, and once a message over the size limit.
-struct Garbage {
-    vocab: u32,
-}
-
-#[tonic::async_trait]
-impl pb::drafter_server::Drafter for Garbage {
-    type DraftStream = BlockStream;
-
-    async fn draft(
-        &self,
-        request: Request<Streaming<pb::DraftRequest>>,
-    ) -> Result<Response<BlockStream>, Status> {
-        let mut inbound = request.into_inner();
-        let Some(pb::DraftRequest {
-            message: Some(Message::Open(open)),
-        }) = inbound.message().await?
-        else {
-            return Err(Status::invalid_argument("no open"));
-        };
-        let vocab = self.vocab;
-        let (blocks, receiver) = mpsc::channel(1024);
-        tokio::spawn(async move {
-            let mut len = open.context_tokens.len() as u64;
-            let mut step = 0u32;
-            loop {
-                // Every guess claims the strongest evidence there is.
-                let branch = |tokens: Vec<u32>| pb::DraftBranch {
-                    tokens,
-                    distributions: Vec::new(),
-                    evidence: u32::MAX,
-                };
-                let mut garbage = vec![
-                    pb::DraftBlock {
-                        anchor: len,
-                        branches: vec![branch(vec![vocab + 5, 1, 2])],
-                    },
-                    pb::DraftBlock {
-                        anchor: len.saturating_sub(500),
-                        branches: vec![branch(vec![1; 4])],
-                    },
-                    pb::DraftBlock {
-                        anchor: len + 100_000,
-                        branches: vec![branch(vec![1; 4])],
-                    },
-                    pb::DraftBlock {
-                        anchor: u64::MAX,
-                        branches: vec![branch(vec![1])],
-                    },
-                    pb::DraftBlock {
-                        anchor: len,
-                        branches: vec![branch(vec![7; 5000])],
-                    },
-                    pb::DraftBlock {
-                        anchor: len,
-                        branches: (0..100).map(|i| branch(vec![i])).collect(),
-                    },
-                    pb::DraftBlock {
-                        anchor: len,
-                        branches: vec![pb::DraftBranch {
-                            tokens: vec![3, 4],
-                            distributions: vec![pb::TokenDistribution {
-                                tokens: vec![3],
-                                probabilities: vec![7.0],
-                            }],
-                            evidence: 0,
-                        }],
-                    },
-                ];
-                // A flood of wrong but well-formed guesses.
-                garbage.extend((0..200).map(|i| pb::DraftBlock {
-                    anchor: len,
-                    branches: vec![branch(vec![(i * 31 + step) % vocab, (i * 17) % vocab])],
-                }));
-                if step == 3 {
-                    // 200 000 three-byte varints: about 600 KB, over the verifier's 256 KiB
-                    // cap on one message, which ends the stream (it is reopened).
-                    garbage.push(pb::DraftBlock {
-                        anchor: len,
-                        branches: vec![branch(vec![100_000; 200_000])],
-                    });
-                }
-                for block in garbage {
-                    if blocks.send(Ok(block)).await.is_err() {
-                        return;
-                    }
-                }
-                match inbound.message().await {
-                    Ok(Some(pb::DraftRequest {
-                        message: Some(Message::Advance(advance)),
-                    })) => {
-                        len = advance.position + advance.tokens.len() as u64;
-                        step += 1;
-                    }
-                    _ => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -167,7 +167,7 @@ impl GatewayLimitArgs {
     fn config(
         &self,
         model_name: String,
-        verifier: ServiceAddress,
+        verifiers: Vec<ServiceAddress>,
         drain_timeout: Duration,
     ) -> anyhow::Result<GatewayConfig> {
         let api_keys = match &self.api_key_file {
@@ -177,7 +177,7 @@ impl GatewayLimitArgs {
         let tls = self.tls.load()?;
         Ok(GatewayConfig {
             model_name,
-            verifier,
+            verifiers,
             max_tokens_limit: self.max_tokens_limit,
             sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
             api_keys,
@@ -268,10 +268,16 @@ pub struct GatewayArgs {
     #[arg(long, env = "SIBYL_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
 
-    /// The verifier, as http://HOST:PORT, or https://HOST:PORT over TLS (with --tls-ca); a
-    /// name with several addresses spreads requests.
-    #[arg(long, env = "SIBYL_VERIFIER")]
-    pub verifier: String,
+    /// The verifier, as http://HOST:PORT, or https://HOST:PORT over TLS (with --tls-ca);
+    /// requests are spread over every address of a name that has several (a headless
+    /// Service), and over several verifiers (repeat the flag, or separate with commas).
+    #[arg(
+        long = "verifier",
+        env = "SIBYL_VERIFIER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub verifiers: Vec<String>,
 
     #[command(flatten)]
     pub tls_ca: ClientTlsArgs,
@@ -600,11 +606,19 @@ pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
 }
 
 pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    let verifier = args.verifier.parse::<ServiceAddress>()?;
-    let verifier_tls = args.tls_ca.load([&verifier])?;
+    let verifiers = args
+        .verifiers
+        .iter()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<ServiceAddress>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if verifiers.is_empty() {
+        bail!("--verifier: no address given");
+    }
+    let verifier_tls = args.tls_ca.load(&verifiers)?;
     let mut config = args.limits.config(
         served_name(&args.model, args.limits.served_model_name.as_ref()),
-        verifier,
+        verifiers,
         args.drain.timeout(),
     )?;
     config.internal_token = args.internal.token()?;
@@ -660,7 +674,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         // thing said.
         let mut gateway_config = args.limits.config(
             name.clone(),
-            format!("http://{verifier_addr}").parse()?,
+            vec![format!("http://{verifier_addr}").parse()?],
             args.drain.timeout(),
         )?;
         gateway_config.internal_token = Some(token.clone());

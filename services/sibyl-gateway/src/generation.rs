@@ -9,6 +9,7 @@ use sibyl_proto::client::{fnv1a, Balancer, Open};
 use sibyl_proto::server::ShutdownSwitch;
 use sibyl_proto::v1::{self as pb, verifier_client::VerifierClient, verify_event::Event};
 use sibyl_telemetry::metrics::{self, GaugeGuard};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +23,8 @@ pub const ROUTING_BLOCK: usize = 64;
 
 /// Longest a request waits for a verifier to accept its session.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most verifiers a request is offered to when they answer UNAVAILABLE before starting it.
+const OPEN_ATTEMPTS: usize = 3;
 /// Most stop strings per request (OpenAI's limit).
 const MAX_STOP_STRINGS: usize = 4;
 /// Longest stop string, in bytes (the matcher's work grows with it).
@@ -330,38 +333,51 @@ impl Gateway {
     }
 
     async fn client(&self) -> Result<VerifierClient<tonic::transport::Channel>, GatewayError> {
-        let address = &self.config.verifier;
         let (_, channel) = self
             .verifiers
-            .pick(address)
+            .pick(&self.config.verifiers, &[])
             .await
             .map_err(GatewayError::Unavailable)?;
         Ok(VerifierClient::new(channel))
     }
 
-    /// A client of the verifier for `prompt`: with `affinity`, the one that its first
-    /// [`ROUTING_BLOCK`] tokens go to (the prompts of a conversation's turns, or behind one
-    /// system prompt, meet the work of the ones before in that verifier's prefix cache),
-    /// unless it is busy ([`sibyl_proto::client::by_affinity`]); else round-robin.
+    /// A client of a verifier for `prompt`, not one of `avoid` while there are others, and
+    /// its address: with `affinity`, the one that its first [`ROUTING_BLOCK`] tokens go to
+    /// (the prompts of a conversation's turns, or behind one system prompt, meet the work
+    /// of the ones before in that verifier's prefix cache), unless it is busy
+    /// ([`sibyl_proto::client::by_affinity`]); else round-robin.
     async fn client_for(
         &self,
         prompt: &[u32],
         affinity: bool,
-    ) -> Result<(VerifierClient<tonic::transport::Channel>, Option<Open>), GatewayError> {
+        avoid: &[SocketAddr],
+    ) -> Result<
+        (
+            VerifierClient<tonic::transport::Channel>,
+            SocketAddr,
+            Option<Open>,
+        ),
+        GatewayError,
+    > {
+        let verifiers = &self.config.verifiers;
         if !affinity {
-            return Ok((self.client().await?, None));
+            let (addr, channel) = self
+                .verifiers
+                .pick(verifiers, avoid)
+                .await
+                .map_err(GatewayError::Unavailable)?;
+            return Ok((VerifierClient::new(channel), addr, None));
         }
-        let address = &self.config.verifier;
         let block: Vec<u8> = prompt[..prompt.len().min(ROUTING_BLOCK)]
             .iter()
             .flat_map(|t| t.to_le_bytes())
             .collect();
-        let (_, channel, open) = self
+        let (addr, channel, open) = self
             .verifiers
-            .pick_by_affinity(address, fnv1a(&block))
+            .pick_by_affinity(verifiers, fnv1a(&block), avoid)
             .await
             .map_err(GatewayError::Unavailable)?;
-        Ok((VerifierClient::new(channel), Some(open)))
+        Ok((VerifierClient::new(channel), addr, Some(open)))
     }
 
     /// Checks `request`, starts it on a verifier and returns its prompt length and output.
@@ -453,22 +469,39 @@ impl Gateway {
             prefix_cache: request.prefix_cache,
         };
         let prompt_tokens = verify.prompt_tokens.len();
-        let (mut client, open) = self
-            .client_for(&verify.prompt_tokens, request.prefix_cache != Some(false))
-            .await?;
-        let mut verify = tonic::Request::new(verify);
-        sibyl_telemetry::trace::inject(&tracing::Span::current(), verify.metadata_mut());
-        sibyl_telemetry::trace::set_request_id(verify.metadata_mut(), &request.request_id);
-        sibyl_proto::auth::attach(self.config.internal_token.as_ref(), verify.metadata_mut());
-        let events = tokio::time::timeout(OPEN_TIMEOUT, client.generate(verify))
-            .await
-            .map_err(|_| {
-                GatewayError::Unavailable(format!(
-                    "the verifier did not answer within {OPEN_TIMEOUT:?}"
-                ))
-            })?
-            .map_err(GatewayError::from_verifier)?
-            .into_inner();
+        // A verifier that cannot be reached, refuses to start (UNAVAILABLE: draining, not
+        // loaded), or whose connection closes before it answers (CANCELLED: a draining
+        // server's GOAWAY overtook the request) has sent nothing for the request: another
+        // one is asked.
+        let mut tried = Vec::new();
+        let (events, open) = loop {
+            let affinity = request.prefix_cache != Some(false);
+            let (mut client, addr, open) = self
+                .client_for(&verify.prompt_tokens, affinity, &tried)
+                .await?;
+            let mut call = tonic::Request::new(verify.clone());
+            sibyl_telemetry::trace::inject(&tracing::Span::current(), call.metadata_mut());
+            sibyl_telemetry::trace::set_request_id(call.metadata_mut(), &request.request_id);
+            sibyl_proto::auth::attach(self.config.internal_token.as_ref(), call.metadata_mut());
+            let answer = tokio::time::timeout(OPEN_TIMEOUT, client.generate(call))
+                .await
+                .map_err(|_| {
+                    GatewayError::Unavailable(format!(
+                        "the verifier did not answer within {OPEN_TIMEOUT:?}"
+                    ))
+                })?;
+            match answer {
+                Ok(events) => break (events.into_inner(), open),
+                Err(status)
+                    if matches!(status.code(), Code::Unavailable | Code::Cancelled)
+                        && tried.len() + 1 < OPEN_ATTEMPTS =>
+                {
+                    tracing::debug!(%addr, reason = status.message(), "verifier unavailable; trying another");
+                    tried.push(addr);
+                }
+                Err(status) => return Err(GatewayError::from_verifier(status)),
+            }
+        };
         let params = RelayParams {
             stops: StopStrings::new(request.stop),
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),

@@ -30,8 +30,9 @@ use tonic::transport::server::Router;
 pub struct GatewayConfig {
     /// Name the model is served under (what requests put in `model`).
     pub model_name: String,
-    /// The verifier (a name that resolves to several addresses spreads requests over them).
-    pub verifier: ServiceAddress,
+    /// The verifiers: requests are spread over every address they resolve to (a name with
+    /// several addresses, or several names).
+    pub verifiers: Vec<ServiceAddress>,
     /// Most tokens one request may generate.
     pub max_tokens_limit: usize,
     /// Interval of the SSE comments a stream sends while no token is ready.

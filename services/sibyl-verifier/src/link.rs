@@ -82,7 +82,10 @@ async fn connect(
     shared: &Shared,
     accepted_len: &mut watch::Receiver<usize>,
 ) -> (End, bool) {
-    let (addr, channel) = match endpoints.pick(&params.endpoint.address).await {
+    let (addr, channel) = match endpoints
+        .pick(std::slice::from_ref(&params.endpoint.address), &[])
+        .await
+    {
         Ok(picked) => picked,
         Err(error) => return (End::Failed(error), false),
     };
