@@ -328,6 +328,22 @@ async fn both_apis_hold_to_the_verifiers_max_model_len_and_refuse_huge_prompts_u
         );
         assert!(error["param"] == "prompt" || error["param"] == "messages");
     }
+    // Under that bound, text whose non-ASCII bytes alone need more tokens than the window
+    // (4000 CJK characters, 12 000 bytes; no token of this vocabulary stands for more than
+    // 24 such bytes) is refused without being tokenized.
+    let cjk = "漢字".repeat(2000);
+    for (path, body) in [
+        ("/v1/completions", json!({"prompt": cjk})),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": cjk}]}),
+        ),
+    ] {
+        let response = post(&cluster, path, &[], &body).await;
+        assert_eq!(response.status, 400, "{}", response.body);
+        let message = response.json()["error"]["message"].to_string();
+        assert!(message.contains("at least"), "{message}");
+    }
     cluster.stop().await;
 }
 

@@ -46,6 +46,10 @@ pub struct TextTokenizer {
     fingerprint: u64,
     /// Bytes of the longest token string (at least what any token stands for).
     longest_token_bytes: usize,
+    /// Most bytes of non-ASCII characters (bytes 0x80 and above) one token stands for.
+    most_high_bytes: usize,
+    /// Whether text is NFC-normalized before it is split (which can shorten it).
+    normalizes: bool,
     /// Whether text may be tokenized piece by piece at [`next_cut`]'s cuts (no added token
     /// holds a space or a newline, so none can straddle one).
     piecewise: bool,
@@ -92,6 +96,21 @@ impl TextTokenizer {
             .to_string();
         let fingerprint = fingerprint(&tokens, &merges);
         let longest_token_bytes = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
+        let most_high_bytes = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, token)| {
+                let kind = token_types.get(i).copied().unwrap_or(1);
+                if kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_USER_DEFINED {
+                    // Added tokens match their text as it is.
+                    token.bytes().filter(|b| *b >= 0x80).count()
+                } else {
+                    token.chars().filter(|&c| stands_for_high_byte(c)).count()
+                }
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let vocab: Vocab = tokens
             .iter()
             .enumerate()
@@ -115,8 +134,10 @@ impl TextTokenizer {
             ])
             .into())
         };
+        let mut normalizes = false;
         let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
             "qwen2" => {
+                normalizes = true;
                 inner
                     .with_normalizer(Some(NFC))
                     .map_err(|e| error(e.to_string()))?;
@@ -183,7 +204,7 @@ impl TextTokenizer {
             .iter()
             .zip(&tokens)
             .filter(|&(&t, _)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
-            .all(|(_, token)| !token.contains([' ', '\n']));
+            .all(|(_, token)| !token.contains([' ', '\n', CJK_FULL_STOP, CJK_COMMA]));
         Ok(Self {
             inner,
             text_only: OnceLock::new(),
@@ -195,6 +216,8 @@ impl TextTokenizer {
             add_bos,
             fingerprint,
             longest_token_bytes,
+            most_high_bytes,
+            normalizes,
             piecewise,
         })
     }
@@ -330,6 +353,26 @@ impl TextTokenizer {
         self.longest_token_bytes
     }
 
+    /// At most how many tokens `text` can encode to, found without tokenizing it (a few
+    /// milliseconds for megabytes): every byte of a non-ASCII character belongs to one
+    /// token, and no token stands for more than the vocabulary's most such bytes (a third
+    /// as many where NFC normalization could compose the text shorter).
+    pub fn least_tokens(&self, text: &str) -> usize {
+        let high = text.bytes().filter(|b| *b >= 0x80).count();
+        if high == 0 {
+            return 0;
+        }
+        let shrink = if self.normalizes
+            && unicode_normalization_alignments::is_nfc_quick(text.chars())
+                != unicode_normalization_alignments::IsNormalized::Yes
+        {
+            3
+        } else {
+            1
+        };
+        high.div_ceil(self.most_high_bytes * shrink)
+    }
+
     /// Number of token strings in the vocabulary (the model may pad its embedding further).
     pub fn vocab_len(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -342,15 +385,29 @@ impl TextTokenizer {
     }
 }
 
+/// Ideographic punctuation that text written without spaces can be cut before.
+const CJK_FULL_STOP: char = '\u{3002}';
+const CJK_COMMA: char = '\u{3001}';
+
 /// The first place at or after `from` where text can be cut without changing its tokens
 /// (the end of the text when there is none): after a single newline between two printable
-/// ASCII characters, or before a space between two ASCII letters. Every supported
-/// pre-tokenizer (qwen2, llama3, gpt2, smollm) ends a piece there and starts the next one
-/// at the same place whether the text is whole or cut; NFC composes nothing across a
-/// newline or a space; and no added token straddles the cut (checked at load).
+/// ASCII characters, before a space between two ASCII letters, or before an ideographic
+/// full stop or comma that follows a CJK ideograph of Unicode 1.1 (U+4E00..=U+9FA5, all
+/// letters). Every supported pre-tokenizer (qwen2, llama3, gpt2, smollm) ends a piece
+/// there (a run of letters ends at the first non-letter) and starts the next one at the
+/// same place whether the text is whole or cut; NFC composes nothing across a newline, a
+/// space or that punctuation; and no added token straddles the cut (checked at load).
 fn next_cut(text: &str, from: usize) -> usize {
     let bytes = text.as_bytes();
     let printable = |b: u8| b.is_ascii_graphic();
+    let ideograph_before = |at: usize| {
+        at >= 3
+            && text.is_char_boundary(at - 3)
+            && text[at - 3..]
+                .chars()
+                .next()
+                .is_some_and(|c| ('\u{4E00}'..='\u{9FA5}').contains(&c))
+    };
     let mut at = from.max(2);
     while at + 1 < bytes.len() {
         let after_newline =
@@ -358,7 +415,12 @@ fn next_cut(text: &str, from: usize) -> usize {
         let before_space = bytes[at] == b' '
             && bytes[at - 1].is_ascii_alphabetic()
             && bytes[at + 1].is_ascii_alphabetic();
-        if after_newline || before_space {
+        // The two marks are E3 80 82 and E3 80 81 in UTF-8.
+        let before_mark = bytes[at] == 0xE3
+            && bytes.get(at + 1) == Some(&0x80)
+            && matches!(bytes.get(at + 2), Some(0x81 | 0x82))
+            && ideograph_before(at);
+        if after_newline || before_space || before_mark {
             return at;
         }
         at += 1;
@@ -441,5 +503,34 @@ impl<'a> Detokenizer<'a> {
             .strip_prefix(before.as_str())
             .filter(|rest| !rest.is_empty())
             .map(str::to_string))
+    }
+}
+
+/// Whether `c`, a character of a byte-level BPE token's string, stands for a byte of 0x80 or
+/// above. GPT-2's byte-to-character map keeps bytes 0xA1..=0xAC and 0xAE..=0xFF as those
+/// characters and moves the bytes it does not keep, in order (0x00..=0x20, 0x7F..=0xA0,
+/// 0xAD), to U+0100 onwards: 0x80..=0xA0 and 0xAD land on U+0122..=U+0143.
+fn stands_for_high_byte(c: char) -> bool {
+    matches!(c as u32, 0xA1..=0xAC | 0xAE..=0xFF | 0x122..=0x143)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_characters_standing_for_high_bytes_are_those_of_the_gpt2_byte_map() {
+        // GPT-2's bytes_to_unicode: printable bytes stay themselves, the rest move to
+        // U+0100 onwards in order.
+        let kept = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+        let mut moved = 0x100;
+        for byte in 0u32..=0xFF {
+            let c = if kept(byte) {
+                byte
+            } else {
+                moved += 1;
+                moved - 1
+            };
+            let c = char::from_u32(c).unwrap();
+            assert_eq!(super::stands_for_high_byte(c), byte >= 0x80, "{byte:#x}");
+        }
     }
 }

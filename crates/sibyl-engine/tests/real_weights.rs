@@ -430,10 +430,42 @@ mod pieces {
         "🦀",
         "  \n",
         "x \ny",
+        "——",
+        "ประวัติศาสตร์",
+        "文本。",
+        "中文、",
+        "。",
+        "、",
+        "語。」",
     ];
 
     fn text() -> impl Strategy<Value = String> {
         proptest::collection::vec(proptest::sample::select(FRAGMENTS), 2000..9000)
+            .prop_map(|parts| parts.concat())
+    }
+
+    /// Text written without spaces or newlines: only ideographic punctuation can cut it.
+    const CJK_FRAGMENTS: &[&str] = &[
+        "文本。",
+        "中文、",
+        "。",
+        "、",
+        "語。」",
+        "漢字",
+        "テキスト",
+        "ト、",
+        "한국어",
+        "\u{1100}\u{1161}",
+        "１２。",
+        "。。",
+        "、。",
+        "e\u{301}",
+        "「",
+        "一",
+    ];
+
+    fn cjk_text() -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::sample::select(CJK_FRAGMENTS), 4000..12000)
             .prop_map(|parts| parts.concat())
     }
 
@@ -448,6 +480,18 @@ mod pieces {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+        /// CJK text, cut only at ideographic punctuation, gives the same ids piece by piece.
+        #[test]
+        fn real_weights_cjk_text_tokenized_in_pieces_is_tokenized_as_whole(text in cjk_text()) {
+            for model in loaded() {
+                let tokenizer = &model.tokenizer;
+                let whole = tokenizer.encode(&text).unwrap();
+                let pieces = tokenizer.encode_at_most(&text, usize::MAX).unwrap();
+                prop_assert_eq!(pieces.as_ref(), Some(&whole));
+                prop_assert!(tokenizer.least_tokens(&text) <= whole.len());
+            }
+        }
 
         /// Long text tokenized a piece at a time gives the ids of tokenizing it whole, and
         /// stops exactly when they number more than the limit.
@@ -467,6 +511,8 @@ mod pieces {
                 let limit = (whole.len() as f64 * cut) as usize;
                 let bounded = tokenizer.encode_at_most(&text, limit).unwrap();
                 prop_assert_eq!(bounded.is_some(), whole.len() <= limit);
+                // The bound found without tokenizing holds.
+                prop_assert!(tokenizer.least_tokens(&text) <= whole.len());
             }
         }
     }

@@ -265,14 +265,20 @@ impl Gateway {
     }
 
     /// Refuses, before any tokenizing, a prompt with more bytes than the longest prompt
-    /// that fits the context window could have.
+    /// that fits the context window could have, or whose non-ASCII text alone must take
+    /// more tokens than the window holds ([`sibyl_engine::TextTokenizer::least_tokens`]).
     fn check_prompt_bytes(&self, prompt: &PromptInput) -> Result<(), GatewayError> {
-        let (bytes, param) = match prompt {
-            PromptInput::Text(text) => (text.len(), "prompt"),
+        let tokenizer = &self.text.tokenizer;
+        let (bytes, least_tokens, param) = match prompt {
+            PromptInput::Text(text) => (text.len(), tokenizer.least_tokens(text), "prompt"),
             PromptInput::Chat(messages) => (
                 messages
                     .iter()
                     .map(|m| m.content.len() + m.role.len())
+                    .sum(),
+                messages
+                    .iter()
+                    .map(|m| tokenizer.least_tokens(&m.content))
                     .sum(),
                 "messages",
             ),
@@ -286,6 +292,15 @@ impl Gateway {
                 message: format!(
                     "the prompt has {bytes} bytes, more than any prompt that fits this \
                      model's context window of {context} tokens could have ({limit})"
+                ),
+            });
+        }
+        if least_tokens >= context {
+            return Err(GatewayError::InvalidParam {
+                param,
+                message: format!(
+                    "the prompt has at least {least_tokens} tokens; this model's context \
+                     window is {context} tokens"
                 ),
             });
         }
