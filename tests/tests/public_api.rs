@@ -287,6 +287,7 @@ async fn both_apis_hold_to_the_verifiers_max_model_len_and_refuse_huge_prompts_u
     let response = post(&cluster, "/v1/completions", &[], &long).await;
     assert_eq!(response.status, 400, "{}", response.body);
     assert!(response.body.contains("64 tokens"), "{}", response.body);
+    assert_eq!(response.json()["error"]["param"], "prompt");
     let mut gateway = cluster.gateway_client().await.unwrap();
     let request = pb::GenerateRequest {
         input: Some(pb::generate_request::Input::Prompt(words.clone())),

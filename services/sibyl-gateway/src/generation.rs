@@ -584,11 +584,15 @@ fn tokenize(
         }
     }
     .map_err(|e| GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?
-    .ok_or_else(|| {
-        GatewayError::InvalidRequest(format!(
+    .ok_or_else(|| GatewayError::InvalidParam {
+        param: match prompt {
+            PromptInput::Text(_) => "prompt",
+            PromptInput::Chat(_) => "messages",
+        },
+        message: format!(
             "the prompt has more than {limit} tokens; this model's context window is {} tokens",
             limit + 1
-        ))
+        ),
     })?;
     if tokens.is_empty() {
         return Err(GatewayError::InvalidRequest("the prompt is empty".into()));
