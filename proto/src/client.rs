@@ -307,6 +307,15 @@ impl std::fmt::Display for ServiceAddress {
 /// Polls the gRPC health of the server at `addr` until it says SERVING; false if it has not
 /// within `timeout`.
 pub async fn wait_until_serving(addr: SocketAddr, timeout: Duration) -> bool {
+    wait_until_serving_over(addr, None, timeout).await
+}
+
+/// [`wait_until_serving`], over TLS trusting `tls` when given.
+pub async fn wait_until_serving_over(
+    addr: SocketAddr,
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     let host = addr.ip().to_string();
     loop {
@@ -315,7 +324,7 @@ pub async fn wait_until_serving(addr: SocketAddr, timeout: Duration) -> bool {
             return false;
         }
         let attempt = left.min(Duration::from_secs(2));
-        if check_serving(&host, addr.port(), "", None, attempt)
+        if check_serving(&host, addr.port(), "", tls, attempt)
             .await
             .is_ok()
         {

@@ -669,22 +669,8 @@ impl TestTls {
     /// Polls gRPC health over TLS until it says SERVING; false if it has not within
     /// `timeout`.
     pub async fn wait_until_serving(&self, addr: SocketAddr, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        let host = addr.ip().to_string();
-        loop {
-            let tls = Some(self.client.as_ref());
-            let attempt = Duration::from_secs(2);
-            if sibyl_proto::client::check_serving(&host, addr.port(), "", tls, attempt)
-                .await
-                .is_ok()
-            {
-                return true;
-            }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let tls = Some(self.client.as_ref());
+        sibyl_proto::client::wait_until_serving_over(addr, tls, timeout).await
     }
 }
 
