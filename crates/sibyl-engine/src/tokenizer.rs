@@ -13,6 +13,10 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::tokenizer::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer};
 
+mod bound;
+
+use bound::TokenBound;
+
 const QWEN2_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -46,16 +50,16 @@ pub struct TextTokenizer {
     fingerprint: u64,
     /// Bytes of the longest token string (at least what any token stands for).
     longest_token_bytes: usize,
-    /// Most bytes of non-ASCII characters (bytes 0x80 and above) one token stands for.
-    most_high_bytes: usize,
-    /// Whether text is NFC-normalized before it is split (which can shorten it).
-    normalizes: bool,
+    /// What [`TextTokenizer::least_tokens`] finds its bound with.
+    bound: TokenBound,
     /// Whether text may be tokenized piece by piece at [`next_cut`]'s cuts (no added token
     /// holds a space or a newline, so none can straddle one).
     piecewise: bool,
+    /// Pieces tokenized side by side: the machine's cores.
+    cores: usize,
 }
 
-/// Bytes of text [`TextTokenizer::encode_at_most`] tokenizes at a time, at least.
+/// Bytes of text [`TextTokenizer::encode_at_most`] tokenizes in one piece, at least.
 const PIECE_BYTES: usize = 16 * 1024;
 
 impl TextTokenizer {
@@ -96,21 +100,6 @@ impl TextTokenizer {
             .to_string();
         let fingerprint = fingerprint(&tokens, &merges);
         let longest_token_bytes = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
-        let most_high_bytes = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, token)| {
-                let kind = token_types.get(i).copied().unwrap_or(1);
-                if kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_USER_DEFINED {
-                    // Added tokens match their text as it is.
-                    token.bytes().filter(|b| *b >= 0x80).count()
-                } else {
-                    token.chars().filter(|&c| stands_for_high_byte(c)).count()
-                }
-            })
-            .max()
-            .unwrap_or(1)
-            .max(1);
         let vocab: Vocab = tokens
             .iter()
             .enumerate()
@@ -200,6 +189,8 @@ impl TextTokenizer {
             .metadata("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
+        let bound =
+            TokenBound::new(&tokens, &token_types, normalizes).map_err(|e| error(e.to_string()))?;
         let piecewise = token_types
             .iter()
             .zip(&tokens)
@@ -216,9 +207,9 @@ impl TextTokenizer {
             add_bos,
             fingerprint,
             longest_token_bytes,
-            most_high_bytes,
-            normalizes,
+            bound,
             piecewise,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     }
 
@@ -236,9 +227,9 @@ impl TextTokenizer {
     }
 
     /// [`Self::encode`]'s ids of `text`, or `None` as soon as they are known to number more
-    /// than `limit`: long text is tokenized a piece at a time (cut only where the tokens
-    /// cannot change, [`next_cut`]), so an over-long prompt costs about `limit` tokens'
-    /// work, not its whole length's.
+    /// than `limit`: long text is tokenized in pieces, one per core side by side (cut only
+    /// where the tokens cannot change, [`next_cut`]), so an over-long prompt costs about
+    /// `limit` tokens' work, not its whole length's.
     pub fn encode_at_most(
         &self,
         text: &str,
@@ -264,21 +255,31 @@ impl TextTokenizer {
         text: &str,
         limit: usize,
     ) -> Result<Option<Vec<TokenId>>, EngineError> {
+        let error = |e: tokenizers::Error| EngineError::Encode(e.to_string());
+        // As many pieces at a time as there are cores, tokenized side by side.
+        let at_a_time = if self.piecewise { self.cores } else { 1 };
         let mut start = 0;
         while start < text.len() {
-            let end = if self.piecewise {
-                next_cut(text, start + PIECE_BYTES)
-            } else {
-                text.len()
+            let mut pieces = Vec::with_capacity(at_a_time);
+            while pieces.len() < at_a_time && start < text.len() {
+                let end = if self.piecewise {
+                    next_cut(text, start + PIECE_BYTES)
+                } else {
+                    text.len()
+                };
+                pieces.push(&text[start..end]);
+                start = end;
+            }
+            let encodings = match pieces[..] {
+                [piece] => vec![tokenizer.encode(piece, false).map_err(error)?],
+                _ => tokenizer.encode_batch(pieces, false).map_err(error)?,
             };
-            let encoding = tokenizer
-                .encode(&text[start..end], false)
-                .map_err(|e| EngineError::Encode(e.to_string()))?;
-            ids.extend_from_slice(encoding.get_ids());
+            for encoding in encodings {
+                ids.extend_from_slice(encoding.get_ids());
+            }
             if ids.len() > limit {
                 return Ok(None);
             }
-            start = end;
         }
         Ok(Some(ids))
     }
@@ -353,24 +354,11 @@ impl TextTokenizer {
         self.longest_token_bytes
     }
 
-    /// At most how many tokens `text` can encode to, found without tokenizing it (a few
-    /// milliseconds for megabytes): every byte of a non-ASCII character belongs to one
-    /// token, and no token stands for more than the vocabulary's most such bytes (a third
-    /// as many where NFC normalization could compose the text shorter).
+    /// At least how many tokens `text` encodes to, found without tokenizing it (about a
+    /// millisecond per megabyte), from how many bytes of each kind it has and its runs of
+    /// letters, against the densest tokens of the vocabulary (`tokenizer/bound.rs`).
     pub fn least_tokens(&self, text: &str) -> usize {
-        let high = text.bytes().filter(|b| *b >= 0x80).count();
-        if high == 0 {
-            return 0;
-        }
-        let shrink = if self.normalizes
-            && unicode_normalization_alignments::is_nfc_quick(text.chars())
-                != unicode_normalization_alignments::IsNormalized::Yes
-        {
-            3
-        } else {
-            1
-        };
-        high.div_ceil(self.most_high_bytes * shrink)
+        self.bound.least_tokens(text)
     }
 
     /// Number of token strings in the vocabulary (the model may pad its embedding further).
@@ -503,34 +491,5 @@ impl<'a> Detokenizer<'a> {
             .strip_prefix(before.as_str())
             .filter(|rest| !rest.is_empty())
             .map(str::to_string))
-    }
-}
-
-/// Whether `c`, a character of a byte-level BPE token's string, stands for a byte of 0x80 or
-/// above. GPT-2's byte-to-character map keeps bytes 0xA1..=0xAC and 0xAE..=0xFF as those
-/// characters and moves the bytes it does not keep, in order (0x00..=0x20, 0x7F..=0xA0,
-/// 0xAD), to U+0100 onwards: 0x80..=0xA0 and 0xAD land on U+0122..=U+0143.
-fn stands_for_high_byte(c: char) -> bool {
-    matches!(c as u32, 0xA1..=0xAC | 0xAE..=0xFF | 0x122..=0x143)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_characters_standing_for_high_bytes_are_those_of_the_gpt2_byte_map() {
-        // GPT-2's bytes_to_unicode: printable bytes stay themselves, the rest move to
-        // U+0100 onwards in order.
-        let kept = |b: u32| matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
-        let mut moved = 0x100;
-        for byte in 0u32..=0xFF {
-            let c = if kept(byte) {
-                byte
-            } else {
-                moved += 1;
-                moved - 1
-            };
-            let c = char::from_u32(c).unwrap();
-            assert_eq!(super::stands_for_high_byte(c), byte >= 0x80, "{byte:#x}");
-        }
     }
 }

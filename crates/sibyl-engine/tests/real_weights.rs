@@ -469,6 +469,57 @@ mod pieces {
             .prop_map(|parts| parts.concat())
     }
 
+    /// Runs that tokenizers pack densely (long words, punctuation, whitespace, digits), and
+    /// ASCII bytes that NFC composes with what follows or that it makes out of other
+    /// characters (the Kelvin sign becomes `K`).
+    const DENSE_FRAGMENTS: &[&str] = &[
+        "================",
+        "=",
+        "--",
+        "################################",
+        "                ",
+        " ",
+        "\n\n\n\n",
+        "\t\t",
+        "internationalization",
+        "Configuration",
+        "abcdefghijklmnopqrstuvwxyz",
+        "0",
+        "1234567890",
+        "a,",
+        ",",
+        "e\u{301}",
+        "=\u{338}",
+        "\u{212A}",
+        "<|im_start|>",
+        "<tool_call>",
+        "{}",
+        ");",
+        "    return self",
+        "ü",
+    ];
+
+    /// For source code the bound is not far below the real count: a prompt many times over
+    /// the window is refused without tokenizing it.
+    #[test]
+    fn real_weights_least_tokens_of_code_is_close_to_its_tokens() {
+        let code = include_str!("../src/tokenizer.rs").repeat(3);
+        for model in loaded() {
+            let tokens = model.tokenizer.encode(&code).unwrap().len();
+            let least = model.tokenizer.least_tokens(&code);
+            eprintln!("{least} of {tokens}");
+            assert!(
+                least <= tokens && least * 3 >= tokens,
+                "{least} of {tokens}"
+            );
+        }
+    }
+
+    fn dense_text() -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::sample::select(DENSE_FRAGMENTS), 1000..6000)
+            .prop_map(|parts| parts.concat())
+    }
+
     fn loaded() -> &'static [sibyl_engine::TextModel; 2] {
         static MODELS: std::sync::OnceLock<[sibyl_engine::TextModel; 2]> =
             std::sync::OnceLock::new();
@@ -480,6 +531,18 @@ mod pieces {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+        /// The bound found without tokenizing holds for text packed as densely as the
+        /// vocabulary allows, whether control tokens are read or not.
+        #[test]
+        fn real_weights_least_tokens_bounds_densely_packed_text(text in dense_text()) {
+            for model in loaded() {
+                let tokenizer = &model.tokenizer;
+                let least = tokenizer.least_tokens(&text);
+                prop_assert!(least <= tokenizer.encode(&text).unwrap().len());
+                prop_assert!(least <= tokenizer.encode_text(&text).unwrap().len());
+            }
+        }
 
         /// CJK text, cut only at ideographic punctuation, gives the same ids piece by piece.
         #[test]

@@ -265,7 +265,7 @@ impl Gateway {
     }
 
     /// Refuses, before any tokenizing, a prompt with more bytes than the longest prompt
-    /// that fits the context window could have, or whose non-ASCII text alone must take
+    /// that fits the context window could have, or whose bytes, counted by kind, must take
     /// more tokens than the window holds ([`sibyl_engine::TextTokenizer::least_tokens`]).
     fn check_prompt_bytes(&self, prompt: &PromptInput) -> Result<(), GatewayError> {
         let tokenizer = &self.text.tokenizer;
@@ -276,9 +276,10 @@ impl Gateway {
                     .iter()
                     .map(|m| m.content.len() + m.role.len())
                     .sum(),
+                // Trimmed: a chat template may trim what it puts in.
                 messages
                     .iter()
-                    .map(|m| tokenizer.least_tokens(&m.content))
+                    .map(|m| tokenizer.least_tokens(m.content.trim()))
                     .sum(),
                 "messages",
             ),
