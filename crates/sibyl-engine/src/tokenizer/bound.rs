@@ -72,11 +72,11 @@ impl TokenBound {
     /// shorter). And every ASCII byte belongs to one token, so the ASCII bytes, each weighed
     /// by one over the most bytes of its class that any token holds, add up to at most the
     /// tokens times the most weight one token carries ([`AsciiBound`], with two groupings
-    /// into classes). An ASCII byte right before a non-ASCII one is not counted:
-    /// NFC may compose it with a combining mark that follows. And every supported
+    /// into classes). And every supported
     /// pre-tokenizer puts each run of letters in a piece of its own, so each run between two
     /// ASCII non-letters takes its own tokens, as many as its ASCII letters need
-    /// ([`LetterRuns`]).
+    /// ([`LetterRuns`]). An ASCII byte right before a non-ASCII one is not counted: NFC may
+    /// compose it with a combining mark that follows.
     pub(super) fn least_tokens(&self, text: &str) -> usize {
         let bytes = text.as_bytes();
         let mut high = 0usize;
@@ -87,11 +87,14 @@ impl TokenBound {
                 high += 1;
                 continue;
             }
-            if bytes.get(i + 1).is_none_or(|next| next.is_ascii()) {
+            // NFC may compose a byte with a combining mark after it: such bytes count for
+            // nothing (but a letter among them does not end its run).
+            let kept = bytes.get(i + 1).is_none_or(|next| next.is_ascii());
+            if kept {
                 ascii[usize::from(b)] += 1;
             }
             if b.is_ascii_alphabetic() {
-                letters += 1;
+                letters += usize::from(kept);
             } else {
                 runs += letters.div_ceil(self.letter_runs.most_letters);
                 letters = 0;
