@@ -299,7 +299,12 @@ impl Remote {
             )
             .await
             .map_err(|_| anyhow::anyhow!("the gateway at {url} did not answer within 30 s"))?
-            .with_context(|| format!("the gateway at {url} did not list its models"))?
+            .with_context(|| {
+                format!(
+                    "the gateway at {url} did not list its models (bench takes the gateway's \
+                     gRPC address, its --grpc-addr, not its HTTP one)"
+                )
+            })?
             .into_inner();
             let model = models
                 .models
