@@ -24,6 +24,12 @@ const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|
 const TOKEN_TYPE_CONTROL: u32 = 3;
 const TOKEN_TYPE_USER_DEFINED: u32 = 4;
 
+/// Whether a token of this type is an added token: matched in text as it is written,
+/// before the pre-tokenizer splits the text.
+fn is_added(token_type: u32) -> bool {
+    token_type == TOKEN_TYPE_CONTROL || token_type == TOKEN_TYPE_USER_DEFINED
+}
+
 /// Names of end-of-turn tokens that stop generation when the vocabulary has them.
 const STOP_TOKEN_NAMES: [&str; 5] = [
     "<|im_end|>",
@@ -161,7 +167,7 @@ impl TextTokenizer {
         let specials: Vec<AddedToken> = token_types
             .iter()
             .enumerate()
-            .filter(|&(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .filter(|&(_, &t)| is_added(t))
             .filter_map(|(i, &t)| {
                 tokens
                     .get(i)
@@ -194,7 +200,7 @@ impl TextTokenizer {
         let piecewise = token_types
             .iter()
             .zip(&tokens)
-            .filter(|&(&t, _)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .filter(|&(&t, _)| is_added(t))
             .all(|(_, token)| !token.contains([' ', '\n', CJK_FULL_STOP, CJK_COMMA]));
         Ok(Self {
             inner,

@@ -1,7 +1,7 @@
 //! A lower bound on the tokens of a text, found without tokenizing it, so that a prompt far
 //! over the context window is refused at the cost of reading its bytes once.
 
-use super::{TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED};
+use super::is_added;
 use aho_corasick::AhoCorasick;
 
 /// What [`TokenBound::least_tokens`] needs to know of a vocabulary.
@@ -24,10 +24,7 @@ impl TokenBound {
         token_types: &[u32],
         normalizes: bool,
     ) -> Result<Self, aho_corasick::BuildError> {
-        let added = |i: usize| {
-            let kind = token_types.get(i).copied().unwrap_or(1);
-            kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_USER_DEFINED
-        };
+        let added = |i: usize| token_types.get(i).copied().is_some_and(is_added);
         // Added tokens match their text as it is; the others are byte-level strings.
         let mut most_high_bytes = 1;
         let mut ascii_bytes: Vec<Vec<u8>> = Vec::with_capacity(tokens.len());
@@ -44,13 +41,8 @@ impl TokenBound {
         }
         let ascii_bounds = [Grouping::Kinds, Grouping::Bytes]
             .map(|grouping| AsciiBound::new(&ascii_bytes, grouping));
-        let most_letters = ascii_bytes
-            .iter()
-            .map(|bytes| bytes.iter().filter(|b| b.is_ascii_alphabetic()).count())
-            .max()
-            .unwrap_or(1);
         let letter_runs = LetterRuns::new(
-            most_letters,
+            ascii_bounds[0].most_letters,
             tokens
                 .iter()
                 .enumerate()
@@ -72,11 +64,10 @@ impl TokenBound {
     /// shorter). And every ASCII byte belongs to one token, so the ASCII bytes, each weighed
     /// by one over the most bytes of its class that any token holds, add up to at most the
     /// tokens times the most weight one token carries ([`AsciiBound`], with two groupings
-    /// into classes). And every supported
-    /// pre-tokenizer puts each run of letters in a piece of its own, so each run between two
-    /// ASCII non-letters takes its own tokens, as many as its ASCII letters need
-    /// ([`LetterRuns`]). An ASCII byte right before a non-ASCII one is not counted: NFC may
-    /// compose it with a combining mark that follows.
+    /// into classes). And every supported pre-tokenizer puts each run of letters in a piece
+    /// of its own, so each run between two ASCII non-letters takes its own tokens, as many
+    /// as its ASCII letters need ([`LetterRuns`]). An ASCII byte right before a non-ASCII
+    /// one is not counted: NFC may compose it with a combining mark that follows.
     pub(super) fn least_tokens(&self, text: &str) -> usize {
         let bytes = text.as_bytes();
         let mut high = 0usize;
@@ -209,6 +200,8 @@ impl Grouping {
 /// [`WEIGHT_UNIT`]ths), and the bound is exact.
 #[derive(Debug, Clone)]
 struct AsciiBound {
+    /// The most ASCII letters one token holds (letters are one class in every grouping).
+    most_letters: usize,
     weights: [u64; 128],
     /// At least 1.
     per_token: u128,
@@ -250,7 +243,11 @@ impl AsciiBound {
             .max()
             .unwrap_or(1)
             .max(1);
-        Self { weights, per_token }
+        Self {
+            most_letters: most[grouping.class(b'a')],
+            weights,
+            per_token,
+        }
     }
 
     /// At least how many tokens text with `counts` of each ASCII byte encodes to.
