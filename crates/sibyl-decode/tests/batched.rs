@@ -6,7 +6,7 @@ use sibyl_decode::{
     generate, Client, FinishReason, GenerationConfig, Learned, Scheduler, SchedulerConfig, Session,
     SharedLearning,
 };
-use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
+use sibyl_engine::testkit::{tensor_test_device, tiny_model, tiny_model_on, TinyModelConfig};
 use sibyl_engine::Model;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_spec::{Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId};
@@ -16,16 +16,29 @@ use std::time::Instant;
 
 const VOCAB: u32 = 48;
 
+thread_local! {
+    /// Whether this test's sessions run on the tensor engine rather than the CPU engine.
+    static ON_TENSOR_ENGINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn model() -> &'static Model {
-    static MODEL: OnceLock<Model> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        tiny_model(&TinyModelConfig {
+    static MODELS: OnceLock<[Model; 2]> = OnceLock::new();
+    let [cpu, tensor] = MODELS.get_or_init(|| {
+        let config = TinyModelConfig {
             vocab_size: VOCAB as usize,
             seed: 21,
             ..TinyModelConfig::default()
-        })
-        .unwrap()
-    })
+        };
+        [
+            tiny_model(&config).unwrap(),
+            tiny_model_on(&config, &tensor_test_device()).unwrap(),
+        ]
+    });
+    if ON_TENSOR_ENGINE.get() {
+        tensor
+    } else {
+        cpu
+    }
 }
 
 /// Step costs like a CPU's: each row costs a fifth of a one-row pass, frozen so that no
@@ -251,6 +264,22 @@ proptest! {
         requests in proptest::collection::vec(request(), 1..6),
         prompt_tokens_per_step in 1usize..40,
     ) {
+        let config = SchedulerConfig {
+            prompt_tokens_per_step,
+            ..SchedulerConfig::default()
+        };
+        let (results, _) = batched(&requests, config);
+        for (request, (tokens, _)) in requests.iter().zip(&results) {
+            prop_assert_eq!(tokens, &alone(request), "{:?}", request);
+        }
+    }
+
+    #[test]
+    fn every_session_of_a_batch_on_the_tensor_engine_produces_what_it_produces_alone(
+        requests in proptest::collection::vec(request(), 1..6),
+        prompt_tokens_per_step in 1usize..40,
+    ) {
+        ON_TENSOR_ENGINE.set(true);
         let config = SchedulerConfig {
             prompt_tokens_per_step,
             ..SchedulerConfig::default()

@@ -2,32 +2,34 @@
 
 use proptest::prelude::*;
 use sibyl_decode::{generate, FinishReason, GenerateError, GenerationConfig};
-use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
+use sibyl_engine::testkit::{tensor_test_device, tiny_model, tiny_model_on, TinyModelConfig};
 use sibyl_engine::{Architecture, GgmlDType, Model};
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_spec::{Drafter, Proposal, SamplingConfig, TokenId};
 use std::ops::ControlFlow;
 use std::sync::OnceLock;
 
+/// Two tiny models on the CPU engine, then the same two on the tensor engine.
 fn models() -> &'static [Model] {
     static MODELS: OnceLock<Vec<Model>> = OnceLock::new();
     MODELS.get_or_init(|| {
-        [
+        let configs: Vec<TinyModelConfig> = [
             (Architecture::Qwen2, GgmlDType::Q8_0, 11),
             (Architecture::Llama, GgmlDType::Q4_0, 12),
         ]
         .into_iter()
-        .map(|(architecture, dtype, seed)| {
-            tiny_model(&TinyModelConfig {
-                architecture,
-                dtype,
-                seed,
-                vocab_size: 48,
-                ..TinyModelConfig::default()
-            })
-            .unwrap()
+        .map(|(architecture, dtype, seed)| TinyModelConfig {
+            architecture,
+            dtype,
+            seed,
+            vocab_size: 48,
+            ..TinyModelConfig::default()
         })
-        .collect()
+        .collect();
+        let device = tensor_test_device();
+        let cpu = configs.iter().map(|c| tiny_model(c).unwrap());
+        let tensor = configs.iter().map(|c| tiny_model_on(c, &device).unwrap());
+        cpu.chain(tensor).collect()
     })
 }
 
@@ -104,7 +106,7 @@ proptest! {
 
     #[test]
     fn greedy_speculation_equals_plain_greedy_on_tiny_models(
-        which in 0usize..2,
+        which in 0usize..4,
         prompt in proptest::collection::vec(0u32..48, 1..24),
         budget in 0usize..24,
         depth in 1usize..10,

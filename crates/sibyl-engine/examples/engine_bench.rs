@@ -166,7 +166,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("a batch has at least one session");
     }
     let mut caches: Vec<_> = (0..args.sessions.iter().copied().max().unwrap_or(0))
-        .map(|_| cache.clone())
+        .map(|_| cache.prefix(cache.len()))
         .collect();
     let tokens: Vec<TreeInput> = chain.iter().map(|&t| TreeInput::chain(&[t])).collect();
     let mut alone = f64::NAN;

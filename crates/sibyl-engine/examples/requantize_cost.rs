@@ -55,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         &path,
         &LoadOptions {
             requantize_slow_types: false,
+            ..LoadOptions::default()
         },
     )?;
     let prompts = [

@@ -75,4 +75,19 @@ pub enum EngineError {
     Kernel(#[source] candle_core::Error),
     #[error("cannot keep tree nodes {path:?} of a {len}-node forward")]
     InvalidPath { path: Vec<usize>, len: usize },
+    #[error(
+        "this sibyl was built without CUDA: build it with `--features sibyl-engine/cuda` to \
+         use a GPU (docs/gpu.md)"
+    )]
+    CudaNotBuilt,
+    #[error("device {device} is not usable: {source}")]
+    DeviceUnavailable {
+        device: crate::Device,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("the compute device failed: {0}")]
+    Device(#[source] candle_core::Error),
+    #[error("a KV cache of one device was given to a model on another")]
+    CacheDevice,
 }

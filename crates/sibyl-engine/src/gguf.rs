@@ -68,14 +68,18 @@ impl ModelConfig {
 pub struct LoadOptions {
     /// Re-quantize Q4_1, Q5_0 and Q5_1 tensors to Q8_0, whose dot product has SIMD kernels
     /// (candle runs those three types with scalar code). Q8_0 holds every value of those
-    /// types to within half a step of its 8-bit grid.
+    /// types to within half a step of its 8-bit grid. CPU only: a GPU runs every type as
+    /// stored.
     pub requantize_slow_types: bool,
+    /// Where the model computes.
+    pub device: crate::Device,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             requantize_slow_types: true,
+            device: crate::Device::Cpu,
         }
     }
 }

@@ -1,3 +1,4 @@
+use crate::tensor::TensorKv;
 use crate::EngineError;
 
 /// Keys and values of one sequence, per layer, laid out `[position][kv_head][head_dim]`.
@@ -5,12 +6,23 @@ use crate::EngineError;
 /// The cache holds the processed prefix. A forward over a tree appends one row per tree node
 /// (in node order); [`KvCache::keep_path`] then keeps only the accepted path, compacted to
 /// consecutive positions, and [`KvCache::truncate`] drops a suffix. Neither re-runs anything.
-#[derive(Debug, Clone)]
+///
+/// A model on a CUDA device keeps its caches there ([`crate::Device`]); the methods are the
+/// same, and a cache only ever goes to the model that made it.
+#[derive(Debug)]
 pub struct KvCache {
     row: usize,
     len: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    storage: Storage,
+}
+
+#[derive(Debug)]
+enum Storage {
+    Host {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    },
+    Tensor(TensorKv),
 }
 
 impl KvCache {
@@ -18,8 +30,29 @@ impl KvCache {
         Self {
             row: kv_heads * head_dim,
             len: 0,
-            keys: vec![Vec::new(); layers],
-            values: vec![Vec::new(); layers],
+            storage: Storage::Host {
+                keys: vec![Vec::new(); layers],
+                values: vec![Vec::new(); layers],
+            },
+        }
+    }
+
+    pub(crate) fn on_device(kv: TensorKv, row: usize) -> Self {
+        Self {
+            row,
+            len: 0,
+            storage: Storage::Tensor(kv),
+        }
+    }
+
+    pub(crate) fn is_on_device(&self) -> bool {
+        matches!(self.storage, Storage::Tensor(_))
+    }
+
+    pub(crate) fn tensor_storage(&mut self) -> Option<&mut TensorKv> {
+        match &mut self.storage {
+            Storage::Tensor(kv) => Some(kv),
+            Storage::Host { .. } => None,
         }
     }
 
@@ -33,11 +66,31 @@ impl KvCache {
     }
 
     /// A copy of the first `len` positions (all of them if there are fewer): what processing
-    /// those tokens again would put in a new cache.
+    /// those tokens again would put in a new cache. (A device cache that the device has no
+    /// memory to copy gives an empty cache: [`KvCache::len`] says what was copied.)
     pub fn prefix(&self, len: usize) -> KvCache {
-        let mut copy = KvCache::new(self.keys.len(), self.row, 1);
-        copy.copy_from(self, len);
-        copy
+        let len = len.min(self.len);
+        match &self.storage {
+            Storage::Host { keys, .. } => {
+                let mut copy = KvCache::new(keys.len(), self.row, 1);
+                copy.copy_from(self, len);
+                copy
+            }
+            Storage::Tensor(kv) => {
+                let (copy, len) = match kv.copy(len) {
+                    Ok(copy) => (copy, len),
+                    Err(error) => {
+                        tracing::warn!(%error, "no device memory to copy a KV cache");
+                        (kv.copy(0).expect("an empty copy allocates nothing"), 0)
+                    }
+                };
+                KvCache {
+                    row: self.row,
+                    len,
+                    storage: Storage::Tensor(copy),
+                }
+            }
+        }
     }
 
     /// Extends this cache to `len` positions (at most `other`'s) with `other`'s positions
@@ -46,17 +99,34 @@ impl KvCache {
     /// what processing the tokens would give. A cache of another shape is left as it is.
     pub fn copy_from(&mut self, other: &KvCache, len: usize) -> bool {
         let len = len.min(other.len);
-        if len <= self.len || other.row != self.row || other.keys.len() != self.keys.len() {
+        if len <= self.len || other.row != self.row {
             return false;
         }
-        let span = self.len * self.row..len * self.row;
-        for (mine, theirs) in self
-            .keys
-            .iter_mut()
-            .zip(&other.keys)
-            .chain(self.values.iter_mut().zip(&other.values))
-        {
-            mine.extend_from_slice(&theirs[span.clone()]);
+        match (&mut self.storage, &other.storage) {
+            (
+                Storage::Host { keys, values },
+                Storage::Host {
+                    keys: other_keys,
+                    values: other_values,
+                },
+            ) if keys.len() == other_keys.len() => {
+                let span = self.len * self.row..len * self.row;
+                for (mine, theirs) in keys
+                    .iter_mut()
+                    .zip(other_keys)
+                    .chain(values.iter_mut().zip(other_values))
+                {
+                    mine.extend_from_slice(&theirs[span.clone()]);
+                }
+            }
+            (Storage::Tensor(mine), Storage::Tensor(theirs)) if mine.same_shape(theirs) => {
+                if let Err(error) = mine.copy_from(theirs, self.len, len) {
+                    // The positions are computed afresh instead.
+                    tracing::warn!(%error, "no device memory to copy a KV cache");
+                    return false;
+                }
+            }
+            _ => return false,
         }
         self.len = len;
         true
@@ -64,8 +134,18 @@ impl KvCache {
 
     /// Gives back memory beyond the cached positions (rows of trees no longer kept).
     pub fn shrink_to_fit(&mut self) {
-        for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            layer.shrink_to_fit();
+        match &mut self.storage {
+            Storage::Host { keys, values } => {
+                for layer in keys.iter_mut().chain(values.iter_mut()) {
+                    layer.shrink_to_fit();
+                }
+            }
+            Storage::Tensor(kv) => {
+                // Without memory for the smaller copy, the larger one stays.
+                if let Err(error) = kv.shrink(self.len) {
+                    tracing::warn!(%error, "could not shrink a device KV cache");
+                }
+            }
         }
     }
 
@@ -74,8 +154,10 @@ impl KvCache {
         if len >= self.len {
             return;
         }
-        for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            layer.truncate(len * self.row);
+        if let Storage::Host { keys, values } = &mut self.storage {
+            for layer in keys.iter_mut().chain(values.iter_mut()) {
+                layer.truncate(len * self.row);
+            }
         }
         self.len = len;
     }
@@ -100,43 +182,64 @@ impl KvCache {
             });
         }
         let row = self.row;
-        for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            for (slot, &node) in path.iter().enumerate() {
-                if slot != node {
-                    let from = (prefix_len + node) * row;
-                    layer.copy_within(from..from + row, (prefix_len + slot) * row);
+        match &mut self.storage {
+            Storage::Host { keys, values } => {
+                for layer in keys.iter_mut().chain(values.iter_mut()) {
+                    for (slot, &node) in path.iter().enumerate() {
+                        if slot != node {
+                            let from = (prefix_len + node) * row;
+                            layer.copy_within(from..from + row, (prefix_len + slot) * row);
+                        }
+                    }
+                    layer.truncate((prefix_len + path.len()) * row);
                 }
             }
-            layer.truncate((prefix_len + path.len()) * row);
+            Storage::Tensor(kv) => kv
+                .keep_path(prefix_len, path)
+                .map_err(EngineError::Device)?,
         }
         self.len = prefix_len + path.len();
         Ok(())
     }
 
-    pub(crate) fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) {
-        self.keys[layer].extend_from_slice(keys);
-        self.values[layer].extend_from_slice(values);
+    /// Appends rows to a host cache's layer (the CPU engine's forward pass).
+    pub(crate) fn append(&mut self, layer: usize, new_keys: &[f32], new_values: &[f32]) {
+        if let Storage::Host { keys, values } = &mut self.storage {
+            keys[layer].extend_from_slice(new_keys);
+            values[layer].extend_from_slice(new_values);
+        }
     }
 
     pub(crate) fn set_len(&mut self, len: usize) {
         self.len = len;
     }
 
+    /// A host cache's layer (the CPU engine's forward pass); empty for a device cache.
     pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+        match &self.storage {
+            Storage::Host { keys, values } => (&keys[layer], &values[layer]),
+            Storage::Tensor(_) => (&[], &[]),
+        }
+    }
+
+    fn layers(&self) -> usize {
+        match &self.storage {
+            Storage::Host { keys, .. } => keys.len(),
+            Storage::Tensor(kv) => kv.layers(),
+        }
     }
 
     /// Bytes one cached position takes (keys and values of every layer).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.keys.len() * self.row * std::mem::size_of::<f32>()
+        2 * self.layers() * self.row * std::mem::size_of::<f32>()
     }
 
-    /// Bytes held by keys and values.
+    /// Bytes of the keys and values of the cached positions (on the device, for a device
+    /// cache). Room reserved beyond them is given back by [`KvCache::shrink_to_fit`].
     pub fn size_in_bytes(&self) -> usize {
-        self.keys
-            .iter()
-            .chain(&self.values)
-            .map(|l| l.len() * 4)
-            .sum()
+        match &self.storage {
+            Storage::Host { keys, values } => keys.iter().chain(values).map(|l| l.len() * 4).sum(),
+            Storage::Tensor(_) => self.len * self.bytes_per_token(),
+        }
     }
 }

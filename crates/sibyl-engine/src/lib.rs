@@ -13,6 +13,7 @@
 
 mod attention;
 mod chat;
+mod device;
 mod error;
 mod gguf;
 mod kernels;
@@ -21,12 +22,14 @@ mod load;
 mod model;
 mod parallel;
 mod quant;
+mod tensor;
 pub mod testkit;
 mod tokenizer;
 
 /// Storage types of GGUF tensors.
 pub use candle_core::quantized::GgmlDType;
 pub use chat::{ChatMessage, ChatTemplate};
+pub use device::Device;
 pub use error::EngineError;
 pub use gguf::{Architecture, LoadOptions, ModelConfig};
 pub use kv_cache::KvCache;

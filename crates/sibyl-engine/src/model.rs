@@ -1,13 +1,24 @@
 use crate::attention::{tree_attention, AttendedSequence, HeadLayout};
 use crate::gguf::{Architecture, LoadOptions, ModelConfig, ModelFile};
 use crate::parallel::for_each_chunk_mut;
-use crate::{EngineError, KvCache, QuantMatrix, TokenId};
+use crate::tensor::TensorModel;
+use crate::{Device, EngineError, KvCache, QuantMatrix, TokenId};
+use candle_core::quantized::GgmlDType;
 
 /// Where weights come from: a GGUF file, or the testkit's random generator.
 pub(crate) trait WeightSource {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<QuantMatrix, EngineError>;
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError>;
     fn contains(&self, name: &str) -> bool;
+    /// A matrix's storage type and raw blocks, as GGUF lays them out (the tensor engine).
+    fn blocks(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(GgmlDType, Vec<u8>), EngineError>;
+    /// The error for a matrix whose type the engine cannot run.
+    fn unsupported(&self, name: &str, dtype: GgmlDType) -> EngineError;
 }
 
 pub(crate) struct FileWeights<'a> {
@@ -24,6 +35,21 @@ impl WeightSource for FileWeights<'_> {
     }
     fn contains(&self, name: &str) -> bool {
         self.file.has_tensor(name)
+    }
+    fn blocks(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(GgmlDType, Vec<u8>), EngineError> {
+        self.file.tensor_bytes(name, &[rows, cols])
+    }
+    fn unsupported(&self, name: &str, dtype: GgmlDType) -> EngineError {
+        EngineError::TensorType {
+            path: self.file.path.clone(),
+            name: name.to_string(),
+            dtype,
+        }
     }
 }
 
@@ -57,6 +83,32 @@ pub enum LogitRows {
     Last,
     /// No logits (a prompt chunk before the last).
     None,
+}
+
+impl LogitRows {
+    /// The rows asked for of a sequence whose `n` nodes start at row `start` of a pass:
+    /// the first and how many.
+    pub(crate) fn span(self, start: usize, n: usize) -> (usize, usize) {
+        match self {
+            LogitRows::All => (start, n),
+            LogitRows::Last => (start + n - 1, 1),
+            LogitRows::None => (start, 0),
+        }
+    }
+}
+
+/// The logits of a pass's selected rows, `vocab` per row, split by sequence (`counts` rows
+/// each, in order).
+pub(crate) fn split_logits(logits: &[f32], counts: Vec<usize>, vocab: usize) -> Vec<Vec<f32>> {
+    let mut rest = logits;
+    counts
+        .into_iter()
+        .map(|count| {
+            let (mine, after) = rest.split_at(count * vocab);
+            rest = after;
+            mine.to_vec()
+        })
+        .collect()
 }
 
 /// Rotary position embedding.
@@ -222,26 +274,62 @@ struct Block {
 }
 
 /// Where the new nodes sit: absolute positions and, per node, the new nodes it sees.
-struct TreeLayout {
-    positions: Vec<usize>,
-    visible: Vec<Vec<usize>>,
+pub(crate) struct TreeLayout {
+    pub(crate) positions: Vec<usize>,
+    pub(crate) visible: Vec<Vec<usize>>,
 }
 
 /// A decoder-only transformer (qwen2 or llama) with a tree forward pass.
 pub struct Model {
     config: ModelConfig,
+    rotary: Rotary,
+    device: Device,
+    weights: Weights,
+}
+
+enum Weights {
+    /// sibyl's own CPU kernels.
+    Host(HostWeights),
+    /// The tensor engine on a candle device.
+    Tensor(TensorModel),
+}
+
+struct HostWeights {
     embedding: QuantMatrix,
     blocks: Vec<Block>,
     output_norm: Vec<f32>,
     /// `None`: the output projection is tied to the embedding.
     output: Option<QuantMatrix>,
-    rotary: Rotary,
 }
 
 impl Model {
     pub(crate) fn from_gguf(file: &ModelFile, options: &LoadOptions) -> Result<Self, EngineError> {
         let config = file.config()?;
-        Self::build(config, &FileWeights { file, options })
+        let weights = FileWeights { file, options };
+        match options.device {
+            Device::Cpu => Self::build(config, &weights),
+            Device::Cuda(ordinal) => {
+                let device = Device::open_cuda(ordinal)?;
+                Self::build_on(config, &weights, &device, options.device)
+            }
+        }
+    }
+
+    /// A model for the tensor engine on `device` (`spec` names it for users).
+    pub(crate) fn build_on(
+        config: ModelConfig,
+        w: &dyn WeightSource,
+        device: &candle_core::Device,
+        spec: Device,
+    ) -> Result<Self, EngineError> {
+        let qwen2 = config.architecture == Architecture::Qwen2;
+        let tensor = TensorModel::build(&config, w, device, |name| qwen2 || w.contains(name))?;
+        Ok(Self {
+            rotary: Rotary::new(&config),
+            config,
+            device: spec,
+            weights: Weights::Tensor(tensor),
+        })
     }
 
     pub(crate) fn build(config: ModelConfig, w: &dyn WeightSource) -> Result<Self, EngineError> {
@@ -263,14 +351,23 @@ impl Model {
         } else {
             None
         };
-        Ok(Self {
+        let weights = HostWeights {
             embedding: w.matrix("token_embd.weight", c.vocab_size, c.hidden_size)?,
             output_norm: w.vector("output_norm.weight", c.hidden_size)?,
             output,
             blocks,
+        };
+        Ok(Self {
             rotary: Rotary::new(c),
             config,
+            device: Device::Cpu,
+            weights: Weights::Host(weights),
         })
+    }
+
+    /// The device the model computes on.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -283,15 +380,24 @@ impl Model {
 
     /// An empty cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(
-            self.config.num_layers,
-            self.config.num_kv_heads,
-            self.config.head_dim,
-        )
+        let c = &self.config;
+        match &self.weights {
+            Weights::Host(_) => KvCache::new(c.num_layers, c.num_kv_heads, c.head_dim),
+            Weights::Tensor(t) => KvCache::on_device(t.new_cache(c), c.num_kv_heads * c.head_dim),
+        }
     }
 
-    /// Bytes of weights held in memory.
+    /// Bytes of weights held in memory (on the device, for a model on one).
     pub fn weights_size_in_bytes(&self) -> usize {
+        match &self.weights {
+            Weights::Host(h) => h.size_in_bytes(),
+            Weights::Tensor(t) => t.weights_size_in_bytes(),
+        }
+    }
+}
+
+impl HostWeights {
+    fn size_in_bytes(&self) -> usize {
         let blocks: usize = self
             .blocks
             .iter()
@@ -307,7 +413,9 @@ impl Model {
             + self.embedding.size_in_bytes()
             + self.output.as_ref().map_or(0, |o| o.size_in_bytes())
     }
+}
 
+impl Model {
     fn layout(&self, cache: &KvCache, input: &TreeInput) -> Result<TreeLayout, EngineError> {
         let n = input.tokens.len();
         if n == 0 {
@@ -380,6 +488,35 @@ impl Model {
             .iter()
             .map(|s| self.layout(s.cache, s.input))
             .collect::<Result<Vec<_>, _>>()?;
+        let on_device = matches!(self.weights, Weights::Tensor(_));
+        if batch.iter().any(|s| s.cache.is_on_device() != on_device) {
+            return Err(EngineError::CacheDevice);
+        }
+        match &self.weights {
+            Weights::Host(weights) => self.forward_host(weights, batch, &trees),
+            Weights::Tensor(tensor) => {
+                let angles: Vec<_> = trees
+                    .iter()
+                    .flat_map(|t| &t.positions)
+                    .map(|&p| self.rotary.angles(p))
+                    .collect();
+                tensor.forward_batch(
+                    &self.config,
+                    batch,
+                    &trees,
+                    &angles,
+                    self.rotary.interleaved,
+                )
+            }
+        }
+    }
+
+    fn forward_host(
+        &self,
+        weights: &HostWeights,
+        batch: &mut [Sequence<'_>],
+        trees: &[TreeLayout],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let c = &self.config;
         let offsets: Vec<usize> = batch
             .iter()
@@ -394,7 +531,7 @@ impl Model {
         let mut x: Vec<f32> = batch
             .iter()
             .flat_map(|s| &s.input.tokens)
-            .flat_map(|&t| self.embedding.dequantize_row(t as usize))
+            .flat_map(|&t| weights.embedding.dequantize_row(t as usize))
             .collect();
         let layout = HeadLayout {
             heads: c.num_heads,
@@ -408,7 +545,7 @@ impl Model {
             .map(|&p| self.rotary.angles(p))
             .collect();
         let kv_row = c.num_kv_heads * c.head_dim;
-        for (index, block) in self.blocks.iter().enumerate() {
+        for (index, block) in weights.blocks.iter().enumerate() {
             let h = rms_norm(&x, &block.attention_norm, c.rms_norm_eps);
             let a = &block.attention;
             let [mut q, mut k, mut v] = project_many([&a.q, &a.k, &a.v], &h, m)?;
@@ -430,7 +567,7 @@ impl Model {
             }
             let sequences: Vec<AttendedSequence<'_>> = batch
                 .iter()
-                .zip(&trees)
+                .zip(trees)
                 .zip(&prefix_lens)
                 .map(|((s, tree), &prefix_len)| {
                     let (keys, values) = s.cache.layer(index);
@@ -460,11 +597,7 @@ impl Model {
         for ((s, &start), &prefix_len) in batch.iter_mut().zip(&offsets).zip(&prefix_lens) {
             let n = s.input.tokens.len();
             s.cache.set_len(prefix_len + n);
-            let (first, count) = match s.rows {
-                LogitRows::All => (start, n),
-                LogitRows::Last => (start + n - 1, 1),
-                LogitRows::None => (start, 0),
-            };
+            let (first, count) = s.rows.span(start, n);
             selected.extend_from_slice(&x[first * c.hidden_size..][..count * c.hidden_size]);
             counts.push(count);
         }
@@ -472,20 +605,11 @@ impl Model {
         let logits = if total == 0 {
             Vec::new()
         } else {
-            let h = rms_norm(&selected, &self.output_norm, c.rms_norm_eps);
-            let output = self.output.as_ref().unwrap_or(&self.embedding);
+            let h = rms_norm(&selected, &weights.output_norm, c.rms_norm_eps);
+            let output = weights.output.as_ref().unwrap_or(&weights.embedding);
             project(output, &h, total)?
         };
-        let vocab = c.vocab_size;
-        let mut rest = &logits[..];
-        Ok(counts
-            .into_iter()
-            .map(|count| {
-                let (mine, after) = rest.split_at(count * vocab);
-                rest = after;
-                mine.to_vec()
-            })
-            .collect())
+        Ok(split_logits(&logits, counts, c.vocab_size))
     }
 }
 

@@ -18,6 +18,7 @@ fn model_path(name: &str) -> PathBuf {
 fn load_model(name: &str, requantize: bool) -> LoadedModel {
     let options = LoadOptions {
         requantize_slow_types: requantize,
+        ..LoadOptions::default()
     };
     load(&model_path(name), &options).unwrap()
 }

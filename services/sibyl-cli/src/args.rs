@@ -18,6 +18,15 @@ pub struct ModelArgs {
     pub keep_slow_types: bool,
 }
 
+/// Where the target model computes.
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// `cpu`, `cuda` (GPU 0) or `cuda:N`. A GPU needs a sibyl built with the `cuda` feature
+    /// (docs/gpu.md).
+    #[arg(long, env = "SIBYL_DEVICE", default_value = "cpu")]
+    pub device: sibyl_engine::Device,
+}
+
 impl ModelArgs {
     /// The model file's path, fetching a catalog model into the user's cache first (with a
     /// progress bar).
@@ -152,7 +161,8 @@ impl LmArgs {
             threads: None,
             keep_slow_types: false,
         };
-        let draft = crate::generate::load_model(&model)?;
+        // A draft model is small: the CPU serves it beside any target device.
+        let draft = crate::generate::load_model(&model, sibyl_engine::Device::Cpu)?;
         if draft.tokenizer.fingerprint() != target.fingerprint() {
             anyhow::bail!(
                 "--draft-model {}: its tokenizer ({:016x}) is not the target's ({:016x}); the LM \

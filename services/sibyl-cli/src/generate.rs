@@ -1,6 +1,6 @@
 use crate::args::{
-    DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, SamplingArgs, SpeculationArgs,
-    NEEDS_DATASTORE,
+    DeviceArgs, DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, SamplingArgs,
+    SpeculationArgs, NEEDS_DATASTORE,
 };
 use anyhow::{bail, Context};
 use clap::Args;
@@ -30,6 +30,9 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
 
     #[command(flatten)]
+    pub device: DeviceArgs,
+
+    #[command(flatten)]
     pub sampling: SamplingArgs,
 
     #[command(flatten)]
@@ -41,6 +44,7 @@ pub struct GenerateConfig {
     pub prompt: String,
     pub chat: bool,
     pub model: ModelArgs,
+    pub device: sibyl_engine::Device,
     pub generation: GenerationConfig,
     pub speculation: SpeculationArgs,
 }
@@ -75,6 +79,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
             prompt: args.prompt,
             chat: args.chat,
             model: args.model,
+            device: args.device.device,
             generation: GenerationConfig {
                 max_tokens: args.sampling.max_tokens,
                 sampling,
@@ -234,10 +239,14 @@ pub fn init_threads(threads: Option<usize>) {
 }
 
 /// Finds (fetching if needed) and loads the model of `args`.
-pub fn load_model(args: &ModelArgs) -> anyhow::Result<sibyl_engine::LoadedModel> {
+pub fn load_model(
+    args: &ModelArgs,
+    device: sibyl_engine::Device,
+) -> anyhow::Result<sibyl_engine::LoadedModel> {
     let path = args.locate()?;
     let options = LoadOptions {
         requantize_slow_types: !args.keep_slow_types,
+        device,
     };
     Ok(sibyl_engine::load(&path, &options)?)
 }
@@ -245,7 +254,7 @@ pub fn load_model(args: &ModelArgs) -> anyhow::Result<sibyl_engine::LoadedModel>
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut config = GenerateConfig::try_from(args)?;
     init_threads(config.model.threads);
-    let loaded = load_model(&config.model)?;
+    let loaded = load_model(&config.model, config.device)?;
     let prompt_text = if config.chat {
         let template = loaded
             .chat_template

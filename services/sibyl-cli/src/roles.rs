@@ -3,7 +3,7 @@
 //! processes are.
 
 use crate::args::{
-    value_name, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs, NEEDS_DATASTORE,
+    value_name, DeviceArgs, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs, NEEDS_DATASTORE,
 };
 use crate::generate::{init_threads, load_model, tokenizer_id};
 use crate::security::{ClientTlsArgs, ServerTlsArgs, TokenArgs};
@@ -239,6 +239,9 @@ pub struct ServeArgs {
     pub model: ModelArgs,
 
     #[command(flatten)]
+    pub device: DeviceArgs,
+
+    #[command(flatten)]
     pub verifier: VerifierArgs,
 
     #[command(flatten)]
@@ -326,6 +329,9 @@ pub struct VerifierRoleArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub device: DeviceArgs,
 
     #[command(flatten)]
     pub verifier: VerifierArgs,
@@ -590,11 +596,12 @@ pub fn run_verifier(args: VerifierRoleArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, tls = tls.is_some(), "verifier listening");
         let listener = Listener { tcp, tls };
         let model = args.model.clone();
+        let device = args.device.device;
         let stop = args.drain.on_signal();
         let serve = sibyl_verifier::serve(
             listener,
             VerifierService::new(config),
-            move || load_model(&model),
+            move || load_model(&model, device),
             args.load.on_error(),
             stop.stopped(),
         );
@@ -665,6 +672,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let path = tokio::task::spawn_blocking(move || model.locate()).await??;
         let mut model = args.model.clone();
         model.model = path.to_string_lossy().into_owned();
+        let device = args.device.device;
 
         let http = bind(args.http_addr, "HTTP API").await?;
         let grpc = bind(args.grpc_addr, "gRPC API").await?;
@@ -715,7 +723,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             tokio::spawn(sibyl_verifier::serve(
                 verifier_listener,
                 VerifierService::new(config),
-                move || load_model(&verifier_model),
+                move || load_model(&verifier_model, device),
                 OnLoadError::Fail,
                 stop.stopped(),
             )),

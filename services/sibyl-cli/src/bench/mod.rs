@@ -8,7 +8,7 @@ mod dataset;
 mod prefix;
 mod results;
 
-use crate::args::{DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
+use crate::args::{DeviceArgs, DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
 use crate::generate::{DrafterSettings, DrafterSources};
 use anyhow::{bail, Context};
 use backend::{Backend, BenchConfig, InProcess, Remote};
@@ -96,6 +96,10 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
+    /// Where the target model computes in process (not with --gateway).
+    #[command(flatten)]
+    pub device: DeviceArgs,
+
     #[command(flatten)]
     pub tree: TreeArgs,
 
@@ -179,7 +183,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         None => {
             crate::generate::init_threads(args.model.threads);
-            let loaded = crate::generate::load_model(&args.model)?;
+            let loaded = crate::generate::load_model(&args.model, args.device.device)?;
             let generation = GenerationConfig {
                 max_tokens: args.max_tokens,
                 sampling,
