@@ -29,6 +29,9 @@ struct Args {
     /// Weight storage type: q4k, q6k or q8_0.
     #[arg(long, default_value = "q4k")]
     dtype: String,
+    /// Also time a decoding step of the CPU engine on this machine's cores, same weights.
+    #[arg(long)]
+    compare_cpu: bool,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -125,7 +128,7 @@ fn main() -> anyhow::Result<()> {
         start.elapsed().as_secs_f64()
     );
     let vocab = model.vocab_size() as u32;
-    let tokens: Vec<u32> = (0..args.context + 64)
+    let tokens: Vec<u32> = (0..args.context + 256)
         .map(|i| ((i as u64 * 7919 + 13) % vocab as u64) as u32)
         .collect();
     let prompt = &tokens[..args.context];
@@ -155,7 +158,7 @@ fn main() -> anyhow::Result<()> {
         1e3 / one
     );
     println!("chains (rows: ms, cost against 1 row):");
-    for k in [2, 4, 8, 16, 32, 64] {
+    for k in [2, 4, 8, 16, 32, 64, 128, 256] {
         let input = TreeInput::chain(&tokens[args.context..][..k]);
         let ms = time(rounds, || {
             step_on(&mut cache, &input);
@@ -172,7 +175,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     println!("sessions in one pass (sessions x rows: ms, tokens/s if every row is accepted):");
-    for (sessions, rows) in [(2, 1), (4, 1), (8, 1), (16, 1), (4, 8), (8, 8)] {
+    for (sessions, rows) in [(8, 1), (32, 1), (64, 1), (4, 8), (8, 8)] {
         let mut caches: Vec<KvCache> = (0..sessions).map(|_| cache.prefix(args.context)).collect();
         let input = TreeInput::chain(&tokens[args.context..][..rows]);
         let ms = time(rounds, || {
@@ -193,6 +196,26 @@ fn main() -> anyhow::Result<()> {
         println!(
             "  {sessions:>2} x {rows}: {ms:.2} ms, {:.0} tokens/s",
             (sessions * rows) as f64 * 1e3 / ms
+        );
+    }
+
+    if args.compare_cpu {
+        let start = Instant::now();
+        let cpu = sibyl_engine::testkit::tiny_model(&config)?;
+        let mut cpu_cache = cpu.new_cache();
+        cpu.forward(&mut cpu_cache, &TreeInput::chain(prompt), LogitRows::Last)?;
+        let prepared = start.elapsed().as_secs_f64();
+        let input = TreeInput::chain(&tokens[args.context..][..1]);
+        let cpu_one = time(rounds.min(9), || {
+            cpu.forward(&mut cpu_cache, &input, LogitRows::All).unwrap();
+            cpu_cache.truncate(args.context);
+        });
+        println!(
+            "CPU engine, {} threads: decoding step {cpu_one:.2} ms ({:.1} tokens/s); this \
+             device {:.2}x faster (model and prompt on the CPU took {prepared:.1} s)",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            1e3 / cpu_one,
+            cpu_one / one
         );
     }
 
