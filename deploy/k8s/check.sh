@@ -142,9 +142,12 @@ def check_pod(where, name, pod, containers_extra):
         fail(where, "the models volume is not the sibyl-models claim, read-only")
     for container in spec["containers"]:
         at = f"{where} container {container['name']}"
-        if container.get("image") != "sibyl:0.1.0" or \
+        # The gpu overlay's verifier runs the image's CUDA variant; everything else the plain one.
+        image = "sibyl:0.1.0-cuda" if (where.startswith("overlays-gpu") and name == "sibyl-verifier") \
+            else "sibyl:0.1.0"
+        if container.get("image") != image or \
                 container.get("imagePullPolicy") != "IfNotPresent":
-            fail(at, "image is not sibyl:0.1.0 with imagePullPolicy IfNotPresent")
+            fail(at, f"image is not {image} with imagePullPolicy IfNotPresent")
         security = container.get("securityContext", {})
         if security.get("readOnlyRootFilesystem") is not True:
             fail(at, "root filesystem is not read-only")
@@ -239,13 +242,16 @@ for path in sorted(out.glob("*.yaml")):
         limits = spec.get("containers", [{}])[0].get("resources", {}).get("limits", {})
         if limits.get("nvidia.com/gpu") != 1:
             fail(target, "the verifier does not ask for nvidia.com/gpu: 1")
+        verifier_config = found.get(("ConfigMap", "sibyl-verifier"))
+        if not verifier_config or verifier_config["data"].get("SIBYL_DEVICE") != "cuda":
+            fail(target, "the verifier does not compute on the GPU (SIBYL_DEVICE=cuda)")
         if not spec.get("nodeSelector") or not spec.get("tolerations"):
             fail(target, "the verifier has no nodeSelector or tolerations")
     elif gpu_text:
         fail(target, "asks for nvidia.com/gpu outside the gpu overlay")
     kinds = sorted({o["kind"] for o in objects})
     print(f"{target}: {len(objects)} objects, kinds {', '.join(kinds)}"
-          + ("; verifier asks for nvidia.com/gpu: 1" if target == "overlays-gpu" else
+          + ("; verifier asks for nvidia.com/gpu: 1, SIBYL_DEVICE=cuda" if target == "overlays-gpu" else
              "; no nvidia.com/gpu"))
 
 if errors:
