@@ -231,7 +231,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ),
         command: command_line(),
         model: backend.model().to_string(),
-        backend: args.gateway.clone().unwrap_or_else(|| "in-process".into()),
+        backend: args
+            .gateway
+            .clone()
+            .unwrap_or_else(|| match args.device.device {
+                sibyl_engine::Device::Cpu => "in-process".into(),
+                device => format!("in-process on {device}"),
+            }),
         machine: Machine::this(),
         max_tokens: args.max_tokens,
         temperature: args.temperature,
