@@ -80,6 +80,11 @@ fn warm_up(
     generate(&loaded.model, &prompt, &config, &mut [], |_| {
         ControlFlow::Continue(())
     })?;
+    tracing::info!(
+        device = %loaded.model.device(),
+        weights_bytes = loaded.model.weights_size_in_bytes(),
+        "model loaded and warmed up"
+    );
     let loaded = Arc::new(loaded);
     Ok(service::Engine {
         scheduler: SchedulerHandle::spawn(loaded.clone(), scheduler, runtime)?,
