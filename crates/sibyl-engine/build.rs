@@ -1,5 +1,5 @@
 //! With the `cuda` feature, points the linker at the CUDA libraries of
-//! `scripts/cuda-toolkit.sh` (`SIBYL_CUDA_LIB_DIR`); a system CUDA installation needs nothing.
+//! `deploy/gpu/cuda-toolkit.sh` (`SIBYL_CUDA_LIB_DIR`); a system CUDA installation needs nothing.
 
 fn main() {
     println!("cargo:rerun-if-env-changed=SIBYL_CUDA_LIB_DIR");

@@ -5,7 +5,7 @@
 # 28 MB). Copy the working tree there (or only deploy/gpu) and run deploy/gpu/check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-eval "$(scripts/cuda-toolkit.sh)"
+eval "$(deploy/gpu/cuda-toolkit.sh)"
 features=(--release --workspace --features sibyl-engine/cuda)
 tests=$(cargo test "${features[@]}" --no-run --message-format json \
   --test tree_forward --test lossless --test batched |

@@ -8,7 +8,7 @@
 #
 # --cuda makes the GPU variant (default tag sibyl:0.1.0-cuda) from a binary built with
 # `--features sibyl-engine/cuda` (docs/gpu.md): it adds the CUDA 13 libraries the binary
-# links (cuBLAS, cuRAND, NVRTC, the runtime; about 800 MB) from scripts/cuda-toolkit.sh's
+# links (cuBLAS, cuRAND, NVRTC, the runtime; about 800 MB) from deploy/gpu/cuda-toolkit.sh's
 # wheels. The driver library comes from the node (the NVIDIA container toolkit mounts it).
 #
 # --binary defaults to target/release/sibyl (under $CARGO_TARGET_DIR if set) (`cargo build --release --bin sibyl`); it must be
@@ -61,7 +61,7 @@ if $strip_debug; then
 fi
 start_args=()
 if $cuda; then
-  eval "$("$repo/scripts/cuda-toolkit.sh")"
+  eval "$("$repo/deploy/gpu/cuda-toolkit.sh")"
   mkdir "$context/cuda"
   for lib in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 \
       libnvrtc-builtins.so.13.0 libcudart.so.13; do

@@ -256,6 +256,22 @@ fn batched(
     (results.into_iter().map(Option::unwrap).collect(), widest)
 }
 
+/// Every request of a batch produces what it produces alone.
+fn batch_matches_alone(
+    requests: &[Request],
+    prompt_tokens_per_step: usize,
+) -> Result<(), TestCaseError> {
+    let config = SchedulerConfig {
+        prompt_tokens_per_step,
+        ..SchedulerConfig::default()
+    };
+    let (results, _) = batched(requests, config);
+    for (request, (tokens, _)) in requests.iter().zip(&results) {
+        prop_assert_eq!(tokens, &alone(request), "{:?}", request);
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
@@ -264,14 +280,7 @@ proptest! {
         requests in proptest::collection::vec(request(), 1..6),
         prompt_tokens_per_step in 1usize..40,
     ) {
-        let config = SchedulerConfig {
-            prompt_tokens_per_step,
-            ..SchedulerConfig::default()
-        };
-        let (results, _) = batched(&requests, config);
-        for (request, (tokens, _)) in requests.iter().zip(&results) {
-            prop_assert_eq!(tokens, &alone(request), "{:?}", request);
-        }
+        batch_matches_alone(&requests, prompt_tokens_per_step)?;
     }
 
     #[test]
@@ -280,14 +289,7 @@ proptest! {
         prompt_tokens_per_step in 1usize..40,
     ) {
         ON_TENSOR_ENGINE.set(true);
-        let config = SchedulerConfig {
-            prompt_tokens_per_step,
-            ..SchedulerConfig::default()
-        };
-        let (results, _) = batched(&requests, config);
-        for (request, (tokens, _)) in requests.iter().zip(&results) {
-            prop_assert_eq!(tokens, &alone(request), "{:?}", request);
-        }
+        batch_matches_alone(&requests, prompt_tokens_per_step)?;
     }
 }
 

@@ -10,6 +10,7 @@
 use candle_core::quantized::GgmlDType;
 use sibyl_engine::testkit::{tiny_model_on, TinyModelConfig};
 use sibyl_engine::{Architecture, KvCache, LogitRows, Sequence, TreeInput};
+use sibyl_spec::argmax;
 use std::time::Instant;
 
 #[derive(clap::Parser)]
@@ -51,16 +52,6 @@ fn time(rounds: usize, mut step: impl FnMut()) -> f64 {
             })
             .collect(),
     )
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .fold(
-            (0, f32::MIN),
-            |best, (i, &v)| if v > best.1 { (i, v) } else { best },
-        )
-        .0 as u32
 }
 
 /// A tree of `branches` chains of `depth` nodes under one root.

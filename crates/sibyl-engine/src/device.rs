@@ -47,15 +47,13 @@ impl Device {
         if !Self::CUDA_BUILT {
             return Err(EngineError::CudaNotBuilt);
         }
-        // cudarc panics where the driver library cannot be loaded at all.
+        // A panic in the driver binding is this device's failure, not a malformed file (what
+        // `load` makes of other panics).
         std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal))
             .unwrap_or_else(|panic| {
-                let reason = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "the CUDA driver could not be loaded".into());
-                Err(candle_core::Error::Msg(reason))
+                Err(candle_core::Error::Msg(crate::load::panic_message(
+                    panic.as_ref(),
+                )))
             })
             .map_err(|source| EngineError::DeviceUnavailable {
                 device: Device::Cuda(ordinal),

@@ -58,14 +58,18 @@ fn contain_panics<T>(
     load: impl FnOnce() -> Result<T, EngineError>,
 ) -> Result<T, EngineError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|panic| {
-        let reason = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".into());
         Err(EngineError::Malformed {
             path: path.to_path_buf(),
-            reason,
+            reason: panic_message(panic.as_ref()),
         })
     })
+}
+
+/// What a caught panic said.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

@@ -379,20 +379,11 @@ fn the_tensor_engine_computes_the_model_the_cpu_engine_computes() {
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         eprintln!("{name}: largest logit {scale}, largest difference {worst}");
         assert!(worst <= 0.06 * scale, "{name}: {worst} against {scale}");
-        let argmax = |row: &[f32]| {
-            row.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::MIN),
-                    |best, (i, &v)| if v > best.1 { (i, v) } else { best },
-                )
-                .0
-        };
         let vocab = cpu.vocab_size();
         let agree = expected
             .chunks(vocab)
             .zip(found.chunks(vocab))
-            .filter(|(a, b)| argmax(a) == argmax(b))
+            .filter(|(a, b)| sibyl_spec::argmax(a) == sibyl_spec::argmax(b))
             .count();
         assert!(
             agree * 10 >= tokens.len() * 9,

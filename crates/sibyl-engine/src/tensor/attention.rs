@@ -6,15 +6,15 @@ use crate::attention::{AttendedSequence, HeadLayout};
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
 /// Which new nodes each new node of one sequence sees, in the form each device reads.
-pub(super) struct Mask {
-    visible: Vec<Vec<usize>>,
+pub(super) struct Mask<'a> {
+    visible: &'a [Vec<usize>],
     /// `[n][n]` bytes, 1 where node `i` sees node `j` (CUDA only).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     on_device: Option<Tensor>,
 }
 
-impl Mask {
-    pub(super) fn new(visible: &[Vec<usize>], device: &Device) -> candle_core::Result<Self> {
+impl<'a> Mask<'a> {
+    pub(super) fn new(visible: &'a [Vec<usize>], device: &Device) -> candle_core::Result<Self> {
         let on_device = if device.is_cpu() {
             None
         } else {
@@ -27,10 +27,7 @@ impl Mask {
             }
             Some(Tensor::from_vec(bytes, (n, n), device)?)
         };
-        Ok(Self {
-            visible: visible.to_vec(),
-            on_device,
-        })
+        Ok(Self { visible, on_device })
     }
 }
 
@@ -40,7 +37,7 @@ pub(super) fn tree_attention(
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
-    mask: &Mask,
+    mask: &Mask<'_>,
     prefix: usize,
     layout: HeadLayout,
 ) -> candle_core::Result<Tensor> {
@@ -56,7 +53,7 @@ fn on_cpu(
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
-    mask: &Mask,
+    mask: &Mask<'_>,
     prefix: usize,
     layout: HeadLayout,
 ) -> candle_core::Result<Tensor> {
@@ -85,7 +82,7 @@ fn on_cpu(
             keys: slice(ks, k_layout)?,
             values: slice(vs, v_layout)?,
             prefix_len: prefix,
-            visible: &mask.visible,
+            visible: mask.visible,
         };
         crate::attention::tree_attention(layout, slice(qs, q_layout)?, &[sequence], &mut out);
     }
@@ -94,13 +91,13 @@ fn on_cpu(
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::super::cuda::{tensor, view};
     use super::Mask;
     use crate::attention::HeadLayout;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::cudarc::nvrtc;
-    use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
-    use candle_core::op::BackpropOp;
-    use candle_core::{Storage, Tensor};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::Tensor;
     use std::sync::OnceLock;
 
     const SOURCE: &str = include_str!("tree_attention.cu");
@@ -120,25 +117,12 @@ mod cuda {
         .map_err(|e| candle_core::Error::Msg(e.clone()))
     }
 
-    fn view<'a>(
-        storage: &'a Storage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-        let Storage::Cuda(storage) = storage else {
-            candle_core::bail!("tree attention on CUDA needs CUDA tensors");
-        };
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("attention needs contiguous rows".into()))?;
-        Ok(storage.as_cuda_slice::<f32>()?.slice(start..end))
-    }
-
     pub(super) fn tree_attention(
         device: &CudaDevice,
         q: &Tensor,
         keys: &Tensor,
         values: &Tensor,
-        mask: &Mask,
+        mask: &Mask<'_>,
         prefix: usize,
         layout: HeadLayout,
     ) -> candle_core::Result<Tensor> {
@@ -159,17 +143,11 @@ mod cuda {
             let (v_storage, v_layout) = values.storage_and_layout();
             let (m_storage, m_layout) = visible.storage_and_layout();
             let (q_view, k_view, v_view) = (
-                view(&q_storage, q_layout)?,
-                view(&k_storage, k_layout)?,
-                view(&v_storage, v_layout)?,
+                view::<f32>(&q_storage, q_layout)?,
+                view::<f32>(&k_storage, k_layout)?,
+                view::<f32>(&v_storage, v_layout)?,
             );
-            let Storage::Cuda(m_storage) = &*m_storage else {
-                candle_core::bail!("the attention mask is not on the device");
-            };
-            let (m_start, m_end) = m_layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("mask not contiguous".into()))?;
-            let m_view = m_storage.as_cuda_slice::<u8>()?.slice(m_start..m_end);
+            let m_view = view::<u8>(&m_storage, m_layout)?;
             let (n_arg, prefix_arg) = (n as i32, prefix as i32);
             let (heads, kv_heads, head_dim) = (
                 layout.heads as i32,
@@ -199,12 +177,6 @@ mod cuda {
             // `n` by `n` mask) and `out` what it writes.
             unsafe { builder.launch(config) }.w()?;
         }
-        let storage = CudaStorage::wrap_cuda_slice(out, device.clone());
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            (n, layout.heads * layout.head_dim),
-            BackpropOp::none(),
-            false,
-        ))
+        Ok(tensor(out, device, (n, layout.heads * layout.head_dim)))
     }
 }

@@ -16,12 +16,17 @@
 //! The price is that weights are read once per four rows rather than once per pass.
 
 mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod kv;
+
+pub(crate) use kv::TensorKv;
 
 use crate::gguf::ModelConfig;
 use crate::model::{split_logits, LogitRows, Sequence, TreeInput, TreeLayout, WeightSource};
 use crate::EngineError;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 
 /// Rows one quantized product takes at most (see the module documentation).
 const ROWS_PER_PRODUCT: usize = 4;
@@ -148,7 +153,6 @@ pub(crate) struct TensorModel {
     blocks: Vec<Block>,
     output_norm: Tensor,
     output: Matrix,
-    bytes: usize,
 }
 
 fn vector(
@@ -205,19 +209,16 @@ impl TensorModel {
             "token_embd.weight"
         };
         let output = matrix(output_name, c.vocab_size, h)?;
-        let mut model = Self {
+        Ok(Self {
             device: device.clone(),
             embedding,
             blocks,
             output_norm: vector(w, "output_norm.weight", h, device)?,
             output,
-            bytes: 0,
-        };
-        model.bytes = model.size_in_bytes();
-        Ok(model)
+        })
     }
 
-    fn size_in_bytes(&self) -> usize {
+    pub(crate) fn weights_size_in_bytes(&self) -> usize {
         let matrix = |m: &Matrix| match &m.product {
             QMatMul::QTensor(q) => q.storage_size_in_bytes(),
             QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
@@ -237,19 +238,8 @@ impl TensorModel {
         blocks + self.embedding.elem_count() * 4 + matrix(&self.output)
     }
 
-    pub(crate) fn weights_size_in_bytes(&self) -> usize {
-        self.bytes
-    }
-
     pub(crate) fn new_cache(&self, c: &ModelConfig) -> TensorKv {
-        TensorKv {
-            device: self.device.clone(),
-            row: c.num_kv_heads * c.head_dim,
-            capacity: 0,
-            keys: Vec::new(),
-            values: Vec::new(),
-            layers: c.num_layers,
-        }
+        TensorKv::empty(&self.device, c.num_kv_heads * c.head_dim, c.num_layers)
     }
 
     /// [`crate::Model::forward_batch`] on the device; `trees` are the checked layouts,
@@ -269,7 +259,7 @@ impl TensorModel {
         let mut caches = Vec::with_capacity(batch.len());
         for s in batch.iter_mut() {
             match s.cache.tensor_storage() {
-                Some(kv) if kv.device.same_device(&self.device) => caches.push(kv),
+                Some(kv) if kv.device().same_device(&self.device) => caches.push(kv),
                 _ => return Err(EngineError::CacheDevice),
             }
         }
@@ -310,7 +300,7 @@ impl TensorModel {
         let (heads, kv_heads, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let tokens: Vec<u32> = batch
             .iter()
-            .flat_map(|(input, _)| input.tokens.clone())
+            .flat_map(|(input, _)| input.tokens.iter().copied())
             .collect();
         let ids = Tensor::from_vec(tokens, m, device)?;
         let mut x = self.embedding.index_select(&ids, 0)?;
@@ -399,274 +389,5 @@ impl TensorModel {
             self.output.forward(&h)?.flatten_all()?.to_vec1::<f32>()?
         };
         Ok(split_logits(&logits, counts, c.vocab_size))
-    }
-}
-
-/// One sequence's keys and values on a device: per layer `[capacity, kv_heads * head_dim]`
-/// tensors of `f32`, of which the owning [`crate::KvCache`]'s length is in use.
-pub(crate) struct TensorKv {
-    device: Device,
-    row: usize,
-    layers: usize,
-    capacity: usize,
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
-}
-
-impl std::fmt::Debug for TensorKv {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TensorKv")
-            .field("device", &self.device)
-            .field("capacity", &self.capacity)
-            .finish()
-    }
-}
-
-impl TensorKv {
-    /// Makes room for `len` positions, keeping what is held. Grows by half again at least,
-    /// so that appends are amortized.
-    fn reserve(&mut self, len: usize) -> Result<(), candle_core::Error> {
-        if len <= self.capacity {
-            return Ok(());
-        }
-        let capacity = len.max(self.capacity + self.capacity / 2).max(16);
-        self.resize(capacity, self.capacity)
-    }
-
-    /// New tensors of `capacity` positions holding the first `keep` positions.
-    fn resize(&mut self, capacity: usize, keep: usize) -> Result<(), candle_core::Error> {
-        let grow = |old: Option<&Tensor>| -> Result<Tensor, candle_core::Error> {
-            let new = Tensor::zeros((capacity, self.row), DType::F32, &self.device)?;
-            if let Some(old) = old.filter(|_| keep > 0) {
-                new.slice_set(&old.narrow(0, 0, keep)?, 0, 0)?;
-            }
-            Ok(new)
-        };
-        let keys = (0..self.layers)
-            .map(|l| grow(self.keys.get(l)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let values = (0..self.layers)
-            .map(|l| grow(self.values.get(l)))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.keys = keys;
-        self.values = values;
-        self.capacity = capacity;
-        Ok(())
-    }
-
-    fn write(
-        &mut self,
-        layer: usize,
-        at: usize,
-        keys: &Tensor,
-        values: &Tensor,
-    ) -> Result<(), candle_core::Error> {
-        self.keys[layer].slice_set(&keys.contiguous()?, 0, at)?;
-        self.values[layer].slice_set(&values.contiguous()?, 0, at)
-    }
-
-    fn layer(&self, layer: usize, len: usize) -> Result<(Tensor, Tensor), candle_core::Error> {
-        Ok((
-            self.keys[layer].narrow(0, 0, len)?,
-            self.values[layer].narrow(0, 0, len)?,
-        ))
-    }
-
-    /// A copy holding the first `len` positions, with room for exactly those (none, and
-    /// nothing allocated, for 0).
-    pub(crate) fn copy(&self, len: usize) -> Result<Self, candle_core::Error> {
-        let mut copy = Self {
-            device: self.device.clone(),
-            row: self.row,
-            layers: self.layers,
-            capacity: 0,
-            keys: Vec::new(),
-            values: Vec::new(),
-        };
-        if len > 0 {
-            copy.resize(len, 0)?;
-            copy.copy_from(self, 0, len)?;
-        }
-        Ok(copy)
-    }
-
-    /// Writes positions `from..to` of `other` at the same positions here.
-    pub(crate) fn copy_from(
-        &mut self,
-        other: &TensorKv,
-        from: usize,
-        to: usize,
-    ) -> Result<(), candle_core::Error> {
-        if to <= from {
-            return Ok(());
-        }
-        self.reserve(to)?;
-        for l in 0..self.layers {
-            let span = |t: &Tensor| t.narrow(0, from, to - from);
-            self.keys[l].slice_set(&span(&other.keys[l])?, 0, from)?;
-            self.values[l].slice_set(&span(&other.values[l])?, 0, from)?;
-        }
-        Ok(())
-    }
-
-    /// Moves the rows `prefix_len + path[i]` to `prefix_len + i`.
-    pub(crate) fn keep_path(
-        &mut self,
-        prefix_len: usize,
-        path: &[usize],
-    ) -> Result<(), candle_core::Error> {
-        if path.iter().enumerate().all(|(slot, &node)| slot == node) {
-            return Ok(());
-        }
-        let rows: Vec<u32> = path.iter().map(|&p| (prefix_len + p) as u32).collect();
-        let index = Tensor::from_vec(rows, path.len(), &self.device)?;
-        for layer in self.keys.iter().chain(&self.values) {
-            let kept = layer.index_select(&index, 0)?;
-            layer.slice_set(&kept, 0, prefix_len)?;
-        }
-        Ok(())
-    }
-
-    /// Gives back room beyond `len` positions.
-    pub(crate) fn shrink(&mut self, len: usize) -> Result<(), candle_core::Error> {
-        if len == 0 {
-            *self = self.copy(0)?;
-        } else if len < self.capacity {
-            self.resize(len, len)?;
-        }
-        Ok(())
-    }
-
-    pub(crate) fn layers(&self) -> usize {
-        self.layers
-    }
-
-    pub(crate) fn same_shape(&self, other: &TensorKv) -> bool {
-        self.row == other.row
-            && self.layers == other.layers
-            && self.device.same_device(&other.device)
-    }
-}
-
-/// Quantized products on CUDA with fewer launches than one candle product per piece of
-/// rows: all rows are rounded to 8 bits at once (row by row, as a piece alone would be),
-/// then candle's matrix-vector kernel runs on each piece of at most `per` rows, writing
-/// into one output. The same kernels on the same values: the same bits as the pieces
-/// multiplied one by one.
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    use candle_core::cuda_backend::{kernels::ffi, CudaStorage};
-    use candle_core::op::BackpropOp;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Storage, Tensor};
-    use std::ffi::c_void;
-
-    type Launcher = unsafe extern "C" fn(
-        *const c_void,
-        *const c_void,
-        *mut c_void,
-        i32,
-        i32,
-        i32,
-        i32,
-        i32,
-        *mut c_void,
-    );
-
-    fn launcher(dtype: GgmlDType) -> candle_core::Result<Launcher> {
-        use GgmlDType::*;
-        Ok(match dtype {
-            Q4_0 => ffi::launch_mmvq_gguf_q4_0_f32_plain,
-            Q4_1 => ffi::launch_mmvq_gguf_q4_1_f32_plain,
-            Q5_0 => ffi::launch_mmvq_gguf_q5_0_f32_plain,
-            Q5_1 => ffi::launch_mmvq_gguf_q5_1_f32_plain,
-            Q8_0 => ffi::launch_mmvq_gguf_q8_0_f32_plain,
-            Q2K => ffi::launch_mmvq_gguf_q2_k_f32_plain,
-            Q3K => ffi::launch_mmvq_gguf_q3_k_f32_plain,
-            Q4K => ffi::launch_mmvq_gguf_q4_k_f32_plain,
-            Q5K => ffi::launch_mmvq_gguf_q5_k_f32_plain,
-            Q6K => ffi::launch_mmvq_gguf_q6_k_f32_plain,
-            other => candle_core::bail!("no CUDA product for {other:?}"),
-        })
-    }
-
-    /// candle's padding of a quantized row (`MATRIX_ROW_PADDING`) and its 8-bit blocks.
-    const ROW_PADDING: usize = 512;
-    const Q8_1_BLOCK: usize = 32;
-    const Q8_1_BYTES: usize = 36;
-
-    pub(super) fn product(
-        weights: &QTensor,
-        x: &Tensor,
-        per: usize,
-    ) -> candle_core::Result<Tensor> {
-        let (rows, cols) = weights.shape().dims2()?;
-        let (m, k) = x.dims2()?;
-        if k != cols {
-            candle_core::bail!("product of [{m}, {k}] by a [{rows}, {cols}] matrix");
-        }
-        let launch = launcher(weights.dtype())?;
-        let x = x.contiguous()?;
-        let candle_core::Device::Cuda(device) = x.device() else {
-            candle_core::bail!("a CUDA product needs a CUDA tensor");
-        };
-        let stream = device.cuda_stream();
-        let raw_stream = stream.cu_stream() as *mut c_void;
-        let padded = k.div_ceil(ROW_PADDING) * ROW_PADDING;
-        let row_blocks = padded / Q8_1_BLOCK;
-        let quantized = device.alloc_zeros::<u8>(m * row_blocks * Q8_1_BYTES)?;
-        let out = device.alloc_zeros::<f32>(m * rows)?;
-        {
-            let (storage, layout) = x.storage_and_layout();
-            let Storage::Cuda(storage) = &*storage else {
-                candle_core::bail!("a CUDA product needs a CUDA tensor");
-            };
-            let (start, end) = layout
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("product of strided rows".into()))?;
-            let input = storage.as_cuda_slice::<f32>()?.slice(start..end);
-            let (input_ptr, _input_guard) = input.device_ptr(&stream);
-            let (quantized_ptr, _quantized_guard) = quantized.device_ptr(&stream);
-            let (out_ptr, _out_guard) = out.device_ptr(&stream);
-            let weights_ptr = weights.device_ptr()? as *const c_void;
-            // SAFETY: every pointer is a live allocation on this stream of the size the
-            // launcher reads or writes: `m` rows of `k` inputs, `m` rows of `row_blocks`
-            // 8-bit blocks, `m` rows of `rows` outputs, and the matrix of `rows` by `cols`
-            // (candle pads its storage for the kernels); all launches are ordered on the
-            // stream, and the guards record their use before the buffers can be freed.
-            unsafe {
-                ffi::launch_mmvq_gguf_quantize_q8_1_f32(
-                    input_ptr as *const c_void,
-                    quantized_ptr as *mut c_void,
-                    k as i32,
-                    padded as i32,
-                    m as i32,
-                    raw_stream,
-                );
-                for first in (0..m).step_by(per) {
-                    let count = per.min(m - first);
-                    launch(
-                        weights_ptr,
-                        (quantized_ptr as usize + first * row_blocks * Q8_1_BYTES) as *const c_void,
-                        (out_ptr as usize + first * rows * std::mem::size_of::<f32>())
-                            as *mut c_void,
-                        cols as i32,
-                        rows as i32,
-                        row_blocks as i32,
-                        rows as i32,
-                        count as i32,
-                        raw_stream,
-                    );
-                }
-            }
-        }
-        let storage = CudaStorage::wrap_cuda_slice(out, device.clone());
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            (m, rows),
-            BackpropOp::none(),
-            false,
-        ))
     }
 }

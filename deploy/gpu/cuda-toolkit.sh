@@ -5,14 +5,14 @@
 # driver library `libcuda.so.1`, whose real copy the GPU machine's driver provides at run
 # time). Prints the environment to build with:
 #
-#   eval "$(scripts/cuda-toolkit.sh)"
+#   eval "$(deploy/gpu/cuda-toolkit.sh)"
 #   cargo build --release --features sibyl-engine/cuda --bin sibyl
 #
 # CUDA 13.0 matches driver 580: PTX from a newer toolkit may not load on an older driver.
 # SIBYL_CUDA_HOME chooses where it goes (default ~/.cache/sibyl/cuda13); CUDA_COMPUTE_CAP the
 # GPU generation the kernels are built for (default 90, Hopper).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 home="${SIBYL_CUDA_HOME:-$HOME/.cache/sibyl/cuda13}"
 [ -x "$home/bin/pip" ] || python3 -m venv "$home" >&2
 "$home/bin/pip" install -q --only-binary :all: "nvidia-cuda-nvcc==13.0.88" \
