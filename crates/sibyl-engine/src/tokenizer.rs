@@ -112,7 +112,7 @@ impl TextTokenizer {
             .map(|(i, t)| (t.to_string(), i as u32))
             .collect();
         let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
+            .vocab_and_merges(vocab, merges.clone())
             .build()
             .map_err(|e| error(e.to_string()))?;
         let mut inner = Tokenizer::new(bpe);
@@ -195,8 +195,8 @@ impl TextTokenizer {
             .metadata("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
-        let bound =
-            TokenBound::new(&tokens, &token_types, normalizes).map_err(|e| error(e.to_string()))?;
+        let bound = TokenBound::new(&tokens, &token_types, &merges, normalizes)
+            .map_err(|e| error(e.to_string()))?;
         let piecewise = token_types
             .iter()
             .zip(&tokens)
@@ -362,9 +362,11 @@ impl TextTokenizer {
 
     /// At least how many tokens `text` encodes to, found without tokenizing it (about a
     /// millisecond per megabyte), from how many bytes of each kind it has and its runs of
-    /// letters, against the densest tokens of the vocabulary (`tokenizer/bound.rs`).
-    pub fn least_tokens(&self, text: &str) -> usize {
-        self.bound.least_tokens(text)
+    /// letters, against the densest tokens of the vocabulary, and from walks over it by the
+    /// longest tokens that could start at each byte (`tokenizer/bound.rs`). The walks are
+    /// skipped once the bound reaches `enough`, and stop there.
+    pub fn least_tokens(&self, text: &str, enough: usize) -> usize {
+        self.bound.least_tokens(text, enough)
     }
 
     /// Number of token strings in the vocabulary (the model may pad its embedding further).

@@ -507,7 +507,7 @@ mod pieces {
         let code = include_str!("../src/tokenizer.rs").repeat(3);
         for model in loaded() {
             let tokens = model.tokenizer.encode(&code).unwrap().len();
-            let least = model.tokenizer.least_tokens(&code);
+            let least = model.tokenizer.least_tokens(&code, usize::MAX);
             eprintln!("{least} of {tokens}");
             assert!(
                 least <= tokens && least * 3 >= tokens,
@@ -516,8 +516,38 @@ mod pieces {
         }
     }
 
+    /// Long runs the tokenizer cannot cut (one symbol repeated, one word of letters) are
+    /// bounded by the longest token that can start at each byte, not far below their count.
+    #[test]
+    fn real_weights_least_tokens_of_one_long_run_is_close_to_its_tokens() {
+        // Letters from a fixed sequence that repeats no short pattern (a linear congruential
+        // generator's top bits).
+        let mut state = 1u32;
+        let letters: String = (0..60_000)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                char::from(b'a' + ((state >> 16) % 26) as u8)
+            })
+            .collect();
+        for model in loaded() {
+            for text in ["=".repeat(60_000), "-".repeat(60_000), letters.clone()] {
+                let tokens = model.tokenizer.encode(&text).unwrap().len();
+                let least = model.tokenizer.least_tokens(&text, usize::MAX);
+                eprintln!("{least} of {tokens}");
+                assert!(
+                    least <= tokens && least * 8 >= tokens,
+                    "{least} of {tokens}"
+                );
+            }
+        }
+    }
+
     fn dense_text() -> impl Strategy<Value = String> {
-        proptest::collection::vec(proptest::sample::select(DENSE_FRAGMENTS), 1000..6000)
+        dense_text_of(1000..6000)
+    }
+
+    fn dense_text_of(fragments: std::ops::Range<usize>) -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::sample::select(DENSE_FRAGMENTS), fragments)
             .prop_map(|parts| parts.concat())
     }
 
@@ -539,7 +569,25 @@ mod pieces {
         fn real_weights_least_tokens_bounds_densely_packed_text(text in dense_text()) {
             for model in loaded() {
                 let tokenizer = &model.tokenizer;
-                let least = tokenizer.least_tokens(&text);
+                let least = tokenizer.least_tokens(&text, usize::MAX);
+                prop_assert!(least <= tokenizer.encode(&text).unwrap().len());
+                prop_assert!(least <= tokenizer.encode_text(&text).unwrap().len());
+            }
+        }
+
+        /// The bound holds for long runs of one symbol among other text, whatever surrounds
+        /// them (the merges at a run's ends differ from those inside it).
+        #[test]
+        fn real_weights_least_tokens_bounds_long_runs_of_one_symbol(
+            before in dense_text_of(0..40),
+            symbol in proptest::sample::select(&["=", "-", "#", "*", "_", "~", "/", ".", "a", "!"][..]),
+            len in 2000usize..40_000,
+            after in dense_text_of(0..40),
+        ) {
+            let text = format!("{before}{}{after}", symbol.repeat(len));
+            for model in loaded() {
+                let tokenizer = &model.tokenizer;
+                let least = tokenizer.least_tokens(&text, usize::MAX);
                 prop_assert!(least <= tokenizer.encode(&text).unwrap().len());
                 prop_assert!(least <= tokenizer.encode_text(&text).unwrap().len());
             }
@@ -553,7 +601,7 @@ mod pieces {
                 let whole = tokenizer.encode(&text).unwrap();
                 let pieces = tokenizer.encode_at_most(&text, usize::MAX).unwrap();
                 prop_assert_eq!(pieces.as_ref(), Some(&whole));
-                prop_assert!(tokenizer.least_tokens(&text) <= whole.len());
+                prop_assert!(tokenizer.least_tokens(&text, usize::MAX) <= whole.len());
             }
         }
 
@@ -576,7 +624,7 @@ mod pieces {
                 let bounded = tokenizer.encode_at_most(&text, limit).unwrap();
                 prop_assert_eq!(bounded.is_some(), whole.len() <= limit);
                 // The bound found without tokenizing holds.
-                prop_assert!(tokenizer.least_tokens(&text) <= whole.len());
+                prop_assert!(tokenizer.least_tokens(&text, usize::MAX) <= whole.len());
             }
         }
     }

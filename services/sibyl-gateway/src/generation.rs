@@ -265,12 +265,16 @@ impl Gateway {
     }
 
     /// Refuses, before any tokenizing, a prompt with more bytes than the longest prompt
-    /// that fits the context window could have, or whose bytes, counted by kind, must take
-    /// more tokens than the window holds ([`sibyl_engine::TextTokenizer::least_tokens`]).
+    /// that fits the context window could have, or that must take more tokens than the
+    /// window holds by a bound found without tokenizing
+    /// ([`sibyl_engine::TextTokenizer::least_tokens`]).
     fn check_prompt_bytes(&self, prompt: &PromptInput) -> Result<(), GatewayError> {
         let tokenizer = &self.text.tokenizer;
+        let context = self.context_length();
         let (bytes, least_tokens, param) = match prompt {
-            PromptInput::Text(text) => (text.len(), tokenizer.least_tokens(text), "prompt"),
+            PromptInput::Text(text) => {
+                (text.len(), tokenizer.least_tokens(text, context), "prompt")
+            }
             PromptInput::Chat(messages) => (
                 messages
                     .iter()
@@ -279,12 +283,11 @@ impl Gateway {
                 // Trimmed: a chat template may trim what it puts in.
                 messages
                     .iter()
-                    .map(|m| tokenizer.least_tokens(m.content.trim()))
+                    .map(|m| tokenizer.least_tokens(m.content.trim(), context))
                     .sum(),
                 "messages",
             ),
         };
-        let context = self.context_length();
         let per_token = self.text.tokenizer.longest_token_bytes() * NORMALIZATION_SHRINK;
         let limit = context.saturating_sub(1).saturating_mul(per_token);
         if bytes > limit {

@@ -12,6 +12,8 @@ pub(super) struct TokenBound {
     /// What ASCII bytes weigh, two ways.
     ascii_bounds: [AsciiBound; 2],
     letter_runs: LetterRuns,
+    reach: Reach,
+    symbol_runs: SymbolRuns,
     /// Whether text is NFC-normalized before it is split (which can shorten it).
     normalizes: bool,
 }
@@ -22,13 +24,20 @@ impl TokenBound {
     pub(super) fn new(
         tokens: &[&str],
         token_types: &[u32],
+        merges: &[(String, String)],
         normalizes: bool,
     ) -> Result<Self, aho_corasick::BuildError> {
         let added = |i: usize| token_types.get(i).copied().is_some_and(is_added);
         // Added tokens match their text as it is; the others are byte-level strings.
         let mut most_high_bytes = 1;
         let mut ascii_bytes: Vec<Vec<u8>> = Vec::with_capacity(tokens.len());
+        let mut reach = Reach::default();
         for (i, token) in tokens.iter().enumerate() {
+            if added(i) {
+                reach.add(token.as_bytes());
+            } else {
+                reach.add_byte_level(token);
+            }
             let (high, ascii) = if added(i) {
                 let high = token.bytes().filter(|b| *b >= 0x80).count();
                 (high, token.bytes().filter(u8::is_ascii).collect())
@@ -49,16 +58,25 @@ impl TokenBound {
                 .filter(|&(i, _)| added(i))
                 .map(|(_, token)| *token),
         )?;
+        let added_tokens = tokens
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| added(i))
+            .map(|(_, token)| *token);
+        let longest = tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1);
+        let symbol_runs = SymbolRuns::new(merges, added_tokens, longest);
         Ok(Self {
             most_high_bytes,
             ascii_bounds,
             letter_runs,
+            reach,
+            symbol_runs,
             normalizes,
         })
     }
 
     /// At least how many tokens `text` encodes to, found without tokenizing it (about a
-    /// millisecond per megabyte): the largest of three bounds. Every byte of a non-ASCII
+    /// few milliseconds per megabyte): the largest of five bounds. Every byte of a non-ASCII
     /// character belongs to one token, and no token stands for more than the vocabulary's
     /// most such bytes (a third as many where NFC normalization could compose the text
     /// shorter). And every ASCII byte belongs to one token, so the ASCII bytes, each weighed
@@ -67,8 +85,16 @@ impl TokenBound {
     /// into classes). And every supported pre-tokenizer puts each run of letters in a piece
     /// of its own, so each run between two ASCII non-letters takes its own tokens, as many
     /// as its ASCII letters need ([`LetterRuns`]). An ASCII byte right before a non-ASCII
-    /// one is not counted: NFC may compose it with a combining mark that follows.
-    pub(super) fn least_tokens(&self, text: &str) -> usize {
+    /// one is not counted: NFC may compose it with a combining mark that follows. And the
+    /// tokens of an encoding follow one another through the text, each no longer than the
+    /// longest token that starts with the bytes where it starts ([`Reach`]), which bounds
+    /// long runs that no pre-tokenizer cuts (one symbol repeated, one long word). And BPE
+    /// merges a long run of one symbol into blocks of a size it cannot grow past
+    /// ([`SymbolRuns`]), often shorter than its longest token of that symbol.
+    ///
+    /// The bounds that walk the text are skipped once another reaches `enough`, and stop
+    /// there.
+    pub(super) fn least_tokens(&self, text: &str, enough: usize) -> usize {
         let bytes = text.as_bytes();
         let mut high = 0usize;
         let mut ascii = [0usize; 128];
@@ -101,8 +127,221 @@ impl TokenBound {
         let from_high = high.div_ceil(self.most_high_bytes * if may_normalize { 3 } else { 1 });
         let from_runs = self.letter_runs.least_tokens(text, runs, may_normalize);
         let from_ascii = self.ascii_bounds.iter().map(|b| b.least_tokens(&ascii));
-        from_ascii.fold(from_high.max(from_runs), usize::max)
+        let cheap = from_ascii.fold(from_high.max(from_runs), usize::max);
+        if cheap >= enough {
+            return cheap;
+        }
+        // The walks cost more: only where the counts fall short.
+        let from_symbols = self.symbol_runs.least_tokens(bytes);
+        if from_symbols >= enough {
+            return from_symbols;
+        }
+        // Where NFC may change the text, its tokens need not follow its bytes.
+        let from_reach = if may_normalize {
+            0
+        } else {
+            self.reach.least_tokens(bytes, enough)
+        };
+        cheap.max(from_symbols).max(from_reach)
     }
+}
+
+/// The most bytes a token holds that starts with given bytes: a bound on the tokens of a
+/// text found by walking it. An encoding cuts the text into tokens, each a string of the
+/// vocabulary; one that starts at byte `i` is no longer than the longest token starting
+/// with the bytes at `i`. So the fewest steps that cross the text, each from `i` at most
+/// [`Reach::at`] bytes on, are at most its tokens. Tight where the tokenizer cannot cut the
+/// text: a run of one symbol takes its length over the longest token of that symbol.
+#[derive(Debug, Clone)]
+struct Reach {
+    /// By two ASCII bytes (`first * 128 + second`): the most bytes of a token that starts
+    /// with them, or is the first alone (at least 1).
+    pairs: Vec<u16>,
+    /// By an ASCII byte followed by a non-ASCII one: the most bytes of a token that starts
+    /// with that ASCII byte.
+    firsts: [u16; 128],
+    /// The most bytes of a token that starts with a non-ASCII byte.
+    high: u16,
+}
+
+impl Default for Reach {
+    fn default() -> Self {
+        Self {
+            pairs: vec![1; 128 * 128],
+            firsts: [1; 128],
+            high: 1,
+        }
+    }
+}
+
+impl Reach {
+    /// Counts a token of the vocabulary, by the bytes it stands for.
+    fn add(&mut self, bytes: &[u8]) {
+        let len = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+        match *bytes {
+            [] => {}
+            [first, ..] if first >= 0x80 => self.high = self.high.max(len),
+            [first, ..] => {
+                let first = usize::from(first);
+                self.firsts[first] = self.firsts[first].max(len);
+                match bytes.get(1) {
+                    Some(&second) if second < 0x80 => {
+                        let pair = &mut self.pairs[first * 128 + usize::from(second)];
+                        *pair = (*pair).max(len);
+                    }
+                    // A token of one byte is in every pair's 1; one whose second byte is
+                    // not ASCII is in `firsts`.
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Counts a byte-level BPE token by the bytes its characters stand for. A character
+    /// outside GPT-2's byte map (which byte-level BPE never makes) counts as a non-ASCII
+    /// byte, so that such a token still bounds what follows it.
+    fn add_byte_level(&mut self, token: &str) {
+        let bytes: Vec<u8> = token.chars().map(|c| byte_of(c).unwrap_or(0x80)).collect();
+        self.add(&bytes);
+    }
+
+    /// The most bytes of a token that starts at `bytes[i]`.
+    fn at(&self, bytes: &[u8], i: usize) -> usize {
+        let first = bytes[i];
+        let reach = if first >= 0x80 {
+            self.high
+        } else {
+            match bytes.get(i + 1) {
+                Some(&second) if second < 0x80 => {
+                    self.pairs[usize::from(first) * 128 + usize::from(second)]
+                }
+                Some(_) => self.firsts[usize::from(first)],
+                None => 1,
+            }
+        };
+        usize::from(reach)
+    }
+
+    /// The fewest steps from the start of `bytes` to its end, each at most [`Self::at`]
+    /// bytes on from where it starts, less one (a tokenizer that puts a space before the
+    /// text, or a template's text before it, may hold its first bytes in a token that
+    /// starts before it). Stops once they are more than `enough`.
+    fn least_tokens(&self, bytes: &[u8], enough: usize) -> usize {
+        // Breadth first: `end` is the furthest start that `steps` steps reach; every start
+        // up to it may take the next step.
+        let (mut steps, mut end, mut next) = (0usize, 0usize, 0usize);
+        let mut i = 0;
+        while end < bytes.len() && steps <= enough {
+            while i <= end {
+                next = next.max(i + self.at(bytes, i));
+                i += 1;
+            }
+            steps += 1;
+            end = next;
+        }
+        steps.saturating_sub(1)
+    }
+}
+
+/// What BPE makes of a long run of one ASCII letter or punctuation mark, which every
+/// supported pre-tokenizer keeps in one piece. BPE (as the tokenizer runs it: the pair of
+/// lowest merge rank first, the leftmost of equal ranks) first merges every two adjacent
+/// symbols of the run, left to right, then every two of those, and so on, as long as the
+/// merge of a block with itself exists and each such merge ranks after the one before.
+/// So the inside of the run ends as blocks of one size, `block`; only near its ends can
+/// tokens differ (a token that holds the byte before the run, a cascade of merges from an
+/// odd block left over at each size), within a few tokens' bytes. A run of `n` bytes takes
+/// at least `(n - 2 * edge) / block` tokens, `edge` bytes being allowed at each end.
+#[derive(Debug, Clone)]
+struct SymbolRuns {
+    /// By ASCII byte: the size BPE's blocks stop at in a run of it, or 0 where the bound
+    /// does not apply (a byte no run of which is one piece, or whose merges do not rank in
+    /// order, or that an added token is made of).
+    block: [usize; 128],
+    /// Bytes at either end of a run that the bound does not count on.
+    edge: [usize; 128],
+}
+
+impl SymbolRuns {
+    fn new<'a>(
+        merges: &[(String, String)],
+        added: impl Iterator<Item = &'a str>,
+        longest: usize,
+    ) -> Self {
+        // By byte, the rank of the merge of `2^k` of it with itself, for each k.
+        let mut doubling: Vec<Vec<Option<usize>>> = vec![Vec::new(); 128];
+        for (rank, (a, b)) in merges.iter().enumerate() {
+            let Some(c) = only_char(a) else { continue };
+            if a != b || !a.len().is_power_of_two() || !in_one_piece(c) {
+                continue;
+            }
+            let level = a.len().trailing_zeros() as usize;
+            let ranks = &mut doubling[usize::from(c)];
+            if ranks.len() <= level {
+                ranks.resize(level + 1, None);
+            }
+            ranks[level].get_or_insert(rank);
+        }
+        let mut block = [0; 128];
+        let mut edge = [0; 128];
+        for (c, ranks) in doubling.iter().enumerate() {
+            // The levels merge in turn up to the first that does not exist; one that ranks
+            // before the level under it could merge blocks as soon as they form, past it.
+            let mut levels = 0;
+            let mut before = None;
+            for rank in ranks {
+                match (*rank, before) {
+                    (None, _) => break,
+                    (Some(rank), Some(b)) if rank <= b => {
+                        levels = 0;
+                        break;
+                    }
+                    (Some(rank), _) => {
+                        levels += 1;
+                        before = Some(rank);
+                    }
+                }
+            }
+            if levels > 0 {
+                block[c] = 1 << levels;
+                // An end token of the neighbouring bytes and one cascade per level.
+                edge[c] = (levels + 2) * longest;
+            }
+        }
+        // An added token is matched before BPE: one made of the byte may cut a run.
+        for token in added {
+            if let Some(c) = only_char(token) {
+                block[usize::from(c)] = 0;
+            }
+        }
+        Self { block, edge }
+    }
+
+    /// At least how many tokens the long runs of one byte in `bytes` take.
+    fn least_tokens(&self, bytes: &[u8]) -> usize {
+        let mut total = 0;
+        for run in bytes.chunk_by(|a, b| a == b) {
+            let c = usize::from(run[0]);
+            let Some(&block) = self.block.get(c).filter(|&&b| b > 0) else {
+                continue;
+            };
+            total += run.len().saturating_sub(2 * self.edge[c]) / block;
+        }
+        total
+    }
+}
+
+/// The ASCII byte that `text` repeats, if it is one byte repeated.
+fn only_char(text: &str) -> Option<u8> {
+    let &first = text.as_bytes().first()?;
+    (first.is_ascii() && text.bytes().all(|b| b == first)).then_some(first)
+}
+
+/// Whether every supported pre-tokenizer keeps a run of `c` in one piece: ASCII letters and
+/// punctuation (digits are split, whitespace runs give their last byte to what follows).
+/// Printable ASCII is its own character in GPT-2's byte map.
+fn in_one_piece(c: u8) -> bool {
+    c.is_ascii_graphic() && !c.is_ascii_digit()
 }
 
 /// How [`TokenBound::least_tokens`] counts runs of letters. A run is what lies between
@@ -261,24 +500,28 @@ impl AsciiBound {
     }
 }
 
-/// The ASCII byte that `c`, a character of a byte-level BPE token's string, stands for, if it
-/// stands for one: GPT-2's byte-to-character map keeps the printable bytes 0x21..=0x7E and
-/// moves 0x00..=0x20 to U+0100..=U+0120 and 0x7F to U+0121.
-fn ascii_byte_of(c: char) -> Option<u8> {
+/// The byte that `c`, a character of a byte-level BPE token's string, stands for (GPT-2's
+/// byte-to-character map: bytes 0x21..=0x7E, 0xA1..=0xAC and 0xAE..=0xFF are themselves;
+/// 0x00..=0x20, 0x7F..=0xA0 and 0xAD, in order, are U+0100..=U+0143).
+fn byte_of(c: char) -> Option<u8> {
     match c as u32 {
-        0x21..=0x7E => Some(c as u8),
+        code @ (0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF) => Some(code as u8),
         code @ 0x100..=0x120 => Some((code - 0x100) as u8),
-        0x121 => Some(0x7F),
+        code @ 0x121..=0x142 => Some((code - 0x121 + 0x7F) as u8),
+        0x143 => Some(0xAD),
         _ => None,
     }
 }
 
+/// The ASCII byte that `c`, a character of a byte-level BPE token's string, stands for.
+fn ascii_byte_of(c: char) -> Option<u8> {
+    byte_of(c).filter(u8::is_ascii)
+}
+
 /// Whether `c`, a character of a byte-level BPE token's string, stands for a byte of 0x80 or
-/// above. GPT-2's byte-to-character map keeps bytes 0xA1..=0xAC and 0xAE..=0xFF as those
-/// characters and moves the bytes it does not keep, in order (0x00..=0x20, 0x7F..=0xA0,
-/// 0xAD), to U+0100 onwards: 0x80..=0xA0 and 0xAD land on U+0122..=U+0143.
+/// above.
 fn stands_for_high_byte(c: char) -> bool {
-    matches!(c as u32, 0xA1..=0xAC | 0xAE..=0xFF | 0x122..=0x143)
+    byte_of(c).is_some_and(|b| b >= 0x80)
 }
 
 #[cfg(test)]
@@ -348,6 +591,102 @@ mod tests {
             assert_eq!(super::stands_for_high_byte(c), byte >= 0x80, "{byte:#x}");
             let ascii = u8::try_from(byte).ok().filter(u8::is_ascii);
             assert_eq!(super::ascii_byte_of(c), ascii, "{byte:#x}");
+            assert_eq!(super::byte_of(c), u8::try_from(byte).ok(), "{byte:#x}");
+        }
+        assert_eq!(super::byte_of(' '), None);
+        assert_eq!(super::byte_of('\u{144}'), None);
+    }
+
+    #[test]
+    fn symbol_runs_stop_at_the_first_missing_doubling_and_need_ranks_in_order() {
+        let merges = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let in_order = merges(&[
+            ("=", "="),
+            ("==", "="),
+            ("==", "=="),
+            ("====", "=="),
+            ("====", "===="),
+            ("-", "-"),
+            ("--", "--"),
+            ("1", "1"),
+        ]);
+        let runs = super::SymbolRuns::new(&in_order, std::iter::empty(), 10);
+        // `=` doubles three times: blocks of 8; its edges are (3 + 2) * 10 bytes.
+        assert_eq!(runs.block[usize::from(b'=')], 8);
+        assert_eq!(runs.least_tokens(&[b'='; 100 + 800]), 100);
+        assert_eq!(runs.least_tokens(&[b'='; 100]), 0);
+        assert_eq!(runs.block[usize::from(b'-')], 4);
+        // Digits are cut by pre-tokenizers; a byte with no merges has no bound.
+        assert_eq!(runs.block[usize::from(b'1')], 0);
+        assert_eq!(runs.block[usize::from(b'#')], 0);
+        // Two runs add up (edges of (2 + 2) * 10 bytes for `-`); other bytes count for
+        // nothing.
+        let text = [vec![b'-'; 80 + 400], b"ab".to_vec(), vec![b'='; 100 + 800]].concat();
+        assert_eq!(runs.least_tokens(&text), 100 + 100);
+        // A doubling that ranks before the one under it disables the bound.
+        let out_of_order = merges(&[("==", "=="), ("=", "=")]);
+        let runs = super::SymbolRuns::new(&out_of_order, std::iter::empty(), 10);
+        assert_eq!(runs.block[usize::from(b'=')], 0);
+        // So does an added token made of the byte, which may cut a run.
+        let runs = super::SymbolRuns::new(&in_order, ["==="].into_iter(), 10);
+        assert_eq!(runs.block[usize::from(b'=')], 0);
+        assert_eq!(runs.block[usize::from(b'-')], 4);
+    }
+
+    fn reach_of(vocab: &[&[u8]]) -> super::Reach {
+        let mut reach = super::Reach::default();
+        for token in vocab {
+            reach.add(token);
+        }
+        reach
+    }
+
+    #[test]
+    fn the_reach_bound_steps_by_the_longest_token_at_each_byte() {
+        let reach = reach_of(&[b"=", b"==", b"====", b"a", b"b", b"c", b"ab", b"abc"]);
+        // Three steps of four `=`, less the one a leading token may hold.
+        assert_eq!(reach.least_tokens(&[b'='; 12], usize::MAX), 2);
+        assert_eq!(reach.least_tokens(&[b'='; 13], usize::MAX), 3);
+        // Counting stops once it is past enough.
+        assert_eq!(reach.least_tokens(&[b'='; 4000], 10), 10);
+        // "abc" twice: a step each.
+        assert_eq!(reach.least_tokens(b"abcabc", usize::MAX), 1);
+        // No token starts with "ca" or "bc" but the single letters.
+        assert_eq!(reach.least_tokens(b"cacaca", usize::MAX), 5);
+        assert_eq!(reach.least_tokens(b"", usize::MAX), 0);
+        // A non-ASCII byte steps by the longest token that starts with one (none here: 1).
+        assert_eq!(reach.least_tokens("\u{e9}\u{e9}".as_bytes(), usize::MAX), 3);
+    }
+
+    proptest::proptest! {
+        /// The bound never exceeds the fewest tokens of the vocabulary that spell the text
+        /// (which no encoding undercuts), found by dynamic programming.
+        #[test]
+        fn the_reach_bound_is_at_most_the_fewest_tokens(
+            vocab in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(b"ab=\xc3".to_vec()), 2..9),
+                0..12,
+            ),
+            text in proptest::collection::vec(proptest::sample::select(b"ab=\xc3".to_vec()), 0..64),
+        ) {
+            let mut tokens: Vec<&[u8]> = vec![b"a", b"b", b"=", b"\xc3"];
+            tokens.extend(vocab.iter().map(Vec::as_slice));
+            let reach = reach_of(&tokens);
+            let mut fewest = vec![usize::MAX; text.len() + 1];
+            fewest[0] = 0;
+            for end in 1..=text.len() {
+                for token in &tokens {
+                    if text[..end].ends_with(token) && fewest[end - token.len()] != usize::MAX {
+                        fewest[end] = fewest[end].min(fewest[end - token.len()] + 1);
+                    }
+                }
+            }
+            proptest::prop_assert!(reach.least_tokens(&text, usize::MAX) <= fewest[text.len()]);
         }
     }
 }
