@@ -5,9 +5,19 @@ use sibyl_decode::{generate, FinishReason, GenerateError, GenerationConfig};
 use sibyl_engine::testkit::{tensor_test_device, tiny_model, tiny_model_on, TinyModelConfig};
 use sibyl_engine::{Architecture, GgmlDType, Model};
 use sibyl_ngram::{NgramConfig, NgramDrafter};
+use sibyl_retrieval::{SuffixConfig, SuffixDrafter, SuffixIndex};
 use sibyl_spec::{Drafter, Proposal, SamplingConfig, TokenId};
 use std::ops::ControlFlow;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+
+/// The suffix index the property test's sessions share: each case drafts from the
+/// generations of the cases before it.
+fn shared_suffixes() -> Arc<SuffixIndex> {
+    static SHARED: OnceLock<Arc<SuffixIndex>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| Arc::new(SuffixIndex::new(SuffixConfig::default())))
+        .clone()
+}
 
 /// Two tiny models on the CPU engine, then the same two on the tensor engine.
 fn models() -> &'static [Model] {
@@ -117,6 +127,7 @@ proptest! {
         let mut drafters: Vec<Box<dyn Drafter>> = vec![
             Box::new(NgramDrafter::new(NgramConfig { max_ngram: 3, ..NgramConfig::default() })),
             Box::new(Adversary { state: seed, vocab: 48 }),
+            Box::new(SuffixDrafter::new(shared_suffixes())),
         ];
         let spec = run(model, &prompt, &config(40, budget, depth), &mut drafters);
         prop_assert_eq!(spec, plain);
@@ -138,6 +149,36 @@ fn repetitive_output_is_drafted_and_accepted() {
     assert_eq!(report.tokens, plain);
     assert!(report.drafters[0].accepted > 0, "{:?}", report.drafters);
     assert!(report.steps < report.tokens.len());
+}
+
+#[test]
+fn a_suffix_drafter_drafts_what_an_earlier_session_generated() {
+    let model = &models()[1];
+    let shared = Arc::new(SuffixIndex::new(SuffixConfig::default()));
+    let first: Vec<u32> = vec![3, 17, 5, 40, 2, 9];
+    let mut reports = Vec::new();
+    for prompt in [first.clone(), vec![11, 12, 13, 14], first.clone()] {
+        let plain = run(model, &prompt, &config(48, 0, 0), &mut []);
+        let mut drafters: Vec<Box<dyn Drafter>> =
+            vec![Box::new(SuffixDrafter::new(shared.clone()))];
+        let report = generate(model, &prompt, &config(48, 16, 8), &mut drafters, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        // The session ends: its prompt and output join the index.
+        drop(drafters);
+        assert_eq!(report.tokens, plain);
+        reports.push(report);
+    }
+    assert_eq!(shared.documents(), 3);
+    // The repeated prompt's output was in the index: most of it came in drafts.
+    let again = &reports[2];
+    assert!(
+        again.drafters[0].accepted * 2 > again.tokens.len() as u64,
+        "{:?}",
+        again.drafters
+    );
+    assert!(again.steps * 2 < again.tokens.len());
 }
 
 #[test]

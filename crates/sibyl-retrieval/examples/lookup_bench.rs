@@ -5,8 +5,10 @@
 //! found and its continuations are counted, the expensive case), half with their last two
 //! tokens made up (so every suffix length from 16 down is searched). Prints percentiles.
 
+mod common;
+
+use common::{report, timed_lookup, Lcg};
 use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter};
-use sibyl_spec::Drafter;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,13 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let text = store.text().to_vec();
     let vocab = store.separator();
     let mut drafter = RetrievalDrafter::new(vec![store.clone()], RetrievalConfig::default());
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = |bound: usize| {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (state >> 33) as usize % bound.max(1)
-    };
+    let mut random = Lcg::new();
+    let mut next = |bound: usize| random.below(bound);
     let (mut hits, mut misses) = (Vec::new(), Vec::new());
     let mut proposed = 0usize;
     for i in 0..lookups {
@@ -42,34 +39,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 *token = next(vocab as usize) as u32;
             }
         }
-        let began = Instant::now();
-        let proposals = drafter.propose(&context, 10);
-        let micros = began.elapsed().as_secs_f64() * 1e6;
-        proposed += proposals.iter().map(|p| p.tokens.len()).sum::<usize>();
-        if copied {
-            hits.push(micros);
-        } else {
-            misses.push(micros);
-        }
+        let times = if copied { &mut hits } else { &mut misses };
+        proposed += timed_lookup(&mut drafter, &context, times);
     }
-    let report = |name: &str, times: &mut Vec<f64>| {
-        times.sort_by(f64::total_cmp);
-        let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-        println!(
-            "{name:<28} {:>6} lookups  p50 {:>7.1} us  p99 {:>7.1} us  max {:>8.1} us",
-            times.len(),
-            at(0.5),
-            at(0.99),
-            at(1.0)
-        );
-    };
     println!(
         "{path}: {} tokens, {} documents, opened and checked in {open_ms:.0} ms",
         store.len(),
         store.documents()
     );
-    report("contexts from the corpus", &mut hits);
-    report("contexts with a made-up end", &mut misses);
+    report("contexts from the corpus", "us", &mut hits);
+    report("contexts with a made-up end", "us", &mut misses);
     println!("draft tokens proposed: {proposed}");
     Ok(())
 }

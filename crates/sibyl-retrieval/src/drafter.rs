@@ -37,13 +37,6 @@ pub struct Continuation {
     pub matched: usize,
 }
 
-/// A trie node: a token, how many continuations pass through it, its children.
-struct TrieNode {
-    token: TokenId,
-    count: usize,
-    children: Vec<usize>,
-}
-
 /// The continuations of the longest suffix of `context` (from `max_suffix` tokens down to
 /// `min_suffix`) that occurs in `store`: the occurrences' next tokens, counted in a trie,
 /// become up to `max_branches` branches, most frequent first token first; each branch
@@ -69,70 +62,25 @@ pub fn lookup(
         }
         let occurrences = range.len();
         let reads = occurrences.min(config.max_matches.max(1));
-        let mut trie = vec![TrieNode {
-            token: 0,
-            count: 0,
-            children: Vec::new(),
-        }];
-        for i in 0..reads {
-            // Evenly spread over the range: every rank when there are few.
-            let rank = range.start + i * occurrences / reads;
-            let Some(position) = store.position(rank) else {
-                continue;
-            };
-            let follow = position + length;
-            let mut node = 0;
-            trie[0].count += 1;
-            for &token in text.iter().skip(follow).take(max_tokens) {
-                if token == separator {
-                    break;
-                }
-                let child = trie[node]
-                    .children
+        // Evenly spread over the range: every rank when there are few.
+        let followers = (0..reads)
+            .filter_map(|i| store.position(range.start + i * occurrences / reads))
+            .map(|position| {
+                let follow = (position + length).min(text.len());
+                let end = (follow + max_tokens).min(text.len());
+                let continuation = &text[follow..end];
+                let cut = continuation
                     .iter()
-                    .copied()
-                    .find(|&c| trie[c].token == token);
-                node = match child {
-                    Some(c) => c,
-                    None => {
-                        trie.push(TrieNode {
-                            token,
-                            count: 0,
-                            children: Vec::new(),
-                        });
-                        let c = trie.len() - 1;
-                        trie[node].children.push(c);
-                        c
-                    }
-                };
-                trie[node].count += 1;
-            }
-        }
-        let min_support = if reads == 1 { 1 } else { 2 };
-        let mut firsts = trie[0].children.clone();
-        firsts.sort_by_key(|&c| std::cmp::Reverse(trie[c].count));
-        let branches: Vec<Continuation> = firsts
+                    .position(|&t| t == separator)
+                    .unwrap_or(continuation.len());
+                &continuation[..cut]
+            });
+        let branches: Vec<Continuation> = frequent_continuations(followers, config.max_branches)
             .into_iter()
-            .take(config.max_branches)
-            .map(|first| {
-                let mut tokens = vec![trie[first].token];
-                let mut node = first;
-                while let Some(&next) = trie[node]
-                    .children
-                    .iter()
-                    .max_by_key(|&&c| (trie[c].count, std::cmp::Reverse(c)))
-                {
-                    if trie[next].count < min_support {
-                        break;
-                    }
-                    tokens.push(trie[next].token);
-                    node = next;
-                }
-                Continuation {
-                    tokens,
-                    support: trie[first].count,
-                    matched: length,
-                }
+            .map(|(tokens, support)| Continuation {
+                tokens,
+                support,
+                matched: length,
             })
             .collect();
         if !branches.is_empty() {
@@ -140,6 +88,77 @@ pub fn lookup(
         }
     }
     Vec::new()
+}
+
+/// A trie node: a token, how many continuations pass through it, its children.
+struct TrieNode {
+    token: TokenId,
+    count: usize,
+    children: Vec<usize>,
+}
+
+/// The most frequent continuations among `followers` (what followed each occurrence of a
+/// match), counted in a trie: up to `max_branches` branches, the most frequent first token
+/// first, each following the most frequent next token while at least two followers agree
+/// (or there is only one follower). Each branch comes with how many followers start with
+/// its first token.
+pub(crate) fn frequent_continuations<'a>(
+    followers: impl IntoIterator<Item = &'a [TokenId]>,
+    max_branches: usize,
+) -> Vec<(Vec<TokenId>, usize)> {
+    let mut trie = vec![TrieNode {
+        token: 0,
+        count: 0,
+        children: Vec::new(),
+    }];
+    for follower in followers {
+        let mut node = 0;
+        trie[0].count += 1;
+        for &token in follower {
+            let child = trie[node]
+                .children
+                .iter()
+                .copied()
+                .find(|&c| trie[c].token == token);
+            node = match child {
+                Some(c) => c,
+                None => {
+                    trie.push(TrieNode {
+                        token,
+                        count: 0,
+                        children: Vec::new(),
+                    });
+                    let c = trie.len() - 1;
+                    trie[node].children.push(c);
+                    c
+                }
+            };
+            trie[node].count += 1;
+        }
+    }
+    let min_support = if trie[0].count == 1 { 1 } else { 2 };
+    let mut firsts = trie[0].children.clone();
+    firsts.sort_by_key(|&c| std::cmp::Reverse(trie[c].count));
+    firsts
+        .into_iter()
+        .take(max_branches)
+        .map(|first| {
+            let mut tokens = vec![trie[first].token];
+            let mut node = first;
+            while let Some(&next) = trie[node]
+                .children
+                .iter()
+                .max_by_key(|&&c| (trie[c].count, std::cmp::Reverse(c)))
+            {
+                if trie[next].count < min_support {
+                    break;
+                }
+                tokens.push(trie[next].token);
+                node = next;
+            }
+            (tokens, trie[first].count)
+        })
+        .collect()
 }
 
 /// Drafts from one or more datastores (REST): the continuations of every store, the best

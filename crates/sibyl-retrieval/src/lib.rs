@@ -5,13 +5,18 @@
 //!
 //! [`write`] builds a datastore file from tokenized documents; [`Datastore::open`] maps one
 //! read-only and checks it; [`RetrievalDrafter`] drafts from one or more.
+//!
+//! Suffix drafting ([`SuffixDrafter`]) retrieves from what was generated instead: an index
+//! that grows as sessions finish ([`SuffixIndex`]), shared by all of them.
 
 mod datastore;
 mod drafter;
+mod suffix;
 
 pub use datastore::{write, Datastore, DatastoreError, TokenizerId, Written};
 pub use drafter::{lookup, Continuation, RetrievalConfig, RetrievalDrafter};
 pub use sibyl_spec::TokenId;
+pub use suffix::{SuffixConfig, SuffixDrafter, SuffixIndex, ANCHOR};
 
 #[cfg(test)]
 mod tests {

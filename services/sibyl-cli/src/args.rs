@@ -61,6 +61,9 @@ pub enum DraftKind {
     Retrieval,
     /// A small model of the same tokenizer (`--draft-model`).
     Lm,
+    /// Matches in what this process generated before (prompts and outputs of finished
+    /// sessions) and in the session's own context (`--suffix-max-tokens`).
+    Suffix,
 }
 
 /// How speculation runs in process (`sibyl generate`).
@@ -184,9 +187,23 @@ pub struct RetrievalArgs {
     /// separates several in the environment variable).
     #[arg(long = "datastore", env = "SIBYL_DATASTORES", value_delimiter = ',')]
     pub datastores: Vec<std::path::PathBuf>,
+
+    /// Most tokens the suffix drafter's index of finished generations holds; the oldest
+    /// generations are dropped past it (about 24 bytes a token).
+    #[arg(long, env = "SIBYL_SUFFIX_MAX_TOKENS", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u64).range(16..))]
+    pub suffix_max_tokens: u64,
 }
 
 impl RetrievalArgs {
+    /// The suffix drafter's settings.
+    pub fn suffix(&self) -> sibyl_retrieval::SuffixConfig {
+        sibyl_retrieval::SuffixConfig {
+            max_tokens: usize::try_from(self.suffix_max_tokens).unwrap_or(usize::MAX),
+            ..sibyl_retrieval::SuffixConfig::default()
+        }
+    }
+
     /// Maps and checks every datastore; one built for another tokenizer is refused.
     pub fn open(
         &self,

@@ -9,7 +9,9 @@ use sibyl_engine::{ChatMessage, Detokenizer, LoadOptions};
 use sibyl_engine::{LoadedModel, Model, TextTokenizer};
 use sibyl_lm::{LmConfig, LmDrafter};
 use sibyl_ngram::{NgramConfig, NgramDrafter};
-use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, TokenizerId};
+use sibyl_retrieval::{
+    Datastore, RetrievalConfig, RetrievalDrafter, SuffixDrafter, SuffixIndex, TokenizerId,
+};
 use sibyl_spec::{Drafter, SamplingConfig};
 use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
@@ -140,12 +142,14 @@ impl<'a> From<&'a SpeculationArgs> for DrafterSettings<'a> {
 }
 
 /// What in-process drafters are made from, opened once per process: the n-gram settings,
-/// the retrieval datastores and the LM drafter's model.
+/// the retrieval datastores, the LM drafter's model and the suffix drafter's index of the
+/// generations finished so far.
 #[derive(Clone)]
 pub struct DrafterSources {
     pub ngram: NgramConfig,
     pub datastores: Vec<Arc<Datastore>>,
     pub lm: Option<(Arc<Model>, LmConfig)>,
+    pub suffix: Arc<SuffixIndex>,
 }
 
 impl std::fmt::Debug for DrafterSources {
@@ -154,6 +158,7 @@ impl std::fmt::Debug for DrafterSources {
             .field("ngram", &self.ngram)
             .field("datastores", &self.datastores)
             .field("lm", &self.lm.as_ref().map(|(_, config)| config))
+            .field("suffix", &self.suffix.config())
             .finish()
     }
 }
@@ -184,6 +189,7 @@ impl DrafterSources {
             ngram: args.ngram.config()?,
             datastores,
             lm,
+            suffix: Arc::new(SuffixIndex::new(args.retrieval.suffix())),
         })
     }
 
@@ -212,13 +218,19 @@ impl DrafterSources {
                 };
                 Box::new(LmDrafter::new(model.clone(), config.clone()))
             }
+            DraftKind::Suffix => Box::new(SuffixDrafter::new(self.suffix.clone())),
         })
+    }
+
+    /// A new, empty index for suffix drafters, with this process's settings.
+    pub fn new_suffix_index(&self) -> Arc<SuffixIndex> {
+        Arc::new(SuffixIndex::new(self.suffix.config().clone()))
     }
 
     /// The kinds these sources can make: retrieval only with a datastore, the LM drafter
     /// only with its model loaded.
     pub fn available(&self) -> Vec<DraftKind> {
-        let mut kinds = vec![DraftKind::Ngram];
+        let mut kinds = vec![DraftKind::Ngram, DraftKind::Suffix];
         if !self.datastores.is_empty() {
             kinds.push(DraftKind::Retrieval);
         }

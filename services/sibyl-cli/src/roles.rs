@@ -17,7 +17,7 @@ use sibyl_ngram::NgramDrafter;
 use sibyl_proto::auth::{ApiKeys, InternalToken};
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{Listener, OnLoadError, ShutdownSwitch};
-use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter};
+use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, SuffixDrafter, SuffixIndex};
 use sibyl_spec::{Drafter, Proposal};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::io::Write;
@@ -238,6 +238,11 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
+    /// Drafters the server runs, comma-separated (`ngram,suffix`); by default the n-gram
+    /// drafter, and the retrieval drafter when there is a --datastore.
+    #[arg(long, env = "SIBYL_DRAFT", value_enum, value_delimiter = ',')]
+    pub draft: Vec<DrafterKindArg>,
+
     #[command(flatten)]
     pub device: DeviceArgs,
 
@@ -362,6 +367,9 @@ pub enum DrafterKindArg {
     Retrieval,
     /// A small model of the verifier's tokenizer (`--draft-model`).
     Lm,
+    /// Matches in the generations this drafter has seen finish (prompts and outputs) and
+    /// in the session's own context (`--suffix-max-tokens`).
+    Suffix,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -530,6 +538,12 @@ fn drafter_role(
             });
             make
         }
+        DrafterKindArg::Suffix => {
+            // Every session of this role adds to one index when it ends.
+            let index = Arc::new(SuffixIndex::new(retrieval.suffix()));
+            let make: MakeDrafter = Arc::new(move || Box::new(SuffixDrafter::new(index.clone())));
+            make
+        }
     };
     let mut load = text_loader(model);
     let (retrieval, lm) = (retrieval.clone(), lm.clone());
@@ -655,11 +669,20 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     init_threads(args.model.threads);
     let name = served_name(&args.model, args.limits.served_model_name.as_ref());
-    // The n-gram drafter, and the retrieval drafter when there is a datastore.
-    let mut kinds = vec![DrafterKindArg::Ngram];
-    if !args.retrieval.datastores.is_empty() {
-        kinds.push(DrafterKindArg::Retrieval);
+    // By default the n-gram drafter, and the retrieval drafter when there is a datastore.
+    let mut kinds = args.draft.clone();
+    if kinds.is_empty() {
+        kinds.push(DrafterKindArg::Ngram);
+        if !args.retrieval.datastores.is_empty() {
+            kinds.push(DrafterKindArg::Retrieval);
+        }
     }
+    let mut seen = Vec::new();
+    kinds.retain(|kind| {
+        let new = !seen.contains(kind);
+        seen.push(*kind);
+        new
+    });
     args.ngram.config()?;
     // The roles talk over loopback ports that any local process could reach: they show
     // each other a token made for this run.

@@ -156,6 +156,8 @@ fn real_weights_speculation_prints_exactly_what_plain_decoding_prints() {
     let summary = assert_same_with_and_without_drafts(&common, "ngram");
     assert!(summary.contains("tokens/s") && summary.contains("mean accepted tokens per step"));
     assert!(summary.contains("ngram:"), "{summary}");
+    let summary = assert_same_with_and_without_drafts(&common, "suffix");
+    assert!(summary.contains("suffix:"), "{summary}");
 }
 
 #[test]

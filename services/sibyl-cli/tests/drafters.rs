@@ -188,6 +188,20 @@ fn datastores_that_do_not_fit_are_refused() {
     assert!(!text.contains("panicked"), "{text}");
 }
 
+/// A greedy gRPC request for `prompt`, speculating or not.
+fn greedy_request(prompt: &str, max_tokens: u32, mode: pb::SpeculationMode) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Prompt(prompt.into())),
+        max_tokens,
+        sampling: Some(pb::SamplingParams::default()),
+        speculation: Some(pb::Speculation {
+            mode: mode as i32,
+            drafters: Vec::new(),
+        }),
+        ..pb::GenerateRequest::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_kinds_of_drafter_process_compete_for_the_verifier() {
     let dir = tempfile::tempdir().unwrap();
@@ -210,18 +224,8 @@ async fn three_kinds_of_drafter_process_compete_for_the_verifier() {
     )
     .unwrap();
     let mut client = roles.serving_gateway().await.unwrap();
-    let request = |mode: pb::SpeculationMode| pb::GenerateRequest {
-        input: Some(pb::generate_request::Input::Prompt(
-            SHAPES[..SHAPES.find("class Rectangle").unwrap() + 40].into(),
-        )),
-        max_tokens: 64,
-        sampling: Some(pb::SamplingParams::default()),
-        speculation: Some(pb::Speculation {
-            mode: mode as i32,
-            drafters: Vec::new(),
-        }),
-        ..pb::GenerateRequest::default()
-    };
+    let prompt = &SHAPES[..SHAPES.find("class Rectangle").unwrap() + 40];
+    let request = |mode| greedy_request(prompt, 64, mode);
     let (plain, _) = generate_text(&mut client, request(pb::SpeculationMode::Off), |_| {})
         .await
         .unwrap();
@@ -243,27 +247,33 @@ async fn three_kinds_of_drafter_process_compete_for_the_verifier() {
     assert!(lm.accepted_tokens > 0, "{lm:?}");
 }
 
+/// `sibyl serve ARGS` on free ports: the process, its banner's lines and its gRPC address.
+async fn serve(args: &[&str], envs: &[(&str, &str)]) -> (Processes, Vec<String>, String) {
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_sibyl"))
+        .arg("serve")
+        .args(args)
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .env("SIBYL_LOG", "warn")
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sibyl starts");
+    let banner = serve_banner(&mut serve, 4).await;
+    let processes = Processes(vec![serve]);
+    let (lines, grpc) = banner.unwrap();
+    (processes, lines, grpc)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_a_datastore_runs_a_retrieval_drafter_too() {
     let dir = tempfile::tempdir().unwrap();
     let model = model_path();
     let store = index(dir.path(), &model);
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_sibyl"))
-        .args([
-            "serve",
-            "--model",
-            &model,
-            "--datastore",
-            store.to_str().unwrap(),
-        ])
-        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-        .env("SIBYL_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sibyl starts");
-    let banner = serve_banner(&mut serve, 4).await;
-    let _processes = Processes(vec![serve]);
-    let (lines, grpc) = banner.unwrap();
+    let (_processes, lines, grpc) = serve(
+        &["--model", &model, "--datastore", store.to_str().unwrap()],
+        &[],
+    )
+    .await;
     let verifier = lines.iter().find(|l| l.contains("verifier")).unwrap();
     assert!(
         verifier.contains("ngram drafter") && verifier.contains("retrieval drafter"),
@@ -285,4 +295,44 @@ async fn serve_with_a_datastore_runs_a_retrieval_drafter_too() {
         .drafters
         .iter()
         .all(|d| d.state() == pb::DrafterState::Connected));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_a_suffix_drafter_drafts_what_it_generated_before() {
+    let model = model_path();
+    let (_processes, lines, grpc) = serve(
+        &["--model", &model, "--draft", "suffix"],
+        &[("SIBYL_DRAFT_SIZING", "fixed")],
+    )
+    .await;
+    let verifier = lines.iter().find(|l| l.contains("verifier")).unwrap();
+    assert!(
+        verifier.contains("suffix drafter") && !verifier.contains("ngram"),
+        "{lines:?}"
+    );
+    let mut client = GatewayClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let request = |mode| greedy_request(&SHAPES[..300], 48, mode);
+    let (plain, _) = generate_text(&mut client, request(pb::SpeculationMode::Off), |_| {})
+        .await
+        .unwrap();
+    // The first speculative request's prompt and output join the drafter's index when its
+    // session ends; a later one with the same prompt then has its whole output drafted.
+    let mut accepted = Vec::new();
+    for _ in 0..4 {
+        let (text, summary) = generate_text(&mut client, request(pb::SpeculationMode::On), |_| {})
+            .await
+            .unwrap();
+        assert_eq!(text, plain);
+        let suffix = summary.drafters.iter().find(|d| d.kind == "suffix");
+        let suffix = suffix.unwrap_or_else(|| panic!("{:?}", summary.drafters));
+        assert_eq!(suffix.state(), pb::DrafterState::Connected, "{suffix:?}");
+        accepted.push(suffix.accepted_tokens);
+        // Its own context alone gives the first request about 20 of its 48 tokens.
+        if accepted.len() > 1 && suffix.accepted_tokens >= 36.max(accepted[0] + 8) {
+            return;
+        }
+    }
+    panic!("no request drafted most of the earlier output: accepted {accepted:?}");
 }

@@ -10,9 +10,12 @@ use sibyl_decode::{DrafterReport, FinishReason, GenerationConfig, GenerationRepo
 use sibyl_engine::{Detokenizer, LoadedModel};
 use sibyl_gateway::PromptInput;
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
+use sibyl_retrieval::{SuffixDrafter, SuffixIndex};
 use sibyl_spec::Drafter;
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
@@ -138,6 +141,11 @@ pub trait Backend {
     /// Whether the requests from now on reuse the prompt work of the ones before (the prefix
     /// cache: in process, one that starts empty now; through a gateway, the verifier's).
     fn set_prefix_cache(&mut self, on: bool);
+
+    /// Starts the drafter state kept across prompts (`--keep-drafter-state`) empty again, so
+    /// that a pass over the prompts does not draft from the same prompts' earlier pass.
+    /// Nothing to do where no state is kept (through a gateway: the drafters' own).
+    fn forget_drafter_state(&mut self) {}
 }
 
 /// Generations in this process: `sibyl generate`'s code path, model loaded once.
@@ -149,6 +157,9 @@ pub struct InProcess {
     pub sources: DrafterSources,
     /// The prefix cache the generations share, while it is on.
     pub prefixes: Option<PrefixCache>,
+    /// With `--keep-drafter-state`, each config's suffix index, kept from one generation to
+    /// the next; without, every generation's suffix drafter starts empty.
+    pub suffix_indexes: Option<Mutex<HashMap<String, Arc<SuffixIndex>>>>,
 }
 
 /// Bytes the in-process prefix cache keeps: the verifier's default.
@@ -185,13 +196,32 @@ impl InProcess {
         };
         let drafters = kinds
             .into_iter()
-            .map(|kind| self.sources.drafter(kind))
+            .map(|kind| match kind {
+                DraftKind::Suffix => {
+                    Ok(Box::new(SuffixDrafter::new(self.suffix_index(config))) as Box<dyn Drafter>)
+                }
+                kind => self.sources.drafter(kind),
+            })
             .collect::<anyhow::Result<Vec<Box<dyn Drafter>>>>()?;
         let mut generation = self.generation.clone();
         if config.is_plain() {
             generation.draft_budget = 0;
         }
         Ok((generation, drafters))
+    }
+
+    /// The suffix index a generation under `config` drafts from and adds to: the config's
+    /// own with `--keep-drafter-state` (no config learns from another's runs of the same
+    /// prompt), a new one without.
+    pub(super) fn suffix_index(&self, config: &BenchConfig) -> Arc<SuffixIndex> {
+        let Some(indexes) = &self.suffix_indexes else {
+            return self.sources.new_suffix_index();
+        };
+        let mut indexes = indexes.lock().unwrap_or_else(|e| e.into_inner());
+        indexes
+            .entry(config.name.clone())
+            .or_insert_with(|| self.sources.new_suffix_index())
+            .clone()
     }
 
     /// The text of generated tokens, as a client streaming them would put it together.
@@ -261,6 +291,12 @@ impl Backend for InProcess {
     fn set_prefix_cache(&mut self, on: bool) {
         self.generation.prefix_cache = on;
         self.prefixes = on.then(|| PrefixCache::new(PREFIX_CACHE_BYTES));
+    }
+
+    fn forget_drafter_state(&mut self) {
+        if let Some(indexes) = &self.suffix_indexes {
+            indexes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 }
 

@@ -538,6 +538,7 @@ impl Sweep<'_> {
                     interrupted: self.interrupted,
                     progress: &progress,
                 };
+                backend.forget_drafter_state();
                 let traces = backend
                     .generate_concurrently(&run)
                     .with_context(|| format!("{} at concurrency {concurrency}", config.name))?;

@@ -79,6 +79,15 @@ pub struct BenchArgs {
     #[arg(long)]
     pub prefix_cache: bool,
 
+    /// Keep what drafters learn from one prompt for the next (in process): each config's
+    /// suffix drafter indexes the generations of that config's earlier prompts, in item
+    /// order, as a server does (each pass over the prompts, at each concurrency and with
+    /// the prefix cache, starts empty again). Without it every prompt starts with empty
+    /// drafters. Items of several datasets run file by file, so `--dataset humaneval.jsonl
+    /// --dataset humanevalfix.jsonl` asks for each function's bug fix after its completion.
+    #[arg(long)]
+    pub keep_drafter_state: bool,
+
     /// Put this file's text before every prompt: as a system message before a chat's turns,
     /// or as the start of a completion prompt (a long shared system prompt).
     #[arg(long, value_name = "FILE")]
@@ -214,6 +223,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 generation,
                 sources,
                 prefixes: None,
+                suffix_indexes: args.keep_drafter_state.then(Default::default),
             })
         }
     };
@@ -591,6 +601,7 @@ mod tests {
     use dataset::Format;
     use sibyl_engine::LoadOptions;
     use sibyl_ngram::NgramConfig;
+    use sibyl_retrieval::{SuffixConfig, SuffixIndex};
 
     /// The real in-process backend, except that under the config named `lossy` the fourth
     /// generated token of every turn (or its last, if shorter) is changed, as a speculation
@@ -653,12 +664,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lossy_config_is_caught_and_reported() {
+    /// The test model in process, the suffix drafter's indexes kept across generations or
+    /// not.
+    fn in_process(max_tokens: usize, prefix_cache: bool, keep: bool) -> InProcess {
         let path = sibyl_tests::test_model_path().unwrap();
         let loaded = sibyl_engine::load(&path, &LoadOptions::default()).unwrap();
         let generation = GenerationConfig {
-            max_tokens: 12,
+            max_tokens,
             sampling: SamplingConfig::greedy(),
             draft_budget: 16,
             max_draft_depth: 10,
@@ -666,20 +678,62 @@ mod tests {
             exempt_draft_nodes: 1,
             learning: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
-            prefix_cache: true,
+            prefix_cache,
         };
         let sources = DrafterSources {
             ngram: NgramConfig::default(),
             datastores: Vec::new(),
             lm: None,
+            suffix: Arc::new(SuffixIndex::new(SuffixConfig::default())),
         };
-        let mut backend = Lossy(InProcess {
+        InProcess {
             name: "smollm2".into(),
             loaded,
             generation,
             sources,
             prefixes: None,
-        });
+            suffix_indexes: keep.then(Default::default),
+        }
+    }
+
+    #[test]
+    fn kept_drafter_state_carries_a_configs_generations_to_its_next_prompts() {
+        let backend = |keep: bool| in_process(32, false, keep);
+        let all = configs(&["suffix".into(), "all".into()], true).unwrap();
+        let (suffix, other) = (&all[1], &all[2]);
+        assert_eq!(
+            (suffix.name.as_str(), other.name.as_str()),
+            ("suffix", "all")
+        );
+        let prompt = PromptInput::Text("def fibonacci(n):\n".into());
+        let accepted = |backend: &mut InProcess| {
+            let (report, _) = backend
+                .generate(&prompt, suffix, &AtomicBool::new(false))
+                .unwrap()
+                .unwrap();
+            report.drafters[0].accepted
+        };
+        // Kept: the second run drafts from the first one's generation.
+        let mut kept = backend(true);
+        let (first, second) = (accepted(&mut kept), accepted(&mut kept));
+        assert!(second >= 24 && second > first, "{first} then {second}");
+        // Each config has its own index, kept from one generation to the next.
+        assert!(Arc::ptr_eq(
+            &kept.suffix_index(suffix),
+            &kept.suffix_index(suffix)
+        ));
+        assert!(!Arc::ptr_eq(
+            &kept.suffix_index(suffix),
+            &kept.suffix_index(other)
+        ));
+        // Not kept: every generation starts empty, so the second run drafts as the first.
+        let mut fresh = backend(false);
+        assert_eq!(accepted(&mut fresh), accepted(&mut fresh));
+    }
+
+    #[test]
+    fn a_lossy_config_is_caught_and_reported() {
+        let mut backend = Lossy(in_process(12, true, false));
         let items = vec![
             Item {
                 id: "chat-1".into(),

@@ -167,6 +167,7 @@ pub fn sweep(
     for config in configs {
         progress.set_message(format!("{} with the prefix cache", config.name));
         backend.set_prefix_cache(true);
+        backend.forget_drafter_state();
         let mut on = Vec::new();
         for item in &finished {
             match super::run_item(backend, item, config, interrupted, &progress)? {
