@@ -106,13 +106,17 @@ impl TextTokenizer {
             .to_string();
         let fingerprint = fingerprint(&tokens, &merges);
         let longest_token_bytes = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
+        // Only the qwen2 pre-tokenizer comes with a normalizer (NFC).
+        let normalizes = pre == "qwen2";
+        let bound = TokenBound::new(&tokens, &token_types, &merges, normalizes)
+            .map_err(|e| error(e.to_string()))?;
         let vocab: Vocab = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.to_string(), i as u32))
             .collect();
         let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges.clone())
+            .vocab_and_merges(vocab, merges)
             .build()
             .map_err(|e| error(e.to_string()))?;
         let mut inner = Tokenizer::new(bpe);
@@ -129,15 +133,13 @@ impl TextTokenizer {
             ])
             .into())
         };
-        let mut normalizes = false;
+        if normalizes {
+            inner
+                .with_normalizer(Some(NFC))
+                .map_err(|e| error(e.to_string()))?;
+        }
         let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-            "qwen2" => {
-                normalizes = true;
-                inner
-                    .with_normalizer(Some(NFC))
-                    .map_err(|e| error(e.to_string()))?;
-                split(QWEN2_SPLIT)?
-            }
+            "qwen2" => split(QWEN2_SPLIT)?,
             "llama3" | "llama-bpe" | "smaug-bpe" => split(LLAMA3_SPLIT)?,
             "smollm" => Sequence::new(vec![
                 Digits::new(true).into(),
@@ -195,8 +197,6 @@ impl TextTokenizer {
             .metadata("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(false);
-        let bound = TokenBound::new(&tokens, &token_types, &merges, normalizes)
-            .map_err(|e| error(e.to_string()))?;
         let piecewise = token_types
             .iter()
             .zip(&tokens)

@@ -9,6 +9,7 @@
 //! Suffix drafting ([`SuffixDrafter`]) retrieves from what was generated instead: an index
 //! that grows as sessions finish ([`SuffixIndex`]), shared by all of them.
 
+mod continuations;
 mod datastore;
 mod drafter;
 mod suffix;

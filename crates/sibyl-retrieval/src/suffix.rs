@@ -9,7 +9,7 @@
 //! backwards to its match length. Appending a document costs a hash insertion per token;
 //! the oldest documents are evicted past [`SuffixConfig::max_tokens`].
 
-use crate::drafter::frequent_continuations;
+use crate::continuations::frequent_continuations;
 use crate::TokenId;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_spec::{Drafter, Proposal};

@@ -63,6 +63,7 @@ impl TokenBound {
             .enumerate()
             .filter(|&(i, _)| added(i))
             .map(|(_, token)| *token);
+        // Bytes of the longest token: a byte-level token has a character a byte.
         let longest = tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1);
         let symbol_runs = SymbolRuns::new(merges, added_tokens, longest);
         Ok(Self {
