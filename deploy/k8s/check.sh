@@ -97,6 +97,8 @@ for role, kinds in {
     "sibyl-drafter-retrieval": ["ServiceAccount", "ConfigMap", "Deployment", "Service",
                                 "HorizontalPodAutoscaler", "PodDisruptionBudget",
                                 "NetworkPolicy"],
+    "sibyl-drafter-suffix": ["ServiceAccount", "ConfigMap", "StatefulSet", "Service",
+                             "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"],
 }.items():
     EXPECTED |= {(kind, role) for kind in kinds}
 
@@ -105,7 +107,7 @@ MODEL = {
     "overlays-cpu": "/models/qwen2.5-coder-0.5b.gguf",
     "overlays-gpu": "/models/qwen2.5-coder-1.5b.gguf",
 }
-DRAFTERS = ("sibyl-drafter-ngram", "sibyl-drafter-retrieval")
+DRAFTERS = ("sibyl-drafter-ngram", "sibyl-drafter-retrieval", "sibyl-drafter-suffix")
 GRPC_PORT = {"sibyl-gateway": 50051, "sibyl-verifier": 50052} | {d: 50061 for d in DRAFTERS}
 METRICS_PORT = {"sibyl-gateway": "9090", "sibyl-verifier": "9090"} | {d: "9090" for d in DRAFTERS}
 
@@ -202,7 +204,7 @@ for path in sorted(out.glob("*.yaml")):
         if obj["kind"] == "ServiceAccount" and obj.get("automountServiceAccountToken") is not False:
             fail(where, "automountServiceAccountToken is not false")
     for name in GRPC_PORT:
-        deployment = found.get(("Deployment", name))
+        deployment = found.get(("Deployment", name)) or found.get(("StatefulSet", name))
         if deployment:
             # Readiness follows gRPC health; liveness is a TCP connect on every role, so a
             # missing model file (NOT_SERVING, retried) never becomes a crash loop.
@@ -215,6 +217,22 @@ for path in sorted(out.glob("*.yaml")):
                 if "startupProbe" in container:
                     fail(f"{target} Deployment/{name}", "a startup probe restarts pods "
                          "whose model file is late")
+    suffix = found.get(("StatefulSet", "sibyl-drafter-suffix"))
+    if suffix:
+        # Its snapshot on a volume of its own, its peers the pods of its headless Service.
+        at = f"{target} StatefulSet/sibyl-drafter-suffix"
+        spec = suffix["spec"]
+        claims = [c["metadata"]["name"] for c in spec.get("volumeClaimTemplates", [])]
+        mounts = {m["name"]: m["mountPath"]
+                  for m in spec["template"]["spec"]["containers"][0].get("volumeMounts", [])}
+        config = found.get(("ConfigMap", "sibyl-drafter-suffix"), {}).get("data", {})
+        if claims != ["suffix-index"] or mounts.get("suffix-index") != "/var/lib/sibyl":
+            fail(at, "no volume claim suffix-index mounted at /var/lib/sibyl")
+        if not config.get("SIBYL_SUFFIX_SNAPSHOT", "").startswith("/var/lib/sibyl/"):
+            fail(at, "SIBYL_SUFFIX_SNAPSHOT is not on the index volume")
+        if config.get("SIBYL_SUFFIX_PEERS") != "https://sibyl-drafter-suffix:50061" or \
+                spec.get("serviceName") != "sibyl-drafter-suffix":
+            fail(at, "the peers are not the pods of its headless Service, over TLS")
     for name in ("sibyl-verifier", *DRAFTERS):
         service = found.get(("Service", name))
         if service and service["spec"].get("clusterIP") != "None":

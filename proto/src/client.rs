@@ -93,6 +93,18 @@ impl Balancer {
         Ok((addr, self.channel_among(&resolved, addr)?, open))
     }
 
+    /// A channel to every address `service` resolves to now, with that address.
+    pub async fn all(
+        &self,
+        service: &ServiceAddress,
+    ) -> Result<Vec<(SocketAddr, Channel)>, String> {
+        let addrs = resolve(&service.host, service.port).await?;
+        addrs
+            .iter()
+            .map(|&addr| Ok((addr, self.channel(service, &addrs, addr)?)))
+            .collect()
+    }
+
     /// The channel to `addr`, one of the `resolved` addresses.
     fn channel_among(
         &self,

@@ -704,6 +704,13 @@ pub struct Garbage {
 impl pb::drafter_server::Drafter for Garbage {
     type DraftStream = BlockStream;
 
+    async fn share(
+        &self,
+        _: tonic::Request<pb::ShareRequest>,
+    ) -> Result<tonic::Response<pb::ShareReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("keeps no index"))
+    }
+
     async fn draft(
         &self,
         request: tonic::Request<tonic::Streaming<pb::DraftRequest>>,

@@ -182,6 +182,13 @@ struct Dying {
 impl pb::drafter_server::Drafter for Dying {
     type DraftStream = BlockStream;
 
+    async fn share(
+        &self,
+        _: Request<pb::ShareRequest>,
+    ) -> Result<Response<pb::ShareReply>, Status> {
+        Err(Status::unimplemented("keeps no index"))
+    }
+
     async fn draft(
         &self,
         request: Request<Streaming<pb::DraftRequest>>,

@@ -82,6 +82,9 @@ pub trait Client {
 
     /// Takes the tokens a step accepted (never empty); `Break` cancels the session.
     fn deliver(&mut self, session: &Session, tokens: &[TokenId]) -> ControlFlow<()>;
+
+    /// The session has ended (however it ended): its drafters may keep its sequence.
+    fn ended(&mut self, _session: &Session) {}
 }
 
 /// A session that ended, with its client.
@@ -448,6 +451,7 @@ impl<C: Client> Scheduler<C> {
         let mut finished = Vec::with_capacity(ended.len());
         for (i, end) in ended.into_iter().rev() {
             let mut entry = self.entries.remove(i);
+            entry.client.ended(&entry.session);
             if end.is_ok() && entry.session.prefix_cache() && self.prefixes.keeps() {
                 let (tokens, cache) = entry.session.take_cache();
                 self.prefixes.insert(tokens, cache);
@@ -607,6 +611,12 @@ impl<F: FnMut(&[TokenId]) -> ControlFlow<()>> Client for InProcess<'_, F> {
 
     fn deliver(&mut self, _: &Session, tokens: &[TokenId]) -> ControlFlow<()> {
         (self.on_tokens)(tokens)
+    }
+
+    fn ended(&mut self, session: &Session) {
+        for drafter in self.drafters.iter_mut() {
+            drafter.finish(session.context());
+        }
     }
 }
 

@@ -1,32 +1,25 @@
 //! The datastore file: a corpus as target-model tokens plus their suffix array, written once
 //! by [`write`] and memory-mapped read-only by [`Datastore::open`].
 //!
-//! Layout (little-endian): a 64-byte header, then `n` tokens (`u32`), then the suffix array
-//! (`n` positions, `u32`). Documents are separated by the token id `vocab_size`, which no
-//! context token can equal, so no match and no continuation crosses a document boundary.
-//!
-//! | bytes | field |
-//! |---|---|
-//! | 0..8 | magic `SIBYLRS1` |
-//! | 8..12 | format version (1) |
-//! | 12..16 | vocabulary size of the tokenizer (the separator's id) |
-//! | 16..24 | tokenizer fingerprint |
-//! | 24..32 | `n`, tokens including separators |
-//! | 32..40 | documents |
-//! | 40..44 | CRC-32 of bytes 0..40 and of everything after the header |
-//! | 44..64 | zero |
+//! Layout (little-endian): the header of [`crate::header`] (magic `SIBYLRS1`, version 1),
+//! then `n` tokens (`u32`), then the suffix array (`n` positions, `u32`). Documents are
+//! separated by the token id `vocab_size`, which no context token can equal, so no match
+//! and no continuation crosses a document boundary.
 
+use crate::header::{self, Format, Header, Refused, HEADER};
 use crate::TokenId;
 use memmap2::Mmap;
 use std::cmp::Ordering;
 use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"SIBYLRS1";
 const VERSION: u32 = 1;
-const HEADER: usize = 64;
+const FORMAT: Format = Format {
+    magic: MAGIC,
+    version: VERSION,
+};
 /// Longest text the `u32` positions (and libsais' `i32` ones) can index.
 const MAX_TOKENS: usize = i32::MAX as usize;
 
@@ -124,19 +117,6 @@ pub fn write(
         }
     }
     let suffixes = suffix_array(&mut text)?;
-    let io = |source| DatastoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut header = [0u8; HEADER];
-    header[0..8].copy_from_slice(MAGIC);
-    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    header[12..16].copy_from_slice(&tokenizer.vocab_size.to_le_bytes());
-    header[16..24].copy_from_slice(&tokenizer.fingerprint.to_le_bytes());
-    header[24..32].copy_from_slice(&(n as u64).to_le_bytes());
-    header[32..40].copy_from_slice(&(kept.len() as u64).to_le_bytes());
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&header[..40]);
     let body = |values: &[i32]| -> Vec<u8> {
         values
             .iter()
@@ -144,29 +124,20 @@ pub fn write(
             .collect()
     };
     let (text_bytes, sa_bytes) = (body(&text), body(&suffixes));
-    crc.update(&text_bytes);
-    crc.update(&sa_bytes);
-    header[40..44].copy_from_slice(&crc.finalize().to_le_bytes());
-
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let temporary = tempfile::NamedTempFile::new_in(dir.unwrap_or(Path::new("."))).map_err(io)?;
-    {
-        let mut out = BufWriter::new(temporary.as_file());
-        out.write_all(&header).map_err(io)?;
-        out.write_all(&text_bytes).map_err(io)?;
-        out.write_all(&sa_bytes).map_err(io)?;
-        out.flush().map_err(io)?;
-    }
-    temporary.as_file().sync_all().map_err(io)?;
-    // Temporary files are private; a datastore is read by servers running as other users
-    // (the container image's uid 65532).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let readable = std::fs::Permissions::from_mode(0o644);
-        std::fs::set_permissions(temporary.path(), readable).map_err(io)?;
-    }
-    temporary.persist(path).map_err(|e| io(e.error))?;
+    let head = FORMAT.header(
+        &Header {
+            tokenizer,
+            tokens: n as u64,
+            documents: kept.len() as u64,
+        },
+        &[&text_bytes, &sa_bytes],
+    );
+    header::write_atomically(path, &[&head, &text_bytes, &sa_bytes]).map_err(|source| {
+        DatastoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
     Ok(Written {
         documents: kept.len(),
         tokens,
@@ -228,33 +199,35 @@ impl Datastore {
         }
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
-        if len < HEADER as u64 {
-            let head = std::fs::read(path).map_err(io)?;
-            if head.starts_with(MAGIC) {
-                return Err(corrupt(format!("{len} bytes, shorter than the header")));
-            }
-            return Err(DatastoreError::NotADatastore { path: path_buf });
-        }
-        // SAFETY: the map is read-only and the file is not modified while mapped (see above).
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        if &map[0..8] != MAGIC {
-            return Err(DatastoreError::NotADatastore { path: path_buf });
-        }
-        let u32_at = |at: usize| u32::from_le_bytes(map[at..at + 4].try_into().unwrap_or([0; 4]));
-        let u64_at = |at: usize| u64::from_le_bytes(map[at..at + 8].try_into().unwrap_or([0; 8]));
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(DatastoreError::Version {
-                path: path_buf,
-                found: version,
-            });
-        }
-        let tokenizer = TokenizerId {
-            vocab_size: u32_at(12),
-            fingerprint: u64_at(16),
+        let map = if len < HEADER as u64 {
+            None
+        } else {
+            // SAFETY: the map is read-only and the file is not modified while mapped (see
+            // above).
+            Some(unsafe { Mmap::map(&file) }.map_err(io)?)
         };
-        let n = u64_at(24);
-        let documents = u64_at(32);
+        let head = match &map {
+            Some(map) => FORMAT.read(map),
+            None => FORMAT.read(&std::fs::read(path).map_err(io)?),
+        };
+        let Header {
+            tokenizer,
+            tokens: n,
+            documents,
+        } = match head {
+            Ok(header) => header,
+            Err(Refused::Foreign) => return Err(DatastoreError::NotADatastore { path: path_buf }),
+            Err(Refused::Short(len)) => {
+                return Err(corrupt(format!("{len} bytes, shorter than the header")))
+            }
+            Err(Refused::Version(found)) => {
+                return Err(DatastoreError::Version {
+                    path: path_buf,
+                    found,
+                })
+            }
+        };
+        let map = map.expect("a file as long as a header is mapped");
         let expected_len = usize::try_from(n)
             .ok()
             .filter(|&n| n > 0 && n <= MAX_TOKENS)
@@ -266,10 +239,7 @@ impl Datastore {
             )));
         }
         let n = n as usize;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&map[..40]);
-        crc.update(&map[HEADER..]);
-        if crc.finalize() != u32_at(40) {
+        if !header::checksum_holds(&map) {
             return Err(corrupt("checksum mismatch".into()));
         }
         let store = Self {

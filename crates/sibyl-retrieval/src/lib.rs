@@ -12,12 +12,15 @@
 mod continuations;
 mod datastore;
 mod drafter;
+mod header;
 mod suffix;
 
 pub use datastore::{write, Datastore, DatastoreError, TokenizerId, Written};
 pub use drafter::{lookup, Continuation, RetrievalConfig, RetrievalDrafter};
 pub use sibyl_spec::TokenId;
-pub use suffix::{SuffixConfig, SuffixDrafter, SuffixIndex, ANCHOR};
+pub use suffix::{
+    Saved, SnapshotError, SuffixConfig, SuffixDrafter, SuffixIndex, SuffixStats, ANCHOR,
+};
 
 #[cfg(test)]
 mod tests {

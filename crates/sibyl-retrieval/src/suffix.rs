@@ -8,13 +8,23 @@
 //! occurrences of the context's last tokens are found newest first, and each is extended
 //! backwards to its match length. Appending a document costs a hash insertion per token;
 //! the oldest documents are evicted past [`SuffixConfig::max_tokens`].
+//!
+//! The index can be written to a snapshot file and read back ([`SuffixIndex::save`],
+//! [`SuffixIndex::restore`]), and tells a listener of every generation that finishes in this
+//! process ([`SuffixIndex::on_add`]), so that other processes can index it too
+//! ([`SuffixIndex::add_shared`]).
+
+mod snapshot;
+
+pub use snapshot::{Saved, SnapshotError};
 
 use crate::continuations::frequent_continuations;
 use crate::TokenId;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_spec::{Drafter, Proposal};
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// Tokens a match starts from: occurrences are found by their last `ANCHOR` tokens.
 pub const ANCHOR: usize = 3;
@@ -74,6 +84,8 @@ struct Corpus {
     ends: VecDeque<u64>,
     /// Tokens since the last [`SEPARATOR`] (the open document).
     open: usize,
+    /// Documents evicted so far.
+    evicted: u64,
 }
 
 impl Corpus {
@@ -152,6 +164,7 @@ impl Corpus {
                 break;
             };
             self.start = end;
+            self.evicted += 1;
         }
         let dead = (self.start - self.offset) as usize;
         if dead > 0 && dead >= self.tokens.len() / 4 {
@@ -228,12 +241,40 @@ impl Corpus {
     }
 }
 
+/// What is told of every document a session of this process adds.
+type Listener = Box<dyn Fn(&[TokenId]) + Send + Sync>;
+
 /// The index every session of a process (or a drafter role) shares: finished generations,
 /// prompt and output, newest kept.
-#[derive(Debug)]
 pub struct SuffixIndex {
     corpus: RwLock<Corpus>,
     config: SuffixConfig,
+    /// Documents added so far (by sessions, peers or a snapshot): what changed since a
+    /// snapshot is told by this.
+    added: AtomicU64,
+    listener: OnceLock<Listener>,
+}
+
+impl std::fmt::Debug for SuffixIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SuffixIndex")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an index holds and has done, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuffixStats {
+    /// Tokens held (documents and their separators).
+    pub tokens: usize,
+    /// Documents held.
+    pub documents: usize,
+    /// Documents added since the index was made.
+    pub added: u64,
+    /// Documents evicted since the index was made.
+    pub evicted: u64,
 }
 
 impl SuffixIndex {
@@ -241,6 +282,8 @@ impl SuffixIndex {
         Self {
             corpus: RwLock::new(Corpus::default()),
             config,
+            added: AtomicU64::new(0),
+            listener: OnceLock::new(),
         }
     }
 
@@ -248,12 +291,36 @@ impl SuffixIndex {
         &self.config
     }
 
-    /// Adds one document (a prompt and what was generated after it); the oldest documents
-    /// go when the index is full. A document shorter than [`ANCHOR`] + 1 tokens could
-    /// never propose anything and is not kept.
+    /// Adds one document a session of this process finished (a prompt and what was
+    /// generated after it), and tells the listener; the oldest documents go when the index
+    /// is full. A document shorter than [`ANCHOR`] + 1 tokens could never propose anything
+    /// and is not kept.
     pub fn add(&self, document: &[TokenId]) {
-        if document.len() <= ANCHOR {
-            return;
+        if self.store(document) {
+            if let Some(listener) = self.listener.get() {
+                listener(document);
+            }
+        }
+    }
+
+    /// Adds a document another process finished (see [`SuffixIndex::on_add`]); the
+    /// listener is not told. Says whether it was kept.
+    pub fn add_shared(&self, document: &[TokenId]) -> bool {
+        self.store(document)
+    }
+
+    /// `listener` is told of every document [`SuffixIndex::add`] keeps from now on (called
+    /// on the adding thread: it should only queue the document). Only the first listener
+    /// set is kept; says whether it was this one.
+    pub fn on_add(&self, listener: impl Fn(&[TokenId]) + Send + Sync + 'static) -> bool {
+        self.listener.set(Box::new(listener)).is_ok()
+    }
+
+    /// Keeps `document` (its newest tokens, if it is longer than the index); says whether it
+    /// was kept. One holding the separator's id, which no vocabulary has, is not.
+    fn store(&self, document: &[TokenId]) -> bool {
+        if document.len() <= ANCHOR || document.contains(&SEPARATOR) {
+            return false;
         }
         // Room for its separator; the newest tokens of one that would not fit.
         let keep = document.len().min(self.config.max_tokens.saturating_sub(1));
@@ -262,6 +329,8 @@ impl SuffixIndex {
         corpus.extend(document);
         corpus.close();
         corpus.evict(self.config.max_tokens);
+        self.added.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Tokens held (documents and their separators).
@@ -273,6 +342,17 @@ impl SuffixIndex {
     pub fn documents(&self) -> usize {
         let corpus = self.corpus.read().unwrap_or_else(|e| e.into_inner());
         corpus.ends.len()
+    }
+
+    /// What the index holds and has done.
+    pub fn stats(&self) -> SuffixStats {
+        let corpus = self.corpus.read().unwrap_or_else(|e| e.into_inner());
+        SuffixStats {
+            tokens: corpus.len(),
+            documents: corpus.ends.len(),
+            added: self.added.load(Ordering::Relaxed),
+            evicted: corpus.evicted,
+        }
     }
 }
 
@@ -365,6 +445,12 @@ impl Drafter for SuffixDrafter {
     fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
         self.lookup(context, max_tokens)
     }
+
+    /// What the index gets when the drafter is dropped: the whole sequence, the last
+    /// step's tokens included and drafts never verified left out.
+    fn finish(&mut self, context: &[TokenId]) {
+        self.follow(context);
+    }
 }
 
 impl Drop for SuffixDrafter {
@@ -455,6 +541,19 @@ mod tests {
         // A context that shares only its start with what was seen keeps that start.
         drafter.propose(&[1, 2, 3, 7, 1, 2, 3], 4);
         assert_eq!(drafter.own.tokens, [1, 2, 3, 7, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_index_gets_the_finished_sequence_not_drafts_assumed_past_it() {
+        let shared = index(1 << 20);
+        let mut drafter = SuffixDrafter::new(shared.clone());
+        // A remote session's drafter saw the context with two drafts assumed after it; the
+        // session ended with other tokens accepted.
+        drafter.propose(&[1, 2, 3, 4, 5, 90, 91], 4);
+        drafter.finish(&[1, 2, 3, 4, 5, 6]);
+        drop(drafter);
+        let corpus = shared.corpus.read().unwrap();
+        assert_eq!(corpus.tokens, [1, 2, 3, 4, 5, 6, SEPARATOR]);
     }
 
     #[test]

@@ -54,4 +54,8 @@ pub trait Drafter: Send {
     fn catch_up(&mut self, _context: &[TokenId]) -> usize {
         0
     }
+
+    /// The session ended with `context` (prompt and every accepted token): what a drafter
+    /// that learns from finished generations keeps. Nothing to do for most drafters.
+    fn finish(&mut self, _context: &[TokenId]) {}
 }

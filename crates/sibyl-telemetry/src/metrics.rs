@@ -262,6 +262,16 @@ pub struct DrafterMetrics {
     pub draft_tokens_sent: IntCounter,
     pub stream_errors: IntCounter,
     pub draft_duration: Histogram,
+    /// Finished generations shared between suffix drafters, by `outcome` (`sent` and
+    /// `failed`, per peer; `received`; `dropped` from a full queue).
+    pub shared_documents: IntCounterVec,
+    /// What the suffix index holds.
+    pub suffix_tokens: IntGauge,
+    pub suffix_documents: IntGauge,
+    pub suffix_evictions: IntCounter,
+    pub suffix_lookup_duration: Histogram,
+    /// Snapshot writes by `outcome` (`saved`, `failed`).
+    pub suffix_snapshots: IntCounterVec,
 }
 
 pub fn drafter() -> &'static DrafterMetrics {
@@ -292,6 +302,36 @@ pub fn drafter() -> &'static DrafterMetrics {
                 &[
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                 ],
+            ),
+            shared_documents: counter_vec(
+                "sibyl_drafter_shared_documents_total",
+                "Finished generations shared with peer drafters, by outcome (sent and failed \
+                 count per peer).",
+                &["outcome"],
+            ),
+            suffix_tokens: gauge(
+                "sibyl_suffix_index_tokens",
+                "Tokens the suffix index holds (documents and their ends).",
+            ),
+            suffix_documents: gauge(
+                "sibyl_suffix_index_documents",
+                "Finished generations the suffix index holds.",
+            ),
+            suffix_evictions: counter(
+                "sibyl_suffix_index_evictions_total",
+                "Finished generations evicted from the suffix index to keep it in bounds.",
+            ),
+            suffix_lookup_duration: histogram(
+                "sibyl_suffix_lookup_duration_seconds",
+                "Time of one suffix drafter lookup (index and the session's own context).",
+                &[
+                    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01,
+                ],
+            ),
+            suffix_snapshots: counter_vec(
+                "sibyl_suffix_snapshots_total",
+                "Suffix index snapshot writes, by outcome.",
+                &["outcome"],
             ),
         }
     });

@@ -9,6 +9,7 @@ mod progress;
 mod roles;
 mod security;
 mod shutdown;
+mod suffix;
 
 use clap::{Parser, Subcommand};
 

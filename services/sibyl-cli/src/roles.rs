@@ -8,16 +8,17 @@ use crate::args::{
 use crate::generate::{init_threads, load_model, tokenizer_id};
 use crate::security::{ClientTlsArgs, ServerTlsArgs, TokenArgs};
 use crate::shutdown::{shutdown_signal, DrainArgs, DRAIN_GRACE};
+use crate::suffix::{SuffixState, SuffixStateArgs};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use sibyl_drafter::{DraftService, MakeDrafter};
+use sibyl_drafter::{DraftService, MakeDrafter, Peers, ShareInbox};
 use sibyl_gateway::GatewayConfig;
 use sibyl_lm::LmDrafter;
 use sibyl_ngram::NgramDrafter;
 use sibyl_proto::auth::{ApiKeys, InternalToken};
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{Listener, OnLoadError, ShutdownSwitch};
-use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, SuffixDrafter, SuffixIndex};
+use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, SuffixIndex};
 use sibyl_spec::{Drafter, Proposal};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
 use std::io::Write;
@@ -257,6 +258,9 @@ pub struct ServeArgs {
     pub retrieval: RetrievalArgs,
 
     #[command(flatten)]
+    pub suffix: SuffixStateArgs,
+
+    #[command(flatten)]
     pub limits: GatewayLimitArgs,
 
     #[command(flatten)]
@@ -400,6 +404,20 @@ pub struct DrafterArgs {
     pub retrieval: RetrievalArgs,
 
     #[command(flatten)]
+    pub suffix: SuffixStateArgs,
+
+    /// With --kind suffix: the replicas of this drafter, as http://HOST:PORT (https://
+    /// with --tls-ca): a name that resolves to all of them (a headless Service), or a list
+    /// (repeat the flag, or separate with commas); this drafter among them is skipped.
+    /// Every generation that finishes here is sent to each, and theirs come here, so every
+    /// replica drafts from what all of them have seen.
+    #[arg(long, env = "SIBYL_SUFFIX_PEERS", value_delimiter = ',')]
+    pub suffix_peers: Vec<ServiceAddress>,
+
+    #[command(flatten)]
+    pub tls_ca: ClientTlsArgs,
+
+    #[command(flatten)]
     pub lm: LmArgs,
 
     #[command(flatten)]
@@ -507,12 +525,16 @@ fn drafter_role(
     kind: DrafterKindArg,
     ngram: &NgramArgs,
     retrieval: &RetrievalArgs,
+    suffix: &SuffixStateArgs,
     lm: &LmArgs,
     model: ModelArgs,
 ) -> anyhow::Result<(
     DraftService,
     impl FnMut() -> anyhow::Result<u64> + Send + 'static,
+    Option<SuffixState>,
 )> {
+    let suffix = (kind == DrafterKindArg::Suffix)
+        .then(|| SuffixState::new(Arc::new(SuffixIndex::new(retrieval.suffix())), suffix));
     let datastores: Arc<OnceLock<Vec<Arc<Datastore>>>> = Arc::default();
     let lm_model: Arc<OnceLock<Arc<sibyl_engine::Model>>> = Arc::default();
     let lm_config = lm.config()?;
@@ -540,16 +562,20 @@ fn drafter_role(
         }
         DrafterKindArg::Suffix => {
             // Every session of this role adds to one index when it ends.
-            let index = Arc::new(SuffixIndex::new(retrieval.suffix()));
-            let make: MakeDrafter = Arc::new(move || Box::new(SuffixDrafter::new(index.clone())));
+            let state = suffix.clone().expect("made for the suffix kind");
+            let make: MakeDrafter = Arc::new(move || state.drafter());
             make
         }
     };
     let mut load = text_loader(model);
     let (retrieval, lm) = (retrieval.clone(), lm.clone());
+    let state = suffix.clone();
     let loader = move || -> anyhow::Result<u64> {
         let text = load()?;
         let tokenizer = tokenizer_id(&text.tokenizer, text.config.vocab_size);
+        if let Some(state) = &state {
+            state.loaded(tokenizer);
+        }
         if kind == DrafterKindArg::Retrieval && datastores.get().is_none() {
             let _ = datastores.set(retrieval.open(tokenizer)?);
         }
@@ -558,18 +584,34 @@ fn drafter_role(
         }
         Ok(tokenizer.fingerprint)
     };
-    Ok((DraftService::new(make), loader))
+    Ok((DraftService::new(make), loader, suffix))
 }
 
 pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
-    let (service, load) = drafter_role(
+    if !args.suffix_peers.is_empty() && args.kind != DrafterKindArg::Suffix {
+        bail!(
+            "--suffix-peers is for --kind suffix: only the suffix drafter keeps an index to share"
+        );
+    }
+    let (service, load, suffix) = drafter_role(
         args.kind,
         &args.ngram,
         &args.retrieval,
+        &args.suffix,
         &args.lm,
         args.model,
     )?;
-    let service = service.requiring(args.internal.token()?);
+    let token = args.internal.token()?;
+    let peer_tls = args.tls_ca.load(args.suffix_peers.iter())?;
+    let origin = rand::random::<u64>();
+    let mut service = service.requiring(token.clone());
+    if let Some(state) = &suffix {
+        let index = state.index.clone();
+        service = service.accepting_shared(ShareInbox {
+            origin,
+            accept: Arc::new(move |document| index.add_shared(document)),
+        });
+    }
     let tls = args.tls.load()?;
     let (runtime, telemetry) = runtime("drafter", &args.telemetry)?;
     let result = runtime.block_on(async move {
@@ -577,6 +619,20 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
         spawn_metrics(args.metrics_addr).await?;
         let addr = tcp.local_addr()?;
         tracing::info!(%addr, kind = ?args.kind, tls = tls.is_some(), "drafter listening");
+        if let Some(state) = &suffix {
+            state.spawn_upkeep();
+            if !args.suffix_peers.is_empty() {
+                let names: Vec<String> = args.suffix_peers.iter().map(|p| p.to_string()).collect();
+                tracing::info!(peers = %names.join(","), "sharing finished generations with peers");
+                let send = service.share_with(Peers {
+                    services: args.suffix_peers.clone(),
+                    tls: peer_tls,
+                    token,
+                    origin,
+                });
+                state.index.on_add(send);
+            }
+        }
         let listener = Listener { tcp, tls };
         let stop = args.drain.on_signal();
         let serve = sibyl_drafter::serve(
@@ -586,7 +642,11 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
             args.load.on_error(),
             stop.stopped(),
         );
-        args.drain.bounded(&stop, serve).await?;
+        let served = args.drain.bounded(&stop, serve).await;
+        if let Some(state) = suffix {
+            let _ = tokio::task::spawn_blocking(move || state.save()).await;
+        }
+        served?;
         Ok(())
     });
     drop(telemetry);
@@ -714,16 +774,22 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         let mut endpoints = Vec::new();
         let mut drafters_text = Vec::new();
+        let mut suffixes = Vec::new();
         for kind in kinds {
             let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "drafter").await?;
             let addr = listener.local_addr()?;
-            let (service, load) = drafter_role(
+            let (service, load, suffix) = drafter_role(
                 kind,
                 &args.ngram,
                 &args.retrieval,
+                &args.suffix,
                 &LmArgs::default(),
                 model.clone(),
             )?;
+            if let Some(state) = suffix {
+                state.spawn_upkeep();
+                suffixes.push(state);
+            }
             tasks.push((
                 "drafter",
                 tokio::spawn(sibyl_drafter::serve(
@@ -828,6 +894,9 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             if outcome.is_ok() {
                 outcome = Err(error.context(format!("the {role} failed")));
             }
+        }
+        for state in suffixes {
+            let _ = tokio::task::spawn_blocking(move || state.save()).await;
         }
         outcome
     });

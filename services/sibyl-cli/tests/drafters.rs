@@ -336,3 +336,175 @@ async fn serve_with_a_suffix_drafter_drafts_what_it_generated_before() {
     }
     panic!("no request drafted most of the earlier output: accepted {accepted:?}");
 }
+
+/// A `sibyl drafter --kind suffix` process on `addr`, its metrics on `metrics`, with more
+/// arguments; stderr goes to `log`.
+fn suffix_drafter(
+    model: &str,
+    (addr, metrics): (&str, &str),
+    more: &[&str],
+    log: &Path,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_sibyl"))
+        .args(["drafter", "--kind", "suffix", "--model", model])
+        .args(["--grpc-addr", addr, "--metrics-addr", metrics])
+        .args(more)
+        .env("SIBYL_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("starting a drafter")
+}
+
+/// Opens a draft stream on `addr` as a verifier would, with `context`; returns the first
+/// block's best branch (what follows the context), and ends the session.
+async fn first_draft(addr: &str, fingerprint: &str, vocab: u32, context: &[u32]) -> Vec<u32> {
+    use pb::drafter_client::DrafterClient;
+    let mut client = DrafterClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (send, receive) = tokio::sync::mpsc::channel(4);
+    send.send(pb::DraftRequest {
+        message: Some(pb::draft_request::Message::Open(pb::DraftOpen {
+            context_tokens: context.to_vec(),
+            tokenizer_fingerprint: fingerprint.into(),
+            vocab_size: vocab,
+            max_block_tokens: 8,
+            max_branches: 3,
+            max_tokens_ahead: 8,
+        })),
+    })
+    .await
+    .unwrap();
+    let stream = tokio_stream::wrappers::ReceiverStream::new(receive);
+    let mut blocks = client.draft(stream).await.unwrap().into_inner();
+    let block = blocks.message().await.unwrap().expect("a block");
+    drop(send);
+    let offset = context.len() - block.anchor as usize;
+    let best = block.branches.first().map(|b| b.tokens.clone());
+    best.map(|tokens| tokens[offset.min(tokens.len())..].to_vec())
+        .unwrap_or_default()
+}
+
+/// The Prometheus sample `name` on the `/metrics` page at `addr` (0 when absent).
+async fn metric(addr: &str, name: &str) -> f64 {
+    let page = sibyl_tests::http(addr.parse().unwrap(), "GET", "/metrics", &[], None).await;
+    let text = page.map(|response| response.body).unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suffix_drafters_share_what_they_index_and_keep_it_across_restarts() {
+    let model = model_path();
+    let text = sibyl_engine::load_text(Path::new(&model)).unwrap();
+    let fingerprint = sibyl_proto::fingerprint(text.tokenizer.fingerprint());
+    let vocab = text.config.vocab_size as u32;
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b] = [0, 1].map(|_| sibyl_tests::free_port().unwrap().to_string());
+    let peers = format!("http://{a},http://{b}");
+    let snapshot = dir.path().join("b.snapshot");
+    let snapshot_arg = snapshot.to_str().unwrap();
+    let port = || sibyl_tests::free_port().unwrap().to_string();
+    let metrics = port();
+    let mut processes = Processes(vec![
+        suffix_drafter(
+            &model,
+            (&a, &port()),
+            &["--suffix-peers", &peers],
+            &dir.path().join("a.log"),
+        ),
+        suffix_drafter(
+            &model,
+            (&b, &metrics),
+            &["--suffix-peers", &peers, "--suffix-snapshot", snapshot_arg],
+            &dir.path().join("b.log"),
+        ),
+    ]);
+    for addr in [&a, &b] {
+        let serving = sibyl_proto::client::wait_until_serving(
+            addr.parse().unwrap(),
+            std::time::Duration::from_secs(120),
+        );
+        assert!(serving.await, "{addr} not SERVING");
+    }
+
+    // A session on A ends: its context is one finished generation, which A sends to its
+    // peers (itself among them, found out and skipped).
+    let document: Vec<u32> = (1000..1300).collect();
+    assert!(first_draft(&a, &fingerprint, vocab, &document)
+        .await
+        .is_empty());
+    // A later session on B, whose context ends as part of it did, gets what followed.
+    let context = [7, 1100, 1101, 1102, 1103];
+    let mut drafted = Vec::new();
+    for _ in 0..100 {
+        drafted = first_draft(&b, &fingerprint, vocab, &context).await;
+        if !drafted.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(drafted, (1104..1112).collect::<Vec<u32>>());
+    let received = "sibyl_drafter_shared_documents_total{outcome=\"received\"}";
+    assert_eq!(metric(&metrics, received).await, 1.0);
+    assert!(metric(&metrics, "sibyl_suffix_index_documents").await <= 2.0);
+
+    // B stops (SIGTERM, as Kubernetes stops a pod) and writes its snapshot; a new B with
+    // no peers starts from it.
+    let b_process = processes.0.remove(1);
+    let pid = b_process.id().to_string();
+    let mut b_process = b_process;
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(b_process.wait().unwrap().success());
+    assert!(snapshot.exists(), "no snapshot at shutdown");
+    processes.0.push(suffix_drafter(
+        &model,
+        (&b, &port()),
+        &["--suffix-snapshot", snapshot_arg],
+        &dir.path().join("b2.log"),
+    ));
+    let serving = sibyl_proto::client::wait_until_serving(
+        b.parse().unwrap(),
+        std::time::Duration::from_secs(120),
+    );
+    assert!(serving.await);
+    assert_eq!(
+        first_draft(&b, &fingerprint, vocab, &context).await,
+        (1104..1112).collect::<Vec<u32>>()
+    );
+    let log = std::fs::read_to_string(dir.path().join("b2.log")).unwrap();
+    assert!(log.contains("suffix index restored"), "{log}");
+
+    // A damaged snapshot is refused with a message; the drafter serves, empty.
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x5a;
+    let damaged = dir.path().join("damaged.snapshot");
+    std::fs::write(&damaged, bytes).unwrap();
+    let c = sibyl_tests::free_port().unwrap().to_string();
+    processes.0.push(suffix_drafter(
+        &model,
+        (&c, &port()),
+        &["--suffix-snapshot", damaged.to_str().unwrap()],
+        &dir.path().join("c.log"),
+    ));
+    let serving = sibyl_proto::client::wait_until_serving(
+        c.parse().unwrap(),
+        std::time::Duration::from_secs(120),
+    );
+    assert!(serving.await);
+    assert!(first_draft(&c, &fingerprint, vocab, &context)
+        .await
+        .is_empty());
+    let log = std::fs::read_to_string(dir.path().join("c.log")).unwrap();
+    assert!(
+        log.contains("snapshot refused") && log.contains("checksum"),
+        "{log}"
+    );
+}

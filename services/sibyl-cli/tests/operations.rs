@@ -323,7 +323,12 @@ async fn a_missing_or_bad_model_file_is_not_serving_until_it_is_fixed() {
             .collect::<Vec<_>>()
     };
     // Missing: one error, however many attempts; the process stays up, NOT_SERVING.
-    assert!(eventually(Duration::from_secs(30), || errors(&logs).len() == 1).await);
+    assert!(
+        eventually(Duration::from_secs(30), || errors(&logs).len() == 1).await,
+        "{:?} (exit: {:?})",
+        logs.lock().unwrap(),
+        processes.0[0].try_wait()
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(errors(&logs).len(), 1, "{:?}", logs.lock().unwrap());
     assert!(

@@ -46,6 +46,14 @@ pub struct DraftAhead {
     stalled: bool,
 }
 
+impl Drop for DraftAhead {
+    /// The session is over: the drafter learns its accepted sequence, not what was
+    /// assumed past it.
+    fn drop(&mut self) {
+        self.drafter.finish(&self.accepted);
+    }
+}
+
 impl DraftAhead {
     pub fn new(drafter: Box<dyn Drafter>, context: Vec<TokenId>, limits: AheadLimits) -> Self {
         Self {
@@ -163,6 +171,7 @@ impl DraftAhead {
 mod tests {
     use super::*;
     use sibyl_spec::Proposal;
+    use std::sync::Arc;
 
     /// Proposes the next `n` integers after the last token (a perfectly predictable text).
     struct Counting;
@@ -217,6 +226,38 @@ mod tests {
         let block = ahead.next_block();
         assert_eq!(block.anchor, 6);
         assert_eq!(block.branches[0].tokens, vec![10, 11, 12]);
+    }
+
+    /// Counts like [`Counting`], and keeps what it is told at the end of the session.
+    struct Finishing(std::sync::Arc<std::sync::Mutex<Vec<TokenId>>>);
+
+    impl Drafter for Finishing {
+        fn kind(&self) -> &str {
+            "finishing"
+        }
+
+        fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
+            Counting.propose(context, max_tokens)
+        }
+
+        fn finish(&mut self, context: &[TokenId]) {
+            *self.0.lock().unwrap() = context.to_vec();
+        }
+    }
+
+    #[test]
+    fn a_finished_session_leaves_its_accepted_sequence_not_its_assumed_drafts() {
+        let finished = std::sync::Arc::default();
+        let mut ahead = DraftAhead::new(
+            Box::new(Finishing(Arc::clone(&finished))),
+            vec![0],
+            limits(),
+        );
+        ahead.next_block();
+        ahead.advance(1, &[1, 2, 7]).unwrap();
+        ahead.next_block();
+        drop(ahead);
+        assert_eq!(*finished.lock().unwrap(), vec![0, 1, 2, 7]);
     }
 
     #[test]

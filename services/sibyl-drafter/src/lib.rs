@@ -6,9 +6,11 @@
 
 mod ahead;
 mod service;
+mod share;
 
 pub use ahead::{AdvanceError, AheadLimits, DraftAhead};
 pub use service::{DraftService, MakeDrafter};
+pub use share::{AcceptShared, Peers, ShareInbox};
 
 use sibyl_proto::server::{run_role, Listener, OnLoadError, ServeError};
 use sibyl_proto::v1::drafter_server::{DrafterServer, SERVICE_NAME};

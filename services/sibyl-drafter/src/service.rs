@@ -1,4 +1,5 @@
 use crate::ahead::{AheadLimits, DraftAhead};
+use crate::share::ShareInbox;
 use sibyl_proto::v1::{self as pb, draft_request::Message};
 use sibyl_spec::Drafter;
 use sibyl_telemetry::metrics::{self, GaugeGuard};
@@ -30,6 +31,8 @@ pub struct DraftService {
     fingerprint: Arc<OnceLock<u64>>,
     /// The token calls must carry (`--internal-token-file`).
     token: Option<sibyl_proto::auth::InternalToken>,
+    /// Where documents peers share go, for a drafter that keeps an index of them.
+    inbox: Option<ShareInbox>,
 }
 
 impl DraftService {
@@ -39,7 +42,45 @@ impl DraftService {
             make,
             fingerprint: Arc::new(OnceLock::new()),
             token: None,
+            inbox: None,
         }
+    }
+
+    /// Takes the documents peers share (`Share` calls) into `inbox`.
+    pub fn accepting_shared(mut self, inbox: ShareInbox) -> Self {
+        self.inbox = Some(inbox);
+        self
+    }
+
+    pub(crate) fn inbox(&self) -> Option<&ShareInbox> {
+        self.inbox.as_ref()
+    }
+
+    /// The tokenizer fingerprint, set once loaded.
+    pub(crate) fn fingerprint_cell(&self) -> Arc<OnceLock<u64>> {
+        self.fingerprint.clone()
+    }
+
+    /// The tokenizer fingerprint; UNAVAILABLE before it is loaded.
+    fn tokenizer(&self) -> Result<u64, Status> {
+        self.fingerprint
+            .get()
+            .copied()
+            .ok_or_else(|| Status::unavailable("the drafter is still loading its tokenizer"))
+    }
+
+    /// Refuses a caller whose tokenizer fingerprint (`theirs`, as on the wire) differs from
+    /// this drafter's, and any caller before the tokenizer is loaded.
+    pub(crate) fn check_tokenizer(&self, theirs: &str) -> Result<(), Status> {
+        let ours = self.tokenizer()?;
+        if theirs != sibyl_proto::fingerprint(ours) {
+            return Err(Status::failed_precondition(format!(
+                "tokenizer mismatch: the caller's is {theirs}, this drafter's is {}; start \
+                 every role with the same model",
+                sibyl_proto::fingerprint(ours)
+            )));
+        }
+        Ok(())
     }
 
     /// Accepts only calls that carry `token`.
@@ -111,6 +152,13 @@ impl pb::drafter_server::Drafter for DraftService {
         tokio::spawn(pump(ahead, inbound, blocks).instrument(span));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
+
+    async fn share(
+        &self,
+        request: Request<pb::ShareRequest>,
+    ) -> Result<Response<pb::ShareReply>, Status> {
+        self.receive(request.into_inner()).await.map(Response::new)
+    }
 }
 
 impl DraftService {
@@ -119,10 +167,8 @@ impl DraftService {
         &self,
         request: Request<Streaming<pb::DraftRequest>>,
     ) -> Result<(DraftAhead, Streaming<pb::DraftRequest>), Status> {
-        let ours = *self
-            .fingerprint
-            .get()
-            .ok_or_else(|| Status::unavailable("the drafter is still loading its tokenizer"))?;
+        // Before reading the stream: a drafter still loading answers at once.
+        self.tokenizer()?;
         let mut inbound = request.into_inner();
         let open = match inbound.message().await? {
             Some(pb::DraftRequest {
@@ -134,14 +180,7 @@ impl DraftService {
                 ))
             }
         };
-        let theirs = &open.tokenizer_fingerprint;
-        if *theirs != sibyl_proto::fingerprint(ours) {
-            return Err(Status::failed_precondition(format!(
-                "tokenizer mismatch: the verifier's is {theirs}, this drafter's is {}; start the \
-                 drafter with the verifier's model",
-                sibyl_proto::fingerprint(ours)
-            )));
-        }
+        self.check_tokenizer(&open.tokenizer_fingerprint)?;
         let limits = Self::limits(&open)?;
         let ahead = DraftAhead::new((self.make)(), open.context_tokens, limits);
         Ok((ahead, inbound))

@@ -114,6 +114,12 @@ impl Client for Request<'_> {
         self.deliveries.push((Instant::now(), tokens.len()));
         ControlFlow::Continue(())
     }
+
+    fn ended(&mut self, session: &Session) {
+        for drafter in &mut self.drafters {
+            drafter.finish(session.context());
+        }
+    }
 }
 
 /// An item's turns: the next one runs when the one before has ended, after the model's own

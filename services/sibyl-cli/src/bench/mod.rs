@@ -88,6 +88,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub keep_drafter_state: bool,
 
+    /// Run each prompt this many times under each config, the configs' order alternating,
+    /// and keep per config the run of median decode speed: per-prompt ratios then move
+    /// less with the machine's own run-to-run noise.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
+    pub repeat: u64,
+
     /// Put this file's text before every prompt: as a system message before a chat's turns,
     /// or as the start of a completion prompt (a long shared system prompt).
     #[arg(long, value_name = "FILE")]
@@ -146,6 +152,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.model.threads == Some(0) {
         bail!("--threads must be at least 1");
+    }
+    if args.repeat > 1 && args.keep_drafter_state {
+        bail!(
+            "--repeat cannot be combined with --keep-drafter-state: a prompt's second run would \
+             draft from its first"
+        );
     }
     let levels = concurrency::levels(&args.concurrency);
     args.tree.validate()?;
@@ -252,6 +264,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
         seed: args.seed,
+        repeat: args.repeat as usize,
         datasets: args
             .datasets
             .iter()
@@ -339,7 +352,8 @@ fn measure(
 ) -> anyhow::Result<Results> {
     let names: Vec<String> = configs.iter().map(|c| c.name.clone()).collect();
     let exact = setup.temperature == 0.0;
-    let runs: usize = items.iter().map(|i| i.turns.len()).sum::<usize>() * configs.len();
+    let repeat = setup.repeat.max(1);
+    let runs: usize = items.iter().map(|i| i.turns.len()).sum::<usize>() * configs.len() * repeat;
     let progress = progress_bar(runs as u64);
     let mut records = Vec::new();
     let mut failures = Vec::new();
@@ -350,34 +364,39 @@ fn measure(
         // Alternate the order (plain, X, then X, plain) so that drift of the machine
         // cancels in the ratios.
         let count = seen.entry(item.category.as_str()).or_default();
-        let mut order: Vec<&BenchConfig> = configs.iter().collect();
-        if *count % 2 == 1 {
-            order.reverse();
-        }
-        *count += 1;
-        let mut done = Vec::new();
-        for config in order {
-            progress.set_message(format!("{} ({})", item.id, config.name));
-            match run_item(backend, item, config, interrupted, &progress) {
-                Ok(Some(record)) => done.push(record),
-                Ok(None) => {
-                    stopped = true;
-                    break 'items;
-                }
-                Err(error) => {
-                    let error = format!("{error:#}");
-                    progress.suspend(|| eprintln!("{} ({}): {error}", item.id, config.name));
-                    failures.push(Failure {
-                        id: item.id.clone(),
-                        category: item.category.clone(),
-                        config: config.name.clone(),
-                        error,
-                    });
-                    done.clear();
-                    break;
+        // Each config's runs of this item.
+        let mut runs: Vec<Vec<ItemRecord>> = vec![Vec::new(); configs.len()];
+        'rounds: for round in 0..repeat {
+            let mut order: Vec<usize> = (0..configs.len()).collect();
+            if (*count + round) % 2 == 1 {
+                order.reverse();
+            }
+            for at in order {
+                let config = &configs[at];
+                progress.set_message(format!("{} ({})", item.id, config.name));
+                match run_item(backend, item, config, interrupted, &progress) {
+                    Ok(Some(record)) => runs[at].push(record),
+                    Ok(None) => {
+                        stopped = true;
+                        break 'items;
+                    }
+                    Err(error) => {
+                        let error = format!("{error:#}");
+                        progress.suspend(|| eprintln!("{} ({}): {error}", item.id, config.name));
+                        failures.push(Failure {
+                            id: item.id.clone(),
+                            category: item.category.clone(),
+                            config: config.name.clone(),
+                            error,
+                        });
+                        runs.clear();
+                        break 'rounds;
+                    }
                 }
             }
         }
+        *count += repeat;
+        let mut done: Vec<ItemRecord> = runs.into_iter().filter_map(median_run).collect();
         if done.len() == configs.len() {
             if let Some(plain) = done.iter().find(|r| r.config == "plain").cloned() {
                 for record in &mut done {
@@ -403,6 +422,14 @@ fn measure(
     results.interrupted = stopped;
     results.write(out)?;
     Ok(results)
+}
+
+/// Of one config's runs of an item, the one of median decode speed (the slower of the two
+/// middle ones of an even count).
+fn median_run(mut runs: Vec<ItemRecord>) -> Option<ItemRecord> {
+    runs.sort_by(|a, b| a.tokens_per_s.total_cmp(&b.tokens_per_s));
+    let middle = runs.len().checked_sub(1)? / 2;
+    Some(runs.swap_remove(middle))
 }
 
 /// A bar counting `len` generations.
@@ -602,19 +629,42 @@ mod tests {
     use sibyl_engine::LoadOptions;
     use sibyl_ngram::NgramConfig;
     use sibyl_retrieval::{SuffixConfig, SuffixIndex};
+    use std::time::Duration;
 
-    /// The real in-process backend, except that under the config named `lossy` the fourth
-    /// generated token of every turn (or its last, if shorter) is changed, as a speculation
-    /// bug would change it.
-    struct Lossy(InProcess);
+    /// How [`Altered`] changes a generation: given its config, how many generations that
+    /// config made before, the report, and the vocabulary size.
+    type Alteration = fn(&BenchConfig, usize, &mut sibyl_decode::GenerationReport, u32);
 
-    impl Backend for Lossy {
+    /// The real in-process backend, its reports altered.
+    struct Altered {
+        inner: InProcess,
+        alter: Alteration,
+        calls: HashMap<String, usize>,
+    }
+
+    /// Under the config named `lossy` the fourth generated token of every turn (or its
+    /// last, if shorter) is changed, as a speculation bug would change it.
+    fn lossy(backend: InProcess) -> Altered {
+        Altered {
+            inner: backend,
+            alter: |config, _, report, vocab| {
+                let last = report.tokens.len().min(4);
+                if config.name == "lossy" && last > 0 {
+                    let token = &mut report.tokens[last - 1];
+                    *token = (*token + 1) % vocab;
+                }
+            },
+            calls: HashMap::new(),
+        }
+    }
+
+    impl Backend for Altered {
         fn model(&self) -> &str {
-            self.0.model()
+            self.inner.model()
         }
 
         fn warm_up(&mut self) -> anyhow::Result<()> {
-            self.0.warm_up()
+            self.inner.warm_up()
         }
 
         fn generate(
@@ -623,14 +673,12 @@ mod tests {
             config: &BenchConfig,
             interrupted: &AtomicBool,
         ) -> anyhow::Result<backend::Generated> {
-            let vocab = self.0.loaded.model.vocab_size() as u32;
-            let generated = self.0.generate(prompt, config, interrupted)?;
+            let vocab = self.inner.loaded.model.vocab_size() as u32;
+            let generated = self.inner.generate(prompt, config, interrupted)?;
+            let call = self.calls.entry(config.name.clone()).or_default();
+            *call += 1;
             Ok(generated.map(|(mut report, text)| {
-                let last = report.tokens.len().min(4);
-                if config.name == "lossy" && last > 0 {
-                    let token = &mut report.tokens[last - 1];
-                    *token = (*token + 1) % vocab;
-                }
+                (self.alter)(config, *call - 1, &mut report, vocab);
                 (report, text)
             }))
         }
@@ -639,11 +687,11 @@ mod tests {
             &mut self,
             run: &concurrency::ConcurrentRun<'_>,
         ) -> anyhow::Result<Option<concurrency::Traces>> {
-            self.0.generate_concurrently(run)
+            self.inner.generate_concurrently(run)
         }
 
         fn set_prefix_cache(&mut self, on: bool) {
-            self.0.set_prefix_cache(on);
+            self.inner.set_prefix_cache(on);
         }
     }
 
@@ -658,6 +706,7 @@ mod tests {
             max_tokens: 12,
             temperature: 0.0,
             seed: 0,
+            repeat: 1,
             datasets: vec!["test".into()],
             speculation: None,
             build: "release".into(),
@@ -733,7 +782,7 @@ mod tests {
 
     #[test]
     fn a_lossy_config_is_caught_and_reported() {
-        let mut backend = Lossy(in_process(12, true, false));
+        let mut backend = lossy(in_process(12, true, false));
         let items = vec![
             Item {
                 id: "chat-1".into(),
@@ -832,6 +881,11 @@ mod tests {
             "{report}"
         );
         assert!(report.contains("| **overall** | 2 |"), "{report}");
+        // chat-1's second turn, apart.
+        assert!(
+            report.contains("## Later turns\n\nThe turns after the first of the 1 prompts"),
+            "{report}"
+        );
         assert!(
             report.contains("**1 prompts failed** and are left out"),
             "{report}"
@@ -840,6 +894,54 @@ mod tests {
         for label in ["chat", "code", "overall", "ngram", "lossy"] {
             assert!(svg.contains(label), "{label} missing from the chart");
         }
+    }
+
+    #[test]
+    fn repeated_runs_keep_the_run_of_median_speed() {
+        let mut backend = Altered {
+            inner: in_process(12, false, false),
+            // The n-gram config's three runs decode in 3, 1 and 2 seconds.
+            alter: |config, call, report, _| {
+                if config.name == "ngram" {
+                    report.decode_time = Duration::from_secs([3, 1, 2][call % 3]);
+                }
+            },
+            calls: HashMap::new(),
+        };
+        let items = vec![Item {
+            id: "code-1".into(),
+            category: "code".into(),
+            format: Format::Completion,
+            turns: vec!["def fibonacci(n):\n".into()],
+            system: None,
+        }];
+        let configs = vec![
+            BenchConfig::plain(),
+            BenchConfig::parse("ngram", true).unwrap(),
+        ];
+        let out = std::env::temp_dir().join(format!("sibyl-bench-repeat-{}", std::process::id()));
+        std::fs::create_dir_all(&out).unwrap();
+        let setup = Setup {
+            repeat: 3,
+            ..setup("smollm2")
+        };
+        let results = measure(
+            &mut backend,
+            &items,
+            &configs,
+            setup,
+            &out,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert_eq!(backend.calls["plain"], 3);
+        assert_eq!(backend.calls["ngram"], 3);
+        assert_eq!(results.items.len(), 2, "one record per config");
+        let ngram = results.items.iter().find(|r| r.config == "ngram").unwrap();
+        assert_eq!(ngram.decode_s, 2.0);
+        assert_eq!(ngram.identical, Some(true));
+        let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(report.contains("each prompt run 3 times"), "{report}");
     }
 
     #[test]

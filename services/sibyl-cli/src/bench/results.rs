@@ -49,6 +49,9 @@ pub struct ItemRecord {
     pub tokens_per_s: f64,
     /// This prompt's tokens/s over plain's.
     pub speedup: Option<f64>,
+    /// The same, of the turns after the first alone (prompts of several turns: each such
+    /// turn's context holds the earlier turns and their answers).
+    pub later_turns_speedup: Option<f64>,
     /// Whether the output equals plain's token for token, every turn (temperature 0 only).
     pub identical: Option<bool>,
     /// Where it first differs from plain's: the turn (from 1) and the token in that turn.
@@ -70,6 +73,11 @@ pub struct ItemRecord {
     /// Each turn's prompt processing (its time to first token), seconds.
     #[serde(skip)]
     pub turn_prompt_s: Vec<f64>,
+    /// `decoded` and `decode_s` of the turns after the first.
+    #[serde(skip)]
+    pub later_decoded: usize,
+    #[serde(skip)]
+    pub later_decode_s: f64,
 }
 
 /// The first token where an output differs from plain decoding's.
@@ -97,6 +105,7 @@ impl ItemRecord {
             steps: 0,
             tokens_per_s: 0.0,
             speedup: None,
+            later_turns_speedup: None,
             identical: None,
             first_difference: None,
             step_p50_ms: 0.0,
@@ -107,7 +116,13 @@ impl ItemRecord {
             outputs: Vec::new(),
             step_times: Vec::new(),
             turn_prompt_s: Vec::new(),
+            later_decoded: 0,
+            later_decode_s: 0.0,
         };
+        for turn in turns.iter().skip(1) {
+            record.later_decoded += turn.tokens.len().saturating_sub(1);
+            record.later_decode_s += turn.decode_time.as_secs_f64();
+        }
         for turn in turns {
             record.tokens += turn.tokens.len();
             record.decoded += turn.tokens.len().saturating_sub(1);
@@ -144,6 +159,9 @@ impl ItemRecord {
     /// the tokens are identical, turn by turn.
     pub fn compare(&mut self, plain: &ItemRecord, exact: bool) {
         self.speedup = (plain.tokens_per_s > 0.0).then(|| self.tokens_per_s / plain.tokens_per_s);
+        let later = |r: &ItemRecord| rate(r.later_decoded, r.later_decode_s);
+        self.later_turns_speedup =
+            (self.turns > 1 && later(plain) > 0.0).then(|| later(self) / later(plain));
         if !exact {
             return;
         }
@@ -176,6 +194,11 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// Geometric mean over prompts of the per-prompt speedup over plain.
     pub speedup_geomean: Option<f64>,
+    /// Prompts of several turns, and the geometric mean of their later turns' speedup.
+    pub multi_turn: usize,
+    pub later_turns_speedup_geomean: Option<f64>,
+    /// Tokens/s of those later turns, all such prompts together.
+    pub later_turns_tokens_per_s: f64,
     /// The smallest and largest per-prompt speedup.
     pub speedup_min: Option<f64>,
     pub speedup_max: Option<f64>,
@@ -211,6 +234,8 @@ impl Summary {
         let (mut prompt_tokens, mut prompt_s) = (0, 0.0);
         let (mut total, mut identical, mut log_speedups, mut speedups) = (0, 0, 0.0, 0);
         let (mut speedup_min, mut speedup_max) = (None::<f64>, None::<f64>);
+        let (mut multi_turn, mut later_decoded, mut later_decode_s) = (0, 0, 0.0);
+        let mut later_speedups = Vec::new();
         let mut step_times = Vec::new();
         let mut drafts: BTreeMap<String, DraftCounts> = BTreeMap::new();
         for record in records {
@@ -229,6 +254,12 @@ impl Summary {
                 speedup_min = Some(speedup_min.map_or(speedup, |m| m.min(speedup)));
                 speedup_max = Some(speedup_max.map_or(speedup, |m| m.max(speedup)));
             }
+            if record.turns > 1 {
+                multi_turn += 1;
+                later_decoded += record.later_decoded;
+                later_decode_s += record.later_decode_s;
+                later_speedups.extend(record.later_turns_speedup.filter(|s| *s > 0.0));
+            }
             step_times.extend_from_slice(&record.step_times);
             for (kind, counts) in &record.drafters {
                 let sum = drafts.entry(kind.clone()).or_default();
@@ -240,6 +271,12 @@ impl Summary {
         Self {
             tokens_per_s: rate(decoded, decode_s),
             speedup_geomean: (speedups > 0).then(|| (log_speedups / speedups as f64).exp()),
+            multi_turn,
+            later_turns_speedup_geomean: (!later_speedups.is_empty()).then(|| {
+                let logs: f64 = later_speedups.iter().map(|s| s.ln()).sum();
+                (logs / later_speedups.len() as f64).exp()
+            }),
+            later_turns_tokens_per_s: rate(later_decoded, later_decode_s),
             speedup_min,
             speedup_max,
             mean_accepted_tokens: if steps > 0 {
@@ -353,6 +390,8 @@ pub struct Setup {
     pub max_tokens: usize,
     pub temperature: f32,
     pub seed: u64,
+    /// Runs of each prompt under each config; the run of median decode speed is kept.
+    pub repeat: usize,
     pub datasets: Vec<String>,
     /// The draft settings of an in-process run (a gateway's are the servers').
     pub speculation: Option<Speculation>,
@@ -524,6 +563,13 @@ impl Results {
                 d.ngram_branches
             ));
         }
+        if s.repeat > 1 {
+            out.push_str(&format!(
+                "- each prompt run {} times under each config, in alternating order; per \
+                 config the run of median decode speed is kept\n",
+                s.repeat
+            ));
+        }
         if s.build != "release" {
             out.push_str(&format!(
                 "- **{} build**: the timings mean little\n",
@@ -597,6 +643,32 @@ impl Results {
                 }
             }
             out.push('\n');
+        }
+        let multi_turn = self
+            .configs
+            .get("plain")
+            .map_or(0, |r| r.overall.multi_turn);
+        if multi_turn > 0 {
+            out.push_str(&format!(
+                "\n## Later turns\n\nThe turns after the first of the {multi_turn} prompts with \
+                 several: each one's context holds the turns before it and their answers. Decode \
+                 tokens/s, and the geometric mean of per-prompt ratios to plain decoding.\n\n\
+                 | config | tok/s | speedup |\n|---|---:|---:|\n"
+            ));
+            for name in &self.config_names {
+                if let Some(r) = self.configs.get(name) {
+                    let o = &r.overall;
+                    let speedup = if name == "plain" {
+                        "1.00x".to_string()
+                    } else {
+                        ratio(o.later_turns_speedup_geomean)
+                    };
+                    out.push_str(&format!(
+                        "| {name} | {:.2} | {speedup} |\n",
+                        o.later_turns_tokens_per_s
+                    ));
+                }
+            }
         }
         out.push_str(
             "\n## Per config, all prompts\n\n| config | tok/s | speedup | prompts from / to | MAT \
@@ -805,6 +877,34 @@ mod tests {
         // Step times 1 (the first token's, left out) and 2 ms in each record.
         assert_eq!((summary.step_p50_ms, summary.step_p99_ms), (2.0, 2.0));
         assert_eq!(Summary::of(&records, false).identical, None);
+    }
+
+    #[test]
+    fn later_turns_are_measured_apart() {
+        let turn = |tokens: usize, decode_s: f64| GenerationReport {
+            tokens: vec![1; tokens],
+            prompt_tokens: 10,
+            cached_tokens: 0,
+            finish_reason: sibyl_decode::FinishReason::Length,
+            steps: tokens,
+            prompt_time: Duration::ZERO,
+            decode_time: Duration::from_secs_f64(decode_s),
+            step_times: Vec::new(),
+            drafters: Vec::new(),
+            seed: 0,
+        };
+        let plain = ItemRecord::new("id", "c", "plain", &[turn(5, 1.0), turn(9, 2.0)]);
+        // The first turn as fast as plain's, the second twice as fast.
+        let mut x = ItemRecord::new("id", "c", "x", &[turn(5, 1.0), turn(9, 1.0)]);
+        x.compare(&plain, true);
+        assert_eq!(x.later_turns_speedup, Some(2.0));
+        let mut single = record("x", "c", vec![1; 4], 1.0, 4);
+        single.compare(&record("plain", "c", vec![1; 4], 1.0, 4), true);
+        assert_eq!(single.later_turns_speedup, None);
+        let summary = Summary::of([&x, &single], true);
+        assert_eq!(summary.multi_turn, 1);
+        assert_eq!(summary.later_turns_speedup_geomean, Some(2.0));
+        assert_eq!(summary.later_turns_tokens_per_s, 8.0);
     }
 
     #[test]
