@@ -610,6 +610,41 @@ mod tests {
     }
 
     #[test]
+    fn an_index_that_evicted_drafts_as_one_that_only_ever_held_what_is_left() {
+        // Documents over a small alphabet, so that windows recur across documents and an
+        // evicted document's windows also occur in kept ones.
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) % n) as TokenId
+        };
+        let documents: Vec<Vec<TokenId>> = (0..60)
+            .map(|_| (0..4 + next(12)).map(|_| next(4)).collect())
+            .collect();
+        let evicting = index(64);
+        for document in &documents {
+            evicting.add(document);
+        }
+        let kept = evicting.documents();
+        assert!(kept < documents.len(), "some were evicted");
+        let fresh = index(1 << 20);
+        for document in &documents[documents.len() - kept..] {
+            fresh.add(document);
+        }
+        for _ in 0..300 {
+            let context: Vec<TokenId> = (0..3 + next(6)).map(|_| next(4)).collect();
+            let mut a = SuffixDrafter::new(evicting.clone());
+            let mut b = SuffixDrafter::new(fresh.clone());
+            assert_eq!(a.lookup(&context, 6), b.lookup(&context, 6), "{context:?}");
+            // Their own contexts must not join the indexes.
+            std::mem::forget(a);
+            std::mem::forget(b);
+        }
+    }
+
+    #[test]
     fn short_or_empty_input_proposes_nothing() {
         let shared = index(1 << 20);
         shared.add(&[]);
