@@ -26,8 +26,9 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it to stdout; a summary goes to stderr.
     Generate(generate::GenerateArgs),
-    /// Run everything in one process: gateway (HTTP and gRPC), verifier, an n-gram drafter
-    /// and, with `--datastore`, a retrieval drafter, wired over loopback gRPC.
+    /// Run everything in one process: gateway (HTTP and gRPC), verifier and drafters
+    /// (`--draft`; by default n-gram, and retrieval with `--datastore`), wired over loopback
+    /// gRPC.
     Serve(roles::ServeArgs),
     /// Run the gateway role: the OpenAI-compatible HTTP API and the gRPC API.
     Gateway(roles::GatewayArgs),
@@ -70,5 +71,17 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_subcommand_has_distinct_well_formed_flags() {
+        // clap checks this only in debug builds; the tests run in release.
+        Cli::command().debug_assert();
     }
 }
