@@ -679,6 +679,9 @@ pub type BlockStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<pb::DraftBlock, tonic::Status>> + Send>,
 >;
 
+/// What a test drafter that keeps no index answers `Fetch` with (it never does).
+pub type NoDocuments = tokio_stream::Empty<Result<pb::ShareRequest, tonic::Status>>;
+
 /// Serves `service` as a drafter on a loopback port, until the runtime ends; its address as
 /// `http://HOST:PORT`.
 pub async fn serve_drafter<S: pb::drafter_server::Drafter>(service: S) -> String {
@@ -708,6 +711,15 @@ impl pb::drafter_server::Drafter for Garbage {
         &self,
         _: tonic::Request<pb::ShareRequest>,
     ) -> Result<tonic::Response<pb::ShareReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("keeps no index"))
+    }
+
+    type FetchStream = NoDocuments;
+
+    async fn fetch(
+        &self,
+        _: tonic::Request<pb::FetchRequest>,
+    ) -> Result<tonic::Response<NoDocuments>, tonic::Status> {
         Err(tonic::Status::unimplemented("keeps no index"))
     }
 

@@ -189,6 +189,15 @@ impl pb::drafter_server::Drafter for Dying {
         Err(Status::unimplemented("keeps no index"))
     }
 
+    type FetchStream = sibyl_tests::NoDocuments;
+
+    async fn fetch(
+        &self,
+        _: Request<pb::FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        Err(Status::unimplemented("keeps no index"))
+    }
+
     async fn draft(
         &self,
         request: Request<Streaming<pb::DraftRequest>>,

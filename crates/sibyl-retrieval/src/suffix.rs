@@ -344,6 +344,18 @@ impl SuffixIndex {
         corpus.ends.len()
     }
 
+    /// A copy of the documents held, oldest first (the index is locked while they are
+    /// copied: at most `max_tokens` tokens).
+    pub fn held(&self) -> Vec<Vec<TokenId>> {
+        let corpus = self.corpus.read().unwrap_or_else(|e| e.into_inner());
+        let live = (corpus.start - corpus.offset) as usize;
+        corpus.tokens[live..]
+            .split(|&t| t == SEPARATOR)
+            .filter(|d| !d.is_empty())
+            .map(<[TokenId]>::to_vec)
+            .collect()
+    }
+
     /// What the index holds and has done.
     pub fn stats(&self) -> SuffixStats {
         let corpus = self.corpus.read().unwrap_or_else(|e| e.into_inner());
@@ -642,6 +654,15 @@ mod tests {
             std::mem::forget(a);
             std::mem::forget(b);
         }
+    }
+
+    #[test]
+    fn held_documents_are_the_live_ones_oldest_first() {
+        let shared = index(12);
+        shared.add(&[1, 2, 3, 4, 5]);
+        shared.add(&[6, 7, 8, 9, 10]);
+        shared.add(&[11, 12, 13, 14, 15]);
+        assert_eq!(shared.held(), [[6, 7, 8, 9, 10], [11, 12, 13, 14, 15]]);
     }
 
     #[test]

@@ -606,10 +606,11 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
     let origin = rand::random::<u64>();
     let mut service = service.requiring(token.clone());
     if let Some(state) = &suffix {
-        let index = state.index.clone();
+        let (index, held) = (state.index.clone(), state.index.clone());
         service = service.accepting_shared(ShareInbox {
             origin,
             accept: Arc::new(move |document| index.add_shared(document)),
+            held: Arc::new(move || held.held()),
         });
     }
     let tls = args.tls.load()?;
@@ -624,13 +625,14 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
             if !args.suffix_peers.is_empty() {
                 let names: Vec<String> = args.suffix_peers.iter().map(|p| p.to_string()).collect();
                 tracing::info!(peers = %names.join(","), "sharing finished generations with peers");
-                let send = service.share_with(Peers {
+                let peers = Peers {
                     services: args.suffix_peers.clone(),
                     tls: peer_tls,
                     token,
                     origin,
-                });
-                state.index.on_add(send);
+                };
+                state.index.on_add(service.share_with(peers.clone()));
+                state.spawn_catch_up(service.clone(), peers);
             }
         }
         let listener = Listener { tcp, tls };

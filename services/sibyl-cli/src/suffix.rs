@@ -2,6 +2,7 @@
 //! interval and at shutdown), its metrics, and, in a drafter role, its peers.
 
 use clap::Args;
+use sibyl_drafter::Peers;
 use sibyl_retrieval::{SuffixDrafter, SuffixIndex, TokenizerId};
 use sibyl_spec::{Drafter, Proposal, TokenId};
 use std::path::PathBuf;
@@ -11,6 +12,10 @@ use std::time::{Duration, Instant};
 
 /// How often the index's metrics are brought up to date.
 const METRICS_INTERVAL: Duration = Duration::from_secs(5);
+/// A replica that starts empty asks its peers this many times for their index...
+const CATCH_UP_ATTEMPTS: usize = 5;
+/// ...this long apart.
+const CATCH_UP_RETRY: Duration = Duration::from_secs(3);
 
 /// The suffix index's snapshot.
 #[derive(Debug, Clone, Default, Args)]
@@ -37,6 +42,8 @@ pub struct SuffixState {
     tokenizer: Arc<OnceLock<TokenizerId>>,
     /// The index's count of added documents at the last snapshot (or restore).
     saved: Arc<AtomicU64>,
+    /// Documents restored from the snapshot at start (set once loaded).
+    restored: Arc<OnceLock<usize>>,
 }
 
 impl SuffixState {
@@ -47,6 +54,7 @@ impl SuffixState {
             interval: Duration::from_secs(args.suffix_snapshot_interval),
             tokenizer: Arc::default(),
             saved: Arc::default(),
+            restored: Arc::default(),
         }
     }
 
@@ -62,12 +70,18 @@ impl SuffixState {
         if self.tokenizer.set(tokenizer).is_err() {
             return;
         }
+        let restored = self.restore(tokenizer);
+        let _ = self.restored.set(restored);
+    }
+
+    /// Restores the snapshot, if any; says how many documents it held.
+    fn restore(&self, tokenizer: TokenizerId) -> usize {
         let Some(path) = &self.snapshot else {
-            return;
+            return 0;
         };
         if !path.exists() {
             tracing::info!(snapshot = %path.display(), "no suffix index snapshot yet; starting empty");
-            return;
+            return 0;
         }
         let started = Instant::now();
         match self.index.restore(path, tokenizer) {
@@ -81,12 +95,16 @@ impl SuffixState {
                     ms = started.elapsed().as_millis() as u64,
                     "suffix index restored"
                 );
+                documents
             }
-            Err(error) => tracing::warn!(
-                %error,
-                "suffix index snapshot refused; starting with an empty index (the next \
-                 snapshot replaces it)"
-            ),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "suffix index snapshot refused; starting with an empty index (the next \
+                     snapshot replaces it)"
+                );
+                0
+            }
         }
     }
 
@@ -117,6 +135,36 @@ impl SuffixState {
                 tracing::warn!(%error, "suffix index snapshot not written");
             }
         }
+    }
+
+    /// Once the role has loaded, if no snapshot gave it documents (a new replica): fills
+    /// the index from the first of `peers` that sends what it holds, retrying a few times
+    /// while none can (they may be starting too).
+    pub fn spawn_catch_up(&self, service: sibyl_drafter::DraftService, peers: Peers) {
+        let state = self.clone();
+        tokio::spawn(async move {
+            let restored = loop {
+                match state.restored.get() {
+                    Some(&restored) => break restored,
+                    None => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            if restored > 0 {
+                return;
+            }
+            for attempt in 0..CATCH_UP_ATTEMPTS {
+                match service.catch_up(&peers).await {
+                    Ok((peer, documents)) => {
+                        tracing::info!(%peer, documents, "suffix index caught up from a peer");
+                        return;
+                    }
+                    Err(reason) if attempt + 1 == CATCH_UP_ATTEMPTS => {
+                        tracing::info!(%reason, "suffix index not caught up from a peer; it fills as generations finish");
+                    }
+                    Err(_) => tokio::time::sleep(CATCH_UP_RETRY).await,
+                }
+            }
+        });
     }
 
     /// Keeps the metrics up to date and writes the snapshot at its interval, on the

@@ -386,6 +386,24 @@ async fn first_draft(addr: &str, fingerprint: &str, vocab: u32, context: &[u32])
         .unwrap_or_default()
 }
 
+/// [`first_draft`] until it proposes something (what reaches a drafter from its peers
+/// comes a moment later), for at most 10 s; the last answer.
+async fn drafted_within_10s(
+    addr: &str,
+    fingerprint: &str,
+    vocab: u32,
+    context: &[u32],
+) -> Vec<u32> {
+    for _ in 0..100 {
+        let drafted = first_draft(addr, fingerprint, vocab, context).await;
+        if !drafted.is_empty() {
+            return drafted;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Vec::new()
+}
+
 /// The Prometheus sample `name` on the `/metrics` page at `addr` (0 when absent).
 async fn metric(addr: &str, name: &str) -> f64 {
     let page = sibyl_tests::http(addr.parse().unwrap(), "GET", "/metrics", &[], None).await;
@@ -396,7 +414,7 @@ async fn metric(addr: &str, name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn suffix_drafters_share_what_they_index_and_keep_it_across_restarts() {
+async fn suffix_drafters_share_what_they_index_keep_it_across_restarts_and_catch_up() {
     let model = model_path();
     let text = sibyl_engine::load_text(Path::new(&model)).unwrap();
     let fingerprint = sibyl_proto::fingerprint(text.tokenizer.fingerprint());
@@ -438,14 +456,7 @@ async fn suffix_drafters_share_what_they_index_and_keep_it_across_restarts() {
         .is_empty());
     // A later session on B, whose context ends as part of it did, gets what followed.
     let context = [7, 1100, 1101, 1102, 1103];
-    let mut drafted = Vec::new();
-    for _ in 0..100 {
-        drafted = first_draft(&b, &fingerprint, vocab, &context).await;
-        if !drafted.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let drafted = drafted_within_10s(&b, &fingerprint, vocab, &context).await;
     assert_eq!(drafted, (1104..1112).collect::<Vec<u32>>());
     let received = "sibyl_drafter_shared_documents_total{outcome=\"received\"}";
     assert_eq!(metric(&metrics, received).await, 1.0);
@@ -507,4 +518,23 @@ async fn suffix_drafters_share_what_they_index_and_keep_it_across_restarts() {
         log.contains("snapshot refused") && log.contains("checksum"),
         "{log}"
     );
+
+    // A new replica, with no snapshot, catches up from its peers (A holds the document).
+    let d = port();
+    let peers = format!("http://{a},http://{d}");
+    processes.0.push(suffix_drafter(
+        &model,
+        (&d, &port()),
+        &["--suffix-peers", &peers],
+        &dir.path().join("d.log"),
+    ));
+    let serving = sibyl_proto::client::wait_until_serving(
+        d.parse().unwrap(),
+        std::time::Duration::from_secs(120),
+    );
+    assert!(serving.await);
+    let drafted = drafted_within_10s(&d, &fingerprint, vocab, &context).await;
+    assert_eq!(drafted, (1104..1112).collect::<Vec<u32>>());
+    let log = std::fs::read_to_string(dir.path().join("d.log")).unwrap();
+    assert!(log.contains("caught up from a peer"), "{log}");
 }

@@ -10,7 +10,7 @@ mod share;
 
 pub use ahead::{AdvanceError, AheadLimits, DraftAhead};
 pub use service::{DraftService, MakeDrafter};
-pub use share::{AcceptShared, Peers, ShareInbox};
+pub use share::{AcceptShared, HeldDocuments, Peers, ShareInbox};
 
 use sibyl_proto::server::{run_role, Listener, OnLoadError, ServeError};
 use sibyl_proto::v1::drafter_server::{DrafterServer, SERVICE_NAME};

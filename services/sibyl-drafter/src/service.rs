@@ -159,6 +159,16 @@ impl pb::drafter_server::Drafter for DraftService {
     ) -> Result<Response<pb::ShareReply>, Status> {
         self.receive(request.into_inner()).await.map(Response::new)
     }
+
+    type FetchStream = ReceiverStream<Result<pb::ShareRequest, Status>>;
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let held = self.send_held(request.into_inner()).await?;
+        Ok(Response::new(ReceiverStream::new(held)))
+    }
 }
 
 impl DraftService {

@@ -35,12 +35,17 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Adds a document a peer sent to this drafter's index; says whether it was kept.
 pub type AcceptShared = Arc<dyn Fn(&[u32]) -> bool + Send + Sync>;
 
-/// What a drafter that keeps an index does with what its peers share.
+/// The documents this drafter's index holds, oldest first (a copy).
+pub type HeldDocuments = Arc<dyn Fn() -> Vec<Vec<u32>> + Send + Sync>;
+
+/// What a drafter that keeps an index does with what its peers share, and what it gives a
+/// peer that catches up.
 #[derive(Clone)]
 pub struct ShareInbox {
     /// This process's random id: requests carrying it are its own.
     pub origin: u64,
     pub accept: AcceptShared,
+    pub held: HeldDocuments,
 }
 
 /// Where a drafter sends what it indexes.
@@ -107,23 +112,156 @@ impl DraftService {
                 request.documents.len()
             )));
         }
-        let accept = inbox.accept.clone();
-        // Indexing takes the index's write lock: off the async workers.
-        let added = tokio::task::spawn_blocking(move || {
-            request
-                .documents
-                .iter()
-                .filter(|d| accept(&d.tokens))
-                .count()
-        })
-        .await
-        .map_err(|_| Status::internal("indexing the documents failed"))?;
+        let added = index(inbox, request.documents)
+            .await
+            .map_err(Status::internal)?;
         outcome("received", added);
         Ok(pb::ShareReply {
             added: added as u32,
             own: false,
         })
     }
+}
+
+impl DraftService {
+    /// Answers a peer's `Fetch`: everything the index holds, in messages of `Share`'s size.
+    pub(crate) async fn send_held(
+        &self,
+        request: pb::FetchRequest,
+    ) -> Result<mpsc::Receiver<Result<pb::ShareRequest, Status>>, Status> {
+        let inbox = self.inbox().ok_or_else(|| {
+            Status::unimplemented("this drafter keeps no index of finished generations")
+        })?;
+        self.check_tokenizer(&request.tokenizer_fingerprint)?;
+        let fingerprint = request.tokenizer_fingerprint;
+        let (origin, held) = (inbox.origin, inbox.held.clone());
+        // Copying takes the index's read lock: off the async workers.
+        let documents = tokio::task::spawn_blocking(move || held())
+            .await
+            .map_err(|_| Status::internal("reading the index failed"))?;
+        let (send, receive) = mpsc::channel(2);
+        tokio::spawn(async move {
+            for batch in batches(documents) {
+                let message = pb::ShareRequest {
+                    tokenizer_fingerprint: fingerprint.clone(),
+                    origin,
+                    documents: batch
+                        .into_iter()
+                        .map(|tokens| pb::SharedDocument { tokens })
+                        .collect(),
+                };
+                if send.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(receive)
+    }
+
+    /// Fills this drafter's index from the first of `peers` (other than itself) that sends
+    /// what it holds: how a replica that starts empty catches up. Says from where, and how
+    /// many documents it added; an error when no peer could.
+    pub async fn catch_up(&self, peers: &Peers) -> Result<(SocketAddr, usize), String> {
+        let inbox = self
+            .inbox()
+            .ok_or("this drafter keeps no index of finished generations")?;
+        let ours = *self
+            .fingerprint_cell()
+            .get()
+            .ok_or("the tokenizer is not loaded yet")?;
+        let balancer = Balancer::new(peers.tls.clone());
+        let mut reasons = Vec::new();
+        for service in &peers.services {
+            let targets = match balancer.all(service).await {
+                Ok(targets) => targets,
+                Err(reason) => {
+                    reasons.push(reason);
+                    continue;
+                }
+            };
+            for (addr, channel) in targets {
+                let mut call = tonic::Request::new(pb::FetchRequest {
+                    tokenizer_fingerprint: sibyl_proto::fingerprint(ours),
+                });
+                sibyl_proto::auth::attach(peers.token.as_ref(), call.metadata_mut());
+                let fetched = fetch_from(DrafterClient::new(channel), call, peers.origin, inbox);
+                match tokio::time::timeout(FETCH_TIMEOUT, fetched).await {
+                    Ok(Ok(Some(added))) => {
+                        outcome("fetched", added);
+                        return Ok((addr, added));
+                    }
+                    // Itself.
+                    Ok(Ok(None)) => {}
+                    Ok(Err(reason)) => reasons.push(format!("{addr}: {reason}")),
+                    Err(_) => reasons.push(format!("{addr}: not done within {FETCH_TIMEOUT:?}")),
+                }
+            }
+        }
+        if reasons.is_empty() {
+            reasons.push("no peer but this drafter".into());
+        }
+        Err(reasons.join("; "))
+    }
+}
+
+/// Longest a catch-up from one peer may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads one peer's `Fetch` into `inbox`; `None` when the peer is this drafter.
+async fn fetch_from(
+    mut client: DrafterClient<tonic::transport::Channel>,
+    call: tonic::Request<pb::FetchRequest>,
+    origin: u64,
+    inbox: &ShareInbox,
+) -> Result<Option<usize>, String> {
+    let mut stream = client
+        .fetch(call)
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    let mut added = 0;
+    while let Some(message) = stream.message().await.map_err(|s| s.to_string())? {
+        if message.origin == origin {
+            return Ok(None);
+        }
+        let tokens: usize = message.documents.iter().map(|d| d.tokens.len()).sum();
+        if message.documents.len() > MAX_DOCUMENTS || tokens > MAX_TOKENS {
+            return Err(format!("a message of {tokens} tokens, over the limits"));
+        }
+        added += index(inbox, message.documents).await?;
+    }
+    Ok(Some(added))
+}
+
+/// Adds `documents` to `inbox`'s index, off the async workers (indexing takes the index's
+/// write lock); says how many were kept.
+async fn index(inbox: &ShareInbox, documents: Vec<pb::SharedDocument>) -> Result<usize, String> {
+    let accept = inbox.accept.clone();
+    tokio::task::spawn_blocking(move || documents.iter().filter(|d| accept(&d.tokens)).count())
+        .await
+        .map_err(|_| "indexing the documents failed".to_string())
+}
+
+/// `documents` in messages within one call's limits, in order (a longer document keeps
+/// its newest tokens).
+fn batches(documents: Vec<Vec<u32>>) -> Vec<Vec<Vec<u32>>> {
+    let mut batches: Vec<Vec<Vec<u32>>> = Vec::new();
+    let mut tokens = 0;
+    for mut document in documents {
+        if document.len() > MAX_TOKENS {
+            document.drain(..document.len() - MAX_TOKENS);
+        }
+        let full = batches
+            .last()
+            .is_none_or(|b| b.len() == MAX_DOCUMENTS || tokens + document.len() > MAX_TOKENS);
+        if full {
+            batches.push(Vec::new());
+            tokens = 0;
+        }
+        tokens += document.len();
+        batches.last_mut().expect("just made").push(document);
+    }
+    batches
 }
 
 fn outcome(outcome: &str, documents: usize) {
@@ -301,6 +439,25 @@ mod tests {
             0,
             "the queue's count is back to 0"
         );
+    }
+
+    #[test]
+    fn what_a_peer_fetches_comes_in_messages_within_one_calls_limits() {
+        let sizes = [10, MAX_TOKENS - 20, 30, MAX_TOKENS + 3, 1, 2];
+        let held: Vec<Vec<u32>> = sizes
+            .iter()
+            .chain(&[4; 100])
+            .enumerate()
+            .map(|(i, &n)| vec![i as u32; n])
+            .collect();
+        let messages = batches(held.clone());
+        for message in &messages {
+            assert!(message.len() <= MAX_DOCUMENTS);
+            assert!(message.iter().map(Vec::len).sum::<usize>() <= MAX_TOKENS);
+        }
+        let mut want = held;
+        want[3].truncate(MAX_TOKENS);
+        assert_eq!(messages.concat(), want, "every document, in order");
     }
 
     #[tokio::test]
