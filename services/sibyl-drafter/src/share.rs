@@ -1,7 +1,8 @@
 //! Drafters that keep an index of finished generations (the suffix drafter) share it: each
 //! sends what it indexes to every address of its peers' Service (`Share`), and adds what its
 //! peers send, so that every replica drafts from all the cluster has generated, whichever
-//! replica a session went to.
+//! replica a session went to. A replica that starts with nothing restored fetches what a
+//! peer holds (`Fetch`) first.
 //!
 //! Sending never holds up drafting: documents wait in a bounded queue (past it they are
 //! dropped and counted), go out in batches, and a peer that does not answer is skipped
@@ -121,9 +122,7 @@ impl DraftService {
             own: false,
         })
     }
-}
 
-impl DraftService {
     /// Answers a peer's `Fetch`: everything the index holds, in messages of `Share`'s size.
     pub(crate) async fn send_held(
         &self,
