@@ -614,9 +614,7 @@ impl<F: FnMut(&[TokenId]) -> ControlFlow<()>> Client for InProcess<'_, F> {
     }
 
     fn ended(&mut self, session: &Session) {
-        for drafter in self.drafters.iter_mut() {
-            drafter.finish(session.context());
-        }
+        session.finish_in_process(self.drafters);
     }
 }
 

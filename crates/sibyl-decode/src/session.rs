@@ -428,6 +428,14 @@ impl Session {
         draft(self, drafters)
     }
 
+    /// Tells `drafters`, running in this process, that the session has ended with its
+    /// context ([`Drafter::finish`]).
+    pub fn finish_in_process(&self, drafters: &mut [Box<dyn Drafter>]) {
+        for drafter in drafters {
+            drafter.finish(self.context());
+        }
+    }
+
     /// What this session learns with the others of its process (adaptive sizing), if it does.
     pub fn learning(&self) -> Option<&SharedLearning> {
         self.config.learning.as_ref()

@@ -105,17 +105,7 @@ impl DraftService {
                 own: true,
             });
         }
-        let tokens: usize = request.documents.iter().map(|d| d.tokens.len()).sum();
-        if request.documents.len() > MAX_DOCUMENTS || tokens > MAX_TOKENS {
-            return Err(Status::invalid_argument(format!(
-                "{} documents of {tokens} tokens; one call carries at most {MAX_DOCUMENTS} \
-                 documents and {MAX_TOKENS} tokens",
-                request.documents.len()
-            )));
-        }
-        let added = index(inbox, request.documents)
-            .await
-            .map_err(Status::internal)?;
+        let added = index(inbox, request.documents).await?;
         outcome("received", added);
         Ok(pb::ShareReply {
             added: added as u32,
@@ -223,22 +213,29 @@ async fn fetch_from(
         if message.origin == origin {
             return Ok(None);
         }
-        let tokens: usize = message.documents.iter().map(|d| d.tokens.len()).sum();
-        if message.documents.len() > MAX_DOCUMENTS || tokens > MAX_TOKENS {
-            return Err(format!("a message of {tokens} tokens, over the limits"));
-        }
-        added += index(inbox, message.documents).await?;
+        added += index(inbox, message.documents)
+            .await
+            .map_err(|s| s.message().to_string())?;
     }
     Ok(Some(added))
 }
 
-/// Adds `documents` to `inbox`'s index, off the async workers (indexing takes the index's
-/// write lock); says how many were kept.
-async fn index(inbox: &ShareInbox, documents: Vec<pb::SharedDocument>) -> Result<usize, String> {
+/// Adds `documents` (one `Share` call's or `Fetch` message's: refused past their limits) to
+/// `inbox`'s index, off the async workers (indexing takes the index's write lock); says how
+/// many were kept.
+async fn index(inbox: &ShareInbox, documents: Vec<pb::SharedDocument>) -> Result<usize, Status> {
+    let tokens: usize = documents.iter().map(|d| d.tokens.len()).sum();
+    if documents.len() > MAX_DOCUMENTS || tokens > MAX_TOKENS {
+        return Err(Status::invalid_argument(format!(
+            "{} documents of {tokens} tokens; one message carries at most {MAX_DOCUMENTS} \
+             documents and {MAX_TOKENS} tokens",
+            documents.len()
+        )));
+    }
     let accept = inbox.accept.clone();
     tokio::task::spawn_blocking(move || documents.iter().filter(|d| accept(&d.tokens)).count())
         .await
-        .map_err(|_| "indexing the documents failed".to_string())
+        .map_err(|_| Status::internal("indexing the documents failed"))
 }
 
 /// `documents` in messages within one call's limits, in order (a longer document keeps

@@ -116,9 +116,7 @@ impl Client for Request<'_> {
     }
 
     fn ended(&mut self, session: &Session) {
-        for drafter in &mut self.drafters {
-            drafter.finish(session.context());
-        }
+        session.finish_in_process(&mut self.drafters);
     }
 }
 
