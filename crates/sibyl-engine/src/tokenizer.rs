@@ -68,6 +68,10 @@ pub struct TextTokenizer {
 /// Bytes of text [`TextTokenizer::encode_at_most`] tokenizes in one piece, at least.
 const PIECE_BYTES: usize = 16 * 1024;
 
+/// Text of more bytes than this (and than there is room for tokens: no token is shorter
+/// than a byte) is bounded by [`TextTokenizer::fewest_tokens`] before it is tokenized.
+const BOUND_FIRST_BYTES: usize = 16 * 1024;
+
 impl TextTokenizer {
     pub(crate) fn from_gguf(file: &ModelFile) -> Result<Self, EngineError> {
         let error = |reason: String| EngineError::Tokenizer {
@@ -233,9 +237,10 @@ impl TextTokenizer {
     }
 
     /// [`Self::encode`]'s ids of `text`, or `None` as soon as they are known to number more
-    /// than `limit`: long text is tokenized in pieces, one per core side by side (cut only
-    /// where the tokens cannot change, [`next_cut`]), so an over-long prompt costs about
-    /// `limit` tokens' work, not its whole length's.
+    /// than `limit`: long text is first bounded without tokenizing it
+    /// ([`Self::fewest_tokens`]), then tokenized in pieces, one per core side by side (cut
+    /// only where the tokens cannot change, [`next_cut`]), so an over-long prompt costs
+    /// about `limit` tokens' work, not its whole length's.
     pub fn encode_at_most(
         &self,
         text: &str,
@@ -262,6 +267,14 @@ impl TextTokenizer {
         limit: usize,
     ) -> Result<Option<Vec<TokenId>>, EngineError> {
         let error = |e: tokenizers::Error| EngineError::Encode(e.to_string());
+        // Long text that must take more tokens than there is room for is refused before
+        // tokenizing: a word the tokenizer cannot cut costs its whole length to tokenize.
+        let room = limit.saturating_sub(ids.len());
+        if text.len() > room.max(BOUND_FIRST_BYTES)
+            && self.fewest_tokens(text, room.saturating_add(1)) > room
+        {
+            return Ok(None);
+        }
         // As many pieces at a time as there are cores, tokenized side by side.
         let at_a_time = if self.piecewise { self.cores } else { 1 };
         let mut start = 0;
@@ -369,6 +382,15 @@ impl TextTokenizer {
         self.bound.least_tokens(text, enough)
     }
 
+    /// At least how many tokens `text` encodes to, from the fewest strings of the
+    /// vocabulary that its ASCII can be cut into (`tokenizer/bound.rs`): within a few
+    /// percent of the real count for ASCII text, at some tens of microseconds per
+    /// kilobyte, a fraction of tokenizing it. Stops once the bound reaches `enough`.
+    /// [`Self::encode_at_most`] refuses long text with it before tokenizing.
+    pub fn fewest_tokens(&self, text: &str, enough: usize) -> usize {
+        self.bound.fewest_tokens(text, enough)
+    }
+
     /// Number of token strings in the vocabulary (the model may pad its embedding further).
     pub fn vocab_len(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -387,12 +409,14 @@ const CJK_COMMA: char = '\u{3001}';
 
 /// The first place at or after `from` where text can be cut without changing its tokens
 /// (the end of the text when there is none): after a single newline between two printable
-/// ASCII characters, before a space between two ASCII letters, or before an ideographic
-/// full stop or comma that follows a CJK ideograph of Unicode 1.1 (U+4E00..=U+9FA5, all
-/// letters). Every supported pre-tokenizer (qwen2, llama3, gpt2, smollm) ends a piece
-/// there (a run of letters ends at the first non-letter) and starts the next one at the
-/// same place whether the text is whole or cut; NFC composes nothing across a newline, a
-/// space or that punctuation; and no added token straddles the cut (checked at load).
+/// ASCII characters, before a space or a newline that follows an ASCII letter, or before an
+/// ideographic full stop or comma that follows a CJK ideograph of Unicode 1.1
+/// (U+4E00..=U+9FA5, all letters). Every supported pre-tokenizer (qwen2, llama3, gpt2,
+/// smollm) ends a piece there (a run of letters ends at the first non-letter, and none of
+/// their patterns holds a letter before whitespace) and starts the next one at the same
+/// place whether the text is whole or cut (they look ahead, never back); NFC composes
+/// nothing across a newline, a space or that punctuation; and no added token straddles the
+/// cut (checked at load).
 fn next_cut(text: &str, from: usize) -> usize {
     let bytes = text.as_bytes();
     let printable = |b: u8| b.is_ascii_graphic();
@@ -408,9 +432,7 @@ fn next_cut(text: &str, from: usize) -> usize {
     while at + 1 < bytes.len() {
         let after_newline =
             bytes[at - 1] == b'\n' && printable(bytes[at - 2]) && printable(bytes[at]);
-        let before_space = bytes[at] == b' '
-            && bytes[at - 1].is_ascii_alphabetic()
-            && bytes[at + 1].is_ascii_alphabetic();
+        let before_space = matches!(bytes[at], b' ' | b'\n') && bytes[at - 1].is_ascii_alphabetic();
         // The two marks are E3 80 82 and E3 80 81 in UTF-8.
         let before_mark = bytes[at] == 0xE3
             && bytes.get(at + 1) == Some(&0x80)

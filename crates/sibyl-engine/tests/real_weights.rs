@@ -438,6 +438,9 @@ mod pieces {
         "。",
         "、",
         "語。」",
+        "x          ",
+        "y\n\n    ",
+        "z \t",
     ];
 
     fn text() -> impl Strategy<Value = String> {
@@ -472,8 +475,13 @@ mod pieces {
 
     /// Runs that tokenizers pack densely (long words, punctuation, whitespace, digits), and
     /// ASCII bytes that NFC composes with what follows or that it makes out of other
-    /// characters (the Kelvin sign becomes `K`).
+    /// characters (the Kelvin sign becomes `K`, the Greek question mark `;`, the varia
+    /// a backtick).
     const DENSE_FRAGMENTS: &[&str] = &[
+        "x                                                                      ",
+        "\n        ",
+        "\u{37E}",
+        "\u{1FEF}",
         "================",
         "=",
         "--",
@@ -551,6 +559,53 @@ mod pieces {
         }
     }
 
+    /// The fewest strings of the vocabulary that ASCII text can be cut into is close to
+    /// its tokens for every kind of text, also where the other bound is far below (one
+    /// long word of random letters, indented lines), and long text that must take more
+    /// tokens than the limit is refused from it, without tokenizing.
+    #[test]
+    fn real_weights_fewest_tokens_of_ascii_text_is_close_to_its_tokens() {
+        let mut state = 7u32;
+        let mut next = move |n: u32| {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (state >> 16) % n
+        };
+        let letters: String = (0..60_000)
+            .map(|_| char::from(b'a' + next(26) as u8))
+            .collect();
+        let dotted: String = (0..40_000)
+            .map(|i| {
+                if i % 4 == 3 {
+                    '.'
+                } else {
+                    char::from(b'a' + next(26) as u8)
+                }
+            })
+            .collect();
+        let indented = "\n        x".repeat(4_000);
+        let code = include_str!("../src/tokenizer.rs").repeat(2);
+        for model in loaded() {
+            let tokenizer = &model.tokenizer;
+            for text in [&letters, &dotted, &indented, &code] {
+                let tokens = tokenizer.encode(text).unwrap().len();
+                let fewest = tokenizer.fewest_tokens(text, usize::MAX);
+                eprintln!("{fewest} of {tokens}");
+                assert!(
+                    fewest <= tokens && fewest * 10 >= tokens * 8,
+                    "{fewest} of {tokens}"
+                );
+                // It stops at enough, and what it found by then bounds the tokens.
+                let some = tokenizer.fewest_tokens(text, tokens / 2);
+                assert!((tokens / 2..=tokens).contains(&some), "{some} of {tokens}");
+                // Refused from the bound, or after tokenizing: either way exactly when over.
+                for limit in [fewest / 2, tokens - 1, tokens] {
+                    let bounded = tokenizer.encode_at_most(text, limit).unwrap();
+                    assert_eq!(bounded.is_some(), tokens <= limit, "{limit} of {tokens}");
+                }
+            }
+        }
+    }
+
     fn dense_text() -> impl Strategy<Value = String> {
         dense_text_of(1000..6000)
     }
@@ -579,8 +634,11 @@ mod pieces {
             for model in loaded() {
                 let tokenizer = &model.tokenizer;
                 let least = tokenizer.least_tokens(&text, usize::MAX);
-                prop_assert!(least <= tokenizer.encode(&text).unwrap().len());
-                prop_assert!(least <= tokenizer.encode_text(&text).unwrap().len());
+                let fewest = tokenizer.fewest_tokens(&text, usize::MAX);
+                for tokens in [tokenizer.encode(&text), tokenizer.encode_text(&text)] {
+                    let tokens = tokens.unwrap().len();
+                    prop_assert!(least <= tokens && fewest <= tokens, "{least} {fewest} {tokens}");
+                }
             }
         }
 
@@ -597,8 +655,11 @@ mod pieces {
             for model in loaded() {
                 let tokenizer = &model.tokenizer;
                 let least = tokenizer.least_tokens(&text, usize::MAX);
-                prop_assert!(least <= tokenizer.encode(&text).unwrap().len());
-                prop_assert!(least <= tokenizer.encode_text(&text).unwrap().len());
+                let fewest = tokenizer.fewest_tokens(&text, usize::MAX);
+                for tokens in [tokenizer.encode(&text), tokenizer.encode_text(&text)] {
+                    let tokens = tokens.unwrap().len();
+                    prop_assert!(least <= tokens && fewest <= tokens, "{least} {fewest} {tokens}");
+                }
             }
         }
 
@@ -611,6 +672,7 @@ mod pieces {
                 let pieces = tokenizer.encode_at_most(&text, usize::MAX).unwrap();
                 prop_assert_eq!(pieces.as_ref(), Some(&whole));
                 prop_assert!(tokenizer.least_tokens(&text, usize::MAX) <= whole.len());
+                prop_assert!(tokenizer.fewest_tokens(&text, usize::MAX) <= whole.len());
             }
         }
 
@@ -632,8 +694,10 @@ mod pieces {
                 let limit = (whole.len() as f64 * cut) as usize;
                 let bounded = tokenizer.encode_at_most(&text, limit).unwrap();
                 prop_assert_eq!(bounded.is_some(), whole.len() <= limit);
-                // The bound found without tokenizing holds.
+                // The bounds found without tokenizing hold.
                 prop_assert!(tokenizer.least_tokens(&text, usize::MAX) <= whole.len());
+                prop_assert!(tokenizer.fewest_tokens(&text, usize::MAX) <= plain.len());
+                prop_assert!(tokenizer.fewest_tokens(&text, usize::MAX) <= whole.len());
             }
         }
     }
