@@ -112,7 +112,9 @@ impl TextTokenizer {
         let longest_token_bytes = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
         // Only the qwen2 pre-tokenizer comes with a normalizer (NFC).
         let normalizes = pre == "qwen2";
-        let bound = TokenBound::new(&tokens, &token_types, &merges, normalizes)
+        // The qwen2 and llama3 patterns end a piece at the last newline of whitespace.
+        let newline_pieces = matches!(pre.as_str(), "qwen2" | "llama3" | "llama-bpe" | "smaug-bpe");
+        let bound = TokenBound::new(&tokens, &token_types, &merges, normalizes, newline_pieces)
             .map_err(|e| error(e.to_string()))?;
         let vocab: Vocab = tokens
             .iter()
@@ -383,10 +385,12 @@ impl TextTokenizer {
     }
 
     /// At least how many tokens `text` encodes to, from the fewest strings of the
-    /// vocabulary that its ASCII can be cut into (`tokenizer/bound.rs`): within a few
-    /// percent of the real count for ASCII text, at some tens of microseconds per
-    /// kilobyte, a fraction of tokenizing it. Stops once the bound reaches `enough`.
-    /// [`Self::encode_at_most`] refuses long text with it before tokenizing.
+    /// vocabulary that it can be cut into, at the places the pre-tokenizer must cut
+    /// (`tokenizer/bound.rs`; only its ASCII where Unicode normalization could change the
+    /// rest): within a few percent of the real count for text of every kind measured, at
+    /// some tens of microseconds per kilobyte, a fraction of tokenizing it. Stops once
+    /// the bound reaches `enough`. [`Self::encode_at_most`] refuses long text with it
+    /// before tokenizing.
     pub fn fewest_tokens(&self, text: &str, enough: usize) -> usize {
         self.bound.fewest_tokens(text, enough)
     }
@@ -409,14 +413,14 @@ const CJK_COMMA: char = '\u{3001}';
 
 /// The first place at or after `from` where text can be cut without changing its tokens
 /// (the end of the text when there is none): after a single newline between two printable
-/// ASCII characters, before a space or a newline that follows an ASCII letter, or before an
-/// ideographic full stop or comma that follows a CJK ideograph of Unicode 1.1
-/// (U+4E00..=U+9FA5, all letters). Every supported pre-tokenizer (qwen2, llama3, gpt2,
-/// smollm) ends a piece there (a run of letters ends at the first non-letter, and none of
-/// their patterns holds a letter before whitespace) and starts the next one at the same
-/// place whether the text is whole or cut (they look ahead, never back); NFC composes
-/// nothing across a newline, a space or that punctuation; and no added token straddles the
-/// cut (checked at load).
+/// ASCII characters, before a space that follows anything but whitespace, before a newline
+/// that follows an ASCII letter or digit, or before an ideographic full stop or comma that
+/// follows a CJK ideograph of Unicode 1.1 (U+4E00..=U+9FA5, all letters). Every supported
+/// pre-tokenizer (qwen2, llama3, gpt2, smollm) ends a piece there (none of their patterns
+/// holds anything but whitespace before a space, nor a letter or digit before a newline)
+/// and starts the next one at the same place whether the text is whole or cut (they look
+/// ahead, never back); NFC composes nothing across a newline, a space or that punctuation;
+/// and no added token straddles the cut (checked at load).
 fn next_cut(text: &str, from: usize) -> usize {
     let bytes = text.as_bytes();
     let printable = |b: u8| b.is_ascii_graphic();
@@ -432,7 +436,14 @@ fn next_cut(text: &str, from: usize) -> usize {
     while at + 1 < bytes.len() {
         let after_newline =
             bytes[at - 1] == b'\n' && printable(bytes[at - 2]) && printable(bytes[at]);
-        let before_space = matches!(bytes[at], b' ' | b'\n') && bytes[at - 1].is_ascii_alphabetic();
+        let before_space = match bytes[at] {
+            b' ' => text[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| !c.is_whitespace()),
+            b'\n' => bytes[at - 1].is_ascii_alphanumeric(),
+            _ => false,
+        };
         // The two marks are E3 80 82 and E3 80 81 in UTF-8.
         let before_mark = bytes[at] == 0xE3
             && bytes.get(at + 1) == Some(&0x80)

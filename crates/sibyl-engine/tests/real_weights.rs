@@ -480,6 +480,14 @@ mod pieces {
     const DENSE_FRAGMENTS: &[&str] = &[
         "x                                                                      ",
         "\n        ",
+        "      1",
+        " \t\tx",
+        "{   ",
+        "y\t",
+        "   <|im_start|>",
+        "\r\n   ",
+        "'s   ",
+        "\x0b  ",
         "\u{37E}",
         "\u{1FEF}",
         "================",
@@ -559,12 +567,14 @@ mod pieces {
         }
     }
 
-    /// The fewest strings of the vocabulary that ASCII text can be cut into is close to
-    /// its tokens for every kind of text, also where the other bound is far below (one
-    /// long word of random letters, indented lines), and long text that must take more
-    /// tokens than the limit is refused from it, without tokenizing.
+    /// The fewest strings of the vocabulary that text can be cut into is close to its
+    /// tokens for every kind of text, also where the other bound is far below (one long
+    /// word of random letters, indented lines, words far apart, Cyrillic, Han, Han with a
+    /// character that NFC changes), and long
+    /// text that must take more tokens than the limit is refused from it, without
+    /// tokenizing.
     #[test]
-    fn real_weights_fewest_tokens_of_ascii_text_is_close_to_its_tokens() {
+    fn real_weights_fewest_tokens_of_text_is_close_to_its_tokens() {
         let mut state = 7u32;
         let mut next = move |n: u32| {
             state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
@@ -583,10 +593,33 @@ mod pieces {
             })
             .collect();
         let indented = "\n        x".repeat(4_000);
+        let spaced = format!("x{}", " ".repeat(100)).repeat(500);
+        let cyrillic: String = (0..8_000)
+            .map(|i| {
+                let word: String = (0..2 + i % 7)
+                    .map(|_| char::from_u32(0x430 + next(32)).unwrap())
+                    .collect();
+                word + " "
+            })
+            .collect();
+        let han: String = (0..20_000)
+            .map(|_| char::from_u32(0x4E00 + next(0x51A5)).unwrap())
+            .collect();
+        // A character that NFC changes: the text is counted between such characters.
+        let han_marked = format!("{han}e\u{301}{han}");
         let code = include_str!("../src/tokenizer.rs").repeat(2);
         for model in loaded() {
             let tokenizer = &model.tokenizer;
-            for text in [&letters, &dotted, &indented, &code] {
+            for text in [
+                &letters,
+                &dotted,
+                &indented,
+                &spaced,
+                &cyrillic,
+                &han,
+                &han_marked,
+                &code,
+            ] {
                 let tokens = tokenizer.encode(text).unwrap().len();
                 let fewest = tokenizer.fewest_tokens(text, usize::MAX);
                 eprintln!("{fewest} of {tokens}");

@@ -39,3 +39,8 @@ spaced = "x" + " " * 100
 save("xsp1200k", (spaced * 20_000)[:1_200_000])
 save("xsp2m", (spaced * 40_000)[:2_000_000])
 save("nlsp2m", (("\n" + " " * 100 + "x") * 40_000)[:2_000_000])
+cyrillic = "абвгдежзийклмнопрстуфхцчшщыьэюя"
+words = ["".join(random.choice(cyrillic) for _ in range(random.randint(2, 9))) for _ in range(3000)]
+save("cyr200k", " ".join(random.choice(words) for _ in range(200_000))[:100_000])
+save("greekword300k", "".join(random.choice("αβγδεζηθικλμνξοπρστυφχψω") for _ in range(150_000)))
+save("han300k", "".join(chr(random.randint(0x4E00, 0x9FA5)) for _ in range(100_000)))

@@ -7,7 +7,8 @@ for bin in "$@"; do
   for i in $(seq 1 120); do curl -sf http://127.0.0.1:18080/health >/dev/null && break; sleep 1; done
   echo "== $bin"
   for f in letters64k letters70k letters100k letters200k letters340k words110k words200k \
-      words300k indent120k indent300k code200k code3m chat-letters100k xsp1200k xsp2m nlsp2m; do
+      words300k indent120k indent300k code200k code3m chat-letters100k xsp1200k xsp2m nlsp2m \
+      cyr200k greekword300k han300k; do
     route=completions; [[ $f == chat-* ]] && route=chat/completions
     line="$f:"
     for r in 1 2 3; do

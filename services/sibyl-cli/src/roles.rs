@@ -482,6 +482,19 @@ fn text_loader(
     move || Ok(sibyl_engine::load_text(&model.locate()?)?)
 }
 
+/// [`text_loader`] for a gateway: chat content is tokenized as plain text, by a tokenizer
+/// made on first use; made here, so that the first chat request does not wait for it.
+fn gateway_text_loader(
+    model: ModelArgs,
+) -> impl FnMut() -> anyhow::Result<sibyl_engine::TextModel> + Send + 'static {
+    let mut load = text_loader(model);
+    move || {
+        let text = load()?;
+        text.tokenizer.encode_text("")?;
+        Ok(text)
+    }
+}
+
 fn ngram_drafter(ngram: &NgramArgs) -> anyhow::Result<MakeDrafter> {
     let config = ngram.config()?;
     Ok(Arc::new(move || {
@@ -717,7 +730,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             grpc,
             http,
             config,
-            text_loader(args.model.clone()),
+            gateway_text_loader(args.model.clone()),
             args.load.on_error(),
             stop.stopped(),
         );
@@ -832,7 +845,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 grpc,
                 http,
                 gateway_config,
-                text_loader(model),
+                gateway_text_loader(model),
                 OnLoadError::Fail,
                 stop.stopped(),
             )),

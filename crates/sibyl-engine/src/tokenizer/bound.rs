@@ -28,14 +28,14 @@ impl TokenBound {
         token_types: &[u32],
         merges: &[(String, String)],
         normalizes: bool,
+        newline_pieces: bool,
     ) -> Result<Self, aho_corasick::BuildError> {
         let added = |i: usize| token_types.get(i).copied().is_some_and(is_added);
         // Added tokens match their text as it is; the others are byte-level strings.
         let mut most_high_bytes = 1;
         let mut ascii_bytes: Vec<Vec<u8>> = Vec::with_capacity(tokens.len());
         let mut reach = Reach::default();
-        let mut ascii_tokens: Vec<Vec<u8>> = Vec::new();
-        let mut ascii_in_a_row = 1;
+        let mut token_bytes: Vec<Vec<u8>> = Vec::with_capacity(tokens.len());
         for (i, token) in tokens.iter().enumerate() {
             let bytes = if added(i) {
                 reach.add(token.as_bytes());
@@ -44,17 +44,7 @@ impl TokenBound {
                 reach.add_byte_level(token);
                 token.chars().map(byte_of).collect::<Option<Vec<u8>>>()
             };
-            if let Some(bytes) = bytes {
-                let longest_run = bytes
-                    .split(|b| !b.is_ascii())
-                    .map(<[u8]>::len)
-                    .max()
-                    .unwrap_or(0);
-                ascii_in_a_row = ascii_in_a_row.max(longest_run);
-                if !bytes.is_empty() && bytes.is_ascii() {
-                    ascii_tokens.push(bytes);
-                }
-            }
+            token_bytes.extend(bytes.filter(|b| !b.is_empty()));
             let (high, ascii) = if added(i) {
                 let high = token.bytes().filter(|b| *b >= 0x80).count();
                 (high, token.bytes().filter(u8::is_ascii).collect())
@@ -83,8 +73,13 @@ impl TokenBound {
         // Bytes of the longest token: a byte-level token has a character a byte.
         let longest = tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1);
         let symbol_runs = SymbolRuns::new(merges, added_tokens, longest);
-        // NFC may compose the last byte of a stretch with a mark after it: one more.
-        let segments = Segments::new(&ascii_tokens, ascii_in_a_row + 1)?;
+        let added_tokens: Vec<&str> = tokens
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| added(i))
+            .map(|(_, token)| *token)
+            .collect();
+        let segments = Segments::new(&token_bytes, &added_tokens, newline_pieces)?;
         Ok(Self {
             most_high_bytes,
             ascii_bounds,
@@ -97,12 +92,47 @@ impl TokenBound {
     }
 
     /// At least how many tokens `text` encodes to, from the fewest strings of the
-    /// vocabulary that its stretches of ASCII can be cut into ([`Segments`]): within a few
-    /// percent of the real count for ASCII text of every kind measured (code, prose, one
-    /// long word, punctuation), where [`Self::least_tokens`] can be a tenth of it, and some
-    /// tens of microseconds per kilobyte. Stops once it reaches `enough`.
+    /// vocabulary that it can be cut into ([`Segments`]): within a few percent of the real
+    /// count for text of every kind measured (code, prose, one long word, punctuation,
+    /// indentation, Cyrillic, Han), where [`Self::least_tokens`] can be a tenth of it, and
+    /// some tens of microseconds per kilobyte. Stops once it reaches `enough`.
     pub(super) fn fewest_tokens(&self, text: &str, enough: usize) -> usize {
-        self.segments.fewest_tokens(text.as_bytes(), enough)
+        use unicode_normalization_alignments::{
+            char::canonical_combining_class, is_nfc_quick, IsNormalized,
+        };
+        let bytes = text.as_bytes();
+        let longest = self.segments.longest;
+        if !self.normalizes || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+            // NFC leaves the text as it is: all of it, from within a token of its ends.
+            return self.segments.fewest_tokens(
+                bytes,
+                enough,
+                std::iter::once(0..bytes.len()),
+                longest,
+            );
+        }
+        // Otherwise the stretches between the characters that NFC may change or compose
+        // with what comes before (a combining mark, one that is not surely NFC): it leaves
+        // each as it is but for its last character (up to 4 bytes), which may compose
+        // with what follows.
+        let mut start = 0;
+        let mut chars = text.char_indices();
+        let stretches = std::iter::from_fn(|| {
+            for (i, c) in chars.by_ref() {
+                let stable = canonical_combining_class(c) == 0
+                    && is_nfc_quick(std::iter::once(c)) == IsNormalized::Yes;
+                if !stable {
+                    let stretch = start..i;
+                    start = i + c.len_utf8();
+                    return Some(stretch);
+                }
+            }
+            let stretch = start..bytes.len();
+            start = bytes.len() + 1;
+            (stretch.start <= stretch.end).then_some(stretch)
+        });
+        self.segments
+            .fewest_tokens(bytes, enough, stretches, longest + 4)
     }
 
     /// At least how many tokens `text` encodes to, found without tokenizing it (about a
@@ -273,39 +303,60 @@ impl Reach {
     }
 }
 
-/// The fewest strings of the vocabulary that text can be cut into, stretch by stretch.
+/// The fewest strings of the vocabulary that text can be cut into.
 ///
 /// Every token of an encoding stands for bytes of the text as the tokenizer sees it (NFC
 /// normalized where the tokenizer normalizes; an added token for the bytes it is written
-/// as), one after the other. A stretch is a run of ASCII bytes between non-ASCII ones: NFC
-/// leaves it as it is but for its last byte, which a combining mark after it may compose
-/// with. The tokens that lie wholly inside a stretch are ASCII tokens of the vocabulary
-/// that cut it from within `slack` bytes of its start to within `slack` bytes of its end
-/// (`slack` being the most ASCII bytes in a row that any token holds, plus that last
-/// byte), so they are at least the fewest such strings that cut some such middle of it:
-/// the shortest path over every place a token's string matches (dynamic programming over
-/// the matches, in the order they end). No token lies inside two stretches, so the
-/// stretches' counts add up. Where other bounds lean on how the tokenizer merges, this
-/// leans only on which strings are tokens: for ASCII text it is within a few percent of
-/// the real count (byte pair encoding cuts text into close to as few tokens as it can).
+/// as), one after the other. Where NFC leaves the text as it is, the tokens are strings of
+/// the vocabulary that cut it, from within `slack` bytes of its start to within `slack`
+/// bytes of its end (tokens of a template around it may hold its first and last bytes),
+/// so they are at least the fewest such strings that cut some such middle of it: the
+/// shortest path over every place a token's string matches (dynamic programming over the
+/// matches, in the order they end). Where NFC may change the text, it is counted stretch
+/// by stretch, between the characters that NFC may change: the tokens wholly inside one
+/// cut it from within `slack` bytes of its ends, and no token lies inside two, so the
+/// stretches' counts add up. Where other bounds lean on how the tokenizer merges,
+/// this leans only on which strings are tokens: for code, prose, long words and
+/// punctuation it is within a few percent of the real count (byte pair encoding cuts
+/// text into close to as few tokens as it can).
+///
+/// Every supported pre-tokenizer (qwen2, llama3, gpt2, smollm) also cuts text at places no
+/// token crosses ([`Segments::cut_before`]), around whitespace: such a place is where a
+/// path must pass.
 ///
 /// A vocabulary may hold one byte repeated at every length up to its longest (128 spaces),
 /// which would match that many times at each byte of a long run. Such tokens are not
-/// matched: inside a run of a byte, a path may instead step over any length up to the
-/// longest token of that byte alone (more cuts than the vocabulary's, so no more tokens),
-/// found with the fewest of the places in reach kept in order.
+/// matched. Inside a run of a byte that starts at such a cut (spaces after a word), only
+/// tokens of that byte alone can follow, so the path takes the fewest of them that make
+/// the length walked ([`Segments::exact_runs`], exact up to [`EXACT_RUN`] bytes). Inside
+/// other runs, a path may instead step over any length up to the longest token of that
+/// byte alone (more cuts than the vocabulary's, so no more tokens), found with the fewest
+/// of the places in reach kept in order.
 #[derive(Debug, Clone)]
 struct Segments {
-    /// Every token whose bytes are all ASCII, but a byte repeated, as the bytes it stands
-    /// for.
+    /// Every token but a byte repeated, as the bytes it stands for.
     matcher: AhoCorasick,
-    /// By ASCII byte: the bytes of the longest token made of it alone (0 where none is).
-    runs: [usize; 128],
-    /// Bytes of the longest ASCII token.
+    /// By byte: the bytes of the longest token made of it alone (0 where none is).
+    runs: [usize; 256],
+    /// By byte, for lengths 0 to [`EXACT_RUN`]: the fewest tokens of that byte alone that
+    /// make it (`u16::MAX` where none do); empty for a byte with no such token longer than
+    /// one byte.
+    exact_runs: Vec<Vec<u16>>,
+    /// Whether the cuts around whitespace hold for this vocabulary (no added token, matched
+    /// before the pre-tokenizer, holds whitespace).
+    cuts: bool,
+    /// Bytes an added token starts with (whitespace before one is not cut).
+    added_first: [bool; 256],
+    /// Whether the pre-tokenizer's patterns end a piece at the last newline of whitespace
+    /// (qwen2's and llama3's `\s*[\r\n]+`).
+    newline_pieces: bool,
+    /// Bytes of the longest token.
     longest: usize,
-    /// Bytes at either end of a stretch that tokens reaching out of it may hold.
-    slack: usize,
 }
+
+/// Runs of one byte up to this long are counted in the tokens of that byte the vocabulary
+/// has; longer ones by its longest such token.
+const EXACT_RUN: usize = 512;
 
 /// Matches one call looks at, at most (some tens of milliseconds' work), whatever the
 /// text: the bound found by then is kept.
@@ -315,43 +366,123 @@ const MATCH_BUDGET: usize = 1 << 22;
 const CHECK_EVERY: usize = 4096;
 
 impl Segments {
-    fn new(ascii_tokens: &[Vec<u8>], slack: usize) -> Result<Self, aho_corasick::BuildError> {
-        let mut runs = [0usize; 128];
-        let mut matched = Vec::with_capacity(ascii_tokens.len());
-        for token in ascii_tokens {
-            match only_byte(token) {
-                Some(b) if token.len() > 1 => {
-                    let run = &mut runs[usize::from(b)];
-                    *run = (*run).max(token.len());
-                }
-                _ => matched.push(token.as_slice()),
-            }
-        }
-        for token in &matched {
+    /// From the bytes each token stands for, the added tokens, and whether the
+    /// pre-tokenizer ends pieces at newlines.
+    fn new(
+        tokens: &[Vec<u8>],
+        added: &[&str],
+        newline_pieces: bool,
+    ) -> Result<Self, aho_corasick::BuildError> {
+        let mut runs = [0usize; 256];
+        let mut lengths: Vec<Vec<usize>> = vec![Vec::new(); 256];
+        let mut matched = Vec::with_capacity(tokens.len());
+        for token in tokens {
             if let Some(b) = only_byte(token) {
-                runs[usize::from(b)] = runs[usize::from(b)].max(1);
+                let b = usize::from(b);
+                runs[b] = runs[b].max(token.len());
+                lengths[b].push(token.len());
+            }
+            if only_byte(token).is_none() || token.len() == 1 {
+                matched.push(token.as_slice());
             }
         }
+        let exact_runs = lengths
+            .iter()
+            .map(|lengths| {
+                if lengths.iter().all(|&l| l == 1) {
+                    return Vec::new();
+                }
+                let mut fewest = vec![u16::MAX; EXACT_RUN + 1];
+                fewest[0] = 0;
+                for m in 1..=EXACT_RUN {
+                    for &l in lengths.iter().filter(|&&l| l <= m) {
+                        fewest[m] = fewest[m].min(fewest[m - l].saturating_add(1));
+                    }
+                }
+                fewest
+            })
+            .collect();
+        let mut added_first = [false; 256];
+        for token in added {
+            if let Some(&b) = token.as_bytes().first() {
+                added_first[usize::from(b)] = true;
+            }
+        }
+        let cuts = !added.iter().any(|t| t.chars().any(char::is_whitespace));
         let matcher = AhoCorasick::builder()
             .kind(Some(AhoCorasickKind::ContiguousNFA))
             .build(matched)?;
-        let longest = ascii_tokens.iter().map(Vec::len).max().unwrap_or(1);
+        let longest = tokens.iter().map(Vec::len).max().unwrap_or(1);
         Ok(Self {
             matcher,
             runs,
+            exact_runs,
+            cuts,
+            added_first,
+            newline_pieces,
             longest,
-            slack,
         })
     }
 
-    /// At least how many tokens `bytes` encode to; stops once that reaches `enough`, or
-    /// once [`MATCH_BUDGET`] matches are looked at.
-    fn fewest_tokens(&self, bytes: &[u8], enough: usize) -> usize {
-        let mut total = 0usize;
+    /// Whether every supported pre-tokenizer cuts `text` before byte `p` (0 < p < its
+    /// length), so that no token crosses that place. Their patterns (qwen2's and llama3's
+    /// `[^\r\n\p{L}\p{N}]?\p{L}+`, `\p{N}`, ` ?[^\s\p{L}\p{N}]+[\r\n]*`, `\s*[\r\n]+`,
+    /// `\s+(?!\S)`, `\s+`; GPT-2's ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`, `\s+(?!\S)`,
+    /// `\s+`, after smollm's cut around every digit) never hold an ASCII letter or digit
+    /// followed by whitespace, nor anything else but whitespace followed by a space or
+    /// tab; and a run of whitespace that ends with a space or tab before anything else but
+    /// a digit gives that last byte to what follows (`\s+(?!\S)` stops one short; before a
+    /// digit smollm has already cut). With qwen2's and llama3's patterns, whitespace that
+    /// holds a newline is a piece up to its last newline (`\s*[\r\n]+` comes before
+    /// `\s+(?!\S)`), so spaces and tabs after that newline, up to something that is not
+    /// whitespace, are cut from it. An added token is matched before the pre-tokenizer, on
+    /// its own: a run of whitespace before one is not cut, and none may hold whitespace.
+    fn cut_before(&self, text: &[u8], p: usize) -> bool {
+        let at = text[p];
+        if !self.cuts || !is_space(at) {
+            return false;
+        }
+        let Some(before) = char_ending_at(text, p) else {
+            return false;
+        };
+        let blank = matches!(at, b' ' | b'\t');
+        let word_then_space = before.is_ascii_alphanumeric() || (blank && !before.is_whitespace());
+        let last_blank = blank
+            && char_starting_at(text, p + 1).is_some_and(|after| {
+                !after.is_whitespace()
+                    && !after.is_numeric()
+                    && !self.added_first[usize::from(text[p + 1])]
+            });
+        let after_newline = self.newline_pieces
+            && blank
+            && matches!(before, '\r' | '\n')
+            && text[p..]
+                .iter()
+                .position(|&c| !matches!(c, b' ' | b'\t' | 0x0B | 0x0C))
+                .and_then(|i| char_starting_at(text, p + i))
+                .is_some_and(|c| !c.is_whitespace());
+        word_then_space || last_blank || after_newline
+    }
+
+    /// At least how many tokens lie wholly inside the `stretches` of `bytes`, each from
+    /// within `slack` bytes of its ends; stops once that reaches `enough`, or once
+    /// [`MATCH_BUDGET`] matches are looked at.
+    fn fewest_tokens(
+        &self,
+        bytes: &[u8],
+        enough: usize,
+        stretches: impl IntoIterator<Item = std::ops::Range<usize>>,
+        slack: usize,
+    ) -> usize {
         let mut budget = MATCH_BUDGET;
-        for stretch in bytes.split(|b| !b.is_ascii()) {
-            let (found, finished) =
-                self.stretch(stretch, enough.saturating_sub(total), &mut budget);
+        let mut total = 0usize;
+        for stretch in stretches {
+            let (found, finished) = self.stretch(
+                &bytes[stretch],
+                slack,
+                enough.saturating_sub(total),
+                &mut budget,
+            );
             total += found;
             if !finished || total >= enough {
                 break;
@@ -362,14 +493,20 @@ impl Segments {
 
     /// At least how many tokens lie wholly inside `stretch`, and whether that is its
     /// whole count (not cut short by `budget` or by reaching `enough`).
-    fn stretch(&self, stretch: &[u8], enough: usize, budget: &mut usize) -> (usize, bool) {
+    fn stretch(
+        &self,
+        stretch: &[u8],
+        slack: usize,
+        enough: usize,
+        budget: &mut usize,
+    ) -> (usize, bool) {
         let n = stretch.len();
-        if n <= 2 * self.slack {
+        if n <= 2 * slack {
             return (0, true);
         }
         // `fewest[p & mask]`: the fewest tokens that cut the stretch from within `slack`
         // bytes of its start up to byte `p`, for the last places up to `reached`.
-        let size = (self.longest.max(self.slack) + 1).next_power_of_two();
+        let size = (self.longest.max(slack) + 1).next_power_of_two();
         let mask = size - 1;
         let mut fewest = vec![0u32; size];
         let mut reached = 0usize;
@@ -378,10 +515,13 @@ impl Segments {
         // that a step of that byte alone can start from, the fewest first.
         let mut run_start = 0usize;
         let mut in_reach: VecDeque<(usize, u32)> = VecDeque::new();
+        // The last place before `reached` that the pre-tokenizer cuts at (0: none), and
+        // the fewest tokens that reach it.
+        let (mut last_cut, mut at_cut) = (0usize, 0u32);
         // Every cut of the middle that ends past `reached` has a place among the `longest`
         // places before it (no token is longer), none of them reached by fewer tokens.
         let so_far = |fewest: &[u32], reached: usize| -> usize {
-            if reached + self.slack >= n {
+            if reached + slack >= n {
                 return 0;
             }
             let least = (reached.saturating_sub(self.longest)..reached)
@@ -405,9 +545,14 @@ impl Segments {
                 }
                 while reached < to {
                     reached += 1;
-                    let mut least = if reached <= self.slack { 0 } else { u32::MAX };
+                    if reached >= 2 && self.cut_before(stretch, reached - 1) {
+                        last_cut = reached - 1;
+                        at_cut = fewest[last_cut & mask];
+                    }
+                    let mut least = if reached <= slack { 0 } else { u32::MAX };
                     // Steps over the byte before `reached` alone, from the places of its
-                    // run at most its longest token back (one byte: matched).
+                    // run at most its longest token back (one byte: matched), and past no
+                    // cut.
                     let b = stretch[reached - 1];
                     if reached < 2 || stretch[reached - 2] != b {
                         run_start = reached - 1;
@@ -420,18 +565,40 @@ impl Segments {
                         }
                         in_reach.push_back((p, f));
                     }
-                    let longest_run = self.runs[usize::from(b)];
-                    let first = reached.saturating_sub(longest_run).max(run_start);
-                    while in_reach.front().is_some_and(|&(p, _)| p < first) {
-                        in_reach.pop_front();
-                    }
-                    if let Some(&(_, f)) = in_reach.front() {
-                        least = least.min(f.saturating_add(1));
+                    let entry = run_start.max(last_cut);
+                    let exact = &self.exact_runs[usize::from(b)];
+                    let walked = reached - entry;
+                    if walked >= 2 && entry == last_cut && entry >= slack && !exact.is_empty() {
+                        // Only tokens of `b` alone since the cut (past the free start):
+                        // the fewest that make it.
+                        let run_tokens = match exact.get(walked) {
+                            Some(&f) => u32::from(f),
+                            None => walked.div_ceil(self.runs[usize::from(b)]) as u32,
+                        };
+                        let via = at_cut.saturating_add(run_tokens);
+                        least = least.min(if run_tokens == u32::from(u16::MAX) {
+                            u32::MAX
+                        } else {
+                            via
+                        });
+                    } else {
+                        let longest_run = self.runs[usize::from(b)];
+                        let first = reached.saturating_sub(longest_run).max(entry);
+                        while in_reach.front().is_some_and(|&(p, _)| p < first) {
+                            in_reach.pop_front();
+                        }
+                        if let Some(&(_, f)) = in_reach.front() {
+                            least = least.min(f.saturating_add(1));
+                        }
                     }
                     fewest[reached & mask] = least;
                 }
             }
             *budget = budget.saturating_sub(1);
+            if last_cut > from {
+                // The token would cross a place the pre-tokenizer cuts at.
+                continue;
+            }
             let via = fewest[from & mask].saturating_add(1);
             let at = &mut fewest[to & mask];
             *at = (*at).min(via);
@@ -440,7 +607,7 @@ impl Segments {
             // Only where a byte is no token: nothing reaches past it.
             return (0, true);
         }
-        let least = (n - self.slack..=n).map(|p| fewest[p & mask]).min();
+        let least = (n - slack..=n).map(|p| fewest[p & mask]).min();
         (reachable(least), true)
     }
 }
@@ -451,6 +618,37 @@ fn reachable(fewest: Option<u32>) -> usize {
     match fewest {
         Some(f) if f != u32::MAX => f as usize,
         _ => 0,
+    }
+}
+
+/// Whether `b` is whitespace to the pre-tokenizers' `\s`.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r')
+}
+
+/// The character that ends right before byte `p` of UTF-8 `text` (`None` at its start).
+fn char_ending_at(text: &[u8], p: usize) -> Option<char> {
+    match text.get(p.checked_sub(1)?) {
+        Some(&b) if b.is_ascii() => Some(char::from(b)),
+        _ => {
+            let start = (p.saturating_sub(4)..p)
+                .rev()
+                .find(|&i| text[i] & 0xC0 != 0x80)?;
+            std::str::from_utf8(&text[start..p]).ok()?.chars().next()
+        }
+    }
+}
+
+/// The character that starts at byte `p` of UTF-8 `text` (`None` at its end).
+fn char_starting_at(text: &[u8], p: usize) -> Option<char> {
+    match text.get(p) {
+        Some(&b) if b.is_ascii() => Some(char::from(b)),
+        Some(_) => {
+            let end = (p + 1..=text.len().min(p + 4))
+                .find(|&i| i == text.len() || text[i] & 0xC0 != 0x80)?;
+            std::str::from_utf8(&text[p..end]).ok()?.chars().next()
+        }
+        None => None,
     }
 }
 
@@ -879,23 +1077,49 @@ mod tests {
         assert_eq!(reach.least_tokens("\u{e9}\u{e9}".as_bytes(), usize::MAX), 3);
     }
 
-    /// The fewest of `tokens`, and of every repeat of one byte up to its longest token of
-    /// that byte alone, that cut each stretch of `text` from within `slack` bytes of its
-    /// start to within `slack` bytes of its end, added up, written plainly: every cut
-    /// tried at every place.
-    fn fewest_reference(tokens: &[&[u8]], slack: usize, text: &[u8]) -> usize {
+    /// The fewest of `tokens` that cut each stretch of `text` from within `slack` bytes of
+    /// its start to within `slack` bytes of its end, crossing none of the places `segments`
+    /// says the pre-tokenizer cuts at, added up, written plainly: every cut tried at every
+    /// place. With `relaxed`, a run of one byte may also be cut at every length up to its
+    /// longest token of that byte alone.
+    fn fewest_reference(
+        tokens: &[&[u8]],
+        slack: usize,
+        text: &[u8],
+        segments: &super::Segments,
+        relaxed: bool,
+    ) -> usize {
+        fewest_reference_of(tokens, slack, text, segments, relaxed, false)
+    }
+
+    /// [`fewest_reference`], of the whole text as one stretch where `whole`.
+    fn fewest_reference_of(
+        tokens: &[&[u8]],
+        slack: usize,
+        text: &[u8],
+        segments: &super::Segments,
+        relaxed: bool,
+        whole: bool,
+    ) -> usize {
         let mut all: Vec<Vec<u8>> = tokens.iter().map(|t| t.to_vec()).collect();
-        for token in tokens {
-            if let Some(b) = super::only_byte(token) {
-                all.extend((1..token.len()).map(|k| vec![b; k]));
+        if relaxed {
+            for token in tokens {
+                if let Some(b) = super::only_byte(token) {
+                    all.extend((1..token.len()).map(|k| vec![b; k]));
+                }
             }
         }
         let mut total = 0;
-        for stretch in text
-            .split(|b| !b.is_ascii())
-            .filter(|s| s.len() > 2 * slack)
-        {
+        let stretches: Vec<&[u8]> = if whole {
+            vec![text]
+        } else {
+            text.split(|b| !b.is_ascii()).collect()
+        };
+        for stretch in stretches.into_iter().filter(|s| s.len() > 2 * slack) {
             let n = stretch.len();
+            let cut: Vec<bool> = (0..n)
+                .map(|p| p > 0 && segments.cut_before(stretch, p))
+                .collect();
             let mut fewest = vec![usize::MAX; n + 1];
             for end in 0..=n {
                 if end <= slack {
@@ -903,8 +1127,12 @@ mod tests {
                     continue;
                 }
                 for token in &all {
-                    if stretch[..end].ends_with(token) && fewest[end - token.len()] != usize::MAX {
-                        fewest[end] = fewest[end].min(fewest[end - token.len()] + 1);
+                    let start = end.saturating_sub(token.len());
+                    if stretch[..end].ends_with(token)
+                        && fewest[start] != usize::MAX
+                        && !(start + 1..end).any(|p| cut[p])
+                    {
+                        fewest[end] = fewest[end].min(fewest[start] + 1);
                     }
                 }
             }
@@ -914,9 +1142,80 @@ mod tests {
         total
     }
 
-    fn segments_of(tokens: &[&[u8]], slack: usize) -> super::Segments {
+    /// Segments of `tokens`, with `slack` at the ends of ASCII stretches.
+    fn segments_of(tokens: &[&[u8]], slack: usize) -> Slack {
         let tokens: Vec<Vec<u8>> = tokens.iter().map(|t| t.to_vec()).collect();
-        super::Segments::new(&tokens, slack).unwrap()
+        Slack(
+            super::Segments::new(&tokens, &["<s>"], true).unwrap(),
+            slack,
+        )
+    }
+
+    /// Segments, and the slack their tests count ASCII stretches with.
+    struct Slack(super::Segments, usize);
+
+    impl std::ops::Deref for Slack {
+        type Target = super::Segments;
+        fn deref(&self) -> &super::Segments {
+            &self.0
+        }
+    }
+
+    impl Slack {
+        /// The tokens of `text`'s stretches of ASCII (or of all of it, `whole`, from within
+        /// the longest token of its ends).
+        fn fewest_tokens(&self, text: &[u8], enough: usize, whole: bool) -> usize {
+            if whole {
+                return self.0.fewest_tokens(
+                    text,
+                    enough,
+                    std::iter::once(0..text.len()),
+                    self.0.longest,
+                );
+            }
+            let mut stretches = Vec::new();
+            let mut start = 0;
+            for (i, b) in text.iter().enumerate() {
+                if !b.is_ascii() {
+                    stretches.push(start..i);
+                    start = i + 1;
+                }
+            }
+            stretches.push(start..text.len());
+            self.0.fewest_tokens(text, enough, stretches, self.1)
+        }
+    }
+
+    /// Spaces after a word are cut into the vocabulary's tokens of spaces, which need not
+    /// hold every length; a space or tab before a word goes with the word; a token that
+    /// holds a letter and then a space is never taken; a run before an added token or a
+    /// digit, or after a newline, is cut at every length up to its longest token.
+    #[test]
+    fn segments_follow_the_pre_tokenizers_cuts_around_whitespace() {
+        let tokens: [&[u8]; 9] = [
+            b"x", b" ", b"  ", b"    ", b" x", b"x ", b"1", b"\n", b"<s>",
+        ];
+        let segments = segments_of(&tokens, 1);
+        let fewest = |text: &str| segments.fewest_tokens(text.as_bytes(), usize::MAX, false);
+        // "x" and seven spaces, ten times, then "x": the pre-tokenizer makes "x", then ten
+        // times six spaces (four and two) and " x": 31 tokens; the middle from the second
+        // byte takes 30.
+        let words = format!("x{}", " ".repeat(7)).repeat(10) + "x";
+        assert_eq!(fewest(&words), 30);
+        // Before a digit or an added token, spaces are not cut before the last one.
+        let digits = format!("x{}", " ".repeat(7)).repeat(10) + "1";
+        let exact = fewest_reference(&tokens, 1, digits.as_bytes(), &segments, false);
+        assert!(fewest(&digits) <= exact, "{} {exact}", fewest(&digits));
+        for text in [
+            &words,
+            &digits,
+            &format!("{words}<s>"),
+            &format!("\n{}x", " ".repeat(9)),
+        ] {
+            let relaxed = fewest_reference(&tokens, 1, text.as_bytes(), &segments, true);
+            let exact = fewest_reference(&tokens, 1, text.as_bytes(), &segments, false);
+            assert!((relaxed..=exact).contains(&fewest(text)), "{text:?}");
+        }
     }
 
     #[test]
@@ -924,8 +1223,8 @@ mod tests {
         let tokens: [&[u8]; 7] = [b"a", b"b", b"=", b"ab", b"abab", b"==", b"===="];
         let segments = segments_of(&tokens, 2);
         let fewest = |text: &[u8]| {
-            let found = segments.fewest_tokens(text, usize::MAX);
-            assert_eq!(found, fewest_reference(&tokens, 2, text));
+            let found = segments.fewest_tokens(text, usize::MAX, false);
+            assert_eq!(found, fewest_reference(&tokens, 2, text, &segments, true));
             found
         };
         // "abab" four times: the middle from the third byte to the third last is three.
@@ -940,36 +1239,76 @@ mod tests {
         let long = "ab".repeat(20_000);
         let all = fewest(long.as_bytes());
         assert_eq!(all, 9_999);
-        let some = segments.fewest_tokens(long.as_bytes(), 100);
+        let some = segments.fewest_tokens(long.as_bytes(), 100, false);
         assert!((100..all).contains(&some), "{some}");
         // No tokens for a byte the vocabulary lacks: nothing counted past it.
         assert_eq!(fewest(b"ccccccccccccccccccc"), 0);
     }
 
     proptest::proptest! {
-        /// The count is the fewest tokens that cut each stretch, as the plain reference
-        /// finds them, over random vocabularies, texts and slacks (the table it keeps
-        /// wraps around many times).
+        /// Without whitespace, the count is the fewest tokens that cut each stretch, runs
+        /// cut at every length up to their longest token, as the plain reference finds
+        /// them, over random vocabularies, texts and slacks (the table it keeps wraps
+        /// around many times).
         #[test]
         fn segments_match_the_plain_reference(
             vocab in proptest::collection::vec(
                 proptest::collection::vec(proptest::sample::select(b"ab=".to_vec()), 2..9),
                 0..12,
             ),
-            runs in proptest::collection::vec((proptest::sample::select(b"ab=".to_vec()), 2usize..12), 0..3),
+            runs in proptest::collection::vec(
+                (proptest::sample::select(b"ab=".to_vec()), 2usize..12),
+                0..3,
+            ),
             text in proptest::collection::vec(
                 proptest::sample::select(b"aaabbb======\xc3".to_vec()), 0..400),
             slack in 1usize..12,
         ) {
             let runs: Vec<Vec<u8>> = runs.into_iter().map(|(b, n)| vec![b; n]).collect();
-            let mut tokens: Vec<&[u8]> = vec![b"a", b"b", b"="];
+            let mut tokens: Vec<&[u8]> = vec![b"a", b"b", b"=", b"\xc3", b"a\xc3"];
             tokens.extend(vocab.iter().map(Vec::as_slice));
             tokens.extend(runs.iter().map(Vec::as_slice));
             let segments = segments_of(&tokens, slack);
             proptest::prop_assert_eq!(
-                segments.fewest_tokens(&text, usize::MAX),
-                fewest_reference(&tokens, slack, &text)
+                segments.fewest_tokens(&text, usize::MAX, false),
+                fewest_reference(&tokens, slack, &text, &segments, true)
             );
+            // The whole text, its non-ASCII bytes too, from within the longest token of
+            // its ends.
+            let longest = segments.longest;
+            proptest::prop_assert_eq!(
+                segments.fewest_tokens(&text, usize::MAX, true),
+                fewest_reference_of(&tokens, longest, &text, &segments, true, true)
+            );
+        }
+
+        /// With whitespace, the count lies between the fewest tokens that cut each stretch
+        /// at the pre-tokenizer's places with runs cut at every length (which it takes in
+        /// runs that do not start at such a place), and with runs cut only into the
+        /// vocabulary's tokens (which it takes in runs that do).
+        #[test]
+        fn segments_lie_between_the_relaxed_and_the_exact_reference(
+            vocab in proptest::collection::vec(
+                proptest::collection::vec(proptest::sample::select(b"a =\t\n".to_vec()), 2..7),
+                0..12,
+            ),
+            runs in proptest::collection::vec(
+                (proptest::sample::select(b" \t=".to_vec()), 2usize..9),
+                0..4,
+            ),
+            text in proptest::collection::vec(
+                proptest::sample::select(b"aaa      \t\n==1<\xc3".to_vec()), 0..300),
+            slack in 1usize..6,
+        ) {
+            let runs: Vec<Vec<u8>> = runs.into_iter().map(|(b, n)| vec![b; n]).collect();
+            let mut tokens: Vec<&[u8]> = vec![b"a", b" ", b"=", b"\t", b"\n", b"1", b"<"];
+            tokens.extend(vocab.iter().map(Vec::as_slice));
+            tokens.extend(runs.iter().map(Vec::as_slice));
+            let segments = segments_of(&tokens, slack);
+            let found = segments.fewest_tokens(&text, usize::MAX, false);
+            let relaxed = fewest_reference(&tokens, slack, &text, &segments, true);
+            let exact = fewest_reference(&tokens, slack, &text, &segments, false);
+            proptest::prop_assert!(relaxed <= found && found <= exact, "{relaxed} {found} {exact}");
         }
 
         /// The bound never exceeds the fewest tokens of the vocabulary that spell the text
