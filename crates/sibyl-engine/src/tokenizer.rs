@@ -385,12 +385,12 @@ impl TextTokenizer {
     }
 
     /// At least how many tokens `text` encodes to, from the fewest strings of the
-    /// vocabulary that it can be cut into, at the places the pre-tokenizer must cut
-    /// (`tokenizer/bound.rs`; only its ASCII where Unicode normalization could change the
-    /// rest): within a few percent of the real count for text of every kind measured, at
-    /// some tens of microseconds per kilobyte, a fraction of tokenizing it. Stops once
-    /// the bound reaches `enough`. [`Self::encode_at_most`] refuses long text with it
-    /// before tokenizing.
+    /// vocabulary that it can be cut into, passing the places the pre-tokenizer must cut
+    /// (`tokenizer/bound.rs`; between the characters that Unicode normalization could
+    /// change, where there are any): within a few percent of the real count for text of
+    /// every kind measured, at some tens of microseconds per kilobyte, a fraction of
+    /// tokenizing it. Stops once the bound reaches `enough`. [`Self::encode_at_most`]
+    /// refuses long text with it before tokenizing.
     pub fn fewest_tokens(&self, text: &str, enough: usize) -> usize {
         self.bound.fewest_tokens(text, enough)
     }
