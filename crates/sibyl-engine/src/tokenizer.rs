@@ -112,20 +112,6 @@ impl TextTokenizer {
         let longest_token_bytes = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
         // Only the qwen2 pre-tokenizer comes with a normalizer (NFC).
         let normalizes = pre == "qwen2";
-        // The qwen2 and llama3 patterns end a piece at the last newline of whitespace.
-        let newline_pieces = matches!(pre.as_str(), "qwen2" | "llama3" | "llama-bpe" | "smaug-bpe");
-        let bound = TokenBound::new(&tokens, &token_types, &merges, normalizes, newline_pieces)
-            .map_err(|e| error(e.to_string()))?;
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| error(e.to_string()))?;
-        let mut inner = Tokenizer::new(bpe);
         let split = |pattern: &str| -> Result<PreTokenizerWrapper, EngineError> {
             let split = Split::new(
                 SplitPattern::Regex(pattern.to_string()),
@@ -139,26 +125,43 @@ impl TextTokenizer {
             ])
             .into())
         };
-        if normalizes {
-            inner
-                .with_normalizer(Some(NFC))
-                .map_err(|e| error(e.to_string()))?;
-        }
-        let pre_tokenizer: PreTokenizerWrapper = match pre.as_str() {
-            "qwen2" => split(QWEN2_SPLIT)?,
-            "llama3" | "llama-bpe" | "smaug-bpe" => split(LLAMA3_SPLIT)?,
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
-            "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
+        // The pre-tokenizer, and whether its patterns end a piece at the last newline of
+        // whitespace (qwen2's and llama3's do).
+        let (pre_tokenizer, newline_pieces): (PreTokenizerWrapper, bool) = match pre.as_str() {
+            "qwen2" => (split(QWEN2_SPLIT)?, true),
+            "llama3" | "llama-bpe" | "smaug-bpe" => (split(LLAMA3_SPLIT)?, true),
+            "smollm" => (
+                Sequence::new(vec![
+                    Digits::new(true).into(),
+                    ByteLevel::new(false, true, true).into(),
+                ])
+                .into(),
+                false,
+            ),
+            "gpt2" | "default" => (ByteLevel::new(false, true, true).into(), false),
             other => {
                 return Err(error(format!(
                     "pre-tokenizer `{other}` is not supported (qwen2, smollm, llama3, gpt2 are)"
                 )))
             }
         };
+        let bound = TokenBound::new(&tokens, &token_types, &merges, normalizes, newline_pieces)
+            .map_err(|e| error(e.to_string()))?;
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| error(e.to_string()))?;
+        let mut inner = Tokenizer::new(bpe);
+        if normalizes {
+            inner
+                .with_normalizer(Some(NFC))
+                .map_err(|e| error(e.to_string()))?;
+        }
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
         let controls: Vec<(String, TokenId)> = token_types

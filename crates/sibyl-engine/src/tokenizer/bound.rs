@@ -57,28 +57,17 @@ impl TokenBound {
         }
         let ascii_bounds = [Grouping::Kinds, Grouping::Bytes]
             .map(|grouping| AsciiBound::new(&ascii_bytes, grouping));
-        let letter_runs = LetterRuns::new(
-            ascii_bounds[0].most_letters,
-            tokens
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| added(i))
-                .map(|(_, token)| *token),
-        )?;
-        let added_tokens = tokens
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| added(i))
-            .map(|(_, token)| *token);
-        // Bytes of the longest token: a byte-level token has a character a byte.
-        let longest = tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1);
-        let symbol_runs = SymbolRuns::new(merges, added_tokens, longest);
         let added_tokens: Vec<&str> = tokens
             .iter()
             .enumerate()
             .filter(|&(i, _)| added(i))
             .map(|(_, token)| *token)
             .collect();
+        let letter_runs =
+            LetterRuns::new(ascii_bounds[0].most_letters, added_tokens.iter().copied())?;
+        // Bytes of the longest token: a byte-level token has a character a byte.
+        let longest = tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1);
+        let symbol_runs = SymbolRuns::new(merges, added_tokens.iter().copied(), longest);
         let segments = Segments::new(&token_bytes, &added_tokens, newline_pieces)?;
         Ok(Self {
             most_high_bytes,
@@ -377,13 +366,16 @@ impl Segments {
         let mut lengths: Vec<Vec<usize>> = vec![Vec::new(); 256];
         let mut matched = Vec::with_capacity(tokens.len());
         for token in tokens {
-            if let Some(b) = only_byte(token) {
-                let b = usize::from(b);
-                runs[b] = runs[b].max(token.len());
-                lengths[b].push(token.len());
-            }
-            if only_byte(token).is_none() || token.len() == 1 {
-                matched.push(token.as_slice());
+            match only_byte(token) {
+                Some(b) => {
+                    let b = usize::from(b);
+                    runs[b] = runs[b].max(token.len());
+                    lengths[b].push(token.len());
+                    if token.len() == 1 {
+                        matched.push(token.as_slice());
+                    }
+                }
+                None => matched.push(token.as_slice()),
             }
         }
         let exact_runs = lengths
@@ -1143,25 +1135,25 @@ mod tests {
     }
 
     /// Segments of `tokens`, with `slack` at the ends of ASCII stretches.
-    fn segments_of(tokens: &[&[u8]], slack: usize) -> Slack {
+    fn segments_of(tokens: &[&[u8]], slack: usize) -> TestSegments {
         let tokens: Vec<Vec<u8>> = tokens.iter().map(|t| t.to_vec()).collect();
-        Slack(
+        TestSegments(
             super::Segments::new(&tokens, &["<s>"], true).unwrap(),
             slack,
         )
     }
 
     /// Segments, and the slack their tests count ASCII stretches with.
-    struct Slack(super::Segments, usize);
+    struct TestSegments(super::Segments, usize);
 
-    impl std::ops::Deref for Slack {
+    impl std::ops::Deref for TestSegments {
         type Target = super::Segments;
         fn deref(&self) -> &super::Segments {
             &self.0
         }
     }
 
-    impl Slack {
+    impl TestSegments {
         /// The tokens of `text`'s stretches of ASCII (or of all of it, `whole`, from within
         /// the longest token of its ends).
         fn fewest_tokens(&self, text: &[u8], enough: usize, whole: bool) -> usize {
