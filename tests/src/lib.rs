@@ -386,8 +386,37 @@ impl Drop for Processes {
     }
 }
 
-/// A loopback address with a port that was free a moment ago.
+/// A loopback address with a port that was free a moment ago, for a child process to
+/// listen on.
+///
+/// The port comes from below the kernel's ephemeral range: a port bound to 0 and let go
+/// comes from that range, where any outgoing connection (another test's client) may take
+/// it before the child binds it. Ports are taken in turn from a place that differs per
+/// process, so test binaries running side by side do not hand out the same ones.
 pub fn free_port() -> std::io::Result<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral
+        .saturating_sub(LOWEST)
+        .min(u32::from(u16::MAX) - LOWEST);
+    if span >= 1_000 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let start = std::process::id().wrapping_mul(7_919).wrapping_add(nanos);
+        for _ in 0..256 {
+            let offset = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            let port = u16::try_from(LOWEST + offset).expect("below u16::MAX");
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return listener.local_addr();
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
