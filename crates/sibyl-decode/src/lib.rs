@@ -14,7 +14,7 @@ pub use scheduler::{
     generate, generate_cancellable, Client, Finished, Scheduler, SchedulerConfig, StepStats,
 };
 pub use session::{
-    check_request, DraftTiming, DrafterReport, FinishReason, GenerateError, GenerationConfig,
-    GenerationReport, Learned, PlannedStep, PromptChunk, Session, SharedLearning, Step,
-    PROMPT_CHUNK,
+    check_request, measure_drafter, DraftTiming, DrafterReport, FinishReason, GenerateError,
+    GenerationConfig, GenerationReport, Learned, PlannedStep, PromptChunk, Session, SharedLearning,
+    Step, PROMPT_CHUNK,
 };

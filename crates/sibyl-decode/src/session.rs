@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 mod drafting;
 
 use drafting::draft;
-pub use drafting::DraftTiming;
 use drafting::DrafterCalls;
+pub use drafting::{measure_drafter, DraftTiming};
 
 /// Prompt tokens processed per forward pass when a session runs alone.
 pub const PROMPT_CHUNK: usize = 256;

@@ -3,12 +3,15 @@
 //! wrong gets none, and when every drafter is wrong the steps become plain decoding. The
 //! output stays what plain decoding gives.
 
-use sibyl_decode::{generate, GenerationConfig, Learned, Session, SharedLearning, Step};
+use sibyl_decode::{
+    generate, measure_drafter, GenerationConfig, Learned, Session, SharedLearning, Step,
+};
 use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
 use sibyl_engine::{Architecture, GgmlDType, Model};
 use sibyl_spec::{DraftCosts, Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 const VOCAB: u32 = 48;
 
@@ -405,5 +408,78 @@ fn an_expensive_drafter_is_asked_where_the_cheap_ones_have_nothing() {
             "lookup shifted by {cheap_shift:?}: the small model was asked at {share:.2} of \
              the steps ({asked:?} in {steps} steps)"
         );
+    }
+}
+
+/// A drafter that works like a small model in this process: catching up costs `per_token`
+/// (slept) for each context token it has not seen, and so does each drafted token after the
+/// first; it drafts the truth, and writes down the context lengths it was asked at.
+struct Catching {
+    prompt_len: usize,
+    truth: Vec<TokenId>,
+    seen: usize,
+    per_token: Duration,
+    asked: Vec<usize>,
+}
+
+impl Drafter for Catching {
+    fn kind(&self) -> &str {
+        "small-model"
+    }
+
+    fn catch_up(&mut self, context: &[TokenId]) -> usize {
+        let new = context.len().saturating_sub(self.seen);
+        std::thread::sleep(self.per_token * new as u32);
+        self.seen = context.len();
+        new
+    }
+
+    fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
+        self.catch_up(context);
+        std::thread::sleep(self.per_token * max_tokens.saturating_sub(1) as u32);
+        self.asked.push(context.len());
+        match context.len().checked_sub(self.prompt_len) {
+            Some(at) => vec![draft(&self.truth, at, max_tokens, None)],
+            None => Vec::new(),
+        }
+    }
+}
+
+#[test]
+fn a_small_model_timed_before_the_first_session_is_not_asked_to_catch_up_with_its_prompt() {
+    let model = model();
+    let prompt: Vec<TokenId> = (0..200).map(|i| (i * 7 + i / 9) % VOCAB).collect();
+    let truth = plain(&model, &prompt, 12);
+    // 5 ms a token, where a plain step takes 0.1 s: catching up with the prompt takes ten
+    // steps' time, more than a block of 4 tokens can save.
+    let catching = || Catching {
+        prompt_len: prompt.len(),
+        truth: truth.clone(),
+        seen: 0,
+        per_token: Duration::from_millis(5),
+        asked: Vec::new(),
+    };
+    for measured in [false, true] {
+        let learning = cpu_like_costs();
+        if measured {
+            let mut timed = catching();
+            measure_drafter(&learning, &mut timed, 4);
+            assert_eq!(timed.asked.len(), 1, "the measure drafts one block");
+        }
+        let mut drafters: Vec<Box<dyn Drafter>> = vec![Box::new(catching())];
+        let config = config(truth.len(), Some(learning));
+        let report = generate(&model, &prompt, &config, &mut drafters, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(report.tokens, truth, "lossless");
+        let asked = report.drafters[0].asked;
+        if measured {
+            // Weighed from its measured costs from the first step: never asked.
+            assert_eq!(asked, 0, "asked {asked} times");
+        } else {
+            // Not measured yet: asked at the first step, whatever catching up takes.
+            assert!(asked >= 1, "asked {asked} times");
+        }
     }
 }

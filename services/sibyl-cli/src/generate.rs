@@ -4,7 +4,7 @@ use crate::args::{
 };
 use anyhow::{bail, Context};
 use clap::Args;
-use sibyl_decode::{GenerationConfig, GenerationReport};
+use sibyl_decode::{GenerationConfig, GenerationReport, SharedLearning};
 use sibyl_engine::{ChatMessage, Detokenizer, LoadOptions};
 use sibyl_engine::{LoadedModel, Model, TextTokenizer};
 use sibyl_lm::{LmConfig, LmDrafter};
@@ -222,6 +222,19 @@ impl DrafterSources {
         })
     }
 
+    /// Times the LM drafter, when its model is loaded and tree sizes are chosen from
+    /// measured costs (`learning`), before any generation asks it for up to `depth` tokens
+    /// ([`sibyl_decode::measure_drafter`]): its first call is then weighed like the rest.
+    pub fn measure(&self, learning: Option<&SharedLearning>, depth: usize) {
+        if let (Some(learning), Some((model, config))) = (learning, &self.lm) {
+            let started = std::time::Instant::now();
+            let mut drafter = LmDrafter::new(model.clone(), config.clone());
+            sibyl_decode::measure_drafter(learning, &mut drafter, depth);
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            tracing::debug!(ms, "timed the LM drafter");
+        }
+    }
+
     /// A new, empty index for suffix drafters, with this process's settings.
     pub fn new_suffix_index(&self) -> Arc<SuffixIndex> {
         Arc::new(SuffixIndex::new(self.suffix.config().clone()))
@@ -281,6 +294,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let speculation = &config.speculation;
     let kinds = draft_kinds(&speculation.draft)?;
     let sources = DrafterSources::open(speculation, &kinds, &loaded)?;
+    let generation = &config.generation;
+    sources.measure(generation.learning.as_ref(), generation.max_draft_depth);
     let mut drafters = sources.drafters(&kinds)?;
     let mut detokenizer = Detokenizer::new(&loaded.tokenizer);
     let mut stdout = std::io::stdout().lock();

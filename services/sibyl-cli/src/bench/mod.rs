@@ -229,6 +229,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 lm: &args.lm,
             };
             let sources = DrafterSources::open(drafter_args, &kinds, &loaded)?;
+            sources.measure(generation.learning.as_ref(), generation.max_draft_depth);
             Box::new(InProcess {
                 name: model_name(&args.model.model),
                 loaded,
