@@ -398,6 +398,13 @@ impl TextTokenizer {
         self.bound.fewest_tokens(text, enough)
     }
 
+    /// Builds what [`Self::fewest_tokens`] needs now (an automaton of every token string:
+    /// about 0.1 s and, for Qwen2.5's vocabulary, 17 MB kept and 60 MB more while it is
+    /// built), rather than at its first call. Only a role that bounds prompts needs it.
+    pub fn prepare_prompt_bound(&self) {
+        self.bound.prepare();
+    }
+
     /// Number of token strings in the vocabulary (the model may pad its embedding further).
     pub fn vocab_len(&self) -> usize {
         self.inner.get_vocab_size(true)

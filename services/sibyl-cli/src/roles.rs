@@ -483,7 +483,8 @@ fn text_loader(
 }
 
 /// [`text_loader`] for a gateway: chat content is tokenized as plain text, by a tokenizer
-/// made on first use; made here, so that the first chat request does not wait for it.
+/// made on first use, and long prompts are bounded by an automaton also made on first use;
+/// both made here, so that no request waits for them.
 fn gateway_text_loader(
     model: ModelArgs,
 ) -> impl FnMut() -> anyhow::Result<sibyl_engine::TextModel> + Send + 'static {
@@ -491,6 +492,7 @@ fn gateway_text_loader(
     move || {
         let text = load()?;
         text.tokenizer.encode_text("")?;
+        text.tokenizer.prepare_prompt_bound();
         Ok(text)
     }
 }

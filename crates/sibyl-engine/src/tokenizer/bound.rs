@@ -4,6 +4,7 @@
 use super::is_added;
 use aho_corasick::{AhoCorasick, AhoCorasickKind};
 use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock};
 
 /// What [`TokenBound::least_tokens`] needs to know of a vocabulary.
 #[derive(Debug, Clone)]
@@ -68,7 +69,7 @@ impl TokenBound {
         // Bytes of the longest token: a byte-level token has a character a byte.
         let longest = tokens.iter().map(|t| t.chars().count()).max().unwrap_or(1);
         let symbol_runs = SymbolRuns::new(merges, added_tokens.iter().copied(), longest);
-        let segments = Segments::new(&token_bytes, &added_tokens, newline_pieces)?;
+        let segments = Segments::new(&token_bytes, &added_tokens, newline_pieces);
         Ok(Self {
             most_high_bytes,
             ascii_bounds,
@@ -78,6 +79,12 @@ impl TokenBound {
             segments,
             normalizes,
         })
+    }
+
+    /// Builds what [`Self::fewest_tokens`] matches the text with now, rather than at its
+    /// first call.
+    pub(super) fn prepare(&self) {
+        self.segments.matcher.get();
     }
 
     /// At least how many tokens `text` encodes to, from the fewest strings of the
@@ -324,7 +331,7 @@ impl Reach {
 #[derive(Debug, Clone)]
 struct Segments {
     /// Every token but a byte repeated, as the bytes it stands for.
-    matcher: AhoCorasick,
+    matcher: Arc<TokenMatcher>,
     /// By byte: the bytes of the longest token made of it alone (0 where none is).
     runs: [usize; 256],
     /// By byte, for lengths 0 to [`EXACT_RUN`]: the fewest tokens of that byte alone that
@@ -343,6 +350,43 @@ struct Segments {
     longest: usize,
 }
 
+/// The token strings [`Segments`] matches, and the automaton that finds them all in a text
+/// (overlapping), built at its first use: 17 MB for Qwen2.5's vocabulary, and about 60 MB
+/// more while it is built, which only a role that bounds prompts needs. Shared by clones.
+#[derive(Debug, Default)]
+struct TokenMatcher {
+    /// The strings, one after another.
+    bytes: Vec<u8>,
+    /// Where each ends in `bytes`.
+    ends: Vec<usize>,
+    automaton: OnceLock<Option<AhoCorasick>>,
+}
+
+impl TokenMatcher {
+    fn push(&mut self, token: &[u8]) {
+        self.bytes.extend_from_slice(token);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// The automaton, built now if it was not yet (`None` if it cannot be: prompts are
+    /// then bounded without it).
+    fn get(&self) -> Option<&AhoCorasick> {
+        self.automaton
+            .get_or_init(|| {
+                let starts = std::iter::once(0).chain(self.ends.iter().copied());
+                let tokens = starts.zip(&self.ends).map(|(from, &to)| &self.bytes[from..to]);
+                AhoCorasick::builder()
+                    .kind(Some(AhoCorasickKind::ContiguousNFA))
+                    .build(tokens)
+                    .inspect_err(|error| {
+                        tracing::warn!(%error, "prompts are bounded without the vocabulary's strings");
+                    })
+                    .ok()
+            })
+            .as_ref()
+    }
+}
+
 /// Runs of one byte up to this long are counted in the tokens of that byte the vocabulary
 /// has; longer ones by its longest such token.
 const EXACT_RUN: usize = 512;
@@ -357,14 +401,10 @@ const CHECK_EVERY: usize = 4096;
 impl Segments {
     /// From the bytes each token stands for, the added tokens, and whether the
     /// pre-tokenizer ends pieces at newlines.
-    fn new(
-        tokens: &[Vec<u8>],
-        added: &[&str],
-        newline_pieces: bool,
-    ) -> Result<Self, aho_corasick::BuildError> {
+    fn new(tokens: &[Vec<u8>], added: &[&str], newline_pieces: bool) -> Self {
         let mut runs = [0usize; 256];
         let mut lengths: Vec<Vec<usize>> = vec![Vec::new(); 256];
-        let mut matched = Vec::with_capacity(tokens.len());
+        let mut matched = TokenMatcher::default();
         for token in tokens {
             match only_byte(token) {
                 Some(b) => {
@@ -372,10 +412,10 @@ impl Segments {
                     runs[b] = runs[b].max(token.len());
                     lengths[b].push(token.len());
                     if token.len() == 1 {
-                        matched.push(token.as_slice());
+                        matched.push(token);
                     }
                 }
-                None => matched.push(token.as_slice()),
+                None => matched.push(token),
             }
         }
         let exact_runs = lengths
@@ -401,19 +441,16 @@ impl Segments {
             }
         }
         let cuts = !added.iter().any(|t| t.chars().any(char::is_whitespace));
-        let matcher = AhoCorasick::builder()
-            .kind(Some(AhoCorasickKind::ContiguousNFA))
-            .build(matched)?;
         let longest = tokens.iter().map(Vec::len).max().unwrap_or(1);
-        Ok(Self {
-            matcher,
+        Self {
+            matcher: Arc::new(matched),
             runs,
             exact_runs,
             cuts,
             added_first,
             newline_pieces,
             longest,
-        })
+        }
     }
 
     /// Whether every supported pre-tokenizer cuts `text` before byte `p` (0 < p < its
@@ -521,7 +558,11 @@ impl Segments {
                 .min();
             reachable(least)
         };
-        for found in self.matcher.find_overlapping_iter(stretch) {
+        let Some(matcher) = self.matcher.get() else {
+            // No automaton: no token is counted, which is a bound still.
+            return (0, true);
+        };
+        for found in matcher.find_overlapping_iter(stretch) {
             let (from, to) = (found.start(), found.end());
             debug_assert!(to >= reached, "matches come in the order they end");
             if to > reached {
@@ -1137,10 +1178,7 @@ mod tests {
     /// Segments of `tokens`, with `slack` at the ends of ASCII stretches.
     fn segments_of(tokens: &[&[u8]], slack: usize) -> TestSegments {
         let tokens: Vec<Vec<u8>> = tokens.iter().map(|t| t.to_vec()).collect();
-        TestSegments(
-            super::Segments::new(&tokens, &["<s>"], true).unwrap(),
-            slack,
-        )
+        TestSegments(super::Segments::new(&tokens, &["<s>"], true), slack)
     }
 
     /// Segments, and the slack their tests count ASCII stretches with.
