@@ -527,6 +527,57 @@ fn sessions_that_share_a_prompt_compute_it_once() {
 }
 
 #[test]
+fn a_long_cached_prompt_is_copied_a_bounded_share_per_step_beside_a_decoding_stream() {
+    let long: Vec<TokenId> = (0..300).map(|t| (t * 5 + 1) % (VOCAB - 1)).collect();
+    let plain = |prompt: Vec<TokenId>, max_tokens| Request {
+        prompt,
+        max_tokens,
+        seed: 0,
+        speculate: false,
+        adaptive: true,
+        joins_at_step: 0,
+        not_ready_for: 0,
+    };
+    let learning = cpu_like_costs();
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        prefix_cache_bytes: usize::MAX,
+        copy_tokens_per_step: 64,
+        ..SchedulerConfig::default()
+    });
+    let first = plain(long.clone(), 4);
+    run_in(&mut scheduler, &first, config(&first, &learning));
+    // A stream that decodes, then the same long prompt with a new end.
+    let stream = plain(vec![3, 1, 4, 1, 5], 40);
+    add(&mut scheduler, 1, &stream, config(&stream, &learning), None);
+    while scheduler.prefilling() > 0 {
+        scheduler.step(model());
+    }
+    let again = plain([long, vec![9, 9, 2]].concat(), 6);
+    add(&mut scheduler, 2, &again, config(&again, &learning), None);
+    let mut copies = Vec::new();
+    let mut reports = [None, None, None];
+    while !scheduler.is_empty() {
+        let (finished, stats) = scheduler.step(model());
+        if stats.cached_tokens > 0 {
+            copies.push(stats.cached_tokens);
+            // Nothing of that prompt is computed while some of it is left to copy.
+            if copies.iter().sum::<usize>() < 300 {
+                assert_eq!(stats.prompt_tokens, 0, "copies {copies:?}");
+            }
+        }
+        for done in finished {
+            reports[done.client.id] = done.outcome.ok();
+        }
+    }
+    // The 300 shared positions, 64 a step (the first answer's positions are not shared).
+    assert_eq!(copies, [64, 64, 64, 64, 44], "positions copied per step");
+    for (i, request) in [(1, &stream), (2, &again)] {
+        let report = reports[i].take().unwrap();
+        assert_eq!(report.tokens, alone(request), "request {i}");
+    }
+}
+
+#[test]
 fn the_prefix_cache_stays_within_its_budget_and_an_opted_out_request_neither_takes_nor_leaves() {
     let per_token = model().new_cache().bytes_per_token();
     let budget = 220 * per_token;

@@ -61,6 +61,16 @@ impl KvCache {
         self.len
     }
 
+    /// Makes room for `len` positions in host memory at once, so that filling a cache
+    /// piece by piece (a long prefix copied over several steps) moves none of it again.
+    pub fn reserve(&mut self, len: usize) {
+        if let Storage::Host { keys, values } = &mut self.storage {
+            for layer in keys.iter_mut().chain(values.iter_mut()) {
+                layer.reserve((len * self.row).saturating_sub(layer.len()));
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

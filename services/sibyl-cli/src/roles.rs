@@ -122,6 +122,7 @@ impl VerifierArgs {
                 prefill_stall: self.prefill_stall,
                 draft_wait: Duration::from_millis(self.draft_wait_ms),
                 prefix_cache_bytes: self.prefix_cache_bytes,
+                ..sibyl_decode::SchedulerConfig::default()
             },
             speculation: SpeculationConfig {
                 draft_budget: self.tree.draft_budget,
