@@ -226,10 +226,10 @@ impl DrafterSources {
     /// measured costs (`learning`), before any generation asks it for up to `depth` tokens
     /// ([`sibyl_decode::measure_drafter`]): its first call is then weighed like the rest.
     pub fn measure(&self, learning: Option<&SharedLearning>, depth: usize) {
-        if let (Some(learning), Some((model, config))) = (learning, &self.lm) {
+        let Some(learning) = learning else { return };
+        if let Ok(mut drafter) = self.drafter(DraftKind::Lm) {
             let started = std::time::Instant::now();
-            let mut drafter = LmDrafter::new(model.clone(), config.clone());
-            sibyl_decode::measure_drafter(learning, &mut drafter, depth);
+            sibyl_decode::measure_drafter(learning, drafter.as_mut(), depth);
             let ms = started.elapsed().as_secs_f64() * 1e3;
             tracing::debug!(ms, "timed the LM drafter");
         }

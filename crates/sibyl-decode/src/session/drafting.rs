@@ -3,7 +3,7 @@
 //! `--draft-sizing adaptive` rules in README).
 
 use super::{lock, Learned, Session, SharedLearning};
-use sibyl_spec::{choose_draft_length, Drafter, DrafterId, Proposal};
+use sibyl_spec::{choose_draft_length, Drafter, DrafterId, Proposal, TokenId};
 use std::time::{Duration, Instant};
 
 /// A drafter that costs the verifier time and was not asked for this many steps in a row is
@@ -81,16 +81,7 @@ pub(crate) fn draft(
         if length == 0 {
             continue;
         }
-        let started = Instant::now();
-        let computed = drafters[i].catch_up(session.context());
-        let caught_up = Instant::now();
-        let drafts = drafters[i].propose(session.context(), length);
-        let timing = DraftTiming {
-            computed,
-            catching_up: caught_up - started,
-            asked_for: length,
-            drafting: caught_up.elapsed(),
-        };
+        let (timing, drafts) = timed_call(drafters[i].as_mut(), session.context(), length);
         session.record_drafting(id, &timing, &drafts);
         proposals.push((id, drafts));
     }
@@ -113,28 +104,41 @@ pub fn measure_drafter(learning: &SharedLearning, drafter: &mut dyn Drafter, len
     // Any ids of the vocabulary do (a forward pass costs the same whatever the tokens): a
     // phrase repeated, which a model continues with confidence, so a whole block is drafted.
     let total: usize = MEASURE_CONTEXT.iter().sum();
-    let context: Vec<u32> = (0..total as u32).map(|i| 1 + (i % 16) * 37).collect();
+    let context: Vec<TokenId> = (0..total as TokenId).map(|i| 1 + (i % 16) * 37).collect();
     let mut seen = 0;
     for (i, more) in MEASURE_CONTEXT.into_iter().enumerate() {
         seen += more;
-        let started = Instant::now();
-        let computed = drafter.catch_up(&context[..seen]);
-        let caught_up = Instant::now();
-        let drafts = if i == 0 {
-            drafter.propose(&context[..seen], length)
-        } else {
-            Vec::new()
-        };
-        let timing = DraftTiming {
-            computed,
-            catching_up: caught_up - started,
-            asked_for: length,
-            drafting: caught_up.elapsed(),
-        };
-        if computed > 0 {
+        // A block after the first catch-up; the second only catches up.
+        let block = if i == 0 { length } else { 0 };
+        let (timing, drafts) = timed_call(drafter, &context[..seen], block);
+        if timing.computed > 0 {
             record(&mut lock(learning), drafter.kind(), &timing, &drafts);
         }
     }
+}
+
+/// Asks `drafter` for `length` tokens after `context` (none: it only catches up), timing
+/// its catching up and its drafting apart.
+fn timed_call(
+    drafter: &mut dyn Drafter,
+    context: &[TokenId],
+    length: usize,
+) -> (DraftTiming, Vec<Proposal>) {
+    let started = Instant::now();
+    let computed = drafter.catch_up(context);
+    let caught_up = Instant::now();
+    let drafts = if length > 0 {
+        drafter.propose(context, length)
+    } else {
+        Vec::new()
+    };
+    let timing = DraftTiming {
+        computed,
+        catching_up: caught_up - started,
+        asked_for: length,
+        drafting: caught_up.elapsed(),
+    };
+    (timing, drafts)
 }
 
 /// Records in `learned` what one call of a drafter of `kind` took.

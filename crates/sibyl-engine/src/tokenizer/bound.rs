@@ -1275,6 +1275,26 @@ mod tests {
         assert_eq!(fewest(b"ccccccccccccccccccc"), 0);
     }
 
+    /// Random tokens over `alphabet` (up to 12, of `lengths`), then runs of one byte of
+    /// `run_bytes` (`runs` of them, of `run_lengths`).
+    fn vocabulary(
+        alphabet: &'static [u8],
+        lengths: std::ops::Range<usize>,
+        run_bytes: &'static [u8],
+        run_lengths: std::ops::Range<usize>,
+        runs: std::ops::Range<usize>,
+    ) -> impl proptest::strategy::Strategy<Value = Vec<Vec<u8>>> {
+        use proptest::collection::vec;
+        use proptest::sample::select;
+        use proptest::strategy::Strategy;
+        let words = vec(vec(select(alphabet), lengths), 0..12);
+        let runs = vec((select(run_bytes), run_lengths), runs);
+        (words, runs).prop_map(|(mut words, runs)| {
+            words.extend(runs.into_iter().map(|(b, n)| vec![b; n]));
+            words
+        })
+    }
+
     proptest::proptest! {
         /// Without whitespace, the count is the fewest tokens that cut each stretch, runs
         /// cut at every length up to their longest token, as the plain reference finds
@@ -1282,22 +1302,13 @@ mod tests {
         /// around many times).
         #[test]
         fn segments_match_the_plain_reference(
-            vocab in proptest::collection::vec(
-                proptest::collection::vec(proptest::sample::select(b"ab=".to_vec()), 2..9),
-                0..12,
-            ),
-            runs in proptest::collection::vec(
-                (proptest::sample::select(b"ab=".to_vec()), 2usize..12),
-                0..3,
-            ),
+            tokens in vocabulary(b"ab=", 2..9, b"ab=", 2..12, 0..3),
             text in proptest::collection::vec(
                 proptest::sample::select(b"aaabbb======\xc3".to_vec()), 0..400),
             slack in 1usize..12,
         ) {
-            let runs: Vec<Vec<u8>> = runs.into_iter().map(|(b, n)| vec![b; n]).collect();
-            let mut tokens: Vec<&[u8]> = vec![b"a", b"b", b"=", b"\xc3", b"a\xc3"];
-            tokens.extend(vocab.iter().map(Vec::as_slice));
-            tokens.extend(runs.iter().map(Vec::as_slice));
+            let base: [&[u8]; 5] = [b"a", b"b", b"=", b"\xc3", b"a\xc3"];
+            let tokens: Vec<&[u8]> = base.into_iter().chain(tokens.iter().map(Vec::as_slice)).collect();
             let segments = segments_of(&tokens, slack);
             proptest::prop_assert_eq!(
                 segments.fewest_tokens(&text, usize::MAX, false),
@@ -1318,22 +1329,13 @@ mod tests {
         /// vocabulary's tokens (which it takes in runs that do).
         #[test]
         fn segments_lie_between_the_relaxed_and_the_exact_reference(
-            vocab in proptest::collection::vec(
-                proptest::collection::vec(proptest::sample::select(b"a =\t\n".to_vec()), 2..7),
-                0..12,
-            ),
-            runs in proptest::collection::vec(
-                (proptest::sample::select(b" \t=".to_vec()), 2usize..9),
-                0..4,
-            ),
+            tokens in vocabulary(b"a =\t\n", 2..7, b" \t=", 2..9, 0..4),
             text in proptest::collection::vec(
                 proptest::sample::select(b"aaa      \t\n==1<\xc3".to_vec()), 0..300),
             slack in 1usize..6,
         ) {
-            let runs: Vec<Vec<u8>> = runs.into_iter().map(|(b, n)| vec![b; n]).collect();
-            let mut tokens: Vec<&[u8]> = vec![b"a", b" ", b"=", b"\t", b"\n", b"1", b"<"];
-            tokens.extend(vocab.iter().map(Vec::as_slice));
-            tokens.extend(runs.iter().map(Vec::as_slice));
+            let base: [&[u8]; 7] = [b"a", b" ", b"=", b"\t", b"\n", b"1", b"<"];
+            let tokens: Vec<&[u8]> = base.into_iter().chain(tokens.iter().map(Vec::as_slice)).collect();
             let segments = segments_of(&tokens, slack);
             let found = segments.fewest_tokens(&text, usize::MAX, false);
             let relaxed = fewest_reference(&tokens, slack, &text, &segments, true);
