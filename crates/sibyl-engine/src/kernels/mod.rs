@@ -68,6 +68,7 @@ impl Kind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     Portable,
+    /// AVX2 with FMA and F16C (every AVX2 CPU has both).
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// AVX2 plus AVX-512 (F, BW, VL, VNNI): `dpbusd`, and two groups per 512-bit vector.
@@ -110,7 +111,7 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("f16c") {
+            if has!("avx2") && has!("fma") && has!("f16c") {
                 if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
                     return Isa::Vnni;
                 }
