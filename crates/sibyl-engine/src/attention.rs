@@ -705,7 +705,7 @@ mod tests {
         let one = vec![vec![0, 2, 3]];
         // A tree: a root, two children, a grandchild.
         let tree = vec![vec![0], vec![0, 1], vec![0, 2], vec![0, 1, 3]];
-        // Positions a multiple of the four keys at a time, one over, and past a tile.
+        // Positions a multiple of the keys read together, one over, and past a tile.
         let cases = [
             (64, 37, &one),
             (128, 38, &one),
