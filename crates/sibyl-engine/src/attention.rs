@@ -6,6 +6,55 @@
 //! values are read from memory once for all of them.
 
 use crate::parallel::{for_each_range, DisjointWrites};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// What a cache stores its keys and values as: `f16` in the CPU engine's caches (half the
+/// memory, and half the bytes read per attended position), `f32` in the tensor engine's
+/// caches on the CPU. Widening an `f16` to `f32` is exact, so the portable and the AVX2
+/// code read the same values.
+pub(crate) trait Cached: Copy + Send + Sync {
+    /// `values` as `f32`s: themselves, or widened into `buffer`.
+    fn widen<'b>(values: &'b [Self], buffer: &'b mut Vec<f32>) -> &'b [f32];
+
+    /// The eight values at `p`, widened.
+    ///
+    /// # Safety
+    /// Eight values must be readable at `p`, and the CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Cached for f32 {
+    #[inline(always)]
+    fn widen<'b>(values: &'b [f32], _: &'b mut Vec<f32>) -> &'b [f32] {
+        values
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Cached for f16 {
+    #[inline(always)]
+    fn widen<'b>(values: &'b [f16], buffer: &'b mut Vec<f32>) -> &'b [f32] {
+        buffer.resize(values.len(), 0.0);
+        values.convert_to_f32_slice(buffer);
+        buffer
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+}
 
 /// Sizes of one attention layer.
 #[derive(Debug, Clone, Copy)]
@@ -187,9 +236,9 @@ unsafe fn softmax_avx2(scores: &mut [f32]) {
 /// layer, `[position][kv_head][head_dim]`, holding the prefix (`prefix_len` rows) and then
 /// the sequence's new nodes; `visible[i]` lists the new nodes its node `i` attends to (its
 /// ancestors and itself), ascending.
-pub(crate) struct AttendedSequence<'a> {
-    pub(crate) keys: &'a [f32],
-    pub(crate) values: &'a [f32],
+pub(crate) struct AttendedSequence<'a, T> {
+    pub(crate) keys: &'a [T],
+    pub(crate) values: &'a [T],
     pub(crate) prefix_len: usize,
     pub(crate) visible: &'a [Vec<usize>],
 }
@@ -205,10 +254,10 @@ const NODE_BLOCK: usize = 8;
 /// query heads that share that KV head, for all those nodes, read its keys and values once.
 /// Each (node, head) pair's arithmetic is its own, so neither the split over items nor the
 /// split over threads ever changes a value.
-pub(crate) fn tree_attention(
+pub(crate) fn tree_attention<T: Cached>(
     layout: HeadLayout,
     queries: &[f32],
-    sequences: &[AttendedSequence<'_>],
+    sequences: &[AttendedSequence<'_, T>],
     out: &mut [f32],
 ) {
     let HeadLayout {
@@ -258,8 +307,8 @@ pub(crate) fn tree_attention(
             attended.resize(count * span, 0.0);
             #[cfg(target_arch = "x86_64")]
             if avx2 {
-                // SAFETY: `Isa::detect` finds AVX2 and FMA before it answers anything but
-                // `Portable`.
+                // SAFETY: `Isa::detect` finds AVX2, FMA and F16C before it answers anything
+                // but `Portable`.
                 unsafe { heads.attend_avx2(&mut attended) };
             } else {
                 heads.attend(&mut attended);
@@ -285,19 +334,19 @@ const TILE: usize = 32;
 /// `queries[k * node_stride..]`, `[head][head_dim]` (`group` of them), and the keys and
 /// values of their KV head, `stride` apart; `visible[k]` is what node `k` sees of the new
 /// nodes.
-struct KvGroup<'a> {
+struct KvGroup<'a, T> {
     queries: &'a [f32],
     node_stride: usize,
     group: usize,
     head_dim: usize,
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: &'a [T],
+    values: &'a [T],
     stride: usize,
     prefix_len: usize,
     visible: &'a [Vec<usize>],
 }
 
-impl KvGroup<'_> {
+impl<T: Cached> KvGroup<'_, T> {
     /// Node `k`'s query heads, `[head][head_dim]`.
     fn node_queries(&self, k: usize) -> &[f32] {
         &self.queries[k * self.node_stride..][..self.group * self.head_dim]
@@ -325,7 +374,7 @@ impl KvGroup<'_> {
 
     /// [`combine`] of one vector's eight lanes and an empty tail, in registers.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn total(lanes: std::arch::x86_64::__m256) -> f32 {
         use std::arch::x86_64::*;
@@ -344,7 +393,7 @@ impl KvGroup<'_> {
     /// [`KvGroup::total`] of eight vectors at once, in order: the same additions, made
     /// across vectors instead of one vector at a time.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn totals(v: [std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
@@ -366,7 +415,7 @@ impl KvGroup<'_> {
     /// the eight lanes of [`dot`] in one vector, eight keys at a time (independent chains of
     /// multiply-adds, so that they overlap), then four, then one.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn scores_avx2(&self, query: &[f32], positions: &[usize], scores: &mut [f32]) {
         use std::arch::x86_64::*;
@@ -378,12 +427,12 @@ impl KvGroup<'_> {
         let mut blocks = positions.chunks_exact(8);
         let mut written = 0;
         for block in &mut blocks {
-            let keys: [*const f32; 8] = std::array::from_fn(|i| key(block[i]));
+            let keys: [*const T; 8] = std::array::from_fn(|i| key(block[i]));
             let mut acc = [_mm256_setzero_ps(); 8];
             for c in 0..chunks {
                 let q = _mm256_loadu_ps(query.add(c * 8));
                 for (acc, k) in acc.iter_mut().zip(keys) {
-                    *acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(k.add(c * 8)), *acc);
+                    *acc = _mm256_fmadd_ps(q, T::load8(k.add(c * 8)), *acc);
                 }
             }
             let totals = _mm256_div_ps(Self::totals(acc), _mm256_set1_ps(scale));
@@ -395,7 +444,7 @@ impl KvGroup<'_> {
             let mut acc = _mm256_setzero_ps();
             for c in 0..chunks {
                 let q = _mm256_loadu_ps(query.add(c * 8));
-                acc = _mm256_fmadd_ps(q, _mm256_loadu_ps(k.add(c * 8)), acc);
+                acc = _mm256_fmadd_ps(q, T::load8(k.add(c * 8)), acc);
             }
             scores[written] = Self::total(acc) / scale;
             written += 1;
@@ -405,7 +454,7 @@ impl KvGroup<'_> {
     /// Adds `weight * value` for the values at `positions`, in order, to one head's output
     /// `out`, 64 outputs at a time in registers.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn accumulate_avx2(&self, weights: &[f32], positions: &[usize], out: &mut [f32]) {
         use std::arch::x86_64::*;
@@ -420,7 +469,7 @@ impl KvGroup<'_> {
                 let weight = _mm256_set1_ps(weight);
                 let v = self.values[p * self.stride..][..head_dim].as_ptr();
                 for (c, acc) in acc.iter_mut().enumerate() {
-                    let x = _mm256_loadu_ps(v.add((block + c) * 8));
+                    let x = T::load8(v.add((block + c) * 8));
                     *acc = _mm256_fmadd_ps(weight, x, *acc);
                 }
             }
@@ -433,7 +482,7 @@ impl KvGroup<'_> {
     /// [`KvGroup::scores_avx2`] for two query heads over the same positions, four keys at
     /// a time: each key is loaded once for both.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn scores_pair_avx2(
         &self,
@@ -451,13 +500,13 @@ impl KvGroup<'_> {
         let mut blocks = positions.chunks_exact(4);
         let mut written = 0;
         for block in &mut blocks {
-            let keys: [*const f32; 4] = std::array::from_fn(|i| key(block[i]));
+            let keys: [*const T; 4] = std::array::from_fn(|i| key(block[i]));
             // Four accumulators for `a`, then four for `b`.
             let mut acc = [_mm256_setzero_ps(); 8];
             for c in 0..chunks {
                 let (qa, qb) = (_mm256_loadu_ps(a.add(c * 8)), _mm256_loadu_ps(b.add(c * 8)));
                 for (i, k) in keys.iter().enumerate() {
-                    let k = _mm256_loadu_ps(k.add(c * 8));
+                    let k = T::load8(k.add(c * 8));
                     acc[i] = _mm256_fmadd_ps(qa, k, acc[i]);
                     acc[i + 4] = _mm256_fmadd_ps(qb, k, acc[i + 4]);
                 }
@@ -481,7 +530,7 @@ impl KvGroup<'_> {
     /// [`KvGroup::accumulate_avx2`] for two heads over the same positions, 32 outputs of
     /// each at a time: each value is loaded once for both.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn accumulate_pair_avx2(
         &self,
@@ -502,7 +551,7 @@ impl KvGroup<'_> {
                 let (wa, wb) = (_mm256_set1_ps(wa), _mm256_set1_ps(wb));
                 let v = self.values[p * self.stride..][..head_dim].as_ptr();
                 for c in 0..4 {
-                    let x = _mm256_loadu_ps(v.add((block + c) * 8));
+                    let x = T::load8(v.add((block + c) * 8));
                     acc[c] = _mm256_fmadd_ps(wa, x, acc[c]);
                     acc[c + 4] = _mm256_fmadd_ps(wb, x, acc[c + 4]);
                 }
@@ -521,7 +570,7 @@ impl KvGroup<'_> {
     /// portable order. Head sizes that are not a multiple of 64 take the portable loop,
     /// compiled for AVX2.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn attend_avx2(&self, out: &mut [f32]) {
         let head_dim = self.head_dim;
         if !head_dim.is_multiple_of(64) {
@@ -598,13 +647,13 @@ impl KvGroup<'_> {
 
 /// One (node, head) pair: its query, the keys and values of its group, and what it sees
 /// of the new nodes.
-struct Head<'a> {
+struct Head<'a, T> {
     query: &'a [f32],
-    group: &'a KvGroup<'a>,
+    group: &'a KvGroup<'a, T>,
     visible: &'a [usize],
 }
 
-impl Head<'_> {
+impl<T: Cached> Head<'_, T> {
     /// Softmax of the scaled dot products over the visible positions, in position order,
     /// applied to their values.
     #[inline(always)]
@@ -623,13 +672,15 @@ impl Head<'_> {
         // A plain loop, not `map(..).collect()`, whose closure would be a function of its
         // own, compiled without the caller's AVX2.
         let mut scores = Vec::with_capacity(prefix_len + visible.len());
+        let mut widened = Vec::new();
         for p in positions.clone() {
-            scores.push(dot(self.query, &keys[p * stride..][..head_dim]) / scale);
+            let key = T::widen(&keys[p * stride..][..head_dim], &mut widened);
+            scores.push(dot(self.query, key) / scale);
         }
         softmax(&mut scores);
         out.fill(0.0);
         for (p, &weight) in positions.zip(&scores) {
-            let v = &values[p * stride..][..head_dim];
+            let v = T::widen(&values[p * stride..][..head_dim], &mut widened);
             for (o, &x) in out.iter_mut().zip(v) {
                 *o = weight.mul_add(x, *o);
             }
@@ -716,33 +767,67 @@ mod tests {
             (13, 33, &tree),
         ];
         for (head_dim, prefix_len, visible) in cases {
-            let (group, stride, nodes) = (3, 2 * head_dim, visible.len());
-            // Queries of another KV head between the nodes' own, as in a forward pass.
-            let node_stride = 2 * group * head_dim;
+            let (stride, nodes) = (2 * head_dim, visible.len());
             let rows = prefix_len + 4;
-            let queries: Vec<f32> = (0..nodes * node_stride).map(|_| value()).collect();
+            let queries: Vec<f32> = (0..nodes * GROUP * stride).map(|_| value()).collect();
             let keys: Vec<f32> = (0..rows * stride).map(|_| value()).collect();
             let values: Vec<f32> = (0..rows * stride).map(|_| value()).collect();
-            let heads = KvGroup {
-                queries: &queries,
-                node_stride,
-                group,
-                head_dim,
-                keys: &keys[head_dim..],
-                values: &values[head_dim..],
-                stride,
-                prefix_len,
-                visible,
-            };
-            let span = nodes * group * head_dim;
-            let (mut portable, mut avx2) = (vec![0f32; span], vec![1f32; span]);
-            heads.attend(&mut portable);
-            // SAFETY: checked above.
-            unsafe { heads.attend_avx2(&mut avx2) };
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let case = format!("head size {head_dim}, prefix {prefix_len}, {nodes} nodes");
-            assert_eq!(bits(&portable), bits(&avx2), "{case}");
-            assert!(portable.iter().all(|x| x.is_finite()), "{case}");
+            let heads = second_kv_head(&queries, &keys, &values, head_dim, prefix_len, visible);
+            let exact = same_bits(&heads, &case);
+            // The same keys and values stored as the CPU engine's caches store them.
+            let narrow = |v: &[f32]| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>();
+            let (keys, values) = (narrow(&keys), narrow(&values));
+            let halves = second_kv_head(&queries, &keys, &values, head_dim, prefix_len, visible);
+            let rounded = same_bits(&halves, &format!("{case}, f16"));
+            // Rounding moves the result a little, not a lot (values of a few units here).
+            for (a, b) in exact.iter().zip(&rounded) {
+                assert!((a - b).abs() < 0.05, "{case}: {a} from f32, {b} from f16");
+            }
         }
+    }
+
+    /// Query heads per KV head in [`the_avx2_build_gives_the_portable_bits`].
+    #[cfg(target_arch = "x86_64")]
+    const GROUP: usize = 3;
+
+    /// The second of two KV heads, as a forward pass lays them out: each node's queries
+    /// `[kv_head][head][head_dim]` ([`GROUP`] heads each), the cache `[position][kv_head]
+    /// [head_dim]`.
+    #[cfg(target_arch = "x86_64")]
+    fn second_kv_head<'a, T>(
+        queries: &'a [f32],
+        keys: &'a [T],
+        values: &'a [T],
+        head_dim: usize,
+        prefix_len: usize,
+        visible: &'a [Vec<usize>],
+    ) -> KvGroup<'a, T> {
+        KvGroup {
+            queries: &queries[GROUP * head_dim..],
+            node_stride: 2 * GROUP * head_dim,
+            group: GROUP,
+            head_dim,
+            keys: &keys[head_dim..],
+            values: &values[head_dim..],
+            stride: 2 * head_dim,
+            prefix_len,
+            visible,
+        }
+    }
+
+    /// Attends with the portable and the AVX2 code, checks that both give the same finite
+    /// bits, and returns them.
+    #[cfg(target_arch = "x86_64")]
+    fn same_bits<T: Cached>(heads: &KvGroup<'_, T>, case: &str) -> Vec<f32> {
+        let span = heads.visible.len() * heads.group * heads.head_dim;
+        let (mut portable, mut avx2) = (vec![0f32; span], vec![1f32; span]);
+        heads.attend(&mut portable);
+        // SAFETY: the caller checked for AVX2, FMA and F16C.
+        unsafe { heads.attend_avx2(&mut avx2) };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&portable), bits(&avx2), "{case}");
+        assert!(portable.iter().all(|x| x.is_finite()), "{case}");
+        portable
     }
 }

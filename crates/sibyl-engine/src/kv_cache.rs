@@ -1,7 +1,15 @@
 use crate::tensor::TensorKv;
 use crate::EngineError;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// Keys and values of one sequence, per layer, laid out `[position][kv_head][head_dim]`.
+///
+/// The CPU engine keeps them in half precision, as llama.cpp does by default: half the
+/// memory of `f32`, and half the bytes attention reads per position. Every forward pass
+/// rounds a new row the same way before any attention reads it, so a position's keys and
+/// values are the same whether it was computed alone, in a tree, in a batch or copied from
+/// another cache.
 ///
 /// The cache holds the processed prefix. A forward over a tree appends one row per tree node
 /// (in node order); [`KvCache::keep_path`] then keeps only the accepted path, compacted to
@@ -19,8 +27,8 @@ pub struct KvCache {
 #[derive(Debug)]
 enum Storage {
     Host {
-        keys: Vec<Vec<f32>>,
-        values: Vec<Vec<f32>>,
+        keys: Vec<Vec<f16>>,
+        values: Vec<Vec<f16>>,
     },
     Tensor(TensorKv),
 }
@@ -212,11 +220,24 @@ impl KvCache {
         Ok(())
     }
 
-    /// Appends rows to a host cache's layer (the CPU engine's forward pass).
+    /// Appends rows to a host cache's layer (the CPU engine's forward pass), rounded to
+    /// half precision (to nearest, ties to even; beyond its largest finite value, that
+    /// value, so that a large key never becomes an infinity).
     pub(crate) fn append(&mut self, layer: usize, new_keys: &[f32], new_values: &[f32]) {
         if let Storage::Host { keys, values } = &mut self.storage {
-            keys[layer].extend_from_slice(new_keys);
-            values[layer].extend_from_slice(new_values);
+            for (cache, new) in [
+                (&mut keys[layer], new_keys),
+                (&mut values[layer], new_values),
+            ] {
+                let start = cache.len();
+                cache.resize(start + new.len(), f16::ZERO);
+                cache[start..].convert_from_f32_slice(new);
+                for (x, &from) in cache[start..].iter_mut().zip(new) {
+                    if x.is_infinite() && from.is_finite() {
+                        *x = if from > 0.0 { f16::MAX } else { f16::MIN };
+                    }
+                }
+            }
         }
     }
 
@@ -225,7 +246,7 @@ impl KvCache {
     }
 
     /// A host cache's layer (the CPU engine's forward pass); empty for a device cache.
-    pub(crate) fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+    pub(crate) fn layer(&self, layer: usize) -> (&[f16], &[f16]) {
         match &self.storage {
             Storage::Host { keys, values } => (&keys[layer], &values[layer]),
             Storage::Tensor(_) => (&[], &[]),
@@ -239,17 +260,52 @@ impl KvCache {
         }
     }
 
-    /// Bytes one cached position takes (keys and values of every layer).
+    /// Bytes one cached position takes (keys and values of every layer): half-precision
+    /// values on the host, `f32` on a device.
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.layers() * self.row * std::mem::size_of::<f32>()
+        let value = match self.storage {
+            Storage::Host { .. } => std::mem::size_of::<f16>(),
+            Storage::Tensor(_) => std::mem::size_of::<f32>(),
+        };
+        2 * self.layers() * self.row * value
     }
 
     /// Bytes of the keys and values of the cached positions (on the device, for a device
     /// cache). Room reserved beyond them is given back by [`KvCache::shrink_to_fit`].
     pub fn size_in_bytes(&self) -> usize {
         match &self.storage {
-            Storage::Host { keys, values } => keys.iter().chain(values).map(|l| l.len() * 4).sum(),
+            Storage::Host { keys, values } => keys
+                .iter()
+                .chain(values)
+                .map(|l| l.len() * std::mem::size_of::<f16>())
+                .sum(),
             Storage::Tensor(_) => self.len * self.bytes_per_token(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host cache rounds what it is given to half precision to nearest, keeps infinities
+    /// and NaN, and takes the largest finite value for finite values beyond it.
+    #[test]
+    fn appended_rows_are_rounded_to_half_precision() {
+        let mut cache = KvCache::new(1, 1, 4);
+        let keys = [1.0, 1e-3, 1e6, -70_000.0];
+        let values = [0.1, f32::INFINITY, f32::NAN, -0.0];
+        cache.append(0, &keys, &values);
+        cache.set_len(1);
+        let (k, v) = cache.layer(0);
+        let nearest = f16::from_f32(1e-3);
+        assert_eq!(k, [f16::ONE, nearest, f16::MAX, f16::MIN]);
+        assert!((nearest.to_f32() - 1e-3).abs() <= 1e-3 / 2048.0);
+        assert_eq!(v[0], f16::from_f32(0.1));
+        assert_eq!(v[1], f16::INFINITY);
+        assert!(v[2].is_nan());
+        assert_eq!(v[3].to_bits(), f16::NEG_ZERO.to_bits());
+        assert_eq!(cache.size_in_bytes(), 16);
+        assert_eq!(cache.bytes_per_token(), 16);
     }
 }

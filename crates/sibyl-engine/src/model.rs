@@ -565,7 +565,7 @@ impl Model {
                 let rows = start * kv_row..(start + s.input.tokens.len()) * kv_row;
                 s.cache.append(index, &k[rows.clone()], &v[rows]);
             }
-            let sequences: Vec<AttendedSequence<'_>> = batch
+            let sequences: Vec<AttendedSequence<'_, half::f16>> = batch
                 .iter()
                 .zip(trees)
                 .zip(&prefix_lens)
