@@ -481,7 +481,7 @@ impl<'a> GroupBlocks<'a> {
 pub(crate) const ROWS_PER_PASS: usize = 64;
 
 /// [`group_kernel`] for the two groups of a stored pair, read block by block as one stream:
-/// 256-bit code for each group, or with AVX-512 from two rows on one 512-bit kernel for both.
+/// with AVX2 256-bit code for each group, with AVX-512 one 512-bit kernel for both.
 fn group_pair_kernel(
     isa: Isa,
     kind: Kind,
@@ -495,27 +495,28 @@ fn group_pair_kernel(
     {
         assert!(isa.pairs_groups() && Isa::detect() != Isa::Portable);
         let rows = first..first + one.len();
-        // 512-bit instructions over both groups pay from two rows on; one row is bound by
-        // reading the weights, which 256-bit code does faster here.
-        let wide = isa == Isa::Vnni && one.len() >= WIDE_FROM_ROWS;
+        // The 512-bit kernel also for one row: on Zen 5 the 256-bit VNNI code read a
+        // one-row product's weights 1.3x slower (a decoding step 41 ms against 32 ms); on
+        // Zen 4 the two were level.
+        let wide = isa == Isa::Vnni;
         // SAFETY (all): `Isa::Avx2` and `Isa::Vnni` are only made where the CPU has AVX2 and
         // F16C, `Isa::Vnni` where it also has AVX-512 F, BW, VL and VNNI (asserted above).
         unsafe {
             match (kind, acts) {
                 (Kind::Q4K, Activations::K(xs)) => {
                     let xs = &xs[rows.start * blocks..rows.end * blocks];
-                    match (wide, isa) {
-                        (true, _) => x86::q4k_pair(groups, blocks, xs, one, two),
-                        (false, Isa::Vnni) => x86::q4k_vnni_dual(groups, blocks, xs, one, two),
-                        _ => x86::q4k_dual(groups, blocks, xs, one, two),
+                    if wide {
+                        x86::q4k_pair(groups, blocks, xs, one, two)
+                    } else {
+                        x86::q4k_dual(groups, blocks, xs, one, two)
                     }
                 }
                 (Kind::Q6K, Activations::K(xs)) => {
                     let xs = &xs[rows.start * blocks..rows.end * blocks];
-                    match (wide, isa) {
-                        (true, _) => x86::q6k_pair(groups, blocks, xs, one, two),
-                        (false, Isa::Vnni) => x86::q6k_vnni_dual(groups, blocks, xs, one, two),
-                        _ => x86::q6k_dual(groups, blocks, xs, one, two),
+                    if wide {
+                        x86::q6k_pair(groups, blocks, xs, one, two)
+                    } else {
+                        x86::q6k_dual(groups, blocks, xs, one, two)
                     }
                 }
                 (Kind::Q8_0, Activations::Q8(xs)) => {
@@ -536,9 +537,6 @@ fn group_pair_kernel(
         unreachable!("pairs of groups are for x86-64")
     }
 }
-
-/// Activation rows from which the 512-bit pair kernels are used.
-const WIDE_FROM_ROWS: usize = 2;
 
 /// `out[r][c] = dot(weight row c of the group, activation row first + r)`.
 fn group_kernel(

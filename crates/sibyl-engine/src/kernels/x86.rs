@@ -651,54 +651,6 @@ pub(super) unsafe fn q8_0_dual(
     dual!(q8_0_tile, TILE, GROUP * 34, groups, blocks, xs, one, two)
 }
 
-/// [`q4k_dual`] with VNNI.
-///
-/// # Safety
-/// The CPU must have AVX2, F16C, AVX-512 VL and AVX-512 VNNI.
-#[target_feature(enable = "avx2,f16c,avx512vl,avx512vnni")]
-pub(super) unsafe fn q4k_vnni_dual(
-    groups: [GroupBlocks<'_>; 2],
-    blocks: usize,
-    xs: &[Q8K],
-    one: &mut [[f32; GROUP]],
-    two: &mut [[f32; GROUP]],
-) {
-    dual!(
-        q4k_vnni_tile,
-        TILE_VNNI,
-        Q4K_GROUP_BYTES,
-        groups,
-        blocks,
-        xs,
-        one,
-        two
-    )
-}
-
-/// [`q6k_dual`] with VNNI.
-///
-/// # Safety
-/// The CPU must have AVX2, F16C, AVX-512 VL and AVX-512 VNNI.
-#[target_feature(enable = "avx2,f16c,avx512vl,avx512vnni")]
-pub(super) unsafe fn q6k_vnni_dual(
-    groups: [GroupBlocks<'_>; 2],
-    blocks: usize,
-    xs: &[Q8K],
-    one: &mut [[f32; GROUP]],
-    two: &mut [[f32; GROUP]],
-) {
-    dual!(
-        q6k_vnni_tile,
-        Q6K_TILE,
-        GROUP * 210,
-        groups,
-        blocks,
-        xs,
-        one,
-        two
-    )
-}
-
 /// Two 32-byte vectors, at `a` and `b`, as one 512-bit vector (`a` in the low half).
 #[inline(always)]
 unsafe fn load_pair(a: *const u8, b: *const u8) -> __m512i {
