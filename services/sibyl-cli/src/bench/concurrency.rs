@@ -375,6 +375,13 @@ pub struct Figures {
     pub mismatches: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub differing: Vec<Differing>,
+    /// With `--repeat N`: the aggregate and the decoding tokens/s of each of the N runs at
+    /// this level, in run order (the other figures are those of the run of median
+    /// aggregate).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aggregate_by_run: Vec<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub decode_by_run: Vec<Option<f64>>,
 }
 
 impl Figures {
@@ -453,7 +460,37 @@ impl Figures {
             identical: differing.is_empty(),
             mismatches: differing.len(),
             differing,
+            aggregate_by_run: Vec::new(),
+            decode_by_run: Vec::new(),
         }
+    }
+
+    /// One level's runs as one row: the figures of the run of median aggregate tokens/s,
+    /// each run's aggregate and decoding rates, and every output that differed in any run
+    /// (the first difference found for each request). `runs` holds at least one.
+    pub fn kept(runs: &[Figures]) -> Self {
+        let mut order: Vec<&Figures> = runs.iter().collect();
+        order.sort_by(|a, b| {
+            a.aggregate_tokens_per_s
+                .total_cmp(&b.aggregate_tokens_per_s)
+        });
+        let mut kept = order[(order.len() - 1) / 2].clone();
+        if runs.len() < 2 {
+            return kept;
+        }
+        let mut differing: Vec<Differing> = Vec::new();
+        for d in runs.iter().flat_map(|f| &f.differing) {
+            if !differing.iter().any(|k| (&k.id, k.turn) == (&d.id, d.turn)) {
+                differing.push(d.clone());
+            }
+        }
+        differing.sort_by(|a, b| (&a.id, a.turn).cmp(&(&b.id, b.turn)));
+        kept.identical = differing.is_empty();
+        kept.mismatches = differing.len();
+        kept.differing = differing;
+        kept.aggregate_by_run = runs.iter().map(|f| f.aggregate_tokens_per_s).collect();
+        kept.decode_by_run = runs.iter().map(|f| f.decode_tokens_per_s).collect();
+        kept
     }
 
     /// `ngram at concurrency 4: 41.30 tok/s aggregate (52.10 decoding), 12.10 tok/s per
@@ -507,6 +544,10 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
 pub struct Sweep<'a> {
     /// Ascending, 1 first (see [`levels`]).
     pub levels: &'a [usize],
+    /// Runs per config and level (`--repeat`): the levels in ascending order, then in
+    /// descending order, and so on, so that a machine whose speed drifts during the sweep
+    /// weighs on every level alike.
+    pub rounds: usize,
     pub configs: &'a [BenchConfig],
     /// Where the results are written after each run.
     pub out: &'a Path,
@@ -529,12 +570,29 @@ impl Sweep<'_> {
             .cloned()
             .collect();
         let turns: usize = items.iter().map(|i| i.turns.len()).sum();
-        let runs = turns * self.configs.len() * self.levels.len();
+        let rounds = self.rounds.max(1);
+        let runs = turns * self.configs.len() * self.levels.len() * rounds;
         let progress = super::progress_bar(runs as u64);
         for config in self.configs {
             let mut reference: Option<Traces> = None;
-            for &concurrency in self.levels {
-                progress.set_message(format!("{} at concurrency {concurrency}", config.name));
+            let mut measured: Vec<Vec<Figures>> = vec![Vec::new(); self.levels.len()];
+            let n = self.levels.len();
+            let plan = (0..rounds).flat_map(|round| {
+                let order: Vec<usize> = if round % 2 == 0 {
+                    (0..n).collect()
+                } else {
+                    (0..n).rev().collect()
+                };
+                order.into_iter().map(move |level| (round, level))
+            });
+            for (round, level) in plan {
+                let concurrency = self.levels[level];
+                let name = if rounds > 1 {
+                    format!("{} (run {} of {rounds})", config.name, round + 1)
+                } else {
+                    config.name.clone()
+                };
+                progress.set_message(format!("{name} at concurrency {concurrency}"));
                 let run = ConcurrentRun {
                     items: &items,
                     config,
@@ -557,9 +615,14 @@ impl Sweep<'_> {
                     reference.as_ref().unwrap_or(&traces),
                     &items,
                 );
-                super::print_line(&progress, figures.line(&config.name));
+                super::print_line(&progress, figures.line(&name));
+                measured[level].push(figures);
                 if let Some(config) = results.configs.get_mut(&config.name) {
-                    config.concurrency.push(figures);
+                    config.concurrency = measured
+                        .iter()
+                        .filter(|runs| !runs.is_empty())
+                        .map(|runs| Figures::kept(runs))
+                        .collect();
                 }
                 results.write(self.out)?;
                 if reference.is_none() {
@@ -626,6 +689,31 @@ pub fn markdown(results: &Results) -> String {
                 format!("**no: {} differ**", f.mismatches)
             }
         ));
+    }
+    let repeated: Vec<String> = runs
+        .iter()
+        .filter(|(_, f)| !f.aggregate_by_run.is_empty())
+        .map(|(name, f)| {
+            let aggregate: Vec<String> = f
+                .aggregate_by_run
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect();
+            let decoding: Vec<String> = f.decode_by_run.iter().map(|&r| or_dash(r)).collect();
+            let (aggregate, decoding) = (aggregate.join(", "), decoding.join(", "));
+            format!(
+                "- {name} at concurrency {}: aggregate {aggregate}; decoding {decoding}\n",
+                f.concurrency
+            )
+        })
+        .collect();
+    if !repeated.is_empty() {
+        out.push_str(
+            "\nEach level ran several times, the levels ascending then descending in turn; a \
+             row above is the run of median aggregate tok/s. Tokens/s of every run, in run \
+             order:\n\n",
+        );
+        out.extend(repeated);
     }
     let differing: Vec<String> = runs
         .iter()
@@ -732,6 +820,37 @@ mod tests {
         assert_eq!(figures.decode_tokens_per_s, Some(10.0));
         assert!(figures.identical);
         assert_eq!(figures.mismatches, 0);
+    }
+
+    #[test]
+    fn repeated_runs_keep_the_median_and_every_difference() {
+        let t0 = Instant::now();
+        let alone = Traces {
+            requests: vec![trace(t0, 0, &[(10, 4)], 100)],
+            ..Traces::default()
+        };
+        let run = |ended: u64, changed: bool| {
+            let mut traces = alone.clone();
+            traces.requests[0].ended = t0 + Duration::from_millis(ended);
+            if changed {
+                traces.requests[0].tokens[1] = 99;
+            }
+            Figures::of(2, &traces, &alone, &[item("a")])
+        };
+        // Four tokens over 0.1, 0.4 and 0.2 s: 40, 10 and 20 tokens/s; the second run's
+        // output differs from the one alone.
+        let runs = [run(100, false), run(400, true), run(200, false)];
+        let kept = Figures::kept(&runs);
+        assert!((kept.aggregate_tokens_per_s - 20.0).abs() < 1e-6);
+        let rates: Vec<f64> = kept.aggregate_by_run.iter().map(|r| r.round()).collect();
+        assert_eq!(rates, [40.0, 10.0, 20.0]);
+        assert_eq!(kept.decode_by_run, [None, None, None]);
+        assert!(!kept.identical, "a difference in any run counts");
+        assert_eq!(kept.mismatches, 1);
+        assert_eq!(kept.differing[0].position, 1);
+        // One run is kept as it is.
+        let one = Figures::kept(&runs[..1]);
+        assert!(one.identical && one.aggregate_by_run.is_empty());
     }
 
     #[test]

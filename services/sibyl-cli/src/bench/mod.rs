@@ -90,7 +90,9 @@ pub struct BenchArgs {
 
     /// Run each prompt this many times under each config, the configs' order alternating,
     /// and keep per config the run of median decode speed: per-prompt ratios then move
-    /// less with the machine's own run-to-run noise.
+    /// less with the machine's own run-to-run noise. With --concurrency, each level also
+    /// runs this many times, the levels ascending then descending in turn, and its row is
+    /// the run of median aggregate tokens/s (every run's rates are listed).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=9))]
     pub repeat: u64,
 
@@ -315,6 +317,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !levels.is_empty() && !results.interrupted {
         let sweep = concurrency::Sweep {
             levels: &levels,
+            rounds: args.repeat as usize,
             configs: &configs,
             out: &args.out,
             interrupted: &interrupted,
@@ -641,6 +644,8 @@ mod tests {
         inner: InProcess,
         alter: Alteration,
         calls: HashMap<String, usize>,
+        /// The concurrency of each concurrent run, in order.
+        levels: Vec<usize>,
     }
 
     /// Under the config named `lossy` the fourth generated token of every turn (or its
@@ -656,6 +661,7 @@ mod tests {
                 }
             },
             calls: HashMap::new(),
+            levels: Vec::new(),
         }
     }
 
@@ -688,6 +694,7 @@ mod tests {
             &mut self,
             run: &concurrency::ConcurrentRun<'_>,
         ) -> anyhow::Result<Option<concurrency::Traces>> {
+            self.levels.push(run.concurrency);
             self.inner.generate_concurrently(run)
         }
 
@@ -897,6 +904,17 @@ mod tests {
         }
     }
 
+    /// One code prompt as a completion.
+    fn one_completion() -> Vec<Item> {
+        vec![Item {
+            id: "code-1".into(),
+            category: "code".into(),
+            format: Format::Completion,
+            turns: vec!["def fibonacci(n):\n".into()],
+            system: None,
+        }]
+    }
+
     #[test]
     fn repeated_runs_keep_the_run_of_median_speed() {
         let mut backend = Altered {
@@ -908,14 +926,9 @@ mod tests {
                 }
             },
             calls: HashMap::new(),
+            levels: Vec::new(),
         };
-        let items = vec![Item {
-            id: "code-1".into(),
-            category: "code".into(),
-            format: Format::Completion,
-            turns: vec!["def fibonacci(n):\n".into()],
-            system: None,
-        }];
+        let items = one_completion();
         let configs = vec![
             BenchConfig::plain(),
             BenchConfig::parse("ngram", true).unwrap(),
@@ -943,6 +956,57 @@ mod tests {
         assert_eq!(ngram.identical, Some(true));
         let report = std::fs::read_to_string(out.join("report.md")).unwrap();
         assert!(report.contains("each prompt run 3 times"), "{report}");
+    }
+
+    #[test]
+    fn repeated_sweeps_alternate_the_levels_and_keep_every_run() {
+        let mut backend = Altered {
+            inner: in_process(8, false, false),
+            alter: |_, _, _, _| {},
+            calls: HashMap::new(),
+            levels: Vec::new(),
+        };
+        let items = one_completion();
+        let configs = vec![BenchConfig::plain()];
+        let out = std::env::temp_dir().join(format!("sibyl-bench-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&out).unwrap();
+        let interrupted = AtomicBool::new(false);
+        let mut results = measure(
+            &mut backend,
+            &items,
+            &configs,
+            setup("smollm2"),
+            &out,
+            &interrupted,
+        )
+        .unwrap();
+        let sweep = concurrency::Sweep {
+            levels: &[1, 2],
+            rounds: 3,
+            configs: &configs,
+            out: &out,
+            interrupted: &interrupted,
+        };
+        sweep.run(&mut backend, &items, &mut results).unwrap();
+        assert_eq!(backend.levels, [1, 2, 2, 1, 1, 2]);
+        let rows = &results.configs["plain"].concurrency;
+        let levels: Vec<usize> = rows.iter().map(|f| f.concurrency).collect();
+        assert_eq!(levels, [1, 2]);
+        for row in rows {
+            assert!(row.identical, "{row:?}");
+            assert_eq!(row.decode_by_run.len(), 3);
+            let mut rates = row.aggregate_by_run.clone();
+            rates.sort_by(f64::total_cmp);
+            assert_eq!(rates.len(), 3);
+            assert_eq!(row.aggregate_tokens_per_s, rates[1], "the median run's row");
+        }
+        let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(report.contains("Tokens/s of every run"), "{report}");
+        assert!(
+            report.contains("- plain at concurrency 2: aggregate "),
+            "{report}"
+        );
+        std::fs::remove_dir_all(&out).ok();
     }
 
     #[test]
