@@ -540,7 +540,8 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
     values[rank - 1]
 }
 
-/// Runs every config at every level in turn, after the sequential run.
+/// Runs every config at every level, after the sequential run: level by level, every
+/// config at a level before the next level.
 pub struct Sweep<'a> {
     /// Ascending, 1 first (see [`levels`]).
     pub levels: &'a [usize],
@@ -573,20 +574,29 @@ impl Sweep<'_> {
         let rounds = self.rounds.max(1);
         let runs = turns * self.configs.len() * self.levels.len() * rounds;
         let progress = super::progress_bar(runs as u64);
-        for config in self.configs {
-            let mut reference: Option<Traces> = None;
-            let mut measured: Vec<Vec<Figures>> = vec![Vec::new(); self.levels.len()];
-            let n = self.levels.len();
-            let plan = (0..rounds).flat_map(|round| {
-                let order: Vec<usize> = if round % 2 == 0 {
-                    (0..n).collect()
-                } else {
-                    (0..n).rev().collect()
-                };
-                order.into_iter().map(move |level| (round, level))
-            });
-            for (round, level) in plan {
-                let concurrency = self.levels[level];
+        let n = self.levels.len();
+        // Per config: its outputs at concurrency 1 in the first round (the identity gate's
+        // reference), and its figures per level, one per round.
+        let mut references: Vec<Option<Traces>> = vec![None; self.configs.len()];
+        let mut measured: Vec<Vec<Vec<Figures>>> = vec![vec![Vec::new(); n]; self.configs.len()];
+        let plan = (0..rounds).flat_map(|round| {
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..n).collect()
+            } else {
+                (0..n).rev().collect()
+            };
+            order.into_iter().map(move |level| (round, level))
+        });
+        for (turn, (round, level)) in plan.enumerate() {
+            let concurrency = self.levels[level];
+            // The configs one after the other at each level, in alternating order, so that
+            // they are compared in neighbouring runs.
+            let mut order: Vec<usize> = (0..self.configs.len()).collect();
+            if turn % 2 == 1 {
+                order.reverse();
+            }
+            for c in order {
+                let config = &self.configs[c];
                 let name = if rounds > 1 {
                     format!("{} (run {} of {rounds})", config.name, round + 1)
                 } else {
@@ -612,21 +622,21 @@ impl Sweep<'_> {
                 let figures = Figures::of(
                     concurrency,
                     &traces,
-                    reference.as_ref().unwrap_or(&traces),
+                    references[c].as_ref().unwrap_or(&traces),
                     &items,
                 );
                 super::print_line(&progress, figures.line(&name));
-                measured[level].push(figures);
-                if let Some(config) = results.configs.get_mut(&config.name) {
-                    config.concurrency = measured
+                measured[c][level].push(figures);
+                if let Some(result) = results.configs.get_mut(&config.name) {
+                    result.concurrency = measured[c]
                         .iter()
                         .filter(|runs| !runs.is_empty())
                         .map(|runs| Figures::kept(runs))
                         .collect();
                 }
                 results.write(self.out)?;
-                if reference.is_none() {
-                    reference = Some(traces);
+                if references[c].is_none() {
+                    references[c] = Some(traces);
                 }
             }
         }

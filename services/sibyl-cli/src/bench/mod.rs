@@ -644,8 +644,8 @@ mod tests {
         inner: InProcess,
         alter: Alteration,
         calls: HashMap<String, usize>,
-        /// The concurrency of each concurrent run, in order.
-        levels: Vec<usize>,
+        /// The config and concurrency of each concurrent run, in order.
+        levels: Vec<(String, usize)>,
     }
 
     /// Under the config named `lossy` the fourth generated token of every turn (or its
@@ -694,7 +694,7 @@ mod tests {
             &mut self,
             run: &concurrency::ConcurrentRun<'_>,
         ) -> anyhow::Result<Option<concurrency::Traces>> {
-            self.levels.push(run.concurrency);
+            self.levels.push((run.config.name.clone(), run.concurrency));
             self.inner.generate_concurrently(run)
         }
 
@@ -959,7 +959,7 @@ mod tests {
     }
 
     #[test]
-    fn repeated_sweeps_alternate_the_levels_and_keep_every_run() {
+    fn repeated_sweeps_alternate_levels_and_configs_and_keep_every_run() {
         let mut backend = Altered {
             inner: in_process(8, false, false),
             alter: |_, _, _, _| {},
@@ -967,7 +967,10 @@ mod tests {
             levels: Vec::new(),
         };
         let items = one_completion();
-        let configs = vec![BenchConfig::plain()];
+        let configs = vec![
+            BenchConfig::plain(),
+            BenchConfig::parse("ngram", true).unwrap(),
+        ];
         let out = std::env::temp_dir().join(format!("sibyl-bench-sweep-{}", std::process::id()));
         std::fs::create_dir_all(&out).unwrap();
         let interrupted = AtomicBool::new(false);
@@ -988,11 +991,28 @@ mod tests {
             interrupted: &interrupted,
         };
         sweep.run(&mut backend, &items, &mut results).unwrap();
-        assert_eq!(backend.levels, [1, 2, 2, 1, 1, 2]);
-        let rows = &results.configs["plain"].concurrency;
+        // Levels 1, 2, 2, 1, 1, 2; at each, both configs, in alternating order.
+        let expected = [
+            ("plain", 1),
+            ("ngram", 1),
+            ("ngram", 2),
+            ("plain", 2),
+            ("plain", 2),
+            ("ngram", 2),
+            ("ngram", 1),
+            ("plain", 1),
+            ("plain", 1),
+            ("ngram", 1),
+            ("ngram", 2),
+            ("plain", 2),
+        ];
+        let expected: Vec<(String, usize)> =
+            expected.iter().map(|&(c, l)| (c.to_string(), l)).collect();
+        assert_eq!(backend.levels, expected);
+        let rows = &results.configs["ngram"].concurrency;
         let levels: Vec<usize> = rows.iter().map(|f| f.concurrency).collect();
         assert_eq!(levels, [1, 2]);
-        for row in rows {
+        for row in rows.iter().chain(&results.configs["plain"].concurrency) {
             assert!(row.identical, "{row:?}");
             assert_eq!(row.decode_by_run.len(), 3);
             let mut rates = row.aggregate_by_run.clone();
