@@ -648,21 +648,41 @@ mod tests {
         levels: Vec<(String, usize)>,
     }
 
+    impl Altered {
+        fn new(inner: InProcess, alter: Alteration) -> Self {
+            Altered {
+                inner,
+                alter,
+                calls: HashMap::new(),
+                levels: Vec::new(),
+            }
+        }
+    }
+
     /// Under the config named `lossy` the fourth generated token of every turn (or its
     /// last, if shorter) is changed, as a speculation bug would change it.
     fn lossy(backend: InProcess) -> Altered {
-        Altered {
-            inner: backend,
-            alter: |config, _, report, vocab| {
-                let last = report.tokens.len().min(4);
-                if config.name == "lossy" && last > 0 {
-                    let token = &mut report.tokens[last - 1];
-                    *token = (*token + 1) % vocab;
-                }
-            },
-            calls: HashMap::new(),
-            levels: Vec::new(),
-        }
+        Altered::new(backend, |config, _, report, vocab| {
+            let last = report.tokens.len().min(4);
+            if config.name == "lossy" && last > 0 {
+                let token = &mut report.tokens[last - 1];
+                *token = (*token + 1) % vocab;
+            }
+        })
+    }
+
+    /// An empty folder for one test's results.
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let out = std::env::temp_dir().join(format!("sibyl-bench-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&out).unwrap();
+        out
+    }
+
+    fn plain_and_ngram() -> Vec<BenchConfig> {
+        vec![
+            BenchConfig::plain(),
+            BenchConfig::parse("ngram", true).unwrap(),
+        ]
     }
 
     impl Backend for Altered {
@@ -820,10 +840,8 @@ mod tests {
             name: "lossy".into(),
             drafters: backend::Drafters::Kinds(vec!["ngram".into()]),
         };
-        let ngram = BenchConfig::parse("ngram", true).unwrap();
-        let configs = vec![BenchConfig::plain(), ngram, lossy];
-        let out = std::env::temp_dir().join(format!("sibyl-bench-lossy-{}", std::process::id()));
-        std::fs::create_dir_all(&out).unwrap();
+        let configs = [plain_and_ngram(), vec![lossy]].concat();
+        let out = scratch("lossy");
         let interrupted = AtomicBool::new(false);
         let results = measure(
             &mut backend,
@@ -917,24 +935,15 @@ mod tests {
 
     #[test]
     fn repeated_runs_keep_the_run_of_median_speed() {
-        let mut backend = Altered {
-            inner: in_process(12, false, false),
-            // The n-gram config's three runs decode in 3, 1 and 2 seconds.
-            alter: |config, call, report, _| {
-                if config.name == "ngram" {
-                    report.decode_time = Duration::from_secs([3, 1, 2][call % 3]);
-                }
-            },
-            calls: HashMap::new(),
-            levels: Vec::new(),
-        };
+        // The n-gram config's three runs decode in 3, 1 and 2 seconds.
+        let mut backend = Altered::new(in_process(12, false, false), |config, call, report, _| {
+            if config.name == "ngram" {
+                report.decode_time = Duration::from_secs([3, 1, 2][call % 3]);
+            }
+        });
         let items = one_completion();
-        let configs = vec![
-            BenchConfig::plain(),
-            BenchConfig::parse("ngram", true).unwrap(),
-        ];
-        let out = std::env::temp_dir().join(format!("sibyl-bench-repeat-{}", std::process::id()));
-        std::fs::create_dir_all(&out).unwrap();
+        let configs = plain_and_ngram();
+        let out = scratch("repeat");
         let setup = Setup {
             repeat: 3,
             ..setup("smollm2")
@@ -960,19 +969,10 @@ mod tests {
 
     #[test]
     fn repeated_sweeps_alternate_levels_and_configs_and_keep_every_run() {
-        let mut backend = Altered {
-            inner: in_process(8, false, false),
-            alter: |_, _, _, _| {},
-            calls: HashMap::new(),
-            levels: Vec::new(),
-        };
+        let mut backend = Altered::new(in_process(8, false, false), |_, _, _, _| {});
         let items = one_completion();
-        let configs = vec![
-            BenchConfig::plain(),
-            BenchConfig::parse("ngram", true).unwrap(),
-        ];
-        let out = std::env::temp_dir().join(format!("sibyl-bench-sweep-{}", std::process::id()));
-        std::fs::create_dir_all(&out).unwrap();
+        let configs = plain_and_ngram();
+        let out = scratch("sweep");
         let interrupted = AtomicBool::new(false);
         let mut results = measure(
             &mut backend,
