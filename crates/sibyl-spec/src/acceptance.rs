@@ -9,7 +9,11 @@
 //! drafter's own evidence for the branch (see [`crate::Proposal::evidence`]) in classes, and
 //! the depth. A cell holds the chance that the branch's token at that depth is accepted
 //! once its parent was, counted with a decay so that it follows the session. A cell with
-//! few observations leans on the cell one level up (or, at depth 1, on the drafter's prior).
+//! few observations leans on the cell one level up; at depth 1, on what the drafter's best
+//! branches' first tokens did whatever their evidence (and before any was verified, on a
+//! prior). So a drafter that is mostly wrong does not get every new evidence class tried
+//! at an optimistic prior: where extra rows are dear, those trials cost more than they
+//! give.
 
 /// Evidence classes: 0, 1, 2, 3, 4-5, 6-7, 8-11, 12-15, 16 and more.
 const EVIDENCE_CLASSES: usize = 9;
@@ -117,22 +121,25 @@ impl AcceptanceStats {
     /// first 1, 2, ..., `len` tokens are all accepted. Never increasing, each in (0, 1].
     pub fn chances(&self, rank: usize, evidence: u32, len: usize) -> Vec<f64> {
         let cells = &self.cells[rank_class(rank)][evidence_class(evidence)];
-        Self::chain(|class| cells[class], rank, len)
+        // A first token of this evidence leans on the best branches' first tokens of any.
+        let first = self.expected_chances(1)[0];
+        let prior = if rank_class(rank) == 0 {
+            first
+        } else {
+            first * ALTERNATIVE_PRIOR
+        };
+        Self::chain(|class| cells[class], prior, len)
     }
 
     /// [`Self::chances`] of the drafter's best branch before it is drafted, its evidence not
     /// known yet: from the latest observations of best branches of any evidence.
     pub fn expected_chances(&self, len: usize) -> Vec<f64> {
-        Self::chain(|class| self.best[class], 0, len)
+        Self::chain(|class| self.best[class], Self::PRIOR, len)
     }
 
-    /// The chances of a branch whose cells by depth class are `cell`.
-    fn chain(cell: impl Fn(usize) -> Cell, rank: usize, len: usize) -> Vec<f64> {
-        let mut prior = if rank_class(rank) == 0 {
-            Self::PRIOR
-        } else {
-            Self::PRIOR * ALTERNATIVE_PRIOR
-        };
+    /// The chances of a branch whose cells by depth class are `cell`, its first token's
+    /// cell leaning on `prior`.
+    fn chain(cell: impl Fn(usize) -> Cell, mut prior: f64, len: usize) -> Vec<f64> {
         let mut chance = 1.0;
         let mut class = usize::MAX;
         let mut level = prior;
@@ -179,8 +186,12 @@ mod tests {
         let weak = stats.chances(0, 1, 3);
         // The prior keeps a little weight: about 2 of 35 observations.
         assert!(weak[0] < 0.05, "{weak:?}");
-        // Other classes still start from the prior.
-        assert_eq!(stats.chances(0, 3, 1), vec![0.6]);
+        // Other classes start from what the best branches' first tokens did, whatever
+        // their evidence (here about half of them were accepted), not from the prior.
+        let unmeasured = stats.chances(0, 3, 1)[0];
+        assert_eq!(unmeasured, stats.expected_chances(1)[0]);
+        assert!((unmeasured - 0.5).abs() < 0.05, "{unmeasured}");
+        assert_eq!(stats.chances(1, 3, 1)[0], unmeasured * ALTERNATIVE_PRIOR);
         // Evidence 8 to 11 share a class; 16 and more share one.
         assert_eq!(stats.chances(0, 11, 4), stats.chances(0, 8, 4));
         assert_eq!(stats.chances(0, 16, 1), stats.chances(0, 1000, 1));
