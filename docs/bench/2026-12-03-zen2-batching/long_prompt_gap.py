@@ -6,12 +6,15 @@ BASE_URL is a sibyl gateway's OpenAI API (http://127.0.0.1:8080/v1). PROMPTS.jso
 JSONL file whose lines have a "prompt" (or "turns") field; the long prompt is their texts
 joined until it is about --prompt-tokens tokens long. Needs the `openai` package.
 
-1. Alone: a plain (speculation off) completion that counts upwards streams 120 tokens; the
-   median gap between its deltas is the solo step time.
-2. Together: the same stream starts again; after 20 deltas the long prompt is sent with
-   max_tokens 1, opting out of the prefix cache. The stream's gaps from that moment until
-   the long prompt's answer came are the gaps under load. Prints their p50, p99 and max
-   against the solo step time.
+1. A plain (speculation off) completion that counts upwards streams. After 10 deltas,
+   the median gap between the next 60 is the solo step time before.
+2. Then the long prompt is sent with max_tokens 1, opting out of the prefix cache. The
+   stream's gaps from that moment until the long prompt's answer came are the gaps under
+   load.
+3. The stream stops; a new one streams 70 deltas, and the median gap between its last 60
+   is the solo step time after. Prints the gaps' p50, p99 and max against the solo step before and after:
+   measured a few minutes apart at most, so that a machine whose speed drifts
+   shows it as a difference between the two.
 """
 
 import argparse
@@ -66,11 +69,6 @@ def main():
     client = openai.OpenAI(base_url=args.base_url, api_key="none", timeout=3600)
     model = client.models.list().data[0].id
 
-    times = []
-    stream(client, model, 120, times, threading.Event())
-    solo = statistics.median(b - a for a, b in zip(times[10:], times[11:]))
-    print(f"solo step: {solo * 1e3:.1f} ms (median of {len(times) - 11} gaps)")
-
     # About 3.5 characters a token for code and prose; the answer's usage says exactly.
     long_prompt = ""
     for text in texts(args.prompts):
@@ -78,10 +76,10 @@ def main():
             break
         long_prompt += text + "\n\n"
     times, stop = [], threading.Event()
-    reader = threading.Thread(target=stream, args=(client, model, 4000, times, stop))
+    reader = threading.Thread(target=stream, args=(client, model, 4096, times, stop))
     reader.start()
-    while len(times) < 20:
-        time.sleep(0.01)
+    wait_for(times, 70)
+    before = median_gap(times[10:70])
     sent = time.perf_counter()
     # Opting out of the prefix cache makes every run compute the whole prompt, also a
     # second run against the same server.
@@ -96,7 +94,14 @@ def main():
     stop.set()
     reader.join()
     during = [t for t in times if sent <= t <= done]
+    solo = []
+    stream(client, model, 70, solo, threading.Event())
+    after = median_gap(solo[10:70])
     gaps = [b - a for a, b in zip(during, during[1:])]
+    print(
+        f"solo step: {before * 1e3:.1f} ms before, {after * 1e3:.1f} ms after "
+        "(medians of 59 gaps each)"
+    )
     print(
         f"long prompt: {answer.usage.prompt_tokens} tokens, answered after "
         f"{done - sent:.1f} s; the stream gave {len(during)} tokens meanwhile"
@@ -104,11 +109,22 @@ def main():
     if not gaps:
         print("no gaps under load to measure")
         return
-    p50, p99, top = percentile(gaps, 0.5), percentile(gaps, 0.99), max(gaps)
-    print(
-        f"gaps under load: p50 {p50 * 1e3:.1f} ms ({p50 / solo:.2f}x solo), "
-        f"p99 {p99 * 1e3:.1f} ms ({p99 / solo:.2f}x), max {top * 1e3:.1f} ms ({top / solo:.2f}x)"
-    )
+    for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
+        gap = percentile(gaps, q)
+        print(
+            f"gaps under load, {name}: {gap * 1e3:.1f} ms, {gap / before:.2f}x the solo step "
+            f"before, {gap / after:.2f}x after"
+        )
+
+
+def wait_for(times, count):
+    """Waits until the stream has given `count` deltas."""
+    while len(times) < count:
+        time.sleep(0.01)
+
+
+def median_gap(times):
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
 
 
 if __name__ == "__main__":
