@@ -121,8 +121,9 @@ impl AcceptanceStats {
     /// first 1, 2, ..., `len` tokens are all accepted. Never increasing, each in (0, 1].
     pub fn chances(&self, rank: usize, evidence: u32, len: usize) -> Vec<f64> {
         let cells = &self.cells[rank_class(rank)][evidence_class(evidence)];
-        // A first token of this evidence leans on the best branches' first tokens of any.
-        let first = self.expected_chances(1)[0];
+        // A first token of this evidence leans on the best branches' first tokens of any
+        // (their `expected_chances(1)`).
+        let first = Self::level(self.best[0], Self::PRIOR);
         let prior = if rank_class(rank) == 0 {
             first
         } else {
@@ -147,15 +148,19 @@ impl AcceptanceStats {
             .map(|depth| {
                 if depth_class(depth) != class {
                     class = depth_class(depth);
-                    let cell = cell(class);
-                    level = ((cell.accepted + PRIOR_WEIGHT * prior) / (cell.seen + PRIOR_WEIGHT))
-                        .clamp(Self::FLOOR, 1.0);
+                    level = Self::level(cell(class), prior);
                     prior = level;
                 }
                 chance *= level;
                 chance
             })
             .collect()
+    }
+
+    /// A cell's chance of acceptance, its observations weighed with `prior`.
+    fn level(cell: Cell, prior: f64) -> f64 {
+        ((cell.accepted + PRIOR_WEIGHT * prior) / (cell.seen + PRIOR_WEIGHT))
+            .clamp(Self::FLOOR, 1.0)
     }
 
     /// Estimated chance that this drafter's best guess for the next token is accepted.
