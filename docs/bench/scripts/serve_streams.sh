@@ -1,6 +1,6 @@
 #!/bin/bash
 # One sibyl serve, then for each set: bench through the gateway at 1 and 4 streams, 3 runs.
-# Usage: DATA=folder-holding-humanevalfix.jsonl docs/bench/2026-12-05-zen5/serve/run.sh OUT (from the repository root)
+# Usage: DATA=folder-holding-humanevalfix.jsonl docs/bench/scripts/serve_streams.sh OUT (from the repository root)
 BIN=target/release/sibyl
 OUT=$1
 mkdir -p $OUT
