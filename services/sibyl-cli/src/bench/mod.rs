@@ -429,11 +429,14 @@ fn measure(
 }
 
 /// Of one config's runs of an item, the one of median decode speed (the slower of the two
-/// middle ones of an even count).
+/// middle ones of an even count), holding every run's speed in run order.
 fn median_run(mut runs: Vec<ItemRecord>) -> Option<ItemRecord> {
+    let speeds: Vec<f64> = runs.iter().map(|r| r.tokens_per_s).collect();
     runs.sort_by(|a, b| a.tokens_per_s.total_cmp(&b.tokens_per_s));
     let middle = runs.len().checked_sub(1)? / 2;
-    Some(runs.swap_remove(middle))
+    let mut kept = runs.swap_remove(middle);
+    kept.runs_tokens_per_s = speeds;
+    Some(kept)
 }
 
 /// A bar counting `len` generations.
@@ -963,8 +966,15 @@ mod tests {
         let ngram = results.items.iter().find(|r| r.config == "ngram").unwrap();
         assert_eq!(ngram.decode_s, 2.0);
         assert_eq!(ngram.identical, Some(true));
+        // Every run's speed is kept, in run order: the fastest is three times the slowest.
+        let decoded = ngram.tokens_per_s * ngram.decode_s;
+        let speeds: Vec<f64> = [3.0, 1.0, 2.0].iter().map(|s| decoded / s).collect();
+        assert_eq!(ngram.runs_tokens_per_s, speeds);
+        let spread = results.configs["ngram"].overall.run_spread_max.unwrap();
+        assert!((spread - 3.0).abs() < 1e-9, "{spread}");
         let report = std::fs::read_to_string(out.join("report.md")).unwrap();
         assert!(report.contains("each prompt run 3 times"), "{report}");
+        assert!(report.contains("| ngram | 3.00x | 3.00x |"), "{report}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use super::backend::{Backend, BenchConfig};
 use super::dataset::Item;
-use super::results::{ItemRecord, Results};
+use super::results::{median, ItemRecord, Results};
 use serde::Serialize;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -59,9 +59,9 @@ impl CacheFigures {
             .collect();
         let turn_ttfts = |pick: &dyn Fn(&ItemRecord) -> &[f64]| {
             let mut values: Vec<f64> = pairs.iter().flat_map(|(o, _)| pick(o)).copied().collect();
-            let off = median(&mut values);
+            let off = median(&mut values).unwrap_or(0.0);
             values = pairs.iter().flat_map(|(_, n)| pick(n)).copied().collect();
-            (off, median(&mut values))
+            (off, median(&mut values).unwrap_or(0.0))
         };
         let (first_off, first_on) =
             turn_ttfts(&|r| &r.turn_prompt_s[..r.turn_prompt_s.len().min(1)]);
@@ -138,14 +138,6 @@ impl CacheFigures {
             }
         )
     }
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    values[(values.len() - 1) / 2]
 }
 
 /// Runs, for each config, the prompts it finished in the main run again with the prefix

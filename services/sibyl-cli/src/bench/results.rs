@@ -47,6 +47,9 @@ pub struct ItemRecord {
     pub steps: usize,
     /// Tokens after each turn's first over `decode_s`.
     pub tokens_per_s: f64,
+    /// `tokens_per_s` of every run of this prompt under this config, in run order (one
+    /// unless `--repeat`); the other figures are those of the run of median speed.
+    pub runs_tokens_per_s: Vec<f64>,
     /// This prompt's tokens/s over plain's.
     pub speedup: Option<f64>,
     /// The same, of the turns after the first alone (prompts of several turns: each such
@@ -104,6 +107,7 @@ impl ItemRecord {
             decode_s: 0.0,
             steps: 0,
             tokens_per_s: 0.0,
+            runs_tokens_per_s: Vec::new(),
             speedup: None,
             later_turns_speedup: None,
             identical: None,
@@ -151,6 +155,7 @@ impl ItemRecord {
             }
         }
         record.tokens_per_s = rate(record.decoded, record.decode_s);
+        record.runs_tokens_per_s = vec![record.tokens_per_s];
         (record.step_p50_ms, record.step_p99_ms) = percentiles_ms(&mut record.step_times.clone());
         record
     }
@@ -202,6 +207,10 @@ pub struct Summary {
     /// The smallest and largest per-prompt speedup.
     pub speedup_min: Option<f64>,
     pub speedup_max: Option<f64>,
+    /// Of prompts run several times (`--repeat`), each one's fastest run over its slowest:
+    /// the median over prompts and the widest. The noise a per-prompt ratio carries.
+    pub run_spread_median: Option<f64>,
+    pub run_spread_max: Option<f64>,
     /// Mean accepted tokens per verify step, a stop token counted (MAT; 1.00 for plain).
     pub mean_accepted_tokens: f64,
     /// Prompts whose output equals plain's (temperature 0 only).
@@ -236,6 +245,7 @@ impl Summary {
         let (mut speedup_min, mut speedup_max) = (None::<f64>, None::<f64>);
         let (mut multi_turn, mut later_decoded, mut later_decode_s) = (0, 0, 0.0);
         let mut later_speedups = Vec::new();
+        let mut spreads = Vec::new();
         let mut step_times = Vec::new();
         let mut drafts: BTreeMap<String, DraftCounts> = BTreeMap::new();
         for record in records {
@@ -260,6 +270,7 @@ impl Summary {
                 later_decode_s += record.later_decode_s;
                 later_speedups.extend(record.later_turns_speedup.filter(|s| *s > 0.0));
             }
+            spreads.extend(run_spread(&record.runs_tokens_per_s));
             step_times.extend_from_slice(&record.step_times);
             for (kind, counts) in &record.drafters {
                 let sum = drafts.entry(kind.clone()).or_default();
@@ -279,6 +290,8 @@ impl Summary {
             later_turns_tokens_per_s: rate(later_decoded, later_decode_s),
             speedup_min,
             speedup_max,
+            run_spread_max: spreads.iter().copied().reduce(f64::max),
+            run_spread_median: median(&mut spreads),
             mean_accepted_tokens: if steps > 0 {
                 accepted as f64 / steps as f64
             } else {
@@ -692,6 +705,23 @@ impl Results {
                 ));
             }
         }
+        if s.repeat > 1 {
+            out.push_str(
+                "\n## Run to run\n\nEach prompt's fastest run over its slowest under one config \
+                 (decode tokens/s): how far a per-prompt ratio can move by the machine's noise \
+                 and the drafters' state alone.\n\n| config | median over prompts | widest |\n\
+                 |---|---:|---:|\n",
+            );
+            for name in &self.config_names {
+                if let Some(r) = self.configs.get(name) {
+                    out.push_str(&format!(
+                        "| {name} | {} | {} |\n",
+                        ratio(r.overall.run_spread_median),
+                        ratio(r.overall.run_spread_max)
+                    ));
+                }
+            }
+        }
         out.push_str(
             "\n## Drafters\n\n| config | drafter | proposed | accepted | acceptance | \
              share of accepted | steps drafted | drafting s |\n\
@@ -755,6 +785,19 @@ fn identical(summary: &Summary) -> String {
     summary
         .identical
         .map_or_else(|| "-".into(), |n| format!("{n}/{}", summary.total))
+}
+
+/// The median of `values` (the smaller middle one of an even count), or none of none.
+pub(super) fn median(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len().checked_sub(1)? / 2).copied()
+}
+
+/// A prompt's fastest run over its slowest, where it ran more than once.
+fn run_spread(runs: &[f64]) -> Option<f64> {
+    let slowest = runs.iter().copied().reduce(f64::min)?;
+    let fastest = runs.iter().copied().reduce(f64::max)?;
+    (runs.len() > 1 && slowest > 0.0).then(|| fastest / slowest)
 }
 
 fn rate(count: usize, secs: f64) -> f64 {
