@@ -12,9 +12,9 @@ joined until it is about --prompt-tokens tokens long. Needs the `openai` package
    stream's gaps from that moment until the long prompt's answer came are the gaps under
    load.
 3. The stream stops; a new one streams 70 deltas, and the median gap between its last 60
-   is the solo step time after. Prints the gaps' p50, p99 and max against the solo step before and after:
-   measured a few minutes apart at most, so that a machine whose speed drifts
-   shows it as a difference between the two.
+   is the solo step time after. Prints the gaps' p50, p99 and max against the solo step
+   before and after: measured a few minutes apart at most, so that a machine whose speed
+   drifts shows it as a difference between the two.
 """
 
 import argparse

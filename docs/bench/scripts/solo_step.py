@@ -6,11 +6,12 @@ Usage: python solo_step.py BASE_URL   (a sibyl gateway's OpenAI API; needs `open
 
 import statistics
 import sys
+import threading
 import time
 
 import openai
 
-COUNTING = "".join(f"{i}\n" for i in range(1, 21))
+from long_prompt_gap import stream
 
 client = openai.OpenAI(base_url=sys.argv[1], api_key="none", timeout=600)
 model = client.models.list().data[0].id
@@ -22,21 +23,10 @@ for _ in range(300):
     except openai.InternalServerError:
         time.sleep(1)
 for _ in range(3):
-    times, text = [], ""
-    response = client.completions.create(
-        model=model,
-        prompt=COUNTING,
-        max_tokens=120,
-        temperature=0,
-        stream=True,
-        extra_body={"speculation": {"enabled": False}},
-    )
-    for chunk in response:
-        if chunk.choices and chunk.choices[0].text:
-            times.append(time.perf_counter())
-            text += chunk.choices[0].text
+    times = []
+    stream(client, model, 120, times, threading.Event())
     gaps = [b - a for a, b in zip(times[10:], times[11:])]
     print(
         f"solo median {statistics.median(gaps) * 1e3:.1f} ms "
-        f"mean {statistics.mean(gaps) * 1e3:.1f} n={len(times)} text={text[:30]!r}"
+        f"mean {statistics.mean(gaps) * 1e3:.1f} n={len(times)}"
     )
