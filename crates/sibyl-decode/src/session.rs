@@ -1,7 +1,7 @@
 use sibyl_engine::{EngineError, KvCache, LogitRows, Model, Sequence, TreeInput};
 use sibyl_spec::{
     choose_draft_nodes, verify, AcceptanceStats, DraftCosts, Drafter, DrafterId, Proposal,
-    SamplingConfig, SamplingError, StepCosts, TokenId, TokenTree, TreeBuilder,
+    SamplingConfig, SamplingError, StepCosts, TokenId, TokenTree, TreeBuilder, TreeLimits,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,14 +43,8 @@ pub struct GenerationConfig {
     /// Most tokens to generate (stop tokens excluded).
     pub max_tokens: usize,
     pub sampling: SamplingConfig,
-    /// Most draft nodes verified per step (the tree budget).
-    pub draft_budget: usize,
-    /// Most draft tokens on one branch.
-    pub max_draft_depth: usize,
-    /// Draft nodes whose estimated chance of acceptance is below this are not verified...
-    pub min_draft_value: f64,
-    /// ...except the this many most likely ones (at least one), which cost little to verify.
-    pub exempt_draft_nodes: usize,
+    /// How large each step's draft tree may grow.
+    pub tree: TreeLimits,
     /// Adaptive tree size: each step verifies the number of draft nodes expected to give
     /// the most tokens per second by the measured step costs, which may be none (a plain
     /// step), and each drafter kind's acceptance starts where earlier sessions left it.
@@ -71,10 +65,7 @@ impl GenerationConfig {
         Self {
             max_tokens,
             sampling: SamplingConfig::greedy(),
-            draft_budget: 0,
-            max_draft_depth: 0,
-            min_draft_value: 0.0,
-            exempt_draft_nodes: 1,
+            tree: TreeLimits::NONE,
             learning: None,
             stop_tokens,
             prefix_cache: true,
@@ -472,7 +463,7 @@ impl Session {
     /// Most draft tokens on one branch that the next step can use (0: no room left).
     pub fn draft_depth(&self) -> usize {
         let room = self.context_length.saturating_sub(self.context.len());
-        self.config.max_draft_depth.min(room.saturating_sub(1))
+        self.config.tree.max_depth.min(room.saturating_sub(1))
     }
 
     /// One verify step alone over the drafts of each drafter, best proposal first:
@@ -601,10 +592,10 @@ impl Session {
     ) -> (TreeBuilder, Vec<BranchOrigin>) {
         let root = *self.context.last().unwrap_or(&0);
         let depth = self.draft_depth();
-        let mut builder = TreeBuilder::new(root, self.vocab_size, self.config.draft_budget, depth)
-            .with_min_value(self.config.min_draft_value, self.config.exempt_draft_nodes);
+        let mut builder = TreeBuilder::new(root, self.vocab_size, self.config.tree.budget, depth)
+            .with_min_value(self.config.tree.min_value, self.config.tree.exempt_nodes);
         let mut branches = Vec::new();
-        if depth > 0 && self.config.draft_budget > 0 {
+        if depth > 0 && self.config.tree.budget > 0 {
             for (id, drafts) in proposals {
                 let Some(stats) = self.stats.get(id.0) else {
                     continue;

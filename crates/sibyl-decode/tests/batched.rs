@@ -9,7 +9,7 @@ use sibyl_decode::{
 use sibyl_engine::testkit::{tensor_test_device, tiny_model, tiny_model_on, TinyModelConfig};
 use sibyl_engine::Model;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
-use sibyl_spec::{Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId};
+use sibyl_spec::{Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId, TreeLimits};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -155,10 +155,12 @@ fn config(request: &Request, learning: &SharedLearning) -> GenerationConfig {
     GenerationConfig {
         max_tokens: request.max_tokens,
         sampling,
-        draft_budget: if request.speculate { 12 } else { 0 },
-        max_draft_depth: 5,
-        min_draft_value: 0.0,
-        exempt_draft_nodes: 1,
+        tree: TreeLimits {
+            budget: if request.speculate { 12 } else { 0 },
+            max_depth: 5,
+            min_value: 0.0,
+            exempt_nodes: 1,
+        },
         learning: request.adaptive.then(|| learning.clone()),
         stop_tokens: vec![VOCAB - 1],
         prefix_cache: true,
@@ -217,7 +219,7 @@ fn run_in(
 /// The request alone, without drafts: what it must produce in any batch.
 fn alone(request: &Request) -> Vec<TokenId> {
     let mut plain = config(request, &cpu_like_costs());
-    plain.draft_budget = 0;
+    plain.tree.budget = 0;
     plain.learning = None;
     generate(model(), &request.prompt, &plain, &mut [], |_| {
         ControlFlow::Continue(())
@@ -404,8 +406,8 @@ fn the_sessions_of_a_step_share_one_deadline_for_their_drafts() {
     });
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut config = GenerationConfig::plain(6, Vec::new());
-    config.draft_budget = 4;
-    config.max_draft_depth = 2;
+    config.tree.budget = 4;
+    config.tree.max_depth = 2;
     for id in 0..3 {
         let session = Session::new(model(), &[1, 2, id], config.clone(), vec![]).unwrap();
         let client = DeadlineClient {

@@ -6,7 +6,7 @@ use sibyl_engine::testkit::{tensor_test_device, tiny_model, tiny_model_on, TinyM
 use sibyl_engine::{Architecture, GgmlDType, Model};
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_retrieval::{SuffixConfig, SuffixDrafter, SuffixIndex};
-use sibyl_spec::{Drafter, Proposal, SamplingConfig, TokenId};
+use sibyl_spec::{Drafter, Proposal, SamplingConfig, TokenId, TreeLimits};
 use std::ops::ControlFlow;
 use std::sync::{Arc, OnceLock};
 
@@ -85,10 +85,12 @@ fn config(max_tokens: usize, budget: usize, depth: usize) -> GenerationConfig {
     GenerationConfig {
         max_tokens,
         sampling: SamplingConfig::greedy(),
-        draft_budget: budget,
-        max_draft_depth: depth,
-        min_draft_value: 0.0,
-        exempt_draft_nodes: 1,
+        tree: TreeLimits {
+            budget,
+            max_depth: depth,
+            min_value: 0.0,
+            exempt_nodes: 1,
+        },
         learning: None,
         stop_tokens: Vec::new(),
         prefix_cache: true,

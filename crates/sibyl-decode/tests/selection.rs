@@ -8,7 +8,9 @@ use sibyl_decode::{
 };
 use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
 use sibyl_engine::{Architecture, GgmlDType, Model};
-use sibyl_spec::{DraftCosts, Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId};
+use sibyl_spec::{
+    DraftCosts, Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId, TreeLimits,
+};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,10 +60,12 @@ fn config(max_tokens: usize, learning: Option<SharedLearning>) -> GenerationConf
     GenerationConfig {
         max_tokens,
         sampling: SamplingConfig::greedy(),
-        draft_budget: 16,
-        max_draft_depth: 4,
-        min_draft_value: 0.0,
-        exempt_draft_nodes: 1,
+        tree: TreeLimits {
+            budget: 16,
+            max_depth: 4,
+            min_value: 0.0,
+            exempt_nodes: 1,
+        },
         learning,
         stop_tokens: Vec::new(),
         prefix_cache: true,

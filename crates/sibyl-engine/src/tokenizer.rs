@@ -405,11 +405,6 @@ impl TextTokenizer {
         self.bound.prepare();
     }
 
-    /// Number of token strings in the vocabulary (the model may pad its embedding further).
-    pub fn vocab_len(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     /// A hash of the vocabulary and merges: two tokenizers with equal fingerprints map text
     /// to the same ids. Drafters are refused when theirs differs.
     pub fn fingerprint(&self) -> u64 {

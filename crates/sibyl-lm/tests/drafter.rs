@@ -6,7 +6,7 @@ use sibyl_decode::{generate, GenerationConfig};
 use sibyl_engine::testkit::{tiny_model, TinyModelConfig};
 use sibyl_engine::{Architecture, GgmlDType, Model};
 use sibyl_lm::{LmConfig, LmDrafter};
-use sibyl_spec::{Drafter, SamplingConfig, TokenId};
+use sibyl_spec::{Drafter, SamplingConfig, TokenId, TreeLimits};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -90,10 +90,12 @@ fn speculation_with_the_lm_drafter_prints_what_plain_decoding_prints() {
     let config = GenerationConfig {
         max_tokens: 60,
         sampling: SamplingConfig::greedy(),
-        draft_budget: 16,
-        max_draft_depth: 8,
-        min_draft_value: 0.0,
-        exempt_draft_nodes: 1,
+        tree: TreeLimits {
+            budget: 16,
+            max_depth: 8,
+            min_value: 0.0,
+            exempt_nodes: 1,
+        },
         learning: None,
         stop_tokens: Vec::new(),
         prefix_cache: true,
@@ -227,10 +229,12 @@ fn sampling_with_all_three_drafters_competing_follows_the_target_distribution() 
                 seed: 1_000_003 * run as u64 + 17,
                 ..sampling.clone()
             },
-            draft_budget: 8,
-            max_draft_depth: 4,
-            min_draft_value: 0.0,
-            exempt_draft_nodes: 8,
+            tree: TreeLimits {
+                budget: 8,
+                max_depth: 4,
+                min_value: 0.0,
+                exempt_nodes: 8,
+            },
             learning: None,
             stop_tokens: Vec::new(),
             prefix_cache: true,

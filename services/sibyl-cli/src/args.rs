@@ -1,4 +1,30 @@
 use clap::{Args, ValueEnum};
+use sibyl_spec::TreeLimits;
+use std::fmt::Display;
+use std::str::FromStr;
+
+/// A count flag's value: a whole number, at least 1 (a clap value parser).
+pub fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(count) => Ok(count),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// A fraction flag's value: a number in [0, 1] (a clap value parser).
+pub fn fraction<T>(text: &str) -> Result<T, String>
+where
+    T: FromStr + PartialOrd + From<u8>,
+    T::Err: Display,
+{
+    let value: T = text.trim().parse().map_err(|e: T::Err| e.to_string())?;
+    if value >= T::from(0) && value <= T::from(1) {
+        Ok(value)
+    } else {
+        Err("must be in [0, 1]".into())
+    }
+}
 
 /// Which model to run.
 #[derive(Debug, Clone, Args)]
@@ -9,7 +35,7 @@ pub struct ModelArgs {
     pub model: String,
 
     /// Compute threads (default: `CANDLE_NUM_THREADS`, else all cores).
-    #[arg(long, env = "SIBYL_THREADS")]
+    #[arg(long, env = "SIBYL_THREADS", value_parser = at_least_one)]
     pub threads: Option<usize>,
 
     /// Keep Q4_1/Q5_0/Q5_1 tensors as they are instead of converting them to Q8_0 at load
@@ -101,11 +127,11 @@ pub struct LmArgs {
     pub draft_model: String,
 
     /// Longest block the LM drafter drafts (it adapts below this to recent acceptance).
-    #[arg(long, env = "SIBYL_LM_MAX_TOKENS", default_value_t = 8)]
+    #[arg(long, env = "SIBYL_LM_MAX_TOKENS", default_value_t = 8, value_parser = at_least_one)]
     pub lm_max_tokens: usize,
 
     /// The LM drafter ends a block before a token it gives less than this probability.
-    #[arg(long, env = "SIBYL_LM_MIN_CONFIDENCE", default_value_t = 0.3)]
+    #[arg(long, env = "SIBYL_LM_MIN_CONFIDENCE", default_value_t = 0.3, value_parser = fraction::<f32>)]
     pub lm_min_confidence: f32,
 
     /// 0: the LM drafter drafts its most likely tokens. Above 0: it samples at this
@@ -115,7 +141,7 @@ pub struct LmArgs {
     pub lm_temperature: f32,
 
     /// Tokens in each distribution a sampling LM drafter sends.
-    #[arg(long, env = "SIBYL_LM_TOP_K", default_value_t = 8)]
+    #[arg(long, env = "SIBYL_LM_TOP_K", default_value_t = 8, value_parser = at_least_one)]
     pub lm_top_k: usize,
 }
 
@@ -133,17 +159,8 @@ impl Default for LmArgs {
 
 impl LmArgs {
     pub fn config(&self) -> anyhow::Result<sibyl_lm::LmConfig> {
-        if self.lm_max_tokens == 0 {
-            anyhow::bail!("--lm-max-tokens must be at least 1");
-        }
-        if !(0.0..=1.0).contains(&self.lm_min_confidence) {
-            anyhow::bail!("--lm-min-confidence must be in [0, 1]");
-        }
         if !(self.lm_temperature.is_finite() && self.lm_temperature >= 0.0) {
             anyhow::bail!("--lm-temperature must be a number at least 0");
-        }
-        if self.lm_top_k == 0 {
-            anyhow::bail!("--lm-top-k must be at least 1");
         }
         Ok(sibyl_lm::LmConfig {
             max_tokens: self.lm_max_tokens,
@@ -234,7 +251,7 @@ pub struct TreeArgs {
 
     /// Leave out draft tokens whose estimated chance of acceptance is below this, in [0, 1]:
     /// every verified token costs time, accepted or not.
-    #[arg(long, env = "SIBYL_DRAFT_MIN_VALUE", default_value_t = 0.15)]
+    #[arg(long, env = "SIBYL_DRAFT_MIN_VALUE", default_value_t = 0.15, value_parser = fraction::<f64>)]
     pub draft_min_value: f64,
 
     /// The most likely draft tokens verified whatever their estimated chance (at least 1):
@@ -265,11 +282,14 @@ impl DraftSizing {
 }
 
 impl TreeArgs {
-    pub fn validate(&self) -> anyhow::Result<()> {
-        if !(0.0..=1.0).contains(&self.draft_min_value) {
-            anyhow::bail!("--draft-min-value must be in [0, 1]");
+    /// The tree these flags allow.
+    pub fn limits(&self) -> TreeLimits {
+        TreeLimits {
+            budget: self.draft_budget,
+            max_depth: self.draft_depth,
+            min_value: self.draft_min_value,
+            exempt_nodes: self.draft_exempt,
         }
-        Ok(())
     }
 }
 
@@ -277,7 +297,7 @@ impl TreeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct NgramArgs {
     /// Longest suffix the n-gram drafter looks up.
-    #[arg(long, env = "SIBYL_NGRAM_MAX", default_value_t = 8)]
+    #[arg(long, env = "SIBYL_NGRAM_MAX", default_value_t = 8, value_parser = at_least_one)]
     pub ngram_max: usize,
 
     /// Most branches the n-gram drafter proposes per step.
@@ -286,15 +306,12 @@ pub struct NgramArgs {
 }
 
 impl NgramArgs {
-    pub fn config(&self) -> anyhow::Result<sibyl_ngram::NgramConfig> {
-        if self.ngram_max == 0 {
-            anyhow::bail!("--ngram-max must be at least 1");
-        }
-        Ok(sibyl_ngram::NgramConfig {
+    pub fn config(&self) -> sibyl_ngram::NgramConfig {
+        sibyl_ngram::NgramConfig {
             max_ngram: self.ngram_max,
             max_branches: self.ngram_branches,
             ..sibyl_ngram::NgramConfig::default()
-        })
+        }
     }
 }
 
@@ -302,7 +319,7 @@ impl NgramArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
     /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     pub max_tokens: usize,
 
     /// Sampling temperature; 0 is greedy.

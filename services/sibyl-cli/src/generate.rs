@@ -55,12 +55,6 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
     type Error = anyhow::Error;
 
     fn try_from(args: GenerateArgs) -> anyhow::Result<Self> {
-        if args.sampling.max_tokens == 0 {
-            bail!("--max-tokens must be at least 1");
-        }
-        if args.model.threads == Some(0) {
-            bail!("--threads must be at least 1");
-        }
         let seed = args.sampling.seed.unwrap_or_else(|| {
             std::collections::hash_map::RandomState::new()
                 .build_hasher()
@@ -73,9 +67,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
             seed,
         };
         sampling.validate().context("invalid sampling parameters")?;
-        args.speculation.ngram.config()?;
         args.speculation.lm.config()?;
-        args.speculation.tree.validate()?;
         draft_kinds(&args.speculation.draft)?;
         Ok(Self {
             prompt: args.prompt,
@@ -85,10 +77,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
             generation: GenerationConfig {
                 max_tokens: args.sampling.max_tokens,
                 sampling,
-                draft_budget: args.speculation.tree.draft_budget,
-                max_draft_depth: args.speculation.tree.draft_depth,
-                min_draft_value: args.speculation.tree.draft_min_value,
-                exempt_draft_nodes: args.speculation.tree.draft_exempt,
+                tree: args.speculation.tree.limits(),
                 learning: args.speculation.tree.draft_sizing.learning(),
                 stop_tokens: Vec::new(),
                 prefix_cache: true,
@@ -186,7 +175,7 @@ impl DrafterSources {
             None
         };
         Ok(Self {
-            ngram: args.ngram.config()?,
+            ngram: args.ngram.config(),
             datastores,
             lm,
             suffix: Arc::new(SuffixIndex::new(args.retrieval.suffix())),
@@ -295,7 +284,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let kinds = draft_kinds(&speculation.draft)?;
     let sources = DrafterSources::open(speculation, &kinds, &loaded)?;
     let generation = &config.generation;
-    sources.measure(generation.learning.as_ref(), generation.max_draft_depth);
+    sources.measure(generation.learning.as_ref(), generation.tree.max_depth);
     let mut drafters = sources.drafters(&kinds)?;
     let mut detokenizer = Detokenizer::new(&loaded.tokenizer);
     let mut stdout = std::io::stdout().lock();

@@ -74,9 +74,6 @@ fn read_text(path: &Path) -> anyhow::Result<Option<String>> {
 pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     if let Some(threads) = args.model.threads {
-        if threads == 0 {
-            bail!("--threads must be at least 1");
-        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global()

@@ -3,7 +3,8 @@
 //! processes are.
 
 use crate::args::{
-    value_name, DeviceArgs, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs, NEEDS_DATASTORE,
+    at_least_one, value_name, DeviceArgs, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs,
+    NEEDS_DATASTORE,
 };
 use crate::generate::{init_threads, load_model, tokenizer_id};
 use crate::security::{ClientTlsArgs, ServerTlsArgs, TokenArgs};
@@ -19,14 +20,17 @@ use sibyl_proto::auth::{ApiKeys, InternalToken};
 use sibyl_proto::client::ServiceAddress;
 use sibyl_proto::server::{Listener, OnLoadError, ShutdownSwitch};
 use sibyl_retrieval::{Datastore, RetrievalConfig, RetrievalDrafter, SuffixIndex};
-use sibyl_spec::{Drafter, Proposal};
+use sibyl_spec::{Drafter, Proposal, TreeLimits};
 use sibyl_verifier::{DrafterEndpoint, SpeculationConfig, VerifierConfig, VerifierService};
+use std::collections::HashMap;
+use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 
 /// How the verifier runs sessions.
 #[derive(Debug, Clone, Args)]
@@ -40,7 +44,7 @@ pub struct VerifierArgs {
 
     /// Most generations at once, run together one forward pass per step; more wait in
     /// the queue.
-    #[arg(long, env = "SIBYL_MAX_SESSIONS", default_value_t = 16)]
+    #[arg(long, env = "SIBYL_MAX_SESSIONS", default_value_t = 16, value_parser = at_least_one)]
     pub max_sessions: usize,
 
     /// Most requests waiting for a session slot or KV-cache room; more are refused at once
@@ -62,7 +66,7 @@ pub struct VerifierArgs {
     /// Most tokens of prompt and output of one request, below the model's context window:
     /// a longer prompt is refused before any work, an output stops there (default: the
     /// model's window).
-    #[arg(long, env = "SIBYL_MAX_MODEL_LEN")]
+    #[arg(long, env = "SIBYL_MAX_MODEL_LEN", value_parser = at_least_one)]
     pub max_model_len: Option<usize>,
 
     /// A client that does not read its stream for this many milliseconds loses its session
@@ -71,7 +75,7 @@ pub struct VerifierArgs {
     pub idle_timeout_ms: u64,
 
     /// Most prompt tokens in one forward pass (a long prompt is processed in chunks).
-    #[arg(long, env = "SIBYL_PREFILL_CHUNK", default_value_t = 256)]
+    #[arg(long, env = "SIBYL_PREFILL_CHUNK", default_value_t = 256, value_parser = at_least_one)]
     pub prefill_chunk: usize,
 
     /// While other sessions are decoding, prompt tokens join a step only as far as the step
@@ -94,18 +98,8 @@ impl VerifierArgs {
         model_name: String,
         drafters: Vec<DrafterEndpoint>,
     ) -> anyhow::Result<VerifierConfig> {
-        self.tree.validate()?;
-        if self.max_sessions == 0 {
-            bail!("--max-sessions must be at least 1");
-        }
-        if self.prefill_chunk == 0 {
-            bail!("--prefill-chunk must be at least 1");
-        }
         if !(self.prefill_stall.is_finite() && self.prefill_stall >= 1.0) {
             bail!("--prefill-stall must be a number of at least 1");
-        }
-        if self.max_model_len == Some(0) {
-            bail!("--max-model-len must be at least 1");
         }
         if self.tree.draft_depth > 256 {
             bail!("--draft-depth must be at most 256");
@@ -125,10 +119,10 @@ impl VerifierArgs {
                 ..sibyl_decode::SchedulerConfig::default()
             },
             speculation: SpeculationConfig {
-                draft_budget: self.tree.draft_budget,
-                max_draft_depth: self.tree.draft_depth.max(1),
-                min_draft_value: self.tree.draft_min_value,
-                exempt_draft_nodes: self.tree.draft_exempt,
+                tree: TreeLimits {
+                    max_depth: self.tree.draft_depth.max(1),
+                    ..self.tree.limits()
+                },
                 adaptive_tree: self.tree.draft_sizing == crate::args::DraftSizing::Adaptive,
                 step_wait: Duration::from_millis(self.draft_wait_ms),
                 ..SpeculationConfig::default()
@@ -499,7 +493,7 @@ fn gateway_text_loader(
 }
 
 fn ngram_drafter(ngram: &NgramArgs) -> anyhow::Result<MakeDrafter> {
-    let config = ngram.config()?;
+    let config = ngram.config();
     Ok(Arc::new(move || {
         Box::new(NgramDrafter::new(config.clone()))
     }))
@@ -761,7 +755,6 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         seen.push(*kind);
         new
     });
-    args.ngram.config()?;
     // The roles talk over loopback ports that any local process could reach: they show
     // each other a token made for this run.
     let token = InternalToken::from_text(&format!("{:032x}", rand::random::<u128>()))?;
@@ -789,7 +782,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         gateway_config.internal_token = Some(token.clone());
 
         let stop = ShutdownSwitch::default();
-        let mut tasks = Vec::new();
+        let mut roles = RoleTasks::default();
         let mut endpoints = Vec::new();
         let mut drafters_text = Vec::new();
         let mut suffixes = Vec::new();
@@ -808,16 +801,16 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 state.spawn_upkeep();
                 suffixes.push(state);
             }
-            tasks.push((
+            roles.spawn(
                 "drafter",
-                tokio::spawn(sibyl_drafter::serve(
+                sibyl_drafter::serve(
                     listener,
                     service.requiring(Some(token.clone())),
                     load,
                     OnLoadError::Fail,
                     stop.stopped(),
-                )),
-            ));
+                ),
+            );
             let kind = value_name(kind);
             endpoints.push(format!("{kind}=http://{addr}").parse::<DrafterEndpoint>()?);
             drafters_text.push(format!("{kind} drafter {addr}"));
@@ -825,16 +818,16 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         let mut config = args.verifier.config(name.clone(), endpoints)?;
         config.internal_token = Some(token.clone());
         let verifier_model = model.clone();
-        tasks.push((
+        roles.spawn(
             "verifier",
-            tokio::spawn(sibyl_verifier::serve(
+            sibyl_verifier::serve(
                 verifier_listener,
                 VerifierService::new(config),
                 move || load_model(&verifier_model, device),
                 OnLoadError::Fail,
                 stop.stopped(),
-            )),
-        ));
+            ),
+        );
         let tls = gateway_config.tls.is_some();
         let access = match &gateway_config.api_keys {
             Some(keys) => format!("API key required ({} in --api-key-file)", keys.len()),
@@ -842,34 +835,21 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         };
         let http_addr = http.local_addr()?;
         let grpc_addr = grpc.local_addr()?;
-        tasks.push((
+        roles.spawn(
             "gateway",
-            tokio::spawn(sibyl_gateway::serve(
+            sibyl_gateway::serve(
                 grpc,
                 http,
                 gateway_config,
                 gateway_text_loader(model),
                 OnLoadError::Fail,
                 stop.stopped(),
-            )),
-        ));
+            ),
+        );
         tracing::info!("loading {name}");
-        loop {
-            let wait = Duration::from_secs(2);
-            // The gateway's health follows the verifier's, a moment later (checked every
-            // 0.5 s while the verifier does not answer). Over TLS this process cannot ask
-            // its own gateway (it holds no CA for its certificate): it gives it that moment.
-            let gateway_ready = || async {
-                if tls {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    true
-                } else {
-                    sibyl_proto::client::wait_until_serving(grpc_addr, wait).await
-                }
-            };
-            if sibyl_proto::client::wait_until_serving(verifier_addr, wait).await
-                && gateway_ready().await
-            {
+        // Until every role serves, or one ends first (a failed load, say).
+        let ended = tokio::select! {
+            () = until_serving(verifier_addr, grpc_addr, tls) => {
                 let drafters = drafters_text.join(", ");
                 let (scheme, over) = if tls { ("https", ", TLS") } else { ("http", "") };
                 let message = format!(
@@ -879,40 +859,23 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 // writes piece by piece and panics when the reader has gone).
                 let mut stdout = std::io::stdout().lock();
                 let _ = stdout.write_all(message.as_bytes()).and_then(|()| stdout.flush());
-                break;
+                None
             }
-            if tasks.iter().any(|(_, task)| task.is_finished()) {
-                break;
-            }
-        }
-        // Run until a signal, or until a role ends (a failed load, say): then stop them all.
-        let signal = shutdown_signal();
-        tokio::pin!(signal);
-        loop {
-            tokio::select! {
-                () = &mut signal => break,
-                () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if tasks.iter().any(|(_, task)| task.is_finished()) {
-                        break;
-                    }
-                }
-            }
-        }
+            first = roles.first_ended() => Some(first),
+        };
+        // Then until a signal, or until a role ends: then stop them all.
+        let first = match ended {
+            Some(first) => first,
+            None => tokio::select! {
+                () = shutdown_signal() => Ok(()),
+                first = roles.first_ended() => first,
+            },
+        };
         stop.trigger();
-        let mut outcome = Ok(());
         // The gateway ends the streams still open at the drain timeout; the rest end soon
         // after.
         let deadline = tokio::time::Instant::now() + args.drain.timeout() + DRAIN_GRACE;
-        for (role, task) in tasks {
-            let error = match tokio::time::timeout_at(deadline, task).await {
-                Ok(Ok(Ok(()))) | Err(_) => continue,
-                Ok(Ok(Err(error))) => anyhow::Error::from(error),
-                Ok(Err(error)) => anyhow::Error::from(error),
-            };
-            if outcome.is_ok() {
-                outcome = Err(error.context(format!("the {role} failed")));
-            }
-        }
+        let outcome = roles.finish(first, deadline).await;
         for state in suffixes {
             let _ = tokio::task::spawn_blocking(move || state.save()).await;
         }
@@ -920,4 +883,90 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     drop(telemetry);
     result
+}
+
+/// How long `sibyl serve` waits for one of its roles to say SERVING before asking again.
+const READY_WAIT: Duration = Duration::from_secs(2);
+
+/// What `sibyl serve` gives its gateway to follow the verifier to SERVING where it cannot
+/// ask it (over TLS: it holds no authority for the gateway's certificate). The gateway
+/// checks its verifier every 0.5 s while that does not answer.
+const TLS_GATEWAY_FOLLOWS: Duration = Duration::from_secs(1);
+
+/// Returns once the verifier at `verifier`, then the gateway at `gateway`, say SERVING.
+async fn until_serving(verifier: SocketAddr, gateway: SocketAddr, tls: bool) {
+    loop {
+        if !sibyl_proto::client::wait_until_serving(verifier, READY_WAIT).await {
+            continue;
+        }
+        if tls {
+            tokio::time::sleep(TLS_GATEWAY_FOLLOWS).await;
+            return;
+        }
+        if sibyl_proto::client::wait_until_serving(gateway, READY_WAIT).await {
+            return;
+        }
+    }
+}
+
+/// The roles `sibyl serve` runs as tasks, known by name.
+#[derive(Default)]
+struct RoleTasks {
+    tasks: JoinSet<anyhow::Result<()>>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl RoleTasks {
+    fn spawn<E>(
+        &mut self,
+        role: &'static str,
+        serving: impl Future<Output = Result<(), E>> + Send + 'static,
+    ) where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let task = self
+            .tasks
+            .spawn(async move { serving.await.map_err(anyhow::Error::from) });
+        self.names.insert(task.id(), role);
+    }
+
+    /// How the first role to end ended (an error names the role); never ready while none
+    /// runs.
+    async fn first_ended(&mut self) -> anyhow::Result<()> {
+        match self.tasks.join_next_with_id().await {
+            Some(joined) => self.outcome(joined),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn outcome(
+        &self,
+        joined: Result<(tokio::task::Id, anyhow::Result<()>), tokio::task::JoinError>,
+    ) -> anyhow::Result<()> {
+        let (id, result) = match joined {
+            Ok((id, result)) => (id, result),
+            Err(error) => (error.id(), Err(anyhow::Error::from(error))),
+        };
+        let role = self.names.get(&id).copied().unwrap_or("role");
+        result.with_context(|| format!("the {role} failed"))
+    }
+
+    /// Waits for the roles still running until `deadline` (those left then are aborted):
+    /// `first`, how the first one ended, unless it was fine and a later one failed.
+    async fn finish(
+        mut self,
+        first: anyhow::Result<()>,
+        deadline: tokio::time::Instant,
+    ) -> anyhow::Result<()> {
+        let mut outcome = first;
+        while let Ok(Some(joined)) =
+            tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await
+        {
+            let result = self.outcome(joined);
+            if outcome.is_ok() {
+                outcome = result;
+            }
+        }
+        outcome
+    }
 }

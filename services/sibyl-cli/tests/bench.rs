@@ -342,7 +342,10 @@ fn bad_input_is_refused_before_any_work() {
     let env = [("SIBYL_CACHE_DIR", "/nonexistent/sibyl-cache")];
     let cases: [(&[&str], &str); 6] = [
         (&["--configs", "oracle"], "unknown config `oracle`"),
-        (&["--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (
+            &["--max-tokens", "0"],
+            "'--max-tokens <MAX_TOKENS>': must be at least 1",
+        ),
         (
             &["--temperature", "-1"],
             "--temperature must be a number at least 0",
@@ -351,10 +354,10 @@ fn bad_input_is_refused_before_any_work() {
             &["--categories", "poetry"],
             "no item has the category `poetry`",
         ),
-        (&["--limit", "0"], "--limit must be at least 1"),
+        (&["--limit", "0"], "'--limit <LIMIT>': must be at least 1"),
         (
             &["--draft-min-value", "2"],
-            "--draft-min-value must be in [0, 1]",
+            "'--draft-min-value <DRAFT_MIN_VALUE>': must be in [0, 1]",
         ),
     ];
     for (args, expected) in cases {

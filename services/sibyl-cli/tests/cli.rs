@@ -53,7 +53,7 @@ fn zero_max_tokens_is_refused_before_any_work() {
             "qwen2.5-coder-1.5b",
         ],
         &[("SIBYL_CACHE_DIR", "/nonexistent/sibyl-cache")],
-        "--max-tokens must be at least 1",
+        "'--max-tokens <MAX_TOKENS>': must be at least 1",
     );
 }
 

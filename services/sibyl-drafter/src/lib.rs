@@ -1,7 +1,7 @@
 //! The drafter role: a `sibyl.v1.Drafter` gRPC service that streams candidate token blocks
 //! to verifiers, drafting ahead of their feedback.
 //!
-//! The service hosts any [`sibyl_spec::Drafter`] (n-gram, retrieval, a small LM); each
+//! The service hosts any [`sibyl_spec::Drafter`] (n-gram, retrieval, suffix, a small LM); each
 //! session gets a fresh one through [`MakeDrafter`].
 
 mod ahead;

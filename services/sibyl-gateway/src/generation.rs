@@ -1,6 +1,7 @@
 //! The gateway's one code path for both APIs: render and tokenize the prompt, check it, run
 //! it on a verifier, and stream detokenized text back with stop strings applied.
 
+use crate::params::{DrafterStats, FinishReason, Sampling, Speculation};
 use crate::stop::StopStrings;
 use crate::GatewayConfig;
 use sibyl_engine::{ChatMessage, Detokenizer, TextModel};
@@ -45,8 +46,8 @@ pub struct Generation {
     pub prompt: PromptInput,
     /// Most tokens to generate; `None` for as many as the context and the limit allow.
     pub max_tokens: Option<usize>,
-    pub sampling: pb::SamplingParams,
-    pub speculation: Option<pb::Speculation>,
+    pub sampling: Sampling,
+    pub speculation: Speculation,
     pub stop: Vec<String>,
     /// Report token ids and step durations in the summary.
     pub details: bool,
@@ -185,7 +186,7 @@ impl GatewayError {
 /// Usage and speculation figures of a finished generation.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
-    pub finish_reason: pb::FinishReason,
+    pub finish_reason: FinishReason,
     pub prompt_tokens: u32,
     /// Prompt tokens the verifier took from its prefix cache (0 when the gateway ended the
     /// generation itself, at a stop string, and the verifier's summary never came).
@@ -194,7 +195,7 @@ pub struct Summary {
     pub accepted_prediction_tokens: u32,
     pub rejected_prediction_tokens: u32,
     pub steps: u32,
-    pub drafters: Vec<pb::DrafterStats>,
+    pub drafters: Vec<DrafterStats>,
     pub seed: u64,
     /// The verifier's timings (zero when the gateway stopped the generation itself).
     pub prompt_time: Duration,
@@ -481,8 +482,8 @@ impl Gateway {
         let verify = pb::VerifyRequest {
             prompt_tokens: prompt,
             max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
-            sampling: Some(sampling),
-            speculation: request.speculation,
+            sampling: Some(sampling.into()),
+            speculation: request.speculation.to_wire(),
             tokenizer_fingerprint: sibyl_proto::fingerprint(self.text.tokenizer.fingerprint()),
             step_times: request.details,
             prefix_cache: request.prefix_cache,
@@ -722,7 +723,7 @@ async fn relay_events(
                     // received up to the step that held the stop string, no speculation
                     // figures or timings.
                     let summary = Summary {
-                        finish_reason: pb::FinishReason::Stop,
+                        finish_reason: FinishReason::Stop,
                         prompt_tokens,
                         completion_tokens,
                         seed,
@@ -767,9 +768,9 @@ impl Summary {
         let accepted: u64 = summary.drafters.iter().map(|d| d.accepted_tokens).sum();
         let proposed: u64 = summary.drafters.iter().map(|d| d.proposed_tokens).sum();
         let finish_reason = if stopped_by_string {
-            pb::FinishReason::Stop
+            FinishReason::Stop
         } else {
-            summary.finish_reason()
+            summary.finish_reason().into()
         };
         Self {
             finish_reason,
@@ -785,7 +786,7 @@ impl Summary {
             decode_time: sibyl_proto::std_duration(summary.decode_time.as_ref()),
             draft_wait_p50: sibyl_proto::std_duration(summary.draft_wait_p50.as_ref()),
             draft_wait_p99: sibyl_proto::std_duration(summary.draft_wait_p99.as_ref()),
-            drafters: summary.drafters,
+            drafters: summary.drafters.into_iter().map(Into::into).collect(),
             token_ids: Vec::new(),
             step_micros: summary.step_micros,
         }

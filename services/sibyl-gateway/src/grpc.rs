@@ -1,6 +1,7 @@
 //! The `sibyl.v1.Gateway` gRPC service.
 
 use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput};
+use crate::params::{Sampling, Speculation};
 use sibyl_engine::ChatMessage;
 use sibyl_proto::auth::KeyId;
 use sibyl_proto::v1::{self as pb, generate_request::Input, generate_response::Event};
@@ -67,8 +68,8 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             model: Some(request.model),
             prompt,
             max_tokens: (request.max_tokens > 0).then_some(request.max_tokens as usize),
-            sampling: request.sampling.unwrap_or_default(),
-            speculation: request.speculation,
+            sampling: Sampling::from_wire(request.sampling).map_err(Status::from)?,
+            speculation: Speculation::from_wire(request.speculation).map_err(Status::from)?,
             stop: request.stop,
             details: request.details,
             prefix_cache: request.prefix_cache,
@@ -108,7 +109,7 @@ impl pb::gateway_server::Gateway for GatewayService {
                             Event::Delta(pb::TextDelta { text, tokens })
                         }
                         Output::Done(summary) => Event::Summary(pb::GenerateSummary {
-                            finish_reason: summary.finish_reason as i32,
+                            finish_reason: pb::FinishReason::from(summary.finish_reason) as i32,
                             usage: Some(pb::Usage {
                                 prompt_tokens: summary.prompt_tokens,
                                 cached_tokens: summary.cached_tokens,
@@ -117,7 +118,7 @@ impl pb::gateway_server::Gateway for GatewayService {
                                 rejected_prediction_tokens: summary.rejected_prediction_tokens,
                             }),
                             steps: summary.steps,
-                            drafters: summary.drafters,
+                            drafters: summary.drafters.into_iter().map(Into::into).collect(),
                             seed: summary.seed,
                             prompt_time: Some(sibyl_proto::duration(summary.prompt_time)),
                             decode_time: Some(sibyl_proto::duration(summary.decode_time)),

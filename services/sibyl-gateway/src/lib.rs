@@ -6,10 +6,15 @@
 mod generation;
 mod grpc;
 mod openai;
+mod params;
 mod stop;
+mod wire;
 
 pub use generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput, Summary};
 pub use grpc::GatewayService;
+pub use params::{
+    DrafterState, DrafterStats, FinishReason, Sampling, Speculation, MAX_TEMPERATURE,
+};
 pub use stop::StopStrings;
 
 use sibyl_engine::TextModel;

@@ -6,9 +6,11 @@
 //! computes the whole prompt (the verifier reuses none of the work it holds, and keeps
 //! none of this request's). `top_k` is accepted too.
 
+mod types;
 mod unsupported;
 
-use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput, Summary};
+use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput};
+use crate::params::{Sampling, Speculation};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -16,17 +18,17 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use sibyl_engine::ChatMessage;
 use sibyl_proto::auth::KeyId;
-use sibyl_proto::v1 as pb;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+use types::{ErrorBody, Kind, Meta, ModelCard, ModelList};
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -93,11 +95,12 @@ async fn authorize(
                 }
             };
             let _ = tokio::time::timeout(REFUSED_BODY_TIME, drain).await;
-            let body = error_body(
-                &denied.to_string(),
+            let message = denied.to_string();
+            let body = ErrorBody::new(
+                &message,
                 "invalid_request_error",
-                Value::Null,
-                json!("invalid_api_key"),
+                None,
+                Some("invalid_api_key"),
             );
             let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
             response.headers_mut().insert(
@@ -119,54 +122,38 @@ fn key_id(key: Key) -> Option<KeyId> {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let (status, kind, code) = match &self {
-            GatewayError::PayloadTooLarge(_) => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                Value::Null,
-            ),
-            GatewayError::InvalidRequest(_) | GatewayError::InvalidParam { .. } => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Value::Null,
-            ),
+            GatewayError::PayloadTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", None)
+            }
+            GatewayError::InvalidRequest(_) | GatewayError::InvalidParam { .. } => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+            }
             GatewayError::ModelNotFound { .. } => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
-                json!("model_not_found"),
+                Some("model_not_found"),
             ),
-            GatewayError::Unavailable(_) | GatewayError::ShuttingDown => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                Value::Null,
-            ),
+            GatewayError::Unavailable(_) | GatewayError::ShuttingDown => {
+                (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", None)
+            }
             GatewayError::Verifier(status) => match status.code() {
-                tonic::Code::InvalidArgument => (
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    Value::Null,
-                ),
-                tonic::Code::ResourceExhausted => (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    Value::Null,
-                ),
-                _ => (StatusCode::BAD_GATEWAY, "server_error", Value::Null),
+                tonic::Code::InvalidArgument => {
+                    (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+                }
+                tonic::Code::ResourceExhausted => {
+                    (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", None)
+                }
+                _ => (StatusCode::BAD_GATEWAY, "server_error", None),
             },
-            GatewayError::Internal(_) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                Value::Null,
-            ),
+            GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
         let param = match &self {
-            GatewayError::InvalidParam { param, .. } => json!(param),
-            _ => Value::Null,
+            GatewayError::InvalidParam { param, .. } => Some(*param),
+            _ => None,
         };
-        let mut response = (
-            status,
-            Json(error_body(&self.to_string(), kind, param, code)),
-        )
-            .into_response();
+        let message = self.to_string();
+        let mut response =
+            (status, Json(ErrorBody::new(&message, kind, param, code))).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {
             // The verifier's hint, in seconds; one second where it gave none.
             let retry_after = match &self {
@@ -184,11 +171,6 @@ impl IntoResponse for GatewayError {
         }
         response
     }
-}
-
-/// OpenAI's error object; `param` names the request field at fault, where one is.
-fn error_body(message: &str, kind: &str, param: Value, code: Value) -> Value {
-    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
 }
 
 fn invalid(message: impl Into<String>) -> GatewayError {
@@ -284,20 +266,10 @@ impl Common {
             }
             (Some(n), _) | (None, Some(n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         };
-        let temperature = self.temperature.unwrap_or(1.0);
-        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-            return Err(invalid_param(
-                "temperature",
-                "`temperature` must be between 0 and 2",
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(invalid_param("top_p", "`top_p` must be in (0, 1]"));
-        }
+        // OpenAI's defaults: temperature 1, top_p 1; top_k -1 or 0 for all tokens.
         let top_k = match self.top_k {
-            None | Some(-1) | Some(0) => 0,
-            Some(k) if k > 0 => u32::try_from(k).unwrap_or(u32::MAX),
+            None | Some(-1) | Some(0) => None,
+            Some(k) if k > 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
             Some(_) => {
                 return Err(invalid_param(
                     "top_k",
@@ -305,28 +277,26 @@ impl Common {
                 ))
             }
         };
-        let speculation = self
-            .speculation
-            .map(|ext| match (ext.enabled, ext.drafters) {
-                (Some(false), _) => pb::Speculation {
-                    mode: pb::SpeculationMode::Off as i32,
-                    drafters: Vec::new(),
-                },
-                (_, drafters) => pb::Speculation {
-                    mode: pb::SpeculationMode::On as i32,
+        let sampling = Sampling::new(
+            self.temperature.unwrap_or(1.0),
+            top_k,
+            Some(self.top_p.unwrap_or(1.0)),
+            self.seed,
+        )?;
+        let speculation = match self.speculation {
+            None => Speculation::Default,
+            Some(ext) => match (ext.enabled, ext.drafters) {
+                (Some(false), _) => Speculation::Off,
+                (_, drafters) => Speculation::On {
                     drafters: drafters.unwrap_or_default(),
                 },
-            });
+            },
+        };
         Ok(Generation {
             model: self.model,
             prompt,
             max_tokens,
-            sampling: pb::SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                seed: self.seed,
-            },
+            sampling,
             speculation,
             stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             details: false,
@@ -400,13 +370,6 @@ impl ChatRequestMessage {
     }
 }
 
-/// Which endpoint a response is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
 async fn completions(
     State(gateway): State<Arc<Gateway>>,
     key: Key,
@@ -474,7 +437,7 @@ async fn respond(
     // The response's id is the request id in logs and traces.
     generation.request_id = id.clone();
     generation.key_id = key_id;
-    let (_, mut outputs) = gateway.generate(generation).await?;
+    let (_, outputs) = gateway.generate(generation).await?;
     let meta = Meta {
         id,
         created: SystemTime::now()
@@ -482,104 +445,29 @@ async fn respond(
             .map_or(0, |d| d.as_secs()),
         model: gateway.model_name().to_string(),
         kind,
+        include_usage,
     };
     if stream {
-        let (events, receiver) = mpsc::channel::<Result<Event, Infallible>>(16);
-        tokio::spawn(async move {
-            let send = |value: Value| Ok(Event::default().data(value.to_string()));
-            if kind == Kind::Chat
-                && events
-                    .send(send(meta.chunk(
-                        json!({"role": "assistant", "content": ""}),
-                        None,
-                        include_usage,
-                    )))
-                    .await
-                    .is_err()
-            {
-                return;
-            }
-            loop {
-                // A client that goes away ends the generation now, not at the next output.
-                let output = tokio::select! {
-                    () = events.closed() => return,
-                    output = outputs.recv() => output,
-                };
-                let Some(output) = output else { break };
-                let value = match output {
-                    Ok(Output::Text { text, .. }) => meta.text_chunk(&text, include_usage),
-                    Ok(Output::Done(summary)) => {
-                        let finish = finish_reason(&summary);
-                        let empty = if kind == Kind::Chat {
-                            json!({})
-                        } else {
-                            json!("")
-                        };
-                        if events
-                            .send(send(meta.chunk(empty, Some(finish), include_usage)))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        if include_usage {
-                            let mut chunk = meta.envelope(true);
-                            chunk["choices"] = json!([]);
-                            chunk["usage"] = usage(&summary);
-                            if events.send(send(chunk)).await.is_err() {
-                                return;
-                            }
-                        }
-                        break;
-                    }
-                    Err(error) => {
-                        let response_status = error.to_string();
-                        let _ = events
-                            .send(send(error_body(
-                                &response_status,
-                                "server_error",
-                                Value::Null,
-                                Value::Null,
-                            )))
-                            .await;
-                        break;
-                    }
-                };
-                if events.send(send(value)).await.is_err() {
-                    return;
-                }
-            }
-            let _ = events.send(Ok(Event::default().data("[DONE]"))).await;
-        });
         // Comments while no token is ready (a long prompt's prefill, a queue), so that a
         // proxy's idle timeout does not cut the stream.
         let keep_alive = KeepAlive::new().interval(gateway.sse_keep_alive());
-        return Ok(Sse::new(ReceiverStream::new(receiver))
+        return Ok(Sse::new(ReceiverStream::new(stream_events(meta, outputs)))
             .keep_alive(keep_alive)
             .into_response());
     }
+    whole_response(&meta, outputs).await
+}
+
+/// A non-streaming request's response: all of its text, once the generation ends.
+async fn whole_response(
+    meta: &Meta,
+    mut outputs: mpsc::Receiver<Result<Output, GatewayError>>,
+) -> Result<Response, GatewayError> {
     let mut text = String::new();
     while let Some(output) = outputs.recv().await {
         match output? {
             Output::Text { text: piece, .. } => text.push_str(&piece),
-            Output::Done(summary) => {
-                let choice = match kind {
-                    Kind::Completion => json!({
-                        "index": 0, "text": text, "logprobs": null,
-                        "finish_reason": finish_reason(&summary),
-                    }),
-                    Kind::Chat => json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": null,
-                        "finish_reason": finish_reason(&summary),
-                    }),
-                };
-                let mut body = meta.envelope(false);
-                body["choices"] = json!([choice]);
-                body["usage"] = usage(&summary);
-                return Ok(Json(body).into_response());
-            }
+            Output::Done(summary) => return Ok(Json(meta.whole(&text, &summary)).into_response()),
         }
     }
     Err(GatewayError::Internal(
@@ -587,94 +475,86 @@ async fn respond(
     ))
 }
 
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    kind: Kind,
+/// A streaming request's server-sent events, from a task that relays the generation's
+/// outputs as chunks and ends with `[DONE]`; a client that goes away ends the generation.
+/// One server-sent event holding `body` as JSON.
+fn sse_event(body: &impl Serialize) -> Result<Event, Infallible> {
+    // Serializing these bodies cannot fail: they hold only strings, numbers and nulls.
+    Ok(Event::default().data(serde_json::to_string(body).unwrap_or_default()))
 }
 
-impl Meta {
-    fn envelope(&self, chunk: bool) -> Value {
-        let object = match (self.kind, chunk) {
-            (Kind::Completion, _) => "text_completion",
-            (Kind::Chat, false) => "chat.completion",
-            (Kind::Chat, true) => "chat.completion.chunk",
-        };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model})
-    }
-
-    /// A streamed chunk: `delta` is the chat delta object or the completion text.
-    fn chunk(&self, delta: Value, finish: Option<&str>, include_usage: bool) -> Value {
-        let choice = match self.kind {
-            Kind::Completion => {
-                json!({"index": 0, "text": delta, "logprobs": null, "finish_reason": finish})
-            }
-            Kind::Chat => {
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
-            }
-        };
-        let mut chunk = self.envelope(true);
-        chunk["choices"] = json!([choice]);
-        if include_usage {
-            chunk["usage"] = Value::Null;
+fn stream_events(
+    meta: Meta,
+    mut outputs: mpsc::Receiver<Result<Output, GatewayError>>,
+) -> mpsc::Receiver<Result<Event, Infallible>> {
+    let (events, receiver) = mpsc::channel::<Result<Event, Infallible>>(16);
+    tokio::spawn(async move {
+        if meta.kind == Kind::Chat && events.send(sse_event(&meta.role_chunk())).await.is_err() {
+            return;
         }
-        chunk
-    }
-
-    fn text_chunk(&self, text: &str, include_usage: bool) -> Value {
-        match self.kind {
-            Kind::Completion => self.chunk(json!(text), None, include_usage),
-            Kind::Chat => self.chunk(json!({"content": text}), None, include_usage),
+        loop {
+            // A client that goes away ends the generation now, not at the next output.
+            let output = tokio::select! {
+                () = events.closed() => return,
+                output = outputs.recv() => output,
+            };
+            let Some(output) = output else { break };
+            let sent = match output {
+                Ok(Output::Text { text, .. }) => {
+                    events.send(sse_event(&meta.text_chunk(&text))).await
+                }
+                Ok(Output::Done(summary)) => {
+                    let mut sent = events.send(sse_event(&meta.finish_chunk(&summary))).await;
+                    if sent.is_ok() && meta.include_usage {
+                        sent = events.send(sse_event(&meta.usage_chunk(&summary))).await;
+                    }
+                    if sent.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Err(error) => {
+                    let message = error.to_string();
+                    let body = ErrorBody::new(&message, "server_error", None, None);
+                    let _ = events.send(sse_event(&body)).await;
+                    break;
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
         }
-    }
-}
-
-fn finish_reason(summary: &Summary) -> &'static str {
-    match summary.finish_reason {
-        pb::FinishReason::Length => "length",
-        _ => "stop",
-    }
-}
-
-fn usage(summary: &Summary) -> Value {
-    json!({
-        "prompt_tokens": summary.prompt_tokens,
-        "completion_tokens": summary.completion_tokens,
-        "total_tokens": summary.prompt_tokens + summary.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": summary.cached_tokens},
-        "completion_tokens_details": {
-            "accepted_prediction_tokens": summary.accepted_prediction_tokens,
-            "rejected_prediction_tokens": summary.rejected_prediction_tokens,
-        },
-    })
+        let _ = events.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    receiver
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
     let message = format!("no route {uri}; this server has /v1/completions, /v1/chat/completions, /v1/models and /health");
     (
         StatusCode::NOT_FOUND,
-        Json(error_body(
+        Json(ErrorBody::new(
             &message,
             "invalid_request_error",
-            Value::Null,
-            Value::Null,
+            None,
+            None,
         )),
     )
         .into_response()
 }
 
-async fn models(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": gateway.model_name(),
-            "object": "model",
-            "created": 0,
-            "owned_by": "sibyl",
-            "max_model_len": gateway.context_length(),
+async fn models(State(gateway): State<Arc<Gateway>>) -> Response {
+    let list = ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: gateway.model_name(),
+            object: "model",
+            created: 0,
+            owned_by: "sibyl",
+            max_model_len: gateway.context_length(),
         }],
-    }))
+    };
+    Json(list).into_response()
 }
 
 /// 200 when a verifier answers, 503 otherwise.

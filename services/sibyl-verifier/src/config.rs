@@ -1,4 +1,5 @@
 use sibyl_proto::client::{AddressError, ServiceAddress};
+use sibyl_spec::TreeLimits;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -51,14 +52,8 @@ impl FromStr for DrafterEndpoint {
 /// How the verifier speculates.
 #[derive(Debug, Clone)]
 pub struct SpeculationConfig {
-    /// Most draft nodes verified per step.
-    pub draft_budget: usize,
-    /// Most draft tokens on one branch.
-    pub max_draft_depth: usize,
-    /// Draft nodes whose estimated chance of acceptance is below this are not verified...
-    pub min_draft_value: f64,
-    /// ...except this many most likely ones.
-    pub exempt_draft_nodes: usize,
+    /// How large each step's draft tree may grow.
+    pub tree: TreeLimits,
     /// Verify the number of draft nodes expected to give the most tokens per second (none
     /// when no draft pays), by step costs measured as the verifier runs; else every node
     /// the drafts fill, up to the budget.
@@ -74,10 +69,7 @@ pub struct SpeculationConfig {
 impl Default for SpeculationConfig {
     fn default() -> Self {
         Self {
-            draft_budget: 16,
-            max_draft_depth: 10,
-            min_draft_value: 0.15,
-            exempt_draft_nodes: 1,
+            tree: TreeLimits::default(),
             adaptive_tree: true,
             step_wait: Duration::from_millis(5),
             inbox_capacity: 16,

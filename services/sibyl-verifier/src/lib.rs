@@ -10,15 +10,15 @@
 //! and emits, and the links send the accepted tokens back to the drafters.
 
 mod config;
+mod drafter_health;
 mod link;
-mod probe;
 mod scheduler;
 mod service;
 mod session;
 mod shared;
 
 pub use config::{DrafterEndpoint, EndpointError, SpeculationConfig, VerifierConfig};
-pub use probe::DRAFTERS_HEALTH;
+pub use drafter_health::DRAFTERS_HEALTH;
 pub use service::VerifierService;
 
 use scheduler::SchedulerHandle;
@@ -62,7 +62,7 @@ where
     let ready = |engine, health| {
         service.set_ready(Arc::new(engine));
         metrics.model_loaded.set(1);
-        probe::spawn(service.drafters().to_vec(), service.drafter_tls(), health);
+        drafter_health::spawn(service.drafters().to_vec(), service.drafter_tls(), health);
         true
     };
     run_role(listener, SERVICE_NAME, add, load, ready, on_error, shutdown).await

@@ -172,10 +172,7 @@ impl VerifierService {
         let generation = GenerationConfig {
             max_tokens,
             sampling,
-            draft_budget: speculation.draft_budget,
-            max_draft_depth: speculation.max_draft_depth,
-            min_draft_value: speculation.min_draft_value,
-            exempt_draft_nodes: speculation.exempt_draft_nodes,
+            tree: speculation.tree,
             learning: speculation.adaptive_tree.then(|| engine.learning.clone()),
             stop_tokens: tokenizer.stop_tokens().to_vec(),
             prefix_cache: request.prefix_cache.unwrap_or(true),
@@ -187,9 +184,9 @@ impl VerifierService {
             context_tokens: Vec::new(),
             tokenizer_fingerprint: ours,
             vocab_size: u32::try_from(engine.loaded.model.vocab_size()).unwrap_or(u32::MAX),
-            max_block_tokens: speculation.max_draft_depth as u32,
+            max_block_tokens: speculation.tree.max_depth as u32,
             max_branches: speculation.max_branches as u32,
-            max_tokens_ahead: (2 * speculation.max_draft_depth) as u32,
+            max_tokens_ahead: (2 * speculation.tree.max_depth) as u32,
         };
         // What the drafters were told is what their blocks are held to.
         let inbox = InboxLimits {
@@ -328,7 +325,7 @@ impl VerifierService {
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), plan.inbox));
         let (accepted_len, watch_len) = watch::channel(plan.prompt.len());
-        let gathers = plan.config.draft_budget > 0 && !links.is_empty();
+        let gathers = plan.config.tree.budget > 0 && !links.is_empty();
         let tasks: Vec<_> = links
             .into_iter()
             .map(|params| {
@@ -377,7 +374,7 @@ impl VerifierService {
             .get()
             .ok_or_else(|| Status::unavailable("the verifier is still loading its model"))?;
         let context_length = engine.loaded.model.config().context_length;
-        let needed = (plan.prompt.len() + plan.config.max_tokens + plan.config.draft_budget + 1)
+        let needed = (plan.prompt.len() + plan.config.max_tokens + plan.config.tree.budget + 1)
             .min(context_length);
         if needed > admission.total_cache_tokens {
             return Err(Status::resource_exhausted(format!(

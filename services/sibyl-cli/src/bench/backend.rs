@@ -11,7 +11,7 @@ use sibyl_engine::{Detokenizer, LoadedModel};
 use sibyl_gateway::PromptInput;
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
 use sibyl_retrieval::{SuffixDrafter, SuffixIndex};
-use sibyl_spec::Drafter;
+use sibyl_spec::{Drafter, TreeLimits};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -205,7 +205,7 @@ impl InProcess {
             .collect::<anyhow::Result<Vec<Box<dyn Drafter>>>>()?;
         let mut generation = self.generation.clone();
         if config.is_plain() {
-            generation.draft_budget = 0;
+            generation.tree.budget = 0;
         }
         Ok((generation, drafters))
     }
@@ -244,7 +244,7 @@ impl Backend for InProcess {
     fn warm_up(&mut self) -> anyhow::Result<()> {
         let config = GenerationConfig {
             max_tokens: WARM_UP_TOKENS,
-            draft_budget: 0,
+            tree: TreeLimits::NONE,
             ..self.generation.clone()
         };
         let prompt = self.loaded.tokenizer.encode(WARM_UP_PROMPT)?;

@@ -1,4 +1,5 @@
-//! Benchmark prompts: the JSONL format of Spec-Bench and the sets in `../shared/data`.
+//! Benchmark prompts: JSONL, one item per line (`id`, `category`, `prompt` or `turns`,
+//! `format`), as in Spec-Bench's question files.
 
 use anyhow::{bail, Context};
 use serde::Deserialize;

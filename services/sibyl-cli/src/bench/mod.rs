@@ -8,7 +8,9 @@ mod dataset;
 mod prefix;
 mod results;
 
-use crate::args::{DeviceArgs, DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs};
+use crate::args::{
+    at_least_one, DeviceArgs, DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs,
+};
 use crate::generate::{DrafterSettings, DrafterSources};
 use anyhow::{bail, Context};
 use backend::{Backend, BenchConfig, InProcess, Remote};
@@ -39,7 +41,7 @@ pub struct BenchArgs {
     pub categories: Vec<String>,
 
     /// At most N items per category, the first in file order.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub limit: Option<usize>,
 
     /// Configs to compare, comma-separated: `plain` (speculation off; always run, it is the
@@ -48,7 +50,7 @@ pub struct BenchArgs {
     pub configs: Vec<String>,
 
     /// Most tokens generated per turn.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     pub max_tokens: usize,
 
     /// Sampling temperature; at 0 (greedy) every output must equal plain decoding's.
@@ -143,17 +145,8 @@ fn configs(names: &[String], local: bool) -> anyhow::Result<Vec<BenchConfig>> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if args.max_tokens == 0 {
-        bail!("--max-tokens must be at least 1");
-    }
     if !args.temperature.is_finite() || args.temperature < 0.0 {
         bail!("--temperature must be a number at least 0");
-    }
-    if args.limit == Some(0) {
-        bail!("--limit must be at least 1");
-    }
-    if args.model.threads == Some(0) {
-        bail!("--threads must be at least 1");
     }
     if args.repeat > 1 && args.keep_drafter_state {
         bail!(
@@ -162,8 +155,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let levels = concurrency::levels(&args.concurrency);
-    args.tree.validate()?;
-    args.ngram.config()?;
     args.lm.config()?;
     let configs = configs(&args.configs, args.gateway.is_none())?;
     let files = args
@@ -210,10 +201,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let generation = GenerationConfig {
                 max_tokens: args.max_tokens,
                 sampling,
-                draft_budget: args.tree.draft_budget,
-                max_draft_depth: args.tree.draft_depth,
-                min_draft_value: args.tree.draft_min_value,
-                exempt_draft_nodes: args.tree.draft_exempt,
+                tree: args.tree.limits(),
                 learning: args.tree.draft_sizing.learning(),
                 stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
                 // Each figure includes its prompt's own processing.
@@ -231,7 +219,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 lm: &args.lm,
             };
             let sources = DrafterSources::open(drafter_args, &kinds, &loaded)?;
-            sources.measure(generation.learning.as_ref(), generation.max_draft_depth);
+            sources.measure(generation.learning.as_ref(), generation.tree.max_depth);
             Box::new(InProcess {
                 name: model_name(&args.model.model),
                 loaded,
@@ -636,6 +624,7 @@ mod tests {
     use sibyl_engine::LoadOptions;
     use sibyl_ngram::NgramConfig;
     use sibyl_retrieval::{SuffixConfig, SuffixIndex};
+    use sibyl_spec::TreeLimits;
     use std::time::Duration;
 
     /// How [`Altered`] changes a generation: given its config, how many generations that
@@ -752,10 +741,7 @@ mod tests {
         let generation = GenerationConfig {
             max_tokens,
             sampling: SamplingConfig::greedy(),
-            draft_budget: 16,
-            max_draft_depth: 10,
-            min_draft_value: 0.15,
-            exempt_draft_nodes: 1,
+            tree: TreeLimits::default(),
             learning: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
             prefix_cache,

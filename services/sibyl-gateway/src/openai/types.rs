@@ -1,0 +1,343 @@
+//! The OpenAI API's response bodies, typed: a whole response and each streamed chunk of
+//! both endpoints are made from these, and the error object of every failure.
+
+use crate::generation::Summary;
+use crate::params::FinishReason;
+use serde::Serialize;
+
+/// Which endpoint a response is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Completion,
+    Chat,
+}
+
+/// A completion or chat completion: the whole response, or one chunk of a stream.
+#[derive(Debug, Serialize)]
+pub(super) struct Completion<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<Choice<'a>>,
+    /// Absent from chunks unless usage was asked for; then `null` but in the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
+/// The one choice of a response (`n` is always 1).
+#[derive(Debug, Serialize)]
+pub(super) struct Choice<'a> {
+    pub index: u32,
+    /// The completion endpoint's text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<&'a str>,
+    /// A whole chat response's message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<Message<'a>>,
+    /// A chat chunk's part of the message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Delta<'a>>,
+    /// Always `null`: log probabilities are not offered.
+    pub logprobs: (),
+    pub finish_reason: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct Message<'a> {
+    pub role: &'static str,
+    pub content: &'a str,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(super) struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+    pub completion_tokens_details: CompletionTokensDetails,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct PromptTokensDetails {
+    pub cached_tokens: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct CompletionTokensDetails {
+    pub accepted_prediction_tokens: u32,
+    pub rejected_prediction_tokens: u32,
+}
+
+impl From<&Summary> for Usage {
+    fn from(summary: &Summary) -> Self {
+        Self {
+            prompt_tokens: summary.prompt_tokens,
+            completion_tokens: summary.completion_tokens,
+            total_tokens: summary.prompt_tokens + summary.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: summary.cached_tokens,
+            },
+            completion_tokens_details: CompletionTokensDetails {
+                accepted_prediction_tokens: summary.accepted_prediction_tokens,
+                rejected_prediction_tokens: summary.rejected_prediction_tokens,
+            },
+        }
+    }
+}
+
+/// OpenAI's `finish_reason` for how a generation ended.
+pub(super) fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+/// What every response of one request shares, and how its bodies are made.
+pub(super) struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub kind: Kind,
+    /// Whether a stream's chunks carry `usage` (`stream_options.include_usage`).
+    pub include_usage: bool,
+}
+
+impl Meta {
+    fn body<'a>(
+        &'a self,
+        chunk: bool,
+        choices: Vec<Choice<'a>>,
+        usage: Option<Option<Usage>>,
+    ) -> Completion<'a> {
+        let object = match (self.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        };
+        Completion {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        }
+    }
+
+    /// The whole response: `text` and how it ended.
+    pub fn whole<'a>(&'a self, text: &'a str, summary: &Summary) -> Completion<'a> {
+        let mut choice = Choice {
+            index: 0,
+            text: None,
+            message: None,
+            delta: None,
+            logprobs: (),
+            finish_reason: Some(finish_reason(summary.finish_reason)),
+        };
+        match self.kind {
+            Kind::Completion => choice.text = Some(text),
+            Kind::Chat => {
+                choice.message = Some(Message {
+                    role: "assistant",
+                    content: text,
+                })
+            }
+        }
+        self.body(false, vec![choice], Some(Some(Usage::from(summary))))
+    }
+
+    /// A chunk of a stream: its text (for a chat, its delta) and, in the last one, how the
+    /// generation ended.
+    fn chunk<'a>(&'a self, delta: Delta<'a>, finish: Option<&'static str>) -> Completion<'a> {
+        let mut choice = Choice {
+            index: 0,
+            text: None,
+            message: None,
+            delta: None,
+            logprobs: (),
+            finish_reason: finish,
+        };
+        match self.kind {
+            Kind::Completion => choice.text = Some(delta.content.unwrap_or("")),
+            Kind::Chat => choice.delta = Some(delta),
+        }
+        self.body(true, vec![choice], self.include_usage.then_some(None))
+    }
+
+    /// A chat stream's first chunk: the assistant's role.
+    pub fn role_chunk(&self) -> Completion<'_> {
+        self.chunk(
+            Delta {
+                role: Some("assistant"),
+                content: Some(""),
+            },
+            None,
+        )
+    }
+
+    /// A chunk of new text.
+    pub fn text_chunk<'a>(&'a self, text: &'a str) -> Completion<'a> {
+        self.chunk(
+            Delta {
+                role: None,
+                content: Some(text),
+            },
+            None,
+        )
+    }
+
+    /// The chunk that says how the generation ended (no text).
+    pub fn finish_chunk(&self, summary: &Summary) -> Completion<'_> {
+        self.chunk(Delta::default(), Some(finish_reason(summary.finish_reason)))
+    }
+
+    /// With `include_usage`, the stream's last chunk: no choices, the usage.
+    pub fn usage_chunk(&self, summary: &Summary) -> Completion<'_> {
+        self.body(true, Vec::new(), Some(Some(Usage::from(summary))))
+    }
+}
+
+/// OpenAI's error object.
+#[derive(Debug, Serialize)]
+pub(super) struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ErrorDetail<'a> {
+    pub message: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    /// The request field at fault, where one is.
+    pub param: Option<&'a str>,
+    pub code: Option<&'a str>,
+}
+
+impl<'a> ErrorBody<'a> {
+    pub fn new(
+        message: &'a str,
+        kind: &'a str,
+        param: Option<&'a str>,
+        code: Option<&'a str>,
+    ) -> Self {
+        Self {
+            error: ErrorDetail {
+                message,
+                kind,
+                param,
+                code,
+            },
+        }
+    }
+}
+
+/// `/v1/models`.
+#[derive(Debug, Serialize)]
+pub(super) struct ModelList<'a> {
+    pub object: &'static str,
+    pub data: Vec<ModelCard<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ModelCard<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// An extension (vLLM's): the longest prompt and output of one request.
+    pub max_model_len: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn meta(kind: Kind, include_usage: bool) -> Meta {
+        Meta {
+            id: "chatcmpl-1".into(),
+            created: 7,
+            model: "m".into(),
+            kind,
+            include_usage,
+        }
+    }
+
+    fn summary() -> Summary {
+        Summary {
+            finish_reason: FinishReason::Length,
+            prompt_tokens: 5,
+            cached_tokens: 2,
+            completion_tokens: 3,
+            accepted_prediction_tokens: 1,
+            rejected_prediction_tokens: 4,
+            ..Summary::default()
+        }
+    }
+
+    fn value<T: Serialize>(body: &T) -> serde_json::Value {
+        serde_json::to_value(body).unwrap()
+    }
+
+    #[test]
+    fn bodies_have_openais_shapes() {
+        let usage = json!({
+            "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+            "prompt_tokens_details": {"cached_tokens": 2},
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": 1, "rejected_prediction_tokens": 4}});
+        let chat = meta(Kind::Chat, false);
+        assert_eq!(
+            value(&chat.whole("hi", &summary())),
+            json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 7, "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                    "logprobs": null, "finish_reason": "length"}],
+                "usage": usage})
+        );
+        assert_eq!(
+            value(&chat.role_chunk()),
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7,
+                "model": "m", "choices": [{"index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": null, "finish_reason": null}]})
+        );
+        assert_eq!(
+            value(&chat.finish_chunk(&summary()))["choices"][0],
+            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"})
+        );
+        let completion = meta(Kind::Completion, true);
+        assert_eq!(
+            value(&completion.text_chunk("a")),
+            json!({"id": "chatcmpl-1", "object": "text_completion", "created": 7, "model": "m",
+                "choices": [{"index": 0, "text": "a", "logprobs": null, "finish_reason": null}],
+                "usage": null})
+        );
+        assert_eq!(
+            value(&completion.finish_chunk(&summary()))["choices"][0]["text"],
+            json!("")
+        );
+        let last = value(&completion.usage_chunk(&summary()));
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(last["usage"], usage);
+        assert_eq!(
+            value(&ErrorBody::new(
+                "no",
+                "invalid_request_error",
+                Some("top_p"),
+                None
+            )),
+            json!({"error": {"message": "no", "type": "invalid_request_error",
+                "param": "top_p", "code": null}})
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! What a request asks for and what a generation reports, in the gateway's own terms. Both
+//! APIs convert their fields into these at their edge (the OpenAI module from JSON, `wire`
+//! from `sibyl.v1` messages) and check them here, by one set of rules.
+
+use crate::generation::GatewayError;
+
+/// Highest sampling temperature either API accepts (the OpenAI API's limit).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (`None`: all).
+    pub top_k: Option<u32>,
+    /// Keep the most likely tokens whose mass reaches `top_p` (`None`: all).
+    pub top_p: Option<f32>,
+    /// Seed of the request's random stream (`None`: the gateway picks one and reports it).
+    pub seed: Option<u64>,
+}
+
+impl Sampling {
+    /// Checks the values: `temperature` in [0, [`MAX_TEMPERATURE`]], `top_p` in (0, 1],
+    /// `top_k` at least 1. The error names the field as the OpenAI API spells it.
+    pub fn new(
+        temperature: f32,
+        top_k: Option<u32>,
+        top_p: Option<f32>,
+        seed: Option<u64>,
+    ) -> Result<Self, GatewayError> {
+        if !(temperature.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&temperature)) {
+            return Err(invalid(
+                "temperature",
+                format!("`temperature` must be between 0 and {MAX_TEMPERATURE}"),
+            ));
+        }
+        if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            return Err(invalid("top_p", "`top_p` must be in (0, 1]"));
+        }
+        if top_k == Some(0) {
+            return Err(invalid("top_k", "`top_k` must be at least 1"));
+        }
+        Ok(Self {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        })
+    }
+}
+
+/// Whether and how a request speculates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Speculation {
+    /// As the verifier is configured.
+    #[default]
+    Default,
+    /// Plain decoding.
+    Off,
+    /// With the drafters of these kinds (none named: every one the verifier has).
+    On { drafters: Vec<String> },
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Not reported.
+    #[default]
+    Unspecified,
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` or the context window.
+    Length,
+    /// The client or the server ended it.
+    Cancelled,
+}
+
+/// How a drafter's stream ended up in a generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DrafterState {
+    #[default]
+    Unspecified,
+    Connected,
+    Refused,
+    Failed,
+    Connecting,
+}
+
+/// One drafter's part in a generation, as the verifier reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrafterStats {
+    /// Drafter kind (`ngram`, `retrieval`, ...).
+    pub kind: String,
+    /// Where the verifier reached it; empty in process.
+    pub endpoint: String,
+    /// Its draft tokens placed in verified trees, and those accepted.
+    pub proposed_tokens: u64,
+    pub accepted_tokens: u64,
+    /// Blocks received, and those dropped unused.
+    pub blocks_received: u64,
+    pub blocks_dropped: u64,
+    pub state: DrafterState,
+    /// The stream's last error; empty if none.
+    pub error: String,
+}
+
+fn invalid(param: &'static str, message: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidParam {
+        param,
+        message: message.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_values_outside_their_ranges_are_refused_naming_the_field() {
+        for (temperature, top_k, top_p, param) in [
+            (-0.1, None, None, "temperature"),
+            (2.5, None, None, "temperature"),
+            (f32::NAN, None, None, "temperature"),
+            (1.0, None, Some(0.0), "top_p"),
+            (1.0, None, Some(1.5), "top_p"),
+            (1.0, Some(0), None, "top_k"),
+        ] {
+            match Sampling::new(temperature, top_k, top_p, None) {
+                Err(GatewayError::InvalidParam { param: named, .. }) => assert_eq!(named, param),
+                other => panic!("{temperature} {top_k:?} {top_p:?}: {other:?}"),
+            }
+        }
+        let sampling = Sampling::new(2.0, Some(40), Some(1.0), Some(7)).unwrap();
+        assert_eq!(sampling.top_k, Some(40));
+        assert_eq!(sampling.seed, Some(7));
+        assert!(Sampling::new(0.0, None, None, None).is_ok());
+    }
+}

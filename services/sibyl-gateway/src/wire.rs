@@ -1,0 +1,199 @@
+//! Conversions between the gateway's request and report types ([`crate::params`]) and
+//! `sibyl.v1`'s, for its two gRPC edges: the Gateway API's requests and summaries, and the
+//! call to a verifier.
+
+use crate::generation::GatewayError;
+use crate::params::{DrafterState, DrafterStats, FinishReason, Sampling, Speculation};
+use sibyl_proto::v1 as pb;
+
+impl Sampling {
+    /// A gRPC request's sampling, checked (absent: greedy; 0 leaves `top_k` and `top_p`
+    /// unset).
+    pub(crate) fn from_wire(params: Option<pb::SamplingParams>) -> Result<Self, GatewayError> {
+        let params = params.unwrap_or_default();
+        Self::new(
+            params.temperature,
+            (params.top_k != 0).then_some(params.top_k),
+            (params.top_p != 0.0).then_some(params.top_p),
+            params.seed,
+        )
+    }
+}
+
+impl From<Sampling> for pb::SamplingParams {
+    fn from(sampling: Sampling) -> Self {
+        Self {
+            temperature: sampling.temperature,
+            top_k: sampling.top_k.unwrap_or(0),
+            top_p: sampling.top_p.unwrap_or(0.0),
+            seed: sampling.seed,
+        }
+    }
+}
+
+impl Speculation {
+    /// A gRPC request's speculation: absent, as configured; an unknown mode is refused.
+    pub(crate) fn from_wire(speculation: Option<pb::Speculation>) -> Result<Self, GatewayError> {
+        let Some(speculation) = speculation else {
+            return Ok(Self::Default);
+        };
+        match pb::SpeculationMode::try_from(speculation.mode) {
+            Ok(pb::SpeculationMode::Off) => Ok(Self::Off),
+            Ok(pb::SpeculationMode::On | pb::SpeculationMode::Unspecified) => Ok(Self::On {
+                drafters: speculation.drafters,
+            }),
+            Err(_) => Err(GatewayError::InvalidParam {
+                param: "speculation",
+                message: format!("unknown speculation mode {}", speculation.mode),
+            }),
+        }
+    }
+
+    /// As the verifier takes it: `None` for as it is configured.
+    pub(crate) fn to_wire(&self) -> Option<pb::Speculation> {
+        match self {
+            Self::Default => None,
+            Self::Off => Some(pb::Speculation {
+                mode: pb::SpeculationMode::Off as i32,
+                drafters: Vec::new(),
+            }),
+            Self::On { drafters } => Some(pb::Speculation {
+                mode: pb::SpeculationMode::On as i32,
+                drafters: drafters.clone(),
+            }),
+        }
+    }
+}
+
+impl From<pb::FinishReason> for FinishReason {
+    fn from(reason: pb::FinishReason) -> Self {
+        match reason {
+            pb::FinishReason::Unspecified => Self::Unspecified,
+            pb::FinishReason::Stop => Self::Stop,
+            pb::FinishReason::Length => Self::Length,
+            pb::FinishReason::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+impl From<FinishReason> for pb::FinishReason {
+    fn from(reason: FinishReason) -> Self {
+        match reason {
+            FinishReason::Unspecified => Self::Unspecified,
+            FinishReason::Stop => Self::Stop,
+            FinishReason::Length => Self::Length,
+            FinishReason::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+impl From<pb::DrafterStats> for DrafterStats {
+    fn from(stats: pb::DrafterStats) -> Self {
+        let state = match stats.state() {
+            pb::DrafterState::Unspecified => DrafterState::Unspecified,
+            pb::DrafterState::Connected => DrafterState::Connected,
+            pb::DrafterState::Refused => DrafterState::Refused,
+            pb::DrafterState::Failed => DrafterState::Failed,
+            pb::DrafterState::Connecting => DrafterState::Connecting,
+        };
+        Self {
+            kind: stats.kind,
+            endpoint: stats.endpoint,
+            proposed_tokens: stats.proposed_tokens,
+            accepted_tokens: stats.accepted_tokens,
+            blocks_received: stats.blocks_received,
+            blocks_dropped: stats.blocks_dropped,
+            state,
+            error: stats.error,
+        }
+    }
+}
+
+impl From<DrafterStats> for pb::DrafterStats {
+    fn from(stats: DrafterStats) -> Self {
+        let state = match stats.state {
+            DrafterState::Unspecified => pb::DrafterState::Unspecified,
+            DrafterState::Connected => pb::DrafterState::Connected,
+            DrafterState::Refused => pb::DrafterState::Refused,
+            DrafterState::Failed => pb::DrafterState::Failed,
+            DrafterState::Connecting => pb::DrafterState::Connecting,
+        };
+        Self {
+            kind: stats.kind,
+            endpoint: stats.endpoint,
+            proposed_tokens: stats.proposed_tokens,
+            accepted_tokens: stats.accepted_tokens,
+            blocks_received: stats.blocks_received,
+            blocks_dropped: stats.blocks_dropped,
+            state: state as i32,
+            error: stats.error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_crosses_to_the_verifier_as_it_came() {
+        let params = || pb::SamplingParams {
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 0.9,
+            seed: Some(3),
+        };
+        let sampling = Sampling::from_wire(Some(params())).unwrap();
+        assert_eq!(sampling.top_k, None);
+        assert_eq!(pb::SamplingParams::from(sampling), params());
+        assert_eq!(
+            Sampling::from_wire(None).unwrap(),
+            Sampling::new(0.0, None, None, None).unwrap()
+        );
+        for speculation in [
+            None,
+            Some(pb::Speculation {
+                mode: pb::SpeculationMode::Off as i32,
+                drafters: Vec::new(),
+            }),
+            Some(pb::Speculation {
+                mode: pb::SpeculationMode::On as i32,
+                drafters: vec!["ngram".into()],
+            }),
+        ] {
+            let ours = Speculation::from_wire(speculation.clone()).unwrap();
+            assert_eq!(ours.to_wire(), speculation);
+        }
+        let unknown = pb::Speculation {
+            mode: 9,
+            drafters: Vec::new(),
+        };
+        assert!(Speculation::from_wire(Some(unknown)).is_err());
+    }
+
+    #[test]
+    fn drafter_figures_come_back_unchanged() {
+        let stats = pb::DrafterStats {
+            kind: "ngram".into(),
+            endpoint: "10.0.0.7:50061".into(),
+            proposed_tokens: 40,
+            accepted_tokens: 31,
+            blocks_received: 12,
+            blocks_dropped: 2,
+            state: pb::DrafterState::Refused as i32,
+            error: "tokenizer".into(),
+        };
+        assert_eq!(
+            pb::DrafterStats::from(DrafterStats::from(stats.clone())),
+            stats
+        );
+        for reason in [
+            pb::FinishReason::Unspecified,
+            pb::FinishReason::Stop,
+            pb::FinishReason::Length,
+            pb::FinishReason::Cancelled,
+        ] {
+            assert_eq!(pb::FinishReason::from(FinishReason::from(reason)), reason);
+        }
+    }
+}
