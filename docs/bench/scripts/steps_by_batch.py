@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""A run's batched steps grouped by how many sessions they carried and whether they held
+prompt tokens: per group, steps, rows, draft tokens, tokens given and expected, measured
+and estimated milliseconds, and tokens per second.
+
+Reads the stderr of a `sibyl bench` or a server run with `SIBYL_LOG=sibyl_decode=trace`,
+whose scheduler writes one "batched step" line per forward pass.
+
+Usage: steps_by_batch.py LOG...
+"""
+import collections
+import re
+import sys
+
+FIELDS = ["rows", "draft_tokens", "tokens", "expected_tokens", "elapsed_ms", "estimated_ms"]
+
+
+def steps(path):
+    for line in open(path):
+        if "batched step" in line:
+            yield {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", line)}
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for path in sys.argv[1:]:
+        groups = collections.defaultdict(lambda: collections.Counter())
+        all_steps = list(steps(path))
+        for step in all_steps:
+            key = (int(step["sessions"]), "prompt" if step["prompt_tokens"] > 0 else "decode")
+            groups[key]["steps"] += 1
+            for field in FIELDS:
+                groups[key][field] += step.get(field, 0.0)
+        total_ms = sum(s["elapsed_ms"] for s in all_steps)
+        print(f"{path}: {len(all_steps)} steps, {total_ms / 1e3:.1f} s")
+        print("sessions kind    steps  rows/step drafts/step tok/step expected ms/step est.ms tok/s")
+        for (sessions, kind), g in sorted(groups.items()):
+            n = g["steps"]
+            print(
+                f"{sessions:8} {kind:7} {n:6} {g['rows'] / n:10.2f} {g['draft_tokens'] / n:11.2f}"
+                f" {g['tokens'] / n:8.2f} {g['expected_tokens'] / n:8.2f}"
+                f" {g['elapsed_ms'] / n:7.1f} {g['estimated_ms'] / n:6.1f}"
+                f" {1e3 * g['tokens'] / g['elapsed_ms']:5.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
