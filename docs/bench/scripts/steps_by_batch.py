@@ -9,16 +9,11 @@ whose scheduler writes one "batched step" line per forward pass.
 Usage: steps_by_batch.py LOG...
 """
 import collections
-import re
 import sys
 
+from step_mix import steps
+
 FIELDS = ["rows", "draft_tokens", "tokens", "expected_tokens", "elapsed_ms", "estimated_ms"]
-
-
-def steps(path):
-    for line in open(path):
-        if "batched step" in line:
-            yield {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", line)}
 
 
 def main():

@@ -155,6 +155,14 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// An invalid or unsupported request field, named as the API spells it.
+    pub fn invalid_param(param: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidParam {
+            param,
+            message: message.into(),
+        }
+    }
+
     /// The `outcome` label of a request that failed with this error.
     fn outcome(&self) -> &'static str {
         match self {

@@ -177,13 +177,6 @@ fn invalid(message: impl Into<String>) -> GatewayError {
     GatewayError::InvalidRequest(message.into())
 }
 
-fn invalid_param(param: &'static str, message: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidParam {
-        param,
-        message: message.into(),
-    }
-}
-
 /// A request body as the extractor delivered it (an error when it is over the size limit or
 /// could not be read).
 type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
@@ -259,7 +252,7 @@ impl Common {
                 } else {
                     "max_tokens"
                 };
-                return Err(invalid_param(
+                return Err(GatewayError::invalid_param(
                     param,
                     format!("`{param}` must be at least 1"),
                 ));
@@ -271,7 +264,7 @@ impl Common {
             None | Some(-1) | Some(0) => None,
             Some(k) if k > 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
             Some(_) => {
-                return Err(invalid_param(
+                return Err(GatewayError::invalid_param(
                     "top_k",
                     "`top_k` must be -1 (all) or at least 1",
                 ))
@@ -378,7 +371,10 @@ async fn completions(
     let request: CompletionRequest = parse(body)?;
     let mut prompts = request.prompt.into_vec();
     if prompts.len() != 1 {
-        return Err(invalid_param("prompt", "`prompt` must be one string"));
+        return Err(GatewayError::invalid_param(
+            "prompt",
+            "`prompt` must be one string",
+        ));
     }
     let prompt = PromptInput::Text(prompts.remove(0));
     respond(

@@ -30,16 +30,22 @@ impl Sampling {
         seed: Option<u64>,
     ) -> Result<Self, GatewayError> {
         if !(temperature.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&temperature)) {
-            return Err(invalid(
+            return Err(GatewayError::invalid_param(
                 "temperature",
                 format!("`temperature` must be between 0 and {MAX_TEMPERATURE}"),
             ));
         }
         if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            return Err(invalid("top_p", "`top_p` must be in (0, 1]"));
+            return Err(GatewayError::invalid_param(
+                "top_p",
+                "`top_p` must be in (0, 1]",
+            ));
         }
         if top_k == Some(0) {
-            return Err(invalid("top_k", "`top_k` must be at least 1"));
+            return Err(GatewayError::invalid_param(
+                "top_k",
+                "`top_k` must be at least 1",
+            ));
         }
         Ok(Self {
             temperature,
@@ -103,13 +109,6 @@ pub struct DrafterStats {
     pub state: DrafterState,
     /// The stream's last error; empty if none.
     pub error: String,
-}
-
-fn invalid(param: &'static str, message: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidParam {
-        param,
-        message: message.into(),
-    }
 }
 
 #[cfg(test)]

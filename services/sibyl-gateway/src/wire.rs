@@ -42,10 +42,10 @@ impl Speculation {
             Ok(pb::SpeculationMode::On | pb::SpeculationMode::Unspecified) => Ok(Self::On {
                 drafters: speculation.drafters,
             }),
-            Err(_) => Err(GatewayError::InvalidParam {
-                param: "speculation",
-                message: format!("unknown speculation mode {}", speculation.mode),
-            }),
+            Err(_) => Err(GatewayError::invalid_param(
+                "speculation",
+                format!("unknown speculation mode {}", speculation.mode),
+            )),
         }
     }
 

@@ -1,6 +1,5 @@
 //! OpenAI request fields sibyl does not implement, refused by name rather than ignored.
 
-use super::invalid_param;
 use crate::generation::GatewayError;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -82,7 +81,7 @@ impl Unsupported {
             ("suffix", neutral(&self.suffix, &[json!("")]), "`suffix` (insertion) is not supported"),
         ];
         match checks.into_iter().find(|(_, ok, _)| !ok) {
-            Some((param, _, message)) => Err(invalid_param(param, message)),
+            Some((param, _, message)) => Err(GatewayError::invalid_param(param, message)),
             None => Ok(()),
         }
     }
