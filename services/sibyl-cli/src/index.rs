@@ -1,10 +1,10 @@
 //! `sibyl index`: tokenizes a corpus with the target's tokenizer into a retrieval datastore.
 
-use crate::args::ModelArgs;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
+use sibyl_setup::args::ModelArgs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -118,7 +118,7 @@ pub fn run(args: IndexArgs) -> anyhow::Result<()> {
     let skipped = documents.iter().filter(|d| d.is_none()).count();
     let documents: Vec<Vec<u32>> = documents.into_iter().flatten().collect();
     let tokenized = started.elapsed();
-    let id = crate::generate::tokenizer_id(tokenizer, text_model.config.vocab_size);
+    let id = sibyl_setup::tokenizer_id(tokenizer, text_model.config.vocab_size);
     let written = sibyl_retrieval::write(&args.output, id, &documents)
         .with_context(|| format!("writing {}", args.output.display()))?;
     eprintln!(

@@ -1,17 +1,15 @@
 //! `sibyl`: the command line of the sibyl speculative-decoding server.
 
-mod args;
-mod bench;
 mod generate;
 mod health;
 mod index;
-mod progress;
 mod roles;
 mod security;
 mod shutdown;
 mod suffix;
 
 use clap::{Parser, Subcommand};
+use sibyl_bench as bench;
 
 /// sibyl serves language models faster with speculative decoding, without changing what
 /// they say.

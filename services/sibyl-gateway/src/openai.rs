@@ -6,11 +6,11 @@
 //! computes the whole prompt (the verifier reuses none of the work it holds, and keeps
 //! none of this request's). `top_k` is accepted too.
 
-mod types;
+mod request;
+mod response;
 mod unsupported;
 
-use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput};
-use crate::params::{Sampling, Speculation};
+use crate::generation::{Gateway, GatewayError, Output, PromptInput};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -18,9 +18,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use request::{ChatRequest, ChatRequestMessage, Common, CompletionRequest};
+use response::{ErrorBody, Kind, Meta, ModelCard, ModelList};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sibyl_engine::ChatMessage;
 use sibyl_proto::auth::KeyId;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,7 +29,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use types::{ErrorBody, Kind, Meta, ModelCard, ModelList};
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -190,177 +190,6 @@ fn parse<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, GatewayError> {
         _ => invalid(format!("cannot read the request body: {rejection}")),
     })?;
     serde_json::from_slice(&body).map_err(|e| invalid(format!("invalid request body: {e}")))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            Self::One(s) => vec![s],
-            Self::Many(v) => v,
-        }
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SpeculationExtension {
-    enabled: Option<bool>,
-    drafters: Option<Vec<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// The fields both endpoints share.
-#[derive(Debug, Default, Deserialize)]
-struct Common {
-    model: Option<String>,
-    max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i64>,
-    seed: Option<u64>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    stop: Option<OneOrMany>,
-    speculation: Option<SpeculationExtension>,
-    prefix_cache: Option<bool>,
-    #[serde(flatten)]
-    unsupported: unsupported::Unsupported,
-}
-
-impl Common {
-    fn generation(self, prompt: PromptInput) -> Result<Generation, GatewayError> {
-        self.unsupported.check()?;
-        let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
-            (None, None) => None,
-            (Some(n), _) | (None, Some(n)) if n < 1 => {
-                let param = if self.max_completion_tokens.is_some() {
-                    "max_completion_tokens"
-                } else {
-                    "max_tokens"
-                };
-                return Err(GatewayError::invalid_param(
-                    param,
-                    format!("`{param}` must be at least 1"),
-                ));
-            }
-            (Some(n), _) | (None, Some(n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
-        };
-        // OpenAI's defaults: temperature 1, top_p 1; top_k -1 or 0 for all tokens.
-        let top_k = match self.top_k {
-            None | Some(-1) | Some(0) => None,
-            Some(k) if k > 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
-            Some(_) => {
-                return Err(GatewayError::invalid_param(
-                    "top_k",
-                    "`top_k` must be -1 (all) or at least 1",
-                ))
-            }
-        };
-        let sampling = Sampling::new(
-            self.temperature.unwrap_or(1.0),
-            top_k,
-            Some(self.top_p.unwrap_or(1.0)),
-            self.seed,
-        )?;
-        let speculation = match self.speculation {
-            None => Speculation::Default,
-            Some(ext) => match (ext.enabled, ext.drafters) {
-                (Some(false), _) => Speculation::Off,
-                (_, drafters) => Speculation::On {
-                    drafters: drafters.unwrap_or_default(),
-                },
-            },
-        };
-        Ok(Generation {
-            model: self.model,
-            prompt,
-            max_tokens,
-            sampling,
-            speculation,
-            stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
-            details: false,
-            prefix_cache: self.prefix_cache,
-            api: Api::Http,
-            request_id: String::new(),
-            key_id: None,
-        })
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    prompt: OneOrMany,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    messages: Vec<ChatRequestMessage>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatRequestMessage {
-    role: String,
-    content: Option<ChatContent>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum ChatContent {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-}
-
-impl ChatRequestMessage {
-    fn into_message(self) -> Result<ChatMessage, GatewayError> {
-        // OpenAI's newer name for the system role; other roles are checked by the gateway.
-        let role = if self.role == "developer" {
-            "system"
-        } else {
-            self.role.as_str()
-        };
-        let content = match self.content {
-            None => String::new(),
-            Some(ChatContent::Text(text)) => text,
-            Some(ChatContent::Parts(parts)) => {
-                let mut text = String::new();
-                for part in parts {
-                    match (part.kind.as_str(), part.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        (kind, _) => {
-                            return Err(invalid(format!("content part `{kind}` is not supported")))
-                        }
-                    }
-                }
-                text
-            }
-        };
-        Ok(ChatMessage::new(role, &content))
-    }
 }
 
 async fn completions(

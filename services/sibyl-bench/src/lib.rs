@@ -5,23 +5,26 @@ mod backend;
 mod chart;
 mod concurrency;
 mod dataset;
+mod machine;
 mod prefix;
+mod report;
 mod results;
 
-use crate::args::{
-    at_least_one, DeviceArgs, DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs,
-};
-use crate::generate::{DrafterSettings, DrafterSources};
 use anyhow::{bail, Context};
 use backend::{Backend, BenchConfig, InProcess, Remote};
 use clap::Args;
 use dataset::Item;
 use indicatif::{ProgressBar, ProgressStyle};
-use results::{Failure, ItemRecord, Machine, Results, Setup, Speculation};
+use machine::Machine;
+use results::{Failure, ItemRecord, Results, Setup, Speculation};
 use sibyl_decode::GenerationConfig;
 use sibyl_engine::ChatMessage;
 use sibyl_gateway::PromptInput;
 use sibyl_proto::v1 as pb;
+use sibyl_setup::args::{
+    at_least_one, DeviceArgs, DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs,
+};
+use sibyl_setup::{DrafterSettings, DrafterSources};
 use sibyl_spec::SamplingConfig;
 use std::collections::HashMap;
 use std::io::Write;
@@ -196,8 +199,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             Box::new(Remote::connect(url, args.max_tokens, params)?)
         }
         None => {
-            crate::generate::init_threads(args.model.threads);
-            let loaded = crate::generate::load_model(&args.model, args.device.device)?;
+            sibyl_setup::init_threads(args.model.threads);
+            let loaded = sibyl_setup::load_model(&args.model, args.device.device)?;
             let generation = GenerationConfig {
                 max_tokens: args.max_tokens,
                 sampling,
@@ -237,7 +240,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let setup = Setup {
         sibyl_version: env!("CARGO_PKG_VERSION").to_string(),
-        date: results::utc_date(
+        date: machine::utc_date(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default(),

@@ -1,10 +1,10 @@
 //! What a benchmark run found: one record per prompt and config, summaries per category and
-//! overall, and the files written from them (`results.json`, `report.md`).
+//! overall (written out by `report`).
 
+use crate::machine::Machine;
 use serde::Serialize;
 use sibyl_decode::{FinishReason, GenerationReport};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 /// Draft tokens of one drafter kind.
@@ -345,39 +345,6 @@ pub struct ConfigResults {
     pub prefix_cache: Option<super::prefix::CacheFigures>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Machine {
-    pub cpus: usize,
-    pub cpu_model: String,
-    /// Compute threads of the in-process engine (for `--gateway`, of this client's machine
-    /// if set, else its cores; the verifier's own setting is not known here).
-    pub threads: usize,
-}
-
-impl Machine {
-    pub fn this() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, name)| name.trim().to_string())
-            })
-            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-        let threads = std::env::var("CANDLE_NUM_THREADS")
-            .ok()
-            .and_then(|t| t.parse().ok())
-            .unwrap_or(cpus);
-        Self {
-            cpus,
-            cpu_model,
-            threads,
-        }
-    }
-}
-
 /// A prompt whose output differs from plain decoding.
 #[derive(Debug, Clone, Serialize)]
 pub struct Mismatch {
@@ -519,276 +486,14 @@ impl Results {
         }
     }
 
-    /// Writes `results.json`, `report.md`, `speedup.svg` and (with figures per concurrency)
-    /// `concurrency.svg` into `dir`, each replaced whole (written aside, then renamed), so an
-    /// interruption never leaves half a file.
-    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
-        let json = serde_json::to_string_pretty(self)?;
-        replace(&dir.join("results.json"), json.as_bytes())?;
-        replace(&dir.join("report.md"), self.markdown().as_bytes())?;
-        replace(
-            &dir.join("speedup.svg"),
-            super::chart::svg(self)?.as_bytes(),
-        )?;
-        if let Some(svg) = super::chart::concurrency_svg(self)? {
-            replace(&dir.join("concurrency.svg"), svg.as_bytes())?;
-        }
-        Ok(())
-    }
-
     /// The speculative configs (all but plain), in order.
     pub fn speculative(&self) -> impl Iterator<Item = &String> {
         self.config_names.iter().filter(|n| *n != "plain")
     }
-
-    /// `report.md`: the results as tables a person reads.
-    pub fn markdown(&self) -> String {
-        let s = &self.setup;
-        let mut out = String::from("# sibyl bench\n\n");
-        let prompts = self.items.iter().filter(|r| r.config == "plain").count();
-        out.push_str(&format!(
-            "- date: {}\n- model: {}\n- backend: {}\n- machine: {} ({} CPUs), {} threads\n\
-             - {} prompts, at most {} tokens each, temperature {}, seed {}\n- datasets: {}\n\
-             - command: `{}`\n- sibyl {}\n",
-            s.date,
-            s.model,
-            s.backend,
-            s.machine.cpu_model,
-            s.machine.cpus,
-            s.machine.threads,
-            prompts,
-            s.max_tokens,
-            s.temperature,
-            s.seed,
-            s.datasets.join(", "),
-            s.command,
-            s.sibyl_version,
-        ));
-        if let Some(d) = &s.speculation {
-            out.push_str(&format!(
-                "- speculation: draft budget {}, depth {}, min value {}, exempt {}; n-gram max {}, \
-                 branches {}\n",
-                d.draft_budget,
-                d.draft_depth,
-                d.draft_min_value,
-                d.draft_exempt,
-                d.ngram_max,
-                d.ngram_branches
-            ));
-        }
-        if s.repeat > 1 {
-            out.push_str(&format!(
-                "- each prompt run {} times under each config, in alternating order; per \
-                 config the run of median decode speed is kept\n",
-                s.repeat
-            ));
-        }
-        if s.build != "release" {
-            out.push_str(&format!(
-                "- **{} build**: the timings mean little\n",
-                s.build
-            ));
-        }
-        if self.interrupted {
-            out.push_str("\n**Interrupted**: these results hold the prompts finished before.\n");
-        }
-        if !self.failures.is_empty() {
-            out.push_str(&format!(
-                "\n**{} prompts failed** and are left out:\n\n",
-                self.failures.len()
-            ));
-            for f in &self.failures {
-                out.push_str(&format!(
-                    "- `{}` ({}), config {}: {}\n",
-                    cell(&f.id),
-                    cell(&f.category),
-                    f.config,
-                    cell(&f.error)
-                ));
-            }
-        }
-        out.push_str(
-            "\n## Speedup over plain decoding\n\nDecode tokens/s (prompt processing apart, the \
-             first token of each turn left out); speedup is the geometric mean of per-prompt \
-             ratios; MAT is mean accepted tokens per verify step, a stop token counted.\n\n\
-             | category | prompts | plain tok/s |",
-        );
-        let speculative: Vec<&String> = self.speculative().collect();
-        let mut rule = String::from("|---|---:|---:|");
-        for name in &speculative {
-            out.push_str(&format!(
-                " {name} tok/s | {name} speedup | {name} MAT | {name} identical |"
-            ));
-            rule.push_str("---:|---:|---:|---:|");
-        }
-        out.push('\n');
-        out.push_str(&rule);
-        out.push('\n');
-        let rows = self
-            .category_names
-            .iter()
-            .map(|c| (c.as_str(), Some(c)))
-            .chain([("**overall**", None)]);
-        for (label, category) in rows {
-            let label = cell(label);
-            let summary = |config: &str| {
-                self.configs.get(config).map(|r| match category {
-                    Some(c) => r.categories.get(c).unwrap_or(&r.overall).clone(),
-                    None => r.overall.clone(),
-                })
-            };
-            let Some(plain) = summary("plain") else {
-                continue;
-            };
-            out.push_str(&format!(
-                "| {label} | {} | {:.2} |",
-                plain.total, plain.tokens_per_s
-            ));
-            for name in &speculative {
-                if let Some(x) = summary(name) {
-                    out.push_str(&format!(
-                        " {:.2} | {} | {:.2} | {} |",
-                        x.tokens_per_s,
-                        ratio(x.speedup_geomean),
-                        x.mean_accepted_tokens,
-                        identical(&x)
-                    ));
-                }
-            }
-            out.push('\n');
-        }
-        let multi_turn = self
-            .configs
-            .get("plain")
-            .map_or(0, |r| r.overall.multi_turn);
-        if multi_turn > 0 {
-            out.push_str(&format!(
-                "\n## Later turns\n\nThe turns after the first of the {multi_turn} prompts with \
-                 several: each one's context holds the turns before it and their answers. Decode \
-                 tokens/s, and the geometric mean of per-prompt ratios to plain decoding.\n\n\
-                 | config | tok/s | speedup |\n|---|---:|---:|\n"
-            ));
-            for name in &self.config_names {
-                if let Some(r) = self.configs.get(name) {
-                    let o = &r.overall;
-                    let speedup = if name == "plain" {
-                        "1.00x".to_string()
-                    } else {
-                        ratio(o.later_turns_speedup_geomean)
-                    };
-                    out.push_str(&format!(
-                        "| {name} | {:.2} | {speedup} |\n",
-                        o.later_turns_tokens_per_s
-                    ));
-                }
-            }
-        }
-        out.push_str(
-            "\n## Per config, all prompts\n\n| config | tok/s | speedup | prompts from / to | MAT \
-             | verify step p50 | verify step p99 | prompt tok/s | identical |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-        );
-        for name in &self.config_names {
-            if let Some(r) = self.configs.get(name) {
-                let o = &r.overall;
-                out.push_str(&format!(
-                    "| {name} | {:.2} | {} | {} / {} | {:.2} | {:.1} ms | {:.1} ms | {:.1} | {} |\n",
-                    o.tokens_per_s,
-                    ratio(o.speedup_geomean),
-                    ratio(o.speedup_min),
-                    ratio(o.speedup_max),
-                    o.mean_accepted_tokens,
-                    o.step_p50_ms,
-                    o.step_p99_ms,
-                    o.prompt_tokens_per_s,
-                    identical(o)
-                ));
-            }
-        }
-        if s.repeat > 1 {
-            out.push_str(
-                "\n## Run to run\n\nEach prompt's fastest run over its slowest under one config \
-                 (decode tokens/s): how far a per-prompt ratio can move by the machine's noise \
-                 and the drafters' state alone.\n\n| config | median over prompts | widest |\n\
-                 |---|---:|---:|\n",
-            );
-            for name in &self.config_names {
-                if let Some(r) = self.configs.get(name) {
-                    out.push_str(&format!(
-                        "| {name} | {} | {} |\n",
-                        ratio(r.overall.run_spread_median),
-                        ratio(r.overall.run_spread_max)
-                    ));
-                }
-            }
-        }
-        out.push_str(
-            "\n## Drafters\n\n| config | drafter | proposed | accepted | acceptance | \
-             share of accepted | steps drafted | drafting s |\n\
-             |---|---|---:|---:|---:|---:|---:|---:|\n",
-        );
-        for name in &speculative {
-            if let Some(r) = self.configs.get(*name) {
-                for (kind, d) in &r.drafters {
-                    out.push_str(&format!(
-                        "| {name} | {kind} | {} | {} | {:.1}% | {:.1}% | {} | {:.2} |\n",
-                        d.proposed,
-                        d.accepted,
-                        d.acceptance_rate * 100.0,
-                        d.accepted_share * 100.0,
-                        d.asked_steps,
-                        d.drafting_s,
-                    ));
-                }
-            }
-        }
-        out.push_str("\n## Outputs against plain decoding\n\n");
-        if s.temperature != 0.0 {
-            out.push_str("Not compared: at temperature above 0 outputs are samples.\n");
-        } else if self.mismatches.is_empty() && self.items.is_empty() {
-            out.push_str("No prompt finished.\n");
-        } else if self.mismatches.is_empty() {
-            out.push_str("Every output is identical to plain decoding, token for token.\n");
-        } else {
-            out.push_str(&format!(
-                "**{} outputs differ from plain decoding:**\n\n",
-                self.mismatches.len()
-            ));
-            for m in &self.mismatches {
-                out.push_str(&format!(
-                    "- `{}` ({}), config {}: turn {}, first differing token at position {}\n",
-                    cell(&m.id),
-                    cell(&m.category),
-                    m.config,
-                    m.turn,
-                    m.position
-                ));
-            }
-        }
-        out.push_str("\n![speedup per category](speedup.svg)\n");
-        out.push_str(&super::concurrency::markdown(self));
-        out.push_str(&super::prefix::markdown(self));
-        out
-    }
-}
-
-/// Text safe in a table cell: no pipes or line breaks.
-fn cell(text: &str) -> String {
-    text.replace('|', "\\|").replace(['\n', '\r'], " ")
-}
-
-fn ratio(value: Option<f64>) -> String {
-    value.map_or_else(|| "-".into(), |v| format!("{v:.2}x"))
-}
-
-fn identical(summary: &Summary) -> String {
-    summary
-        .identical
-        .map_or_else(|| "-".into(), |n| format!("{n}/{}", summary.total))
 }
 
 /// The median of `values` (the smaller middle one of an even count), or none of none.
-pub(super) fn median(values: &mut [f64]) -> Option<f64> {
+pub(crate) fn median(values: &mut [f64]) -> Option<f64> {
     values.sort_by(f64::total_cmp);
     values.get(values.len().checked_sub(1)? / 2).copied()
 }
@@ -820,30 +525,6 @@ fn percentiles_ms(times: &mut [Duration]) -> (f64, f64) {
         times[rank - 1].as_secs_f64() * 1e3
     };
     (at(0.5), at(0.99))
-}
-
-fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let aside = path.with_extension("partial");
-    std::fs::write(&aside, bytes)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", aside.display()))?;
-    std::fs::rename(&aside, path)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
-    Ok(())
-}
-
-/// `YYYY-MM-DD HH:MM UTC` of a time since the Unix epoch.
-pub fn utc_date(since_epoch: Duration) -> String {
-    let seconds = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
-    let at = time::OffsetDateTime::from_unix_timestamp(seconds)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
-        at.year(),
-        u8::from(at.month()),
-        at.day(),
-        at.hour(),
-        at.minute()
-    )
 }
 
 #[cfg(test)]
@@ -977,24 +658,5 @@ mod tests {
         let mut times: Vec<Duration> = (1..=200).rev().map(Duration::from_millis).collect();
         assert_eq!(percentiles_ms(&mut times), (100.0, 198.0));
         assert_eq!(percentiles_ms(&mut []), (0.0, 0.0));
-    }
-
-    #[test]
-    fn table_cells_stay_in_their_cell() {
-        assert_eq!(cell("a|b\nc"), "a\\|b c");
-    }
-
-    #[test]
-    fn dates_are_civil_utc() {
-        assert_eq!(utc_date(Duration::ZERO), "1970-01-01 00:00 UTC");
-        // 2024-02-29 12:34:56 UTC.
-        assert_eq!(
-            utc_date(Duration::from_secs(1_709_210_096)),
-            "2024-02-29 12:34 UTC"
-        );
-        assert_eq!(
-            utc_date(Duration::from_secs(1_795_910_400)),
-            "2026-11-29 00:00 UTC"
-        );
     }
 }

@@ -1,3 +1,5 @@
+//! A progress bar on stderr for model downloads.
+
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Mutex;
 

@@ -2,8 +2,6 @@
 //! running gateway (the distributed path).
 
 use super::concurrency::{self, ConcurrentRun, Traces};
-use crate::args::{value_name, DraftKind};
-use crate::generate::DrafterSources;
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use sibyl_decode::{DrafterReport, FinishReason, GenerationConfig, GenerationReport, PrefixCache};
@@ -11,6 +9,8 @@ use sibyl_engine::{Detokenizer, LoadedModel};
 use sibyl_gateway::PromptInput;
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
 use sibyl_retrieval::{SuffixDrafter, SuffixIndex};
+use sibyl_setup::args::{value_name, DraftKind};
+use sibyl_setup::DrafterSources;
 use sibyl_spec::{Drafter, TreeLimits};
 use std::collections::HashMap;
 use std::ops::ControlFlow;

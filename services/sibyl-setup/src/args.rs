@@ -1,3 +1,4 @@
+use clap::builder::TypedValueParser;
 use clap::{Args, ValueEnum};
 use sibyl_spec::TreeLimits;
 use std::fmt::Display;
@@ -23,6 +24,16 @@ where
         Ok(value)
     } else {
         Err("must be in [0, 1]".into())
+    }
+}
+
+/// A factor flag's value: a finite number, at least 1 (a clap value parser).
+pub fn factor(text: &str) -> Result<f64, String> {
+    let value: f64 = text.trim().parse().map_err(|e| format!("{e}"))?;
+    if value.is_finite() && value >= 1.0 {
+        Ok(value)
+    } else {
+        Err("must be a number of at least 1".into())
     }
 }
 
@@ -76,7 +87,8 @@ pub fn value_name(value: impl ValueEnum) -> String {
 pub const NEEDS_DATASTORE: &str = "the retrieval drafter needs --datastore FILE: build one \
      with `sibyl index --input PATH --model MODEL --output FILE`";
 
-/// The drafters of a generation.
+/// The kinds of drafter, for every command that names one; `none` (plain decoding) only
+/// where a generation may run without drafters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DraftKind {
     /// Plain decoding, one token per step.
@@ -85,11 +97,21 @@ pub enum DraftKind {
     Ngram,
     /// Lookup in datastores built by `sibyl index` (`--datastore`).
     Retrieval,
-    /// A small model of the same tokenizer (`--draft-model`).
+    /// A small model of the target's tokenizer (`--draft-model`).
     Lm,
-    /// Matches in what this process generated before (prompts and outputs of finished
-    /// sessions) and in the session's own context (`--suffix-max-tokens`).
+    /// Matches in the generations seen to finish (prompts and outputs) and in the
+    /// session's own context (`--suffix-max-tokens`).
     Suffix,
+}
+
+/// A clap value parser for a drafter that runs: any [`DraftKind`] but `none`.
+pub fn drafter_kind() -> impl TypedValueParser<Value = DraftKind> {
+    let kinds = DraftKind::value_variants()
+        .iter()
+        .filter(|kind| **kind != DraftKind::None)
+        .filter_map(|kind| kind.to_possible_value());
+    clap::builder::PossibleValuesParser::new(kinds)
+        .map(|name| <DraftKind as ValueEnum>::from_str(&name, true).unwrap_or(DraftKind::None))
 }
 
 /// How speculation runs in process (`sibyl generate`).
@@ -182,7 +204,7 @@ impl LmArgs {
             keep_slow_types: false,
         };
         // A draft model is small: the CPU serves it beside any target device.
-        let draft = crate::generate::load_model(&model, sibyl_engine::Device::Cpu)?;
+        let draft = crate::model::load_model(&model, sibyl_engine::Device::Cpu)?;
         if draft.tokenizer.fingerprint() != target.fingerprint() {
             anyhow::bail!(
                 "--draft-model {}: its tokenizer ({:016x}) is not the target's ({:016x}); the LM \
@@ -337,4 +359,37 @@ pub struct SamplingArgs {
     /// Seed of the sampling (default: random, printed in the summary).
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Role {
+        #[arg(long, value_parser = drafter_kind())]
+        kind: DraftKind,
+    }
+
+    #[test]
+    fn factors_are_finite_and_at_least_one() {
+        assert_eq!(factor("1"), Ok(1.0));
+        assert_eq!(factor(" 2.5 "), Ok(2.5));
+        for text in ["0.99", "inf", "NaN", "-3", "x"] {
+            assert!(factor(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_drafter_that_runs_is_any_kind_but_none() {
+        for (name, kind) in [("ngram", DraftKind::Ngram), ("suffix", DraftKind::Suffix)] {
+            let role = Role::try_parse_from(["role", "--kind", name]).unwrap();
+            assert_eq!(role.kind, kind);
+        }
+        let error = Role::try_parse_from(["role", "--kind", "none"]).unwrap_err();
+        assert!(error
+            .to_string()
+            .contains("possible values: ngram, retrieval, lm, suffix"));
+    }
 }

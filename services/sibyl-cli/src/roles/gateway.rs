@@ -1,0 +1,163 @@
+//! `sibyl gateway`: the OpenAI-compatible HTTP API and the gRPC API.
+
+use super::{
+    bind, gateway_text_loader, runtime, served_name, spawn_metrics, LoadArgs, TelemetryArgs,
+};
+use crate::security::{ClientTlsArgs, ServerTlsArgs, TokenArgs};
+use crate::shutdown::DrainArgs;
+use anyhow::bail;
+use clap::Args;
+use sibyl_gateway::GatewayConfig;
+use sibyl_proto::auth::ApiKeys;
+use sibyl_proto::client::ServiceAddress;
+use sibyl_setup::args::ModelArgs;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What the gateway allows.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayLimitArgs {
+    /// Most tokens one request may generate (`max_tokens` above it is a 400).
+    #[arg(long, env = "SIBYL_MAX_TOKENS_LIMIT", default_value_t = 4096)]
+    pub max_tokens_limit: usize,
+
+    /// Name the model is served under (default: the --model value, or the file's stem).
+    #[arg(long, env = "SIBYL_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// File of API keys, one per line: every request but /health (and gRPC health) then
+    /// needs `Authorization: Bearer KEY` (401, or UNAUTHENTICATED, otherwise). Without it
+    /// the API is open to anyone who can reach it.
+    #[arg(long, env = "SIBYL_API_KEYS_FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// Serve Prometheus `/metrics` on this address, open, instead of on the HTTP API's port
+    /// (where it needs an API key when there are keys).
+    #[arg(long, env = "SIBYL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+}
+
+impl GatewayLimitArgs {
+    /// The gateway's config for serving `model_name` from `verifier`.
+    pub(super) fn config(
+        &self,
+        model_name: String,
+        verifiers: Vec<ServiceAddress>,
+        drain_timeout: Duration,
+    ) -> anyhow::Result<GatewayConfig> {
+        let api_keys = match &self.api_key_file {
+            Some(path) => Some(Arc::new(ApiKeys::from_file(path)?)),
+            None => None,
+        };
+        let tls = self.tls.load()?;
+        Ok(GatewayConfig {
+            model_name,
+            verifiers,
+            max_tokens_limit: self.max_tokens_limit,
+            sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
+            api_keys,
+            internal_token: None,
+            verifier_tls: None,
+            drain_timeout,
+            tls,
+            metrics_on_http: self.metrics_addr.is_none(),
+        })
+    }
+
+    /// Serves `/metrics` on its own address, when one was given.
+    pub(super) async fn spawn_metrics(&self) -> anyhow::Result<()> {
+        match self.metrics_addr {
+            Some(addr) => spawn_metrics(addr).await,
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Address of the OpenAI-compatible HTTP API.
+    #[arg(long, env = "SIBYL_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Address of the `sibyl.v1.Gateway` gRPC API.
+    #[arg(long, env = "SIBYL_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// The verifier, as http://HOST:PORT, or https://HOST:PORT over TLS (with --tls-ca);
+    /// requests are spread over every address of a name that has several (a headless
+    /// Service), and over several verifiers (repeat the flag, or separate with commas).
+    #[arg(
+        long = "verifier",
+        env = "SIBYL_VERIFIER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub verifiers: Vec<String>,
+
+    #[command(flatten)]
+    pub tls_ca: ClientTlsArgs,
+
+    /// The model the verifier serves: its tokenizer and chat template are read from the file.
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub limits: GatewayLimitArgs,
+
+    #[command(flatten)]
+    pub load: LoadArgs,
+
+    #[command(flatten)]
+    pub drain: DrainArgs,
+
+    #[command(flatten)]
+    pub internal: TokenArgs,
+
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let verifiers = args
+        .verifiers
+        .iter()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<ServiceAddress>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if verifiers.is_empty() {
+        bail!("--verifier: no address given");
+    }
+    let verifier_tls = args.tls_ca.load(&verifiers)?;
+    let mut config = args.limits.config(
+        served_name(&args.model, args.limits.served_model_name.as_ref()),
+        verifiers,
+        args.drain.timeout(),
+    )?;
+    config.internal_token = args.internal.token()?;
+    config.verifier_tls = verifier_tls;
+    let (runtime, telemetry) = runtime("gateway", &args.telemetry)?;
+    let result = runtime.block_on(async move {
+        args.limits.spawn_metrics().await?;
+        let grpc = bind(args.grpc_addr, "gRPC API").await?;
+        let http = bind(args.http_addr, "HTTP API").await?;
+        tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "gateway listening");
+        let stop = args.drain.on_signal();
+        let serve = sibyl_gateway::serve(
+            grpc,
+            http,
+            config,
+            gateway_text_loader(args.model.clone()),
+            args.load.on_error(),
+            stop.stopped(),
+        );
+        args.drain.bounded(&stop, serve).await?;
+        Ok(())
+    });
+    drop(telemetry);
+    result
+}
