@@ -1,3 +1,6 @@
+//! The flags the commands share (model, device, drafters, tree, sampling) and the clap
+//! value parsers that check numeric ones.
+
 use clap::builder::TypedValueParser;
 use clap::{Args, ValueEnum};
 use sibyl_spec::TreeLimits;
