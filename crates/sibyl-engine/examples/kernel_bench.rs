@@ -44,7 +44,7 @@ fn main() {
         };
         let ws: Vec<QuantMatrix> = (0..copies).map(|_| w.clone()).collect();
         let mut one = 0.0;
-        for m in [1usize, 2, 3, 4, 5, 6, 8, 12, 16, 32] {
+        for m in [1usize, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64] {
             let x: Vec<f32> = (0..m * k).map(|_| value()).collect();
             let mut out = vec![0f32; m * n];
             let repeats = 200 / m + 5;
