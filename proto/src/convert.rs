@@ -2,7 +2,7 @@
 //! the gRPC adapters. Conversions from the wire validate; conversions to it cannot fail.
 
 use crate::v1 as pb;
-use sibyl_spec::{AnchoredBlock, Proposal, SamplingConfig, SparseDist};
+use sibyl_spec::{AnchoredBlock, Proposal, SamplingConfig, SparseDist, TokenLogprobs};
 
 /// A wire message that does not describe a valid value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +110,20 @@ pub fn sampling_config(
         top_p: (params.top_p != 0.0).then_some(params.top_p),
         seed: params.seed.unwrap_or_else(seed),
     })
+}
+
+impl From<&TokenLogprobs> for pb::TokenLogprobs {
+    fn from(p: &TokenLogprobs) -> Self {
+        Self {
+            token: p.token,
+            logprob: p.logprob,
+            top: p
+                .top
+                .iter()
+                .map(|&(token, logprob)| pb::TokenLogprob { token, logprob })
+                .collect(),
+        }
+    }
 }
 
 impl From<&SamplingConfig> for pb::SamplingParams {

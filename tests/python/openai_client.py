@@ -108,6 +108,30 @@ def main() -> None:
     assert off.choices[0].message.content == text, "speculation off changed the text"
     assert off.usage.completion_tokens_details.accepted_prediction_tokens == 0, off.usage
 
+    # Log probabilities in the client's own types: one per token, the chosen token the
+    # most likely one (greedy), streamed as in the whole response.
+    scored = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=16, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens, (len(content), scored.usage)
+    assert b"".join(bytes(t.bytes) for t in content).decode() == scored.choices[0].message.content
+    for token in content:
+        assert len(token.top_logprobs) == 2 and token.top_logprobs[0].logprob == token.logprob, token
+    streamed_content = []
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=16, temperature=0, logprobs=True,
+        top_logprobs=2, stream=True,
+    ):
+        for choice in chunk.choices:
+            if choice.logprobs and choice.logprobs.content:
+                streamed_content.extend(choice.logprobs.content)
+    assert [t.model_dump() for t in streamed_content] == [t.model_dump() for t in content]
+    legacy = client.completions.create(
+        model=model, prompt="def add(a, b):", max_tokens=8, temperature=0, logprobs=1
+    )
+    assert "".join(legacy.choices[0].logprobs.tokens) == legacy.choices[0].text, legacy
+
     assert [m.id for m in client.models.list()] == [model]
 
     for kwargs, status in [

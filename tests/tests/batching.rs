@@ -30,6 +30,7 @@ fn request(prompt: Vec<u32>, max_tokens: u32, seed: Option<u64>) -> pb::VerifyRe
         tokenizer_fingerprint: String::new(),
         step_times: false,
         prefix_cache: None,
+        logprobs: None,
     }
 }
 

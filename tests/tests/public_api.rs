@@ -1,6 +1,6 @@
 //! The gateway as the public sees it: API keys on every route but health, OpenAI fields it
-//! cannot honour refused by name, chat content that cannot forge control tokens, and SSE
-//! keep-alive comments.
+//! cannot honour refused by name, log probabilities, chat content that cannot forge control
+//! tokens, and SSE keep-alive comments.
 
 use serde_json::{json, Value};
 use sibyl_proto::auth::ApiKeys;
@@ -66,8 +66,12 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
         ("logit_bias", json!({"logit_bias": {"42": 5}})),
         ("presence_penalty", json!({"presence_penalty": 0.5})),
         ("frequency_penalty", json!({"frequency_penalty": -1})),
-        ("logprobs", json!({"logprobs": true})),
+        ("logprobs", json!({"logprobs": 2})),
         ("top_logprobs", json!({"top_logprobs": 2})),
+        (
+            "top_logprobs",
+            json!({"logprobs": true, "top_logprobs": 21}),
+        ),
         ("n", json!({"n": 2})),
         ("temperature", json!({"temperature": 3})),
     ];
@@ -89,7 +93,9 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
         ("echo", json!({"echo": true})),
         ("best_of", json!({"best_of": 3})),
         ("suffix", json!({"suffix": "end"})),
-        ("logprobs", json!({"logprobs": 5})),
+        ("logprobs", json!({"logprobs": 21})),
+        ("logprobs", json!({"logprobs": "all"})),
+        ("top_logprobs", json!({"top_logprobs": 2})),
     ] {
         let response = post(&cluster, "/v1/completions", &[], &completion(extra)).await;
         assert_eq!(response.status, 400, "{param}: {}", response.body);
@@ -105,6 +111,197 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
     });
     let response = post(&cluster, "/v1/chat/completions", &[], &chat(neutral)).await;
     assert_eq!(response.status, 200, "{}", response.body);
+    cluster.stop().await;
+}
+
+/// The JSON of each `data:` event of a streamed body, `[DONE]` left out.
+fn sse_data(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect()
+}
+
+/// The bytes of a chat `logprobs.content` entry (or of a top alternative).
+fn entry_bytes(entry: &Value) -> Vec<u8> {
+    entry["bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_probabilities_come_with_every_token_and_do_not_depend_on_speculation() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let chat = |speculate: bool, extra: Value| {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": "Count from 1 to 30, separated by commas."}],
+            "max_tokens": 40, "temperature": 0, "logprobs": true, "top_logprobs": 3,
+            "speculation": {"enabled": speculate},
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let whole = post(
+        &cluster,
+        "/v1/chat/completions",
+        &[],
+        &chat(true, json!({})),
+    )
+    .await;
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let whole = whole.json();
+    let choice = &whole["choices"][0];
+    let text = choice["message"]["content"].as_str().unwrap();
+    let entries = choice["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        entries.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let bytes: Vec<u8> = entries.iter().flat_map(entry_bytes).collect();
+    assert_eq!(bytes, text.as_bytes(), "the tokens' bytes are the text");
+    for entry in entries {
+        let logprob = entry["logprob"].as_f64().unwrap();
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{entry}");
+        assert!(logprob <= 0.0, "{entry}");
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["logprob"], entry["logprob"], "{entry}");
+        assert_eq!(entry_bytes(&top[0]), entry_bytes(entry), "{entry}");
+        let values: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]), "{entry}");
+    }
+    // The same figures, to the bit, without speculation and streamed.
+    let plain = post(
+        &cluster,
+        "/v1/chat/completions",
+        &[],
+        &chat(false, json!({})),
+    )
+    .await;
+    assert_eq!(plain.json()["choices"][0]["logprobs"], choice["logprobs"]);
+    let streamed = post(
+        &cluster,
+        "/v1/chat/completions",
+        &[],
+        &chat(true, json!({"stream": true})),
+    )
+    .await;
+    assert_eq!(streamed.status, 200, "{}", streamed.body);
+    let streamed_entries: Vec<Value> = sse_data(&streamed.body)
+        .iter()
+        .filter_map(|chunk| {
+            chunk["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .collect();
+    assert_eq!(&streamed_entries, entries);
+    // A stop string: only the tokens whose text starts before it are reported.
+    let cut = post(
+        &cluster,
+        "/v1/chat/completions",
+        &[],
+        &chat(true, json!({"stop": ["5"]})),
+    )
+    .await
+    .json();
+    let cut_text = cut["choices"][0]["message"]["content"].as_str().unwrap();
+    let cut_entries = cut["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert!(
+        text.len() > cut_text.len() && text.starts_with(cut_text),
+        "{text:?} / {cut_text:?}"
+    );
+    assert_eq!(cut_entries[..], entries[..cut_entries.len()]);
+    let reported: usize = cut_entries.iter().map(|e| entry_bytes(e).len()).sum();
+    let last = entry_bytes(cut_entries.last().unwrap()).len();
+    assert!(reported >= cut_text.len() && reported - last < cut_text.len().max(1));
+    // The completions endpoint's shape, and not asked: `null`.
+    let completion = post(
+        &cluster,
+        "/v1/completions",
+        &[],
+        &json!({"prompt": "1, 2, 3, 4,", "max_tokens": 8, "temperature": 0, "logprobs": 2}),
+    )
+    .await
+    .json();
+    let logprobs = &completion["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = logprobs["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 8, "{logprobs}");
+    assert_eq!(
+        tokens.concat(),
+        completion["choices"][0]["text"].as_str().unwrap()
+    );
+    assert_eq!(logprobs["token_logprobs"].as_array().unwrap().len(), 8);
+    let offsets: Vec<u64> = logprobs["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert_eq!(offsets[1], tokens[0].chars().count() as u64);
+    for (i, top) in logprobs["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let top = top.as_object().unwrap();
+        assert!((2..=3).contains(&top.len()), "{top:?}");
+        assert_eq!(top[tokens[i]], logprobs["token_logprobs"][i]);
+    }
+    let none = post(
+        &cluster,
+        "/v1/completions",
+        &[],
+        &json!({"prompt": "1, 2, 3, 4,", "max_tokens": 2, "temperature": 0}),
+    )
+    .await
+    .json();
+    assert_eq!(none["choices"][0]["logprobs"], Value::Null);
+    // The gRPC API: one entry per token, the token ids of the text.
+    let mut gateway = cluster.gateway_client().await.unwrap();
+    let request = pb::GenerateRequest {
+        logprobs: Some(2),
+        details: true,
+        ..prompt_request("1, 2, 3, 4,", 8)
+    };
+    let mut stream = gateway.generate(request).await.unwrap().into_inner();
+    let (mut ids, mut summary_ids) = (Vec::new(), Vec::new());
+    while let Some(response) = stream.message().await.unwrap() {
+        match response.event {
+            Some(pb::generate_response::Event::Delta(delta)) => {
+                for p in &delta.logprobs {
+                    assert_eq!(p.top.len(), 2);
+                    assert_eq!(p.top[0].token, p.token, "greedy");
+                }
+                ids.extend(delta.logprobs.iter().map(|p| p.token));
+            }
+            Some(pb::generate_response::Event::Summary(summary)) => summary_ids = summary.token_ids,
+            None => {}
+        }
+    }
+    assert_eq!(ids, summary_ids);
+    let too_many = pb::GenerateRequest {
+        logprobs: Some(21),
+        ..prompt_request("1, 2", 2)
+    };
+    let status = gateway.generate(too_many).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     cluster.stop().await;
 }
 

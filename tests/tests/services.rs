@@ -33,6 +33,7 @@ fn request(prompt: &[u32], max_tokens: u32, speculation: pb::SpeculationMode) ->
         tokenizer_fingerprint: String::new(),
         step_times: false,
         prefix_cache: None,
+        logprobs: None,
     }
 }
 

@@ -1,7 +1,8 @@
 use sibyl_engine::{EngineError, KvCache, LogitRows, Model, Sequence, TreeInput};
 use sibyl_spec::{
     choose_draft_nodes, verify, AcceptanceStats, DraftCosts, Drafter, DrafterId, Proposal,
-    SamplingConfig, SamplingError, StepCosts, TokenId, TokenTree, TreeBuilder, TreeLimits,
+    SamplingConfig, SamplingError, StepCosts, TokenId, TokenLogprobs, TokenTree, TreeBuilder,
+    TreeLimits, MAX_TOP_LOGPROBS,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -57,6 +58,9 @@ pub struct GenerationConfig {
     /// another session or in its prefix cache), and leave this session's work there when
     /// it ends. Lossless either way; off for measuring prompt processing.
     pub prefix_cache: bool,
+    /// Also work out each emitted token's log-probability and those of the `n` most likely
+    /// tokens at its position, `n` at most [`MAX_TOP_LOGPROBS`] ([`Session::step_logprobs`]).
+    pub logprobs: Option<usize>,
 }
 
 impl GenerationConfig {
@@ -69,6 +73,7 @@ impl GenerationConfig {
             learning: None,
             stop_tokens,
             prefix_cache: true,
+            logprobs: None,
         }
     }
 }
@@ -84,6 +89,8 @@ pub enum GenerateError {
     PromptTooLong { prompt: usize, limit: usize },
     #[error("prompt token {token} is outside the vocabulary of {vocab}")]
     PromptToken { token: TokenId, vocab: usize },
+    #[error("at most {MAX_TOP_LOGPROBS} most likely tokens can be returned per position, not {0}")]
+    TooManyLogprobs(usize),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
     #[error("model: {0}")]
@@ -187,6 +194,9 @@ pub fn check_request(
     if let Some(&token) = prompt.iter().find(|&&t| t as usize >= vocab) {
         return Err(GenerateError::PromptToken { token, vocab });
     }
+    if let Some(n) = config.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+        return Err(GenerateError::TooManyLogprobs(n));
+    }
     Ok(())
 }
 
@@ -229,6 +239,8 @@ pub struct Session {
     started: Instant,
     prompt_time: Duration,
     decode_started: Option<Instant>,
+    /// With [`GenerationConfig::logprobs`]: the last step's tokens' log-probabilities.
+    step_logprobs: Vec<TokenLogprobs>,
 }
 
 impl Session {
@@ -276,6 +288,7 @@ impl Session {
             started: Instant::now(),
             prompt_time: Duration::ZERO,
             decode_started: None,
+            step_logprobs: Vec::new(),
         })
     }
 
@@ -407,6 +420,7 @@ impl Session {
         )?;
         self.steps = 1;
         self.step_times.push(decode_started.elapsed());
+        self.step_logprobs = self.logprobs_of(&[first.next_token], &[0], logits);
         Ok(Some(self.emit(&[first.next_token])))
     }
 
@@ -580,7 +594,10 @@ impl Session {
         record(&tree, &outcome.path, &branches, &mut self.stats);
         self.steps += 1;
         self.step_times.push(elapsed);
-        Ok(self.emit(&outcome.emitted(&tree)))
+        let emitted = outcome.emitted(&tree);
+        // Each emitted token was chosen from the logits of the node before it.
+        self.step_logprobs = self.logprobs_of(&emitted, &kept, logits);
+        Ok(self.emit(&emitted))
     }
 
     /// The tree builder of a step over `proposals`, and where each of its branches came
@@ -658,6 +675,34 @@ impl Session {
         }
     }
 
+    /// Log-probabilities of the last step's tokens (what it returned, stop tokens left out),
+    /// when [`GenerationConfig::logprobs`] asked for them; else empty.
+    pub fn step_logprobs(&self) -> &[TokenLogprobs] {
+        &self.step_logprobs
+    }
+
+    /// With [`GenerationConfig::logprobs`]: each of `tokens`' log-probabilities in the
+    /// logits row `rows[i]` of `logits` it was chosen from.
+    fn logprobs_of(
+        &self,
+        tokens: &[TokenId],
+        rows: &[usize],
+        logits: &[f32],
+    ) -> Vec<TokenLogprobs> {
+        let Some(top) = self.config.logprobs else {
+            return Vec::new();
+        };
+        let vocab = self.vocab_size;
+        tokens
+            .iter()
+            .zip(rows)
+            .filter_map(|(&token, &row)| {
+                let logits = logits.get(row * vocab..(row + 1) * vocab)?;
+                Some(TokenLogprobs::new(logits, token, top))
+            })
+            .collect()
+    }
+
     /// Appends a step's tokens up to a stop token or the token limit.
     fn emit(&mut self, tokens: &[TokenId]) -> Step {
         let mut finish = None;
@@ -675,6 +720,7 @@ impl Session {
             finish = Some(finish.unwrap_or(FinishReason::Length));
         }
         let accepted = &tokens[..take];
+        self.step_logprobs.truncate(take);
         self.output.extend_from_slice(accepted);
         self.context.extend_from_slice(accepted);
         if finish.is_none() && self.context.len() >= self.context_length {

@@ -9,7 +9,9 @@ use sibyl_decode::{
 use sibyl_engine::testkit::{tensor_test_device, tiny_model, tiny_model_on, TinyModelConfig};
 use sibyl_engine::Model;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
-use sibyl_spec::{Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId, TreeLimits};
+use sibyl_spec::{
+    Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId, TokenLogprobs, TreeLimits,
+};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -77,6 +79,8 @@ struct TestClient {
     id: usize,
     drafters: Vec<Box<dyn Drafter>>,
     delivered: Vec<TokenId>,
+    /// The delivered tokens' log-probabilities.
+    logprobs: Vec<TokenLogprobs>,
     not_ready_for: usize,
     cancel_after_tokens: Option<usize>,
 }
@@ -99,8 +103,12 @@ impl Client for TestClient {
         session.draft_in_process(&mut self.drafters)
     }
 
-    fn deliver(&mut self, _: &Session, tokens: &[TokenId]) -> ControlFlow<()> {
+    fn deliver(&mut self, session: &Session, tokens: &[TokenId]) -> ControlFlow<()> {
         self.delivered.extend_from_slice(tokens);
+        let logprobs = session.step_logprobs();
+        assert_eq!(logprobs.len(), tokens.len(), "one entry per token");
+        assert!(logprobs.iter().zip(tokens).all(|(p, &t)| p.token == t));
+        self.logprobs.extend_from_slice(logprobs);
         ControlFlow::Continue(())
     }
 }
@@ -164,6 +172,7 @@ fn config(request: &Request, learning: &SharedLearning) -> GenerationConfig {
         learning: request.adaptive.then(|| learning.clone()),
         stop_tokens: vec![VOCAB - 1],
         prefix_cache: true,
+        logprobs: Some(3),
     }
 }
 
@@ -195,6 +204,7 @@ fn add(
         id,
         drafters,
         delivered: Vec::new(),
+        logprobs: Vec::new(),
         not_ready_for: request.not_ready_for,
         cancel_after_tokens,
     };
@@ -216,27 +226,42 @@ fn run_in(
     }
 }
 
-/// The request alone, without drafts: what it must produce in any batch.
-fn alone(request: &Request) -> Vec<TokenId> {
+/// The request alone, without drafts: the tokens it must produce in any batch, and their
+/// log-probabilities.
+fn alone(request: &Request) -> (Vec<TokenId>, Vec<TokenLogprobs>) {
     let mut plain = config(request, &cpu_like_costs());
     plain.tree.budget = 0;
     plain.learning = None;
-    generate(model(), &request.prompt, &plain, &mut [], |_| {
+    let tokens = generate(model(), &request.prompt, &plain, &mut [], |_| {
         ControlFlow::Continue(())
     })
     .unwrap()
-    .tokens
+    .tokens;
+    let mut scheduler = Scheduler::new(SchedulerConfig::default());
+    let plain_request = Request {
+        speculate: false,
+        not_ready_for: 0,
+        ..request.clone()
+    };
+    add(&mut scheduler, 0, &plain_request, plain, None);
+    loop {
+        let (mut finished, _) = scheduler.step(model());
+        if let Some(done) = finished.pop() {
+            assert_eq!(done.outcome.unwrap().tokens, tokens);
+            break (tokens, done.client.logprobs);
+        }
+    }
 }
 
-/// Runs `requests` through one scheduler, each joining at its step; returns each one's
-/// delivered tokens and finish reason, and the largest batch seen.
-fn batched(
-    requests: &[Request],
-    scheduler_config: SchedulerConfig,
-) -> (Vec<(Vec<TokenId>, FinishReason)>, usize) {
+/// What one request of a batch gave: its tokens, their log-probabilities, its finish.
+type Delivered = (Vec<TokenId>, Vec<TokenLogprobs>, FinishReason);
+
+/// Runs `requests` through one scheduler, each joining at its step; returns what each one
+/// was delivered, and the largest batch seen.
+fn batched(requests: &[Request], scheduler_config: SchedulerConfig) -> (Vec<Delivered>, usize) {
     let learning = cpu_like_costs();
     let mut scheduler = Scheduler::new(scheduler_config);
-    let mut results: Vec<Option<(Vec<TokenId>, FinishReason)>> = vec![None; requests.len()];
+    let mut results: Vec<Option<Delivered>> = vec![None; requests.len()];
     let mut widest = 0;
     let mut step = 0;
     while results.iter().any(Option::is_none) {
@@ -250,7 +275,8 @@ fn batched(
         for done in finished {
             let report = done.outcome.unwrap();
             assert_eq!(report.tokens, done.client.delivered, "delivered = reported");
-            results[done.client.id] = Some((report.tokens, report.finish_reason));
+            results[done.client.id] =
+                Some((report.tokens, done.client.logprobs, report.finish_reason));
         }
         step += 1;
         assert!(step < 10_000, "the scheduler made no progress");
@@ -258,7 +284,8 @@ fn batched(
     (results.into_iter().map(Option::unwrap).collect(), widest)
 }
 
-/// Every request of a batch produces what it produces alone.
+/// Every request of a batch produces what it produces alone, with the same
+/// log-probabilities to the bit.
 fn batch_matches_alone(
     requests: &[Request],
     prompt_tokens_per_step: usize,
@@ -268,8 +295,10 @@ fn batch_matches_alone(
         ..SchedulerConfig::default()
     };
     let (results, _) = batched(requests, config);
-    for (request, (tokens, _)) in requests.iter().zip(&results) {
-        prop_assert_eq!(tokens, &alone(request), "{:?}", request);
+    for (request, (tokens, logprobs, _)) in requests.iter().zip(&results) {
+        let (alone_tokens, alone_logprobs) = alone(request);
+        prop_assert_eq!(tokens, &alone_tokens, "{:?}", request);
+        prop_assert_eq!(logprobs, &alone_logprobs, "{:?}", request);
     }
     Ok(())
 }
@@ -339,7 +368,7 @@ fn sessions_share_steps_and_a_cancelled_one_leaves_the_others_alone() {
         if report.finish_reason == FinishReason::Cancelled {
             continue;
         }
-        assert_eq!(report.tokens, alone(&requests[done.client.id]));
+        assert_eq!(report.tokens, alone(&requests[done.client.id]).0);
     }
 }
 
@@ -469,7 +498,7 @@ proptest! {
             }
             let request = Request { prompt: prompt.clone(), ..settings };
             let report = run_in(&mut scheduler, &request, config(&request, &learning));
-            prop_assert_eq!(&report.tokens, &alone(&request), "{:?}", request);
+            prop_assert_eq!(&report.tokens, &alone(&request).0, "{:?}", request);
             // Every earlier sequence is held but its last token (whose keys and values were
             // never computed when it ended at the token limit); the prompt's own last token
             // is always computed.
@@ -523,7 +552,7 @@ fn sessions_that_share_a_prompt_compute_it_once() {
     assert_eq!(copied, 600);
     for (i, (request, report)) in requests.iter().zip(reports).enumerate() {
         let report = report.unwrap();
-        assert_eq!(report.tokens, alone(request));
+        assert_eq!(report.tokens, alone(request).0);
         assert_eq!(report.cached_tokens, if i == 0 { 0 } else { 300 });
     }
 }
@@ -575,7 +604,7 @@ fn a_long_cached_prompt_is_copied_a_bounded_share_per_step_beside_a_decoding_str
     assert_eq!(copies, [64, 64, 64, 64, 44], "positions copied per step");
     for (i, request) in [(1, &stream), (2, &again)] {
         let report = reports[i].take().unwrap();
-        assert_eq!(report.tokens, alone(request), "request {i}");
+        assert_eq!(report.tokens, alone(request).0, "request {i}");
     }
 }
 
@@ -612,7 +641,7 @@ fn the_prefix_cache_stays_within_its_budget_and_an_opted_out_request_neither_tak
     let mut hits = 0;
     for request in &requests {
         let report = run_in(&mut scheduler, request, config(request, &learning));
-        assert_eq!(report.tokens, alone(request));
+        assert_eq!(report.tokens, alone(request).0);
         assert!(scheduler.prefix_cache().bytes() <= budget);
         hits += usize::from(report.cached_tokens > 0);
     }
@@ -628,7 +657,7 @@ fn the_prefix_cache_stays_within_its_budget_and_an_opted_out_request_neither_tak
     opted_out.prefix_cache = false;
     let report = run_in(&mut scheduler, request, opted_out);
     assert_eq!(report.cached_tokens, 0);
-    assert_eq!(report.tokens, alone(request));
+    assert_eq!(report.tokens, alone(request).0);
     let after = (
         scheduler.prefix_cache().len(),
         scheduler.prefix_cache().bytes(),

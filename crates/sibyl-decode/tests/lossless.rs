@@ -94,6 +94,7 @@ fn config(max_tokens: usize, budget: usize, depth: usize) -> GenerationConfig {
         learning: None,
         stop_tokens: Vec::new(),
         prefix_cache: true,
+        logprobs: None,
     }
 }
 
@@ -253,6 +254,14 @@ fn bad_requests_are_refused_before_any_work() {
                 ..config(5, 0, 0)
             },
             "temperature",
+        ),
+        (
+            vec![1],
+            GenerationConfig {
+                logprobs: Some(21),
+                ..config(5, 0, 0)
+            },
+            "most likely tokens",
         ),
     ];
     for (prompt, cfg, expected) in cases {

@@ -69,6 +69,7 @@ fn config(max_tokens: usize, learning: Option<SharedLearning>) -> GenerationConf
         learning,
         stop_tokens: Vec::new(),
         prefix_cache: true,
+        logprobs: None,
     }
 }
 

@@ -281,6 +281,13 @@ fn real_weights_tokenizers_round_trip_code_cjk_and_emoji() {
         for sample in samples {
             let ids = tokenizer.encode(sample).unwrap();
             assert_eq!(tokenizer.decode(&ids).unwrap(), sample, "{name}");
+            // Each token's bytes, in order, are the text's (a BOS token aside).
+            let bytes: Vec<u8> = ids
+                .iter()
+                .filter(|&&id| tokenizer.token_bytes(id) != tokenizer.bos_text().as_bytes())
+                .flat_map(|&id| tokenizer.token_bytes(id).to_vec())
+                .collect();
+            assert_eq!(bytes, sample.as_bytes(), "{name}: token bytes");
             let mut detokenizer = Detokenizer::new(tokenizer);
             let mut streamed = String::new();
             for &id in &ids {
@@ -297,6 +304,14 @@ fn real_weights_tokenizers_round_trip_code_cjk_and_emoji() {
             }
             assert_eq!(streamed, sample, "{name}: streamed text");
         }
+        for &stop in tokenizer.stop_tokens() {
+            let text = std::str::from_utf8(tokenizer.token_bytes(stop)).unwrap();
+            assert!(
+                text.starts_with('<') && text.ends_with('>'),
+                "{name}: {text:?}"
+            );
+        }
+        assert!(tokenizer.token_bytes(u32::MAX).is_empty());
         let template = loaded.chat_template.as_ref().expect("chat template");
         let prompt = template
             .render(&[sibyl_engine::ChatMessage::new("user", "hello")])

@@ -99,6 +99,7 @@ fn speculation_with_the_lm_drafter_prints_what_plain_decoding_prints() {
         learning: None,
         stop_tokens: Vec::new(),
         prefix_cache: true,
+        logprobs: None,
     };
     let run = |drafters: &mut [Box<dyn Drafter>]| {
         generate(&target, &prompt, &config, drafters, |_| {
@@ -238,6 +239,7 @@ fn sampling_with_all_three_drafters_competing_follows_the_target_distribution() 
             learning: None,
             stop_tokens: Vec::new(),
             prefix_cache: true,
+            logprobs: None,
         };
         let lm = LmConfig {
             max_tokens: 3,

@@ -13,6 +13,7 @@
 mod acceptance;
 mod cost;
 mod inbox;
+mod logprobs;
 mod sampling;
 pub mod stats;
 mod tree;
@@ -24,6 +25,7 @@ pub use cost::{
     StepCosts, MIN_GAIN,
 };
 pub use inbox::{AnchoredBlock, BlockRejection, DraftInbox, InboxLimits};
+pub use logprobs::{TokenLogprobs, MAX_TOP_LOGPROBS};
 pub use sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
 pub use tree::{Candidate, Node, Proposal, SparseDist, TokenTree, TreeBuilder, TreeLimits};
 pub use verify::{verify, Outcome, PositionRng};

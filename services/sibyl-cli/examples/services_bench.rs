@@ -83,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             learning: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
             prefix_cache: true,
+            logprobs: None,
         };
         let mut runs = Vec::new();
         for (_, text) in items {

@@ -74,6 +74,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
                 learning: args.speculation.tree.draft_sizing.learning(),
                 stop_tokens: Vec::new(),
                 prefix_cache: true,
+                logprobs: None,
             },
             speculation: args.speculation,
         })

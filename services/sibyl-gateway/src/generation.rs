@@ -1,7 +1,9 @@
 //! The gateway's one code path for both APIs: render and tokenize the prompt, check it, run
 //! it on a verifier, and stream detokenized text back with stop strings applied.
 
-use crate::params::{DrafterStats, FinishReason, Sampling, Speculation};
+use crate::params::{
+    check_logprobs, DrafterStats, FinishReason, Logprobs, Sampling, Speculation, TokenLogprob,
+};
 use crate::stop::StopStrings;
 use crate::GatewayConfig;
 use sibyl_engine::{ChatMessage, Detokenizer, TextModel};
@@ -53,6 +55,9 @@ pub struct Generation {
     pub details: bool,
     /// Whether the verifier may reuse prompt work it holds; `None`: yes.
     pub prefix_cache: Option<bool>,
+    /// Report each token's log-probability and those of this many most likely tokens at
+    /// its position (at most [`crate::params::MAX_LOGPROBS`]); `None`: none.
+    pub logprobs: Option<u32>,
     /// The API it came through (a metrics label).
     pub api: Api,
     /// Names the request in logs, traces and on the verifier; empty: the gateway makes one.
@@ -218,10 +223,13 @@ pub struct Summary {
 /// What a running generation sends: text pieces, then one summary (or an error).
 #[derive(Debug, Clone)]
 pub enum Output {
-    /// New text, and the generated tokens received since the text before.
+    /// New text, the generated tokens received since the text before, and with
+    /// [`Generation::logprobs`] the log-probabilities of the tokens whose text begins in
+    /// this text or before it and were not reported yet.
     Text {
         text: String,
         tokens: u32,
+        logprobs: Vec<Logprobs>,
     },
     Done(Summary),
 }
@@ -462,6 +470,7 @@ impl Gateway {
                  {MAX_STOP_BYTES} bytes"
             )));
         }
+        check_logprobs(request.logprobs, "logprobs")?;
         self.check_prompt_bytes(&request.prompt)?;
         let text = self.text.clone();
         let input = request.prompt;
@@ -495,6 +504,7 @@ impl Gateway {
             tokenizer_fingerprint: sibyl_proto::fingerprint(self.text.tokenizer.fingerprint()),
             step_times: request.details,
             prefix_cache: request.prefix_cache,
+            logprobs: request.logprobs,
         };
         let prompt_tokens = verify.prompt_tokens.len();
         // A verifier that cannot be reached, refuses to start (UNAVAILABLE: draining, not
@@ -535,6 +545,7 @@ impl Gateway {
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
             seed,
             details: request.details,
+            logprobs: request.logprobs.is_some(),
             _open: open,
         };
         Ok((prompt_tokens, events, params))
@@ -619,6 +630,8 @@ struct RelayParams {
     prompt_tokens: u32,
     seed: u64,
     details: bool,
+    /// Whether the verifier sends log-probabilities to relay.
+    logprobs: bool,
     /// Counts the session open at its verifier (affinity routing) while the relay runs.
     _open: Option<Open>,
 }
@@ -673,6 +686,7 @@ async fn relay_events(
         prompt_tokens,
         seed,
         details,
+        logprobs,
         _open,
     } = params;
     let generated = &metrics::gateway().generated_tokens;
@@ -681,6 +695,7 @@ async fn relay_events(
     // Tokens received since the last text sent.
     let mut unsent = 0u32;
     let mut token_ids = Vec::new();
+    let mut reported = logprobs.then(|| ReportedLogprobs::new(&text));
     loop {
         let event = tokio::select! {
             () = output.closed() => return Ok(false),
@@ -704,6 +719,9 @@ async fn relay_events(
                 }
                 generated.inc_by(tokens.tokens.len() as u64);
                 record.tokens += tokens.tokens.len() as u64;
+                if let Some(reported) = &mut reported {
+                    reported.received(&tokens.tokens, &tokens.logprobs)?;
+                }
                 for token in tokens.tokens {
                     completion_tokens += 1;
                     unsent += 1;
@@ -718,6 +736,9 @@ async fn relay_events(
                 if !piece.is_empty() {
                     record.text();
                     let text = Output::Text {
+                        logprobs: reported
+                            .as_mut()
+                            .map_or_else(Vec::new, |r| r.sent(piece.len())),
                         text: piece,
                         tokens: std::mem::take(&mut unsent),
                     };
@@ -751,11 +772,20 @@ async fn relay_events(
                 if !stopped {
                     rest.push_str(&stops.finish());
                 }
-                if !rest.is_empty() {
+                // The tokens whose text was all sent before (or that stand for none).
+                let logprobs = reported.as_mut().map_or_else(Vec::new, |r| {
+                    let mut logprobs = r.sent(rest.len());
+                    if !stopped {
+                        logprobs.extend(r.rest());
+                    }
+                    logprobs
+                });
+                if !rest.is_empty() || !logprobs.is_empty() {
                     record.text();
                     let text = Output::Text {
                         text: rest,
                         tokens: unsent,
+                        logprobs,
                     };
                     if output.send(Ok(text)).await.is_err() {
                         return Ok(false);
@@ -798,5 +828,79 @@ impl Summary {
             token_ids: Vec::new(),
             step_micros: summary.step_micros,
         }
+    }
+}
+
+/// The log-probabilities of a generation's tokens on their way to the client: each token is
+/// reported with the text that holds its start, so tokens whose text a stop string cut off
+/// are never reported.
+struct ReportedLogprobs<'a> {
+    text: &'a TextModel,
+    /// Received, not reported yet, each with the offset of its first byte in the output.
+    pending: std::collections::VecDeque<(Logprobs, usize)>,
+    /// Bytes of the received tokens' text.
+    received_bytes: usize,
+    /// Bytes of text sent.
+    sent_bytes: usize,
+}
+
+impl<'a> ReportedLogprobs<'a> {
+    fn new(text: &'a TextModel) -> Self {
+        Self {
+            text,
+            pending: std::collections::VecDeque::new(),
+            received_bytes: 0,
+            sent_bytes: 0,
+        }
+    }
+
+    /// A step's tokens and the verifier's log-probabilities of them (one each).
+    fn received(
+        &mut self,
+        tokens: &[u32],
+        logprobs: &[pb::TokenLogprobs],
+    ) -> Result<(), GatewayError> {
+        if logprobs.len() != tokens.len() || logprobs.iter().zip(tokens).any(|(p, &t)| p.token != t)
+        {
+            return Err(GatewayError::Internal(format!(
+                "the verifier sent {} log-probabilities for {} tokens",
+                logprobs.len(),
+                tokens.len()
+            )));
+        }
+        let tokenizer = &self.text.tokenizer;
+        let entry = |token: u32, logprob: f32| TokenLogprob {
+            token,
+            bytes: tokenizer.token_bytes(token).to_vec(),
+            logprob,
+        };
+        for p in logprobs {
+            let chosen = entry(p.token, p.logprob);
+            let length = chosen.bytes.len();
+            let top = p.top.iter().map(|t| entry(t.token, t.logprob)).collect();
+            self.pending
+                .push_back((Logprobs { chosen, top }, self.received_bytes));
+            self.received_bytes += length;
+        }
+        Ok(())
+    }
+
+    /// `bytes` more of text were sent: the tokens whose text starts in what was sent.
+    fn sent(&mut self, bytes: usize) -> Vec<Logprobs> {
+        self.sent_bytes += bytes;
+        let mut out = Vec::new();
+        while self
+            .pending
+            .front()
+            .is_some_and(|&(_, start)| start < self.sent_bytes)
+        {
+            out.extend(self.pending.pop_front().map(|(p, _)| p));
+        }
+        out
+    }
+
+    /// The generation ended without a stop string: every token not reported yet.
+    fn rest(&mut self) -> Vec<Logprobs> {
+        self.pending.drain(..).map(|(p, _)| p).collect()
     }
 }

@@ -73,6 +73,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             stop: request.stop,
             details: request.details,
             prefix_cache: request.prefix_cache,
+            logprobs: request.logprobs,
             api: Api::Grpc,
             request_id: String::new(),
             key_id: None,
@@ -105,9 +106,15 @@ impl pb::gateway_server::Gateway for GatewayService {
                 let Some(output) = output else { return };
                 let message = output.map_err(Status::from).map(|output| {
                     let event = match output {
-                        Output::Text { text, tokens } => {
-                            Event::Delta(pb::TextDelta { text, tokens })
-                        }
+                        Output::Text {
+                            text,
+                            tokens,
+                            logprobs,
+                        } => Event::Delta(pb::TextDelta {
+                            text,
+                            tokens,
+                            logprobs: logprobs.iter().map(Into::into).collect(),
+                        }),
                         Output::Done(summary) => Event::Summary(pb::GenerateSummary {
                             finish_reason: pb::FinishReason::from(summary.finish_reason) as i32,
                             usage: Some(pb::Usage {

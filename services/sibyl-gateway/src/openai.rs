@@ -250,6 +250,7 @@ async fn respond(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let mut generation = common.generation(prompt)?;
+    let logprobs = generation.logprobs.is_some();
     let id = format!(
         "{}-{:032x}",
         if kind == Kind::Chat {
@@ -271,6 +272,7 @@ async fn respond(
         model: gateway.model_name().to_string(),
         kind,
         include_usage,
+        logprobs,
     };
     if stream {
         // Comments while no token is ready (a long prompt's prefill, a queue), so that a
@@ -289,10 +291,20 @@ async fn whole_response(
     mut outputs: mpsc::Receiver<Result<Output, GatewayError>>,
 ) -> Result<Response, GatewayError> {
     let mut text = String::new();
+    let mut all_logprobs = Vec::new();
     while let Some(output) = outputs.recv().await {
         match output? {
-            Output::Text { text: piece, .. } => text.push_str(&piece),
-            Output::Done(summary) => return Ok(Json(meta.whole(&text, &summary)).into_response()),
+            Output::Text {
+                text: piece,
+                logprobs,
+                ..
+            } => {
+                text.push_str(&piece);
+                all_logprobs.extend(logprobs);
+            }
+            Output::Done(summary) => {
+                return Ok(Json(meta.whole(&text, &all_logprobs, &summary)).into_response())
+            }
         }
     }
     Err(GatewayError::Internal(
@@ -317,6 +329,8 @@ fn stream_events(
         if meta.kind == Kind::Chat && events.send(sse_event(&meta.role_chunk())).await.is_err() {
             return;
         }
+        // Characters of the tokens reported so far (`text_offset`).
+        let mut offset = 0;
         loop {
             // A client that goes away ends the generation now, not at the next output.
             let output = tokio::select! {
@@ -325,8 +339,12 @@ fn stream_events(
             };
             let Some(output) = output else { break };
             let sent = match output {
-                Ok(Output::Text { text, .. }) => {
-                    events.send(sse_event(&meta.text_chunk(&text))).await
+                Ok(Output::Text { text, logprobs, .. }) => {
+                    let (logprobs, chars) = meta.logprobs(&logprobs, offset);
+                    offset += chars;
+                    events
+                        .send(sse_event(&meta.text_chunk(&text, logprobs)))
+                        .await
                 }
                 Ok(Output::Done(summary)) => {
                     let mut sent = events.send(sse_event(&meta.finish_chunk(&summary))).await;

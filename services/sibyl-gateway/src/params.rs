@@ -56,6 +56,39 @@ impl Sampling {
     }
 }
 
+/// Most alternatives a request may ask log-probabilities of at each token (OpenAI's
+/// `top_logprobs` limit, and the verifier's).
+pub const MAX_LOGPROBS: u32 = 20;
+
+/// Checks how many alternatives a request asks log-probabilities of; `param` names the
+/// field as the API spells it.
+pub fn check_logprobs(count: Option<u32>, param: &'static str) -> Result<(), GatewayError> {
+    match count {
+        Some(n) if n > MAX_LOGPROBS => Err(GatewayError::invalid_param(
+            param,
+            format!("`{param}` must be between 0 and {MAX_LOGPROBS}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A token, the bytes it stands for (possibly part of a UTF-8 character) and its
+/// log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// One generated token's log-probability under the target model (before temperature,
+/// top-k and top-p), and the most likely tokens at its position, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    pub chosen: TokenLogprob,
+    pub top: Vec<TokenLogprob>,
+}
+
 /// Whether and how a request speculates.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Speculation {

@@ -3,7 +3,7 @@
 //! call to a verifier.
 
 use crate::generation::GatewayError;
-use crate::params::{DrafterState, DrafterStats, FinishReason, Sampling, Speculation};
+use crate::params::{DrafterState, DrafterStats, FinishReason, Logprobs, Sampling, Speculation};
 use sibyl_proto::v1 as pb;
 
 impl Sampling {
@@ -127,6 +127,23 @@ impl From<DrafterStats> for pb::DrafterStats {
             blocks_dropped: stats.blocks_dropped,
             state: state as i32,
             error: stats.error,
+        }
+    }
+}
+
+impl From<&Logprobs> for pb::TokenLogprobs {
+    fn from(p: &Logprobs) -> Self {
+        Self {
+            token: p.chosen.token,
+            logprob: p.chosen.logprob,
+            top: p
+                .top
+                .iter()
+                .map(|t| pb::TokenLogprob {
+                    token: t.token,
+                    logprob: t.logprob,
+                })
+                .collect(),
         }
     }
 }

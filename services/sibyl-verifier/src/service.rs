@@ -176,6 +176,7 @@ impl VerifierService {
             learning: speculation.adaptive_tree.then(|| engine.learning.clone()),
             stop_tokens: tokenizer.stop_tokens().to_vec(),
             prefix_cache: request.prefix_cache.unwrap_or(true),
+            logprobs: request.logprobs.map(|n| n as usize),
         };
         check_request(&engine.loaded.model, &request.prompt_tokens, &generation)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -160,6 +160,7 @@ impl Client for RemoteClient {
         self.pending.push_back(pb::VerifyEvent {
             event: Some(Event::Tokens(pb::AcceptedTokens {
                 tokens: tokens.to_vec(),
+                logprobs: session.step_logprobs().iter().map(Into::into).collect(),
             })),
         });
         self.flush();

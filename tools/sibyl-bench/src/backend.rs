@@ -441,6 +441,7 @@ impl Remote {
             stop: Vec::new(),
             details: true,
             prefix_cache: Some(self.prefix_cache),
+            logprobs: None,
         }
     }
 

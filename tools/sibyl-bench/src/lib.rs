@@ -209,6 +209,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
                 // Each figure includes its prompt's own processing.
                 prefix_cache: false,
+                logprobs: None,
             };
             // Datastores are opened (and checked) whether or not a config uses them; the LM
             // drafter's model is loaded only for a config that uses it.
@@ -748,6 +749,7 @@ mod tests {
             learning: None,
             stop_tokens: loaded.tokenizer.stop_tokens().to_vec(),
             prefix_cache,
+            logprobs: None,
         };
         let sources = DrafterSources {
             ngram: NgramConfig::default(),

@@ -950,7 +950,7 @@ impl AsciiBound {
 /// The byte that `c`, a character of a byte-level BPE token's string, stands for (GPT-2's
 /// byte-to-character map: bytes 0x21..=0x7E, 0xA1..=0xAC and 0xAE..=0xFF are themselves;
 /// 0x00..=0x20, 0x7F..=0xA0 and 0xAD, in order, are U+0100..=U+0143).
-fn byte_of(c: char) -> Option<u8> {
+pub(super) fn byte_of(c: char) -> Option<u8> {
     match c as u32 {
         code @ (0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF) => Some(code as u8),
         code @ 0x100..=0x120 => Some((code - 0x100) as u8),

@@ -3,8 +3,9 @@
 
 use super::unsupported::Unsupported;
 use crate::generation::{Api, GatewayError, Generation, PromptInput};
-use crate::params::{Sampling, Speculation};
+use crate::params::{check_logprobs, Sampling, Speculation};
 use serde::Deserialize;
+use serde_json::Value;
 use sibyl_engine::ChatMessage;
 
 #[derive(Debug, Deserialize)]
@@ -52,13 +53,86 @@ pub(super) struct Common {
     stop: Option<OneOrMany>,
     speculation: Option<SpeculationExtension>,
     prefix_cache: Option<bool>,
+    /// Chat: whether to return log probabilities; completions: how many alternatives.
+    logprobs: Option<Value>,
+    /// Chat: how many alternatives (with `logprobs: true`).
+    top_logprobs: Option<Value>,
     #[serde(flatten)]
     unsupported: Unsupported,
 }
 
+/// A count of 0 or more in a JSON value: `Some(None)` for null, `None` for anything but a
+/// non-negative integer.
+fn count(value: &Option<Value>) -> Option<Option<u32>> {
+    match value {
+        None | Some(Value::Null) => Some(None),
+        Some(v) => v
+            .as_u64()
+            .map(|n| Some(u32::try_from(n).unwrap_or(u32::MAX))),
+    }
+}
+
 impl Common {
+    /// How many alternatives' log probabilities a request asks for at each token, as the
+    /// endpoint of `prompt` spells it: the chat endpoint's `logprobs: true` with
+    /// `top_logprobs: N` (0 when absent), the completions endpoint's `logprobs: N`.
+    fn logprobs(&self, prompt: &PromptInput) -> Result<Option<u32>, GatewayError> {
+        let asked = match prompt {
+            PromptInput::Chat(_) => {
+                let top = count(&self.top_logprobs).ok_or_else(|| {
+                    GatewayError::invalid_param(
+                        "top_logprobs",
+                        "`top_logprobs` must be an integer from 0 to 20",
+                    )
+                })?;
+                match &self.logprobs {
+                    Some(Value::Bool(true)) => Some(top.unwrap_or(0)),
+                    None | Some(Value::Null) | Some(Value::Bool(false)) => {
+                        if top.is_some_and(|n| n > 0) {
+                            return Err(GatewayError::invalid_param(
+                                "top_logprobs",
+                                "`top_logprobs` needs `logprobs: true`",
+                            ));
+                        }
+                        None
+                    }
+                    Some(_) => {
+                        return Err(GatewayError::invalid_param(
+                            "logprobs",
+                            "`logprobs` is true or false here (`top_logprobs` says how many alternatives)",
+                        ))
+                    }
+                }
+            }
+            PromptInput::Text(_) => {
+                if count(&self.top_logprobs).is_none_or(|n| n.is_some_and(|n| n > 0)) {
+                    return Err(GatewayError::invalid_param(
+                        "top_logprobs",
+                        "`top_logprobs` is a chat parameter; /v1/completions takes `logprobs: N`",
+                    ));
+                }
+                match &self.logprobs {
+                    Some(Value::Bool(false)) => None,
+                    other => count(other).ok_or_else(|| {
+                        GatewayError::invalid_param(
+                            "logprobs",
+                            "`logprobs` must be an integer from 0 to 20",
+                        )
+                    })?,
+                }
+            }
+        };
+        let param = match prompt {
+            PromptInput::Chat(_) => "top_logprobs",
+            PromptInput::Text(_) => "logprobs",
+        };
+        check_logprobs(asked, param)?;
+        Ok(asked)
+    }
+
     pub(super) fn generation(self, prompt: PromptInput) -> Result<Generation, GatewayError> {
         self.unsupported.check()?;
+        let logprobs = self.logprobs(&prompt)?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (None, None) => None,
             (Some(n), _) | (None, Some(n)) if n < 1 => {
@@ -109,6 +183,7 @@ impl Common {
             stop: self.stop.map(OneOrMany::into_vec).unwrap_or_default(),
             details: false,
             prefix_cache: self.prefix_cache,
+            logprobs,
             api: Api::Http,
             request_id: String::new(),
             key_id: None,

@@ -2,7 +2,7 @@
 //! both endpoints are made from these, and the error object of every failure.
 
 use crate::generation::Summary;
-use crate::params::FinishReason;
+use crate::params::{FinishReason, Logprobs, TokenLogprob};
 use serde::Serialize;
 
 /// Which endpoint a response is for.
@@ -38,9 +38,46 @@ pub(super) struct Choice<'a> {
     /// A chat chunk's part of the message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delta: Option<Delta<'a>>,
-    /// Always `null`: log probabilities are not offered.
-    pub logprobs: (),
+    /// `null` unless the request asked for log probabilities.
+    pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: Option<&'static str>,
+}
+
+/// A choice's log probabilities, in the shape of its endpoint.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub(super) enum ChoiceLogprobs {
+    Chat {
+        content: Vec<ChatLogprob>,
+    },
+    Completion {
+        tokens: Vec<String>,
+        token_logprobs: Vec<f32>,
+        /// The most likely tokens at each position, and the chosen one.
+        top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+        /// Where each token's text starts in the generated text, in characters.
+        text_offset: Vec<usize>,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ChatLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// A token's text: its bytes, with U+FFFD for any that are not a whole UTF-8 character.
+fn token_text(token: &TokenLogprob) -> String {
+    String::from_utf8_lossy(&token.bytes).into_owned()
 }
 
 #[derive(Debug, Serialize)]
@@ -110,6 +147,8 @@ pub(super) struct Meta {
     pub kind: Kind,
     /// Whether a stream's chunks carry `usage` (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// Whether the request asked for log probabilities.
+    pub logprobs: bool,
 }
 
 impl Meta {
@@ -134,14 +173,80 @@ impl Meta {
         }
     }
 
-    /// The whole response: `text` and how it ended.
-    pub fn whole<'a>(&'a self, text: &'a str, summary: &Summary) -> Completion<'a> {
+    /// `logprobs` in this endpoint's shape (`None` where the request did not ask), the
+    /// first token's text starting `offset` characters into the generated text; and the
+    /// characters of their tokens' text.
+    pub fn logprobs(
+        &self,
+        logprobs: &[Logprobs],
+        offset: usize,
+    ) -> (Option<ChoiceLogprobs>, usize) {
+        if !self.logprobs {
+            return (None, 0);
+        }
+        let texts: Vec<String> = logprobs.iter().map(|p| token_text(&p.chosen)).collect();
+        let chars = texts.iter().map(|t| t.chars().count()).sum();
+        let rendered = match self.kind {
+            Kind::Chat => ChoiceLogprobs::Chat {
+                content: logprobs
+                    .iter()
+                    .zip(texts)
+                    .map(|(p, token)| ChatLogprob {
+                        token,
+                        logprob: p.chosen.logprob,
+                        bytes: p.chosen.bytes.clone(),
+                        top_logprobs: p
+                            .top
+                            .iter()
+                            .map(|t| TopLogprob {
+                                token: token_text(t),
+                                logprob: t.logprob,
+                                bytes: t.bytes.clone(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            },
+            Kind::Completion => {
+                let mut text_offset = Vec::with_capacity(texts.len());
+                let mut at = offset;
+                for text in &texts {
+                    text_offset.push(at);
+                    at += text.chars().count();
+                }
+                ChoiceLogprobs::Completion {
+                    token_logprobs: logprobs.iter().map(|p| p.chosen.logprob).collect(),
+                    top_logprobs: logprobs
+                        .iter()
+                        .map(|p| {
+                            p.top
+                                .iter()
+                                .chain([&p.chosen])
+                                .map(|t| (token_text(t), t.logprob))
+                                .collect()
+                        })
+                        .collect(),
+                    tokens: texts,
+                    text_offset,
+                }
+            }
+        };
+        (Some(rendered), chars)
+    }
+
+    /// The whole response: `text`, its tokens' `logprobs` and how it ended.
+    pub fn whole<'a>(
+        &'a self,
+        text: &'a str,
+        logprobs: &[Logprobs],
+        summary: &Summary,
+    ) -> Completion<'a> {
         let mut choice = Choice {
             index: 0,
             text: None,
             message: None,
             delta: None,
-            logprobs: (),
+            logprobs: self.logprobs(logprobs, 0).0,
             finish_reason: Some(finish_reason(summary.finish_reason)),
         };
         match self.kind {
@@ -158,13 +263,18 @@ impl Meta {
 
     /// A chunk of a stream: its text (for a chat, its delta) and, in the last one, how the
     /// generation ended.
-    fn chunk<'a>(&'a self, delta: Delta<'a>, finish: Option<&'static str>) -> Completion<'a> {
+    fn chunk<'a>(
+        &'a self,
+        delta: Delta<'a>,
+        logprobs: Option<ChoiceLogprobs>,
+        finish: Option<&'static str>,
+    ) -> Completion<'a> {
         let mut choice = Choice {
             index: 0,
             text: None,
             message: None,
             delta: None,
-            logprobs: (),
+            logprobs,
             finish_reason: finish,
         };
         match self.kind {
@@ -182,23 +292,33 @@ impl Meta {
                 content: Some(""),
             },
             None,
+            None,
         )
     }
 
-    /// A chunk of new text.
-    pub fn text_chunk<'a>(&'a self, text: &'a str) -> Completion<'a> {
+    /// A chunk of new text, with its tokens' log probabilities where they were asked for.
+    pub fn text_chunk<'a>(
+        &'a self,
+        text: &'a str,
+        logprobs: Option<ChoiceLogprobs>,
+    ) -> Completion<'a> {
         self.chunk(
             Delta {
                 role: None,
                 content: Some(text),
             },
+            logprobs,
             None,
         )
     }
 
     /// The chunk that says how the generation ended (no text).
     pub fn finish_chunk(&self, summary: &Summary) -> Completion<'_> {
-        self.chunk(Delta::default(), Some(finish_reason(summary.finish_reason)))
+        self.chunk(
+            Delta::default(),
+            None,
+            Some(finish_reason(summary.finish_reason)),
+        )
     }
 
     /// With `include_usage`, the stream's last chunk: no choices, the usage.
@@ -270,6 +390,7 @@ mod tests {
             model: "m".into(),
             kind,
             include_usage,
+            logprobs: false,
         }
     }
 
@@ -298,7 +419,7 @@ mod tests {
                 "accepted_prediction_tokens": 1, "rejected_prediction_tokens": 4}});
         let chat = meta(Kind::Chat, false);
         assert_eq!(
-            value(&chat.whole("hi", &summary())),
+            value(&chat.whole("hi", &[], &summary())),
             json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 7, "model": "m",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
                     "logprobs": null, "finish_reason": "length"}],
@@ -317,7 +438,7 @@ mod tests {
         );
         let completion = meta(Kind::Completion, true);
         assert_eq!(
-            value(&completion.text_chunk("a")),
+            value(&completion.text_chunk("a", None)),
             json!({"id": "chatcmpl-1", "object": "text_completion", "created": 7, "model": "m",
                 "choices": [{"index": 0, "text": "a", "logprobs": null, "finish_reason": null}],
                 "usage": null})
@@ -339,5 +460,60 @@ mod tests {
             json!({"error": {"message": "no", "type": "invalid_request_error",
                 "param": "top_p", "code": null}})
         );
+    }
+
+    fn token(token: u32, text: &[u8], logprob: f32) -> TokenLogprob {
+        TokenLogprob {
+            token,
+            bytes: text.to_vec(),
+            logprob,
+        }
+    }
+
+    #[test]
+    fn log_probabilities_have_openais_shapes() {
+        // "é" split over two tokens, then " x".
+        let logprobs = [
+            Logprobs {
+                chosen: token(1, &[0xC3], -0.5),
+                top: vec![token(1, &[0xC3], -0.5), token(2, b"a", -1.5)],
+            },
+            Logprobs {
+                chosen: token(3, &[0xA9], -0.25),
+                top: vec![token(3, &[0xA9], -0.25), token(4, b"b", -2.0)],
+            },
+            Logprobs {
+                chosen: token(5, b" x", -1.0),
+                top: vec![token(6, b" y", -0.75), token(5, b" x", -1.0)],
+            },
+        ];
+        let chat = Meta {
+            logprobs: true,
+            ..meta(Kind::Chat, false)
+        };
+        let body = value(&chat.whole("\u{e9} x", &logprobs, &summary()));
+        let content = &body["choices"][0]["logprobs"]["content"];
+        assert_eq!(
+            content[0],
+            json!({"token": "\u{fffd}", "logprob": -0.5, "bytes": [0xC3], "top_logprobs": [
+                {"token": "\u{fffd}", "logprob": -0.5, "bytes": [0xC3]},
+                {"token": "a", "logprob": -1.5, "bytes": [97]}]})
+        );
+        assert_eq!(content[2]["token"], json!(" x"));
+        assert_eq!(content[2]["top_logprobs"][0]["token"], json!(" y"));
+        let completion = Meta {
+            logprobs: true,
+            ..meta(Kind::Completion, false)
+        };
+        let (rendered, chars) = completion.logprobs(&logprobs[1..], 4);
+        assert_eq!(chars, 3);
+        assert_eq!(
+            value(&rendered),
+            json!({"tokens": ["\u{fffd}", " x"], "token_logprobs": [-0.25, -1.0],
+                "top_logprobs": [{"\u{fffd}": -0.25, "b": -2.0}, {" y": -0.75, " x": -1.0}],
+                "text_offset": [4, 5]})
+        );
+        // Not asked: `null`, whatever the generation reported.
+        assert!(meta(Kind::Chat, false).logprobs(&logprobs, 0).0.is_none());
     }
 }

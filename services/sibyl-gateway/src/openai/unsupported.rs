@@ -6,13 +6,10 @@ use serde_json::{json, Value};
 
 /// OpenAI fields this server does not implement. Each is refused with a 400 naming it
 /// when set to anything but its neutral value (which clients often send explicitly), so
-/// that a client never gets free text where it asked for tool calls, JSON or log
-/// probabilities. Fields OpenAI does not define are ignored.
+/// that a client never gets free text where it asked for tool calls or JSON. Fields OpenAI does not define are ignored.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct Unsupported {
     n: Option<Value>,
-    logprobs: Option<Value>,
-    top_logprobs: Option<Value>,
     tools: Option<Value>,
     tool_choice: Option<Value>,
     functions: Option<Value>,
@@ -40,14 +37,8 @@ impl Unsupported {
         };
         let zero = |value: &Option<Value>| neutral(value, &[json!(0), json!(0.0)]);
         let one = |value: &Option<Value>| neutral(value, &[json!(1)]);
-        let checks: [(&'static str, bool, &str); 14] = [
+        let checks: [(&'static str, bool, &str); 12] = [
             ("n", one(&self.n), "only one choice per request (`n: 1`) is supported"),
-            (
-                "logprobs",
-                neutral(&self.logprobs, &[json!(false), json!(0)]),
-                "log probabilities are not supported",
-            ),
-            ("top_logprobs", zero(&self.top_logprobs), "log probabilities are not supported"),
             ("tools", empty(&self.tools), "tool calls are not supported"),
             (
                 "tool_choice",
