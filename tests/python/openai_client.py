@@ -132,6 +132,11 @@ def main() -> None:
     )
     assert "".join(legacy.choices[0].logprobs.tokens) == legacy.choices[0].text, legacy
 
+    several = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=1, seed=5, n=2
+    )
+    assert [c.index for c in several.choices] == [0, 1], several
+
     assert [m.id for m in client.models.list()] == [model]
 
     for kwargs, status in [
@@ -139,7 +144,7 @@ def main() -> None:
         ({"max_tokens": 10**6}, 400),
         ({"temperature": 5}, 400),
         ({"messages": [{"role": "user", "content": "word " * 20000}]}, 400),
-        ({"n": 2}, 400),
+        ({"n": 9}, 400),
     ]:
         request = {"model": model, "messages": messages, "max_tokens": 8, **kwargs}
         try:

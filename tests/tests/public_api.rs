@@ -72,7 +72,9 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
             "top_logprobs",
             json!({"logprobs": true, "top_logprobs": 21}),
         ),
-        ("n", json!({"n": 2})),
+        ("n", json!({"n": 9})),
+        ("n", json!({"n": 0})),
+        ("best_of", json!({"n": 2, "best_of": 2})),
         ("temperature", json!({"temperature": 3})),
     ];
     for (param, extra) in refused {
@@ -302,6 +304,78 @@ async fn log_probabilities_come_with_every_token_and_do_not_depend_on_speculatio
     };
     let status = gateway.generate(too_many).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_choices_are_each_what_the_request_gives_alone_with_its_seed() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let chat = |extra: Value| {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 12, "temperature": 1, "seed": 7,
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let three = post(
+        &cluster,
+        "/v1/chat/completions",
+        &[],
+        &chat(json!({"n": 3})),
+    )
+    .await;
+    assert_eq!(three.status, 200, "{}", three.body);
+    let three = three.json();
+    let choices = three["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut completion_tokens = 0;
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        let alone = post(
+            &cluster,
+            "/v1/chat/completions",
+            &[],
+            &chat(json!({"seed": 7 + i})),
+        )
+        .await
+        .json();
+        assert_eq!(
+            choice["message"], alone["choices"][0]["message"],
+            "choice {i}"
+        );
+        completion_tokens += alone["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(three["usage"]["completion_tokens"], completion_tokens);
+    // Streamed: every choice's chunks add up to its text, and the usage to all of them.
+    let streamed = post(
+        &cluster,
+        "/v1/chat/completions",
+        &[],
+        &chat(json!({"n": 3, "stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    assert_eq!(streamed.status, 200, "{}", streamed.body);
+    let chunks = sse_data(&streamed.body);
+    let mut texts = vec![String::new(); 3];
+    let mut finished = [false; 3];
+    for chunk in &chunks {
+        for choice in chunk["choices"].as_array().unwrap() {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+            finished[i] |= choice["finish_reason"].is_string();
+        }
+    }
+    assert_eq!(finished, [true; 3]);
+    for (i, text) in texts.iter().enumerate() {
+        assert_eq!(text, choices[i]["message"]["content"].as_str().unwrap());
+    }
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], completion_tokens, "{usage}");
     cluster.stop().await;
 }
 

@@ -624,6 +624,31 @@ fn tokenize(
     Ok(tokens)
 }
 
+/// Passes each of `outputs` through `map` to `sender`, from a task of its own, until either
+/// side ends: a receiver that goes away ends it at once, not at the next output, and
+/// dropping `outputs` then cancels the generation.
+pub(crate) fn forward<T, U>(
+    mut outputs: mpsc::Receiver<T>,
+    sender: mpsc::Sender<U>,
+    map: impl Fn(T) -> U + Send + 'static,
+) where
+    T: Send + 'static,
+    U: Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let output = tokio::select! {
+                () = sender.closed() => return,
+                output = outputs.recv() => output,
+            };
+            let Some(output) = output else { return };
+            if sender.send(map(output)).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// What [`relay`] needs besides the streams.
 struct RelayParams {
     stops: StopStrings,

@@ -94,53 +94,42 @@ impl pb::gateway_server::Gateway for GatewayService {
         let mut generation = Generation::try_from(request.into_inner())?;
         generation.request_id = request_id;
         generation.key_id = key_id;
-        let (_, mut outputs) = self.gateway()?.generate(generation).await?;
+        let (_, outputs) = self.gateway()?.generate(generation).await?;
         let (sender, receiver) = mpsc::channel(16);
-        tokio::spawn(async move {
-            loop {
-                // A client that goes away ends the generation now, not at the next output.
-                let output = tokio::select! {
-                    () = sender.closed() => return,
-                    output = outputs.recv() => output,
+        crate::generation::forward(outputs, sender, |output| {
+            output.map_err(Status::from).map(|output| {
+                let event = match output {
+                    Output::Text {
+                        text,
+                        tokens,
+                        logprobs,
+                    } => Event::Delta(pb::TextDelta {
+                        text,
+                        tokens,
+                        logprobs: logprobs.iter().map(Into::into).collect(),
+                    }),
+                    Output::Done(summary) => Event::Summary(pb::GenerateSummary {
+                        finish_reason: pb::FinishReason::from(summary.finish_reason) as i32,
+                        usage: Some(pb::Usage {
+                            prompt_tokens: summary.prompt_tokens,
+                            cached_tokens: summary.cached_tokens,
+                            completion_tokens: summary.completion_tokens,
+                            accepted_prediction_tokens: summary.accepted_prediction_tokens,
+                            rejected_prediction_tokens: summary.rejected_prediction_tokens,
+                        }),
+                        steps: summary.steps,
+                        drafters: summary.drafters.into_iter().map(Into::into).collect(),
+                        seed: summary.seed,
+                        prompt_time: Some(sibyl_proto::duration(summary.prompt_time)),
+                        decode_time: Some(sibyl_proto::duration(summary.decode_time)),
+                        draft_wait_p50: Some(sibyl_proto::duration(summary.draft_wait_p50)),
+                        draft_wait_p99: Some(sibyl_proto::duration(summary.draft_wait_p99)),
+                        token_ids: summary.token_ids,
+                        step_micros: summary.step_micros,
+                    }),
                 };
-                let Some(output) = output else { return };
-                let message = output.map_err(Status::from).map(|output| {
-                    let event = match output {
-                        Output::Text {
-                            text,
-                            tokens,
-                            logprobs,
-                        } => Event::Delta(pb::TextDelta {
-                            text,
-                            tokens,
-                            logprobs: logprobs.iter().map(Into::into).collect(),
-                        }),
-                        Output::Done(summary) => Event::Summary(pb::GenerateSummary {
-                            finish_reason: pb::FinishReason::from(summary.finish_reason) as i32,
-                            usage: Some(pb::Usage {
-                                prompt_tokens: summary.prompt_tokens,
-                                cached_tokens: summary.cached_tokens,
-                                completion_tokens: summary.completion_tokens,
-                                accepted_prediction_tokens: summary.accepted_prediction_tokens,
-                                rejected_prediction_tokens: summary.rejected_prediction_tokens,
-                            }),
-                            steps: summary.steps,
-                            drafters: summary.drafters.into_iter().map(Into::into).collect(),
-                            seed: summary.seed,
-                            prompt_time: Some(sibyl_proto::duration(summary.prompt_time)),
-                            decode_time: Some(sibyl_proto::duration(summary.decode_time)),
-                            draft_wait_p50: Some(sibyl_proto::duration(summary.draft_wait_p50)),
-                            draft_wait_p99: Some(sibyl_proto::duration(summary.draft_wait_p99)),
-                            token_ids: summary.token_ids,
-                            step_micros: summary.step_micros,
-                        }),
-                    };
-                    pb::GenerateResponse { event: Some(event) }
-                });
-                if sender.send(message).await.is_err() {
-                    return;
-                }
-            }
+                pb::GenerateResponse { event: Some(event) }
+            })
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use request::{ChatRequest, ChatRequestMessage, Common, CompletionRequest};
-use response::{ErrorBody, Kind, Meta, ModelCard, ModelList};
+use response::{ErrorBody, Finished, Kind, Meta, ModelCard, ModelList};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sibyl_proto::auth::KeyId;
@@ -249,6 +249,7 @@ async fn respond(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
+    let choices = common.choices()?;
     let mut generation = common.generation(prompt)?;
     let logprobs = generation.logprobs.is_some();
     let id = format!(
@@ -260,10 +261,23 @@ async fn respond(
         },
         rand::random::<u128>()
     );
-    // The response's id is the request id in logs and traces.
+    // The response's id is the request id in logs and traces (with `-1`, `-2`... for the
+    // choices after the first).
     generation.request_id = id.clone();
     generation.key_id = key_id;
-    let (_, outputs) = gateway.generate(generation).await?;
+    // Choice `i` is what the request alone gives with the seed plus `i` (each choice
+    // without a seed gets one of its own). If one cannot start, the ones started are
+    // cancelled as their outputs are dropped.
+    let mut outputs = Vec::with_capacity(choices);
+    for i in 0..choices {
+        let mut choice = generation.clone();
+        if i > 0 {
+            choice.request_id = format!("{id}-{i}");
+            choice.sampling.seed = generation.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        }
+        outputs.push(gateway.generate(choice).await?.1);
+    }
+    let outputs = merge(outputs);
     let meta = Meta {
         id,
         created: SystemTime::now()
@@ -278,32 +292,62 @@ async fn respond(
         // Comments while no token is ready (a long prompt's prefill, a queue), so that a
         // proxy's idle timeout does not cut the stream.
         let keep_alive = KeepAlive::new().interval(gateway.sse_keep_alive());
-        return Ok(Sse::new(ReceiverStream::new(stream_events(meta, outputs)))
-            .keep_alive(keep_alive)
-            .into_response());
+        return Ok(
+            Sse::new(ReceiverStream::new(stream_events(meta, outputs, choices)))
+                .keep_alive(keep_alive)
+                .into_response(),
+        );
     }
-    whole_response(&meta, outputs).await
+    whole_response(&meta, outputs, choices).await
 }
 
-/// A non-streaming request's response: all of its text, once the generation ends.
+/// The outputs of a request's choices, each tagged with its index.
+type Merged = mpsc::Receiver<(usize, Result<Output, GatewayError>)>;
+
+/// One stream of the outputs of every choice, read as they come (a choice whose outputs
+/// waited for another's would stall its session). Dropping it cancels them all.
+fn merge(outputs: Vec<mpsc::Receiver<Result<Output, GatewayError>>>) -> Merged {
+    let (sender, merged) = mpsc::channel(64);
+    for (index, outputs) in outputs.into_iter().enumerate() {
+        crate::generation::forward(outputs, sender.clone(), move |output| (index, output));
+    }
+    merged
+}
+
+/// A non-streaming request's response: all of each choice's text, once every one ends.
 async fn whole_response(
     meta: &Meta,
-    mut outputs: mpsc::Receiver<Result<Output, GatewayError>>,
+    mut outputs: Merged,
+    choices: usize,
 ) -> Result<Response, GatewayError> {
-    let mut text = String::new();
-    let mut all_logprobs = Vec::new();
-    while let Some(output) = outputs.recv().await {
+    let mut texts = vec![String::new(); choices];
+    let mut logprobs = vec![Vec::new(); choices];
+    let mut summaries = vec![None; choices];
+    while let Some((index, output)) = outputs.recv().await {
         match output? {
             Output::Text {
-                text: piece,
-                logprobs,
+                text,
+                logprobs: more,
                 ..
             } => {
-                text.push_str(&piece);
-                all_logprobs.extend(logprobs);
+                texts[index].push_str(&text);
+                logprobs[index].extend(more);
             }
             Output::Done(summary) => {
-                return Ok(Json(meta.whole(&text, &all_logprobs, &summary)).into_response())
+                summaries[index] = Some(summary);
+                if summaries.iter().all(Option::is_some) {
+                    let finished: Vec<Finished> = texts
+                        .into_iter()
+                        .zip(logprobs)
+                        .zip(summaries.into_iter().flatten())
+                        .map(|((text, logprobs), summary)| Finished {
+                            text,
+                            logprobs,
+                            summary,
+                        })
+                        .collect();
+                    return Ok(Json(meta.whole(&finished)).into_response());
+                }
             }
         }
     }
@@ -312,49 +356,66 @@ async fn whole_response(
     ))
 }
 
-/// A streaming request's server-sent events, from a task that relays the generation's
-/// outputs as chunks and ends with `[DONE]`; a client that goes away ends the generation.
 /// One server-sent event holding `body` as JSON.
 fn sse_event(body: &impl Serialize) -> Result<Event, Infallible> {
     // Serializing these bodies cannot fail: they hold only strings, numbers and nulls.
     Ok(Event::default().data(serde_json::to_string(body).unwrap_or_default()))
 }
 
+/// A streaming request's server-sent events, from a task that relays the outputs of its
+/// choices as chunks and ends with `[DONE]`; a client that goes away ends the generations.
 fn stream_events(
     meta: Meta,
-    mut outputs: mpsc::Receiver<Result<Output, GatewayError>>,
+    mut outputs: Merged,
+    choices: usize,
 ) -> mpsc::Receiver<Result<Event, Infallible>> {
     let (events, receiver) = mpsc::channel::<Result<Event, Infallible>>(16);
     tokio::spawn(async move {
-        if meta.kind == Kind::Chat && events.send(sse_event(&meta.role_chunk())).await.is_err() {
-            return;
+        if meta.kind == Kind::Chat {
+            for index in 0..choices as u32 {
+                if events
+                    .send(sse_event(&meta.role_chunk(index)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
         }
-        // Characters of the tokens reported so far (`text_offset`).
-        let mut offset = 0;
+        // Per choice: characters of the tokens reported so far (`text_offset`), and how it
+        // ended.
+        let mut offsets = vec![0; choices];
+        let mut summaries = vec![None; choices];
         loop {
             // A client that goes away ends the generation now, not at the next output.
             let output = tokio::select! {
                 () = events.closed() => return,
                 output = outputs.recv() => output,
             };
-            let Some(output) = output else { break };
+            let Some((index, output)) = output else { break };
+            let chunk_index = index as u32;
             let sent = match output {
                 Ok(Output::Text { text, logprobs, .. }) => {
-                    let (logprobs, chars) = meta.logprobs(&logprobs, offset);
-                    offset += chars;
-                    events
-                        .send(sse_event(&meta.text_chunk(&text, logprobs)))
-                        .await
+                    let (logprobs, chars) = meta.logprobs(&logprobs, offsets[index]);
+                    offsets[index] += chars;
+                    let chunk = meta.text_chunk(chunk_index, &text, logprobs);
+                    events.send(sse_event(&chunk)).await
                 }
                 Ok(Output::Done(summary)) => {
-                    let mut sent = events.send(sse_event(&meta.finish_chunk(&summary))).await;
-                    if sent.is_ok() && meta.include_usage {
-                        sent = events.send(sse_event(&meta.usage_chunk(&summary))).await;
+                    let chunk = meta.finish_chunk(chunk_index, &summary);
+                    let mut sent = events.send(sse_event(&chunk)).await;
+                    summaries[index] = Some(summary);
+                    if summaries.iter().all(Option::is_some) {
+                        if sent.is_ok() && meta.include_usage {
+                            let all: Vec<_> = summaries.iter().flatten().collect();
+                            sent = events.send(sse_event(&meta.usage_chunk(&all))).await;
+                        }
+                        if sent.is_err() {
+                            return;
+                        }
+                        break;
                     }
-                    if sent.is_err() {
-                        return;
-                    }
-                    break;
+                    sent
                 }
                 Err(error) => {
                     let message = error.to_string();

@@ -57,6 +57,8 @@ pub(super) struct Common {
     logprobs: Option<Value>,
     /// Chat: how many alternatives (with `logprobs: true`).
     top_logprobs: Option<Value>,
+    /// How many choices to generate.
+    n: Option<Value>,
     #[serde(flatten)]
     unsupported: Unsupported,
 }
@@ -72,7 +74,23 @@ fn count(value: &Option<Value>) -> Option<Option<u32>> {
     }
 }
 
+/// Most choices one request may ask for (`n`); each is a session of its own on the
+/// verifier, batched with the others.
+pub(super) const MAX_CHOICES: usize = 8;
+
 impl Common {
+    /// How many choices the request asks for (`n`, 1 when absent).
+    pub(super) fn choices(&self) -> Result<usize, GatewayError> {
+        match count(&self.n) {
+            Some(None) => Ok(1),
+            Some(Some(n)) if (1..=MAX_CHOICES as u32).contains(&n) => Ok(n as usize),
+            _ => Err(GatewayError::invalid_param(
+                "n",
+                format!("`n` must be from 1 to {MAX_CHOICES}"),
+            )),
+        }
+    }
+
     /// How many alternatives' log probabilities a request asks for at each token, as the
     /// endpoint of `prompt` spells it: the chat endpoint's `logprobs: true` with
     /// `top_logprobs: N` (0 when absent), the completions endpoint's `logprobs: N`.

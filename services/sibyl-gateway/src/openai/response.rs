@@ -25,7 +25,7 @@ pub(super) struct Completion<'a> {
     pub usage: Option<Option<Usage>>,
 }
 
-/// The one choice of a response (`n` is always 1).
+/// One choice of a response (of `n`).
 #[derive(Debug, Serialize)]
 pub(super) struct Choice<'a> {
     pub index: u32,
@@ -114,21 +114,39 @@ pub(super) struct CompletionTokensDetails {
     pub rejected_prediction_tokens: u32,
 }
 
-impl From<&Summary> for Usage {
-    fn from(summary: &Summary) -> Self {
+impl Usage {
+    /// The usage of a request's choices: the prompt counted once (as the first choice
+    /// saw it), the generated and draft tokens of all of them.
+    pub fn of(summaries: &[&Summary]) -> Self {
+        let sum = |field: fn(&Summary) -> u32| {
+            summaries
+                .iter()
+                .fold(0u32, |total, s| total.saturating_add(field(s)))
+        };
+        let first = summaries.first();
+        let prompt_tokens = first.map_or(0, |s| s.prompt_tokens);
+        let completion_tokens = sum(|s| s.completion_tokens);
         Self {
-            prompt_tokens: summary.prompt_tokens,
-            completion_tokens: summary.completion_tokens,
-            total_tokens: summary.prompt_tokens + summary.completion_tokens,
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
             prompt_tokens_details: PromptTokensDetails {
-                cached_tokens: summary.cached_tokens,
+                cached_tokens: first.map_or(0, |s| s.cached_tokens),
             },
             completion_tokens_details: CompletionTokensDetails {
-                accepted_prediction_tokens: summary.accepted_prediction_tokens,
-                rejected_prediction_tokens: summary.rejected_prediction_tokens,
+                accepted_prediction_tokens: sum(|s| s.accepted_prediction_tokens),
+                rejected_prediction_tokens: sum(|s| s.rejected_prediction_tokens),
             },
         }
     }
+}
+
+/// What one choice of a whole response holds: its text, its tokens' log probabilities
+/// and how its generation ended.
+pub(super) struct Finished {
+    pub text: String,
+    pub logprobs: Vec<Logprobs>,
+    pub summary: Summary,
 }
 
 /// OpenAI's `finish_reason` for how a generation ended.
@@ -234,43 +252,48 @@ impl Meta {
         (Some(rendered), chars)
     }
 
-    /// The whole response: `text`, its tokens' `logprobs` and how it ended.
-    pub fn whole<'a>(
-        &'a self,
-        text: &'a str,
-        logprobs: &[Logprobs],
-        summary: &Summary,
-    ) -> Completion<'a> {
-        let mut choice = Choice {
-            index: 0,
-            text: None,
-            message: None,
-            delta: None,
-            logprobs: self.logprobs(logprobs, 0).0,
-            finish_reason: Some(finish_reason(summary.finish_reason)),
-        };
-        match self.kind {
-            Kind::Completion => choice.text = Some(text),
-            Kind::Chat => {
-                choice.message = Some(Message {
-                    role: "assistant",
-                    content: text,
-                })
-            }
-        }
-        self.body(false, vec![choice], Some(Some(Usage::from(summary))))
+    /// The whole response: each choice's text, its tokens' log probabilities and how it
+    /// ended.
+    pub fn whole<'a>(&'a self, finished: &'a [Finished]) -> Completion<'a> {
+        let choices = finished
+            .iter()
+            .zip(0u32..)
+            .map(|(f, index)| {
+                let mut choice = Choice {
+                    index,
+                    text: None,
+                    message: None,
+                    delta: None,
+                    logprobs: self.logprobs(&f.logprobs, 0).0,
+                    finish_reason: Some(finish_reason(f.summary.finish_reason)),
+                };
+                match self.kind {
+                    Kind::Completion => choice.text = Some(&f.text),
+                    Kind::Chat => {
+                        choice.message = Some(Message {
+                            role: "assistant",
+                            content: &f.text,
+                        })
+                    }
+                }
+                choice
+            })
+            .collect();
+        let summaries: Vec<&Summary> = finished.iter().map(|f| &f.summary).collect();
+        self.body(false, choices, Some(Some(Usage::of(&summaries))))
     }
 
     /// A chunk of a stream: its text (for a chat, its delta) and, in the last one, how the
     /// generation ended.
     fn chunk<'a>(
         &'a self,
+        index: u32,
         delta: Delta<'a>,
         logprobs: Option<ChoiceLogprobs>,
         finish: Option<&'static str>,
     ) -> Completion<'a> {
         let mut choice = Choice {
-            index: 0,
+            index,
             text: None,
             message: None,
             delta: None,
@@ -284,9 +307,10 @@ impl Meta {
         self.body(true, vec![choice], self.include_usage.then_some(None))
     }
 
-    /// A chat stream's first chunk: the assistant's role.
-    pub fn role_chunk(&self) -> Completion<'_> {
+    /// A chat stream's first chunk of choice `index`: the assistant's role.
+    pub fn role_chunk(&self, index: u32) -> Completion<'_> {
         self.chunk(
+            index,
             Delta {
                 role: Some("assistant"),
                 content: Some(""),
@@ -296,13 +320,16 @@ impl Meta {
         )
     }
 
-    /// A chunk of new text, with its tokens' log probabilities where they were asked for.
+    /// A chunk of new text of choice `index`, with its tokens' log probabilities where
+    /// they were asked for.
     pub fn text_chunk<'a>(
         &'a self,
+        index: u32,
         text: &'a str,
         logprobs: Option<ChoiceLogprobs>,
     ) -> Completion<'a> {
         self.chunk(
+            index,
             Delta {
                 role: None,
                 content: Some(text),
@@ -312,18 +339,19 @@ impl Meta {
         )
     }
 
-    /// The chunk that says how the generation ended (no text).
-    pub fn finish_chunk(&self, summary: &Summary) -> Completion<'_> {
+    /// The chunk that says how choice `index`'s generation ended (no text).
+    pub fn finish_chunk(&self, index: u32, summary: &Summary) -> Completion<'_> {
         self.chunk(
+            index,
             Delta::default(),
             None,
             Some(finish_reason(summary.finish_reason)),
         )
     }
 
-    /// With `include_usage`, the stream's last chunk: no choices, the usage.
-    pub fn usage_chunk(&self, summary: &Summary) -> Completion<'_> {
-        self.body(true, Vec::new(), Some(Some(Usage::from(summary))))
+    /// With `include_usage`, the stream's last chunk: no choices, the usage of all.
+    pub fn usage_chunk(&self, summaries: &[&Summary]) -> Completion<'_> {
+        self.body(true, Vec::new(), Some(Some(Usage::of(summaries))))
     }
 }
 
@@ -406,6 +434,14 @@ mod tests {
         }
     }
 
+    fn finished(text: &str) -> Finished {
+        Finished {
+            text: text.into(),
+            logprobs: Vec::new(),
+            summary: summary(),
+        }
+    }
+
     fn value<T: Serialize>(body: &T) -> serde_json::Value {
         serde_json::to_value(body).unwrap()
     }
@@ -419,35 +455,35 @@ mod tests {
                 "accepted_prediction_tokens": 1, "rejected_prediction_tokens": 4}});
         let chat = meta(Kind::Chat, false);
         assert_eq!(
-            value(&chat.whole("hi", &[], &summary())),
+            value(&chat.whole(&[finished("hi")])),
             json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 7, "model": "m",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
                     "logprobs": null, "finish_reason": "length"}],
                 "usage": usage})
         );
         assert_eq!(
-            value(&chat.role_chunk()),
+            value(&chat.role_chunk(0)),
             json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7,
                 "model": "m", "choices": [{"index": 0,
                     "delta": {"role": "assistant", "content": ""},
                     "logprobs": null, "finish_reason": null}]})
         );
         assert_eq!(
-            value(&chat.finish_chunk(&summary()))["choices"][0],
+            value(&chat.finish_chunk(0, &summary()))["choices"][0],
             json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"})
         );
         let completion = meta(Kind::Completion, true);
         assert_eq!(
-            value(&completion.text_chunk("a", None)),
+            value(&completion.text_chunk(0, "a", None)),
             json!({"id": "chatcmpl-1", "object": "text_completion", "created": 7, "model": "m",
                 "choices": [{"index": 0, "text": "a", "logprobs": null, "finish_reason": null}],
                 "usage": null})
         );
         assert_eq!(
-            value(&completion.finish_chunk(&summary()))["choices"][0]["text"],
+            value(&completion.finish_chunk(0, &summary()))["choices"][0]["text"],
             json!("")
         );
-        let last = value(&completion.usage_chunk(&summary()));
+        let last = value(&completion.usage_chunk(&[&summary()]));
         assert_eq!(last["choices"], json!([]));
         assert_eq!(last["usage"], usage);
         assert_eq!(
@@ -491,7 +527,11 @@ mod tests {
             logprobs: true,
             ..meta(Kind::Chat, false)
         };
-        let body = value(&chat.whole("\u{e9} x", &logprobs, &summary()));
+        let whole = [Finished {
+            logprobs: logprobs.to_vec(),
+            ..finished("\u{e9} x")
+        }];
+        let body = value(&chat.whole(&whole));
         let content = &body["choices"][0]["logprobs"]["content"];
         assert_eq!(
             content[0],
@@ -515,5 +555,34 @@ mod tests {
         );
         // Not asked: `null`, whatever the generation reported.
         assert!(meta(Kind::Chat, false).logprobs(&logprobs, 0).0.is_none());
+    }
+
+    #[test]
+    fn several_choices_are_indexed_and_their_usage_adds_up() {
+        let chat = meta(Kind::Completion, false);
+        let second = Finished {
+            summary: Summary {
+                finish_reason: FinishReason::Stop,
+                cached_tokens: 5,
+                completion_tokens: 2,
+                ..summary()
+            },
+            ..finished("b")
+        };
+        let body = value(&chat.whole(&[finished("a"), second]));
+        assert_eq!(body["choices"][1]["index"], 1);
+        assert_eq!(body["choices"][1]["text"], "b");
+        assert_eq!(body["choices"][1]["finish_reason"], "stop");
+        assert_eq!(
+            body["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10,
+                "prompt_tokens_details": {"cached_tokens": 2},
+                "completion_tokens_details": {
+                    "accepted_prediction_tokens": 2, "rejected_prediction_tokens": 8}})
+        );
+        assert_eq!(
+            value(&chat.text_chunk(3, "x", None))["choices"][0]["index"],
+            3
+        );
     }
 }

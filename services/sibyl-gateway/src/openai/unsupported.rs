@@ -9,7 +9,6 @@ use serde_json::{json, Value};
 /// that a client never gets free text where it asked for tool calls or JSON. Fields OpenAI does not define are ignored.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct Unsupported {
-    n: Option<Value>,
     tools: Option<Value>,
     tool_choice: Option<Value>,
     functions: Option<Value>,
@@ -37,8 +36,7 @@ impl Unsupported {
         };
         let zero = |value: &Option<Value>| neutral(value, &[json!(0), json!(0.0)]);
         let one = |value: &Option<Value>| neutral(value, &[json!(1)]);
-        let checks: [(&'static str, bool, &str); 12] = [
-            ("n", one(&self.n), "only one choice per request (`n: 1`) is supported"),
+        let checks: [(&'static str, bool, &str); 11] = [
             ("tools", empty(&self.tools), "tool calls are not supported"),
             (
                 "tool_choice",
@@ -68,7 +66,7 @@ impl Unsupported {
                 "penalties are not supported (the output is the model's own distribution)",
             ),
             ("echo", neutral(&self.echo, &[json!(false)]), "`echo` is not supported"),
-            ("best_of", one(&self.best_of), "only `best_of: 1` is supported"),
+            ("best_of", one(&self.best_of), "only `best_of: 1` is supported (`n` gives several choices)"),
             ("suffix", neutral(&self.suffix, &[json!("")]), "`suffix` (insertion) is not supported"),
         ];
         match checks.into_iter().find(|(_, ok, _)| !ok) {
