@@ -3,6 +3,7 @@
 
 use crate::params::{
     check_logprobs, DrafterStats, FinishReason, Logprobs, Sampling, Speculation, TokenLogprob,
+    MAX_LOGPROBS,
 };
 use crate::stop::StopStrings;
 use crate::GatewayConfig;
@@ -797,7 +798,8 @@ async fn relay_events(
                 if !stopped {
                     rest.push_str(&stops.finish());
                 }
-                // The tokens whose text was all sent before (or that stand for none).
+                // The tokens whose text starts in this last piece and, unless a stop string
+                // cut the text, any left (tokens that stand for no text).
                 let logprobs = reported.as_mut().map_or_else(Vec::new, |r| {
                     let mut logprobs = r.sent(rest.len());
                     if !stopped {
@@ -902,7 +904,12 @@ impl<'a> ReportedLogprobs<'a> {
         for p in logprobs {
             let chosen = entry(p.token, p.logprob);
             let length = chosen.bytes.len();
-            let top = p.top.iter().map(|t| entry(t.token, t.logprob)).collect();
+            let top = p
+                .top
+                .iter()
+                .take(MAX_LOGPROBS as usize)
+                .map(|t| entry(t.token, t.logprob))
+                .collect();
             self.pending
                 .push_back((Logprobs { chosen, top }, self.received_bytes));
             self.received_bytes += length;
