@@ -3,7 +3,7 @@
 
 use super::unsupported::Unsupported;
 use crate::generation::{Api, GatewayError, Generation, PromptInput};
-use crate::params::{check_logprobs, Sampling, Speculation};
+use crate::params::{check_logprobs, Sampling, Speculation, MAX_LOGPROBS};
 use serde::Deserialize;
 use serde_json::Value;
 use sibyl_engine::ChatMessage;
@@ -100,7 +100,7 @@ impl Common {
                 let top = count(&self.top_logprobs).ok_or_else(|| {
                     GatewayError::invalid_param(
                         "top_logprobs",
-                        "`top_logprobs` must be an integer from 0 to 20",
+                        format!("`top_logprobs` must be an integer from 0 to {MAX_LOGPROBS}"),
                     )
                 })?;
                 match &self.logprobs {
@@ -134,7 +134,7 @@ impl Common {
                     other => count(other).ok_or_else(|| {
                         GatewayError::invalid_param(
                             "logprobs",
-                            "`logprobs` must be an integer from 0 to 20",
+                            format!("`logprobs` must be an integer from 0 to {MAX_LOGPROBS}"),
                         )
                     })?,
                 }
