@@ -2,7 +2,9 @@
 //! the gRPC adapters. Conversions from the wire validate; conversions to it cannot fail.
 
 use crate::v1 as pb;
-use sibyl_spec::{AnchoredBlock, Proposal, SamplingConfig, SparseDist, TokenLogprobs};
+use sibyl_spec::{
+    AnchoredBlock, Penalties, Proposal, SamplingConfig, SparseDist, TokenId, TokenLogprobs,
+};
 
 /// A wire message that does not describe a valid value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,7 +111,25 @@ pub fn sampling_config(
         top_k,
         top_p: (params.top_p != 0.0).then_some(params.top_p),
         seed: params.seed.unwrap_or_else(seed),
+        penalties: penalties(params),
     })
+}
+
+/// The bias and penalties of `params` (a repetition penalty of 0 is unset: 1), biased
+/// tokens in id order. The result still needs [`Penalties::validate`].
+pub fn penalties(params: &pb::SamplingParams) -> Penalties {
+    let mut logit_bias: Vec<(TokenId, f32)> =
+        params.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+    logit_bias.sort_by_key(|&(token, _)| token);
+    Penalties {
+        presence: params.presence_penalty,
+        frequency: params.frequency_penalty,
+        repetition: match params.repetition_penalty {
+            0.0 => 1.0,
+            r => r,
+        },
+        logit_bias,
+    }
 }
 
 impl From<&TokenLogprobs> for pb::TokenLogprobs {
@@ -135,6 +155,20 @@ impl From<&SamplingConfig> for pb::SamplingParams {
                 .map_or(0, |k| u32::try_from(k).unwrap_or(u32::MAX)),
             top_p: config.top_p.unwrap_or(0.0),
             seed: Some(config.seed),
+            ..pb::SamplingParams::from(&config.penalties)
+        }
+    }
+}
+
+impl From<&Penalties> for pb::SamplingParams {
+    /// The penalties' fields, the rest unset.
+    fn from(penalties: &Penalties) -> Self {
+        Self {
+            presence_penalty: penalties.presence,
+            frequency_penalty: penalties.frequency,
+            repetition_penalty: penalties.repetition,
+            logit_bias: penalties.logit_bias.iter().copied().collect(),
+            ..Self::default()
         }
     }
 }
@@ -200,6 +234,7 @@ mod tests {
             top_k: 40,
             top_p: 0.0,
             seed: Some(3),
+            ..Default::default()
         };
         let config = sampling_config(Some(&params), || 7).unwrap();
         assert_eq!(

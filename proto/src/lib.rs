@@ -9,7 +9,7 @@ mod convert;
 pub mod server;
 pub mod tls;
 
-pub use convert::{fingerprint, sampling_config, WireError};
+pub use convert::{fingerprint, penalties, sampling_config, WireError};
 
 /// Generated messages, clients (`*_client`) and servers (`*_server`) of package `sibyl.v1`.
 pub mod v1 {

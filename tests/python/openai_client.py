@@ -137,6 +137,17 @@ def main() -> None:
     )
     assert [c.index for c in several.choices] == [0, 1], several
 
+    # Penalties as the client sends them: the same text with and without speculation.
+    penalised = [
+        client.completions.create(
+            model=model, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0,
+            frequency_penalty=1.0, presence_penalty=0.5, logit_bias={"11": -100},
+            extra_body={"speculation": {"enabled": speculate}},
+        ).choices[0].text
+        for speculate in (True, False)
+    ]
+    assert penalised[0] == penalised[1], penalised
+
     assert [m.id for m in client.models.list()] == [model]
 
     for kwargs, status in [
@@ -145,6 +156,7 @@ def main() -> None:
         ({"temperature": 5}, 400),
         ({"messages": [{"role": "user", "content": "word " * 20000}]}, 400),
         ({"n": 9}, 400),
+        ({"frequency_penalty": 3}, 400),
     ]:
         request = {"model": model, "messages": messages, "max_tokens": 8, **kwargs}
         try:

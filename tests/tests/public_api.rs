@@ -63,9 +63,12 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
             "response_format",
             json!({"response_format": {"type": "json_object"}}),
         ),
-        ("logit_bias", json!({"logit_bias": {"42": 5}})),
-        ("presence_penalty", json!({"presence_penalty": 0.5})),
-        ("frequency_penalty", json!({"frequency_penalty": -1})),
+        ("logit_bias", json!({"logit_bias": {"42": 101}})),
+        ("logit_bias", json!({"logit_bias": {"forty-two": 5}})),
+        ("logit_bias", json!({"logit_bias": [42]})),
+        ("presence_penalty", json!({"presence_penalty": 2.5})),
+        ("frequency_penalty", json!({"frequency_penalty": -3})),
+        ("repetition_penalty", json!({"repetition_penalty": 0})),
         ("logprobs", json!({"logprobs": 2})),
         ("top_logprobs", json!({"top_logprobs": 2})),
         (
@@ -304,6 +307,120 @@ async fn log_probabilities_come_with_every_token_and_do_not_depend_on_speculatio
     };
     let status = gateway.generate(too_many).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penalties_and_logit_bias_change_the_output_and_speculation_does_not() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let gateway = cluster.gateway_client().await.unwrap();
+    let prompt = "1, 2, 3, 4, 5, 6, 7, 8,";
+    let run = |sampling: pb::SamplingParams, mode: pb::SpeculationMode| pb::GenerateRequest {
+        sampling: Some(sampling),
+        speculation: Some(pb::Speculation {
+            mode: mode as i32,
+            drafters: Vec::new(),
+        }),
+        details: true,
+        ..prompt_request(prompt, 24)
+    };
+    let ids = |request: pb::GenerateRequest| {
+        let mut gateway = gateway.clone();
+        async move {
+            let (text, summary) = generate_text(&mut gateway, request, |_| {}).await.unwrap();
+            let accepted = summary.usage.map_or(0, |u| u.accepted_prediction_tokens);
+            (text, summary.token_ids, accepted)
+        }
+    };
+    let (_, plain, _) = ids(run(pb::SamplingParams::default(), pb::SpeculationMode::Off)).await;
+    assert_eq!(plain.len(), 24);
+    let penalised = [
+        pb::SamplingParams {
+            frequency_penalty: 1.5,
+            presence_penalty: 0.5,
+            ..Default::default()
+        },
+        pb::SamplingParams {
+            repetition_penalty: 1.8,
+            ..Default::default()
+        },
+        pb::SamplingParams {
+            presence_penalty: -2.0,
+            logit_bias: [(plain[1], -100.0)].into_iter().collect(),
+            ..Default::default()
+        },
+    ];
+    let mut accepted = 0;
+    for sampling in penalised {
+        let (_, off, _) = ids(run(sampling.clone(), pb::SpeculationMode::Off)).await;
+        let (_, on, drafted) = ids(run(sampling.clone(), pb::SpeculationMode::On)).await;
+        assert_eq!(
+            on, off,
+            "greedy with {sampling:?}: speculation changed the output"
+        );
+        assert_ne!(off, plain, "{sampling:?} changed nothing");
+        accepted += drafted;
+    }
+    // Draft tokens were judged under the penalties, not only plain steps taken.
+    assert!(accepted > 0, "no draft token was accepted");
+    // A bias of -100 keeps a token out; +100 makes it every token.
+    let banned = plain[1];
+    let (_, without, _) = ids(run(
+        pb::SamplingParams {
+            logit_bias: [(banned, -100.0)].into_iter().collect(),
+            ..Default::default()
+        },
+        pb::SpeculationMode::On,
+    ))
+    .await;
+    assert!(!without.contains(&banned), "{without:?}");
+    let forced = plain[0];
+    let (forced_text, every, _) = ids(run(
+        pb::SamplingParams {
+            logit_bias: [(forced, 100.0)].into_iter().collect(),
+            ..Default::default()
+        },
+        pb::SpeculationMode::On,
+    ))
+    .await;
+    assert_eq!(every, vec![forced; 24]);
+    // The OpenAI fields are the same settings.
+    let completion = post(
+        &cluster,
+        "/v1/completions",
+        &[],
+        &json!({
+            "prompt": prompt, "max_tokens": 24, "temperature": 0,
+            "logit_bias": {forced.to_string(): 100},
+        }),
+    )
+    .await;
+    assert_eq!(completion.status, 200, "{}", completion.body);
+    assert_eq!(completion.json()["choices"][0]["text"], forced_text);
+    let penalised_text = |speculate: bool| {
+        json!({
+            "prompt": prompt, "max_tokens": 24, "temperature": 0,
+            "frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.1,
+            "speculation": {"enabled": speculate},
+        })
+    };
+    let on = post(&cluster, "/v1/completions", &[], &penalised_text(true)).await;
+    let off = post(&cluster, "/v1/completions", &[], &penalised_text(false)).await;
+    assert_eq!(on.status, 200, "{}", on.body);
+    assert_eq!(on.json()["choices"], off.json()["choices"]);
+    // A biased token outside the vocabulary: refused, naming the field's problem.
+    let outside = post(
+        &cluster,
+        "/v1/completions",
+        &[],
+        &json!({"prompt": prompt, "max_tokens": 2, "logit_bias": {"4000000": 1}}),
+    )
+    .await;
+    assert_eq!(outside.status, 400, "{}", outside.body);
+    assert!(outside.body.contains("vocabulary"), "{}", outside.body);
+    drop(gateway);
     cluster.stop().await;
 }
 

@@ -132,6 +132,7 @@ async fn seeded_sampling_gives_the_same_tokens_with_and_without_drafters() {
             top_k: 0,
             top_p: 0.95,
             seed: Some(11),
+            ..Default::default()
         });
         request
     };

@@ -73,6 +73,7 @@ async fn mutated_messages_get_answers_or_statuses_and_the_roles_keep_serving() {
             top_k: 20,
             top_p: 0.9,
             seed: Some(7),
+            ..Default::default()
         }),
         ..Default::default()
     }

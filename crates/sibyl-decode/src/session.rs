@@ -1,8 +1,8 @@
 use sibyl_engine::{EngineError, KvCache, LogitRows, Model, Sequence, TreeInput};
 use sibyl_spec::{
     choose_draft_nodes, verify, AcceptanceStats, DraftCosts, Drafter, DrafterId, Proposal,
-    SamplingConfig, SamplingError, StepCosts, TokenId, TokenLogprobs, TokenTree, TreeBuilder,
-    TreeLimits, MAX_TOP_LOGPROBS,
+    SamplingConfig, SamplingError, StepCosts, TokenHistory, TokenId, TokenLogprobs, TokenTree,
+    TreeBuilder, TreeLimits, MAX_TOP_LOGPROBS,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -176,8 +176,8 @@ pub fn check_request(
     prompt: &[TokenId],
     config: &GenerationConfig,
 ) -> Result<(), GenerateError> {
-    config.sampling.validate()?;
     let vocab = model.vocab_size();
+    config.sampling.validate(vocab)?;
     let limit = model.config().context_length;
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
@@ -241,6 +241,8 @@ pub struct Session {
     decode_started: Option<Instant>,
     /// With [`GenerationConfig::logprobs`]: the last step's tokens' log-probabilities.
     step_logprobs: Vec<TokenLogprobs>,
+    /// What the sampling's penalties count.
+    history: TokenHistory,
 }
 
 impl Session {
@@ -269,6 +271,7 @@ impl Session {
             None => vec![AcceptanceStats::default(); drafter_kinds.len()],
         };
         Ok(Self {
+            history: TokenHistory::new(prompt, &config.sampling.penalties),
             config,
             vocab_size: model.vocab_size(),
             context_length: model.config().context_length,
@@ -417,6 +420,7 @@ impl Session {
             self.vocab_size,
             &self.config.sampling,
             prompt_len - 1,
+            &self.history,
         )?;
         self.steps = 1;
         self.step_times.push(decode_started.elapsed());
@@ -587,6 +591,7 @@ impl Session {
             self.vocab_size,
             &self.config.sampling,
             prefix_len,
+            &self.history,
         )?;
         let mut kept = vec![0];
         kept.extend_from_slice(&outcome.path);
@@ -723,6 +728,7 @@ impl Session {
         self.step_logprobs.truncate(take);
         self.output.extend_from_slice(accepted);
         self.context.extend_from_slice(accepted);
+        self.history.extend(accepted);
         if finish.is_none() && self.context.len() >= self.context_length {
             finish = Some(FinishReason::Length);
         }

@@ -10,7 +10,8 @@ use sibyl_engine::testkit::{tensor_test_device, tiny_model, tiny_model_on, TinyM
 use sibyl_engine::Model;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_spec::{
-    Drafter, DrafterId, Proposal, SamplingConfig, StepCosts, TokenId, TokenLogprobs, TreeLimits,
+    Drafter, DrafterId, Penalties, Proposal, SamplingConfig, StepCosts, TokenId, TokenLogprobs,
+    TreeLimits,
 };
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -123,41 +124,61 @@ struct Request {
     adaptive: bool,
     joins_at_step: usize,
     not_ready_for: usize,
+    /// 0: none; 1: presence and frequency penalties; 2: repetition penalty and a bias.
+    penalties: u8,
 }
 
 fn request() -> impl Strategy<Value = Request> {
-    (
+    let shape = (
         proptest::collection::vec(0..VOCAB, 1..60),
         1usize..30,
         prop_oneof![Just(0u64), 1u64..1000],
         any::<bool>(),
         any::<bool>(),
-        0usize..6,
-        prop_oneof![Just(0usize), 1usize..4],
+    );
+    let settings = (0usize..6, prop_oneof![Just(0usize), 1usize..4], 0u8..3);
+    (shape, settings).prop_map(
+        |(
+            (prompt, max_tokens, seed, speculate, adaptive),
+            (joins_at_step, not_ready_for, penalties),
+        )| Request {
+            prompt,
+            max_tokens,
+            seed,
+            speculate,
+            adaptive,
+            joins_at_step,
+            not_ready_for,
+            penalties,
+        },
     )
-        .prop_map(
-            |(prompt, max_tokens, seed, speculate, adaptive, joins_at_step, not_ready_for)| {
-                Request {
-                    prompt,
-                    max_tokens,
-                    seed,
-                    speculate,
-                    adaptive,
-                    joins_at_step,
-                    not_ready_for,
-                }
-            },
-        )
 }
 
 fn config(request: &Request, learning: &SharedLearning) -> GenerationConfig {
+    let penalties = match request.penalties {
+        0 => Penalties::default(),
+        1 => Penalties {
+            presence: 0.7,
+            frequency: 0.9,
+            ..Penalties::default()
+        },
+        _ => Penalties {
+            repetition: 1.4,
+            logit_bias: vec![(3, 1.5), (VOCAB - 2, -2.0)],
+            ..Penalties::default()
+        },
+    };
     let sampling = match request.seed {
-        0 => SamplingConfig::greedy(),
+        0 => SamplingConfig {
+            penalties,
+            ..SamplingConfig::greedy()
+        },
         seed => SamplingConfig {
             temperature: 0.9,
             top_k: None,
             top_p: Some(0.95),
             seed,
+            penalties,
         },
     };
     GenerationConfig {
@@ -336,6 +357,7 @@ fn sessions_share_steps_and_a_cancelled_one_leaves_the_others_alone() {
             adaptive: true,
             joins_at_step: 0,
             not_ready_for: 0,
+            penalties: 0,
         })
         .collect();
     let mut scheduler = Scheduler::new(SchedulerConfig::default());
@@ -383,6 +405,7 @@ fn a_long_prompt_is_processed_in_chunks_while_another_session_decodes() {
         adaptive: true,
         joins_at_step: 0,
         not_ready_for: 0,
+        penalties: 0,
     };
     let long = Request {
         prompt: (0..400).map(|t| (t * 5 + 1) % (VOCAB - 1)).collect(),
@@ -526,6 +549,7 @@ fn sessions_that_share_a_prompt_compute_it_once() {
             adaptive: true,
             joins_at_step: 0,
             not_ready_for: 0,
+            penalties: 0,
         })
         .collect();
     let learning = cpu_like_costs();
@@ -568,6 +592,7 @@ fn a_long_cached_prompt_is_copied_a_bounded_share_per_step_beside_a_decoding_str
         adaptive: true,
         joins_at_step: 0,
         not_ready_for: 0,
+        penalties: 0,
     };
     let learning = cpu_like_costs();
     let mut scheduler = Scheduler::new(SchedulerConfig {
@@ -635,6 +660,7 @@ fn the_prefix_cache_stays_within_its_budget_and_an_opted_out_request_neither_tak
             adaptive: true,
             joins_at_step: 0,
             not_ready_for: 0,
+            penalties: 0,
         })
         .collect();
     let learning = cpu_like_costs();

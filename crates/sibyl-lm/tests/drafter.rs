@@ -195,9 +195,7 @@ fn sampling_with_all_three_drafters_competing_follows_the_target_distribution() 
 
     let sampling = SamplingConfig {
         temperature: 0.9,
-        top_k: None,
-        top_p: None,
-        seed: 0,
+        ..SamplingConfig::greedy()
     };
     let outcomes = VOCAB.pow(COUNT as u32);
     let expected: Vec<f64> = (0..outcomes)

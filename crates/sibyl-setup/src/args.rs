@@ -3,7 +3,7 @@
 
 use clap::builder::TypedValueParser;
 use clap::{Args, ValueEnum};
-use sibyl_spec::TreeLimits;
+use sibyl_spec::{Penalties, TreeLimits};
 use std::fmt::Display;
 use std::str::FromStr;
 
@@ -362,6 +362,34 @@ pub struct SamplingArgs {
     /// Seed of the sampling (default: random, printed in the summary).
     #[arg(long)]
     pub seed: Option<u64>,
+
+    /// Subtracted from the logit of every token already generated, -2 to 2 (OpenAI's
+    /// `presence_penalty`).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+
+    /// Subtracted from a token's logit once per time it was generated, -2 to 2 (OpenAI's
+    /// `frequency_penalty`).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+
+    /// Divides the positive logits and multiplies the negative ones of tokens in the
+    /// prompt or the output (llama.cpp's `--repeat-penalty`, vLLM's
+    /// `repetition_penalty`); 1 is off.
+    #[arg(long, alias = "repeat-penalty", default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+}
+
+impl SamplingArgs {
+    /// The penalties these flags ask for (checked with the rest of the sampling).
+    pub fn penalties(&self) -> Penalties {
+        Penalties {
+            presence: self.presence_penalty,
+            frequency: self.frequency_penalty,
+            repetition: self.repetition_penalty,
+            logit_bias: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod acceptance;
 mod cost;
 mod inbox;
 mod logprobs;
+mod penalties;
 mod sampling;
 pub mod stats;
 mod tree;
@@ -26,6 +27,10 @@ pub use cost::{
 };
 pub use inbox::{AnchoredBlock, BlockRejection, DraftInbox, InboxLimits};
 pub use logprobs::{TokenLogprobs, MAX_TOP_LOGPROBS};
+pub use penalties::{
+    Penalties, PenaltyError, TokenHistory, MAX_BIASED_TOKENS, MAX_LOGIT_BIAS, MAX_PENALTY,
+    MAX_REPETITION_PENALTY,
+};
 pub use sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
 pub use tree::{Candidate, Node, Proposal, SparseDist, TokenTree, TreeBuilder, TreeLimits};
 pub use verify::{verify, Outcome, PositionRng};

@@ -1,3 +1,4 @@
+use crate::penalties::{Penalties, PenaltyError};
 use crate::TokenId;
 use rand::Rng;
 
@@ -11,6 +12,8 @@ pub struct SamplingConfig {
     pub top_p: Option<f32>,
     /// Seed of the request's random stream.
     pub seed: u64,
+    /// Bias and penalties applied to the logits before any of the above.
+    pub penalties: Penalties,
 }
 
 /// A sampling parameter outside its domain.
@@ -24,6 +27,8 @@ pub enum SamplingError {
     TopK,
     #[error("the target's logits for node {node} are missing or not {vocab} wide")]
     Logits { node: usize, vocab: usize },
+    #[error(transparent)]
+    Penalty(#[from] PenaltyError),
 }
 
 impl SamplingConfig {
@@ -33,11 +38,14 @@ impl SamplingConfig {
             top_k: None,
             top_p: None,
             seed: 0,
+            penalties: Penalties::default(),
         }
     }
 
-    /// Checks every parameter; call once when a request arrives.
-    pub fn validate(&self) -> Result<(), SamplingError> {
+    /// Checks every parameter for a vocabulary of `vocab` tokens; call once when a request
+    /// arrives.
+    pub fn validate(&self, vocab: usize) -> Result<(), SamplingError> {
+        self.penalties.validate(vocab)?;
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(SamplingError::Temperature(self.temperature));
         }
@@ -213,6 +221,7 @@ mod tests {
             top_k,
             top_p,
             seed: 1,
+            penalties: Penalties::default(),
         }
     }
 
@@ -238,12 +247,12 @@ mod tests {
 
     #[test]
     fn invalid_parameters_are_refused() {
-        assert!(config(-0.1, None, None).validate().is_err());
-        assert!(config(f32::NAN, None, None).validate().is_err());
-        assert!(config(1.0, Some(0), None).validate().is_err());
-        assert!(config(1.0, None, Some(0.0)).validate().is_err());
-        assert!(config(1.0, None, Some(1.5)).validate().is_err());
-        assert!(config(0.7, Some(40), Some(0.9)).validate().is_ok());
+        assert!(config(-0.1, None, None).validate(10).is_err());
+        assert!(config(f32::NAN, None, None).validate(10).is_err());
+        assert!(config(1.0, Some(0), None).validate(10).is_err());
+        assert!(config(1.0, None, Some(0.0)).validate(10).is_err());
+        assert!(config(1.0, None, Some(1.5)).validate(10).is_err());
+        assert!(config(0.7, Some(40), Some(0.9)).validate(10).is_ok());
     }
 
     #[test]

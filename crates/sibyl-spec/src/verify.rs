@@ -1,3 +1,4 @@
+use crate::penalties::TokenHistory;
 use crate::sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
 use crate::{SparseDist, TokenId, TokenTree};
 use rand::Rng;
@@ -47,6 +48,10 @@ impl Outcome {
 /// Walks `tree` with the target's logits (`target_logits`: one row of `vocab` per node, in
 /// node order) and returns the accepted path and the next token.
 ///
+/// `history` holds the tokens emitted before the root's position: with penalties in
+/// `config`, each row is adjusted for them and the accepted path above its node before a
+/// token is chosen from it (see [`TokenHistory::adjust`]).
+///
 /// `root_position` is the absolute position of the tree's root; the token chosen after node
 /// `i` sits at `root_position + depth(i) + 1` and draws from that position's random stream.
 /// Greedy: a child is accepted when it is the argmax. Sampling: point-mass children by
@@ -58,17 +63,26 @@ pub fn verify(
     vocab: usize,
     config: &SamplingConfig,
     root_position: usize,
+    history: &TokenHistory,
 ) -> Result<Outcome, SamplingError> {
     let rng = PositionRng::new(config.seed);
-    let mut path = Vec::new();
+    let mut path: Vec<usize> = Vec::new();
     let mut current = 0usize;
+    let mut adjusted = Vec::new();
     loop {
-        let row = target_logits
+        let mut row = target_logits
             .get(current * vocab..(current + 1) * vocab)
             .ok_or(SamplingError::Logits {
                 node: current,
                 vocab,
             })?;
+        if !config.penalties.is_neutral() {
+            let above: Vec<TokenId> = path.iter().map(|&i| tree.nodes()[i].token).collect();
+            adjusted.clear();
+            adjusted.extend_from_slice(row);
+            history.adjust(&config.penalties, &mut adjusted, &above);
+            row = &adjusted;
+        }
         let children: Vec<usize> = tree.children(current).collect();
         let chosen = if config.is_greedy() {
             follow_match(tree, &children, argmax(row))

@@ -5,8 +5,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sibyl_spec::stats::chi_square;
 use sibyl_spec::{
-    verify, DrafterId, Proposal, SamplingConfig, SparseDist, TargetDistribution, TokenId,
-    TreeBuilder,
+    verify, DrafterId, Penalties, Proposal, SamplingConfig, SparseDist, TargetDistribution,
+    TokenHistory, TokenId, TreeBuilder,
 };
 
 /// A toy language model: logits depend on the last three tokens through a hash.
@@ -96,6 +96,7 @@ fn generate(
     budget: usize,
 ) -> (Vec<TokenId>, usize) {
     let mut context = prompt.to_vec();
+    let mut history = TokenHistory::new(prompt, &config.penalties);
     let mut steps = 0;
     while context.len() < prompt.len() + count {
         let root = *context.last().unwrap();
@@ -141,8 +142,18 @@ fn generate(
             ctx.extend(path);
             logits.extend(model.logits(&ctx));
         }
-        let outcome = verify(&tree, &logits, model.vocab, config, context.len() - 1).unwrap();
-        context.extend(outcome.emitted(&tree));
+        let outcome = verify(
+            &tree,
+            &logits,
+            model.vocab,
+            config,
+            context.len() - 1,
+            &history,
+        )
+        .unwrap();
+        let emitted = outcome.emitted(&tree);
+        history.extend(&emitted);
+        context.extend(emitted);
         steps += 1;
     }
     context.truncate(prompt.len() + count);
@@ -176,10 +187,45 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let model = ToyModel { vocab: 8, sharpness: 3.0 };
-        let config = SamplingConfig { temperature: 0.8, top_k: Some(6), top_p: Some(0.95), seed };
+        let config = SamplingConfig {
+            temperature: 0.8,
+            top_k: Some(6),
+            top_p: Some(0.95),
+            seed,
+            penalties: Penalties::default(),
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 1);
         let (plain, _) = generate(&model, &prompt, 16, &config, Drafts::None, &mut rng, 8);
         let (spec, _) = generate(&model, &prompt, 16, &config, Drafts::PointMass, &mut rng, 8);
+        prop_assert_eq!(spec, plain);
+    }
+
+    #[test]
+    fn with_penalties_speculation_equals_plain_decoding_greedy_and_seeded(
+        vocab in 2usize..40,
+        prompt in proptest::collection::vec(0u32..40, 1..8),
+        seed in any::<u64>(),
+        presence in -2.0f32..2.0,
+        frequency in -2.0f32..2.0,
+        repetition in 0.5f32..2.0,
+        sampled in any::<bool>(),
+    ) {
+        let model = ToyModel { vocab, sharpness: 6.0 };
+        let prompt: Vec<TokenId> = prompt.into_iter().map(|t| t % vocab as u32).collect();
+        let config = SamplingConfig {
+            temperature: if sampled { 0.8 } else { 0.0 },
+            seed,
+            penalties: Penalties {
+                presence,
+                frequency,
+                repetition,
+                logit_bias: vec![(seed as u32 % vocab as u32, 1.5)],
+            },
+            ..SamplingConfig::greedy()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 3);
+        let (plain, _) = generate(&model, &prompt, 24, &config, Drafts::None, &mut rng, 12);
+        let (spec, _) = generate(&model, &prompt, 24, &config, Drafts::PointMass, &mut rng, 12);
         prop_assert_eq!(spec, plain);
     }
 }
@@ -195,12 +241,16 @@ fn exact_joint(
     (0..outcomes)
         .map(|code| {
             let mut ctx = prompt.to_vec();
+            let mut history = TokenHistory::new(prompt, &config.penalties);
             let mut prob = 1.0;
             let mut rest = code;
             for _ in 0..count {
                 let token = (rest % model.vocab) as TokenId;
                 rest /= model.vocab;
-                prob *= TargetDistribution::new(&model.logits(&ctx), config).prob(token);
+                let mut row = model.logits(&ctx);
+                history.adjust(&config.penalties, &mut row, &[]);
+                prob *= TargetDistribution::new(&row, config).prob(token);
+                history.extend(&[token]);
                 ctx.push(token);
             }
             prob
@@ -209,6 +259,12 @@ fn exact_joint(
 }
 
 fn chi_square_of(drafts: Drafts) -> (f64, f64) {
+    chi_square_with(drafts, Penalties::default(), &Penalties::default())
+}
+
+/// The chi-square statistic of runs sampled with `penalties` against the exact joint
+/// distribution under `expected_under`, and its critical value.
+fn chi_square_with(drafts: Drafts, penalties: Penalties, expected_under: &Penalties) -> (f64, f64) {
     const RUNS: usize = 20_000;
     const COUNT: usize = 3;
     let model = ToyModel {
@@ -221,8 +277,13 @@ fn chi_square_of(drafts: Drafts) -> (f64, f64) {
         top_k: None,
         top_p: None,
         seed: 0,
+        penalties,
     };
-    let expected = exact_joint(&model, &prompt, COUNT, &base);
+    let expected_config = SamplingConfig {
+        penalties: expected_under.clone(),
+        ..base.clone()
+    };
+    let expected = exact_joint(&model, &prompt, COUNT, &expected_config);
     let mut observed = vec![0usize; expected.len()];
     let mut draft_rng = ChaCha8Rng::seed_from_u64(0xD8AF7);
     for run in 0..RUNS {
@@ -264,6 +325,27 @@ fn sampling_with_coinciding_drafts_of_several_drafters_follows_the_target_distri
     assert!(stat < critical, "chi-square {stat:.1} >= {critical:.1}");
 }
 
+fn strong_penalties() -> Penalties {
+    Penalties {
+        presence: 0.8,
+        frequency: 0.6,
+        repetition: 1.5,
+        logit_bias: vec![(2, 1.0)],
+    }
+}
+
+#[test]
+fn sampling_with_penalties_and_drafts_follows_the_penalised_distribution() {
+    for drafts in [Drafts::None, Drafts::Mixed] {
+        let (stat, critical) = chi_square_with(drafts, strong_penalties(), &strong_penalties());
+        assert!(stat < critical, "chi-square {stat:.1} >= {critical:.1}");
+    }
+    // And the check can fail: the unpenalised distribution is told apart.
+    let (stat, critical) =
+        chi_square_with(Drafts::Mixed, strong_penalties(), &Penalties::default());
+    assert!(stat > critical, "chi-square {stat:.1} <= {critical:.1}");
+}
+
 #[test]
 fn a_biased_sampler_is_caught_by_the_chi_square_bound() {
     // The check must be able to fail: sampling at the wrong temperature is detected.
@@ -277,6 +359,7 @@ fn a_biased_sampler_is_caught_by_the_chi_square_bound() {
         top_k: None,
         top_p: None,
         seed: 0,
+        penalties: Penalties::default(),
     };
     let expected = exact_joint(&model, &prompt, 3, &right);
     let mut observed = vec![0usize; expected.len()];

@@ -58,8 +58,11 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
             top_k: args.sampling.top_k,
             top_p: args.sampling.top_p,
             seed,
+            penalties: args.sampling.penalties(),
         };
-        sampling.validate().context("invalid sampling parameters")?;
+        sampling
+            .validate(usize::MAX)
+            .context("invalid sampling parameters")?;
         args.speculation.lm.config()?;
         draft_kinds(&args.speculation.draft)?;
         Ok(Self {

@@ -3,12 +3,13 @@
 //! from `sibyl.v1` messages) and check them here, by one set of rules.
 
 use crate::generation::GatewayError;
+use sibyl_spec::{Penalties, PenaltyError};
 
 /// Highest sampling temperature either API accepts (the OpenAI API's limit).
 pub const MAX_TEMPERATURE: f32 = 2.0;
 
 /// How the next token is chosen.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
     /// 0 is greedy.
     pub temperature: f32,
@@ -18,6 +19,8 @@ pub struct Sampling {
     pub top_p: Option<f32>,
     /// Seed of the request's random stream (`None`: the gateway picks one and reports it).
     pub seed: Option<u64>,
+    /// Bias and penalties applied to the logits first.
+    pub penalties: Penalties,
 }
 
 impl Sampling {
@@ -52,7 +55,25 @@ impl Sampling {
             top_k,
             top_p,
             seed,
+            penalties: Penalties::default(),
         })
+    }
+
+    /// The same with `penalties`, checked (biased tokens against the vocabulary by the
+    /// verifier). The error names the field as the OpenAI API spells it.
+    pub fn with_penalties(self, penalties: Penalties) -> Result<Self, GatewayError> {
+        if let Err(e) = penalties.validate(usize::MAX) {
+            let param = match e {
+                PenaltyError::Presence(_) => "presence_penalty",
+                PenaltyError::Frequency(_) => "frequency_penalty",
+                PenaltyError::Repetition(_) => "repetition_penalty",
+                PenaltyError::Bias(_)
+                | PenaltyError::TooManyBiases(_)
+                | PenaltyError::BiasToken { .. } => "logit_bias",
+            };
+            return Err(GatewayError::invalid_param(param, e.to_string()));
+        }
+        Ok(Self { penalties, ..self })
     }
 }
 
@@ -167,5 +188,56 @@ mod tests {
         assert_eq!(sampling.top_k, Some(40));
         assert_eq!(sampling.seed, Some(7));
         assert!(Sampling::new(0.0, None, None, None).is_ok());
+    }
+
+    #[test]
+    fn penalties_outside_their_ranges_are_refused_naming_the_field() {
+        let greedy = || Sampling::new(0.0, None, None, None).unwrap();
+        let cases = [
+            (
+                Penalties {
+                    presence: 2.5,
+                    ..Penalties::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                Penalties {
+                    frequency: f32::NAN,
+                    ..Penalties::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                Penalties {
+                    repetition: 0.0,
+                    ..Penalties::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                Penalties {
+                    logit_bias: vec![(3, -101.0)],
+                    ..Penalties::default()
+                },
+                "logit_bias",
+            ),
+        ];
+        for (penalties, param) in cases {
+            match greedy().with_penalties(penalties.clone()) {
+                Err(GatewayError::InvalidParam { param: named, .. }) => assert_eq!(named, param),
+                other => panic!("{penalties:?}: {other:?}"),
+            }
+        }
+        let kept = Penalties {
+            presence: -2.0,
+            frequency: 2.0,
+            repetition: 1.2,
+            logit_bias: vec![(3, 100.0)],
+        };
+        assert_eq!(
+            greedy().with_penalties(kept.clone()).unwrap().penalties,
+            kept
+        );
     }
 }

@@ -7,16 +7,17 @@ use crate::params::{DrafterState, DrafterStats, FinishReason, Logprobs, Sampling
 use sibyl_proto::v1 as pb;
 
 impl Sampling {
-    /// A gRPC request's sampling, checked (absent: greedy; 0 leaves `top_k` and `top_p`
-    /// unset).
+    /// A gRPC request's sampling, checked (absent: greedy; 0 leaves `top_k`, `top_p` and
+    /// `repetition_penalty` unset).
     pub(crate) fn from_wire(params: Option<pb::SamplingParams>) -> Result<Self, GatewayError> {
         let params = params.unwrap_or_default();
-        Self::new(
+        let sampling = Self::new(
             params.temperature,
             (params.top_k != 0).then_some(params.top_k),
             (params.top_p != 0.0).then_some(params.top_p),
             params.seed,
-        )
+        )?;
+        sampling.with_penalties(sibyl_proto::penalties(&params))
     }
 }
 
@@ -27,6 +28,7 @@ impl From<Sampling> for pb::SamplingParams {
             top_k: sampling.top_k.unwrap_or(0),
             top_p: sampling.top_p.unwrap_or(0.0),
             seed: sampling.seed,
+            ..pb::SamplingParams::from(&sampling.penalties)
         }
     }
 }
@@ -159,9 +161,14 @@ mod tests {
             top_k: 0,
             top_p: 0.9,
             seed: Some(3),
+            presence_penalty: 0.5,
+            frequency_penalty: -0.25,
+            repetition_penalty: 1.1,
+            logit_bias: [(7, -100.0), (2, 3.5)].into_iter().collect(),
         };
         let sampling = Sampling::from_wire(Some(params())).unwrap();
         assert_eq!(sampling.top_k, None);
+        assert_eq!(sampling.penalties.logit_bias, vec![(2, 3.5), (7, -100.0)]);
         assert_eq!(pb::SamplingParams::from(sampling), params());
         assert_eq!(
             Sampling::from_wire(None).unwrap(),

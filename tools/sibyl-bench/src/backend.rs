@@ -370,7 +370,7 @@ impl Backend for Remote {
             model: self.model.clone(),
             input: Some(pb::generate_request::Input::Prompt(WARM_UP_PROMPT.into())),
             max_tokens: WARM_UP_TOKENS as u32,
-            sampling: Some(self.sampling),
+            sampling: Some(self.sampling.clone()),
             ..pb::GenerateRequest::default()
         };
         self.stream(request, &AtomicBool::new(false))?;
@@ -436,7 +436,7 @@ impl Remote {
             model: self.model.clone(),
             input: Some(input),
             max_tokens: self.max_tokens,
-            sampling: Some(self.sampling),
+            sampling: Some(self.sampling.clone()),
             speculation: Some(speculation),
             stop: Vec::new(),
             details: true,

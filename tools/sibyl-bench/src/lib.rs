@@ -25,7 +25,7 @@ use sibyl_setup::args::{
     at_least_one, DeviceArgs, DraftKind, LmArgs, ModelArgs, NgramArgs, RetrievalArgs, TreeArgs,
 };
 use sibyl_setup::{DrafterSettings, DrafterSources};
-use sibyl_spec::SamplingConfig;
+use sibyl_spec::{Penalties, SamplingConfig};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -186,8 +186,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         top_k: None,
         top_p: None,
         seed: args.seed,
+        penalties: Penalties::default(),
     };
-    sampling.validate().context("invalid sampling parameters")?;
+    sampling
+        .validate(usize::MAX)
+        .context("invalid sampling parameters")?;
     let mut backend: Box<dyn Backend> = match &args.gateway {
         Some(url) => {
             let params = pb::SamplingParams {
@@ -195,6 +198,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 top_k: 0,
                 top_p: 0.0,
                 seed: Some(args.seed),
+                ..Default::default()
             };
             Box::new(Remote::connect(url, args.max_tokens, params)?)
         }

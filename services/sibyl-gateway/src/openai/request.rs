@@ -7,6 +7,7 @@ use crate::params::{check_logprobs, Sampling, Speculation, MAX_LOGPROBS};
 use serde::Deserialize;
 use serde_json::Value;
 use sibyl_engine::ChatMessage;
+use sibyl_spec::Penalties;
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -59,6 +60,12 @@ pub(super) struct Common {
     top_logprobs: Option<Value>,
     /// How many choices to generate.
     n: Option<Value>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    /// vLLM's extension (as llama.cpp's `repeat_penalty`).
+    repetition_penalty: Option<f32>,
+    /// Token ids (as strings) to the bias added to their logits.
+    logit_bias: Option<Value>,
     #[serde(flatten)]
     unsupported: Unsupported,
 }
@@ -79,6 +86,39 @@ fn count(value: &Option<Value>) -> Option<Option<u32>> {
 pub(super) const MAX_CHOICES: usize = 8;
 
 impl Common {
+    /// The bias and penalties the request asks for; the values are checked with the rest
+    /// of the sampling ([`Sampling::with_penalties`]).
+    fn penalties(&self) -> Result<Penalties, GatewayError> {
+        let bad_bias = || {
+            GatewayError::invalid_param(
+                "logit_bias",
+                "`logit_bias` maps token ids (as strings) to numbers from -100 to 100",
+            )
+        };
+        let logit_bias = match &self.logit_bias {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Object(entries)) => {
+                let mut bias = entries
+                    .iter()
+                    .map(|(token, value)| {
+                        let token = token.trim().parse::<u32>().map_err(|_| bad_bias())?;
+                        let value = value.as_f64().ok_or_else(bad_bias)?;
+                        Ok((token, value as f32))
+                    })
+                    .collect::<Result<Vec<_>, GatewayError>>()?;
+                bias.sort_by_key(|&(token, _)| token);
+                bias
+            }
+            Some(_) => return Err(bad_bias()),
+        };
+        Ok(Penalties {
+            presence: self.presence_penalty.unwrap_or(0.0),
+            frequency: self.frequency_penalty.unwrap_or(0.0),
+            repetition: self.repetition_penalty.unwrap_or(1.0),
+            logit_bias,
+        })
+    }
+
     /// How many choices the request asks for (`n`, 1 when absent).
     pub(super) fn choices(&self) -> Result<usize, GatewayError> {
         match count(&self.n) {
@@ -182,7 +222,8 @@ impl Common {
             top_k,
             Some(self.top_p.unwrap_or(1.0)),
             self.seed,
-        )?;
+        )?
+        .with_penalties(self.penalties()?)?;
         let speculation = match self.speculation {
             None => Speculation::Default,
             Some(ext) => match (ext.enabled, ext.drafters) {

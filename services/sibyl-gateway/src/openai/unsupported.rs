@@ -14,9 +14,6 @@ pub(super) struct Unsupported {
     functions: Option<Value>,
     function_call: Option<Value>,
     response_format: Option<Value>,
-    logit_bias: Option<Value>,
-    presence_penalty: Option<Value>,
-    frequency_penalty: Option<Value>,
     echo: Option<Value>,
     best_of: Option<Value>,
     suffix: Option<Value>,
@@ -34,9 +31,8 @@ impl Unsupported {
             Some(Value::Object(fields)) => fields.is_empty(),
             other => neutral(other, &[]),
         };
-        let zero = |value: &Option<Value>| neutral(value, &[json!(0), json!(0.0)]);
         let one = |value: &Option<Value>| neutral(value, &[json!(1)]);
-        let checks: [(&'static str, bool, &str); 11] = [
+        let checks: [(&'static str, bool, &str); 8] = [
             ("tools", empty(&self.tools), "tool calls are not supported"),
             (
                 "tool_choice",
@@ -53,17 +49,6 @@ impl Unsupported {
                 "response_format",
                 neutral(&self.response_format, &[json!({"type": "text"})]),
                 "only `response_format: {\"type\": \"text\"}` is supported (no JSON mode or schema)",
-            ),
-            ("logit_bias", empty(&self.logit_bias), "`logit_bias` is not supported"),
-            (
-                "presence_penalty",
-                zero(&self.presence_penalty),
-                "penalties are not supported (the output is the model's own distribution)",
-            ),
-            (
-                "frequency_penalty",
-                zero(&self.frequency_penalty),
-                "penalties are not supported (the output is the model's own distribution)",
             ),
             ("echo", neutral(&self.echo, &[json!(false)]), "`echo` is not supported"),
             ("best_of", one(&self.best_of), "only `best_of: 1` is supported (`n` gives several choices)"),
