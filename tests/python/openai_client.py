@@ -148,6 +148,17 @@ def main() -> None:
     ]
     assert penalised[0] == penalised[1], penalised
 
+    # Structured output as the client sends it: the content parses and has the keys.
+    structured = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Name a colour as JSON."}],
+        max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "colour", "schema": {
+            "type": "object", "properties": {"colour": {"type": "string", "maxLength": 16}},
+            "required": ["colour"], "additionalProperties": False,
+        }}},
+    )
+    assert list(json.loads(structured.choices[0].message.content)) == ["colour"], structured
+
     assert [m.id for m in client.models.list()] == [model]
 
     for kwargs, status in [

@@ -1,8 +1,8 @@
 use sibyl_engine::{EngineError, KvCache, LogitRows, Model, Sequence, TreeInput};
 use sibyl_spec::{
     choose_draft_nodes, verify, AcceptanceStats, DraftCosts, Drafter, DrafterId, Proposal,
-    SamplingConfig, SamplingError, StepCosts, TokenHistory, TokenId, TokenLogprobs, TokenTree,
-    TreeBuilder, TreeLimits, MAX_TOP_LOGPROBS,
+    SamplingConfig, SamplingError, StepCosts, TokenConstraint, TokenHistory, TokenId,
+    TokenLogprobs, TokenTree, TreeBuilder, TreeLimits, MAX_TOP_LOGPROBS,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -243,6 +243,8 @@ pub struct Session {
     step_logprobs: Vec<TokenLogprobs>,
     /// What the sampling's penalties count.
     history: TokenHistory,
+    /// A rule the output follows (a grammar), if the request has one.
+    constraint: Option<Box<dyn TokenConstraint>>,
 }
 
 impl Session {
@@ -292,7 +294,15 @@ impl Session {
             prompt_time: Duration::ZERO,
             decode_started: None,
             step_logprobs: Vec::new(),
+            constraint: None,
         })
+    }
+
+    /// Holds every token of the output to `constraint` (a grammar): each is chosen from
+    /// the logits it leaves, in plain and verify steps alike.
+    pub fn with_constraint(mut self, constraint: Box<dyn TokenConstraint>) -> Self {
+        self.constraint = Some(constraint);
+        self
     }
 
     /// Processes the prompt alone, [`PROMPT_CHUNK`] tokens per forward pass, and chooses the
@@ -421,7 +431,9 @@ impl Session {
             &self.config.sampling,
             prompt_len - 1,
             &self.history,
+            self.constraint.as_deref_mut(),
         )?;
+        self.record(&[first.next_token])?;
         self.steps = 1;
         self.step_times.push(decode_started.elapsed());
         self.step_logprobs = self.logprobs_of(&[first.next_token], &[0], logits);
@@ -550,6 +562,10 @@ impl Session {
                 calls.asked += 1;
             }
         }
+        let proposals = match self.constraint.as_deref_mut() {
+            Some(constraint) => allowed(proposals, constraint),
+            None => proposals,
+        };
         let (builder, branches) = self.builder(proposals);
         let (tree, values) = builder.build_ranked();
         let plan = PlannedStep {
@@ -592,6 +608,7 @@ impl Session {
             &self.config.sampling,
             prefix_len,
             &self.history,
+            self.constraint.as_deref_mut(),
         )?;
         let mut kept = vec![0];
         kept.extend_from_slice(&outcome.path);
@@ -600,6 +617,7 @@ impl Session {
         self.steps += 1;
         self.step_times.push(elapsed);
         let emitted = outcome.emitted(&tree);
+        self.record(&emitted)?;
         // Each emitted token was chosen from the logits of the node before it.
         self.step_logprobs = self.logprobs_of(&emitted, &kept, logits);
         Ok(self.emit(&emitted))
@@ -708,6 +726,17 @@ impl Session {
             .collect()
     }
 
+    /// Tells the constraint, if any, what a step chose (all of it: what [`Session::emit`]
+    /// cuts off ends the session).
+    fn record(&mut self, tokens: &[TokenId]) -> Result<(), GenerateError> {
+        match self.constraint.as_deref_mut() {
+            Some(constraint) => constraint
+                .record(tokens)
+                .map_err(|e| SamplingError::Constraint(e).into()),
+            None => Ok(()),
+        }
+    }
+
     /// Appends a step's tokens up to a stop token or the token limit.
     fn emit(&mut self, tokens: &[TokenId]) -> Step {
         let mut finish = None;
@@ -737,6 +766,31 @@ impl Session {
             finish,
         }
     }
+}
+
+/// `proposals` cut where `constraint` forbids a token: such a draft token could never be
+/// accepted, and its row would be computed for nothing.
+fn allowed(
+    proposals: Vec<(DrafterId, Vec<Proposal>)>,
+    constraint: &mut dyn TokenConstraint,
+) -> Vec<(DrafterId, Vec<Proposal>)> {
+    proposals
+        .into_iter()
+        .map(|(id, drafts)| {
+            let drafts = drafts
+                .into_iter()
+                .filter_map(|mut proposal| {
+                    let keep = constraint.allowed_prefix(&proposal.tokens);
+                    proposal.tokens.truncate(keep);
+                    if let Some(probs) = &mut proposal.probs {
+                        probs.truncate(keep);
+                    }
+                    (keep > 0).then_some(proposal)
+                })
+                .collect();
+            (id, drafts)
+        })
+        .collect()
 }
 
 /// Prompt tokens for one forward pass ([`Session::prompt_chunk`]).

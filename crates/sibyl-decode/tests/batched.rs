@@ -8,6 +8,7 @@ use sibyl_decode::{
 };
 use sibyl_engine::testkit::{tensor_test_device, tiny_model, tiny_model_on, TinyModelConfig};
 use sibyl_engine::Model;
+use sibyl_grammar::GrammarCompiler;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_spec::{
     Drafter, DrafterId, Penalties, Proposal, SamplingConfig, StepCosts, TokenId, TokenLogprobs,
@@ -126,6 +127,32 @@ struct Request {
     not_ready_for: usize,
     /// 0: none; 1: presence and frequency penalties; 2: repetition penalty and a bias.
     penalties: u8,
+    /// Held to JSON ([`json_grammar`]).
+    constrained: bool,
+}
+
+/// The test model's vocabulary as text, for a JSON grammar: JSON's punctuation, literals
+/// and some letters and digits, in turn; the last token is the stop token.
+const PIECES: [&str; 36] = [
+    "{", "}", "[", "]", "\"", ":", ",", " ", "\n", "a", "b", "x", "0", "1", "7", "-", ".", "e",
+    "true", "false", "null", "{\"", "\":", "\",", "\"}", "ab", "12", "\\", "]}", "[1", "y", "z",
+    "3", "9", " \"", "\": ",
+];
+
+fn piece(token: TokenId) -> &'static str {
+    PIECES[token as usize % PIECES.len()]
+}
+
+/// A JSON grammar over the test model's vocabulary.
+fn json_grammar() -> &'static GrammarCompiler {
+    static COMPILER: OnceLock<GrammarCompiler> = OnceLock::new();
+    COMPILER.get_or_init(|| {
+        let tokens = (0..VOCAB).map(|id| match id {
+            stop if stop == VOCAB - 1 => (b"<|end|>".to_vec(), true),
+            id => (piece(id).as_bytes().to_vec(), false),
+        });
+        GrammarCompiler::new(tokens, &[VOCAB - 1]).unwrap()
+    })
 }
 
 fn request() -> impl Strategy<Value = Request> {
@@ -136,11 +163,16 @@ fn request() -> impl Strategy<Value = Request> {
         any::<bool>(),
         any::<bool>(),
     );
-    let settings = (0usize..6, prop_oneof![Just(0usize), 1usize..4], 0u8..3);
+    let settings = (
+        0usize..6,
+        prop_oneof![Just(0usize), 1usize..4],
+        0u8..3,
+        any::<bool>(),
+    );
     (shape, settings).prop_map(
         |(
             (prompt, max_tokens, seed, speculate, adaptive),
-            (joins_at_step, not_ready_for, penalties),
+            (joins_at_step, not_ready_for, penalties, constrained),
         )| Request {
             prompt,
             max_tokens,
@@ -150,6 +182,7 @@ fn request() -> impl Strategy<Value = Request> {
             joins_at_step,
             not_ready_for,
             penalties,
+            constrained,
         },
     )
 }
@@ -220,7 +253,11 @@ fn add(
 ) {
     let drafters = drafters(request);
     let kinds = drafters.iter().map(|d| d.kind().to_string()).collect();
-    let session = Session::new(model(), &request.prompt, config, kinds).unwrap();
+    let mut session = Session::new(model(), &request.prompt, config, kinds).unwrap();
+    if request.constrained {
+        let json = json_grammar().json_schema(r#"{"type": "object"}"#).unwrap();
+        session = session.with_constraint(Box::new(json));
+    }
     let client = TestClient {
         id,
         drafters,
@@ -253,11 +290,15 @@ fn alone(request: &Request) -> (Vec<TokenId>, Vec<TokenLogprobs>) {
     let mut plain = config(request, &cpu_like_costs());
     plain.tree.budget = 0;
     plain.learning = None;
-    let tokens = generate(model(), &request.prompt, &plain, &mut [], |_| {
-        ControlFlow::Continue(())
-    })
-    .unwrap()
-    .tokens;
+    // `generate` takes no constraint: a constrained request is checked against the
+    // scheduler's plain run alone.
+    let unconstrained = (!request.constrained).then(|| {
+        generate(model(), &request.prompt, &plain, &mut [], |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+        .tokens
+    });
     let mut scheduler = Scheduler::new(SchedulerConfig::default());
     let plain_request = Request {
         speculate: false,
@@ -268,7 +309,16 @@ fn alone(request: &Request) -> (Vec<TokenId>, Vec<TokenLogprobs>) {
     loop {
         let (mut finished, _) = scheduler.step(model());
         if let Some(done) = finished.pop() {
-            assert_eq!(done.outcome.unwrap().tokens, tokens);
+            let tokens = done.outcome.unwrap().tokens;
+            if let Some(unconstrained) = unconstrained {
+                assert_eq!(tokens, unconstrained);
+            } else {
+                let text: String = tokens.iter().map(|&t| piece(t)).collect();
+                assert!(
+                    text.trim_start().starts_with('{'),
+                    "not an object: {text:?}"
+                );
+            }
             break (tokens, done.client.logprobs);
         }
     }
@@ -358,6 +408,7 @@ fn sessions_share_steps_and_a_cancelled_one_leaves_the_others_alone() {
             joins_at_step: 0,
             not_ready_for: 0,
             penalties: 0,
+            constrained: false,
         })
         .collect();
     let mut scheduler = Scheduler::new(SchedulerConfig::default());
@@ -406,6 +457,7 @@ fn a_long_prompt_is_processed_in_chunks_while_another_session_decodes() {
         joins_at_step: 0,
         not_ready_for: 0,
         penalties: 0,
+        constrained: false,
     };
     let long = Request {
         prompt: (0..400).map(|t| (t * 5 + 1) % (VOCAB - 1)).collect(),
@@ -550,6 +602,7 @@ fn sessions_that_share_a_prompt_compute_it_once() {
             joins_at_step: 0,
             not_ready_for: 0,
             penalties: 0,
+            constrained: false,
         })
         .collect();
     let learning = cpu_like_costs();
@@ -593,6 +646,7 @@ fn a_long_cached_prompt_is_copied_a_bounded_share_per_step_beside_a_decoding_str
         joins_at_step: 0,
         not_ready_for: 0,
         penalties: 0,
+        constrained: false,
     };
     let learning = cpu_like_costs();
     let mut scheduler = Scheduler::new(SchedulerConfig {
@@ -661,6 +715,7 @@ fn the_prefix_cache_stays_within_its_budget_and_an_opted_out_request_neither_tak
             joins_at_step: 0,
             not_ready_for: 0,
             penalties: 0,
+            constrained: false,
         })
         .collect();
     let learning = cpu_like_costs();

@@ -380,6 +380,11 @@ impl TextTokenizer {
         table.get(id as usize).map_or(&[], |bytes| bytes)
     }
 
+    /// Whether `id` is a control token (`<|im_end|>` and the like), never text.
+    pub fn is_control(&self, id: TokenId) -> bool {
+        self.controls.binary_search_by_key(&id, |&(_, t)| t).is_ok()
+    }
+
     /// Tokens that end generation.
     pub fn stop_tokens(&self) -> &[TokenId] {
         &self.stop_tokens

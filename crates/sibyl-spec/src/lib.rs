@@ -11,6 +11,7 @@
 //! hand-made numbers.
 
 mod acceptance;
+mod constraint;
 mod cost;
 mod inbox;
 mod logprobs;
@@ -21,6 +22,7 @@ mod tree;
 mod verify;
 
 pub use acceptance::AcceptanceStats;
+pub use constraint::TokenConstraint;
 pub use cost::{
     choose_batch_draft_nodes, choose_draft_length, choose_draft_nodes, BatchDrafts, DraftCosts,
     StepCosts, MIN_GAIN,

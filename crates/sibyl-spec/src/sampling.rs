@@ -29,6 +29,8 @@ pub enum SamplingError {
     Logits { node: usize, vocab: usize },
     #[error(transparent)]
     Penalty(#[from] PenaltyError),
+    #[error("the output constraint failed: {0}")]
+    Constraint(String),
 }
 
 impl SamplingConfig {

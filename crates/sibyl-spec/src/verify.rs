@@ -1,3 +1,4 @@
+use crate::constraint::TokenConstraint;
 use crate::penalties::TokenHistory;
 use crate::sampling::{argmax, SamplingConfig, SamplingError, TargetDistribution};
 use crate::{SparseDist, TokenId, TokenTree};
@@ -50,7 +51,8 @@ impl Outcome {
 ///
 /// `history` holds the tokens emitted before the root's position: with penalties in
 /// `config`, each row is adjusted for them and the accepted path above its node before a
-/// token is chosen from it (see [`TokenHistory::adjust`]).
+/// token is chosen from it (see [`TokenHistory::adjust`]); `constraint` then masks the
+/// row for the same path.
 ///
 /// `root_position` is the absolute position of the tree's root; the token chosen after node
 /// `i` sits at `root_position + depth(i) + 1` and draws from that position's random stream.
@@ -64,6 +66,7 @@ pub fn verify(
     config: &SamplingConfig,
     root_position: usize,
     history: &TokenHistory,
+    mut constraint: Option<&mut (dyn TokenConstraint + '_)>,
 ) -> Result<Outcome, SamplingError> {
     let rng = PositionRng::new(config.seed);
     let mut path: Vec<usize> = Vec::new();
@@ -76,11 +79,19 @@ pub fn verify(
                 node: current,
                 vocab,
             })?;
-        if !config.penalties.is_neutral() {
+        let penalised = !config.penalties.is_neutral();
+        if penalised || constraint.is_some() {
             let above: Vec<TokenId> = path.iter().map(|&i| tree.nodes()[i].token).collect();
             adjusted.clear();
             adjusted.extend_from_slice(row);
-            history.adjust(&config.penalties, &mut adjusted, &above);
+            if penalised {
+                history.adjust(&config.penalties, &mut adjusted, &above);
+            }
+            if let Some(constraint) = constraint.as_deref_mut() {
+                constraint
+                    .mask(&above, &mut adjusted)
+                    .map_err(SamplingError::Constraint)?;
+            }
             row = &adjusted;
         }
         let children: Vec<usize> = tree.children(current).collect();

@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use sibyl_spec::stats::chi_square;
 use sibyl_spec::{
     verify, DrafterId, Penalties, Proposal, SamplingConfig, SparseDist, TargetDistribution,
-    TokenHistory, TokenId, TreeBuilder,
+    TokenConstraint, TokenHistory, TokenId, TreeBuilder,
 };
 
 /// A toy language model: logits depend on the last three tokens through a hash.
@@ -85,7 +85,9 @@ fn sampled_proposal(vocab: usize, draft_rng: &mut ChaCha8Rng) -> Proposal {
     }
 }
 
-/// Generates `count` tokens speculatively; returns them and the number of verify steps.
+/// Generates `count` tokens speculatively, every one held to `constraint` if there is one;
+/// returns them and the number of verify steps.
+#[allow(clippy::too_many_arguments)] // a test driver: every setting of a run
 fn generate(
     model: &ToyModel,
     prompt: &[TokenId],
@@ -94,6 +96,7 @@ fn generate(
     drafts: Drafts,
     draft_rng: &mut ChaCha8Rng,
     budget: usize,
+    mut constraint: Option<&mut dyn TokenConstraint>,
 ) -> (Vec<TokenId>, usize) {
     let mut context = prompt.to_vec();
     let mut history = TokenHistory::new(prompt, &config.penalties);
@@ -149,9 +152,13 @@ fn generate(
             config,
             context.len() - 1,
             &history,
+            constraint.as_deref_mut(),
         )
         .unwrap();
         let emitted = outcome.emitted(&tree);
+        if let Some(constraint) = constraint.as_deref_mut() {
+            constraint.record(&emitted).unwrap();
+        }
         history.extend(&emitted);
         context.extend(emitted);
         steps += 1;
@@ -175,9 +182,9 @@ proptest! {
         let config = SamplingConfig::greedy();
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (plain, plain_steps) =
-            generate(&model, &prompt, 24, &config, Drafts::None, &mut rng, budget);
+            generate(&model, &prompt, 24, &config, Drafts::None, &mut rng, budget, None);
         prop_assert_eq!(plain_steps, 24);
-        let (spec, _) = generate(&model, &prompt, 24, &config, Drafts::PointMass, &mut rng, budget);
+        let (spec, _) = generate(&model, &prompt, 24, &config, Drafts::PointMass, &mut rng, budget, None);
         prop_assert_eq!(&spec, &plain);
     }
 
@@ -195,8 +202,8 @@ proptest! {
             penalties: Penalties::default(),
         };
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 1);
-        let (plain, _) = generate(&model, &prompt, 16, &config, Drafts::None, &mut rng, 8);
-        let (spec, _) = generate(&model, &prompt, 16, &config, Drafts::PointMass, &mut rng, 8);
+        let (plain, _) = generate(&model, &prompt, 16, &config, Drafts::None, &mut rng, 8, None);
+        let (spec, _) = generate(&model, &prompt, 16, &config, Drafts::PointMass, &mut rng, 8, None);
         prop_assert_eq!(spec, plain);
     }
 
@@ -224,9 +231,83 @@ proptest! {
             ..SamplingConfig::greedy()
         };
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 3);
-        let (plain, _) = generate(&model, &prompt, 24, &config, Drafts::None, &mut rng, 12);
-        let (spec, _) = generate(&model, &prompt, 24, &config, Drafts::PointMass, &mut rng, 12);
+        let (plain, _) = generate(&model, &prompt, 24, &config, Drafts::None, &mut rng, 12, None);
+        let (spec, _) = generate(&model, &prompt, 24, &config, Drafts::PointMass, &mut rng, 12, None);
         prop_assert_eq!(spec, plain);
+    }
+
+    #[test]
+    fn under_a_constraint_speculation_equals_plain_decoding_greedy_and_seeded(
+        vocab in 4usize..40,
+        prompt in proptest::collection::vec(0u32..40, 1..8),
+        seed in any::<u64>(),
+        sampled in any::<bool>(),
+        frequency in 0.0f32..2.0,
+    ) {
+        let model = ToyModel { vocab, sharpness: 6.0 };
+        let prompt: Vec<TokenId> = prompt.into_iter().map(|t| t % vocab as u32).collect();
+        let config = SamplingConfig {
+            temperature: if sampled { 0.8 } else { 0.0 },
+            seed,
+            penalties: Penalties { frequency, ..Penalties::default() },
+            ..SamplingConfig::greedy()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 5);
+        let run = |drafts, rng: &mut ChaCha8Rng| {
+            let mut grammar = Parity::default();
+            generate(&model, &prompt, 20, &config, drafts, rng, 12, Some(&mut grammar)).0
+        };
+        let plain = run(Drafts::None, &mut rng);
+        let spec = run(Drafts::PointMass, &mut rng);
+        prop_assert!(
+            plain.iter().enumerate().all(|(i, &t)| Parity::allows(i, t)),
+            "{:?}", plain
+        );
+        prop_assert_eq!(spec, plain);
+    }
+}
+
+/// A toy grammar: the n-th generated token has the parity of n, and token 1 never comes.
+/// Recording a token that breaks it is an error, so a run that chose outside the mask
+/// fails.
+#[derive(Default)]
+struct Parity {
+    recorded: usize,
+}
+
+impl Parity {
+    fn allows(position: usize, token: TokenId) -> bool {
+        token != 1 && token as usize % 2 == position % 2
+    }
+}
+
+impl TokenConstraint for Parity {
+    fn mask(&mut self, path: &[TokenId], row: &mut [f32]) -> Result<(), String> {
+        let position = self.recorded + path.len();
+        if let Some(&bad) = path
+            .iter()
+            .enumerate()
+            .find(|&(i, &t)| !Self::allows(self.recorded + i, t))
+            .map(|(_, t)| t)
+        {
+            return Err(format!("path token {bad} breaks the grammar"));
+        }
+        for (token, logit) in row.iter_mut().enumerate() {
+            if !Self::allows(position, token as TokenId) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, tokens: &[TokenId]) -> Result<(), String> {
+        for &token in tokens {
+            if !Self::allows(self.recorded, token) {
+                return Err(format!("token {token} breaks the grammar"));
+            }
+            self.recorded += 1;
+        }
+        Ok(())
     }
 }
 
@@ -291,7 +372,16 @@ fn chi_square_with(drafts: Drafts, penalties: Penalties, expected_under: &Penalt
             seed: 1_000_003 * run as u64 + 17,
             ..base.clone()
         };
-        let (tokens, _) = generate(&model, &prompt, COUNT, &config, drafts, &mut draft_rng, 8);
+        let (tokens, _) = generate(
+            &model,
+            &prompt,
+            COUNT,
+            &config,
+            drafts,
+            &mut draft_rng,
+            8,
+            None,
+        );
         let code = tokens
             .iter()
             .rev()
@@ -370,7 +460,7 @@ fn a_biased_sampler_is_caught_by_the_chi_square_bound() {
             seed: run,
             ..right.clone()
         };
-        let (tokens, _) = generate(&model, &prompt, 3, &wrong, Drafts::None, &mut rng, 0);
+        let (tokens, _) = generate(&model, &prompt, 3, &wrong, Drafts::None, &mut rng, 0, None);
         let code = tokens
             .iter()
             .rev()

@@ -59,6 +59,8 @@ pub struct Generation {
     /// Report each token's log-probability and those of this many most likely tokens at
     /// its position (at most [`crate::params::MAX_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u32>,
+    /// A JSON Schema the output must match (`{"type": "object"}`: any JSON object).
+    pub json_schema: Option<String>,
     /// The API it came through (a metrics label).
     pub api: Api,
     /// Names the request in logs, traces and on the verifier; empty: the gateway makes one.
@@ -506,6 +508,7 @@ impl Gateway {
             step_times: request.details,
             prefix_cache: request.prefix_cache,
             logprobs: request.logprobs,
+            json_schema: request.json_schema.clone(),
         };
         let prompt_tokens = verify.prompt_tokens.len();
         // A verifier that cannot be reached, refuses to start (UNAVAILABLE: draining, not

@@ -74,6 +74,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             details: request.details,
             prefix_cache: request.prefix_cache,
             logprobs: request.logprobs,
+            json_schema: request.json_schema,
             api: Api::Grpc,
             request_id: String::new(),
             key_id: None,

@@ -28,7 +28,7 @@ use sibyl_proto::server::{run_role, Listener, OnLoadError, ServeError};
 use sibyl_proto::v1::verifier_server::{VerifierServer, SERVICE_NAME};
 use std::future::Future;
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tonic::transport::server::Router;
 
 /// Serves `service` on `listener` until `shutdown` completes. Health says SERVING once
@@ -90,5 +90,6 @@ fn warm_up(
         scheduler: SchedulerHandle::spawn(loaded.clone(), scheduler, runtime)?,
         loaded,
         learning: SharedLearning::default(),
+        grammar: OnceLock::new(),
     })
 }

@@ -5,8 +5,9 @@ use crate::session::{Plan, Remote, RemoteClient};
 use crate::shared::Shared;
 use sibyl_decode::{check_request, GenerationConfig, Session, SharedLearning};
 use sibyl_engine::LoadedModel;
+use sibyl_grammar::{GrammarCompiler, GrammarConstraint};
 use sibyl_proto::v1 as pb;
-use sibyl_spec::InboxLimits;
+use sibyl_spec::{InboxLimits, TokenId};
 use sibyl_telemetry::metrics::{self, GaugeGuard};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -26,6 +27,35 @@ pub(crate) struct Engine {
     /// What steps of this model cost, learned from every session (adaptive tree size).
     pub(crate) learning: SharedLearning,
     pub(crate) scheduler: SchedulerHandle,
+    /// JSON grammars over the model's vocabulary, made at the first request with a schema.
+    pub(crate) grammar: OnceLock<Result<GrammarCompiler, String>>,
+}
+
+impl Engine {
+    /// Compiles `schema` into a constraint on this model's output.
+    fn json_schema(&self, schema: &str) -> Result<GrammarConstraint, Status> {
+        let compiler = self.grammar.get_or_init(|| {
+            let started = Instant::now();
+            let tokenizer = &self.loaded.tokenizer;
+            let tokens = (0..self.loaded.model.vocab_size() as TokenId)
+                .map(|id| (tokenizer.token_bytes(id).to_vec(), tokenizer.is_control(id)));
+            let compiler = GrammarCompiler::new(tokens, tokenizer.stop_tokens());
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                ok = compiler.is_ok(),
+                "JSON-schema engine built for the vocabulary"
+            );
+            compiler.map_err(|e| e.to_string())
+        });
+        match compiler {
+            Ok(compiler) => compiler
+                .json_schema(schema)
+                .map_err(|e| Status::invalid_argument(e.to_string())),
+            Err(e) => Err(Status::failed_precondition(format!(
+                "this model cannot follow a JSON schema: {e}"
+            ))),
+        }
+    }
 }
 
 /// What admission reserves for a session: a session slot and room in the KV-cache budget
@@ -180,6 +210,10 @@ impl VerifierService {
         };
         check_request(&engine.loaded.model, &request.prompt_tokens, &generation)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let constraint = match &request.json_schema {
+            Some(schema) => Some(engine.json_schema(schema)?),
+            None => None,
+        };
         let endpoints = self.select_drafters(request.speculation.as_ref())?;
         let open = pb::DraftOpen {
             context_tokens: Vec::new(),
@@ -212,6 +246,7 @@ impl VerifierService {
             drafter_kinds: links.iter().map(|l| l.endpoint.kind.clone()).collect(),
             inbox,
             step_times: request.step_times,
+            constraint,
         };
         Ok((plan, links))
     }
@@ -313,17 +348,20 @@ impl VerifierService {
         span: &tracing::Span,
     ) -> Result<Response<ReceiverStream<Result<pb::VerifyEvent, Status>>>, Status> {
         let engine = self.engine()?.clone();
-        let (plan, links) = self.plan(&engine, request)?;
+        let (mut plan, links) = self.plan(&engine, request)?;
         let held = self.admit(&engine, &plan).await?;
         let inner = &self.inner;
         inner.started.fetch_add(1, Ordering::Relaxed);
-        let session = Session::new(
+        let mut session = Session::new(
             &engine.loaded.model,
             &plan.prompt,
             plan.config.clone(),
             plan.drafter_kinds.clone(),
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(constraint) = plan.constraint.take() {
+            session = session.with_constraint(Box::new(constraint));
+        }
         let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), plan.inbox));
         let (accepted_len, watch_len) = watch::channel(plan.prompt.len());
         let gathers = plan.config.tree.budget > 0 && !links.is_empty();

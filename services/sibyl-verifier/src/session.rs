@@ -5,6 +5,7 @@ use crate::shared::{LinkStatus, Shared};
 use sibyl_decode::{
     Client, FinishReason, GenerateError, GenerationConfig, GenerationReport, Session,
 };
+use sibyl_grammar::GrammarConstraint;
 use sibyl_proto::v1::{self as pb, verify_event::Event};
 use sibyl_spec::{DrafterId, InboxLimits, Proposal, TokenId};
 use sibyl_telemetry::metrics::{self, GaugeShare};
@@ -27,6 +28,8 @@ pub(crate) struct Plan {
     pub(crate) inbox: InboxLimits,
     /// Whether the summary lists each step's duration.
     pub(crate) step_times: bool,
+    /// The JSON grammar the output follows, compiled.
+    pub(crate) constraint: Option<GrammarConstraint>,
 }
 
 pub(crate) type Events = mpsc::Sender<Result<pb::VerifyEvent, Status>>;

@@ -66,6 +66,9 @@ pub(super) struct Common {
     repetition_penalty: Option<f32>,
     /// Token ids (as strings) to the bias added to their logits.
     logit_bias: Option<Value>,
+    /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema",
+    /// "json_schema": {"schema": ...}}`.
+    response_format: Option<Value>,
     #[serde(flatten)]
     unsupported: Unsupported,
 }
@@ -117,6 +120,27 @@ impl Common {
             repetition: self.repetition_penalty.unwrap_or(1.0),
             logit_bias,
         })
+    }
+
+    /// The JSON Schema `response_format` asks the output to match, if any.
+    fn json_schema(&self) -> Result<Option<String>, GatewayError> {
+        let bad = |message: &str| GatewayError::invalid_param("response_format", message);
+        let Some(format) = self.response_format.as_ref().filter(|f| !f.is_null()) else {
+            return Ok(None);
+        };
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(r#"{"type": "object"}"#.to_string())),
+            Some("json_schema") => match format.get("json_schema").and_then(|s| s.get("schema")) {
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => Ok(Some(schema.to_string())),
+                _ => Err(bad(
+                    "`response_format.json_schema.schema` must be a JSON Schema object",
+                )),
+            },
+            _ => Err(bad(
+                "`response_format.type` must be `text`, `json_object` or `json_schema`",
+            )),
+        }
     }
 
     /// How many choices the request asks for (`n`, 1 when absent).
@@ -190,6 +214,7 @@ impl Common {
 
     pub(super) fn generation(self, prompt: PromptInput) -> Result<Generation, GatewayError> {
         self.unsupported.check()?;
+        let json_schema = self.json_schema()?;
         let logprobs = self.logprobs(&prompt)?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (None, None) => None,
@@ -243,6 +268,7 @@ impl Common {
             details: false,
             prefix_cache: self.prefix_cache,
             logprobs,
+            json_schema,
             api: Api::Http,
             request_id: String::new(),
             key_id: None,

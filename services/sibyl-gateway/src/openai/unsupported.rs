@@ -13,7 +13,6 @@ pub(super) struct Unsupported {
     tool_choice: Option<Value>,
     functions: Option<Value>,
     function_call: Option<Value>,
-    response_format: Option<Value>,
     echo: Option<Value>,
     best_of: Option<Value>,
     suffix: Option<Value>,
@@ -32,27 +31,38 @@ impl Unsupported {
             other => neutral(other, &[]),
         };
         let one = |value: &Option<Value>| neutral(value, &[json!(1)]);
-        let checks: [(&'static str, bool, &str); 8] = [
+        let checks: [(&'static str, bool, &str); 7] = [
             ("tools", empty(&self.tools), "tool calls are not supported"),
             (
                 "tool_choice",
                 neutral(&self.tool_choice, &[json!("none"), json!("auto")]),
                 "tool calls are not supported",
             ),
-            ("functions", empty(&self.functions), "function calls are not supported"),
+            (
+                "functions",
+                empty(&self.functions),
+                "function calls are not supported",
+            ),
             (
                 "function_call",
                 neutral(&self.function_call, &[json!("none"), json!("auto")]),
                 "function calls are not supported",
             ),
             (
-                "response_format",
-                neutral(&self.response_format, &[json!({"type": "text"})]),
-                "only `response_format: {\"type\": \"text\"}` is supported (no JSON mode or schema)",
+                "echo",
+                neutral(&self.echo, &[json!(false)]),
+                "`echo` is not supported",
             ),
-            ("echo", neutral(&self.echo, &[json!(false)]), "`echo` is not supported"),
-            ("best_of", one(&self.best_of), "only `best_of: 1` is supported (`n` gives several choices)"),
-            ("suffix", neutral(&self.suffix, &[json!("")]), "`suffix` (insertion) is not supported"),
+            (
+                "best_of",
+                one(&self.best_of),
+                "only `best_of: 1` is supported (`n` gives several choices)",
+            ),
+            (
+                "suffix",
+                neutral(&self.suffix, &[json!("")]),
+                "`suffix` (insertion) is not supported",
+            ),
         ];
         match checks.into_iter().find(|(_, ok, _)| !ok) {
             Some((param, _, message)) => Err(GatewayError::invalid_param(param, message)),

@@ -1,0 +1,160 @@
+//! JSON-schema constraints over a small byte-level vocabulary, driven by random logits:
+//! whatever the logits, the output is JSON that matches the schema.
+
+use serde_json::Value;
+use sibyl_grammar::{GrammarCompiler, GrammarError};
+use sibyl_spec::{argmax, TokenConstraint, TokenId};
+
+/// Printable ASCII one byte a token, some longer pieces, and a stop token last.
+fn vocabulary() -> (Vec<(Vec<u8>, bool)>, TokenId) {
+    let mut tokens: Vec<(Vec<u8>, bool)> = (0x20u8..0x7f).map(|b| (vec![b], false)).collect();
+    for piece in [
+        "{\"", "\":", "\",", "\"}", "true", "false", "null", "\n", "  ", "12", "ab",
+    ] {
+        tokens.push((piece.as_bytes().to_vec(), false));
+    }
+    // An id the tokenizer lacks, and a control token that looks like text.
+    tokens.push((Vec::new(), false));
+    tokens.push((b"<|im_start|>".to_vec(), true));
+    let stop = tokens.len() as TokenId;
+    tokens.push((b"<|im_end|>".to_vec(), true));
+    (tokens, stop)
+}
+
+/// A small deterministic generator of logits.
+struct Noise(u64);
+
+impl Noise {
+    fn row(&mut self, vocab: usize) -> Vec<f32> {
+        (0..vocab)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 8.0
+            })
+            .collect()
+    }
+}
+
+/// Greedy generation under `schema` from random logits, up to a stop token.
+fn generate(compiler: &GrammarCompiler, schema: &str, seed: u64) -> String {
+    let (tokens, stop) = vocabulary();
+    let mut constraint = compiler.json_schema(schema).unwrap();
+    let mut noise = Noise(seed);
+    let mut out = Vec::new();
+    for _ in 0..5_000 {
+        let mut row = noise.row(tokens.len());
+        constraint.mask(&[], &mut row).unwrap();
+        let token = argmax(&row);
+        assert!(row[token as usize].is_finite(), "every token masked");
+        if token == stop {
+            return String::from_utf8(out).unwrap();
+        }
+        constraint.record(&[token]).unwrap();
+        out.extend_from_slice(&tokens[token as usize].0);
+    }
+    panic!("no stop token in 5000: {}", String::from_utf8_lossy(&out));
+}
+
+fn compiler() -> GrammarCompiler {
+    let (tokens, stop) = vocabulary();
+    GrammarCompiler::new(tokens, &[stop]).unwrap()
+}
+
+#[test]
+fn random_logits_under_a_schema_give_json_that_matches_it() {
+    let compiler = compiler();
+    let schema = r#"{
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 6},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": false
+    }"#;
+    for seed in 0..20 {
+        let text = generate(&compiler, schema, seed);
+        let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let object = value.as_object().unwrap();
+        assert_eq!(object.len(), 3, "{text}");
+        assert!(
+            object["name"].as_str().unwrap().chars().count() <= 6,
+            "{text}"
+        );
+        assert!(
+            (0..=120).contains(&object["age"].as_i64().unwrap()),
+            "{text}"
+        );
+        let tags = object["tags"].as_array().unwrap();
+        assert!(
+            tags.len() <= 3 && tags.iter().all(|t| t == "a" || t == "b"),
+            "{text}"
+        );
+        assert!(!text.contains("<|"), "a control token's text in {text}");
+    }
+}
+
+#[test]
+fn json_object_mode_gives_an_object() {
+    let compiler = compiler();
+    for seed in 0..10 {
+        let text = generate(&compiler, r#"{"type": "object"}"#, seed);
+        match serde_json::from_str::<Value>(&text) {
+            Ok(value) => assert!(value.is_object(), "{text}"),
+            // JSON bounds no number (random logits write 1e400); serde_json's f64 does.
+            Err(e) if e.to_string().starts_with("number out of range") => {
+                assert!(text.trim_start().starts_with('{'), "{text}")
+            }
+            Err(e) => panic!("{e}: {text}"),
+        }
+    }
+}
+
+#[test]
+fn a_mask_for_a_path_then_a_record_of_another_leaves_the_state_of_the_record() {
+    let compiler = compiler();
+    let (tokens, _) = vocabulary();
+    let id = |text: &str| {
+        tokens
+            .iter()
+            .position(|(t, _)| t == text.as_bytes())
+            .unwrap() as TokenId
+    };
+    let schema = r#"{"type": "object", "properties": {"k": {"type": "integer"}}}"#;
+    let (open, k, colon, one, two) = (id("{\""), id("k"), id("\":"), id("1"), id("2"));
+    let mut walked = compiler.json_schema(schema).unwrap();
+    let mut row = vec![0.0; tokens.len()];
+    // A verify walk down one path, then the step emits a shorter, different one.
+    for depth in 0..4 {
+        let path = [open, k, colon, one];
+        walked.mask(&path[..depth], &mut row).unwrap();
+    }
+    walked.record(&[open, k, colon, two]).unwrap();
+    let mut direct = compiler.json_schema(schema).unwrap();
+    direct.record(&[open, k]).unwrap();
+    direct.record(&[colon, two]).unwrap();
+    let (mut a, mut b) = (vec![0.0; tokens.len()], vec![0.0; tokens.len()]);
+    walked.mask(&[], &mut a).unwrap();
+    direct.mask(&[], &mut b).unwrap();
+    assert_eq!(a, b);
+    assert!(a[id("}") as usize].is_finite() && a[id("a") as usize] == f32::NEG_INFINITY);
+}
+
+#[test]
+fn bad_schemas_are_refused_with_a_message() {
+    let compiler = compiler();
+    let refuse = |schema: &str| compiler.json_schema(schema).err().unwrap();
+    assert!(matches!(refuse("{not json"), GrammarError::NotJson(_)));
+    assert_eq!(refuse("[1, 2]"), GrammarError::NotSchema);
+    let error = refuse(r##"{"$ref": "#/definitions/missing"}"##);
+    assert!(matches!(error, GrammarError::Schema(_)), "{error:?}");
+    assert!(error.to_string().contains("missing"), "{error}");
+    assert_eq!(
+        GrammarCompiler::new(vocabulary().0, &[]).err(),
+        Some(GrammarError::NoStopToken)
+    );
+}
