@@ -110,6 +110,7 @@ pub fn sampling_config(
         temperature: params.temperature,
         top_k,
         top_p: (params.top_p != 0.0).then_some(params.top_p),
+        min_p: (params.min_p != 0.0).then_some(params.min_p),
         seed: params.seed.unwrap_or_else(seed),
         penalties: penalties(params),
     })
@@ -154,6 +155,7 @@ impl From<&SamplingConfig> for pb::SamplingParams {
                 .top_k
                 .map_or(0, |k| u32::try_from(k).unwrap_or(u32::MAX)),
             top_p: config.top_p.unwrap_or(0.0),
+            min_p: config.min_p.unwrap_or(0.0),
             seed: Some(config.seed),
             ..pb::SamplingParams::from(&config.penalties)
         }

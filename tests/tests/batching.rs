@@ -32,6 +32,7 @@ fn request(prompt: Vec<u32>, max_tokens: u32, seed: Option<u64>) -> pb::VerifyRe
         prefix_cache: None,
         logprobs: None,
         json_schema: None,
+        ..Default::default()
     }
 }
 

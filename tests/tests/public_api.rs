@@ -548,6 +548,87 @@ async fn a_json_schema_holds_the_output_and_speculation_does_not_change_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllms_ending_and_min_p_settings_are_honoured() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let mut gateway = cluster.gateway_client().await.unwrap();
+    let run = |extra: pb::GenerateRequest| pb::GenerateRequest {
+        details: true,
+        ..extra
+    };
+    let (_, plain) = generate_text(&mut gateway, run(prompt_request("1, 2, 3, 4,", 10)), |_| {})
+        .await
+        .unwrap();
+    let tokens = plain.token_ids.clone();
+    // A stop token id: the output ends before its first occurrence.
+    let cut = (1..tokens.len())
+        .find(|&i| !tokens[..i].contains(&tokens[i]))
+        .unwrap();
+    let (_, stopped) = generate_text(
+        &mut gateway,
+        run(pb::GenerateRequest {
+            stop_token_ids: vec![tokens[cut]],
+            ..prompt_request("1, 2, 3, 4,", 10)
+        }),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(stopped.token_ids, tokens[..cut]);
+    assert_eq!(stopped.finish_reason, pb::FinishReason::Stop as i32);
+    // min_p 1 keeps only the most likely token: sampling at temperature 1 is greedy.
+    let (_, sampled) = generate_text(
+        &mut gateway,
+        run(pb::GenerateRequest {
+            sampling: Some(pb::SamplingParams {
+                temperature: 1.0,
+                min_p: 1.0,
+                seed: Some(5),
+                ..Default::default()
+            }),
+            ..prompt_request("1, 2, 3, 4,", 10)
+        }),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(sampled.token_ids, tokens);
+    // A short answer: with ignore_eos it runs to max_tokens, with min_tokens to at least
+    // that many.
+    let chat = |extra: Value| {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 48, "temperature": 0,
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let cluster = &cluster;
+        async move { post(cluster, "/v1/chat/completions", &[], &body).await }
+    };
+    let short = chat(json!({})).await.json();
+    let short_len = short["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(short["choices"][0]["finish_reason"], "stop", "{short}");
+    assert!(short_len < 40, "{short}");
+    let long = chat(json!({"ignore_eos": true})).await.json();
+    assert_eq!(long["usage"]["completion_tokens"], 48, "{long}");
+    assert_eq!(long["choices"][0]["finish_reason"], "length", "{long}");
+    let least = short_len + 5;
+    let held = chat(json!({"min_tokens": least})).await.json();
+    assert!(
+        held["usage"]["completion_tokens"].as_u64().unwrap() >= least,
+        "{held}"
+    );
+    let refused = chat(json!({"min_p": 1.5})).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["param"], "min_p");
+    let outside = chat(json!({"stop_token_ids": [4_000_000]})).await;
+    assert_eq!(outside.status, 400, "{}", outside.body);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_choices_are_each_what_the_request_gives_alone_with_its_seed() {
     let cluster = Cluster::start(ClusterOptions::default())
         .await

@@ -35,6 +35,7 @@ fn request(prompt: &[u32], max_tokens: u32, speculation: pb::SpeculationMode) ->
         prefix_cache: None,
         logprobs: None,
         json_schema: None,
+        ..Default::default()
     }
 }
 

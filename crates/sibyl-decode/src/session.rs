@@ -78,6 +78,9 @@ impl GenerationConfig {
     }
 }
 
+/// Most tokens that may end one generation (the model's and a request's own).
+pub const MAX_STOP_TOKENS: usize = 256;
+
 /// A request that cannot run, or a failure while running it.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -91,6 +94,10 @@ pub enum GenerateError {
     PromptToken { token: TokenId, vocab: usize },
     #[error("at most {MAX_TOP_LOGPROBS} most likely tokens can be returned per position, not {0}")]
     TooManyLogprobs(usize),
+    #[error("stop token {token} is outside the vocabulary of {vocab}")]
+    StopToken { token: TokenId, vocab: usize },
+    #[error("at most {MAX_STOP_TOKENS} stop tokens, not {0}")]
+    TooManyStopTokens(usize),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
     #[error("model: {0}")]
@@ -197,6 +204,12 @@ pub fn check_request(
     if let Some(n) = config.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
         return Err(GenerateError::TooManyLogprobs(n));
     }
+    if config.stop_tokens.len() > MAX_STOP_TOKENS {
+        return Err(GenerateError::TooManyStopTokens(config.stop_tokens.len()));
+    }
+    if let Some(&token) = config.stop_tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(GenerateError::StopToken { token, vocab });
+    }
     Ok(())
 }
 
@@ -243,8 +256,8 @@ pub struct Session {
     step_logprobs: Vec<TokenLogprobs>,
     /// What the sampling's penalties count.
     history: TokenHistory,
-    /// A rule the output follows (a grammar), if the request has one.
-    constraint: Option<Box<dyn TokenConstraint>>,
+    /// Rules the output follows (a grammar, a least length), applied in order.
+    constraints: Vec<Box<dyn TokenConstraint>>,
 }
 
 impl Session {
@@ -294,15 +307,21 @@ impl Session {
             prompt_time: Duration::ZERO,
             decode_started: None,
             step_logprobs: Vec::new(),
-            constraint: None,
+            constraints: Vec::new(),
         })
     }
 
-    /// Holds every token of the output to `constraint` (a grammar): each is chosen from
-    /// the logits it leaves, in plain and verify steps alike.
+    /// Holds every token of the output to `constraint` too (a grammar, a least length),
+    /// after those added before it: each is chosen from the logits they leave, in plain
+    /// and verify steps alike.
     pub fn with_constraint(mut self, constraint: Box<dyn TokenConstraint>) -> Self {
-        self.constraint = Some(constraint);
+        self.constraints.push(constraint);
         self
+    }
+
+    /// The constraints as one, if there are any.
+    fn constraint(&mut self) -> Option<&mut dyn TokenConstraint> {
+        as_one(&mut self.constraints)
     }
 
     /// Processes the prompt alone, [`PROMPT_CHUNK`] tokens per forward pass, and chooses the
@@ -424,6 +443,7 @@ impl Session {
         let decode_started = Instant::now();
         self.decode_started = Some(decode_started);
         // The first token comes from the prompt's last logits: a root-only step.
+        let constraint = as_one(&mut self.constraints);
         let first = verify(
             &TokenTree::root_only(*self.context.last().unwrap_or(&0)),
             logits,
@@ -431,7 +451,7 @@ impl Session {
             &self.config.sampling,
             prompt_len - 1,
             &self.history,
-            self.constraint.as_deref_mut(),
+            constraint,
         )?;
         self.record(&[first.next_token])?;
         self.steps = 1;
@@ -562,7 +582,7 @@ impl Session {
                 calls.asked += 1;
             }
         }
-        let proposals = match self.constraint.as_deref_mut() {
+        let proposals = match self.constraint() {
             Some(constraint) => allowed(proposals, constraint),
             None => proposals,
         };
@@ -601,6 +621,7 @@ impl Session {
             (false, 1) => self.plain_streak + 1,
             _ => 0,
         };
+        let constraint = as_one(&mut self.constraints);
         let outcome = verify(
             &tree,
             logits,
@@ -608,7 +629,7 @@ impl Session {
             &self.config.sampling,
             prefix_len,
             &self.history,
-            self.constraint.as_deref_mut(),
+            constraint,
         )?;
         let mut kept = vec![0];
         kept.extend_from_slice(&outcome.path);
@@ -729,7 +750,7 @@ impl Session {
     /// Tells the constraint, if any, what a step chose (all of it: what [`Session::emit`]
     /// cuts off ends the session).
     fn record(&mut self, tokens: &[TokenId]) -> Result<(), GenerateError> {
-        match self.constraint.as_deref_mut() {
+        match self.constraint() {
             Some(constraint) => constraint
                 .record(tokens)
                 .map_err(|e| SamplingError::Constraint(e).into()),
@@ -765,6 +786,14 @@ impl Session {
             tokens: accepted.to_vec(),
             finish,
         }
+    }
+}
+
+/// `constraints` as one, if there are any.
+fn as_one(constraints: &mut Vec<Box<dyn TokenConstraint>>) -> Option<&mut dyn TokenConstraint> {
+    match constraints.is_empty() {
+        true => None,
+        false => Some(constraints),
     }
 }
 

@@ -11,8 +11,8 @@ use sibyl_engine::Model;
 use sibyl_grammar::GrammarCompiler;
 use sibyl_ngram::{NgramConfig, NgramDrafter};
 use sibyl_spec::{
-    Drafter, DrafterId, Penalties, Proposal, SamplingConfig, StepCosts, TokenId, TokenLogprobs,
-    TreeLimits,
+    Drafter, DrafterId, MinTokens, Penalties, Proposal, SamplingConfig, StepCosts, TokenId,
+    TokenLogprobs, TreeLimits,
 };
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -210,6 +210,7 @@ fn config(request: &Request, learning: &SharedLearning) -> GenerationConfig {
             temperature: 0.9,
             top_k: None,
             top_p: Some(0.95),
+            min_p: (request.penalties == 2).then_some(0.05),
             seed,
             penalties,
         },
@@ -256,7 +257,9 @@ fn add(
     let mut session = Session::new(model(), &request.prompt, config, kinds).unwrap();
     if request.constrained {
         let json = json_grammar().json_schema(r#"{"type": "object"}"#).unwrap();
-        session = session.with_constraint(Box::new(json));
+        session = session
+            .with_constraint(Box::new(json))
+            .with_constraint(Box::new(MinTokens::new(4, vec![VOCAB - 1])));
     }
     let client = TestClient {
         id,

@@ -359,6 +359,11 @@ pub struct SamplingArgs {
     #[arg(long)]
     pub top_k: Option<usize>,
 
+    /// Keep only the tokens at least this many times as likely as the most likely one
+    /// (after temperature), in [0, 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+
     /// Seed of the sampling (default: random, printed in the summary).
     #[arg(long)]
     pub seed: Option<u64>,

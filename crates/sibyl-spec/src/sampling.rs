@@ -10,6 +10,9 @@ pub struct SamplingConfig {
     pub top_k: Option<usize>,
     /// Keep the smallest set of most likely tokens whose mass reaches `top_p` (`None`: 1).
     pub top_p: Option<f32>,
+    /// Keep the tokens at least `min_p` times as likely as the most likely one, after
+    /// temperature and before top-k and top-p (`None`: all).
+    pub min_p: Option<f32>,
     /// Seed of the request's random stream.
     pub seed: u64,
     /// Bias and penalties applied to the logits before any of the above.
@@ -25,6 +28,8 @@ pub enum SamplingError {
     TopP(f32),
     #[error("top_k must be at least 1")]
     TopK,
+    #[error("min_p must be in [0, 1], got {0}")]
+    MinP(f32),
     #[error("the target's logits for node {node} are missing or not {vocab} wide")]
     Logits { node: usize, vocab: usize },
     #[error(transparent)]
@@ -39,6 +44,7 @@ impl SamplingConfig {
             temperature: 0.0,
             top_k: None,
             top_p: None,
+            min_p: None,
             seed: 0,
             penalties: Penalties::default(),
         }
@@ -58,6 +64,11 @@ impl SamplingConfig {
         }
         if self.top_k == Some(0) {
             return Err(SamplingError::TopK);
+        }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(SamplingError::MinP(p));
+            }
         }
         Ok(())
     }
@@ -107,6 +118,14 @@ impl TargetDistribution {
                 }
             })
             .collect();
+        // The most likely token's weight is 1 here: min-p keeps the weights of at least p.
+        if let Some(min_p) = config.min_p.filter(|&p| p > 0.0) {
+            for p in probs.iter_mut() {
+                if *p < f64::from(min_p) {
+                    *p = 0.0;
+                }
+            }
+        }
         if let Some(k) = config.top_k.filter(|&k| k < probs.len()) {
             let mut sorted = probs.clone();
             let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
@@ -222,6 +241,7 @@ mod tests {
             temperature,
             top_k,
             top_p,
+            min_p: None,
             seed: 1,
             penalties: Penalties::default(),
         }
@@ -245,6 +265,31 @@ mod tests {
         assert!(k.prob(1) > k.prob(2) && k.prob(2) > 0.0);
         let p = TargetDistribution::new(&logits, &config(1.0, None, Some(0.5)));
         assert_eq!(p.prob(1), 1.0);
+    }
+
+    #[test]
+    fn min_p_keeps_tokens_as_likely_as_a_share_of_the_top_one_after_temperature() {
+        // Weights 1, e^-1, e^-2, e^-3 against the top token at temperature 1.
+        let logits = [0.0f32, 3.0, 2.0, 1.0];
+        let min_p = |temperature, p| {
+            let config = SamplingConfig {
+                min_p: Some(p),
+                ..config(temperature, None, None)
+            };
+            let d = TargetDistribution::new(&logits, &config);
+            (0..4).filter(|&t| d.prob(t) > 0.0).count()
+        };
+        assert_eq!(min_p(1.0, 0.3), 2);
+        assert_eq!(min_p(1.0, 0.1), 3);
+        // Hotter, the tail is nearer the top.
+        assert_eq!(min_p(4.0, 0.3), 4);
+        assert_eq!(min_p(1.0, 1.0), 1);
+        assert!(SamplingConfig {
+            min_p: Some(1.5),
+            ..config(1.0, None, None)
+        }
+        .validate(4)
+        .is_err());
     }
 
     #[test]

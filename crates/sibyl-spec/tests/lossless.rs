@@ -198,6 +198,7 @@ proptest! {
             temperature: 0.8,
             top_k: Some(6),
             top_p: Some(0.95),
+            min_p: Some(0.1),
             seed,
             penalties: Penalties::default(),
         };
@@ -357,6 +358,7 @@ fn chi_square_with(drafts: Drafts, penalties: Penalties, expected_under: &Penalt
         temperature: 0.9,
         top_k: None,
         top_p: None,
+        min_p: None,
         seed: 0,
         penalties,
     };
@@ -448,6 +450,7 @@ fn a_biased_sampler_is_caught_by_the_chi_square_bound() {
         temperature: 0.9,
         top_k: None,
         top_p: None,
+        min_p: None,
         seed: 0,
         penalties: Penalties::default(),
     };

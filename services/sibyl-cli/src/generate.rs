@@ -57,6 +57,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
             temperature: args.sampling.temperature,
             top_k: args.sampling.top_k,
             top_p: args.sampling.top_p,
+            min_p: args.sampling.min_p,
             seed,
             penalties: args.sampling.penalties(),
         };

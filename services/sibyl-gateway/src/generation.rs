@@ -61,12 +61,41 @@ pub struct Generation {
     pub logprobs: Option<u32>,
     /// A JSON Schema the output must match (`{"type": "object"}`: any JSON object).
     pub json_schema: Option<String>,
+    /// How the generation may end (vLLM's `min_tokens`, `ignore_eos`, `stop_token_ids`).
+    pub ending: Ending,
     /// The API it came through (a metrics label).
     pub api: Api,
     /// Names the request in logs, traces and on the verifier; empty: the gateway makes one.
     pub request_id: String,
     /// The API key it came with (its id, never the key), for logs.
     pub key_id: Option<KeyId>,
+}
+
+/// How a generation may end, beyond `max_tokens` and stop strings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ending {
+    /// No stop token before this many tokens.
+    pub min_tokens: u32,
+    /// The model's own stop tokens do not end it.
+    pub ignore_eos: bool,
+    /// More tokens that end it.
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// Most `stop_token_ids` a request may list.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+
+impl Ending {
+    /// Checks the list's length; the verifier checks the ids against its vocabulary.
+    pub fn checked(self) -> Result<Self, GatewayError> {
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(GatewayError::invalid_param(
+                "stop_token_ids",
+                format!("at most {MAX_STOP_TOKEN_IDS} `stop_token_ids`"),
+            ));
+        }
+        Ok(self)
+    }
 }
 
 /// The API a request came through.
@@ -509,6 +538,9 @@ impl Gateway {
             prefix_cache: request.prefix_cache,
             logprobs: request.logprobs,
             json_schema: request.json_schema.clone(),
+            min_tokens: request.ending.min_tokens,
+            ignore_eos: request.ending.ignore_eos,
+            stop_token_ids: request.ending.stop_token_ids.clone(),
         };
         let prompt_tokens = verify.prompt_tokens.len();
         // A verifier that cannot be reached, refuses to start (UNAVAILABLE: draining, not

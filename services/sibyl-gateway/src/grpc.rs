@@ -1,6 +1,6 @@
 //! The `sibyl.v1.Gateway` gRPC service.
 
-use crate::generation::{Api, Gateway, GatewayError, Generation, Output, PromptInput};
+use crate::generation::{Api, Ending, Gateway, GatewayError, Generation, Output, PromptInput};
 use crate::params::{Sampling, Speculation};
 use sibyl_engine::ChatMessage;
 use sibyl_proto::auth::KeyId;
@@ -75,6 +75,13 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             prefix_cache: request.prefix_cache,
             logprobs: request.logprobs,
             json_schema: request.json_schema,
+            ending: Ending {
+                min_tokens: request.min_tokens,
+                ignore_eos: request.ignore_eos,
+                stop_token_ids: request.stop_token_ids,
+            }
+            .checked()
+            .map_err(Status::from)?,
             api: Api::Grpc,
             request_id: String::new(),
             key_id: None,

@@ -17,6 +17,8 @@ pub struct Sampling {
     pub top_k: Option<u32>,
     /// Keep the most likely tokens whose mass reaches `top_p` (`None`: all).
     pub top_p: Option<f32>,
+    /// Keep the tokens at least `min_p` times as likely as the most likely (`None`: all).
+    pub min_p: Option<f32>,
     /// Seed of the request's random stream (`None`: the gateway picks one and reports it).
     pub seed: Option<u64>,
     /// Bias and penalties applied to the logits first.
@@ -54,9 +56,24 @@ impl Sampling {
             temperature,
             top_k,
             top_p,
+            min_p: None,
             seed,
             penalties: Penalties::default(),
         })
+    }
+
+    /// The same with `min_p` (in [0, 1]; 0 or `None` keeps all tokens), checked.
+    pub fn with_min_p(self, min_p: Option<f32>) -> Result<Self, GatewayError> {
+        match min_p {
+            Some(p) if !(0.0..=1.0).contains(&p) => Err(GatewayError::invalid_param(
+                "min_p",
+                "`min_p` must be between 0 and 1",
+            )),
+            _ => Ok(Self {
+                min_p: min_p.filter(|&p| p > 0.0),
+                ..self
+            }),
+        }
     }
 
     /// The same with `penalties`, checked (biased tokens against the vocabulary by the

@@ -17,7 +17,9 @@ impl Sampling {
             (params.top_p != 0.0).then_some(params.top_p),
             params.seed,
         )?;
-        sampling.with_penalties(sibyl_proto::penalties(&params))
+        sampling
+            .with_min_p(Some(params.min_p))?
+            .with_penalties(sibyl_proto::penalties(&params))
     }
 }
 
@@ -27,6 +29,7 @@ impl From<Sampling> for pb::SamplingParams {
             temperature: sampling.temperature,
             top_k: sampling.top_k.unwrap_or(0),
             top_p: sampling.top_p.unwrap_or(0.0),
+            min_p: sampling.min_p.unwrap_or(0.0),
             seed: sampling.seed,
             ..pb::SamplingParams::from(&sampling.penalties)
         }
@@ -165,6 +168,7 @@ mod tests {
             frequency_penalty: -0.25,
             repetition_penalty: 1.1,
             logit_bias: [(7, -100.0), (2, 3.5)].into_iter().collect(),
+            min_p: 0.05,
         };
         let sampling = Sampling::from_wire(Some(params())).unwrap();
         assert_eq!(sampling.top_k, None);

@@ -7,7 +7,7 @@ use sibyl_decode::{check_request, GenerationConfig, Session, SharedLearning};
 use sibyl_engine::LoadedModel;
 use sibyl_grammar::{GrammarCompiler, GrammarConstraint};
 use sibyl_proto::v1 as pb;
-use sibyl_spec::{InboxLimits, TokenId};
+use sibyl_spec::{InboxLimits, MinTokens, TokenConstraint, TokenId};
 use sibyl_telemetry::metrics::{self, GaugeGuard};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -204,16 +204,26 @@ impl VerifierService {
             sampling,
             tree: speculation.tree,
             learning: speculation.adaptive_tree.then(|| engine.learning.clone()),
-            stop_tokens: tokenizer.stop_tokens().to_vec(),
+            stop_tokens: match request.ignore_eos {
+                true => Vec::new(),
+                false => tokenizer.stop_tokens().to_vec(),
+            }
+            .into_iter()
+            .chain(request.stop_token_ids.iter().copied())
+            .collect(),
             prefix_cache: request.prefix_cache.unwrap_or(true),
             logprobs: request.logprobs.map(|n| n as usize),
         };
         check_request(&engine.loaded.model, &request.prompt_tokens, &generation)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let constraint = match &request.json_schema {
-            Some(schema) => Some(engine.json_schema(schema)?),
-            None => None,
-        };
+        let mut constraints: Vec<Box<dyn TokenConstraint + Sync>> = Vec::new();
+        if let Some(schema) = &request.json_schema {
+            constraints.push(Box::new(engine.json_schema(schema)?));
+        }
+        if request.min_tokens > 0 {
+            let min = MinTokens::new(request.min_tokens as usize, generation.stop_tokens.clone());
+            constraints.push(Box::new(min));
+        }
         let endpoints = self.select_drafters(request.speculation.as_ref())?;
         let open = pb::DraftOpen {
             context_tokens: Vec::new(),
@@ -246,7 +256,7 @@ impl VerifierService {
             drafter_kinds: links.iter().map(|l| l.endpoint.kind.clone()).collect(),
             inbox,
             step_times: request.step_times,
-            constraint,
+            constraints,
         };
         Ok((plan, links))
     }
@@ -359,8 +369,8 @@ impl VerifierService {
             plan.drafter_kinds.clone(),
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Some(constraint) = plan.constraint.take() {
-            session = session.with_constraint(Box::new(constraint));
+        for constraint in plan.constraints.drain(..) {
+            session = session.with_constraint(constraint);
         }
         let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), plan.inbox));
         let (accepted_len, watch_len) = watch::channel(plan.prompt.len());

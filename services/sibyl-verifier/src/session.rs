@@ -5,9 +5,8 @@ use crate::shared::{LinkStatus, Shared};
 use sibyl_decode::{
     Client, FinishReason, GenerateError, GenerationConfig, GenerationReport, Session,
 };
-use sibyl_grammar::GrammarConstraint;
 use sibyl_proto::v1::{self as pb, verify_event::Event};
-use sibyl_spec::{DrafterId, InboxLimits, Proposal, TokenId};
+use sibyl_spec::{DrafterId, InboxLimits, Proposal, TokenConstraint, TokenId};
 use sibyl_telemetry::metrics::{self, GaugeShare};
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -28,8 +27,8 @@ pub(crate) struct Plan {
     pub(crate) inbox: InboxLimits,
     /// Whether the summary lists each step's duration.
     pub(crate) step_times: bool,
-    /// The JSON grammar the output follows, compiled.
-    pub(crate) constraint: Option<GrammarConstraint>,
+    /// What the output is held to (a JSON grammar, a least length), in order.
+    pub(crate) constraints: Vec<Box<dyn TokenConstraint + Sync>>,
 }
 
 pub(crate) type Events = mpsc::Sender<Result<pb::VerifyEvent, Status>>;

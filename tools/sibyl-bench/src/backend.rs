@@ -442,7 +442,7 @@ impl Remote {
             details: true,
             prefix_cache: Some(self.prefix_cache),
             logprobs: None,
-            json_schema: None,
+            ..Default::default()
         }
     }
 

@@ -185,6 +185,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         temperature: args.temperature,
         top_k: None,
         top_p: None,
+        min_p: None,
         seed: args.seed,
         penalties: Penalties::default(),
     };

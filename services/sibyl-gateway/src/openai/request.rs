@@ -2,7 +2,7 @@
 //! the fields both endpoints share are read and checked in one place ([`Common`]).
 
 use super::unsupported::Unsupported;
-use crate::generation::{Api, GatewayError, Generation, PromptInput};
+use crate::generation::{Api, Ending, GatewayError, Generation, PromptInput};
 use crate::params::{check_logprobs, Sampling, Speculation, MAX_LOGPROBS};
 use serde::Deserialize;
 use serde_json::Value;
@@ -69,6 +69,12 @@ pub(super) struct Common {
     /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema",
     /// "json_schema": {"schema": ...}}`.
     response_format: Option<Value>,
+    /// vLLM's extensions.
+    min_p: Option<f32>,
+    min_tokens: Option<u32>,
+    #[serde(default)]
+    ignore_eos: bool,
+    stop_token_ids: Option<Vec<u32>>,
     #[serde(flatten)]
     unsupported: Unsupported,
 }
@@ -248,7 +254,8 @@ impl Common {
             Some(self.top_p.unwrap_or(1.0)),
             self.seed,
         )?
-        .with_penalties(self.penalties()?)?;
+        .with_penalties(self.penalties()?)?
+        .with_min_p(self.min_p)?;
         let speculation = match self.speculation {
             None => Speculation::Default,
             Some(ext) => match (ext.enabled, ext.drafters) {
@@ -269,6 +276,12 @@ impl Common {
             prefix_cache: self.prefix_cache,
             logprobs,
             json_schema,
+            ending: Ending {
+                min_tokens: self.min_tokens.unwrap_or(0),
+                ignore_eos: self.ignore_eos,
+                stop_token_ids: self.stop_token_ids.unwrap_or_default(),
+            }
+            .checked()?,
             api: Api::Http,
             request_id: String::new(),
             key_id: None,
