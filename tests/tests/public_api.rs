@@ -629,6 +629,52 @@ async fn vllms_ending_and_min_p_settings_are_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_gives_the_prompt_tokens_a_generation_uses_and_detokenize_the_text() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let text = "1, 2, 3, 4,";
+    let tokenized = post(&cluster, "/tokenize", &[], &json!({"prompt": text})).await;
+    assert_eq!(tokenized.status, 200, "{}", tokenized.body);
+    let tokenized = tokenized.json();
+    let tokens: Vec<u32> = serde_json::from_value(tokenized["tokens"].clone()).unwrap();
+    assert_eq!(tokens, cluster.tokenize(text));
+    assert_eq!(tokenized["count"], tokens.len());
+    assert!(tokenized["max_model_len"].as_u64().unwrap() > tokens.len() as u64);
+    let back = post(&cluster, "/detokenize", &[], &json!({"tokens": tokens})).await;
+    assert_eq!(back.status, 200, "{}", back.body);
+    assert_eq!(back.json()["prompt"], text);
+    // A chat counts what the template renders: the prompt tokens of a generation.
+    let messages = json!([{"role": "user", "content": "Say hi."}]);
+    let chat = post(&cluster, "/tokenize", &[], &json!({"messages": messages}))
+        .await
+        .json();
+    let generated = post(
+        &cluster,
+        "/v1/chat/completions",
+        &[],
+        &json!({"messages": messages, "max_tokens": 1}),
+    )
+    .await
+    .json();
+    assert_eq!(chat["count"], generated["usage"]["prompt_tokens"], "{chat}");
+    for (path, body, status) in [
+        ("/detokenize", json!({"tokens": [4_000_000]}), 400),
+        (
+            "/tokenize",
+            json!({"prompt": "a", "messages": messages}),
+            400,
+        ),
+        ("/tokenize", json!({}), 400),
+        ("/tokenize", json!({"prompt": "a", "model": "another"}), 404),
+    ] {
+        let response = post(&cluster, path, &[], &body).await;
+        assert_eq!(response.status, status, "{path} {body}: {}", response.body);
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_choices_are_each_what_the_request_gives_alone_with_its_seed() {
     let cluster = Cluster::start(ClusterOptions::default())
         .await

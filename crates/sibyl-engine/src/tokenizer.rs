@@ -380,6 +380,11 @@ impl TextTokenizer {
         table.get(id as usize).map_or(&[], |bytes| bytes)
     }
 
+    /// Tokens of the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     /// Whether `id` is a control token (`<|im_end|>` and the like), never text.
     pub fn is_control(&self, id: TokenId) -> bool {
         self.controls.binary_search_by_key(&id, |&(_, t)| t).is_ok()

@@ -448,6 +448,67 @@ impl Gateway {
         Ok((VerifierClient::new(channel), addr, Some(open)))
     }
 
+    /// Refuses a model name other than the served one (empty or absent: the served one).
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), GatewayError> {
+        match model {
+            Some(model) if !model.is_empty() && model != self.config.model_name => {
+                Err(GatewayError::ModelNotFound {
+                    requested: model.to_string(),
+                    served: self.config.model_name.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The prompt's tokens (a chat rendered with the model's template), as a generation
+    /// would send them: refused when it leaves no room for one token of output.
+    pub async fn prompt_tokens(&self, input: PromptInput) -> Result<Vec<u32>, GatewayError> {
+        self.check_prompt_bytes(&input)?;
+        let text = self.text.clone();
+        let permit = self
+            .tokenizing
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+        // A prompt must leave room for one token of output.
+        let limit = self.context_length().saturating_sub(1);
+        // The permit goes with the work: a request dropped meanwhile frees it only when
+        // its tokenizing is done.
+        tokio::task::spawn_blocking(move || {
+            let tokens = tokenize(&text, &input, limit);
+            drop(permit);
+            tokens
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(e.to_string()))?
+    }
+
+    /// The text of `tokens` (control tokens left out), for `/detokenize`.
+    pub fn detokenize(&self, tokens: &[u32]) -> Result<String, GatewayError> {
+        let vocab = self.text.tokenizer.vocab_size();
+        if tokens.len() > self.context_length() {
+            return Err(GatewayError::invalid_param(
+                "tokens",
+                format!(
+                    "at most {} tokens (the context window)",
+                    self.context_length()
+                ),
+            ));
+        }
+        if let Some(token) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(GatewayError::invalid_param(
+                "tokens",
+                format!("token {token} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        self.text
+            .tokenizer
+            .decode(tokens)
+            .map_err(|e| GatewayError::Internal(e.to_string()))
+    }
+
     /// Checks `request`, starts it on a verifier and returns its prompt length and output.
     /// Dropping the output stream cancels the generation on the verifier.
     pub async fn generate(
@@ -487,14 +548,7 @@ impl Gateway {
         &self,
         request: Generation,
     ) -> Result<(usize, tonic::Streaming<pb::VerifyEvent>, RelayParams), GatewayError> {
-        if let Some(model) = &request.model {
-            if !model.is_empty() && *model != self.config.model_name {
-                return Err(GatewayError::ModelNotFound {
-                    requested: model.clone(),
-                    served: self.config.model_name.clone(),
-                });
-            }
-        }
+        self.check_model(request.model.as_deref())?;
         let bad_stop = |s: &String| s.is_empty() || s.len() > MAX_STOP_BYTES;
         if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(bad_stop) {
             return Err(GatewayError::InvalidRequest(format!(
@@ -503,26 +557,7 @@ impl Gateway {
             )));
         }
         check_logprobs(request.logprobs, "logprobs")?;
-        self.check_prompt_bytes(&request.prompt)?;
-        let text = self.text.clone();
-        let input = request.prompt;
-        let permit = self
-            .tokenizing
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| GatewayError::Internal(e.to_string()))?;
-        // A prompt must leave room for one token of output.
-        let limit = self.context_length().saturating_sub(1);
-        // The permit goes with the work: a request dropped meanwhile frees it only when
-        // its tokenizing is done.
-        let prompt = tokio::task::spawn_blocking(move || {
-            let tokens = tokenize(&text, &input, limit);
-            drop(permit);
-            tokens
-        })
-        .await
-        .map_err(|e| GatewayError::Internal(e.to_string()))??;
+        let prompt = self.prompt_tokens(request.prompt).await?;
         let mut sampling = request.sampling;
         // Fixed here so that the gateway can report the seed even when it ends the
         // generation itself (at a stop string).

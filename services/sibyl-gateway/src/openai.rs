@@ -42,7 +42,9 @@ pub fn router(gateway: Arc<Gateway>, metrics: bool) -> Router {
     let mut api = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/models", get(models));
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize));
     if metrics {
         api = api.merge(sibyl_telemetry::metrics_router());
     }
@@ -235,6 +237,72 @@ async fn chat_completions(
         key_id(key),
     )
     .await
+}
+
+/// vLLM's `/tokenize` body: a text prompt or chat messages (rendered as for a generation).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<ChatRequestMessage>>,
+    /// vLLM's switches; sibyl always renders a chat with the generation prompt and adds
+    /// what its template writes.
+    #[serde(default)]
+    add_generation_prompt: Option<bool>,
+    #[serde(default)]
+    add_special_tokens: Option<bool>,
+}
+
+/// The tokens a generation of the prompt would start from, as vLLM's `/tokenize` answers.
+async fn tokenize(
+    State(gateway): State<Arc<Gateway>>,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let request: TokenizeRequest = parse(body)?;
+    gateway.check_model(request.model.as_deref())?;
+    if request.add_generation_prompt == Some(false) || request.add_special_tokens == Some(false) {
+        return Err(invalid(
+            "sibyl tokenizes as a generation would: `add_generation_prompt` and \
+             `add_special_tokens` can only be true"
+                .to_string(),
+        ));
+    }
+    let prompt = match (request.prompt, request.messages) {
+        (Some(text), None) => PromptInput::Text(text),
+        (None, Some(messages)) => PromptInput::Chat(
+            messages
+                .into_iter()
+                .map(ChatRequestMessage::into_message)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        _ => return Err(invalid("set one of `prompt` and `messages`".to_string())),
+    };
+    let tokens = gateway.prompt_tokens(prompt).await?;
+    Ok(Json(json!({
+        "count": tokens.len(),
+        "max_model_len": gateway.context_length(),
+        "tokens": tokens,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+/// The text of token ids (control tokens left out), as vLLM's `/detokenize` answers.
+async fn detokenize(
+    State(gateway): State<Arc<Gateway>>,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let request: DetokenizeRequest = parse(body)?;
+    gateway.check_model(request.model.as_deref())?;
+    let prompt = gateway.detokenize(&request.tokens)?;
+    Ok(Json(json!({ "prompt": prompt })).into_response())
 }
 
 async fn respond(
