@@ -32,9 +32,10 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    /// Compiles `schema` into a constraint on this model's output.
-    fn json_schema(&self, schema: &str) -> Result<GrammarConstraint, Status> {
-        let compiler = self.grammar.get_or_init(|| {
+    /// The JSON-schema engine for this model's vocabulary, built at the first call (some
+    /// hundreds of milliseconds: call it off the async workers).
+    fn grammar(&self) -> &Result<GrammarCompiler, String> {
+        self.grammar.get_or_init(|| {
             let started = Instant::now();
             let tokenizer = &self.loaded.tokenizer;
             let tokens = (0..self.loaded.model.vocab_size() as TokenId)
@@ -46,8 +47,12 @@ impl Engine {
                 "JSON-schema engine built for the vocabulary"
             );
             compiler.map_err(|e| e.to_string())
-        });
-        match compiler {
+        })
+    }
+
+    /// Compiles `schema` into a constraint on this model's output (about a millisecond).
+    fn json_schema(&self, schema: &str) -> Result<GrammarConstraint, Status> {
+        match self.grammar() {
             Ok(compiler) => compiler
                 .json_schema(schema)
                 .map_err(|e| Status::invalid_argument(e.to_string())),
@@ -358,6 +363,14 @@ impl VerifierService {
         span: &tracing::Span,
     ) -> Result<Response<ReceiverStream<Result<pb::VerifyEvent, Status>>>, Status> {
         let engine = self.engine()?.clone();
+        if request.json_schema.is_some() && engine.grammar.get().is_none() {
+            let building = engine.clone();
+            tokio::task::spawn_blocking(move || {
+                building.grammar();
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        }
         let (mut plan, links) = self.plan(&engine, request)?;
         let held = self.admit(&engine, &plan).await?;
         let inner = &self.inner;
