@@ -37,6 +37,7 @@ const WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{0,20}";
 pub struct GrammarCompiler {
     factory: Arc<ParserFactory>,
     stop_tokens: Arc<[TokenId]>,
+    vocab: usize,
 }
 
 impl GrammarCompiler {
@@ -76,6 +77,7 @@ impl GrammarCompiler {
         Ok(Self {
             factory: Arc::new(factory),
             stop_tokens: stop_tokens.into(),
+            vocab: words.len(),
         })
     }
 
@@ -106,6 +108,7 @@ impl GrammarCompiler {
             matcher,
             pending: Vec::new(),
             stop_tokens: self.stop_tokens.clone(),
+            vocab: self.vocab,
         })
     }
 }
@@ -119,6 +122,9 @@ pub struct GrammarConstraint {
     /// Tokens that end the output: allowed by the mask when the JSON is complete, never
     /// consumed (nothing after one is output).
     stop_tokens: Arc<[TokenId]>,
+    /// Tokens in the vocabulary: drafts are untrusted, and an id past it would stop the
+    /// engine for good.
+    vocab: usize,
 }
 
 impl GrammarConstraint {
@@ -188,8 +194,12 @@ impl TokenConstraint for GrammarConstraint {
 
     fn allowed_prefix(&mut self, tokens: &[TokenId]) -> usize {
         // A stop token counts where the JSON is complete; checking ends there.
+        let known = tokens
+            .iter()
+            .position(|&t| t as usize >= self.vocab)
+            .unwrap_or(tokens.len());
         match self.follow(&[]) {
-            Ok(()) => self.matcher.validate_tokens(tokens).unwrap_or(0),
+            Ok(()) => self.matcher.validate_tokens(&tokens[..known]).unwrap_or(0),
             Err(_) => 0,
         }
     }

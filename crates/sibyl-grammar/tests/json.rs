@@ -145,6 +145,31 @@ fn a_mask_for_a_path_then_a_record_of_another_leaves_the_state_of_the_record() {
 }
 
 #[test]
+fn drafts_are_allowed_up_to_the_first_token_the_grammar_forbids_or_does_not_know() {
+    let compiler = compiler();
+    let (tokens, stop) = vocabulary();
+    let id = |text: &str| {
+        tokens
+            .iter()
+            .position(|(t, _)| t == text.as_bytes())
+            .unwrap() as TokenId
+    };
+    let mut json = compiler.json_schema(r#"{"type": "array"}"#).unwrap();
+    let draft = [id("["), id("1"), id("]"), id("]")];
+    assert_eq!(json.allowed_prefix(&draft), 3);
+    assert_eq!(json.allowed_prefix(&[id("["), 1_000_000, id("]")]), 1);
+    assert_eq!(
+        json.allowed_prefix(&[id("["), id("]"), stop]),
+        3,
+        "the end where complete"
+    );
+    // Neither changed the state: the output still starts anew.
+    let mut row = vec![0.0; tokens.len()];
+    json.mask(&[], &mut row).unwrap();
+    assert!(row[id("[") as usize].is_finite() && row[id("]") as usize] == f32::NEG_INFINITY);
+}
+
+#[test]
 fn bad_schemas_are_refused_with_a_message() {
     let compiler = compiler();
     let refuse = |schema: &str| compiler.json_schema(schema).err().unwrap();
