@@ -31,7 +31,6 @@ fn request(prompt: Vec<u32>, max_tokens: u32, seed: Option<u64>) -> pb::VerifyRe
         step_times: false,
         prefix_cache: None,
         logprobs: None,
-        json_schema: None,
         ..Default::default()
     }
 }

@@ -524,11 +524,13 @@ async fn a_json_schema_holds_the_output_and_speculation_does_not_change_it() {
     assert!(value.is_object(), "{text}");
     // gRPC takes the schema as text; one the verifier cannot use is refused with why.
     let mut gateway = cluster.gateway_client().await.unwrap();
+    let schema = |text: &str| pb::OutputGrammar {
+        kind: Some(pb::output_grammar::Kind::JsonSchema(text.into())),
+    };
     let request = pb::GenerateRequest {
-        json_schema: Some(
-            r#"{"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 4}"#
-                .into(),
-        ),
+        grammar: Some(schema(
+            r#"{"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 4}"#,
+        )),
         ..prompt_request("The first primes:", 40)
     };
     let (text, _) = generate_text(&mut gateway, request, |_| {}).await.unwrap();
@@ -538,12 +540,85 @@ async fn a_json_schema_holds_the_output_and_speculation_does_not_change_it() {
         "{text}"
     );
     let bad = pb::GenerateRequest {
-        json_schema: Some(r##"{"$ref": "#/definitions/missing"}"##.into()),
+        grammar: Some(schema(r##"{"$ref": "#/definitions/missing"}"##)),
         ..prompt_request("x", 4)
     };
     let status = generate_text(&mut gateway, bad, |_| {}).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("schema"), "{status:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllms_guided_choice_regex_and_grammar_hold_the_output() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let chat = |extra: Value| {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": "Is Python a snake? Answer."}],
+            "max_tokens": 24, "temperature": 0,
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let cluster = &cluster;
+        async move { post(cluster, "/v1/chat/completions", &[], &body).await }
+    };
+    let content = |response: &HttpResponse| {
+        assert_eq!(response.status, 200, "{}", response.body);
+        let json = response.json();
+        assert_eq!(json["choices"][0]["finish_reason"], "stop", "{json}");
+        json["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let choices = ["yes, it is", "no", "both"];
+    for field in [
+        json!({"guided_choice": choices}),
+        json!({"structured_outputs": {"choice": choices}}),
+    ] {
+        let on = content(&chat(field.clone()).await);
+        assert!(choices.contains(&on.as_str()), "{on:?}");
+        let mut off = field.clone();
+        off["speculation"] = json!({"enabled": false});
+        assert_eq!(content(&chat(off).await), on);
+    }
+    let date = content(&chat(json!({"guided_regex": r"[12][0-9]{3}-[01][0-9]"})).await);
+    assert!(
+        date.len() == 7
+            && date.as_bytes()[4] == b'-'
+            && date.replace('-', "").parse::<u32>().is_ok(),
+        "{date:?}"
+    );
+    let lark = "start: \"answer: \" WORD\nWORD: /[a-z]{1,8}/";
+    let said = content(&chat(json!({"guided_grammar": lark})).await);
+    let word = said
+        .strip_prefix("answer: ")
+        .unwrap_or_else(|| panic!("{said:?}"));
+    assert!(
+        word.bytes().all(|b| b.is_ascii_lowercase()) && !word.is_empty(),
+        "{said:?}"
+    );
+    for (extra, param) in [
+        (json!({"guided_choice": []}), "guided_choice"),
+        (json!({"guided_regex": 5}), "guided_regex"),
+        (
+            json!({"guided_regex": "a", "guided_choice": ["a"]}),
+            "guided_choice",
+        ),
+        (
+            json!({"structured_outputs": {"json": {}, "regex": "a"}}),
+            "structured_outputs",
+        ),
+    ] {
+        let refused = chat(extra.clone()).await;
+        assert_eq!(refused.status, 400, "{extra}: {}", refused.body);
+        assert_eq!(refused.json()["error"]["param"], param, "{extra}");
+    }
+    let unusable = chat(json!({"guided_regex": "(unclosed"})).await;
+    assert_eq!(unusable.status, 400, "{}", unusable.body);
     cluster.stop().await;
 }
 

@@ -34,7 +34,6 @@ fn request(prompt: &[u32], max_tokens: u32, speculation: pb::SpeculationMode) ->
         step_times: false,
         prefix_cache: None,
         logprobs: None,
-        json_schema: None,
         ..Default::default()
     }
 }

@@ -1,9 +1,11 @@
-//! Output constraints: JSON that matches a JSON Schema (OpenAI's `response_format`), held
-//! token by token with [llguidance](https://github.com/guidance-ai/llguidance), the
-//! constrained-decoding engine vLLM, SGLang and llama.cpp use.
+//! Output constraints: JSON that matches a JSON Schema (OpenAI's `response_format`), text
+//! that matches a regular expression, one of a list of strings, or a Lark grammar (vLLM's
+//! `guided_*`), held token by token with
+//! [llguidance](https://github.com/guidance-ai/llguidance), the constrained-decoding engine
+//! vLLM, SGLang and llama.cpp use.
 //!
 //! A [`GrammarCompiler`] is made once per model from its vocabulary (some hundreds of
-//! milliseconds for 150,000 tokens); each request compiles its schema into a
+//! milliseconds for 150,000 tokens); each request compiles its grammar into a
 //! [`GrammarConstraint`], a [`TokenConstraint`] the session applies to every row it
 //! chooses a token from, plain or speculative.
 
@@ -23,6 +25,10 @@ pub enum GrammarError {
     NotSchema,
     #[error("the JSON schema cannot be used: {0}")]
     Schema(String),
+    #[error("the grammar cannot be used: {0}")]
+    Grammar(String),
+    #[error("a choice needs at least one non-empty string")]
+    NoChoice,
     #[error("the vocabulary has no stop token to end the output with")]
     NoStopToken,
     #[error("the grammar engine cannot take this vocabulary: {0}")]
@@ -96,13 +102,41 @@ impl GrammarCompiler {
             Value::Bool(_) => {}
             _ => return Err(GrammarError::NotSchema),
         }
+        self.compile(TopLevelGrammar::from_json_schema(schema))
+            .map_err(GrammarError::Schema)
+    }
+
+    /// A constraint to text that matches the regular expression `regex` as a whole.
+    pub fn regex(&self, regex: &str) -> Result<GrammarConstraint, GrammarError> {
+        self.compile(TopLevelGrammar::from_regex(regex))
+            .map_err(GrammarError::Grammar)
+    }
+
+    /// A constraint to exactly one of `choices`.
+    pub fn choice(&self, choices: &[String]) -> Result<GrammarConstraint, GrammarError> {
+        if choices.is_empty() || choices.iter().any(String::is_empty) {
+            return Err(GrammarError::NoChoice);
+        }
+        // Lark string literals take JSON's escapes.
+        let alternatives: Vec<String> = choices.iter().map(|c| json!(c).to_string()).collect();
+        self.lark(&format!("start: {}", alternatives.join(" | ")))
+    }
+
+    /// A constraint to text of the Lark grammar `grammar` (llguidance's dialect: rule
+    /// `start`, `/regex/` terminals, `%json {...}` for a schema).
+    pub fn lark(&self, grammar: &str) -> Result<GrammarConstraint, GrammarError> {
+        self.compile(TopLevelGrammar::from_lark(grammar.to_string()))
+            .map_err(GrammarError::Grammar)
+    }
+
+    fn compile(&self, grammar: TopLevelGrammar) -> Result<GrammarConstraint, String> {
         let parser = self
             .factory
-            .create_parser(TopLevelGrammar::from_json_schema(schema))
-            .map_err(|e| GrammarError::Schema(e.to_string()))?;
+            .create_parser(grammar)
+            .map_err(|e| e.to_string())?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(error) = matcher.get_error() {
-            return Err(GrammarError::Schema(error));
+            return Err(error);
         }
         Ok(GrammarConstraint {
             matcher,
@@ -119,7 +153,7 @@ pub struct GrammarConstraint {
     matcher: Matcher,
     /// Tokens consumed past the recorded ones (the path of the last mask).
     pending: Vec<TokenId>,
-    /// Tokens that end the output: allowed by the mask when the JSON is complete, never
+    /// Tokens that end the output: allowed by the mask when the output is complete, never
     /// consumed (nothing after one is output).
     stop_tokens: Arc<[TokenId]>,
     /// Tokens in the vocabulary: drafts are untrusted, and an id past it would stop the
@@ -169,7 +203,7 @@ impl TokenConstraint for GrammarConstraint {
             // A row past the end of the output: whatever it chooses is cut off.
             return Ok(());
         }
-        // Once the JSON cannot go on, only a stop token may come.
+        // Once the output cannot go on, only a stop token may come.
         let allowed = self
             .matcher
             .compute_mask_or_eos()

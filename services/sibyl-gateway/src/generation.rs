@@ -2,8 +2,8 @@
 //! it on a verifier, and stream detokenized text back with stop strings applied.
 
 use crate::params::{
-    check_logprobs, DrafterStats, FinishReason, Logprobs, Sampling, Speculation, TokenLogprob,
-    MAX_LOGPROBS,
+    check_logprobs, DrafterStats, FinishReason, Grammar, Logprobs, Sampling, Speculation,
+    TokenLogprob, MAX_LOGPROBS,
 };
 use crate::stop::StopStrings;
 use crate::GatewayConfig;
@@ -59,8 +59,8 @@ pub struct Generation {
     /// Report each token's log-probability and those of this many most likely tokens at
     /// its position (at most [`crate::params::MAX_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u32>,
-    /// A JSON Schema the output must match (`{"type": "object"}`: any JSON object).
-    pub json_schema: Option<String>,
+    /// A grammar the output must follow.
+    pub grammar: Option<Grammar>,
     /// How the generation may end (vLLM's `min_tokens`, `ignore_eos`, `stop_token_ids`).
     pub ending: Ending,
     /// The API it came through (a metrics label).
@@ -572,7 +572,7 @@ impl Gateway {
             step_times: request.details,
             prefix_cache: request.prefix_cache,
             logprobs: request.logprobs,
-            json_schema: request.json_schema.clone(),
+            grammar: request.grammar.clone().map(pb::OutputGrammar::from),
             min_tokens: request.ending.min_tokens,
             ignore_eos: request.ending.ignore_eos,
             stop_token_ids: request.ending.stop_token_ids.clone(),

@@ -1,7 +1,7 @@
 //! The `sibyl.v1.Gateway` gRPC service.
 
 use crate::generation::{Api, Ending, Gateway, GatewayError, Generation, Output, PromptInput};
-use crate::params::{Sampling, Speculation};
+use crate::params::{Grammar, Sampling, Speculation};
 use sibyl_engine::ChatMessage;
 use sibyl_proto::auth::KeyId;
 use sibyl_proto::v1::{self as pb, generate_request::Input, generate_response::Event};
@@ -74,7 +74,11 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             details: request.details,
             prefix_cache: request.prefix_cache,
             logprobs: request.logprobs,
-            json_schema: request.json_schema,
+            grammar: request
+                .grammar
+                .map(Grammar::from_wire)
+                .transpose()
+                .map_err(Status::from)?,
             ending: Ending {
                 min_tokens: request.min_tokens,
                 ignore_eos: request.ignore_eos,

@@ -127,6 +127,19 @@ pub struct Logprobs {
     pub top: Vec<TokenLogprob>,
 }
 
+/// A grammar the output must follow (compiled by the verifier).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grammar {
+    /// JSON that matches this JSON Schema.
+    JsonSchema(String),
+    /// Text that matches this regular expression as a whole.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// Text of this Lark grammar (llguidance's dialect).
+    Lark(String),
+}
+
 /// Whether and how a request speculates.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Speculation {

@@ -3,7 +3,9 @@
 //! call to a verifier.
 
 use crate::generation::GatewayError;
-use crate::params::{DrafterState, DrafterStats, FinishReason, Logprobs, Sampling, Speculation};
+use crate::params::{
+    DrafterState, DrafterStats, FinishReason, Grammar, Logprobs, Sampling, Speculation,
+};
 use sibyl_proto::v1 as pb;
 
 impl Sampling {
@@ -33,6 +35,36 @@ impl From<Sampling> for pb::SamplingParams {
             seed: sampling.seed,
             ..pb::SamplingParams::from(&sampling.penalties)
         }
+    }
+}
+
+impl Grammar {
+    /// A gRPC request's grammar; one with no kind set is refused.
+    pub(crate) fn from_wire(grammar: pb::OutputGrammar) -> Result<Self, GatewayError> {
+        use pb::output_grammar::Kind;
+        match grammar.kind {
+            Some(Kind::JsonSchema(schema)) => Ok(Self::JsonSchema(schema)),
+            Some(Kind::Regex(regex)) => Ok(Self::Regex(regex)),
+            Some(Kind::Choice(choice)) => Ok(Self::Choice(choice.choices)),
+            Some(Kind::Lark(lark)) => Ok(Self::Lark(lark)),
+            None => Err(GatewayError::invalid_param(
+                "grammar",
+                "the output grammar sets none of its kinds",
+            )),
+        }
+    }
+}
+
+impl From<Grammar> for pb::OutputGrammar {
+    fn from(grammar: Grammar) -> Self {
+        use pb::output_grammar::Kind;
+        let kind = match grammar {
+            Grammar::JsonSchema(schema) => Kind::JsonSchema(schema),
+            Grammar::Regex(regex) => Kind::Regex(regex),
+            Grammar::Choice(choices) => Kind::Choice(pb::Choices { choices }),
+            Grammar::Lark(lark) => Kind::Lark(lark),
+        };
+        Self { kind: Some(kind) }
     }
 }
 
@@ -156,6 +188,27 @@ impl From<&Logprobs> for pb::TokenLogprobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_of_grammar_crosses_as_it_came_and_an_empty_one_is_refused() {
+        for grammar in [
+            Grammar::JsonSchema(r#"{"type": "object"}"#.into()),
+            Grammar::Regex("[a-z]+".into()),
+            Grammar::Choice(vec!["yes".into(), "no".into()]),
+            Grammar::Lark("start: \"x\"".into()),
+        ] {
+            let wire = pb::OutputGrammar::from(grammar.clone());
+            assert_eq!(Grammar::from_wire(wire).unwrap(), grammar);
+        }
+        let empty = Grammar::from_wire(pb::OutputGrammar { kind: None });
+        assert!(matches!(
+            empty,
+            Err(GatewayError::InvalidParam {
+                param: "grammar",
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn a_request_crosses_to_the_verifier_as_it_came() {

@@ -27,12 +27,12 @@ pub(crate) struct Engine {
     /// What steps of this model cost, learned from every session (adaptive tree size).
     pub(crate) learning: SharedLearning,
     pub(crate) scheduler: SchedulerHandle,
-    /// JSON grammars over the model's vocabulary, made at the first request with a schema.
+    /// Grammars over the model's vocabulary, made at the first request with one.
     pub(crate) grammar: OnceLock<Result<GrammarCompiler, String>>,
 }
 
 impl Engine {
-    /// The JSON-schema engine for this model's vocabulary, built at the first call (some
+    /// The grammar engine for this model's vocabulary, built at the first call (some
     /// hundreds of milliseconds: call it off the async workers).
     fn grammar(&self) -> &Result<GrammarCompiler, String> {
         self.grammar.get_or_init(|| {
@@ -44,22 +44,31 @@ impl Engine {
             tracing::info!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 ok = compiler.is_ok(),
-                "JSON-schema engine built for the vocabulary"
+                "grammar engine built for the vocabulary"
             );
             compiler.map_err(|e| e.to_string())
         })
     }
 
-    /// Compiles `schema` into a constraint on this model's output (about a millisecond).
-    fn json_schema(&self, schema: &str) -> Result<GrammarConstraint, Status> {
-        match self.grammar() {
-            Ok(compiler) => compiler
-                .json_schema(schema)
-                .map_err(|e| Status::invalid_argument(e.to_string())),
-            Err(e) => Err(Status::failed_precondition(format!(
-                "this model cannot follow a JSON schema: {e}"
-            ))),
-        }
+    /// Compiles `grammar` into a constraint on this model's output (about a millisecond).
+    fn output_grammar(&self, grammar: &pb::OutputGrammar) -> Result<GrammarConstraint, Status> {
+        use pb::output_grammar::Kind;
+        let compiler = match self.grammar() {
+            Ok(compiler) => compiler,
+            Err(e) => {
+                return Err(Status::failed_precondition(format!(
+                    "this model cannot follow a grammar: {e}"
+                )))
+            }
+        };
+        let compiled = match &grammar.kind {
+            Some(Kind::JsonSchema(schema)) => compiler.json_schema(schema),
+            Some(Kind::Regex(regex)) => compiler.regex(regex),
+            Some(Kind::Choice(choice)) => compiler.choice(&choice.choices),
+            Some(Kind::Lark(lark)) => compiler.lark(lark),
+            None => return Err(Status::invalid_argument("the output grammar is empty")),
+        };
+        compiled.map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 
@@ -222,8 +231,8 @@ impl VerifierService {
         check_request(&engine.loaded.model, &request.prompt_tokens, &generation)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut constraints: Vec<Box<dyn TokenConstraint + Sync>> = Vec::new();
-        if let Some(schema) = &request.json_schema {
-            constraints.push(Box::new(engine.json_schema(schema)?));
+        if let Some(grammar) = &request.grammar {
+            constraints.push(Box::new(engine.output_grammar(grammar)?));
         }
         if request.min_tokens > 0 {
             let min = MinTokens::new(request.min_tokens as usize, generation.stop_tokens.clone());
@@ -363,7 +372,7 @@ impl VerifierService {
         span: &tracing::Span,
     ) -> Result<Response<ReceiverStream<Result<pb::VerifyEvent, Status>>>, Status> {
         let engine = self.engine()?.clone();
-        if request.json_schema.is_some() && engine.grammar.get().is_none() {
+        if request.grammar.is_some() && engine.grammar.get().is_none() {
             let building = engine.clone();
             tokio::task::spawn_blocking(move || {
                 building.grammar();

@@ -3,7 +3,7 @@
 
 use super::unsupported::Unsupported;
 use crate::generation::{Api, Ending, GatewayError, Generation, PromptInput};
-use crate::params::{check_logprobs, Sampling, Speculation, MAX_LOGPROBS};
+use crate::params::{check_logprobs, Grammar, Sampling, Speculation, MAX_LOGPROBS};
 use serde::Deserialize;
 use serde_json::Value;
 use sibyl_engine::ChatMessage;
@@ -70,6 +70,13 @@ pub(super) struct Common {
     /// "json_schema": {"schema": ...}}`.
     response_format: Option<Value>,
     /// vLLM's extensions.
+    guided_json: Option<Value>,
+    guided_regex: Option<Value>,
+    guided_choice: Option<Value>,
+    guided_grammar: Option<Value>,
+    /// vLLM's newer spelling of the `guided_*` fields: `{"json" | "regex" | "choice" |
+    /// "grammar": ...}`.
+    structured_outputs: Option<Value>,
     min_p: Option<f32>,
     min_tokens: Option<u32>,
     #[serde(default)]
@@ -77,6 +84,33 @@ pub(super) struct Common {
     stop_token_ids: Option<Vec<u32>>,
     #[serde(flatten)]
     unsupported: Unsupported,
+}
+
+/// The grammar of vLLM's field `param` of kind `kind` (`json`, `regex`, `choice`,
+/// `grammar`) set to `value`.
+fn guided_grammar(param: &'static str, kind: &str, value: &Value) -> Result<Grammar, GatewayError> {
+    let bad = |what: &str| GatewayError::invalid_param(param, format!("`{param}` takes {what}"));
+    match (kind, value) {
+        // A schema as JSON or as its text.
+        ("json", Value::String(schema)) => Ok(Grammar::JsonSchema(schema.clone())),
+        ("json", schema @ (Value::Object(_) | Value::Bool(_))) => {
+            Ok(Grammar::JsonSchema(schema.to_string()))
+        }
+        ("json", _) => Err(bad("a JSON Schema")),
+        ("regex", Value::String(regex)) => Ok(Grammar::Regex(regex.clone())),
+        ("regex", _) => Err(bad("a regular expression as a string")),
+        ("choice", Value::Array(items)) => items
+            .iter()
+            .map(|item| item.as_str().map(String::from))
+            .collect::<Option<Vec<String>>>()
+            .filter(|choices| !choices.is_empty())
+            .map(Grammar::Choice)
+            .ok_or_else(|| bad("a non-empty list of strings")),
+        ("choice", _) => Err(bad("a non-empty list of strings")),
+        ("grammar", Value::String(lark)) => Ok(Grammar::Lark(lark.clone())),
+        ("grammar", _) => Err(bad("a Lark grammar as a string")),
+        _ => Err(bad("one of `json`, `regex`, `choice`, `grammar`")),
+    }
 }
 
 /// A count of 0 or more in a JSON value: `Some(None)` for null, `None` for anything but a
@@ -126,6 +160,55 @@ impl Common {
             repetition: self.repetition_penalty.unwrap_or(1.0),
             logit_bias,
         })
+    }
+
+    /// The grammar the output must follow, if the request sets one: `response_format`,
+    /// vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` or
+    /// `structured_outputs` (at most one of them).
+    fn grammar(&self) -> Result<Option<Grammar>, GatewayError> {
+        let mut found: Vec<(&'static str, Grammar)> = Vec::new();
+        if let Some(schema) = self.json_schema()? {
+            found.push(("response_format", Grammar::JsonSchema(schema)));
+        }
+        let guided = [
+            ("guided_json", "json", &self.guided_json),
+            ("guided_regex", "regex", &self.guided_regex),
+            ("guided_choice", "choice", &self.guided_choice),
+            ("guided_grammar", "grammar", &self.guided_grammar),
+        ];
+        for (param, kind, value) in guided {
+            if let Some(value) = value.as_ref().filter(|v| !v.is_null()) {
+                found.push((param, guided_grammar(param, kind, value)?));
+            }
+        }
+        if let Some(outputs) = self.structured_outputs.as_ref().filter(|v| !v.is_null()) {
+            let param = "structured_outputs";
+            let set: Vec<(&String, &Value)> = outputs
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| !v.is_null())
+                .collect();
+            match set.as_slice() {
+                [(kind, value)] => found.push((param, guided_grammar(param, kind, value)?)),
+                _ => {
+                    return Err(GatewayError::invalid_param(
+                        param,
+                        "`structured_outputs` sets one of `json`, `regex`, `choice`, `grammar`",
+                    ))
+                }
+            }
+        }
+        match found.len() {
+            0 | 1 => Ok(found.pop().map(|(_, grammar)| grammar)),
+            _ => Err(GatewayError::invalid_param(
+                found[1].0,
+                format!(
+                    "`{}` and `{}` both constrain the output; set one",
+                    found[0].0, found[1].0
+                ),
+            )),
+        }
     }
 
     /// The JSON Schema `response_format` asks the output to match, if any.
@@ -220,7 +303,7 @@ impl Common {
 
     pub(super) fn generation(self, prompt: PromptInput) -> Result<Generation, GatewayError> {
         self.unsupported.check()?;
-        let json_schema = self.json_schema()?;
+        let grammar = self.grammar()?;
         let logprobs = self.logprobs(&prompt)?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (None, None) => None,
@@ -275,7 +358,7 @@ impl Common {
             details: false,
             prefix_cache: self.prefix_cache,
             logprobs,
-            json_schema,
+            grammar,
             ending: Ending {
                 min_tokens: self.min_tokens.unwrap_or(0),
                 ignore_eos: self.ignore_eos,

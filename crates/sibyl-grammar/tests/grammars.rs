@@ -1,8 +1,9 @@
-//! JSON-schema constraints over a small byte-level vocabulary, driven by random logits:
-//! whatever the logits, the output is JSON that matches the schema.
+//! Constraints over a small byte-level vocabulary, driven by random logits: whatever the
+//! logits, the output is JSON that matches the schema, text that matches the regular
+//! expression, one of the choices.
 
 use serde_json::Value;
-use sibyl_grammar::{GrammarCompiler, GrammarError};
+use sibyl_grammar::{GrammarCompiler, GrammarConstraint, GrammarError};
 use sibyl_spec::{argmax, TokenConstraint, TokenId};
 
 /// Printable ASCII one byte a token, some longer pieces, and a stop token last.
@@ -40,8 +41,12 @@ impl Noise {
 
 /// Greedy generation under `schema` from random logits, up to a stop token.
 fn generate(compiler: &GrammarCompiler, schema: &str, seed: u64) -> String {
+    generate_under(compiler.json_schema(schema).unwrap(), seed)
+}
+
+/// Greedy generation under `constraint` from random logits, up to a stop token.
+fn generate_under(mut constraint: GrammarConstraint, seed: u64) -> String {
     let (tokens, stop) = vocabulary();
-    let mut constraint = compiler.json_schema(schema).unwrap();
     let mut noise = Noise(seed);
     let mut out = Vec::new();
     for _ in 0..5_000 {
@@ -112,6 +117,44 @@ fn json_object_mode_gives_an_object() {
             Err(e) => panic!("{e}: {text}"),
         }
     }
+}
+
+#[test]
+fn a_regex_or_a_choice_holds_the_whole_output() {
+    let compiler = compiler();
+    let choices = [
+        "yes".to_string(),
+        "no".to_string(),
+        "say \"maybe\"\n".to_string(),
+    ];
+    for seed in 0..10 {
+        let text = generate_under(compiler.regex(r"[0-9]{3}-[a-z]{2,4}").unwrap(), seed);
+        let (digits, letters) = text.split_once('-').unwrap_or_else(|| panic!("{text:?}"));
+        assert!(
+            digits.len() == 3 && digits.bytes().all(|b| b.is_ascii_digit()),
+            "{text:?}"
+        );
+        assert!((2..=4).contains(&letters.len()), "{text:?}");
+        assert!(letters.bytes().all(|b| b.is_ascii_lowercase()), "{text:?}");
+        let chosen = generate_under(compiler.choice(&choices).unwrap(), seed);
+        assert!(choices.contains(&chosen), "{chosen:?}");
+    }
+    let grammar = r#"start: "v" NUMBER
+NUMBER: /[1-9][0-9]?/"#;
+    let text = generate_under(compiler.lark(grammar).unwrap(), 3);
+    assert!(
+        text.starts_with('v') && text[1..].parse::<u32>().unwrap() < 100,
+        "{text:?}"
+    );
+    assert!(matches!(
+        compiler.regex("(unclosed"),
+        Err(GrammarError::Grammar(_))
+    ));
+    assert!(matches!(
+        compiler.lark("start: nothing_here"),
+        Err(GrammarError::Grammar(_))
+    ));
+    assert!(matches!(compiler.choice(&[]), Err(GrammarError::NoChoice)));
 }
 
 #[test]
