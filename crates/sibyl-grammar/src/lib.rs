@@ -143,6 +143,7 @@ impl GrammarCompiler {
             pending: Vec::new(),
             stop_tokens: self.stop_tokens.clone(),
             vocab: self.vocab,
+            ended: false,
         })
     }
 }
@@ -159,6 +160,9 @@ pub struct GrammarConstraint {
     /// Tokens in the vocabulary: drafts are untrusted, and an id past it would stop the
     /// engine for good.
     vocab: usize,
+    /// A stop token was recorded: the output is over (a session that goes on, as with
+    /// `ignore_eos`, may only repeat stop tokens).
+    ended: bool,
 }
 
 impl GrammarConstraint {
@@ -199,8 +203,14 @@ impl TokenConstraint for GrammarConstraint {
     fn mask(&mut self, path: &[TokenId], row: &mut [f32]) -> Result<(), String> {
         let (path, stopped) = self.until_stop(path);
         self.follow(path)?;
-        if stopped {
-            // A row past the end of the output: whatever it chooses is cut off.
+        if stopped || self.ended {
+            // Past the end of the output: only stop tokens, the same whether the stop token
+            // was recorded or is on the path.
+            for (token, logit) in row.iter_mut().enumerate() {
+                if !self.stop_tokens.contains(&(token as TokenId)) {
+                    *logit = f32::NEG_INFINITY;
+                }
+            }
             return Ok(());
         }
         // Once the output cannot go on, only a stop token may come.
@@ -220,9 +230,10 @@ impl TokenConstraint for GrammarConstraint {
     }
 
     fn record(&mut self, tokens: &[TokenId]) -> Result<(), String> {
-        let (tokens, _) = self.until_stop(tokens);
+        let (tokens, stopped) = self.until_stop(tokens);
         self.follow(tokens)?;
         self.pending.clear();
+        self.ended |= stopped;
         Ok(())
     }
 

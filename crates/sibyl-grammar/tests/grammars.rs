@@ -213,6 +213,34 @@ fn drafts_are_allowed_up_to_the_first_token_the_grammar_forbids_or_does_not_know
 }
 
 #[test]
+fn after_a_stop_token_only_stop_tokens_follow_whether_recorded_or_on_the_path() {
+    // A session that goes on past the end (`ignore_eos`) must see the same rows in plain
+    // steps (the stop token recorded) as in a verify tree (the stop token on the path).
+    let compiler = compiler();
+    let (tokens, stop) = vocabulary();
+    let id = |text: &str| {
+        tokens
+            .iter()
+            .position(|(t, _)| t == text.as_bytes())
+            .unwrap() as TokenId
+    };
+    let choice = ["ab".to_string()];
+    let mut plain = compiler.choice(&choice).unwrap();
+    plain.record(&[id("ab"), stop]).unwrap();
+    let mut after_record = vec![0.0; tokens.len()];
+    plain.mask(&[], &mut after_record).unwrap();
+    let mut tree = compiler.choice(&choice).unwrap();
+    tree.record(&[id("ab")]).unwrap();
+    let mut on_path = vec![0.0; tokens.len()];
+    tree.mask(&[stop], &mut on_path).unwrap();
+    assert_eq!(after_record, on_path);
+    let allowed: Vec<usize> = (0..tokens.len())
+        .filter(|&t| on_path[t].is_finite())
+        .collect();
+    assert_eq!(allowed, vec![stop as usize]);
+}
+
+#[test]
 fn bad_schemas_are_refused_with_a_message() {
     let compiler = compiler();
     let refuse = |schema: &str| compiler.json_schema(schema).err().unwrap();
