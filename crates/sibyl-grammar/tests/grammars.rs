@@ -63,6 +63,15 @@ fn generate_under(mut constraint: GrammarConstraint, seed: u64) -> String {
     panic!("no stop token in 5000: {}", String::from_utf8_lossy(&out));
 }
 
+/// The id of the token of `text` in [`vocabulary`].
+fn id(text: &str) -> TokenId {
+    let (tokens, _) = vocabulary();
+    tokens
+        .iter()
+        .position(|(t, _)| t == text.as_bytes())
+        .unwrap() as TokenId
+}
+
 fn compiler() -> GrammarCompiler {
     let (tokens, stop) = vocabulary();
     GrammarCompiler::new(tokens, &[stop]).unwrap()
@@ -161,12 +170,6 @@ NUMBER: /[1-9][0-9]?/"#;
 fn a_mask_for_a_path_then_a_record_of_another_leaves_the_state_of_the_record() {
     let compiler = compiler();
     let (tokens, _) = vocabulary();
-    let id = |text: &str| {
-        tokens
-            .iter()
-            .position(|(t, _)| t == text.as_bytes())
-            .unwrap() as TokenId
-    };
     let schema = r#"{"type": "object", "properties": {"k": {"type": "integer"}}}"#;
     let (open, k, colon, one, two) = (id("{\""), id("k"), id("\":"), id("1"), id("2"));
     let mut walked = compiler.json_schema(schema).unwrap();
@@ -191,12 +194,6 @@ fn a_mask_for_a_path_then_a_record_of_another_leaves_the_state_of_the_record() {
 fn drafts_are_allowed_up_to_the_first_token_the_grammar_forbids_or_does_not_know() {
     let compiler = compiler();
     let (tokens, stop) = vocabulary();
-    let id = |text: &str| {
-        tokens
-            .iter()
-            .position(|(t, _)| t == text.as_bytes())
-            .unwrap() as TokenId
-    };
     let mut json = compiler.json_schema(r#"{"type": "array"}"#).unwrap();
     let draft = [id("["), id("1"), id("]"), id("]")];
     assert_eq!(json.allowed_prefix(&draft), 3);
@@ -218,12 +215,6 @@ fn after_a_stop_token_only_stop_tokens_follow_whether_recorded_or_on_the_path() 
     // steps (the stop token recorded) as in a verify tree (the stop token on the path).
     let compiler = compiler();
     let (tokens, stop) = vocabulary();
-    let id = |text: &str| {
-        tokens
-            .iter()
-            .position(|(t, _)| t == text.as_bytes())
-            .unwrap() as TokenId
-    };
     let choice = ["ab".to_string()];
     let mut plain = compiler.choice(&choice).unwrap();
     plain.record(&[id("ab"), stop]).unwrap();
