@@ -38,11 +38,18 @@ pub async fn loopback() -> anyhow::Result<TcpListener> {
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
+    /// The model every role serves (a catalog name; fetched the first time).
+    pub model: &'static str,
     /// n-gram drafter servers to start.
     pub ngram_drafters: usize,
     /// Drafters started elsewhere (scripted ones), as `KIND=http://HOST:PORT`.
     pub extra_drafters: Vec<DrafterEndpoint>,
+    /// Longest a verifier step waits for drafts (tests that assert drafts were accepted
+    /// wait long: on a loaded machine a drafter's answer can take more than the default).
     pub step_wait: Duration,
+    /// Whether the verifier sizes each step's tree from measured costs (else it verifies
+    /// every draft node).
+    pub adaptive_tree: bool,
     pub max_tokens_limit: usize,
     /// The verifier's session slots, queue, queue timeout and idle timeout.
     pub max_sessions: usize,
@@ -65,9 +72,11 @@ pub struct ClusterOptions {
 impl Default for ClusterOptions {
     fn default() -> Self {
         Self {
+            model: TEST_MODEL,
             ngram_drafters: 1,
             extra_drafters: Vec::new(),
             step_wait: Duration::from_millis(5),
+            adaptive_tree: true,
             max_tokens_limit: 512,
             max_sessions: 8,
             max_queue: 64,
@@ -79,6 +88,21 @@ impl Default for ClusterOptions {
             drain_timeout: Duration::from_secs(30),
             api_keys: None,
             sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
+        }
+    }
+}
+
+impl ClusterOptions {
+    /// The defaults, but each step waits up to two seconds for the drafters' answer and
+    /// verifies every draft node: for tests that assert drafts were accepted, which must
+    /// hold on a loaded machine too, where a drafter can answer after the default wait (and,
+    /// late three steps in a row, is no longer waited for) and measured costs can make the
+    /// adaptive tree verify no draft.
+    pub fn speculating() -> Self {
+        Self {
+            step_wait: Duration::from_secs(2),
+            adaptive_tree: false,
+            ..Self::default()
         }
     }
 }
@@ -96,9 +120,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the cluster on [`TEST_MODEL`] and waits until the verifier is SERVING.
+    /// Starts the cluster on its model and waits until the verifier is SERVING.
     pub async fn start(options: ClusterOptions) -> anyhow::Result<Self> {
-        let path = tokio::task::spawn_blocking(test_model_path).await??;
+        let model = options.model;
+        let path = tokio::task::spawn_blocking(move || {
+            sibyl_models::locate_in_user_cache(model, &sibyl_models::NoProgress)
+        })
+        .await??;
         let text = sibyl_engine::load_text(&path)?;
         let stop = ShutdownSwitch::default();
         let mut tasks = Vec::new();
@@ -141,6 +169,7 @@ impl Cluster {
         let config = VerifierConfig {
             speculation: SpeculationConfig {
                 step_wait: options.step_wait,
+                adaptive_tree: options.adaptive_tree,
                 ..SpeculationConfig::default()
             },
             max_sessions: options.max_sessions,
@@ -150,7 +179,7 @@ impl Cluster {
             max_model_len: options.max_model_len,
             internal_token: options.internal_token.clone(),
             drafter_tls: client_tls.clone(),
-            ..VerifierConfig::new(TEST_MODEL.into(), endpoints)
+            ..VerifierConfig::new(model.into(), endpoints)
         };
         let model_path = path.clone();
         let load = move || sibyl_engine::load(&model_path, &sibyl_engine::LoadOptions::default());
@@ -170,7 +199,7 @@ impl Cluster {
         let gateway_grpc = grpc.local_addr()?;
         let gateway_http = http.local_addr()?;
         let config = GatewayConfig {
-            model_name: TEST_MODEL.into(),
+            model_name: model.into(),
             verifiers: vec![format!("{scheme}://{verifier}").parse()?],
             max_tokens_limit: options.max_tokens_limit,
             sse_keep_alive: options.sse_keep_alive,
@@ -572,6 +601,33 @@ pub struct HttpResponse {
     pub head: String,
     /// The body as sent (a streamed body keeps its chunk framing).
     pub body: String,
+}
+
+/// `POST path` with a JSON body to the cluster's HTTP API (panics when the request fails).
+pub async fn post(
+    cluster: &Cluster,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> HttpResponse {
+    http(
+        cluster.gateway_http,
+        "POST",
+        path,
+        headers,
+        Some(&body.to_string()),
+    )
+    .await
+    .unwrap()
+}
+
+/// The JSON of each `data:` event of a streamed body, `[DONE]` left out.
+pub fn sse_data(body: &str) -> Vec<serde_json::Value> {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect()
 }
 
 impl HttpResponse {

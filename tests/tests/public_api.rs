@@ -6,27 +6,10 @@ use serde_json::{json, Value};
 use sibyl_proto::auth::ApiKeys;
 use sibyl_proto::client::check_serving;
 use sibyl_proto::v1 as pb;
-use sibyl_tests::{generate_text, http, Cluster, ClusterOptions, HttpResponse};
+use sibyl_tests::{generate_text, http, post, sse_data, Cluster, ClusterOptions, HttpResponse};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
-
-async fn post(
-    cluster: &Cluster,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &Value,
-) -> HttpResponse {
-    http(
-        cluster.gateway_http,
-        "POST",
-        path,
-        headers,
-        Some(&body.to_string()),
-    )
-    .await
-    .unwrap()
-}
 
 /// A gateway request for `max_tokens` greedy tokens after `prompt`.
 fn prompt_request(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
@@ -121,15 +104,6 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
     let response = post(&cluster, "/v1/chat/completions", &[], &chat(neutral)).await;
     assert_eq!(response.status, 200, "{}", response.body);
     cluster.stop().await;
-}
-
-/// The JSON of each `data:` event of a streamed body, `[DONE]` left out.
-fn sse_data(body: &str) -> Vec<Value> {
-    body.lines()
-        .filter_map(|line| line.strip_prefix("data: "))
-        .filter(|data| *data != "[DONE]")
-        .map(|data| serde_json::from_str(data).unwrap())
-        .collect()
 }
 
 /// The bytes of a chat `logprobs.content` entry (or of a top alternative).
@@ -316,7 +290,7 @@ async fn log_probabilities_come_with_every_token_and_do_not_depend_on_speculatio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn penalties_and_logit_bias_change_the_output_and_speculation_does_not() {
-    let cluster = Cluster::start(ClusterOptions::default())
+    let cluster = Cluster::start(ClusterOptions::speculating())
         .await
         .expect("cluster");
     let gateway = cluster.gateway_client().await.unwrap();
@@ -1101,7 +1075,7 @@ async fn with_an_internal_token_verifier_and_drafters_serve_only_the_roles() {
     let token = sibyl_proto::auth::InternalToken::from_text("internal-one\n").unwrap();
     let cluster = Cluster::start(ClusterOptions {
         internal_token: Some(token.clone()),
-        ..ClusterOptions::default()
+        ..ClusterOptions::speculating()
     })
     .await
     .expect("cluster (health stays open)");
@@ -1143,7 +1117,7 @@ async fn with_tls_every_role_speaks_only_tls_and_checks_certificates() {
     let cluster = Cluster::start(ClusterOptions {
         tls: Some(tls.clone()),
         api_keys: Some(Arc::new(ApiKeys::from_file(&file.0).unwrap())),
-        ..ClusterOptions::default()
+        ..ClusterOptions::speculating()
     })
     .await
     .expect("cluster (every role SERVING over TLS)");

@@ -91,7 +91,12 @@ async fn cluster(ngram: usize, extra: &[String]) -> Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_output_through_the_gateway_with_two_drafters_equals_plain_decoding() {
-    let cluster = cluster(2, &[]).await;
+    let cluster = Cluster::start(ClusterOptions {
+        ngram_drafters: 2,
+        ..ClusterOptions::speculating()
+    })
+    .await
+    .expect("cluster");
     let mut accepted = 0;
     for prompt in PROMPTS {
         let summary = assert_speculation_changes_nothing(&cluster, prompt, 64).await;
