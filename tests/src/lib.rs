@@ -621,6 +621,21 @@ pub async fn post(
     .unwrap()
 }
 
+/// Posts `body` to `path` and checks that it is refused with a 400 whose `param` is
+/// `param`; returns the error object.
+pub async fn assert_bad_param(
+    cluster: &Cluster,
+    path: &str,
+    body: &serde_json::Value,
+    param: &str,
+) -> serde_json::Value {
+    let response = post(cluster, path, &[], body).await;
+    assert_eq!(response.status, 400, "{param}: {}", response.body);
+    let error = response.json()["error"].clone();
+    assert_eq!(error["param"], param, "{}", response.body);
+    error
+}
+
 /// The JSON of each `data:` event of a streamed body, `[DONE]` left out.
 pub fn sse_data(body: &str) -> Vec<serde_json::Value> {
     body.lines()

@@ -4,22 +4,26 @@
 use sibyl_tests::{Cluster, ClusterOptions, PythonTools, TEST_MODEL};
 use std::process::Command;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_package_streams_the_same_text_as_it_gets_without_streaming() {
+/// Runs `tests/python/SCRIPT BASE_URL MODEL` against a cluster serving `model`, and fails
+/// with its output when it does.
+async fn openai_script(script: &str, model: &'static str) {
     let tools = tokio::task::spawn_blocking(PythonTools::ensure)
         .await
         .unwrap()
         .expect("python tools");
-    let cluster = Cluster::start(ClusterOptions::default())
-        .await
-        .expect("cluster");
+    let cluster = Cluster::start(ClusterOptions {
+        model,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
     let base_url = format!("http://{}/v1", cluster.gateway_http);
-    let script = sibyl_tests::python_dir().join("openai_client.py");
+    let path = sibyl_tests::python_dir().join(script);
     let output = tokio::task::spawn_blocking(move || {
         Command::new(tools.python())
-            .arg(script)
+            .arg(path)
             .arg(base_url)
-            .arg(TEST_MODEL)
+            .arg(model)
             .output()
     })
     .await
@@ -27,11 +31,22 @@ async fn the_openai_package_streams_the_same_text_as_it_gets_without_streaming()
     .expect("python runs");
     assert!(
         output.status.success(),
-        "openai client checks failed:\n{}\n{}",
+        "{script} failed:\n{}\n{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
     cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_package_streams_the_same_text_as_it_gets_without_streaming() {
+    openai_script("openai_client.py", TEST_MODEL).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_package_makes_and_streams_tool_calls_and_sends_their_results() {
+    // A model whose chat template takes tools.
+    openai_script("openai_tools.py", "qwen2.5-coder-0.5b").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@ use serde_json::{json, Value};
 use sibyl_proto::auth::ApiKeys;
 use sibyl_proto::client::check_serving;
 use sibyl_proto::v1 as pb;
-use sibyl_tests::{generate_text, http, post, sse_data, Cluster, ClusterOptions, HttpResponse};
+use sibyl_tests::{
+    assert_bad_param, generate_text, http, post, sse_data, Cluster, ClusterOptions, HttpResponse,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
@@ -65,13 +67,11 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
         ("n", json!({"n": 9})),
         ("n", json!({"n": 0})),
         ("best_of", json!({"n": 2, "best_of": 2})),
+        ("echo", json!({"echo": true})),
         ("temperature", json!({"temperature": 3})),
     ];
     for (param, extra) in refused {
-        let response = post(&cluster, "/v1/chat/completions", &[], &chat(extra)).await;
-        assert_eq!(response.status, 400, "{param}: {}", response.body);
-        let error = &response.json()["error"];
-        assert_eq!(error["param"], param, "{}", response.body);
+        let error = assert_bad_param(&cluster, "/v1/chat/completions", &chat(extra), param).await;
         assert_eq!(error["type"], "invalid_request_error");
     }
     let completion = |extra: Value| {
@@ -82,16 +82,14 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
         body
     };
     for (param, extra) in [
-        ("echo", json!({"echo": true})),
+        ("echo", json!({"echo": "yes"})),
         ("best_of", json!({"best_of": 3})),
         ("suffix", json!({"suffix": "end"})),
         ("logprobs", json!({"logprobs": 21})),
         ("logprobs", json!({"logprobs": "all"})),
         ("top_logprobs", json!({"top_logprobs": 2})),
     ] {
-        let response = post(&cluster, "/v1/completions", &[], &completion(extra)).await;
-        assert_eq!(response.status, 400, "{param}: {}", response.body);
-        assert_eq!(response.json()["error"]["param"], param);
+        assert_bad_param(&cluster, "/v1/completions", &completion(extra), param).await;
     }
     // Neutral values (what client libraries send by default) and fields OpenAI does not
     // define pass.
@@ -1182,5 +1180,121 @@ async fn with_tls_every_role_speaks_only_tls_and_checks_certificates() {
         !plain.status.success() || !String::from_utf8_lossy(&plain.stdout).contains("usage"),
         "{plain:?}"
     );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_scores_a_prompt_with_the_log_probabilities_decoding_gives() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let mut gateway = cluster.gateway_client().await.unwrap();
+    // A greedy continuation, its token ids and their log-probabilities.
+    let prompt = "def add(a, b):\n    return";
+    let request = pb::GenerateRequest {
+        logprobs: Some(2),
+        details: true,
+        ..prompt_request(prompt, 12)
+    };
+    let mut stream = gateway.generate(request).await.unwrap().into_inner();
+    let (mut decoded, mut ids) = (Vec::new(), Vec::new());
+    while let Some(event) = stream.message().await.unwrap() {
+        match event.event {
+            Some(pb::generate_response::Event::Delta(delta)) => decoded.extend(delta.logprobs),
+            Some(pb::generate_response::Event::Summary(summary)) => ids = summary.token_ids,
+            None => {}
+        }
+    }
+    assert_eq!(decoded.len(), ids.len());
+    // The prompt and that continuation as token ids, echoed with `logprobs`: the prompt
+    // comes back, its first token without a log-probability, and the continuation's
+    // tokens with what decoding gave them, to the bit.
+    let prompt_ids = cluster.tokenize(prompt);
+    let scored: Vec<u32> = [prompt_ids.clone(), ids.clone()].concat();
+    for speculate in [true, false] {
+        let body = json!({"prompt": scored, "max_tokens": 1, "temperature": 0, "echo": true,
+            "logprobs": 2, "speculation": {"enabled": speculate}});
+        let response = post(&cluster, "/v1/completions", &[], &body).await;
+        assert_eq!(response.status, 200, "{}", response.body);
+        let body = response.json();
+        let choice = &body["choices"][0];
+        let logprobs = &choice["logprobs"];
+        let values = logprobs["token_logprobs"].as_array().unwrap();
+        assert_eq!(values.len(), scored.len() + 1, "{logprobs}");
+        assert_eq!(values[0], Value::Null);
+        assert_eq!(logprobs["top_logprobs"][0], Value::Null);
+        let tail = &values[prompt_ids.len()..scored.len()];
+        let expected: Vec<f32> = decoded.iter().map(|p| p.logprob).collect();
+        let got: Vec<f32> = tail.iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(got, expected);
+        let text = choice["text"].as_str().unwrap();
+        let tokens: String = logprobs["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            tokens, text,
+            "the tokens are the echoed prompt and the completion"
+        );
+        assert!(text.starts_with(prompt), "{text:?}");
+        let offsets = logprobs["text_offset"].as_array().unwrap();
+        assert_eq!(offsets[0], 0);
+        assert_eq!(body["usage"]["prompt_tokens"], scored.len());
+    }
+    // The same over gRPC: `prompt_logprobs` in the summary.
+    let request = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Tokens(pb::PromptTokens {
+            ids: scored.clone(),
+        })),
+        prompt_logprobs: Some(0),
+        ..prompt_request("", 1)
+    };
+    let (_, summary) = generate_text(&mut gateway, request, |_| {}).await.unwrap();
+    let tail: Vec<f32> = summary.prompt_logprobs[prompt_ids.len() - 1..]
+        .iter()
+        .map(|p| p.logprob)
+        .collect();
+    assert_eq!(tail, decoded.iter().map(|p| p.logprob).collect::<Vec<_>>());
+    // Echo alone: the prompt text before the completion, whole and as a stream's first
+    // chunk.
+    let echo = |stream: bool| {
+        json!({"prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": true,
+            "stream": stream})
+    };
+    let whole = post(&cluster, "/v1/completions", &[], &echo(false))
+        .await
+        .json();
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(
+        text.starts_with(prompt) && text.len() > prompt.len(),
+        "{text:?}"
+    );
+    let streamed = post(&cluster, "/v1/completions", &[], &echo(true)).await;
+    let chunks = sse_data(&streamed.body);
+    assert_eq!(chunks[0]["choices"][0]["text"], prompt);
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(joined, text);
+    // Refused by field: echo with logprobs on a stream, ids outside the vocabulary, two
+    // prompts.
+    for (param, body) in [
+        (
+            "echo",
+            json!({"prompt": prompt, "echo": true, "logprobs": 1, "stream": true}),
+        ),
+        (
+            "prompt",
+            json!({"prompt": [1, 2, 4_000_000], "max_tokens": 1}),
+        ),
+        ("prompt", json!({"prompt": [[1, 2], [3]], "max_tokens": 1})),
+        ("prompt", json!({"prompt": ["a", "b"], "max_tokens": 1})),
+    ] {
+        assert_bad_param(&cluster, "/v1/completions", &body, param).await;
+    }
+    drop(gateway);
     cluster.stop().await;
 }

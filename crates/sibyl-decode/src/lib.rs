@@ -16,5 +16,5 @@ pub use scheduler::{
 pub use session::{
     check_request, measure_drafter, DraftTiming, DrafterReport, FinishReason, GenerateError,
     GenerationConfig, GenerationReport, Learned, PlannedStep, PromptChunk, Session, SharedLearning,
-    Step, MAX_STOP_TOKENS, PROMPT_CHUNK,
+    Step, MAX_STOP_TOKENS, PROMPT_CHUNK, PROMPT_LOGPROB_ROWS,
 };

@@ -17,6 +17,10 @@ pub use drafting::{measure_drafter, DraftTiming};
 /// Prompt tokens processed per forward pass when a session runs alone.
 pub const PROMPT_CHUNK: usize = 256;
 
+/// Most prompt tokens per forward pass when the prompt's log-probabilities were asked for:
+/// each gives a row of logits (about 39 MB of them for 64 rows of Qwen2.5's vocabulary).
+pub const PROMPT_LOGPROB_ROWS: usize = 64;
+
 /// After this many steps in a row that left out every draft, one step verifies the best
 /// draft node anyway, so a drafter whose estimate fell low can show it is right again. On
 /// 2 AVX2 cores one node costs about 5% of a step: 0.3% of the time when nothing pays.
@@ -254,6 +258,9 @@ pub struct Session {
     decode_started: Option<Instant>,
     /// With [`GenerationConfig::logprobs`]: the last step's tokens' log-probabilities.
     step_logprobs: Vec<TokenLogprobs>,
+    /// With [`Session::with_prompt_logprobs`]: how many most likely tokens, and the
+    /// log-probabilities of the prompt's tokens after the first, as far as it got.
+    prompt_logprobs: Option<(usize, Vec<TokenLogprobs>)>,
     /// What the sampling's penalties count.
     history: TokenHistory,
     /// Rules the output follows (a grammar, a least length), applied in order.
@@ -307,8 +314,28 @@ impl Session {
             prompt_time: Duration::ZERO,
             decode_started: None,
             step_logprobs: Vec::new(),
+            prompt_logprobs: None,
             constraints: Vec::new(),
         })
+    }
+
+    /// Also works out the log-probability the model gives each prompt token after the
+    /// first, and those of the `top` most likely tokens at its position (at most
+    /// [`MAX_TOP_LOGPROBS`]; [`Session::prompt_logprobs`]): the prompt is then computed
+    /// whole, none of it copied from a cache, in chunks of at most
+    /// [`PROMPT_LOGPROB_ROWS`] tokens.
+    pub fn with_prompt_logprobs(mut self, top: usize) -> Result<Self, GenerateError> {
+        if top > MAX_TOP_LOGPROBS {
+            return Err(GenerateError::TooManyLogprobs(top));
+        }
+        self.prompt_logprobs = Some((top, Vec::with_capacity(self.prompt_tokens - 1)));
+        Ok(self)
+    }
+
+    /// With [`Session::with_prompt_logprobs`]: the prompt's tokens' log-probabilities, from
+    /// its second token on, as far as its processing got.
+    pub fn prompt_logprobs(&self) -> &[TokenLogprobs] {
+        self.prompt_logprobs.as_ref().map_or(&[], |(_, l)| l)
     }
 
     /// Holds every token of the output to `constraint` too (a grammar, a least length),
@@ -365,9 +392,13 @@ impl Session {
         self.config.prefix_cache
     }
 
-    /// Prompt tokens still to process after the first `len` (the prompt's last token is
-    /// always processed: its logits choose the first token).
+    /// How many of the first `len` prompt tokens may be copied from a cache rather than
+    /// computed: the prompt's last token is always processed (its logits choose the first
+    /// token), and every token when the prompt's log-probabilities were asked for.
     pub fn reusable(&self, len: usize) -> usize {
+        if self.prompt_logprobs.is_some() {
+            return 0;
+        }
         len.min(self.prompt_tokens.saturating_sub(1))
     }
 
@@ -409,6 +440,10 @@ impl Session {
     /// The next at most `budget` prompt tokens to process (`None` once the prompt is done or
     /// with a zero budget).
     pub fn prompt_chunk(&mut self, budget: usize) -> Option<PromptChunk> {
+        let budget = match self.prompt_logprobs {
+            Some(_) => budget.min(PROMPT_LOGPROB_ROWS),
+            None => budget,
+        };
         let end = self.prompt_tokens.min(self.prefilled + budget);
         if end <= self.prefilled {
             return None;
@@ -416,7 +451,9 @@ impl Session {
         if self.prefilled == 0 {
             self.started = Instant::now();
         }
-        let rows = if end == self.prompt_tokens {
+        let rows = if self.prompt_logprobs.is_some() {
+            LogitRows::All
+        } else if end == self.prompt_tokens {
             LogitRows::Last
         } else {
             LogitRows::None
@@ -434,7 +471,29 @@ impl Session {
         chunk: &PromptChunk,
         logits: &[f32],
     ) -> Result<Option<Step>, GenerateError> {
-        self.prefilled += chunk.input.tokens.len();
+        let start = self.prefilled;
+        let rows = chunk.input.tokens.len();
+        self.prefilled += rows;
+        let logits = match &mut self.prompt_logprobs {
+            // A row per token of the chunk: each gives the next prompt token's
+            // log-probability, the prompt's last one the first token's.
+            Some((top, logprobs)) => {
+                let vocab = self.vocab_size;
+                for row in 0..rows {
+                    let (Some(&next), Some(row_logits)) = (
+                        self.context[..self.prompt_tokens].get(start + row + 1),
+                        logits.get(row * vocab..(row + 1) * vocab),
+                    ) else {
+                        break;
+                    };
+                    logprobs.push(TokenLogprobs::new(row_logits, next, *top));
+                }
+                logits
+                    .get(rows.saturating_sub(1) * vocab..)
+                    .unwrap_or_default()
+            }
+            None => logits,
+        };
         if self.prefilling() {
             return Ok(None);
         }

@@ -83,6 +83,8 @@ struct TestClient {
     delivered: Vec<TokenId>,
     /// The delivered tokens' log-probabilities.
     logprobs: Vec<TokenLogprobs>,
+    /// The prompt's, when the session ended.
+    prompt_logprobs: Vec<TokenLogprobs>,
     not_ready_for: usize,
     cancel_after_tokens: Option<usize>,
 }
@@ -112,6 +114,10 @@ impl Client for TestClient {
         assert!(logprobs.iter().zip(tokens).all(|(p, &t)| p.token == t));
         self.logprobs.extend_from_slice(logprobs);
         ControlFlow::Continue(())
+    }
+
+    fn ended(&mut self, session: &Session) {
+        self.prompt_logprobs = session.prompt_logprobs().to_vec();
     }
 }
 
@@ -266,6 +272,7 @@ fn add(
         drafters,
         delivered: Vec::new(),
         logprobs: Vec::new(),
+        prompt_logprobs: Vec::new(),
         not_ready_for: request.not_ready_for,
         cancel_after_tokens,
     };
@@ -747,4 +754,91 @@ fn the_prefix_cache_stays_within_its_budget_and_an_opted_out_request_neither_tak
         scheduler.prefix_cache().bytes(),
     );
     assert_eq!(before, after);
+}
+
+#[test]
+fn a_prompts_log_probabilities_are_the_ones_decoding_gives_its_tokens() {
+    // A greedy output and its tokens' log-probabilities, decoded after `start`.
+    let start: Vec<TokenId> = (0..40).map(|t| (t * 5 + 3) % (VOCAB - 1)).collect();
+    let decoded = Request {
+        prompt: start.clone(),
+        max_tokens: 30,
+        seed: 0,
+        speculate: false,
+        adaptive: false,
+        joins_at_step: 0,
+        not_ready_for: 0,
+        penalties: 0,
+        constrained: false,
+    };
+    let (output, output_logprobs) = alone(&decoded);
+    assert!(output.len() > 10, "{output:?}");
+    // The same tokens as a prompt, with its log-probabilities asked for: computed in chunks
+    // of a few tokens beside another session decoding, with the prompt's start in the
+    // prefix cache (which this session must not take: its rows are needed).
+    let learning = cpu_like_costs();
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        prompt_tokens_per_step: 7,
+        prefix_cache_bytes: usize::MAX,
+        ..SchedulerConfig::default()
+    });
+    run_in(&mut scheduler, &decoded, config(&decoded, &learning));
+    let scored = Request {
+        prompt: [start.clone(), output.clone()].concat(),
+        max_tokens: 1,
+        ..decoded.clone()
+    };
+    let other = Request {
+        prompt: vec![1, 2, 3],
+        max_tokens: 60,
+        speculate: true,
+        ..decoded.clone()
+    };
+    add(&mut scheduler, 1, &other, config(&other, &learning), None);
+    let session = Session::new(
+        model(),
+        &scored.prompt,
+        config(&scored, &learning),
+        Vec::new(),
+    )
+    .unwrap()
+    .with_prompt_logprobs(3)
+    .unwrap();
+    scheduler.add(
+        session,
+        TestClient {
+            id: 0,
+            drafters: Vec::new(),
+            delivered: Vec::new(),
+            logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
+            not_ready_for: 0,
+            cancel_after_tokens: None,
+        },
+    );
+    let prompt_logprobs = loop {
+        let (finished, _) = scheduler.step(model());
+        if let Some(done) = finished.into_iter().find(|d| d.client.id == 0) {
+            let report = done.outcome.unwrap();
+            assert_eq!(
+                report.cached_tokens, 0,
+                "the prompt was computed, not copied"
+            );
+            break done.client.prompt_logprobs;
+        }
+    };
+    // One entry per prompt token after the first; those of the output are, to the bit,
+    // what decoding gave.
+    assert_eq!(prompt_logprobs.len(), scored.prompt.len() - 1);
+    assert!(prompt_logprobs
+        .iter()
+        .zip(&scored.prompt[1..])
+        .all(|(p, &t)| p.token == t && p.top.len() == 3));
+    assert_eq!(&prompt_logprobs[start.len() - 1..], &output_logprobs[..]);
+    assert!(
+        Session::new(model(), &[1, 2], config(&scored, &learning), Vec::new())
+            .unwrap()
+            .with_prompt_logprobs(10_000)
+            .is_err()
+    );
 }

@@ -1,14 +1,22 @@
 use crate::gguf::ModelFile;
 use crate::{EngineError, TextTokenizer, TokenId};
+use minijinja::value::{Kwargs, Value as TemplateValue};
 use minijinja::{context, Environment, ErrorKind};
 use serde::Serialize;
+use serde_json::Value;
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     pub content: String,
+    /// An assistant message's calls of tools.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool message's answer is to this call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -16,16 +24,45 @@ impl ChatMessage {
         Self {
             role: role.to_string(),
             content: content.to_string(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 }
 
+/// A call of a function an assistant made, in the shape chat templates read
+/// (`tool_call.function.name`, `tool_call.function.arguments`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a JSON value (templates write them with `tojson`).
+    pub arguments: Value,
+}
+
+/// How a model's answers call tools, as its chat template teaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolCallFormat {
+    /// `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, once per call (Qwen2.5,
+    /// Qwen3, Hermes; vLLM's `hermes` parser).
+    Hermes,
+}
+
 /// The model's chat template (Jinja, from `tokenizer.chat_template`), rendered with
-/// minijinja and Python-compatible string methods.
+/// minijinja, Python-compatible string methods and `tojson` as Python's `json.dumps`
+/// writes (as Hugging Face's templates are rendered).
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    tool_calls: Option<ToolCallFormat>,
 }
 
 impl ChatTemplate {
@@ -40,12 +77,16 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(EngineError::Template)?;
+        let tool_calls = (source.contains("tools") && source.contains("<tool_call>"))
+            .then_some(ToolCallFormat::Hermes);
         Ok(Self {
             env,
             bos: bos.to_string(),
             eos: eos.to_string(),
+            tool_calls,
         })
     }
 
@@ -59,21 +100,125 @@ impl ChatTemplate {
         }
     }
 
+    /// How the model calls tools, when its template takes tool definitions and teaches a
+    /// format sibyl can read back.
+    pub fn tool_calls(&self) -> Option<ToolCallFormat> {
+        self.tool_calls
+    }
+
     /// The prompt text for `messages`, ending where the assistant's answer starts.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.render_with_tools(messages, &[])
+    }
+
+    /// [`Self::render`] with the definitions of the tools the model may call (OpenAI's
+    /// `tools` entries; with none, the template's `tools` is `none`).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Value],
+    ) -> Result<String, EngineError> {
         let template = self
             .env
             .get_template("chat")
             .map_err(EngineError::Template)?;
+        let tools = (!tools.is_empty()).then_some(tools);
         template
             .render(context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => true,
                 bos_token => self.bos,
                 eos_token => self.eos,
             })
             .map_err(EngineError::Template)
     }
+}
+
+/// Python's `json.dumps` separators without an indent: `, ` and `: `.
+struct PythonCompact;
+
+/// `, ` before every item but the first.
+fn item_separator<W: ?Sized + std::io::Write>(writer: &mut W, first: bool) -> std::io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        writer.write_all(b", ")
+    }
+}
+
+impl serde_json::ser::Formatter for PythonCompact {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        item_separator(writer, first)
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        item_separator(writer, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
+/// The `tojson` filter as Hugging Face's chat templates have it (Python's `json.dumps`:
+/// keys in their order, `, ` and `: ` between items, no HTML escaping; `indent=N`,
+/// `ensure_ascii`, `sort_keys` honoured), not minijinja's HTML-safe one.
+fn tojson(value: &TemplateValue, kwargs: Kwargs) -> Result<TemplateValue, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    // Python's own defaults, accepted and meaning what they mean there.
+    let _: Option<TemplateValue> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let bad =
+        |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string());
+    let mut json: Value = serde_json::to_value(value).map_err(bad)?;
+    if sort_keys == Some(true) {
+        json.sort_all_objects();
+    }
+    let mut out = Vec::new();
+    match indent {
+        Some(n) => {
+            let spaces = vec![b' '; n];
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(&spaces);
+            let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
+            json.serialize(&mut serializer).map_err(bad)?;
+        }
+        None => {
+            let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonCompact);
+            json.serialize(&mut serializer).map_err(bad)?;
+        }
+    }
+    let text = String::from_utf8(out).unwrap_or_default();
+    let text = if ensure_ascii == Some(true) {
+        let mut ascii = String::with_capacity(text.len());
+        for c in text.chars() {
+            if c.is_ascii() {
+                ascii.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    ascii.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+        ascii
+    } else {
+        text
+    };
+    Ok(TemplateValue::from_safe_string(text))
 }
 
 impl ChatTemplate {
@@ -103,28 +248,69 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         limit: usize,
     ) -> Result<Option<Vec<TokenId>>, EngineError> {
+        self.encode_with_tools_at_most(tokenizer, messages, &[], limit)
+    }
+
+    /// [`Self::encode_at_most`] with the definitions of the tools the model may call (see
+    /// [`Self::render_with_tools`]). Control strings in the tools and in tool calls' names
+    /// and arguments are text, as in content.
+    pub fn encode_with_tools_at_most(
+        &self,
+        tokenizer: &TextTokenizer,
+        messages: &[ChatMessage],
+        tools: &[Value],
+        limit: usize,
+    ) -> Result<Option<Vec<TokenId>>, EngineError> {
         let controls = tokenizer.controls();
         let matcher = tokenizer.control_matcher();
-        let base = stand_in_base(messages, controls.len())?;
+        let mut texts: Vec<&str> = Vec::new();
+        for message in messages {
+            texts.push(&message.content);
+            texts.extend(message.tool_call_id.as_deref());
+            for call in &message.tool_calls {
+                texts.push(&call.id);
+                texts.push(&call.kind);
+                texts.push(&call.function.name);
+                json_strings(&call.function.arguments, &mut texts);
+            }
+        }
+        for tool in tools {
+            json_strings(tool, &mut texts);
+        }
+        let base = stand_in_base(&texts, controls.len())?;
+        let mask = |text: &str| {
+            let mut masked = String::with_capacity(text.len());
+            let mut last = 0;
+            for found in matcher.find_iter(text) {
+                masked.push_str(&text[last..found.start()]);
+                masked.push(stand_in(base, found.pattern().as_usize()));
+                last = found.end();
+            }
+            masked.push_str(&text[last..]);
+            masked
+        };
         let masked: Vec<ChatMessage> = messages
             .iter()
-            .map(|message| {
-                let content = &message.content;
-                let mut masked = String::with_capacity(content.len());
-                let mut last = 0;
-                for found in matcher.find_iter(content) {
-                    masked.push_str(&content[last..found.start()]);
-                    masked.push(stand_in(base, found.pattern().as_usize()));
-                    last = found.end();
-                }
-                masked.push_str(&content[last..]);
-                ChatMessage {
-                    role: message.role.clone(),
-                    content: masked,
-                }
+            .map(|message| ChatMessage {
+                role: message.role.clone(),
+                content: mask(&message.content),
+                tool_calls: message
+                    .tool_calls
+                    .iter()
+                    .map(|call| ToolCall {
+                        id: mask(&call.id),
+                        kind: mask(&call.kind),
+                        function: FunctionCall {
+                            name: mask(&call.function.name),
+                            arguments: map_json_strings(&call.function.arguments, &mask),
+                        },
+                    })
+                    .collect(),
+                tool_call_id: message.tool_call_id.as_deref().map(mask),
             })
             .collect();
-        let rendered = self.render(&masked)?;
+        let tools: Vec<Value> = tools.iter().map(|t| map_json_strings(t, &mask)).collect();
+        let rendered = self.render_with_tools(&masked, &tools)?;
         let mut ids: Vec<TokenId> = tokenizer.leading_bos().into_iter().collect();
         // Appends a piece of the template's output as text; `false` once over the limit.
         let text = |piece: &str, ids: &mut Vec<TokenId>| -> Result<bool, EngineError> {
@@ -169,11 +355,43 @@ const PLANE_16: u32 = 0x10_0000;
 /// Last code point of plane 16 that is a character.
 const PLANE_16_LAST: u32 = 0x10_FFFD;
 
-/// The start of `count` code points in plane 16 that no message content uses.
-fn stand_in_base(messages: &[ChatMessage], count: usize) -> Result<u32, EngineError> {
-    let mut used: Vec<u32> = messages
+/// Every string in a JSON value: its object keys and string values.
+fn json_strings<'a>(value: &'a Value, out: &mut Vec<&'a str>) {
+    match value {
+        Value::String(s) => out.push(s),
+        Value::Array(items) => items.iter().for_each(|v| json_strings(v, out)),
+        Value::Object(fields) => {
+            for (key, v) in fields {
+                out.push(key);
+                json_strings(v, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `value` with `map` applied to each of its strings (keys and values).
+fn map_json_strings(value: &Value, map: &impl Fn(&str) -> String) -> Value {
+    match value {
+        Value::String(s) => Value::String(map(s)),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| map_json_strings(v, map)).collect())
+        }
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(key, v)| (map(key), map_json_strings(v, map)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The start of `count` code points in plane 16 that none of `texts` uses.
+fn stand_in_base(texts: &[&str], count: usize) -> Result<u32, EngineError> {
+    let mut used: Vec<u32> = texts
         .iter()
-        .flat_map(|m| m.content.chars())
+        .flat_map(|t| t.chars())
         .map(|c| c as u32)
         .filter(|&c| c >= PLANE_16)
         .collect();
@@ -222,16 +440,76 @@ mod tests {
 
     #[test]
     fn stand_ins_come_from_a_range_no_message_uses() {
-        let plain = [ChatMessage::new("user", "hi")];
-        assert_eq!(stand_in_base(&plain, 3).unwrap(), PLANE_16);
+        assert_eq!(stand_in_base(&["hi"], 3).unwrap(), PLANE_16);
         let text: String = [PLANE_16, PLANE_16 + 2, PLANE_16 + 9]
             .iter()
             .map(|&c| char::from_u32(c).unwrap())
             .collect();
-        let busy = [ChatMessage::new("user", &text)];
+        let busy = ["hi", text.as_str()];
         assert_eq!(stand_in_base(&busy, 3).unwrap(), PLANE_16 + 3);
         assert_eq!(stand_in_base(&busy, 7).unwrap(), PLANE_16 + 10);
         assert!(stand_in_base(&busy, 0x10000).is_err());
+    }
+
+    /// Qwen2.5's handling of tools, cut down.
+    const TOOLS: &str = "{%- if tools %}<tools>{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n{%- endif %}{%- for message in messages %}{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}\n<tool_call>\n{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}{%- endfor %}";
+
+    #[test]
+    fn tools_and_calls_are_written_as_python_json_dumps_writes_them() {
+        let template = ChatTemplate::new(TOOLS, "", "").unwrap();
+        assert_eq!(template.tool_calls(), Some(ToolCallFormat::Hermes));
+        assert_eq!(
+            ChatTemplate::new(CHATML, "", "").unwrap().tool_calls(),
+            None
+        );
+        // Keys in the client's order, Python's separators, no HTML escaping.
+        let tool: Value = serde_json::from_str(
+            r#"{"type": "function", "function": {"name": "f", "description": "a<b & 'c' é",
+                "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}"#,
+        )
+        .unwrap();
+        let call = ChatMessage {
+            tool_calls: vec![ToolCall {
+                id: "call_1".into(),
+                kind: "function".into(),
+                function: FunctionCall {
+                    name: "f".into(),
+                    arguments: serde_json::json!({"x": 2, "list": [1.5, "y"]}),
+                },
+            }],
+            ..ChatMessage::new("assistant", "")
+        };
+        let text = template
+            .render_with_tools(&[ChatMessage::new("user", "hi"), call], &[tool])
+            .unwrap();
+        assert_eq!(
+            text,
+            "<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"f\", \
+             \"description\": \"a<b & 'c' é\", \"parameters\": {\"type\": \"object\", \
+             \"properties\": {\"x\": {\"type\": \"integer\"}}}}}\n</tools>\
+             <|im_start|>user\nhi<|im_end|><|im_start|>assistant\n<tool_call>\n\
+             {\"name\": \"f\", \"arguments\": {\"x\": 2, \"list\": [1.5, \"y\"]}}\n\
+             </tool_call><|im_end|>"
+        );
+        // No tools: the template's `tools` is `none`.
+        let plain = template.render(&[ChatMessage::new("user", "hi")]).unwrap();
+        assert_eq!(plain, "<|im_start|>user\nhi<|im_end|>");
+    }
+
+    #[test]
+    fn tojson_takes_pythons_arguments() {
+        let template = ChatTemplate::new(
+            "{{ {'b': 1, 'a': ['é']} | tojson(indent=2, sort_keys=true, ensure_ascii=true) }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            template.render(&[]).unwrap(),
+            "{\n  \"a\": [\n    \"\\u00e9\"\n  ],\n  \"b\": 1\n}"
+        );
+        let unknown = ChatTemplate::new("{{ 1 | tojson(colour=1) }}", "", "").unwrap();
+        assert!(unknown.render(&[]).is_err());
     }
 
     #[test]

@@ -38,7 +38,14 @@ const MAX_STOP_BYTES: usize = 256;
 #[derive(Debug, Clone)]
 pub enum PromptInput {
     Text(String),
-    Chat(Vec<ChatMessage>),
+    /// Token ids of the served vocabulary, as they are.
+    Tokens(Vec<u32>),
+    /// Messages, and the definitions of the tools the model may call (OpenAI's `tools`
+    /// entries; the chat template writes them into the prompt).
+    Chat {
+        messages: Vec<ChatMessage>,
+        tools: Vec<serde_json::Value>,
+    },
 }
 
 /// One request, in the terms both APIs share.
@@ -59,6 +66,9 @@ pub struct Generation {
     /// Report each token's log-probability and those of this many most likely tokens at
     /// its position (at most [`crate::params::MAX_LOGPROBS`]); `None`: none.
     pub logprobs: Option<u32>,
+    /// Report each prompt token's log-probability (but the first's) and those of this many
+    /// most likely tokens at its position ([`Summary::prompt_logprobs`]); `None`: none.
+    pub prompt_logprobs: Option<u32>,
     /// A grammar the output must follow.
     pub grammar: Option<Grammar>,
     /// How the generation may end (vLLM's `min_tokens`, `ignore_eos`, `stop_token_ids`).
@@ -250,6 +260,17 @@ pub struct Summary {
     /// With `details`: the generated token ids, and each verify step's duration (µs).
     pub token_ids: Vec<u32>,
     pub step_micros: Vec<u32>,
+    /// With [`Generation::prompt_logprobs`]: the prompt's tokens and their
+    /// log-probabilities.
+    pub prompt_logprobs: Option<PromptLogprobs>,
+}
+
+/// A prompt's tokens with their log-probabilities: the first token has none (nothing comes
+/// before it), each other one its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLogprobs {
+    pub first: TokenLogprob,
+    pub rest: Vec<Logprobs>,
 }
 
 /// What a running generation sends: text pieces, then one summary (or an error).
@@ -324,11 +345,20 @@ impl Gateway {
             PromptInput::Text(text) => {
                 (text.len(), tokenizer.least_tokens(text, context), "prompt")
             }
-            PromptInput::Chat(messages) => (
+            PromptInput::Tokens(tokens) => (0, tokens.len(), "prompt"),
+            PromptInput::Chat { messages, tools } => (
                 messages
                     .iter()
-                    .map(|m| m.content.len() + m.role.len())
-                    .sum(),
+                    .map(|m| {
+                        let calls: usize = m
+                            .tool_calls
+                            .iter()
+                            .map(|c| c.function.name.len() + c.function.arguments.to_string().len())
+                            .sum();
+                        m.content.len() + m.role.len() + calls
+                    })
+                    .sum::<usize>()
+                    + tools.iter().map(|t| t.to_string().len()).sum::<usize>(),
                 // Trimmed: a chat template may trim what it puts in.
                 messages
                     .iter()
@@ -557,7 +587,9 @@ impl Gateway {
             )));
         }
         check_logprobs(request.logprobs, "logprobs")?;
+        check_logprobs(request.prompt_logprobs, "prompt_logprobs")?;
         let prompt = self.prompt_tokens(request.prompt).await?;
+        let first_prompt_token = request.prompt_logprobs.and(prompt.first().copied());
         let mut sampling = request.sampling;
         // Fixed here so that the gateway can report the seed even when it ends the
         // generation itself (at a stop string).
@@ -572,6 +604,7 @@ impl Gateway {
             step_times: request.details,
             prefix_cache: request.prefix_cache,
             logprobs: request.logprobs,
+            prompt_logprobs: request.prompt_logprobs,
             grammar: request.grammar.clone().map(pb::OutputGrammar::from),
             min_tokens: request.ending.min_tokens,
             ignore_eos: request.ending.ignore_eos,
@@ -617,6 +650,7 @@ impl Gateway {
             seed,
             details: request.details,
             logprobs: request.logprobs.is_some(),
+            first_prompt_token,
             _open: open,
         };
         Ok((prompt_tokens, events, params))
@@ -659,30 +693,54 @@ fn tokenize(
 ) -> Result<Vec<u32>, GatewayError> {
     let tokens = match prompt {
         PromptInput::Text(text) => text_model.tokenizer.encode_at_most(text, limit),
-        PromptInput::Chat(messages) => {
+        PromptInput::Tokens(tokens) => {
+            let vocab = text_model.tokenizer.vocab_size();
+            if let Some(token) = tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(GatewayError::invalid_param(
+                    "prompt",
+                    format!("token {token} is outside the vocabulary of {vocab} tokens"),
+                ));
+            }
+            Ok((tokens.len() <= limit).then(|| tokens.clone()))
+        }
+        PromptInput::Chat { messages, tools } => {
             if messages.is_empty() {
                 return Err(GatewayError::InvalidRequest("`messages` is empty".into()));
-            }
-            let roles = ["system", "user", "assistant"];
-            if let Some(m) = messages.iter().find(|m| !roles.contains(&m.role.as_str())) {
-                return Err(GatewayError::InvalidRequest(format!(
-                    "unsupported message role `{}` (system, user or assistant)",
-                    m.role
-                )));
             }
             let template = text_model.chat_template.as_ref().ok_or_else(|| {
                 GatewayError::InvalidRequest(
                     "this model has no chat template; use /v1/completions".into(),
                 )
             })?;
-            template.encode_at_most(&text_model.tokenizer, messages, limit)
+            let takes_tools = template.tool_calls().is_some();
+            let roles: &[&str] = if takes_tools {
+                &["system", "user", "assistant", "tool"]
+            } else {
+                &["system", "user", "assistant"]
+            };
+            if let Some(m) = messages.iter().find(|m| !roles.contains(&m.role.as_str())) {
+                return Err(GatewayError::InvalidRequest(format!(
+                    "unsupported message role `{}` ({})",
+                    m.role,
+                    roles.join(", ")
+                )));
+            }
+            let calls = messages.iter().any(|m| !m.tool_calls.is_empty());
+            if !takes_tools && (!tools.is_empty() || calls) {
+                return Err(GatewayError::invalid_param(
+                    if calls { "messages" } else { "tools" },
+                    "this model's chat template does not take tools (sibyl reads tool calls \
+                     in the format of Qwen2.5, Qwen3 and Hermes templates)",
+                ));
+            }
+            template.encode_with_tools_at_most(&text_model.tokenizer, messages, tools, limit)
         }
     }
     .map_err(|e| GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?
     .ok_or_else(|| GatewayError::InvalidParam {
         param: match prompt {
-            PromptInput::Text(_) => "prompt",
-            PromptInput::Chat(_) => "messages",
+            PromptInput::Text(_) | PromptInput::Tokens(_) => "prompt",
+            PromptInput::Chat { .. } => "messages",
         },
         message: format!(
             "the prompt has more than {limit} tokens; this model's context window is {} tokens",
@@ -728,6 +786,8 @@ struct RelayParams {
     details: bool,
     /// Whether the verifier sends log-probabilities to relay.
     logprobs: bool,
+    /// With prompt log-probabilities asked for: the prompt's first token.
+    first_prompt_token: Option<u32>,
     /// Counts the session open at its verifier (affinity routing) while the relay runs.
     _open: Option<Open>,
 }
@@ -783,8 +843,22 @@ async fn relay_events(
         seed,
         details,
         logprobs,
+        first_prompt_token,
         _open,
     } = params;
+    // The prompt's log-probabilities, once they came (with the first tokens, or in the
+    // verifier's summary).
+    let mut prompt_logprobs: Option<PromptLogprobs> = None;
+    let mut take_prompt = |received: &[pb::TokenLogprobs]| {
+        if let (Some(first), false, None) =
+            (first_prompt_token, received.is_empty(), &prompt_logprobs)
+        {
+            prompt_logprobs = Some(PromptLogprobs {
+                first: token_logprob(&text, first, 0.0),
+                rest: received.iter().map(|p| logprobs_of(&text, p)).collect(),
+            });
+        }
+    };
     let generated = &metrics::gateway().generated_tokens;
     let mut detokenizer = Detokenizer::new(&text.tokenizer);
     let mut completion_tokens = 0u32;
@@ -809,6 +883,7 @@ async fn relay_events(
         };
         match event {
             Event::Tokens(tokens) => {
+                take_prompt(&tokens.prompt_logprobs);
                 let mut piece = String::new();
                 if details {
                     token_ids.extend_from_slice(&tokens.tokens);
@@ -853,12 +928,14 @@ async fn relay_events(
                         completion_tokens,
                         seed,
                         token_ids,
+                        prompt_logprobs,
                         ..Summary::default()
                     };
                     return Ok(output.send(Ok(Output::Done(summary))).await.is_ok());
                 }
             }
             Event::Summary(summary) => {
+                take_prompt(&summary.prompt_logprobs);
                 let mut rest = detokenizer
                     .finish()
                     .map_err(|e| GatewayError::Internal(e.to_string()))?
@@ -890,6 +967,7 @@ async fn relay_events(
                 }
                 let done = Output::Done(Summary {
                     token_ids,
+                    prompt_logprobs,
                     ..Summary::from_verifier(summary, stopped)
                 });
                 return Ok(output.send(Ok(done)).await.is_ok());
@@ -924,7 +1002,31 @@ impl Summary {
             drafters: summary.drafters.into_iter().map(Into::into).collect(),
             token_ids: Vec::new(),
             step_micros: summary.step_micros,
+            prompt_logprobs: None,
         }
+    }
+}
+
+/// Token `token`'s entry: its bytes, and `logprob`.
+fn token_logprob(text: &TextModel, token: u32, logprob: f32) -> TokenLogprob {
+    TokenLogprob {
+        token,
+        bytes: text.tokenizer.token_bytes(token).to_vec(),
+        logprob,
+    }
+}
+
+/// A token's log-probability as the verifier sent it, with the most likely tokens' (at
+/// most [`MAX_LOGPROBS`]), and their bytes.
+fn logprobs_of(text: &TextModel, p: &pb::TokenLogprobs) -> Logprobs {
+    Logprobs {
+        chosen: token_logprob(text, p.token, p.logprob),
+        top: p
+            .top
+            .iter()
+            .take(MAX_LOGPROBS as usize)
+            .map(|t| token_logprob(text, t.token, t.logprob))
+            .collect(),
     }
 }
 
@@ -965,23 +1067,10 @@ impl<'a> ReportedLogprobs<'a> {
                 tokens.len()
             )));
         }
-        let tokenizer = &self.text.tokenizer;
-        let entry = |token: u32, logprob: f32| TokenLogprob {
-            token,
-            bytes: tokenizer.token_bytes(token).to_vec(),
-            logprob,
-        };
         for p in logprobs {
-            let chosen = entry(p.token, p.logprob);
-            let length = chosen.bytes.len();
-            let top = p
-                .top
-                .iter()
-                .take(MAX_LOGPROBS as usize)
-                .map(|t| entry(t.token, t.logprob))
-                .collect();
-            self.pending
-                .push_back((Logprobs { chosen, top }, self.received_bytes));
+            let logprobs = logprobs_of(self.text, p);
+            let length = logprobs.chosen.bytes.len();
+            self.pending.push_back((logprobs, self.received_bytes));
             self.received_bytes += length;
         }
         Ok(())

@@ -56,13 +56,16 @@ impl TryFrom<pb::GenerateRequest> for Generation {
     fn try_from(request: pb::GenerateRequest) -> Result<Self, Status> {
         let prompt = match request.input {
             Some(Input::Prompt(text)) => PromptInput::Text(text),
-            Some(Input::Chat(chat)) => PromptInput::Chat(
-                chat.messages
+            Some(Input::Tokens(tokens)) => PromptInput::Tokens(tokens.ids),
+            Some(Input::Chat(chat)) => PromptInput::Chat {
+                messages: chat
+                    .messages
                     .iter()
                     .map(|m| ChatMessage::new(&m.role, &m.content))
                     .collect(),
-            ),
-            None => return Err(Status::invalid_argument("set `prompt` or `chat`")),
+                tools: Vec::new(),
+            },
+            None => return Err(Status::invalid_argument("set `prompt`, `chat` or `tokens`")),
         };
         Ok(Self {
             model: Some(request.model),
@@ -74,6 +77,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
             details: request.details,
             prefix_cache: request.prefix_cache,
             logprobs: request.logprobs,
+            prompt_logprobs: request.prompt_logprobs,
             grammar: request
                 .grammar
                 .map(Grammar::from_wire)
@@ -138,6 +142,12 @@ impl pb::gateway_server::Gateway for GatewayService {
                         draft_wait_p99: Some(sibyl_proto::duration(summary.draft_wait_p99)),
                         token_ids: summary.token_ids,
                         step_micros: summary.step_micros,
+                        prompt_logprobs: summary
+                            .prompt_logprobs
+                            .iter()
+                            .flat_map(|p| &p.rest)
+                            .map(Into::into)
+                            .collect(),
                     }),
                 };
                 pb::GenerateResponse { event: Some(event) }

@@ -8,6 +8,7 @@
 
 mod request;
 mod response;
+mod tools;
 mod unsupported;
 
 use crate::generation::{Gateway, GatewayError, Output, PromptInput};
@@ -29,6 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+use tools::{CallStream, Tools};
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -200,19 +202,19 @@ async fn completions(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let request: CompletionRequest = parse(body)?;
-    let mut prompts = request.prompt.into_vec();
-    if prompts.len() != 1 {
+    let prompt = request.prompt.into_input()?;
+    if request.common.tools()?.is_some() {
         return Err(GatewayError::invalid_param(
-            "prompt",
-            "`prompt` must be one string",
+            "tools",
+            "`tools` is a parameter of /v1/chat/completions",
         ));
     }
-    let prompt = PromptInput::Text(prompts.remove(0));
     respond(
         gateway,
         Kind::Completion,
         request.common,
         prompt,
+        None,
         key_id(key),
     )
     .await
@@ -229,11 +231,21 @@ async fn chat_completions(
         .into_iter()
         .map(ChatRequestMessage::into_message)
         .collect::<Result<Vec<_>, _>>()?;
+    // With `tool_choice: "none"` the model is not shown the tools.
+    let tools = request.common.tools()?.filter(Tools::offered);
+    let prompt = PromptInput::Chat {
+        messages,
+        tools: tools
+            .as_ref()
+            .map(|t| t.definitions.clone())
+            .unwrap_or_default(),
+    };
     respond(
         gateway,
         Kind::Chat,
         request.common,
-        PromptInput::Chat(messages),
+        prompt,
+        tools,
         key_id(key),
     )
     .await
@@ -246,6 +258,9 @@ struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<ChatRequestMessage>>,
+    /// With `messages`: the tools' definitions, written into the prompt as a chat
+    /// completion offering them writes them.
+    tools: Option<Vec<serde_json::Value>>,
     /// vLLM's switches; sibyl always renders a chat with the generation prompt and adds
     /// what its template writes.
     #[serde(default)]
@@ -268,14 +283,18 @@ async fn tokenize(
                 .to_string(),
         ));
     }
-    let prompt = match (request.prompt, request.messages) {
-        (Some(text), None) => PromptInput::Text(text),
-        (None, Some(messages)) => PromptInput::Chat(
-            messages
+    let prompt = match (request.prompt, request.messages, request.tools) {
+        (Some(text), None, None) => PromptInput::Text(text),
+        (None, Some(messages), tools) => PromptInput::Chat {
+            messages: messages
                 .into_iter()
                 .map(ChatRequestMessage::into_message)
                 .collect::<Result<Vec<_>, _>>()?,
-        ),
+            tools: tools.unwrap_or_default(),
+        },
+        (Some(_), None, Some(_)) => {
+            return Err(invalid("`tools` goes with `messages`".to_string()))
+        }
         _ => return Err(invalid("set one of `prompt` and `messages`".to_string())),
     };
     let tokens = gateway.prompt_tokens(prompt).await?;
@@ -310,6 +329,7 @@ async fn respond(
     kind: Kind,
     common: Common,
     prompt: PromptInput,
+    tools: Option<Tools>,
     key_id: Option<KeyId>,
 ) -> Result<Response, GatewayError> {
     let stream = common.stream;
@@ -318,7 +338,23 @@ async fn respond(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let choices = common.choices()?;
-    let mut generation = common.generation(prompt)?;
+    let echo = match common.echo(&prompt)? {
+        false => None,
+        true if stream && common.logprobs_asked() => {
+            return Err(GatewayError::invalid_param(
+                "echo",
+                "`echo` with `logprobs` is answered whole: set `stream` to false",
+            ))
+        }
+        true => Some(match &prompt {
+            PromptInput::Tokens(ids) => gateway
+                .detokenize(ids)
+                .map_err(|e| GatewayError::invalid_param("prompt", e.to_string()))?,
+            PromptInput::Text(text) => text.clone(),
+            PromptInput::Chat { .. } => String::new(),
+        }),
+    };
+    let mut generation = common.generation(prompt, tools.as_ref())?;
     let logprobs = generation.logprobs.is_some();
     let id = format!(
         "{}-{:032x}",
@@ -355,6 +391,8 @@ async fn respond(
         kind,
         include_usage,
         logprobs,
+        echo,
+        calls: tools.as_ref().map(Tools::reader),
     };
     if stream {
         // Comments while no token is ready (a long prompt's prefill, a queue), so that a
@@ -408,10 +446,21 @@ async fn whole_response(
                         .into_iter()
                         .zip(logprobs)
                         .zip(summaries.into_iter().flatten())
-                        .map(|((text, logprobs), summary)| Finished {
-                            text,
-                            logprobs,
-                            summary,
+                        .map(|((text, logprobs), summary)| {
+                            let (text, calls) = match (&meta.calls, &meta.echo) {
+                                (Some(reader), _) => {
+                                    let answer = reader.read(&text);
+                                    (answer.text, answer.calls)
+                                }
+                                (None, Some(echo)) => (format!("{echo}{text}"), Vec::new()),
+                                (None, None) => (text, Vec::new()),
+                            };
+                            Finished {
+                                text,
+                                calls,
+                                logprobs,
+                                summary,
+                            }
                         })
                         .collect();
                     return Ok(Json(meta.whole(&finished)).into_response());
@@ -439,21 +488,23 @@ fn stream_events(
 ) -> mpsc::Receiver<Result<Event, Infallible>> {
     let (events, receiver) = mpsc::channel::<Result<Event, Infallible>>(16);
     tokio::spawn(async move {
-        if meta.kind == Kind::Chat {
-            for index in 0..choices as u32 {
-                if events
-                    .send(sse_event(&meta.role_chunk(index)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+        for index in 0..choices as u32 {
+            let first = match (&meta.kind, &meta.echo) {
+                (Kind::Chat, _) => meta.role_chunk(index),
+                (Kind::Completion, Some(echo)) => meta.text_chunk(index, echo, None),
+                (Kind::Completion, None) => break,
+            };
+            if events.send(sse_event(&first)).await.is_err() {
+                return;
             }
         }
-        // Per choice: characters of the tokens reported so far (`text_offset`), and how it
-        // ended.
+        // Per choice: characters of the tokens reported so far (`text_offset`), how it
+        // ended, and where tools are offered, the text held back while calls may be coming
+        // and its tokens' log probabilities.
         let mut offsets = vec![0; choices];
         let mut summaries = vec![None; choices];
+        let mut calls: Vec<CallStream> = (0..choices).map(|_| CallStream::default()).collect();
+        let mut held: Vec<Vec<crate::params::Logprobs>> = vec![Vec::new(); choices];
         loop {
             // A client that goes away ends the generation now, not at the next output.
             let output = tokio::select! {
@@ -464,13 +515,41 @@ fn stream_events(
             let chunk_index = index as u32;
             let sent = match output {
                 Ok(Output::Text { text, logprobs, .. }) => {
-                    let (logprobs, chars) = meta.logprobs(&logprobs, offsets[index]);
+                    let text = match meta.calls {
+                        Some(_) => calls[index].push(&text),
+                        None => text,
+                    };
+                    held[index].extend(logprobs);
+                    if text.is_empty() && meta.calls.is_some() {
+                        continue;
+                    }
+                    let (logprobs, chars) = meta.logprobs(&held[index], offsets[index]);
+                    held[index].clear();
                     offsets[index] += chars;
                     let chunk = meta.text_chunk(chunk_index, &text, logprobs);
                     events.send(sse_event(&chunk)).await
                 }
                 Ok(Output::Done(summary)) => {
-                    let chunk = meta.finish_chunk(chunk_index, &summary);
+                    let mut called = false;
+                    if let Some(reader) = &meta.calls {
+                        let (mut logprobs, _) = meta.logprobs(&held[index], offsets[index]);
+                        held[index].clear();
+                        let answer = std::mem::take(&mut calls[index]).finish(reader);
+                        if !answer.text.is_empty() {
+                            let chunk = meta.text_chunk(chunk_index, &answer.text, logprobs.take());
+                            if events.send(sse_event(&chunk)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if !answer.calls.is_empty() {
+                            called = true;
+                            let chunk = meta.calls_chunk(chunk_index, &answer.calls, logprobs);
+                            if events.send(sse_event(&chunk)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    let chunk = meta.finish_chunk(chunk_index, &summary, called);
                     let mut sent = events.send(sse_event(&chunk)).await;
                     summaries[index] = Some(summary);
                     if summaries.iter().all(Option::is_some) {

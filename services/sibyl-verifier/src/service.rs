@@ -230,6 +230,15 @@ impl VerifierService {
         };
         check_request(&engine.loaded.model, &request.prompt_tokens, &generation)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let prompt_logprobs = match request.prompt_logprobs {
+            Some(n) if n as usize > sibyl_spec::MAX_TOP_LOGPROBS => {
+                return Err(Status::invalid_argument(format!(
+                    "`prompt_logprobs` is at most {}, not {n}",
+                    sibyl_spec::MAX_TOP_LOGPROBS
+                )))
+            }
+            n => n.map(|n| n as usize),
+        };
         let mut constraints: Vec<Box<dyn TokenConstraint + Sync>> = Vec::new();
         if let Some(grammar) = &request.grammar {
             constraints.push(Box::new(engine.output_grammar(grammar)?));
@@ -271,6 +280,7 @@ impl VerifierService {
             inbox,
             step_times: request.step_times,
             constraints,
+            prompt_logprobs,
         };
         Ok((plan, links))
     }
@@ -393,6 +403,11 @@ impl VerifierService {
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         for constraint in plan.constraints.drain(..) {
             session = session.with_constraint(constraint);
+        }
+        if let Some(top) = plan.prompt_logprobs {
+            session = session
+                .with_prompt_logprobs(top)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
         let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), plan.inbox));
         let (accepted_len, watch_len) = watch::channel(plan.prompt.len());

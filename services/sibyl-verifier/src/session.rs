@@ -29,6 +29,8 @@ pub(crate) struct Plan {
     pub(crate) step_times: bool,
     /// What the output is held to (a JSON grammar, a least length), in order.
     pub(crate) constraints: Vec<Box<dyn TokenConstraint + Sync>>,
+    /// The prompt's log-probabilities, with this many most likely tokens each.
+    pub(crate) prompt_logprobs: Option<usize>,
 }
 
 pub(crate) type Events = mpsc::Sender<Result<pb::VerifyEvent, Status>>;
@@ -66,6 +68,10 @@ pub(crate) struct RemoteClient {
     /// The `verify_step` span of the step under way, a child of the session's span so that
     /// it stays in the generation's trace (the batched pass has a `batch_step` span).
     step: Option<tracing::Span>,
+    /// Whether the prompt's log-probabilities went out (with the first tokens), and those
+    /// that must go in the summary instead (no tokens went out).
+    prompt_logprobs_sent: bool,
+    unsent_prompt_logprobs: Vec<pb::TokenLogprobs>,
 }
 
 impl RemoteClient {
@@ -78,6 +84,8 @@ impl RemoteClient {
             waits: Vec::new(),
             recorder: StepRecorder::new(kinds),
             step: None,
+            prompt_logprobs_sent: false,
+            unsent_prompt_logprobs: Vec::new(),
         }
     }
 
@@ -159,10 +167,16 @@ impl Client for RemoteClient {
             .accepted_len
             .send_replace(session.context().len());
         self.recorder.record(session, tokens);
+        let prompt_logprobs = match self.prompt_logprobs_sent {
+            true => Vec::new(),
+            false => session.prompt_logprobs().iter().map(Into::into).collect(),
+        };
+        self.prompt_logprobs_sent = true;
         self.pending.push_back(pb::VerifyEvent {
             event: Some(Event::Tokens(pb::AcceptedTokens {
                 tokens: tokens.to_vec(),
                 logprobs: session.step_logprobs().iter().map(Into::into).collect(),
+                prompt_logprobs,
             })),
         });
         self.flush();
@@ -170,6 +184,13 @@ impl Client for RemoteClient {
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
+    }
+
+    fn ended(&mut self, session: &Session) {
+        if !self.prompt_logprobs_sent {
+            self.unsent_prompt_logprobs =
+                session.prompt_logprobs().iter().map(Into::into).collect();
+        }
     }
 }
 
@@ -200,13 +221,17 @@ pub(crate) fn finish(
                 FinishReason::Stop | FinishReason::Length => "completed",
             };
             sessions.with_label_values(&[outcome]).inc();
-            Ok(pb::VerifyEvent {
-                event: Some(Event::Summary(summary(
+            let summary = pb::VerifySummary {
+                prompt_logprobs: std::mem::take(&mut client.unsent_prompt_logprobs),
+                ..summary(
                     &report,
                     &client.waits,
                     &client.remote.shared,
                     client.remote.step_times,
-                ))),
+                )
+            };
+            Ok(pb::VerifyEvent {
+                event: Some(Event::Summary(summary)),
             })
         }
         // The request was checked before the session started: what fails now is ours.
@@ -332,6 +357,8 @@ fn summary(
         } else {
             Vec::new()
         },
+        // Set by `finish` where no tokens event carried them.
+        prompt_logprobs: Vec::new(),
     }
 }
 

@@ -171,7 +171,8 @@ impl InProcess {
         let tokenizer = &self.loaded.tokenizer;
         Ok(match prompt {
             PromptInput::Text(text) => tokenizer.encode(text)?,
-            PromptInput::Chat(messages) => self
+            PromptInput::Tokens(ids) => ids.clone(),
+            PromptInput::Chat { messages, .. } => self
                 .loaded
                 .chat_template
                 .as_ref()
@@ -411,7 +412,10 @@ impl Remote {
     ) -> pb::GenerateRequest {
         let input = match prompt {
             PromptInput::Text(text) => pb::generate_request::Input::Prompt(text.clone()),
-            PromptInput::Chat(messages) => {
+            PromptInput::Tokens(ids) => {
+                pb::generate_request::Input::Tokens(pb::PromptTokens { ids: ids.clone() })
+            }
+            PromptInput::Chat { messages, .. } => {
                 pb::generate_request::Input::Chat(pb::ChatConversation {
                     messages: messages
                         .iter()

@@ -51,7 +51,10 @@ impl Item {
                     messages.push(ChatMessage::new("system", system));
                 }
                 messages.push(ChatMessage::new("user", text));
-                PromptInput::Chat(messages.clone())
+                PromptInput::Chat {
+                    messages: messages.clone(),
+                    tools: Vec::new(),
+                }
             }
         })
     }

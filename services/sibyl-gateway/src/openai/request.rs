@@ -1,12 +1,13 @@
 //! The OpenAI API's request bodies, typed, and the generation the gateway makes of them:
 //! the fields both endpoints share are read and checked in one place ([`Common`]).
 
+use super::tools::Tools;
 use super::unsupported::Unsupported;
 use crate::generation::{Api, Ending, GatewayError, Generation, PromptInput};
 use crate::params::{check_logprobs, Grammar, Sampling, Speculation, MAX_LOGPROBS};
 use serde::Deserialize;
 use serde_json::Value;
-use sibyl_engine::ChatMessage;
+use sibyl_engine::{ChatMessage, FunctionCall, ToolCall};
 use sibyl_spec::Penalties;
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +83,14 @@ pub(super) struct Common {
     #[serde(default)]
     ignore_eos: bool,
     stop_token_ids: Option<Vec<u32>>,
+    /// Chat only: the functions the model may call, whether it must, and whether it may
+    /// call several at once.
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<Value>,
+    /// Completions only: the prompt comes back before the completion (with `logprobs`,
+    /// its tokens' log-probabilities too).
+    echo: Option<Value>,
     #[serde(flatten)]
     unsupported: Unsupported,
 }
@@ -232,6 +241,39 @@ impl Common {
         }
     }
 
+    /// The tools a chat request defines and how they may be called (`None`: no tools).
+    pub(super) fn tools(&self) -> Result<Option<Tools>, GatewayError> {
+        Tools::from_request(
+            self.tools.as_ref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls.as_ref(),
+        )
+    }
+
+    /// Whether the response repeats the prompt before each completion (`echo`, of the
+    /// completions endpoint).
+    pub(super) fn echo(&self, prompt: &PromptInput) -> Result<bool, GatewayError> {
+        match (&self.echo, prompt) {
+            (None | Some(Value::Null) | Some(Value::Bool(false)), _) => Ok(false),
+            (Some(Value::Bool(true)), PromptInput::Text(_) | PromptInput::Tokens(_)) => Ok(true),
+            (Some(Value::Bool(true)), PromptInput::Chat { .. }) => Err(
+                GatewayError::invalid_param("echo", "`echo` is a parameter of /v1/completions"),
+            ),
+            (Some(_), _) => Err(GatewayError::invalid_param(
+                "echo",
+                "`echo` is true or false",
+            )),
+        }
+    }
+
+    /// Whether the request asks for log probabilities at all (however it spells it).
+    pub(super) fn logprobs_asked(&self) -> bool {
+        !matches!(
+            self.logprobs,
+            None | Some(Value::Null) | Some(Value::Bool(false))
+        )
+    }
+
     /// How many choices the request asks for (`n`, 1 when absent).
     pub(super) fn choices(&self) -> Result<usize, GatewayError> {
         match count(&self.n) {
@@ -249,7 +291,7 @@ impl Common {
     /// `top_logprobs: N` (0 when absent), the completions endpoint's `logprobs: N`.
     fn logprobs(&self, prompt: &PromptInput) -> Result<Option<u32>, GatewayError> {
         let asked = match prompt {
-            PromptInput::Chat(_) => {
+            PromptInput::Chat { .. } => {
                 let top = count(&self.top_logprobs).ok_or_else(|| {
                     GatewayError::invalid_param(
                         "top_logprobs",
@@ -275,7 +317,7 @@ impl Common {
                     }
                 }
             }
-            PromptInput::Text(_) => {
+            PromptInput::Text(_) | PromptInput::Tokens(_) => {
                 if count(&self.top_logprobs).is_none_or(|n| n.is_some_and(|n| n > 0)) {
                     return Err(GatewayError::invalid_param(
                         "top_logprobs",
@@ -294,16 +336,33 @@ impl Common {
             }
         };
         let param = match prompt {
-            PromptInput::Chat(_) => "top_logprobs",
-            PromptInput::Text(_) => "logprobs",
+            PromptInput::Chat { .. } => "top_logprobs",
+            PromptInput::Text(_) | PromptInput::Tokens(_) => "logprobs",
         };
         check_logprobs(asked, param)?;
         Ok(asked)
     }
 
-    pub(super) fn generation(self, prompt: PromptInput) -> Result<Generation, GatewayError> {
+    /// The generation the request asks for, from `prompt` (with `tools`' definitions in it
+    /// where they are offered); a `tool_choice` that asks for calls constrains the output
+    /// to them.
+    pub(super) fn generation(
+        self,
+        prompt: PromptInput,
+        tools: Option<&Tools>,
+    ) -> Result<Generation, GatewayError> {
         self.unsupported.check()?;
-        let grammar = self.grammar()?;
+        let echo = self.echo(&prompt)?;
+        let grammar = match (self.grammar()?, tools.and_then(Tools::grammar)) {
+            (Some(_), Some(_)) => {
+                return Err(GatewayError::invalid_param(
+                    "tool_choice",
+                    "a `tool_choice` that asks for calls and a format for the output both \
+                     constrain the output; set one",
+                ))
+            }
+            (grammar, calls) => grammar.or(calls),
+        };
         let logprobs = self.logprobs(&prompt)?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (None, None) => None,
@@ -358,6 +417,8 @@ impl Common {
             details: false,
             prefix_cache: self.prefix_cache,
             logprobs,
+            // With `echo`, the prompt's tokens come with theirs.
+            prompt_logprobs: logprobs.filter(|_| echo),
             grammar,
             ending: Ending {
                 min_tokens: self.min_tokens.unwrap_or(0),
@@ -372,9 +433,37 @@ impl Common {
     }
 }
 
+/// A completion's `prompt`: text, or token ids; one of them, or a list of one.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum CompletionPrompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+impl CompletionPrompt {
+    /// The one prompt it holds.
+    pub(super) fn into_input(self) -> Result<PromptInput, GatewayError> {
+        match self {
+            Self::Text(text) => Ok(PromptInput::Text(text)),
+            Self::Texts(mut texts) if texts.len() == 1 => Ok(PromptInput::Text(texts.remove(0))),
+            Self::Tokens(ids) => Ok(PromptInput::Tokens(ids)),
+            Self::TokenLists(mut lists) if lists.len() == 1 => {
+                Ok(PromptInput::Tokens(lists.remove(0)))
+            }
+            _ => Err(GatewayError::invalid_param(
+                "prompt",
+                "`prompt` must be one string or one list of token ids",
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub(super) struct CompletionRequest {
-    pub(super) prompt: OneOrMany,
+    pub(super) prompt: CompletionPrompt,
     #[serde(flatten)]
     pub(super) common: Common,
 }
@@ -390,6 +479,26 @@ pub(super) struct ChatRequest {
 pub(super) struct ChatRequestMessage {
     role: String,
     content: Option<ChatContent>,
+    /// An assistant message's calls.
+    #[serde(default)]
+    tool_calls: Vec<RequestToolCall>,
+    /// A tool message's answer is to this call.
+    tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestToolCall {
+    id: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    function: RequestFunctionCall,
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestFunctionCall {
+    name: String,
+    /// JSON text.
+    arguments: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -432,6 +541,34 @@ impl ChatRequestMessage {
                 text
             }
         };
-        Ok(ChatMessage::new(role, &content))
+        let tool_calls = self
+            .tool_calls
+            .into_iter()
+            .map(|call| {
+                // Templates write the arguments with `tojson`: as a value, not as text.
+                let arguments = serde_json::from_str(&call.function.arguments).map_err(|e| {
+                    GatewayError::invalid_param(
+                        "messages",
+                        format!(
+                            "the arguments of the call of `{}` are not JSON: {e}",
+                            call.function.name
+                        ),
+                    )
+                })?;
+                Ok(ToolCall {
+                    id: call.id.unwrap_or_default(),
+                    kind: call.kind.unwrap_or_else(|| "function".into()),
+                    function: FunctionCall {
+                        name: call.function.name,
+                        arguments,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, GatewayError>>()?;
+        Ok(ChatMessage {
+            tool_calls,
+            tool_call_id: self.tool_call_id,
+            ..ChatMessage::new(role, &content)
+        })
     }
 }

@@ -1,7 +1,8 @@
 //! The OpenAI API's response bodies, typed: a whole response and each streamed chunk of
 //! both endpoints are made from these, and the error object of every failure.
 
-use crate::generation::Summary;
+use super::tools::Call;
+use crate::generation::{PromptLogprobs, Summary};
 use crate::params::{FinishReason, Logprobs, TokenLogprob};
 use serde::Serialize;
 
@@ -52,9 +53,10 @@ pub(super) enum ChoiceLogprobs {
     },
     Completion {
         tokens: Vec<String>,
-        token_logprobs: Vec<f32>,
+        /// `null` for an echoed prompt's first token (nothing comes before it).
+        token_logprobs: Vec<Option<f32>>,
         /// The most likely tokens at each position, and the chosen one.
-        top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+        top_logprobs: Vec<Option<std::collections::BTreeMap<String, f32>>>,
         /// Where each token's text starts in the generated text, in characters.
         text_offset: Vec<usize>,
     },
@@ -83,7 +85,10 @@ fn token_text(token: &TokenLogprob) -> String {
 #[derive(Debug, Serialize)]
 pub(super) struct Message<'a> {
     pub role: &'static str,
-    pub content: &'a str,
+    /// `null` when the answer is calls only.
+    pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallBody<'a>>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -92,6 +97,44 @@ pub(super) struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallBody<'a>>,
+}
+
+/// A call the model made, as a message (and, with its `index`, a chunk) holds it.
+#[derive(Debug, Serialize)]
+pub(super) struct ToolCallBody<'a> {
+    /// A stream's chunks number the calls of a choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    pub id: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionBody<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct FunctionBody<'a> {
+    pub name: &'a str,
+    /// JSON text.
+    pub arguments: &'a str,
+}
+
+/// `calls` as a message or a chunk holds them (`streamed`: numbered).
+fn call_bodies(calls: &[Call], streamed: bool) -> Vec<ToolCallBody<'_>> {
+    calls
+        .iter()
+        .zip(0u32..)
+        .map(|(call, index)| ToolCallBody {
+            index: streamed.then_some(index),
+            id: &call.id,
+            kind: "function",
+            function: FunctionBody {
+                name: &call.name,
+                arguments: &call.arguments,
+            },
+        })
+        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -141,17 +184,19 @@ impl Usage {
     }
 }
 
-/// What one choice of a whole response holds: its text, its tokens' log probabilities
-/// and how its generation ended.
+/// What one choice of a whole response holds: its text, the calls it made, its tokens'
+/// log probabilities and how its generation ended.
 pub(super) struct Finished {
     pub text: String,
+    pub calls: Vec<Call>,
     pub logprobs: Vec<Logprobs>,
     pub summary: Summary,
 }
 
-/// OpenAI's `finish_reason` for how a generation ended.
-pub(super) fn finish_reason(reason: FinishReason) -> &'static str {
+/// OpenAI's `finish_reason` for how a generation ended (`called`: with calls).
+pub(super) fn finish_reason(reason: FinishReason, called: bool) -> &'static str {
     match reason {
+        _ if called => "tool_calls",
         FinishReason::Length => "length",
         _ => "stop",
     }
@@ -167,6 +212,12 @@ pub(super) struct Meta {
     pub include_usage: bool,
     /// Whether the request asked for log probabilities.
     pub logprobs: bool,
+    /// With `echo`: the prompt, which the whole response puts before each completion
+    /// (with its tokens' log probabilities, where they were asked for) and a stream sends
+    /// first.
+    pub echo: Option<String>,
+    /// Where tools are offered, how the calls are read from an answer's text.
+    pub calls: Option<super::tools::CallReader>,
 }
 
 impl Meta {
@@ -233,15 +284,17 @@ impl Meta {
                     at += text.chars().count();
                 }
                 ChoiceLogprobs::Completion {
-                    token_logprobs: logprobs.iter().map(|p| p.chosen.logprob).collect(),
+                    token_logprobs: logprobs.iter().map(|p| Some(p.chosen.logprob)).collect(),
                     top_logprobs: logprobs
                         .iter()
                         .map(|p| {
-                            p.top
-                                .iter()
-                                .chain([&p.chosen])
-                                .map(|t| (token_text(t), t.logprob))
-                                .collect()
+                            Some(
+                                p.top
+                                    .iter()
+                                    .chain([&p.chosen])
+                                    .map(|t| (token_text(t), t.logprob))
+                                    .collect(),
+                            )
                         })
                         .collect(),
                     tokens: texts,
@@ -252,6 +305,45 @@ impl Meta {
         (Some(rendered), chars)
     }
 
+    /// An echoed prompt's tokens' log probabilities, then the completion's, in the
+    /// completions endpoint's shape.
+    fn echoed_logprobs(&self, prompt: &PromptLogprobs, completion: &[Logprobs]) -> ChoiceLogprobs {
+        let (rest, chars) = self.logprobs(&prompt.rest, token_text(&prompt.first).chars().count());
+        let (after, _) = self.logprobs(
+            completion,
+            chars + token_text(&prompt.first).chars().count(),
+        );
+        let mut echoed = ChoiceLogprobs::Completion {
+            tokens: vec![token_text(&prompt.first)],
+            token_logprobs: vec![None],
+            top_logprobs: vec![None],
+            text_offset: vec![0],
+        };
+        for part in [rest, after].into_iter().flatten() {
+            if let (
+                ChoiceLogprobs::Completion {
+                    tokens,
+                    token_logprobs,
+                    top_logprobs,
+                    text_offset,
+                },
+                ChoiceLogprobs::Completion {
+                    tokens: more_tokens,
+                    token_logprobs: more_logprobs,
+                    top_logprobs: more_top,
+                    text_offset: more_offsets,
+                },
+            ) = (&mut echoed, part)
+            {
+                tokens.extend(more_tokens);
+                token_logprobs.extend(more_logprobs);
+                top_logprobs.extend(more_top);
+                text_offset.extend(more_offsets);
+            }
+        }
+        echoed
+    }
+
     /// The whole response: each choice's text, its tokens' log probabilities and how it
     /// ended.
     pub fn whole<'a>(&'a self, finished: &'a [Finished]) -> Completion<'a> {
@@ -259,20 +351,31 @@ impl Meta {
             .iter()
             .zip(0u32..)
             .map(|(f, index)| {
+                let logprobs = match (&self.echo, &f.summary.prompt_logprobs) {
+                    (Some(_), Some(prompt)) if self.logprobs => {
+                        Some(self.echoed_logprobs(prompt, &f.logprobs))
+                    }
+                    _ => self.logprobs(&f.logprobs, 0).0,
+                };
                 let mut choice = Choice {
                     index,
                     text: None,
                     message: None,
                     delta: None,
-                    logprobs: self.logprobs(&f.logprobs, 0).0,
-                    finish_reason: Some(finish_reason(f.summary.finish_reason)),
+                    logprobs,
+                    finish_reason: Some(finish_reason(
+                        f.summary.finish_reason,
+                        !f.calls.is_empty(),
+                    )),
                 };
                 match self.kind {
                     Kind::Completion => choice.text = Some(&f.text),
                     Kind::Chat => {
+                        let calls_only = !f.calls.is_empty() && f.text.is_empty();
                         choice.message = Some(Message {
                             role: "assistant",
-                            content: &f.text,
+                            content: (!calls_only).then_some(f.text.as_str()),
+                            tool_calls: call_bodies(&f.calls, false),
                         })
                     }
                 }
@@ -314,6 +417,7 @@ impl Meta {
             Delta {
                 role: Some("assistant"),
                 content: Some(""),
+                ..Delta::default()
             },
             None,
             None,
@@ -331,21 +435,41 @@ impl Meta {
         self.chunk(
             index,
             Delta {
-                role: None,
                 content: Some(text),
+                ..Delta::default()
             },
             logprobs,
             None,
         )
     }
 
-    /// The chunk that says how choice `index`'s generation ended (no text).
-    pub fn finish_chunk(&self, index: u32, summary: &Summary) -> Completion<'_> {
+    /// A chat chunk of choice `index` with all the calls it made, and the log
+    /// probabilities of their tokens where they were asked for.
+    pub fn calls_chunk<'a>(
+        &'a self,
+        index: u32,
+        calls: &'a [Call],
+        logprobs: Option<ChoiceLogprobs>,
+    ) -> Completion<'a> {
+        self.chunk(
+            index,
+            Delta {
+                tool_calls: call_bodies(calls, true),
+                ..Delta::default()
+            },
+            logprobs,
+            None,
+        )
+    }
+
+    /// The chunk that says how choice `index`'s generation ended (no text; `called`: it
+    /// made calls).
+    pub fn finish_chunk(&self, index: u32, summary: &Summary, called: bool) -> Completion<'_> {
         self.chunk(
             index,
             Delta::default(),
             None,
-            Some(finish_reason(summary.finish_reason)),
+            Some(finish_reason(summary.finish_reason, called)),
         )
     }
 
@@ -419,6 +543,8 @@ mod tests {
             kind,
             include_usage,
             logprobs: false,
+            echo: None,
+            calls: None,
         }
     }
 
@@ -437,6 +563,7 @@ mod tests {
     fn finished(text: &str) -> Finished {
         Finished {
             text: text.into(),
+            calls: Vec::new(),
             logprobs: Vec::new(),
             summary: summary(),
         }
@@ -469,7 +596,7 @@ mod tests {
                     "logprobs": null, "finish_reason": null}]})
         );
         assert_eq!(
-            value(&chat.finish_chunk(0, &summary()))["choices"][0],
+            value(&chat.finish_chunk(0, &summary(), false))["choices"][0],
             json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"})
         );
         let completion = meta(Kind::Completion, true);
@@ -480,7 +607,7 @@ mod tests {
                 "usage": null})
         );
         assert_eq!(
-            value(&completion.finish_chunk(0, &summary()))["choices"][0]["text"],
+            value(&completion.finish_chunk(0, &summary(), false))["choices"][0]["text"],
             json!("")
         );
         let last = value(&completion.usage_chunk(&[&summary()]));

@@ -9,11 +9,8 @@ use serde_json::{json, Value};
 /// that a client never gets free text where it asked for tool calls or JSON. Fields OpenAI does not define are ignored.
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct Unsupported {
-    tools: Option<Value>,
-    tool_choice: Option<Value>,
     functions: Option<Value>,
     function_call: Option<Value>,
-    echo: Option<Value>,
     best_of: Option<Value>,
     suffix: Option<Value>,
 }
@@ -31,27 +28,16 @@ impl Unsupported {
             other => neutral(other, &[]),
         };
         let one = |value: &Option<Value>| neutral(value, &[json!(1)]);
-        let checks: [(&'static str, bool, &str); 7] = [
-            ("tools", empty(&self.tools), "tool calls are not supported"),
-            (
-                "tool_choice",
-                neutral(&self.tool_choice, &[json!("none"), json!("auto")]),
-                "tool calls are not supported",
-            ),
+        let checks: [(&'static str, bool, &str); 4] = [
             (
                 "functions",
                 empty(&self.functions),
-                "function calls are not supported",
+                "the deprecated `functions` is not supported; use `tools`",
             ),
             (
                 "function_call",
                 neutral(&self.function_call, &[json!("none"), json!("auto")]),
-                "function calls are not supported",
-            ),
-            (
-                "echo",
-                neutral(&self.echo, &[json!(false)]),
-                "`echo` is not supported",
+                "the deprecated `function_call` is not supported; use `tool_choice`",
             ),
             (
                 "best_of",
