@@ -165,6 +165,28 @@ async fn tools_are_offered_called_required_and_their_results_rendered() {
     assert_eq!(made_named[0].0, "get_time");
     assert!(made_named[0].1["zone"].is_string(), "{body}");
 
+    // A tool whose parameters refer to their own definitions, as pydantic writes nested
+    // models: required, its call still matches them.
+    let booking = json!([{"type": "function", "function": {"name": "book_flight",
+        "parameters": {"type": "object",
+            "$defs": {"Airport": {"type": "object",
+                "properties": {"code": {"type": "string", "minLength": 3, "maxLength": 3}},
+                "required": ["code"]}},
+            "properties": {"origin": {"$ref": "#/$defs/Airport"},
+                "destination": {"$ref": "#/$defs/Airport"}},
+            "required": ["origin", "destination"]}}}]);
+    let body = json!({"messages": [{"role": "user", "content": "Book me a flight from Paris to Oslo."}],
+        "tools": booking, "tool_choice": "required", "max_tokens": 64, "temperature": 0});
+    let response = post(&cluster, "/v1/chat/completions", &[], &body).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let body = response.json();
+    let booked = calls(&body["choices"][0]["message"]);
+    assert_eq!(booked[0].0, "book_flight", "{body}");
+    for end in ["origin", "destination"] {
+        let code = booked[0].1[end]["code"].as_str().unwrap_or_default();
+        assert_eq!(code.chars().count(), 3, "{body}");
+    }
+
     // Auto: what the model answers, read the same way whole and streamed.
     let auto = |stream: bool| chat(question, json!({"stream": stream}));
     let whole = post(&cluster, "/v1/chat/completions", &[], &auto(false)).await;

@@ -33,8 +33,11 @@ pub(super) enum ToolChoice {
 pub(super) struct Tools {
     /// The `tools` entries as the client sent them (the template writes them out).
     pub definitions: Vec<Value>,
-    /// Each function's name and its parameters' JSON Schema.
+    /// Each function's name and its parameters' JSON Schema, less its definitions.
     functions: Vec<(String, Value)>,
+    /// The definitions the parameters' schemas refer to (`$defs`, `definitions`: pydantic
+    /// writes nested models there), of every function, for the root of the calls' schema.
+    defs: serde_json::Map<String, Value>,
     pub choice: ToolChoice,
     /// Whether an answer may make more than one call.
     pub parallel: bool,
@@ -72,6 +75,7 @@ impl Tools {
             ));
         }
         let mut functions = Vec::with_capacity(definitions.len());
+        let mut defs = serde_json::Map::new();
         for (i, tool) in definitions.iter().enumerate() {
             let shape = || {
                 bad(
@@ -101,7 +105,7 @@ impl Tools {
             if functions.iter().any(|(n, _)| n == name) {
                 return Err(bad("tools", format!("two tools are named `{name}`")));
             }
-            let parameters = match function.get("parameters") {
+            let mut parameters = match function.get("parameters") {
                 None | Some(Value::Null) => json!({"type": "object"}),
                 Some(schema @ Value::Object(_)) => schema.clone(),
                 Some(_) => {
@@ -111,6 +115,33 @@ impl Tools {
                     ))
                 }
             };
+            // `#/$defs/X` in a function's parameters means its own root; the calls' schema
+            // holds every function's, so their definitions move to its root.
+            for key in ["$defs", "definitions"] {
+                let Some(Value::Object(own)) =
+                    parameters.as_object_mut().and_then(|p| p.shift_remove(key))
+                else {
+                    continue;
+                };
+                let merged = defs
+                    .entry(key)
+                    .or_insert_with(|| Value::Object(serde_json::Map::new()));
+                for (def, schema) in own {
+                    match merged.get(&def) {
+                        Some(other) if *other != schema => {
+                            return Err(bad(
+                                "tools",
+                                format!("two tools define `{key}/{def}` differently"),
+                            ))
+                        }
+                        _ => {
+                            if let Value::Object(merged) = merged {
+                                merged.insert(def, schema);
+                            }
+                        }
+                    }
+                }
+            }
             functions.push((name.to_string(), parameters));
         }
         let parallel = match parallel {
@@ -172,6 +203,7 @@ impl Tools {
         Ok(Some(Self {
             definitions,
             functions,
+            defs,
             choice,
             parallel,
         }))
@@ -204,11 +236,14 @@ impl Tools {
                 })
             })
             .collect();
-        let schema = json!({
+        let mut schema = json!({
             "anyOf": calls,
             // As `response_format` schemas: lenient, whitespace bounded.
             "x-guidance": {"lenient": true, "whitespace_pattern": sibyl_whitespace()},
         });
+        if let Value::Object(root) = &mut schema {
+            root.extend(self.defs.clone());
+        }
         let repeat = if self.parallel {
             r#" ("\n" call)*"#
         } else {
@@ -476,6 +511,17 @@ mod tests {
         }
         let error = Tools::from_request(Some(&tools), None, Some(&json!("yes"))).unwrap_err();
         assert_eq!(param(error), "parallel_tool_calls");
+        // Definitions shared by name must agree.
+        let with_defs = |name: &str, kind: &str| {
+            json!({"type": "function", "function": {"name": name, "parameters": {
+                "$defs": {"City": {"type": kind}},
+                "properties": {"city": {"$ref": "#/$defs/City"}}}}})
+        };
+        let clash = json!([with_defs("a", "string"), with_defs("b", "integer")]);
+        let error = Tools::from_request(Some(&clash), None, None).unwrap_err();
+        assert_eq!(param(error), "tools");
+        let agree = json!([with_defs("a", "string"), with_defs("b", "string")]);
+        assert!(Tools::from_request(Some(&agree), None, None).is_ok());
     }
 
     fn reader(parallel: bool) -> CallReader {
