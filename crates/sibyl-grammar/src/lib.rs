@@ -13,7 +13,7 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
-use sibyl_spec::{TokenConstraint, TokenId};
+use sibyl_spec::{TokenConstraint, TokenId, JSON_WHITESPACE};
 use std::sync::Arc;
 
 /// A schema or vocabulary the grammar engine cannot take.
@@ -34,10 +34,6 @@ pub enum GrammarError {
     #[error("the grammar engine cannot take this vocabulary: {0}")]
     Vocabulary(String),
 }
-
-/// Most whitespace the grammar lets the model put between two JSON tokens: without a bound
-/// a small model can loop on newlines until `max_tokens`.
-const WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{0,20}";
 
 /// Compiles output grammars for one model's vocabulary; shared by its sessions.
 pub struct GrammarCompiler {
@@ -95,9 +91,9 @@ impl GrammarCompiler {
             serde_json::from_str(schema).map_err(|e| GrammarError::NotJson(e.to_string()))?;
         match &mut schema {
             Value::Object(fields) => {
-                fields
-                    .entry("x-guidance")
-                    .or_insert_with(|| json!({"lenient": true, "whitespace_pattern": WHITESPACE}));
+                fields.entry("x-guidance").or_insert_with(
+                    || json!({"lenient": true, "whitespace_pattern": JSON_WHITESPACE}),
+                );
             }
             Value::Bool(_) => {}
             _ => return Err(GrammarError::NotSchema),

@@ -5,6 +5,11 @@
 
 use crate::TokenId;
 
+/// Most whitespace a JSON grammar lets the model put between two JSON tokens (a regular
+/// expression, llguidance's `whitespace_pattern`): without a bound a small model can loop
+/// on newlines until `max_tokens`. Schemas from `response_format` and tool calls alike.
+pub const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{0,20}";
+
 /// Which tokens may follow a sequence. The decode loop calls [`TokenConstraint::mask`] for
 /// each row it chooses a token from, with the tokens chosen since the last
 /// [`TokenConstraint::record`] (each path extends or replaces the previous one), and

@@ -22,7 +22,7 @@ mod tree;
 mod verify;
 
 pub use acceptance::AcceptanceStats;
-pub use constraint::{MinTokens, TokenConstraint};
+pub use constraint::{MinTokens, TokenConstraint, JSON_WHITESPACE};
 pub use cost::{
     choose_batch_draft_nodes, choose_draft_length, choose_draft_nodes, BatchDrafts, DraftCosts,
     StepCosts, MIN_GAIN,

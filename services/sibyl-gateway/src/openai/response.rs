@@ -202,6 +202,50 @@ pub(super) fn finish_reason(reason: FinishReason, called: bool) -> &'static str 
     }
 }
 
+/// An echoed prompt's tokens' log probabilities (none for its first token), then the
+/// completion's, in the completions endpoint's shape.
+fn echoed_logprobs(prompt: &PromptLogprobs, completion: &[Logprobs]) -> ChoiceLogprobs {
+    let first = (token_text(&prompt.first), None);
+    let rest = prompt.rest.iter().chain(completion);
+    completion_logprobs(
+        [first]
+            .into_iter()
+            .chain(rest.map(|p| (token_text(&p.chosen), Some(p)))),
+        0,
+    )
+}
+
+/// Tokens' log probabilities in the completions endpoint's shape: each token's text and
+/// its figures (`None`: a `null` entry, an echoed prompt's first token), the first token's
+/// text starting `offset` characters into the text.
+fn completion_logprobs<'p>(
+    entries: impl IntoIterator<Item = (String, Option<&'p Logprobs>)>,
+    offset: usize,
+) -> ChoiceLogprobs {
+    let (mut tokens, mut token_logprobs, mut top_logprobs, mut text_offset) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut at = offset;
+    for (text, logprobs) in entries {
+        text_offset.push(at);
+        at += text.chars().count();
+        tokens.push(text);
+        token_logprobs.push(logprobs.map(|p| p.chosen.logprob));
+        top_logprobs.push(logprobs.map(|p| {
+            p.top
+                .iter()
+                .chain([&p.chosen])
+                .map(|t| (token_text(t), t.logprob))
+                .collect()
+        }));
+    }
+    ChoiceLogprobs::Completion {
+        tokens,
+        token_logprobs,
+        top_logprobs,
+        text_offset,
+    }
+}
+
 /// What every response of one request shares, and how its bodies are made.
 pub(super) struct Meta {
     pub id: String,
@@ -277,71 +321,10 @@ impl Meta {
                     .collect(),
             },
             Kind::Completion => {
-                let mut text_offset = Vec::with_capacity(texts.len());
-                let mut at = offset;
-                for text in &texts {
-                    text_offset.push(at);
-                    at += text.chars().count();
-                }
-                ChoiceLogprobs::Completion {
-                    token_logprobs: logprobs.iter().map(|p| Some(p.chosen.logprob)).collect(),
-                    top_logprobs: logprobs
-                        .iter()
-                        .map(|p| {
-                            Some(
-                                p.top
-                                    .iter()
-                                    .chain([&p.chosen])
-                                    .map(|t| (token_text(t), t.logprob))
-                                    .collect(),
-                            )
-                        })
-                        .collect(),
-                    tokens: texts,
-                    text_offset,
-                }
+                completion_logprobs(texts.into_iter().zip(logprobs.iter().map(Some)), offset)
             }
         };
         (Some(rendered), chars)
-    }
-
-    /// An echoed prompt's tokens' log probabilities, then the completion's, in the
-    /// completions endpoint's shape.
-    fn echoed_logprobs(&self, prompt: &PromptLogprobs, completion: &[Logprobs]) -> ChoiceLogprobs {
-        let (rest, chars) = self.logprobs(&prompt.rest, token_text(&prompt.first).chars().count());
-        let (after, _) = self.logprobs(
-            completion,
-            chars + token_text(&prompt.first).chars().count(),
-        );
-        let mut echoed = ChoiceLogprobs::Completion {
-            tokens: vec![token_text(&prompt.first)],
-            token_logprobs: vec![None],
-            top_logprobs: vec![None],
-            text_offset: vec![0],
-        };
-        for part in [rest, after].into_iter().flatten() {
-            if let (
-                ChoiceLogprobs::Completion {
-                    tokens,
-                    token_logprobs,
-                    top_logprobs,
-                    text_offset,
-                },
-                ChoiceLogprobs::Completion {
-                    tokens: more_tokens,
-                    token_logprobs: more_logprobs,
-                    top_logprobs: more_top,
-                    text_offset: more_offsets,
-                },
-            ) = (&mut echoed, part)
-            {
-                tokens.extend(more_tokens);
-                token_logprobs.extend(more_logprobs);
-                top_logprobs.extend(more_top);
-                text_offset.extend(more_offsets);
-            }
-        }
-        echoed
     }
 
     /// The whole response: each choice's text, its tokens' log probabilities and how it
@@ -353,7 +336,7 @@ impl Meta {
             .map(|(f, index)| {
                 let logprobs = match (&self.echo, &f.summary.prompt_logprobs) {
                     (Some(_), Some(prompt)) if self.logprobs => {
-                        Some(self.echoed_logprobs(prompt, &f.logprobs))
+                        Some(echoed_logprobs(prompt, &f.logprobs))
                     }
                     _ => self.logprobs(&f.logprobs, 0).0,
                 };

@@ -8,6 +8,7 @@
 use crate::generation::GatewayError;
 use crate::params::Grammar;
 use serde_json::{json, Value};
+use sibyl_spec::JSON_WHITESPACE;
 
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
@@ -239,7 +240,7 @@ impl Tools {
         let mut schema = json!({
             "anyOf": calls,
             // As `response_format` schemas: lenient, whitespace bounded.
-            "x-guidance": {"lenient": true, "whitespace_pattern": sibyl_whitespace()},
+            "x-guidance": {"lenient": true, "whitespace_pattern": JSON_WHITESPACE},
         });
         if let Value::Object(root) = &mut schema {
             root.extend(self.defs.clone());
@@ -253,11 +254,6 @@ impl Tools {
             "start: call{repeat}\ncall: \"{OPEN}\\n\" body \"\\n{CLOSE}\"\nbody: %json {schema}\n"
         )))
     }
-}
-
-/// The whitespace JSON grammars allow between tokens (as `response_format`'s).
-fn sibyl_whitespace() -> &'static str {
-    r"[\x20\x0A\x0D\x09]{0,20}"
 }
 
 /// A call the model made.
