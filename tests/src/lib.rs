@@ -271,6 +271,14 @@ impl Cluster {
             .expect("the test text tokenizes")
     }
 
+    /// The text of `tokens`, as the gateway's detokenizer gives it.
+    pub fn detokenize(&self, tokens: &[u32]) -> String {
+        self.text
+            .tokenizer
+            .decode(tokens)
+            .expect("the test tokens decode")
+    }
+
     /// Tells every server to shut down, as SIGTERM does, and lets them drain.
     pub fn begin_shutdown(&self) {
         self.stop.trigger();

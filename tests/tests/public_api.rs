@@ -67,7 +67,7 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
         ("n", json!({"n": 9})),
         ("n", json!({"n": 0})),
         ("best_of", json!({"n": 2, "best_of": 2})),
-        ("echo", json!({"echo": true})),
+        ("echo", json!({"echo": 1})),
         ("temperature", json!({"temperature": 3})),
     ];
     for (param, extra) in refused {
@@ -624,6 +624,57 @@ async fn vllms_ending_and_min_p_settings_are_honoured() {
     .unwrap();
     assert_eq!(stopped.token_ids, tokens[..cut]);
     assert_eq!(stopped.finish_reason, pb::FinishReason::Stop as i32);
+    // A stop string ends the text before its first occurrence, or after it when included;
+    // with min_tokens, it is looked for only in the text after that many tokens.
+    let (text, _) = generate_text(&mut gateway, prompt_request("1, 2, 3, 4,", 10), |_| {})
+        .await
+        .unwrap();
+    let stop = ",";
+    let first = text.find(stop).expect("the output has a comma");
+    let held = (1..tokens.len())
+        .find(|&m| cluster.detokenize(&tokens[..m]).contains(stop))
+        .unwrap();
+    let head = cluster.detokenize(&tokens[..held]);
+    assert!(text.starts_with(&head), "{text:?} / {head:?}");
+    let next = head.len()
+        + text[head.len()..]
+            .find(stop)
+            .expect("the output has a comma after the first");
+    for (min_tokens, include, expected) in [
+        (0, false, &text[..first]),
+        (0, true, &text[..first + stop.len()]),
+        (held as u32, false, &text[..next]),
+        (held as u32, true, &text[..next + stop.len()]),
+    ] {
+        let (cut, summary) = generate_text(
+            &mut gateway,
+            pb::GenerateRequest {
+                stop: vec![stop.into()],
+                min_tokens,
+                include_stop_string: include,
+                ..prompt_request("1, 2, 3, 4,", 10)
+            },
+            |_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(cut, expected, "min_tokens {min_tokens}, included {include}");
+        assert_eq!(summary.finish_reason, pb::FinishReason::Stop as i32);
+    }
+    let included = post(
+        &cluster,
+        "/v1/completions",
+        &[],
+        &json!({"prompt": "1, 2, 3, 4,", "max_tokens": 10, "temperature": 0, "stop": [stop],
+                "include_stop_str_in_output": true}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        included["choices"][0]["text"],
+        text[..first + stop.len()],
+        "{included}"
+    );
     // min_p 1 keeps only the most likely token: sampling at temperature 1 is greedy.
     let (_, sampled) = generate_text(
         &mut gateway,
@@ -718,6 +769,113 @@ async fn tokenize_gives_the_prompt_tokens_a_generation_uses_and_detokenize_the_t
         let response = post(&cluster, path, &[], &body).await;
         assert_eq!(response.status, status, "{path} {body}: {}", response.body);
     }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_can_continue_a_prefilled_answer_and_echo_it() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let tokens = |body: Value| {
+        let cluster = &cluster;
+        async move {
+            let response = post(cluster, "/tokenize", &[], &body).await;
+            assert_eq!(response.status, 200, "{body}: {}", response.body);
+            serde_json::from_value::<Vec<u32>>(response.json()["tokens"].clone()).unwrap()
+        }
+    };
+    let question = json!({"role": "user", "content": "Count from 1 to 9."});
+    let answer = "1, 2, 3,";
+    let prefilled = json!([question, {"role": "assistant", "content": answer}]);
+    // The prompt of the question alone, then the start of the answer: the template's
+    // generation prompt is where the answer goes on.
+    let asked = tokens(json!({"messages": [question]})).await;
+    let closed = tokens(json!({"messages": [question], "add_generation_prompt": false})).await;
+    assert!(closed.len() < asked.len() && asked.starts_with(&closed));
+    let continued = tokens(json!({"messages": prefilled, "continue_final_message": true})).await;
+    assert!(continued.starts_with(&asked), "{asked:?} / {continued:?}");
+    assert_eq!(cluster.detokenize(&continued[asked.len()..]), answer);
+    // The chat goes on from the answer exactly as a completion of those tokens does; with
+    // `echo` the answer comes first, whole and streamed.
+    let completion = post(
+        &cluster,
+        "/v1/completions",
+        &[],
+        &json!({"prompt": continued, "max_tokens": 12, "temperature": 0}),
+    )
+    .await
+    .json();
+    let going_on = completion["choices"][0]["text"].as_str().unwrap();
+    let chat = |extra: Value| {
+        let mut body = json!({
+            "messages": prefilled, "continue_final_message": true, "max_tokens": 12,
+            "temperature": 0,
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let cluster = &cluster;
+        async move { post(cluster, "/v1/chat/completions", &[], &body).await }
+    };
+    let plain = chat(json!({})).await.json();
+    assert_eq!(
+        plain["choices"][0]["message"]["content"], going_on,
+        "{plain}"
+    );
+    assert_eq!(plain["usage"]["prompt_tokens"], continued.len());
+    let echoed = chat(json!({"echo": true})).await.json();
+    assert_eq!(
+        echoed["choices"][0]["message"]["content"],
+        format!("{answer}{going_on}"),
+        "{echoed}"
+    );
+    let streamed = chat(json!({"echo": true, "stream": true})).await;
+    let text: String = sse_data(&streamed.body)
+        .iter()
+        .filter_map(|chunk| {
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(text, format!("{answer}{going_on}"));
+    // A user's last message is not echoed.
+    let asked_only = json!({"messages": [question], "max_tokens": 4, "temperature": 0});
+    let not_echoed = post(&cluster, "/v1/chat/completions", &[], &asked_only)
+        .await
+        .json();
+    let mut with_echo = asked_only.clone();
+    with_echo["echo"] = json!(true);
+    let with_echo = post(&cluster, "/v1/chat/completions", &[], &with_echo)
+        .await
+        .json();
+    assert_eq!(
+        with_echo["choices"][0]["message"],
+        not_echoed["choices"][0]["message"]
+    );
+    // Template variables reach the template (this one reads none: the prompt is the same).
+    let variables = tokens(json!({
+        "messages": [question], "chat_template_kwargs": {"enable_thinking": false}
+    }))
+    .await;
+    assert_eq!(variables, asked);
+    for (body, param) in [
+        (
+            json!({"continue_final_message": true, "add_generation_prompt": true}),
+            "continue_final_message",
+        ),
+        (
+            json!({"continue_final_message": true, "messages": [question, {"role": "assistant", "content": " "}]}),
+            "continue_final_message",
+        ),
+    ] {
+        let refused = chat(body.clone()).await;
+        assert_eq!(refused.status, 400, "{body}: {}", refused.body);
+        assert_eq!(refused.json()["error"]["param"], param, "{body}");
+    }
+    let not_a_map = chat(json!({"chat_template_kwargs": [1]})).await;
+    assert_eq!(not_a_map.status, 400, "{}", not_a_map.body);
     cluster.stop().await;
 }
 

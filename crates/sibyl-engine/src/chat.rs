@@ -47,6 +47,44 @@ pub struct FunctionCall {
     pub arguments: Value,
 }
 
+/// How a conversation is rendered, beyond its messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatOptions {
+    /// The definitions of the tools the model may call (OpenAI's `tools` entries; with none,
+    /// the template's `tools` is `none`).
+    pub tools: Vec<Value>,
+    /// End with the start of the assistant's answer (the template's `add_generation_prompt`).
+    pub add_generation_prompt: bool,
+    /// End right after the last message's content, leaving that message open for the model
+    /// to continue (a prefilled answer), as Hugging Face's `continue_final_message` does.
+    pub continue_final_message: bool,
+    /// More variables for the template (vLLM's `chat_template_kwargs`, such as Qwen3's
+    /// `enable_thinking`). The ones the renderer sets itself (`messages`, `tools`,
+    /// `add_generation_prompt`, `bos_token`, `eos_token`) are not taken from here.
+    pub variables: serde_json::Map<String, Value>,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        Self {
+            tools: Vec::new(),
+            add_generation_prompt: true,
+            continue_final_message: false,
+            variables: serde_json::Map::new(),
+        }
+    }
+}
+
+impl ChatOptions {
+    /// The default rendering, offering `tools`.
+    pub fn with_tools(tools: Vec<Value>) -> Self {
+        Self {
+            tools,
+            ..Self::default()
+        }
+    }
+}
+
 /// How a model's answers call tools, as its chat template teaches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolCallFormat {
@@ -108,30 +146,49 @@ impl ChatTemplate {
 
     /// The prompt text for `messages`, ending where the assistant's answer starts.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        self.render_with_tools(messages, &[])
+        self.render_with(messages, &ChatOptions::default())
     }
 
-    /// [`Self::render`] with the definitions of the tools the model may call (OpenAI's
-    /// `tools` entries; with none, the template's `tools` is `none`).
-    pub fn render_with_tools(
+    /// The prompt text for `messages` rendered as `options` say.
+    pub fn render_with(
         &self,
         messages: &[ChatMessage],
-        tools: &[Value],
+        options: &ChatOptions,
     ) -> Result<String, EngineError> {
         let template = self
             .env
             .get_template("chat")
             .map_err(EngineError::Template)?;
-        let tools = (!tools.is_empty()).then_some(tools);
-        template
+        let tools = (!options.tools.is_empty()).then_some(&options.tools);
+        // The values set here win over the caller's variables of the same names.
+        let rendered = template
             .render(context! {
                 messages => messages,
                 tools => tools,
-                add_generation_prompt => true,
+                add_generation_prompt => options.add_generation_prompt,
                 bos_token => self.bos,
                 eos_token => self.eos,
+                ..TemplateValue::from_serialize(&options.variables)
             })
-            .map_err(EngineError::Template)
+            .map_err(EngineError::Template)?;
+        if !options.continue_final_message {
+            return Ok(rendered);
+        }
+        // The text ends after the last message's content: where the template wrote it
+        // last, whole or (as templates often write it) trimmed.
+        let last = messages.last().map_or("", |m| m.content.as_str());
+        let content = [last, last.trim()]
+            .into_iter()
+            .find(|c| !c.is_empty() && rendered.contains(c))
+            .ok_or_else(|| {
+                EngineError::Encode(
+                    "to continue the final message, it must have content that the chat \
+                     template writes into the prompt"
+                        .into(),
+                )
+            })?;
+        let end = rendered.rfind(content).unwrap_or(0) + content.len();
+        Ok(rendered[..end].to_string())
     }
 }
 
@@ -248,17 +305,17 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         limit: usize,
     ) -> Result<Option<Vec<TokenId>>, EngineError> {
-        self.encode_with_tools_at_most(tokenizer, messages, &[], limit)
+        self.encode_with_at_most(tokenizer, messages, &ChatOptions::default(), limit)
     }
 
-    /// [`Self::encode_at_most`] with the definitions of the tools the model may call (see
-    /// [`Self::render_with_tools`]). Control strings in the tools and in tool calls' names
-    /// and arguments are text, as in content.
-    pub fn encode_with_tools_at_most(
+    /// [`Self::encode_at_most`] rendered as `options` say (see [`Self::render_with`]).
+    /// Control strings in the tools, in tool calls' names and arguments and in the
+    /// template's variables are text, as in content.
+    pub fn encode_with_at_most(
         &self,
         tokenizer: &TextTokenizer,
         messages: &[ChatMessage],
-        tools: &[Value],
+        options: &ChatOptions,
         limit: usize,
     ) -> Result<Option<Vec<TokenId>>, EngineError> {
         let controls = tokenizer.controls();
@@ -274,8 +331,12 @@ impl ChatTemplate {
                 json_strings(&call.function.arguments, &mut texts);
             }
         }
-        for tool in tools {
+        for tool in &options.tools {
             json_strings(tool, &mut texts);
+        }
+        for (name, value) in &options.variables {
+            texts.push(name);
+            json_strings(value, &mut texts);
         }
         let base = stand_in_base(&texts, controls.len())?;
         let mask = |text: &str| {
@@ -309,8 +370,20 @@ impl ChatTemplate {
                 tool_call_id: message.tool_call_id.as_deref().map(mask),
             })
             .collect();
-        let tools: Vec<Value> = tools.iter().map(|t| map_json_strings(t, &mask)).collect();
-        let rendered = self.render_with_tools(&masked, &tools)?;
+        let masked_options = ChatOptions {
+            tools: options
+                .tools
+                .iter()
+                .map(|t| map_json_strings(t, &mask))
+                .collect(),
+            variables: options
+                .variables
+                .iter()
+                .map(|(name, value)| (name.clone(), map_json_strings(value, &mask)))
+                .collect(),
+            ..options.clone()
+        };
+        let rendered = self.render_with(&masked, &masked_options)?;
         let mut ids: Vec<TokenId> = tokenizer.leading_bos().into_iter().collect();
         // Appends a piece of the template's output as text; `false` once over the limit.
         let text = |piece: &str, ids: &mut Vec<TokenId>| -> Result<bool, EngineError> {
@@ -439,6 +512,54 @@ mod tests {
     }
 
     #[test]
+    fn a_final_message_is_continued_and_variables_reach_the_template() {
+        let source = format!(
+            "{CHATML}{{%- if enable_thinking is defined and not enable_thinking %}}\
+             <think></think>{{%- endif %}}{{{{ add_generation_prompt }}}}"
+        );
+        let template = ChatTemplate::new(&source, "", "<|im_end|>").unwrap();
+        let messages = [
+            ChatMessage::new("user", "Count to 3."),
+            ChatMessage::new("assistant", " 1, 2, "),
+        ];
+        let options = |continued: bool, variables: serde_json::Value| ChatOptions {
+            add_generation_prompt: false,
+            continue_final_message: continued,
+            variables: variables.as_object().unwrap().clone(),
+            ..ChatOptions::default()
+        };
+        let closed = template
+            .render_with(&messages, &options(false, serde_json::json!({})))
+            .unwrap();
+        assert_eq!(
+            closed,
+            "<|im_start|>user\nCount to 3.<|im_end|>\n<|im_start|>assistant\n1, 2,<|im_end|>\nFalse"
+        );
+        // The template trims the content: the text ends after the trimmed content.
+        let open = template
+            .render_with(&messages, &options(true, serde_json::json!({})))
+            .unwrap();
+        assert_eq!(
+            open,
+            "<|im_start|>user\nCount to 3.<|im_end|>\n<|im_start|>assistant\n1, 2,"
+        );
+        // A variable reaches the template; one the renderer sets is not replaced.
+        let variables = serde_json::json!({"enable_thinking": false, "add_generation_prompt": 7});
+        let thinking = template
+            .render_with(&messages, &options(false, variables))
+            .unwrap();
+        assert!(thinking.ends_with("<think></think>False"), "{thinking:?}");
+        // Content the template does not write cannot be continued.
+        let empty = [
+            ChatMessage::new("user", "hi"),
+            ChatMessage::new("assistant", "  "),
+        ];
+        assert!(template
+            .render_with(&empty, &options(true, serde_json::json!({})))
+            .is_err());
+    }
+
+    #[test]
     fn stand_ins_come_from_a_range_no_message_uses() {
         assert_eq!(stand_in_base(&["hi"], 3).unwrap(), PLANE_16);
         let text: String = [PLANE_16, PLANE_16 + 2, PLANE_16 + 9]
@@ -480,7 +601,10 @@ mod tests {
             ..ChatMessage::new("assistant", "")
         };
         let text = template
-            .render_with_tools(&[ChatMessage::new("user", "hi"), call], &[tool])
+            .render_with(
+                &[ChatMessage::new("user", "hi"), call],
+                &ChatOptions::with_tools(vec![tool]),
+            )
             .unwrap();
         assert_eq!(
             text,

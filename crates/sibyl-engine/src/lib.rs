@@ -28,7 +28,7 @@ mod tokenizer;
 
 /// Storage types of GGUF tensors.
 pub use candle_core::quantized::GgmlDType;
-pub use chat::{ChatMessage, ChatTemplate, FunctionCall, ToolCall, ToolCallFormat};
+pub use chat::{ChatMessage, ChatOptions, ChatTemplate, FunctionCall, ToolCall, ToolCallFormat};
 pub use device::Device;
 pub use error::EngineError;
 pub use gguf::{Architecture, LoadOptions, ModelConfig};

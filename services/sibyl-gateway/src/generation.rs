@@ -7,7 +7,7 @@ use crate::params::{
 };
 use crate::stop::StopStrings;
 use crate::GatewayConfig;
-use sibyl_engine::{ChatMessage, Detokenizer, TextModel};
+use sibyl_engine::{ChatMessage, ChatOptions, Detokenizer, TextModel};
 use sibyl_proto::auth::KeyId;
 use sibyl_proto::client::{fnv1a, Balancer, Open};
 use sibyl_proto::server::ShutdownSwitch;
@@ -40,11 +40,11 @@ pub enum PromptInput {
     Text(String),
     /// Token ids of the served vocabulary, as they are.
     Tokens(Vec<u32>),
-    /// Messages, and the definitions of the tools the model may call (OpenAI's `tools`
-    /// entries; the chat template writes them into the prompt).
+    /// Messages, and how the chat template renders them (with the definitions of the
+    /// tools the model may call: OpenAI's `tools` entries).
     Chat {
         messages: Vec<ChatMessage>,
-        tools: Vec<serde_json::Value>,
+        options: ChatOptions,
     },
 }
 
@@ -71,7 +71,8 @@ pub struct Generation {
     pub prompt_logprobs: Option<u32>,
     /// A grammar the output must follow.
     pub grammar: Option<Grammar>,
-    /// How the generation may end (vLLM's `min_tokens`, `ignore_eos`, `stop_token_ids`).
+    /// How the generation may end (vLLM's `min_tokens`, `ignore_eos`, `stop_token_ids`,
+    /// `include_stop_str_in_output`).
     pub ending: Ending,
     /// The API it came through (a metrics label).
     pub api: Api,
@@ -81,15 +82,18 @@ pub struct Generation {
     pub key_id: Option<KeyId>,
 }
 
-/// How a generation may end, beyond `max_tokens` and stop strings.
+/// How a generation may end, beyond `max_tokens`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ending {
-    /// No stop token before this many tokens.
+    /// No stop token before this many tokens, and stop strings are looked for only in the
+    /// text of the tokens after them (as vLLM does).
     pub min_tokens: u32,
     /// The model's own stop tokens do not end it.
     pub ignore_eos: bool,
     /// More tokens that end it.
     pub stop_token_ids: Vec<u32>,
+    /// The text ends after the stop string that ended it rather than before.
+    pub include_stop_string: bool,
 }
 
 /// Most `stop_token_ids` a request may list.
@@ -346,7 +350,7 @@ impl Gateway {
                 (text.len(), tokenizer.least_tokens(text, context), "prompt")
             }
             PromptInput::Tokens(tokens) => (0, tokens.len(), "prompt"),
-            PromptInput::Chat { messages, tools } => (
+            PromptInput::Chat { messages, options } => (
                 messages
                     .iter()
                     .map(|m| {
@@ -358,7 +362,16 @@ impl Gateway {
                         m.content.len() + m.role.len() + calls
                     })
                     .sum::<usize>()
-                    + tools.iter().map(|t| t.to_string().len()).sum::<usize>(),
+                    + options
+                        .tools
+                        .iter()
+                        .map(|t| t.to_string().len())
+                        .sum::<usize>()
+                    + options
+                        .variables
+                        .iter()
+                        .map(|(name, value)| name.len() + value.to_string().len())
+                        .sum::<usize>(),
                 // Trimmed: a chat template may trim what it puts in.
                 messages
                     .iter()
@@ -645,7 +658,8 @@ impl Gateway {
             }
         };
         let params = RelayParams {
-            stops: StopStrings::new(request.stop),
+            stops: StopStrings::new(request.stop, request.ending.include_stop_string),
+            min_tokens: request.ending.min_tokens,
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
             seed,
             details: request.details,
@@ -703,7 +717,7 @@ fn tokenize(
             }
             Ok((tokens.len() <= limit).then(|| tokens.clone()))
         }
-        PromptInput::Chat { messages, tools } => {
+        PromptInput::Chat { messages, options } => {
             if messages.is_empty() {
                 return Err(GatewayError::InvalidRequest("`messages` is empty".into()));
             }
@@ -726,14 +740,14 @@ fn tokenize(
                 )));
             }
             let calls = messages.iter().any(|m| !m.tool_calls.is_empty());
-            if !takes_tools && (!tools.is_empty() || calls) {
+            if !takes_tools && (!options.tools.is_empty() || calls) {
                 return Err(GatewayError::invalid_param(
                     if calls { "messages" } else { "tools" },
                     "this model's chat template does not take tools (sibyl reads tool calls \
                      in the format of Qwen2.5, Qwen3 and Hermes templates)",
                 ));
             }
-            template.encode_with_tools_at_most(&text_model.tokenizer, messages, tools, limit)
+            template.encode_with_at_most(&text_model.tokenizer, messages, options, limit)
         }
     }
     .map_err(|e| GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?
@@ -781,6 +795,8 @@ pub(crate) fn forward<T, U>(
 /// What [`relay`] needs besides the streams.
 struct RelayParams {
     stops: StopStrings,
+    /// Stop strings are looked for only in the text of the tokens after this many.
+    min_tokens: u32,
     prompt_tokens: u32,
     seed: u64,
     details: bool,
@@ -839,6 +855,7 @@ async fn relay_events(
 ) -> Result<bool, GatewayError> {
     let RelayParams {
         mut stops,
+        min_tokens,
         prompt_tokens,
         seed,
         details,
@@ -884,7 +901,9 @@ async fn relay_events(
         match event {
             Event::Tokens(tokens) => {
                 take_prompt(&tokens.prompt_logprobs);
-                let mut piece = String::new();
+                // The text of the first `min_tokens` tokens, where no stop string is looked
+                // for, and the text after it.
+                let (mut unsearched, mut piece) = (String::new(), String::new());
                 if details {
                     token_ids.extend_from_slice(&tokens.tokens);
                 }
@@ -900,10 +919,15 @@ async fn relay_events(
                         .push(token)
                         .map_err(|e| GatewayError::Internal(e.to_string()))?
                     {
-                        piece.push_str(&text);
+                        if completion_tokens <= min_tokens {
+                            unsearched.push_str(&text);
+                        } else {
+                            piece.push_str(&text);
+                        }
                     }
                 }
-                let (piece, stopped) = stops.push(&piece);
+                let (searched, stopped) = stops.push(&piece);
+                let piece = unsearched + &searched;
                 if !piece.is_empty() {
                     record.text();
                     let text = Output::Text {
@@ -940,7 +964,11 @@ async fn relay_events(
                     .finish()
                     .map_err(|e| GatewayError::Internal(e.to_string()))?
                     .unwrap_or_default();
-                let (piece, stopped) = stops.push(&rest);
+                let (piece, stopped) = if completion_tokens <= min_tokens {
+                    (rest, false)
+                } else {
+                    stops.push(&rest)
+                };
                 rest = piece;
                 if !stopped {
                     rest.push_str(&stops.finish());

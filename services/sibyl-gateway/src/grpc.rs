@@ -2,7 +2,7 @@
 
 use crate::generation::{Api, Ending, Gateway, GatewayError, Generation, Output, PromptInput};
 use crate::params::{Grammar, Sampling, Speculation};
-use sibyl_engine::ChatMessage;
+use sibyl_engine::{ChatMessage, ChatOptions};
 use sibyl_proto::auth::KeyId;
 use sibyl_proto::v1::{self as pb, generate_request::Input, generate_response::Event};
 use std::sync::{Arc, OnceLock};
@@ -63,7 +63,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
                     .iter()
                     .map(|m| ChatMessage::new(&m.role, &m.content))
                     .collect(),
-                tools: Vec::new(),
+                options: ChatOptions::default(),
             },
             None => return Err(Status::invalid_argument("set `prompt`, `chat` or `tokens`")),
         };
@@ -87,6 +87,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
                 min_tokens: request.min_tokens,
                 ignore_eos: request.ignore_eos,
                 stop_token_ids: request.stop_token_ids,
+                include_stop_string: request.include_stop_string,
             }
             .checked()
             .map_err(Status::from)?,

@@ -19,7 +19,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use request::{ChatRequest, ChatRequestMessage, Common, CompletionRequest};
+use request::{ChatRequest, ChatRequestMessage, Common, CompletionRequest, Rendering};
 use response::{ErrorBody, Finished, Kind, Meta, ModelCard, ModelList};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -233,13 +233,12 @@ async fn chat_completions(
         .collect::<Result<Vec<_>, _>>()?;
     // With `tool_choice: "none"` the model is not shown the tools.
     let tools = request.common.tools()?.filter(Tools::offered);
-    let prompt = PromptInput::Chat {
-        messages,
-        tools: tools
-            .as_ref()
-            .map(|t| t.definitions.clone())
-            .unwrap_or_default(),
-    };
+    let definitions = tools
+        .as_ref()
+        .map(|t| t.definitions.clone())
+        .unwrap_or_default();
+    let options = request.rendering.options(&messages, definitions)?;
+    let prompt = PromptInput::Chat { messages, options };
     respond(
         gateway,
         Kind::Chat,
@@ -261,11 +260,12 @@ struct TokenizeRequest {
     /// With `messages`: the tools' definitions, written into the prompt as a chat
     /// completion offering them writes them.
     tools: Option<Vec<serde_json::Value>>,
-    /// vLLM's switches; sibyl always renders a chat with the generation prompt and adds
-    /// what its template writes.
-    #[serde(default)]
+    /// With `messages`: how the template renders them, as for a chat completion.
     add_generation_prompt: Option<bool>,
     #[serde(default)]
+    continue_final_message: bool,
+    chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// vLLM's switch; sibyl always adds what the tokenizer and template write.
     add_special_tokens: Option<bool>,
 }
 
@@ -276,22 +276,27 @@ async fn tokenize(
 ) -> Result<Response, GatewayError> {
     let request: TokenizeRequest = parse(body)?;
     gateway.check_model(request.model.as_deref())?;
-    if request.add_generation_prompt == Some(false) || request.add_special_tokens == Some(false) {
+    if request.add_special_tokens == Some(false) {
         return Err(invalid(
-            "sibyl tokenizes as a generation would: `add_generation_prompt` and \
-             `add_special_tokens` can only be true"
+            "sibyl tokenizes as a generation would: `add_special_tokens` can only be true"
                 .to_string(),
         ));
     }
+    let rendering = Rendering {
+        add_generation_prompt: request.add_generation_prompt,
+        continue_final_message: request.continue_final_message,
+        chat_template_kwargs: request.chat_template_kwargs,
+    };
     let prompt = match (request.prompt, request.messages, request.tools) {
         (Some(text), None, None) => PromptInput::Text(text),
-        (None, Some(messages), tools) => PromptInput::Chat {
-            messages: messages
+        (None, Some(messages), tools) => {
+            let messages = messages
                 .into_iter()
                 .map(ChatRequestMessage::into_message)
-                .collect::<Result<Vec<_>, _>>()?,
-            tools: tools.unwrap_or_default(),
-        },
+                .collect::<Result<Vec<_>, _>>()?;
+            let options = rendering.options(&messages, tools.unwrap_or_default())?;
+            PromptInput::Chat { messages, options }
+        }
         (Some(_), None, Some(_)) => {
             return Err(invalid("`tools` goes with `messages`".to_string()))
         }
@@ -338,9 +343,9 @@ async fn respond(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let choices = common.choices()?;
-    let echo = match common.echo(&prompt)? {
+    let echo = match common.echo()? {
         false => None,
-        true if stream && common.logprobs_asked() => {
+        true if stream && common.logprobs_asked() && kind == Kind::Completion => {
             return Err(GatewayError::invalid_param(
                 "echo",
                 "`echo` with `logprobs` is answered whole: set `stream` to false",
@@ -351,7 +356,12 @@ async fn respond(
                 .detokenize(ids)
                 .map_err(|e| GatewayError::invalid_param("prompt", e.to_string()))?,
             PromptInput::Text(text) => text.clone(),
-            PromptInput::Chat { .. } => String::new(),
+            // vLLM's: a continued answer is repeated, a user's message is not.
+            PromptInput::Chat { messages, .. } => messages
+                .last()
+                .filter(|m| m.role == "assistant")
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
         }),
     };
     let mut generation = common.generation(prompt, tools.as_ref())?;
@@ -448,9 +458,10 @@ async fn whole_response(
                         .zip(summaries.into_iter().flatten())
                         .map(|((text, logprobs), summary)| {
                             let (text, calls) = match (&meta.calls, &meta.echo) {
-                                (Some(reader), _) => {
+                                (Some(reader), echo) => {
                                     let answer = reader.read(&text);
-                                    (answer.text, answer.calls)
+                                    let echo = echo.as_deref().unwrap_or_default();
+                                    (format!("{echo}{}", answer.text), answer.calls)
                                 }
                                 (None, Some(echo)) => (format!("{echo}{text}"), Vec::new()),
                                 (None, None) => (text, Vec::new()),
@@ -496,6 +507,16 @@ fn stream_events(
             };
             if events.send(sse_event(&first)).await.is_err() {
                 return;
+            }
+            if let (Kind::Chat, Some(echo)) = (&meta.kind, &meta.echo) {
+                if !echo.is_empty()
+                    && events
+                        .send(sse_event(&meta.text_chunk(index, echo, None)))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
             }
         }
         // Per choice: characters of the tokens reported so far (`text_offset`), how it

@@ -1,23 +1,29 @@
-//! Stop strings: the text ends before the first occurrence of any of them. Text that might be
-//! the start of a stop string is held back until the next piece shows it is not.
+//! Stop strings: the text ends before the first occurrence of any of them (or after it, with
+//! vLLM's `include_stop_str_in_output`). Text that might be the start of a stop string is
+//! held back until the next piece shows it is not.
 
 /// Finds stop strings in streamed text.
 #[derive(Debug, Clone, Default)]
 pub struct StopStrings {
     stops: Vec<String>,
     held: String,
+    /// The text ends after the stop string found rather than before it.
+    include: bool,
 }
 
 impl StopStrings {
-    pub fn new(stops: Vec<String>) -> Self {
+    pub fn new(stops: Vec<String>, include: bool) -> Self {
         Self {
             stops,
             held: String::new(),
+            include,
         }
     }
 
     /// Takes the next piece of text; returns the text that is safe to emit and whether a
-    /// stop string was found (the text then ends before it).
+    /// stop string was found (the text then ends before it, or after it when included).
+    /// Of stop strings found, the one that starts first ends the text; of those starting
+    /// at the same place, the first listed.
     pub fn push(&mut self, piece: &str) -> (String, bool) {
         if self.stops.is_empty() {
             return (piece.to_string(), false);
@@ -26,10 +32,11 @@ impl StopStrings {
         let first = self
             .stops
             .iter()
-            .filter_map(|stop| self.held.find(stop.as_str()))
-            .min();
-        if let Some(at) = first {
-            let text = self.held[..at].to_string();
+            .filter_map(|stop| Some((self.held.find(stop.as_str())?, stop.len())))
+            .min_by_key(|&(at, _)| at);
+        if let Some((at, len)) = first {
+            let end = if self.include { at + len } else { at };
+            let text = self.held[..end].to_string();
             self.held.clear();
             return (text, true);
         }
@@ -64,7 +71,12 @@ mod tests {
     use super::*;
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
-        let mut matcher = StopStrings::new(stops.iter().map(|s| s.to_string()).collect());
+        run_with(stops, false, pieces)
+    }
+
+    fn run_with(stops: &[&str], include: bool, pieces: &[&str]) -> (String, bool) {
+        let stops = stops.iter().map(|s| s.to_string()).collect();
+        let mut matcher = StopStrings::new(stops, include);
         let mut out = String::new();
         for piece in pieces {
             let (text, stopped) = matcher.push(piece);
@@ -91,7 +103,7 @@ mod tests {
 
     #[test]
     fn held_text_is_released_when_it_is_not_a_stop() {
-        let mut matcher = StopStrings::new(vec!["END".into()]);
+        let mut matcher = StopStrings::new(vec!["END".into()], false);
         assert_eq!(matcher.push("abE"), ("ab".into(), false));
         assert_eq!(matcher.push("x"), ("Ex".into(), false));
         assert_eq!(run(&["END"], &["aEN"]), ("aEN".into(), false));
@@ -101,5 +113,27 @@ mod tests {
     fn multibyte_text_is_cut_on_character_boundaries() {
         assert_eq!(run(&["é!"], &["café", "é", "!"]), ("café".into(), true));
         assert_eq!(run(&[], &["naïve"]), ("naïve".into(), false));
+    }
+
+    #[test]
+    fn an_included_stop_string_ends_the_text() {
+        assert_eq!(
+            run_with(&["\n\n"], true, &["def f", "():\n", "\n    x"]),
+            ("def f():\n\n".into(), true)
+        );
+        // The earliest stop string wins; at one place, the first listed.
+        assert_eq!(
+            run_with(&["cd", "bc"], true, &["abcdef"]),
+            ("abc".into(), true)
+        );
+        assert_eq!(
+            run_with(&["bcd", "bc"], true, &["abcdef"]),
+            ("abcd".into(), true)
+        );
+        assert_eq!(
+            run_with(&["bc", "bcd"], true, &["abcdef"]),
+            ("abc".into(), true)
+        );
+        assert_eq!(run_with(&["END"], true, &["aEN"]), ("aEN".into(), false));
     }
 }

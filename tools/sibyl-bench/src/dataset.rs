@@ -53,7 +53,7 @@ impl Item {
                 messages.push(ChatMessage::new("user", text));
                 PromptInput::Chat {
                     messages: messages.clone(),
-                    tools: Vec::new(),
+                    options: Default::default(),
                 }
             }
         })

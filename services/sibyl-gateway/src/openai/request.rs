@@ -7,7 +7,7 @@ use crate::generation::{Api, Ending, GatewayError, Generation, PromptInput};
 use crate::params::{check_logprobs, Grammar, Sampling, Speculation, MAX_LOGPROBS};
 use serde::Deserialize;
 use serde_json::Value;
-use sibyl_engine::{ChatMessage, FunctionCall, ToolCall};
+use sibyl_engine::{ChatMessage, ChatOptions, FunctionCall, ToolCall};
 use sibyl_spec::Penalties;
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +83,9 @@ pub(super) struct Common {
     #[serde(default)]
     ignore_eos: bool,
     stop_token_ids: Option<Vec<u32>>,
+    /// vLLM's: the text ends after the stop string that ended it, not before.
+    #[serde(default)]
+    include_stop_str_in_output: bool,
     /// Chat only: the functions the model may call, whether it must, and whether it may
     /// call several at once.
     tools: Option<Value>,
@@ -250,16 +253,13 @@ impl Common {
         )
     }
 
-    /// Whether the response repeats the prompt before each completion (`echo`, of the
-    /// completions endpoint).
-    pub(super) fn echo(&self, prompt: &PromptInput) -> Result<bool, GatewayError> {
-        match (&self.echo, prompt) {
-            (None | Some(Value::Null) | Some(Value::Bool(false)), _) => Ok(false),
-            (Some(Value::Bool(true)), PromptInput::Text(_) | PromptInput::Tokens(_)) => Ok(true),
-            (Some(Value::Bool(true)), PromptInput::Chat { .. }) => Err(
-                GatewayError::invalid_param("echo", "`echo` is a parameter of /v1/completions"),
-            ),
-            (Some(_), _) => Err(GatewayError::invalid_param(
+    /// Whether the response repeats the prompt before each completion (`echo`; in a chat,
+    /// as vLLM does, the last message's content when it is the assistant's).
+    pub(super) fn echo(&self) -> Result<bool, GatewayError> {
+        match &self.echo {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(false),
+            Some(Value::Bool(true)) => Ok(true),
+            Some(_) => Err(GatewayError::invalid_param(
                 "echo",
                 "`echo` is true or false",
             )),
@@ -352,7 +352,8 @@ impl Common {
         tools: Option<&Tools>,
     ) -> Result<Generation, GatewayError> {
         self.unsupported.check()?;
-        let echo = self.echo(&prompt)?;
+        // An echoed completion prompt is scored with its tokens' log-probabilities.
+        let scored = self.echo()? && !matches!(prompt, PromptInput::Chat { .. });
         let grammar = match (self.grammar()?, tools.and_then(Tools::grammar)) {
             (Some(_), Some(_)) => {
                 return Err(GatewayError::invalid_param(
@@ -418,12 +419,13 @@ impl Common {
             prefix_cache: self.prefix_cache,
             logprobs,
             // With `echo`, the prompt's tokens come with theirs.
-            prompt_logprobs: logprobs.filter(|_| echo),
+            prompt_logprobs: logprobs.filter(|_| scored),
             grammar,
             ending: Ending {
                 min_tokens: self.min_tokens.unwrap_or(0),
                 ignore_eos: self.ignore_eos,
                 stop_token_ids: self.stop_token_ids.unwrap_or_default(),
+                include_stop_string: self.include_stop_str_in_output,
             }
             .checked()?,
             api: Api::Http,
@@ -472,7 +474,55 @@ pub(super) struct CompletionRequest {
 pub(super) struct ChatRequest {
     pub(super) messages: Vec<ChatRequestMessage>,
     #[serde(flatten)]
+    pub(super) rendering: Rendering,
+    #[serde(flatten)]
     pub(super) common: Common,
+}
+
+/// vLLM's switches for how a chat template renders the messages.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct Rendering {
+    /// End with the start of the assistant's answer; default: unless the final message is
+    /// continued.
+    pub(super) add_generation_prompt: Option<bool>,
+    /// The model continues the last message (a prefilled answer) rather than starting one.
+    #[serde(default)]
+    pub(super) continue_final_message: bool,
+    /// More variables for the template (such as Qwen3's `enable_thinking`).
+    pub(super) chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+}
+
+impl Rendering {
+    /// The rendering asked for, of `messages` offering `tools`.
+    pub(super) fn options(
+        self,
+        messages: &[ChatMessage],
+        tools: Vec<Value>,
+    ) -> Result<ChatOptions, GatewayError> {
+        let param = "continue_final_message";
+        if self.continue_final_message {
+            if self.add_generation_prompt == Some(true) {
+                return Err(GatewayError::invalid_param(
+                    param,
+                    "`continue_final_message` and `add_generation_prompt` cannot both be true",
+                ));
+            }
+            if messages.last().is_none_or(|m| m.content.trim().is_empty()) {
+                return Err(GatewayError::invalid_param(
+                    param,
+                    "`continue_final_message` needs a last message with content to continue",
+                ));
+            }
+        }
+        Ok(ChatOptions {
+            tools,
+            add_generation_prompt: self
+                .add_generation_prompt
+                .unwrap_or(!self.continue_final_message),
+            continue_final_message: self.continue_final_message,
+            variables: self.chat_template_kwargs.unwrap_or_default(),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
