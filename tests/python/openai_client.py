@@ -97,6 +97,21 @@ def main() -> None:
     assert "b" not in stop.choices[0].text and completion.choices[0].text.startswith(
         stop.choices[0].text
     ), (stop.choices[0].text, completion.choices[0].text)
+    # A batch of prompts: a choice per prompt, in order, each as the prompt alone gives.
+    batch = client.completions.create(
+        model=model, prompt=["def add(a, b):", "def sub(a, b):"], max_tokens=16, temperature=0
+    )
+    assert [c.index for c in batch.choices] == [0, 1], batch
+    assert batch.choices[0].text == completion.choices[0].text, batch
+    # A prefilled answer the model goes on from (vLLM's fields).
+    prefilled = client.chat.completions.create(
+        model=model,
+        messages=messages + [{"role": "assistant", "content": text[: len(text) // 2]}],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False, "echo": True},
+    )
+    assert prefilled.choices[0].message.content.startswith(text[: len(text) // 2]), prefilled
 
     off = client.chat.completions.create(
         model=model,

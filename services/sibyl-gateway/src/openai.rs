@@ -19,7 +19,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use request::{ChatRequest, ChatRequestMessage, Common, CompletionRequest, Rendering};
+use request::{
+    ChatRequest, ChatRequestMessage, Common, CompletionRequest, Rendering, MAX_GENERATIONS,
+};
 use response::{ErrorBody, Finished, Kind, Meta, ModelCard, ModelList};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -202,7 +204,7 @@ async fn completions(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let request: CompletionRequest = parse(body)?;
-    let prompt = request.prompt.into_input()?;
+    let prompts = request.prompt.into_inputs()?;
     if request.common.tools()?.is_some() {
         return Err(GatewayError::invalid_param(
             "tools",
@@ -213,7 +215,7 @@ async fn completions(
         gateway,
         Kind::Completion,
         request.common,
-        prompt,
+        prompts,
         None,
         key_id(key),
     )
@@ -243,7 +245,7 @@ async fn chat_completions(
         gateway,
         Kind::Chat,
         request.common,
-        prompt,
+        vec![prompt],
         tools,
         key_id(key),
     )
@@ -329,11 +331,13 @@ async fn detokenize(
     Ok(Json(json!({ "prompt": prompt })).into_response())
 }
 
+/// Generates `n` choices of each of `prompts` (at least one), as one response whose
+/// choice `p * n + i` is prompt `p`'s choice `i`.
 async fn respond(
     gateway: Arc<Gateway>,
     kind: Kind,
     common: Common,
-    prompt: PromptInput,
+    prompts: Vec<PromptInput>,
     tools: Option<Tools>,
     key_id: Option<KeyId>,
 ) -> Result<Response, GatewayError> {
@@ -342,16 +346,20 @@ async fn respond(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let choices = common.choices()?;
-    let echo = match common.echo()? {
-        false => None,
-        true if stream && common.logprobs_asked() && kind == Kind::Completion => {
-            return Err(GatewayError::invalid_param(
-                "echo",
-                "`echo` with `logprobs` is answered whole: set `stream` to false",
-            ))
-        }
-        true => Some(match &prompt {
+    let per_prompt = common.choices()?;
+    let choices = per_prompt * prompts.len();
+    if choices > MAX_GENERATIONS {
+        return Err(GatewayError::invalid_param(
+            "n",
+            format!(
+                "{} prompts times `n` {per_prompt} is over {MAX_GENERATIONS} generations \
+                 a request may ask for",
+                prompts.len()
+            ),
+        ));
+    }
+    let echo_text = |prompt: &PromptInput| -> Result<String, GatewayError> {
+        Ok(match prompt {
             PromptInput::Tokens(ids) => gateway
                 .detokenize(ids)
                 .map_err(|e| GatewayError::invalid_param("prompt", e.to_string()))?,
@@ -362,9 +370,30 @@ async fn respond(
                 .filter(|m| m.role == "assistant")
                 .map(|m| m.content.clone())
                 .unwrap_or_default(),
-        }),
+        })
     };
-    let mut generation = common.generation(prompt, tools.as_ref())?;
+    let echo = match common.echo()? {
+        false => None,
+        true if stream && common.logprobs_asked() && kind == Kind::Completion => {
+            return Err(GatewayError::invalid_param(
+                "echo",
+                "`echo` with `logprobs` is answered whole: set `stream` to false",
+            ))
+        }
+        true => Some(
+            prompts
+                .iter()
+                .map(echo_text)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    // Every prompt's generation is the first's with its own prompt.
+    let mut prompts = prompts.into_iter();
+    let first = prompts
+        .next()
+        .ok_or_else(|| invalid("no prompt".to_string()))?;
+    let rest: Vec<PromptInput> = prompts.collect();
+    let mut generation = common.generation(first, tools.as_ref())?;
     let logprobs = generation.logprobs.is_some();
     let id = format!(
         "{}-{:032x}",
@@ -379,17 +408,24 @@ async fn respond(
     // choices after the first).
     generation.request_id = id.clone();
     generation.key_id = key_id;
-    // Choice `i` is what the request alone gives with the seed plus `i` (each choice
-    // without a seed gets one of its own). If one cannot start, the ones started are
-    // cancelled as their outputs are dropped.
+    // A prompt's choice `i` is what the prompt alone gives with the seed plus `i` (each
+    // choice without a seed gets one of its own). If one cannot start, the ones started
+    // are cancelled as their outputs are dropped.
     let mut outputs = Vec::with_capacity(choices);
-    for i in 0..choices {
-        let mut choice = generation.clone();
-        if i > 0 {
-            choice.request_id = format!("{id}-{i}");
-            choice.sampling.seed = generation.sampling.seed.map(|s| s.wrapping_add(i as u64));
+    let prompts = std::iter::once(None).chain(rest.into_iter().map(Some));
+    for (p, prompt) in prompts.enumerate() {
+        for i in 0..per_prompt {
+            let mut choice = generation.clone();
+            if let Some(prompt) = &prompt {
+                choice.prompt = prompt.clone();
+            }
+            let index = p * per_prompt + i;
+            if index > 0 {
+                choice.request_id = format!("{id}-{index}");
+                choice.sampling.seed = generation.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            }
+            outputs.push(gateway.generate(choice).await?.1);
         }
-        outputs.push(gateway.generate(choice).await?.1);
     }
     let outputs = merge(outputs);
     let meta = Meta {
@@ -401,6 +437,7 @@ async fn respond(
         kind,
         include_usage,
         logprobs,
+        per_prompt,
         echo,
         calls: tools.as_ref().map(Tools::reader),
     };
@@ -456,15 +493,15 @@ async fn whole_response(
                         .into_iter()
                         .zip(logprobs)
                         .zip(summaries.into_iter().flatten())
-                        .map(|((text, logprobs), summary)| {
-                            let (text, calls) = match (&meta.calls, &meta.echo) {
-                                (Some(reader), echo) => {
+                        .enumerate()
+                        .map(|(index, ((text, logprobs), summary))| {
+                            let echo = meta.echo_of(index).unwrap_or_default();
+                            let (text, calls) = match &meta.calls {
+                                Some(reader) => {
                                     let answer = reader.read(&text);
-                                    let echo = echo.as_deref().unwrap_or_default();
                                     (format!("{echo}{}", answer.text), answer.calls)
                                 }
-                                (None, Some(echo)) => (format!("{echo}{text}"), Vec::new()),
-                                (None, None) => (text, Vec::new()),
+                                None => (format!("{echo}{text}"), Vec::new()),
                             };
                             Finished {
                                 text,
@@ -500,7 +537,8 @@ fn stream_events(
     let (events, receiver) = mpsc::channel::<Result<Event, Infallible>>(16);
     tokio::spawn(async move {
         for index in 0..choices as u32 {
-            let first = match (&meta.kind, &meta.echo) {
+            let echo = meta.echo_of(index as usize);
+            let first = match (&meta.kind, echo) {
                 (Kind::Chat, _) => meta.role_chunk(index),
                 (Kind::Completion, Some(echo)) => meta.text_chunk(index, echo, None),
                 (Kind::Completion, None) => break,
@@ -508,7 +546,7 @@ fn stream_events(
             if events.send(sse_event(&first)).await.is_err() {
                 return;
             }
-            if let (Kind::Chat, Some(echo)) = (&meta.kind, &meta.echo) {
+            if let (Kind::Chat, Some(echo)) = (&meta.kind, echo) {
                 if !echo.is_empty()
                     && events
                         .send(sse_event(&meta.text_chunk(index, echo, None)))

@@ -140,6 +140,10 @@ fn count(value: &Option<Value>) -> Option<Option<u32>> {
 /// verifier, batched with the others.
 pub(super) const MAX_CHOICES: usize = 8;
 
+/// Most generations one request may ask for: its prompts (a completion takes a list of
+/// them, as lm-evaluation-harness sends a batch) times `n`.
+pub(super) const MAX_GENERATIONS: usize = 64;
+
 impl Common {
     /// The bias and penalties the request asks for; the values are checked with the rest
     /// of the sampling ([`Sampling::with_penalties`]).
@@ -435,7 +439,7 @@ impl Common {
     }
 }
 
-/// A completion's `prompt`: text, or token ids; one of them, or a list of one.
+/// A completion's `prompt`: text or token ids; one of them, or a list of them.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub(super) enum CompletionPrompt {
@@ -446,20 +450,24 @@ pub(super) enum CompletionPrompt {
 }
 
 impl CompletionPrompt {
-    /// The one prompt it holds.
-    pub(super) fn into_input(self) -> Result<PromptInput, GatewayError> {
-        match self {
-            Self::Text(text) => Ok(PromptInput::Text(text)),
-            Self::Texts(mut texts) if texts.len() == 1 => Ok(PromptInput::Text(texts.remove(0))),
-            Self::Tokens(ids) => Ok(PromptInput::Tokens(ids)),
-            Self::TokenLists(mut lists) if lists.len() == 1 => {
-                Ok(PromptInput::Tokens(lists.remove(0)))
-            }
-            _ => Err(GatewayError::invalid_param(
+    /// The prompts it holds, in order: at least one, at most [`MAX_GENERATIONS`].
+    pub(super) fn into_inputs(self) -> Result<Vec<PromptInput>, GatewayError> {
+        let inputs: Vec<PromptInput> = match self {
+            Self::Text(text) => vec![PromptInput::Text(text)],
+            Self::Texts(texts) => texts.into_iter().map(PromptInput::Text).collect(),
+            Self::Tokens(ids) => vec![PromptInput::Tokens(ids)],
+            Self::TokenLists(lists) => lists.into_iter().map(PromptInput::Tokens).collect(),
+        };
+        if inputs.is_empty() || inputs.len() > MAX_GENERATIONS {
+            return Err(GatewayError::invalid_param(
                 "prompt",
-                "`prompt` must be one string or one list of token ids",
-            )),
+                format!(
+                    "`prompt` is a string, a list of token ids, or a list of 1 to \
+                     {MAX_GENERATIONS} of either"
+                ),
+            ));
         }
+        Ok(inputs)
     }
 }
 

@@ -158,27 +158,28 @@ pub(super) struct CompletionTokensDetails {
 }
 
 impl Usage {
-    /// The usage of a request's choices: the prompt counted once (as the first choice
-    /// saw it), the generated and draft tokens of all of them.
-    pub fn of(summaries: &[&Summary]) -> Self {
-        let sum = |field: fn(&Summary) -> u32| {
+    /// The usage of a request's choices, `per_prompt` of them for each of its prompts in
+    /// turn: each prompt counted once (as its first choice saw it), the generated and draft
+    /// tokens of all of them.
+    pub fn of(summaries: &[&Summary], per_prompt: usize) -> Self {
+        let sum = |field: fn(&Summary) -> u32, step: usize| {
             summaries
                 .iter()
+                .step_by(step)
                 .fold(0u32, |total, s| total.saturating_add(field(s)))
         };
-        let first = summaries.first();
-        let prompt_tokens = first.map_or(0, |s| s.prompt_tokens);
-        let completion_tokens = sum(|s| s.completion_tokens);
+        let prompt_tokens = sum(|s| s.prompt_tokens, per_prompt.max(1));
+        let completion_tokens = sum(|s| s.completion_tokens, 1);
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
             prompt_tokens_details: PromptTokensDetails {
-                cached_tokens: first.map_or(0, |s| s.cached_tokens),
+                cached_tokens: sum(|s| s.cached_tokens, per_prompt.max(1)),
             },
             completion_tokens_details: CompletionTokensDetails {
-                accepted_prediction_tokens: sum(|s| s.accepted_prediction_tokens),
-                rejected_prediction_tokens: sum(|s| s.rejected_prediction_tokens),
+                accepted_prediction_tokens: sum(|s| s.accepted_prediction_tokens, 1),
+                rejected_prediction_tokens: sum(|s| s.rejected_prediction_tokens, 1),
             },
         }
     }
@@ -256,10 +257,12 @@ pub(super) struct Meta {
     pub include_usage: bool,
     /// Whether the request asked for log probabilities.
     pub logprobs: bool,
-    /// With `echo`: the prompt, which the whole response puts before each completion
-    /// (with its tokens' log probabilities, where they were asked for) and a stream sends
-    /// first.
-    pub echo: Option<String>,
+    /// How many choices each prompt has (`n`); choice `i` is of prompt `i / per_prompt`.
+    pub per_prompt: usize,
+    /// With `echo`: each prompt, which the whole response puts before each of its
+    /// completions (with its tokens' log probabilities, where they were asked for) and a
+    /// stream sends first.
+    pub echo: Option<Vec<String>>,
     /// Where tools are offered, how the calls are read from an answer's text.
     pub calls: Option<super::tools::CallReader>,
 }
@@ -327,6 +330,12 @@ impl Meta {
         (Some(rendered), chars)
     }
 
+    /// With `echo`, what choice `index` repeats before its text.
+    pub fn echo_of(&self, index: usize) -> Option<&str> {
+        let echo = self.echo.as_ref()?;
+        echo.get(index / self.per_prompt.max(1)).map(String::as_str)
+    }
+
     /// The whole response: each choice's text, its tokens' log probabilities and how it
     /// ended.
     pub fn whole<'a>(&'a self, finished: &'a [Finished]) -> Completion<'a> {
@@ -366,7 +375,8 @@ impl Meta {
             })
             .collect();
         let summaries: Vec<&Summary> = finished.iter().map(|f| &f.summary).collect();
-        self.body(false, choices, Some(Some(Usage::of(&summaries))))
+        let usage = Usage::of(&summaries, self.per_prompt);
+        self.body(false, choices, Some(Some(usage)))
     }
 
     /// A chunk of a stream: its text (for a chat, its delta) and, in the last one, how the
@@ -458,7 +468,8 @@ impl Meta {
 
     /// With `include_usage`, the stream's last chunk: no choices, the usage of all.
     pub fn usage_chunk(&self, summaries: &[&Summary]) -> Completion<'_> {
-        self.body(true, Vec::new(), Some(Some(Usage::of(summaries))))
+        let usage = Usage::of(summaries, self.per_prompt);
+        self.body(true, Vec::new(), Some(Some(usage)))
     }
 }
 
@@ -526,6 +537,7 @@ mod tests {
             kind,
             include_usage,
             logprobs: false,
+            per_prompt: 1,
             echo: None,
             calls: None,
         }
@@ -669,7 +681,11 @@ mod tests {
 
     #[test]
     fn several_choices_are_indexed_and_their_usage_adds_up() {
-        let chat = meta(Kind::Completion, false);
+        // Two choices of one prompt.
+        let chat = Meta {
+            per_prompt: 2,
+            ..meta(Kind::Completion, false)
+        };
         let second = Finished {
             summary: Summary {
                 finish_reason: FinishReason::Stop,
@@ -679,7 +695,8 @@ mod tests {
             },
             ..finished("b")
         };
-        let body = value(&chat.whole(&[finished("a"), second]));
+        let both = [finished("a"), second];
+        let body = value(&chat.whole(&both));
         assert_eq!(body["choices"][1]["index"], 1);
         assert_eq!(body["choices"][1]["text"], "b");
         assert_eq!(body["choices"][1]["finish_reason"], "stop");
@@ -694,5 +711,11 @@ mod tests {
             value(&chat.text_chunk(3, "x", None))["choices"][0]["index"],
             3
         );
+        // One choice each of two prompts: both prompts count.
+        let prompts = meta(Kind::Completion, false);
+        let body = value(&prompts.whole(&both));
+        assert_eq!(body["usage"]["prompt_tokens"], 10);
+        assert_eq!(body["usage"]["total_tokens"], 15);
+        assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 7);
     }
 }
