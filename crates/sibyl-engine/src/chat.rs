@@ -75,16 +75,6 @@ impl Default for ChatOptions {
     }
 }
 
-impl ChatOptions {
-    /// The default rendering, offering `tools`.
-    pub fn with_tools(tools: Vec<Value>) -> Self {
-        Self {
-            tools,
-            ..Self::default()
-        }
-    }
-}
-
 /// How a model's answers call tools, as its chat template teaches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolCallFormat {
@@ -603,7 +593,10 @@ mod tests {
         let text = template
             .render_with(
                 &[ChatMessage::new("user", "hi"), call],
-                &ChatOptions::with_tools(vec![tool]),
+                &ChatOptions {
+                    tools: vec![tool],
+                    ..ChatOptions::default()
+                },
             )
             .unwrap();
         assert_eq!(

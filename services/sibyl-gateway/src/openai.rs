@@ -536,23 +536,13 @@ fn stream_events(
 ) -> mpsc::Receiver<Result<Event, Infallible>> {
     let (events, receiver) = mpsc::channel::<Result<Event, Infallible>>(16);
     tokio::spawn(async move {
+        // Each choice opens with its role (a chat) and what it echoes.
         for index in 0..choices as u32 {
-            let echo = meta.echo_of(index as usize);
-            let first = match (&meta.kind, echo) {
-                (Kind::Chat, _) => meta.role_chunk(index),
-                (Kind::Completion, Some(echo)) => meta.text_chunk(index, echo, None),
-                (Kind::Completion, None) => break,
-            };
-            if events.send(sse_event(&first)).await.is_err() {
-                return;
-            }
-            if let (Kind::Chat, Some(echo)) = (&meta.kind, echo) {
-                if !echo.is_empty()
-                    && events
-                        .send(sse_event(&meta.text_chunk(index, echo, None)))
-                        .await
-                        .is_err()
-                {
+            let role = (meta.kind == Kind::Chat).then(|| meta.role_chunk(index));
+            let echo = meta.echo_of(index as usize).filter(|echo| !echo.is_empty());
+            let echo = echo.map(|echo| meta.text_chunk(index, echo, None));
+            for chunk in role.iter().chain(&echo) {
+                if events.send(sse_event(chunk)).await.is_err() {
                     return;
                 }
             }
