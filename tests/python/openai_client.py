@@ -176,6 +176,43 @@ def main() -> None:
 
     assert [m.id for m in client.models.list()] == [model]
 
+    # The Responses API: the chat's answer, whole and streamed. The 64 tokens cut the
+    # answer short: `incomplete`, and the stream ends with `response.incomplete` (where
+    # the package's `responses.stream` helper, which waits for `response.completed`, has
+    # no final response: OpenAI's own streams end so too).
+    response = client.responses.create(
+        model=model, input=messages, max_output_tokens=64, temperature=0
+    )
+    assert response.output_text == text, (response.output_text, text)
+    assert response.usage.output_tokens == whole.usage.completion_tokens, response.usage
+    assert response.status == ("incomplete" if finish == "length" else "completed"), response
+    events = list(client.responses.create(
+        model=model, input=messages, max_output_tokens=64, temperature=0, stream=True
+    ))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    final = events[-1].response
+    assert events[-1].type == f"response.{response.status}", events[-1].type
+    assert "".join(deltas) == text == final.output_text, (deltas, final.output_text)
+    with client.responses.stream(
+        model=model, input=messages, max_output_tokens=256, temperature=0
+    ) as stream:
+        completed = stream.get_final_response()
+    assert completed.status == "completed" and completed.output_text.startswith(text), completed
+    scored_response = client.responses.create(
+        model=model, input=messages, max_output_tokens=16, temperature=0,
+        include=["message.output_text.logprobs"], top_logprobs=2,
+    )
+    response_logprobs = scored_response.output[0].content[0].logprobs
+    assert [(t.token, t.logprob) for t in response_logprobs] == [
+        (t.token, t.logprob) for t in content
+    ], (response_logprobs, content)
+    try:
+        client.responses.create(model=model, input="Hi", previous_response_id=response.id)
+    except openai.BadRequestError as error:
+        assert error.body.get("param") == "previous_response_id", error.body
+    else:
+        raise AssertionError("previous_response_id was accepted")
+
     for kwargs, status in [
         ({"model": "no-such-model"}, 404),
         ({"max_tokens": 10**6}, 400),

@@ -61,6 +61,41 @@ def main() -> None:
         model=model, messages=messages, tools=TOOLS, max_tokens=24, temperature=0
     )
     assert answer.choices[0].message.content or answer.choices[0].message.tool_calls, answer
+
+    # The same through the Responses API: its function tools, the call as an output item,
+    # and the next turn with the call and its output as input items.
+    function = TOOLS[0]["function"]
+    tools = [{"type": "function", "name": function["name"], "description": function["description"],
+              "parameters": function["parameters"]}]
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    response = client.responses.create(
+        model=model, input=question, tools=tools, tool_choice="required",
+        max_output_tokens=48, temperature=0,
+    )
+    made = [item for item in response.output if item.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in made] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in calls
+    ], (response.output, calls)
+    with client.responses.stream(
+        model=model, input=question, tools=tools, tool_choice="required",
+        max_output_tokens=48, temperature=0,
+    ) as events:
+        for _ in events:
+            pass
+        final = events.get_final_response()
+    streamed = [item for item in final.output if item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in made]
+    following = question + [item.model_dump(exclude_none=True) for item in made] + [
+        {"type": "function_call_output", "call_id": made[0].call_id,
+         "output": json.dumps({"celsius": 21})}
+    ]
+    after = client.responses.create(
+        model=model, input=following, tools=tools, max_output_tokens=24, temperature=0
+    )
+    assert after.output, after
+    # The next turn is the chat completion of the same conversation.
+    assert after.output_text == (answer.choices[0].message.content or ""), (
+        after.output_text, answer.choices[0].message.content)
     print("tool calls: ok", calls[0].function.name, arguments)
 
 

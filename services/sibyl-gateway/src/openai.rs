@@ -1,5 +1,7 @@
 //! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (with
-//! `stream: true` as server-sent events ending in `data: [DONE]`), `/v1/models`, `/health`.
+//! `stream: true` as server-sent events ending in `data: [DONE]`), `/v1/responses` (a chat
+//! completion underneath, see [`responses`]), `/v1/models`, vLLM's `/tokenize` and
+//! `/detokenize`, `/health`.
 //!
 //! Extension: `"speculation": {"enabled": false}` turns speculation off for one request;
 //! `"speculation": {"drafters": ["ngram"]}` picks drafter kinds; `"prefix_cache": false`
@@ -8,6 +10,7 @@
 
 mod request;
 mod response;
+mod responses;
 mod tools;
 mod unsupported;
 
@@ -46,6 +49,7 @@ pub fn router(gateway: Arc<Gateway>, metrics: bool) -> Router {
     let mut api = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize));
@@ -227,7 +231,21 @@ async fn chat_completions(
     key: Key,
     body: Body,
 ) -> Result<Response, GatewayError> {
-    let request: ChatRequest = parse(body)?;
+    let (common, prompt, tools) = chat_prompt(parse(body)?)?;
+    respond(
+        gateway,
+        Kind::Chat,
+        common,
+        vec![prompt],
+        tools,
+        key_id(key),
+    )
+    .await
+}
+
+/// A chat request's generation settings, its prompt (the messages, rendered with the tools
+/// it offers the model) and its tools.
+fn chat_prompt(request: ChatRequest) -> Result<(Common, PromptInput, Option<Tools>), GatewayError> {
     let messages = request
         .messages
         .into_iter()
@@ -241,15 +259,7 @@ async fn chat_completions(
         .unwrap_or_default();
     let options = request.rendering.options(&messages, definitions)?;
     let prompt = PromptInput::Chat { messages, options };
-    respond(
-        gateway,
-        Kind::Chat,
-        request.common,
-        vec![prompt],
-        tools,
-        key_id(key),
-    )
-    .await
+    Ok((request.common, prompt, tools))
 }
 
 /// vLLM's `/tokenize` body: a text prompt or chat messages (rendered as for a generation).
@@ -342,6 +352,44 @@ async fn respond(
     key_id: Option<KeyId>,
 ) -> Result<Response, GatewayError> {
     let stream = common.stream;
+    let id_prefix = match kind {
+        Kind::Chat => "chatcmpl-",
+        Kind::Completion => "cmpl-",
+    };
+    let started = start(&gateway, kind, id_prefix, common, prompts, tools, key_id).await?;
+    let (meta, outputs, choices) = (started.meta, started.outputs, started.choices);
+    if stream {
+        // Comments while no token is ready (a long prompt's prefill, a queue), so that a
+        // proxy's idle timeout does not cut the stream.
+        let keep_alive = KeepAlive::new().interval(gateway.sse_keep_alive());
+        return Ok(
+            Sse::new(ReceiverStream::new(stream_events(meta, outputs, choices)))
+                .keep_alive(keep_alive)
+                .into_response(),
+        );
+    }
+    whole_response(&meta, outputs, choices).await
+}
+
+/// A request's generations, running: what its responses share, and their outputs.
+struct Started {
+    meta: Meta,
+    outputs: Merged,
+    choices: usize,
+}
+
+/// Starts `n` choices of each of `prompts` (at least one); choice `p * n + i` is prompt
+/// `p`'s choice `i`. The response's id is `id_prefix` and a random number.
+async fn start(
+    gateway: &Gateway,
+    kind: Kind,
+    id_prefix: &str,
+    common: Common,
+    prompts: Vec<PromptInput>,
+    tools: Option<Tools>,
+    key_id: Option<KeyId>,
+) -> Result<Started, GatewayError> {
+    let stream = common.stream;
     let include_usage = common
         .stream_options
         .as_ref()
@@ -395,15 +443,7 @@ async fn respond(
     let rest: Vec<PromptInput> = prompts.collect();
     let mut generation = common.generation(first, tools.as_ref())?;
     let logprobs = generation.logprobs.is_some();
-    let id = format!(
-        "{}-{:032x}",
-        if kind == Kind::Chat {
-            "chatcmpl"
-        } else {
-            "cmpl"
-        },
-        rand::random::<u128>()
-    );
+    let id = format!("{id_prefix}{:032x}", rand::random::<u128>());
     // The response's id is the request id in logs and traces (with `-1`, `-2`... for the
     // choices after the first).
     generation.request_id = id.clone();
@@ -441,17 +481,11 @@ async fn respond(
         echo,
         calls: tools.as_ref().map(Tools::reader),
     };
-    if stream {
-        // Comments while no token is ready (a long prompt's prefill, a queue), so that a
-        // proxy's idle timeout does not cut the stream.
-        let keep_alive = KeepAlive::new().interval(gateway.sse_keep_alive());
-        return Ok(
-            Sse::new(ReceiverStream::new(stream_events(meta, outputs, choices)))
-                .keep_alive(keep_alive)
-                .into_response(),
-        );
-    }
-    whole_response(&meta, outputs, choices).await
+    Ok(Started {
+        meta,
+        outputs,
+        choices,
+    })
 }
 
 /// The outputs of a request's choices, each tagged with its index.
@@ -630,7 +664,7 @@ fn stream_events(
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
-    let message = format!("no route {uri}; this server has /v1/completions, /v1/chat/completions, /v1/models and /health");
+    let message = format!("no route {uri}; this server has /v1/completions, /v1/chat/completions, /v1/responses, /v1/models, /tokenize, /detokenize and /health");
     (
         StatusCode::NOT_FOUND,
         Json(ErrorBody::new(
