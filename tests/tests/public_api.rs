@@ -824,6 +824,46 @@ async fn a_chat_can_continue_a_prefilled_answer_and_echo_it() {
         "{plain}"
     );
     assert_eq!(plain["usage"]["prompt_tokens"], continued.len());
+    // The same over gRPC; a bad rendering is INVALID_ARGUMENT there.
+    let grpc_chat = |continue_final_message: bool, add_generation_prompt: Option<bool>| {
+        let messages = prefilled
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| pb::ChatMessage {
+                role: m["role"].as_str().unwrap().into(),
+                content: m["content"].as_str().unwrap().into(),
+            })
+            .collect();
+        pb::GenerateRequest {
+            input: Some(pb::generate_request::Input::Chat(pb::ChatConversation {
+                messages,
+                continue_final_message,
+                add_generation_prompt,
+                template_variables_json: r#"{"enable_thinking": false}"#.into(),
+            })),
+            max_tokens: 12,
+            sampling: Some(pb::SamplingParams::default()),
+            ..Default::default()
+        }
+    };
+    let mut client = cluster.gateway_client().await.unwrap();
+    let (grpc_text, _) = generate_text(&mut client, grpc_chat(true, None), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(grpc_text, going_on);
+    let refused = generate_text(&mut client, grpc_chat(true, Some(true)), |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let mut not_json = grpc_chat(false, None);
+    if let Some(pb::generate_request::Input::Chat(chat)) = &mut not_json.input {
+        chat.template_variables_json = "[1]".into();
+    }
+    let refused = generate_text(&mut client, not_json, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     let echoed = chat(json!({"echo": true})).await.json();
     assert_eq!(
         echoed["choices"][0]["message"]["content"],

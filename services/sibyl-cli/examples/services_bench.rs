@@ -135,6 +135,7 @@ fn main() -> anyhow::Result<()> {
                         role: "user".into(),
                         content: text.clone(),
                     }],
+                    ..Default::default()
                 })),
                 max_tokens: args.max_tokens as u32,
                 sampling: Some(pb::SamplingParams::default()),

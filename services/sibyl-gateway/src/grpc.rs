@@ -1,8 +1,8 @@
 //! The `sibyl.v1.Gateway` gRPC service.
 
 use crate::generation::{Api, Ending, Gateway, GatewayError, Generation, Output, PromptInput};
-use crate::params::{Grammar, Sampling, Speculation};
-use sibyl_engine::{ChatMessage, ChatOptions};
+use crate::params::{Grammar, Rendering, Sampling, Speculation};
+use sibyl_engine::ChatMessage;
 use sibyl_proto::auth::KeyId;
 use sibyl_proto::v1::{self as pb, generate_request::Input, generate_response::Event};
 use std::sync::{Arc, OnceLock};
@@ -57,14 +57,28 @@ impl TryFrom<pb::GenerateRequest> for Generation {
         let prompt = match request.input {
             Some(Input::Prompt(text)) => PromptInput::Text(text),
             Some(Input::Tokens(tokens)) => PromptInput::Tokens(tokens.ids),
-            Some(Input::Chat(chat)) => PromptInput::Chat {
-                messages: chat
+            Some(Input::Chat(chat)) => {
+                let messages: Vec<ChatMessage> = chat
                     .messages
                     .iter()
                     .map(|m| ChatMessage::new(&m.role, &m.content))
-                    .collect(),
-                options: ChatOptions::default(),
-            },
+                    .collect();
+                let variables = match chat.template_variables_json.trim() {
+                    "" => None,
+                    json => Some(serde_json::from_str(json).map_err(|e| {
+                        Status::invalid_argument(format!(
+                            "`template_variables_json` is not a JSON object: {e}"
+                        ))
+                    })?),
+                };
+                let rendering = Rendering {
+                    add_generation_prompt: chat.add_generation_prompt,
+                    continue_final_message: chat.continue_final_message,
+                    chat_template_kwargs: variables,
+                };
+                let options = rendering.options(&messages, Vec::new())?;
+                PromptInput::Chat { messages, options }
+            }
             None => return Err(Status::invalid_argument("set `prompt`, `chat` or `tokens`")),
         };
         Ok(Self {

@@ -15,6 +15,7 @@ mod tools;
 mod unsupported;
 
 use crate::generation::{Gateway, GatewayError, Output, PromptInput};
+use crate::params::Rendering;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,9 +23,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use request::{
-    ChatRequest, ChatRequestMessage, Common, CompletionRequest, Rendering, MAX_GENERATIONS,
-};
+use request::{ChatRequest, ChatRequestMessage, Common, CompletionRequest, MAX_GENERATIONS};
 use response::{ErrorBody, Finished, Kind, Meta, ModelCard, ModelList};
 use serde::{Deserialize, Serialize};
 use serde_json::json;

@@ -195,6 +195,53 @@ pub struct DrafterStats {
     pub error: String,
 }
 
+/// vLLM's switches for how a chat template renders the messages.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Rendering {
+    /// End with the start of the assistant's answer; default: unless the final message is
+    /// continued.
+    pub add_generation_prompt: Option<bool>,
+    /// The model continues the last message (a prefilled answer) rather than starting one.
+    #[serde(default)]
+    pub continue_final_message: bool,
+    /// More variables for the template (such as Qwen3's `enable_thinking`).
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Rendering {
+    /// The rendering asked for, of `messages` offering `tools`: `continue_final_message`
+    /// needs a last message with content, and no generation prompt.
+    pub fn options(
+        self,
+        messages: &[sibyl_engine::ChatMessage],
+        tools: Vec<serde_json::Value>,
+    ) -> Result<sibyl_engine::ChatOptions, GatewayError> {
+        let param = "continue_final_message";
+        if self.continue_final_message {
+            if self.add_generation_prompt == Some(true) {
+                return Err(GatewayError::invalid_param(
+                    param,
+                    "`continue_final_message` and `add_generation_prompt` cannot both be true",
+                ));
+            }
+            if messages.last().is_none_or(|m| m.content.trim().is_empty()) {
+                return Err(GatewayError::invalid_param(
+                    param,
+                    "`continue_final_message` needs a last message with content to continue",
+                ));
+            }
+        }
+        Ok(sibyl_engine::ChatOptions {
+            tools,
+            add_generation_prompt: self
+                .add_generation_prompt
+                .unwrap_or(!self.continue_final_message),
+            continue_final_message: self.continue_final_message,
+            variables: self.chat_template_kwargs.unwrap_or_default(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -424,6 +424,7 @@ impl Remote {
                             content: m.content.clone(),
                         })
                         .collect(),
+                    ..Default::default()
                 })
             }
         };

@@ -4,10 +4,10 @@
 use super::tools::Tools;
 use super::unsupported::Unsupported;
 use crate::generation::{Api, Ending, GatewayError, Generation, PromptInput};
-use crate::params::{check_logprobs, Grammar, Sampling, Speculation, MAX_LOGPROBS};
+use crate::params::{check_logprobs, Grammar, Rendering, Sampling, Speculation, MAX_LOGPROBS};
 use serde::Deserialize;
 use serde_json::Value;
-use sibyl_engine::{ChatMessage, ChatOptions, FunctionCall, ToolCall};
+use sibyl_engine::{ChatMessage, FunctionCall, ToolCall};
 use sibyl_spec::Penalties;
 
 #[derive(Debug, Deserialize)]
@@ -485,52 +485,6 @@ pub(super) struct ChatRequest {
     pub(super) rendering: Rendering,
     #[serde(flatten)]
     pub(super) common: Common,
-}
-
-/// vLLM's switches for how a chat template renders the messages.
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct Rendering {
-    /// End with the start of the assistant's answer; default: unless the final message is
-    /// continued.
-    pub(super) add_generation_prompt: Option<bool>,
-    /// The model continues the last message (a prefilled answer) rather than starting one.
-    #[serde(default)]
-    pub(super) continue_final_message: bool,
-    /// More variables for the template (such as Qwen3's `enable_thinking`).
-    pub(super) chat_template_kwargs: Option<serde_json::Map<String, Value>>,
-}
-
-impl Rendering {
-    /// The rendering asked for, of `messages` offering `tools`.
-    pub(super) fn options(
-        self,
-        messages: &[ChatMessage],
-        tools: Vec<Value>,
-    ) -> Result<ChatOptions, GatewayError> {
-        let param = "continue_final_message";
-        if self.continue_final_message {
-            if self.add_generation_prompt == Some(true) {
-                return Err(GatewayError::invalid_param(
-                    param,
-                    "`continue_final_message` and `add_generation_prompt` cannot both be true",
-                ));
-            }
-            if messages.last().is_none_or(|m| m.content.trim().is_empty()) {
-                return Err(GatewayError::invalid_param(
-                    param,
-                    "`continue_final_message` needs a last message with content to continue",
-                ));
-            }
-        }
-        Ok(ChatOptions {
-            tools,
-            add_generation_prompt: self
-                .add_generation_prompt
-                .unwrap_or(!self.continue_final_message),
-            continue_final_message: self.continue_final_message,
-            variables: self.chat_template_kwargs.unwrap_or_default(),
-        })
-    }
 }
 
 #[derive(Debug, Deserialize)]
