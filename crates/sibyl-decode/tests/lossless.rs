@@ -19,7 +19,8 @@ fn shared_suffixes() -> Arc<SuffixIndex> {
         .clone()
 }
 
-/// Two tiny models on the CPU engine, then the same two on the tensor engine.
+/// Two tiny models on the CPU engine, then the same two on the tensor engine, then a Qwen3
+/// model on the CPU engine.
 fn models() -> &'static [Model] {
     static MODELS: OnceLock<Vec<Model>> = OnceLock::new();
     MODELS.get_or_init(|| {
@@ -39,7 +40,17 @@ fn models() -> &'static [Model] {
         let device = tensor_test_device();
         let cpu = configs.iter().map(|c| tiny_model(c).unwrap());
         let tensor = configs.iter().map(|c| tiny_model_on(c, &device).unwrap());
-        cpu.chain(tensor).collect()
+        // Qwen3 (heads wider than hidden / heads), on the CPU engine only.
+        let qwen3 = TinyModelConfig {
+            architecture: Architecture::Qwen3,
+            head_dim: Some(24),
+            seed: 13,
+            vocab_size: 48,
+            ..TinyModelConfig::default()
+        };
+        cpu.chain(tensor)
+            .chain(std::iter::once(tiny_model(&qwen3).unwrap()))
+            .collect()
     })
 }
 
@@ -119,7 +130,7 @@ proptest! {
 
     #[test]
     fn greedy_speculation_equals_plain_greedy_on_tiny_models(
-        which in 0usize..4,
+        which in 0usize..5,
         prompt in proptest::collection::vec(0u32..48, 1..24),
         budget in 0usize..24,
         depth in 1usize..10,

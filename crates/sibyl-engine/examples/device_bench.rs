@@ -89,6 +89,7 @@ fn main() -> anyhow::Result<()> {
             num_layers: 28,
             num_heads: 12,
             num_kv_heads: 2,
+            head_dim: None,
             context_length: 32_768,
             dtype,
             seed: 1,

@@ -549,6 +549,78 @@ mod tests {
             .is_err());
     }
 
+    /// The constructs of Qwen3's chat template: a namespace set in a reversed loop,
+    /// Python's string methods with arguments, `is string` / `is false` / `is not none`
+    /// tests, neighbours by `loop.index0`, and reasoning split off at `</think>`.
+    #[test]
+    fn renders_the_jinja_qwen3_templates_use() {
+        let source = r#"
+{%- set ns = namespace(last_query=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+  {%- if message.role == "user" and not message.content.startswith('<tool_response>') and ns.last_query == messages|length - 1 %}
+    {%- set ns.last_query = (messages|length - 1) - loop.index0 %}
+  {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+  {%- if message.role == "assistant" %}
+    {%- set content = message.content %}
+    {%- set reasoning = '' %}
+    {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+      {%- set reasoning = message.reasoning_content %}
+    {%- elif '</think>' in content %}
+      {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+      {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+    {%- endif %}
+    {{- '[a' ~ loop.index0 ~ '>' ~ ns.last_query ~ ':' ~ reasoning.strip('\n') ~ '|' ~ content }}
+    {%- for call in message.tool_calls %}
+      {%- if call.function.arguments is string %}{{- call.function.arguments }}
+      {%- else %}{{- call.function.name ~ call.function.arguments | tojson }}{%- endif %}
+    {%- endfor %}
+    {{- ']' }}
+  {%- elif message.role == "tool" %}
+    {%- if messages[loop.index0 - 1].role != "tool" %}{{- '[tools' }}{%- endif %}
+    {{- ' ' ~ message.content }}
+    {%- if loop.last or messages[loop.index0 + 1].role != "tool" %}{{- ']' }}{%- endif %}
+  {%- else %}
+    {{- '[' ~ message.role ~ ' ' ~ message.content ~ ']' }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '[a' }}
+  {%- if enable_thinking is defined and enable_thinking is false %}{{- ' <think></think>' }}{%- endif %}
+{%- endif %}"#;
+        let template = ChatTemplate::new(source, "", "<|im_end|>").unwrap();
+        let call = ToolCall {
+            id: "call_1".into(),
+            kind: "function".into(),
+            function: FunctionCall {
+                name: "weather".into(),
+                arguments: serde_json::json!({"city": "Oslo"}),
+            },
+        };
+        let messages = [
+            ChatMessage::new("user", "Weather in Oslo?"),
+            ChatMessage {
+                tool_calls: vec![call],
+                ..ChatMessage::new("assistant", "<think>\nCall it.\n</think>\n\nChecking.")
+            },
+            ChatMessage::new("tool", "-3 C"),
+            ChatMessage::new("tool", "snow"),
+            ChatMessage::new("user", "<tool_response>late</tool_response>"),
+        ];
+        let options = ChatOptions {
+            variables: serde_json::json!({"enable_thinking": false})
+                .as_object()
+                .unwrap()
+                .clone(),
+            ..ChatOptions::default()
+        };
+        assert_eq!(
+            template.render_with(&messages, &options).unwrap(),
+            "[user Weather in Oslo?][a1>0:Call it.|Checking.weather{\"city\": \"Oslo\"}]\
+             [tools -3 C snow][user <tool_response>late</tool_response>][a <think></think>"
+        );
+    }
+
     #[test]
     fn stand_ins_come_from_a_range_no_message_uses() {
         assert_eq!(stand_in_base(&["hi"], 3).unwrap(), PLANE_16);

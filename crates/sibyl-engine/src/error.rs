@@ -15,7 +15,7 @@ pub enum EngineError {
         #[source]
         source: candle_core::Error,
     },
-    #[error("{path}: unsupported architecture `{architecture}` (supported: qwen2, llama)")]
+    #[error("{path}: unsupported architecture `{architecture}` (supported: qwen2, qwen3, llama)")]
     UnsupportedArchitecture { path: PathBuf, architecture: String },
     #[error("{path}: metadata key `{key}` is missing or has the wrong type")]
     Metadata { path: PathBuf, key: String },
@@ -90,4 +90,9 @@ pub enum EngineError {
     Device(#[source] candle_core::Error),
     #[error("a KV cache of one device was given to a model on another")]
     CacheDevice,
+    #[error("{architecture:?} models run on the CPU only, not yet on {device}")]
+    ArchitectureNotOnDevice {
+        architecture: crate::Architecture,
+        device: crate::Device,
+    },
 }

@@ -14,6 +14,9 @@ pub enum Architecture {
     Qwen2,
     /// Llama as written by llama.cpp's converter: q and k permuted for interleaved rotation.
     Llama,
+    /// Qwen3: no biases; each head's q and k RMS-normalised (`attn_q_norm`, `attn_k_norm`)
+    /// before the rotation (NeoX style); heads may be wider than `hidden_size / heads`.
+    Qwen3,
 }
 
 /// Hyper-parameters read from the GGUF metadata, validated.
@@ -26,6 +29,7 @@ pub struct ModelConfig {
     pub num_layers: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Width of each attention head (`num_heads * head_dim` is the width of q).
     pub head_dim: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
@@ -48,7 +52,9 @@ impl ModelConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} is zero"));
         }
-        if !self.hidden_size.is_multiple_of(self.num_heads)
+        // Qwen3 states its heads' width; the others' is the hidden size over the heads.
+        let own_width = self.architecture == Architecture::Qwen3;
+        if (!own_width && !self.hidden_size.is_multiple_of(self.num_heads))
             || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return Err(format!(
@@ -56,10 +62,18 @@ impl ModelConfig {
                 self.hidden_size, self.num_heads, self.num_kv_heads
             ));
         }
-        if !self.head_dim.is_multiple_of(2) || self.head_dim * self.num_heads != self.hidden_size {
+        if self.head_dim == 0
+            || !self.head_dim.is_multiple_of(2)
+            || (!own_width && self.head_dim * self.num_heads != self.hidden_size)
+        {
             return Err(format!("head dimension {} is not usable", self.head_dim));
         }
         Ok(())
+    }
+
+    /// Width of the attention's queries (and of its output before the output projection).
+    pub fn q_width(&self) -> usize {
+        self.num_heads * self.head_dim
     }
 }
 
@@ -161,6 +175,7 @@ impl ModelFile {
         let architecture = match arch_name {
             "qwen2" => Architecture::Qwen2,
             "llama" => Architecture::Llama,
+            "qwen3" => Architecture::Qwen3,
             other => {
                 return Err(EngineError::UnsupportedArchitecture {
                     path: self.path.clone(),
@@ -184,7 +199,10 @@ impl ModelFile {
             num_layers: self.uint(&key("block_count"))? as usize,
             num_heads,
             num_kv_heads,
-            head_dim: hidden_size.checked_div(num_heads).unwrap_or(0),
+            head_dim: match self.uint(&key("attention.key_length")) {
+                Ok(width) if architecture == Architecture::Qwen3 => width as usize,
+                _ => hidden_size.checked_div(num_heads).unwrap_or(0),
+            },
             rms_norm_eps: self.float(&key("attention.layer_norm_rms_epsilon"))?,
             rope_theta: self.float(&key("rope.freq_base")).unwrap_or(10_000.0),
             context_length: self.uint(&key("context_length"))? as usize,

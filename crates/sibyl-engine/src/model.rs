@@ -204,35 +204,40 @@ struct Attention {
     q_bias: Option<Vec<f32>>,
     k_bias: Option<Vec<f32>>,
     v_bias: Option<Vec<f32>>,
+    /// Qwen3's RMS norms of each head of q and of k (`head_dim` weights each).
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
 }
 
 impl Attention {
     fn new(c: &ModelConfig, w: &dyn WeightSource, prefix: &str) -> Result<Self, EngineError> {
-        let kv = c.num_kv_heads * c.head_dim;
+        let (q, kv) = (c.q_width(), c.num_kv_heads * c.head_dim);
         let bias = |name: &str, len: usize| -> Result<Option<Vec<f32>>, EngineError> {
             let name = format!("{prefix}.{name}.bias");
             match c.architecture {
                 Architecture::Qwen2 => w.vector(&name, len).map(Some),
-                Architecture::Llama if w.contains(&name) => w.vector(&name, len).map(Some),
-                Architecture::Llama => Ok(None),
+                Architecture::Llama | Architecture::Qwen3 if w.contains(&name) => {
+                    w.vector(&name, len).map(Some)
+                }
+                Architecture::Llama | Architecture::Qwen3 => Ok(None),
             }
         };
+        let norm = |name: &str| match c.architecture {
+            Architecture::Qwen3 => w
+                .vector(&format!("{prefix}.{name}.weight"), c.head_dim)
+                .map(Some),
+            Architecture::Qwen2 | Architecture::Llama => Ok(None),
+        };
         Ok(Self {
-            q: w.matrix(
-                &format!("{prefix}.attn_q.weight"),
-                c.hidden_size,
-                c.hidden_size,
-            )?,
+            q: w.matrix(&format!("{prefix}.attn_q.weight"), q, c.hidden_size)?,
             k: w.matrix(&format!("{prefix}.attn_k.weight"), kv, c.hidden_size)?,
             v: w.matrix(&format!("{prefix}.attn_v.weight"), kv, c.hidden_size)?,
-            o: w.matrix(
-                &format!("{prefix}.attn_output.weight"),
-                c.hidden_size,
-                c.hidden_size,
-            )?,
-            q_bias: bias("attn_q", c.hidden_size)?,
+            o: w.matrix(&format!("{prefix}.attn_output.weight"), c.hidden_size, q)?,
+            q_bias: bias("attn_q", q)?,
             k_bias: bias("attn_k", kv)?,
             v_bias: bias("attn_v", kv)?,
+            q_norm: norm("attn_q_norm")?,
+            k_norm: norm("attn_k_norm")?,
         })
     }
 }
@@ -279,7 +284,7 @@ pub(crate) struct TreeLayout {
     pub(crate) visible: Vec<Vec<usize>>,
 }
 
-/// A decoder-only transformer (qwen2 or llama) with a tree forward pass.
+/// A decoder-only transformer (qwen2, qwen3 or llama) with a tree forward pass.
 pub struct Model {
     config: ModelConfig,
     rotary: Rotary,
@@ -322,6 +327,12 @@ impl Model {
         device: &candle_core::Device,
         spec: Device,
     ) -> Result<Self, EngineError> {
+        if config.architecture == Architecture::Qwen3 {
+            return Err(EngineError::ArchitectureNotOnDevice {
+                architecture: config.architecture,
+                device: spec,
+            });
+        }
         let qwen2 = config.architecture == Architecture::Qwen2;
         let tensor = TensorModel::build(&config, w, device, |name| qwen2 || w.contains(name))?;
         Ok(Self {
@@ -552,12 +563,15 @@ impl Model {
             add_bias(&mut q, a.q_bias.as_ref());
             add_bias(&mut k, a.k_bias.as_ref());
             add_bias(&mut v, a.v_bias.as_ref());
+            if let (Some(q_norm), Some(k_norm)) = (&a.q_norm, &a.k_norm) {
+                // Each head's row of `head_dim` values on its own.
+                q = rms_norm(&q, q_norm, c.rms_norm_eps);
+                k = rms_norm(&k, k_norm, c.rms_norm_eps);
+            }
+            let q_row = c.q_width();
             for (node, node_angles) in angles.iter().enumerate() {
-                self.rotary.apply(
-                    &mut q[node * c.hidden_size..][..c.hidden_size],
-                    c.head_dim,
-                    node_angles,
-                );
+                self.rotary
+                    .apply(&mut q[node * q_row..][..q_row], c.head_dim, node_angles);
                 self.rotary
                     .apply(&mut k[node * kv_row..][..kv_row], c.head_dim, node_angles);
             }
@@ -579,7 +593,7 @@ impl Model {
                     }
                 })
                 .collect();
-            let mut attended = vec![0f32; m * c.hidden_size];
+            let mut attended = vec![0f32; m * c.q_width()];
             tree_attention(layout, &q, &sequences, &mut attended);
             let projected = project(&a.o, &attended, m)?;
             for (x, p) in x.iter_mut().zip(&projected) {
@@ -619,4 +633,132 @@ pub struct Sequence<'a> {
     pub cache: &'a mut KvCache,
     pub input: &'a TreeInput,
     pub rows: LogitRows,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::ModelFile;
+    use crate::LoadOptions;
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_transformers::models::quantized_qwen3;
+
+    /// A Qwen3 file of random f32 weights, shaped as the real models are (heads wider than
+    /// hidden size / heads, tied output projection).
+    fn write_qwen3(path: &std::path::Path) {
+        let (vocab, hidden, heads, kv_heads, head_dim, ffn, layers) = (96, 64, 4, 2, 24, 128, 2);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut random = |dims: &[usize], scale: f32, offset: f32| {
+            let len = dims.iter().product();
+            let values: Vec<f32> = (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    offset + ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+                })
+                .collect();
+            let tensor =
+                candle_core::Tensor::from_vec(values, dims, &candle_core::Device::Cpu).unwrap();
+            QTensor::quantize(&tensor, GgmlDType::F32).unwrap()
+        };
+        let mut tensors = vec![
+            (
+                "token_embd.weight".to_string(),
+                random(&[vocab, hidden], 1.0, 0.0),
+            ),
+            (
+                "output_norm.weight".to_string(),
+                random(&[hidden], 0.2, 1.0),
+            ),
+        ];
+        let matrix = 1.7 / (hidden as f32).sqrt();
+        for i in 0..layers {
+            let shapes: [(&str, Vec<usize>, f32, f32); 11] = [
+                ("attn_norm", vec![hidden], 0.2, 1.0),
+                ("attn_q", vec![heads * head_dim, hidden], matrix, 0.0),
+                ("attn_k", vec![kv_heads * head_dim, hidden], matrix, 0.0),
+                ("attn_v", vec![kv_heads * head_dim, hidden], matrix, 0.0),
+                ("attn_q_norm", vec![head_dim], 0.2, 1.0),
+                ("attn_k_norm", vec![head_dim], 0.2, 1.0),
+                ("attn_output", vec![hidden, heads * head_dim], matrix, 0.0),
+                ("ffn_norm", vec![hidden], 0.2, 1.0),
+                ("ffn_gate", vec![ffn, hidden], matrix, 0.0),
+                ("ffn_up", vec![ffn, hidden], matrix, 0.0),
+                (
+                    "ffn_down",
+                    vec![hidden, ffn],
+                    1.7 / (ffn as f32).sqrt(),
+                    0.0,
+                ),
+            ];
+            for (name, dims, scale, offset) in shapes {
+                tensors.push((
+                    format!("blk.{i}.{name}.weight"),
+                    random(&dims, scale, offset),
+                ));
+            }
+        }
+        let metadata = [
+            ("general.architecture", Value::String("qwen3".into())),
+            ("general.dtype", Value::U32(0)),
+            ("qwen3.embedding_length", Value::U32(hidden as u32)),
+            ("qwen3.attention.head_count", Value::U32(heads as u32)),
+            ("qwen3.attention.head_count_kv", Value::U32(kv_heads as u32)),
+            ("qwen3.attention.key_length", Value::U32(head_dim as u32)),
+            ("qwen3.feed_forward_length", Value::U32(ffn as u32)),
+            ("qwen3.block_count", Value::U32(layers as u32)),
+            ("qwen3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+            ("qwen3.rope.freq_base", Value::F32(1_000_000.0)),
+            ("qwen3.context_length", Value::U32(256)),
+        ];
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut file = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+    }
+
+    #[test]
+    fn qwen3_computes_what_candle_transformers_computes() {
+        let path = std::env::temp_dir().join(format!("sibyl-qwen3-{}.gguf", std::process::id()));
+        write_qwen3(&path);
+        let file = ModelFile::open(&path).unwrap();
+        let model = Model::from_gguf(&file, &LoadOptions::default()).unwrap();
+        assert_eq!(model.config().architecture, Architecture::Qwen3);
+        assert_eq!(model.config().q_width(), 96);
+        let tokens = [5u32, 17, 42, 3, 88, 61, 9, 30, 30, 71];
+        let mut cache = model.new_cache();
+        let ours = model
+            .forward(&mut cache, &TreeInput::chain(&tokens), LogitRows::All)
+            .unwrap();
+        let mut reader = std::fs::File::open(&path).unwrap();
+        let content = gguf_file::Content::read(&mut reader).unwrap();
+        let device = candle_core::Device::Cpu;
+        let mut reference =
+            quantized_qwen3::ModelWeights::from_gguf(content, &mut reader, &device).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let vocab = model.vocab_size();
+        for (position, &token) in tokens.iter().enumerate() {
+            let input = candle_core::Tensor::new(&[[token]], &device).unwrap();
+            let expected: Vec<f32> = reference
+                .forward(&input, position)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let row = &ours[position * vocab..][..vocab];
+            let spread = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let differs = row
+                .iter()
+                .zip(&expected)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(spread > 1.0, "position {position}: logits near zero");
+            assert!(
+                differs < 1e-3 * spread,
+                "position {position}: differs by {differs} (largest logit {spread})"
+            );
+        }
+    }
 }

@@ -15,6 +15,8 @@ pub struct TinyModelConfig {
     pub num_layers: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Width of a head (Qwen3 states it); `None`: `hidden_size / num_heads`.
+    pub head_dim: Option<usize>,
     pub context_length: usize,
     /// Storage type of the weight matrices (widths must be multiples of its block).
     pub dtype: GgmlDType,
@@ -35,6 +37,7 @@ impl Default for TinyModelConfig {
             num_layers: 2,
             num_heads: 4,
             num_kv_heads: 2,
+            head_dim: None,
             context_length: 512,
             dtype: GgmlDType::Q8_0,
             seed: 7,
@@ -210,7 +213,9 @@ fn random_weights(config: &TinyModelConfig) -> Result<(ModelConfig, RandomWeight
         num_layers: config.num_layers,
         num_heads: config.num_heads,
         num_kv_heads: config.num_kv_heads,
-        head_dim: config.hidden_size / config.num_heads,
+        head_dim: config
+            .head_dim
+            .unwrap_or(config.hidden_size / config.num_heads),
         rms_norm_eps: 1e-6,
         rope_theta: 10_000.0,
         context_length: config.context_length,
