@@ -67,6 +67,8 @@ pub struct ClusterOptions {
     /// The gateway's API keys (`None`: open) and SSE keep-alive interval.
     pub api_keys: Option<Arc<sibyl_proto::auth::ApiKeys>>,
     pub sse_keep_alive: Duration,
+    /// The gateway's `--reasoning-parser`.
+    pub reasoning_parser: Option<sibyl_gateway::ReasoningParser>,
 }
 
 impl Default for ClusterOptions {
@@ -88,6 +90,7 @@ impl Default for ClusterOptions {
             drain_timeout: Duration::from_secs(30),
             api_keys: None,
             sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
+            reasoning_parser: None,
         }
     }
 }
@@ -209,6 +212,7 @@ impl Cluster {
             tls: server_tls.clone(),
             verifier_tls: client_tls.clone(),
             metrics_on_http: true,
+            reasoning_parser: options.reasoning_parser,
         };
         let text_path = path.clone();
         let server = sibyl_gateway::serve(

@@ -1779,3 +1779,57 @@ async fn the_responses_api_answers_as_a_chat_completion_of_its_input() {
     assert_eq!(unknown.status, 404, "{}", unknown.body);
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reasoning_parser_splits_thinking_from_the_answer() {
+    let cluster = Cluster::start(ClusterOptions {
+        reasoning_parser: Some(sibyl_gateway::ReasoningParser::Qwen3),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
+    // The output is held to thinking then an answer (SmolLM2 does not think on its own).
+    let body = |regex: &str, stream: bool| {
+        json!({
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 40, "temperature": 0, "guided_regex": regex, "stream": stream,
+        })
+    };
+    let thinks = "<think>[a-z]{3,12}</think>[a-z]{3,12}";
+    let whole = post(&cluster, "/v1/chat/completions", &[], &body(thinks, false)).await;
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let message = &whole.json()["choices"][0]["message"];
+    let reasoning = message["reasoning_content"].as_str().unwrap().to_string();
+    let content = message["content"].as_str().unwrap().to_string();
+    for part in [&reasoning, &content] {
+        assert!(
+            (3..=12).contains(&part.len()) && part.chars().all(|c| c.is_ascii_lowercase()),
+            "{message}"
+        );
+    }
+    let streamed = post(&cluster, "/v1/chat/completions", &[], &body(thinks, true)).await;
+    let chunks = sse_data(&streamed.body);
+    let field = |name: &str| -> String {
+        chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"][name].as_str())
+            .collect()
+    };
+    assert_eq!(
+        (field("reasoning_content"), field("content")),
+        (reasoning.clone(), content.clone())
+    );
+    // An answer without thinking is all content.
+    let plain = post(
+        &cluster,
+        "/v1/chat/completions",
+        &[],
+        &body("[a-z]{3,12}", false),
+    )
+    .await
+    .json();
+    let message = &plain["choices"][0]["message"];
+    assert!(message.get("reasoning_content").is_none(), "{message}");
+    assert!(!message["content"].as_str().unwrap().is_empty());
+    cluster.stop().await;
+}

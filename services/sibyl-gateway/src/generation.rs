@@ -416,6 +416,11 @@ impl Gateway {
         self.config.sse_keep_alive
     }
 
+    /// How chat answers' thinking is split from their content, if it is.
+    pub fn reasoning_parser(&self) -> Option<crate::ReasoningParser> {
+        self.config.reasoning_parser
+    }
+
     /// The context window requests get: the model's, or the verifier's when it serves
     /// less (`--max-model-len`).
     pub fn context_length(&self) -> usize {

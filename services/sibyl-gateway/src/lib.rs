@@ -7,6 +7,7 @@ mod generation;
 mod grpc;
 mod openai;
 mod params;
+mod reasoning;
 mod stop;
 mod wire;
 
@@ -15,6 +16,7 @@ pub use grpc::GatewayService;
 pub use params::{
     DrafterState, DrafterStats, FinishReason, Sampling, Speculation, MAX_TEMPERATURE,
 };
+pub use reasoning::ReasoningParser;
 pub use stop::StopStrings;
 
 use sibyl_engine::TextModel;
@@ -56,6 +58,9 @@ pub struct GatewayConfig {
     /// Serve `/metrics` on the HTTP API's port (behind the keys, when there are keys);
     /// `false` where the role serves it on a port of its own.
     pub metrics_on_http: bool,
+    /// Split reasoning models' thinking into chat responses' `reasoning_content`
+    /// (`--reasoning-parser`); `None`: the answer's text is all content.
+    pub reasoning_parser: Option<ReasoningParser>,
 }
 
 /// The default [`GatewayConfig::sse_keep_alive`]: well under the idle timeouts of common

@@ -479,6 +479,7 @@ async fn start(
         per_prompt,
         echo,
         calls: tools.as_ref().map(Tools::reader),
+        reasoning: gateway.reasoning_parser().filter(|_| kind == Kind::Chat),
     };
     Ok(Started {
         meta,
@@ -529,6 +530,15 @@ async fn whole_response(
                         .enumerate()
                         .map(|(index, ((text, logprobs), summary))| {
                             let echo = meta.echo_of(index).unwrap_or_default();
+                            // Thinking first split off, then calls read from the rest.
+                            let (reasoning, text) = match meta.reasoning {
+                                Some(parser) => {
+                                    let split = parser.split(&text);
+                                    let reasoning = Some(split.reasoning).filter(|r| !r.is_empty());
+                                    (reasoning, split.content)
+                                }
+                                None => (None, text),
+                            };
                             let (text, calls) = match &meta.calls {
                                 Some(reader) => {
                                     let answer = reader.read(&text);
@@ -538,6 +548,7 @@ async fn whole_response(
                             };
                             Finished {
                                 text,
+                                reasoning,
                                 calls,
                                 logprobs,
                                 summary,
@@ -587,6 +598,10 @@ fn stream_events(
         let mut summaries = vec![None; choices];
         let mut calls: Vec<CallStream> = (0..choices).map(|_| CallStream::default()).collect();
         let mut held: Vec<Vec<crate::params::Logprobs>> = vec![Vec::new(); choices];
+        // With a reasoning parser, each choice's thinking goes out apart from its content.
+        let mut thinking: Vec<Option<crate::reasoning::Thinking>> = (0..choices)
+            .map(|_| meta.reasoning.map(crate::ReasoningParser::thinking))
+            .collect();
         loop {
             // A client that goes away ends the generation now, not at the next output.
             let output = tokio::select! {
@@ -597,12 +612,31 @@ fn stream_events(
             let chunk_index = index as u32;
             let sent = match output {
                 Ok(Output::Text { text, logprobs, .. }) => {
+                    held[index].extend(logprobs);
+                    let text = match &mut thinking[index] {
+                        Some(thinking) => {
+                            let split = thinking.push(&text);
+                            let thought = &split.reasoning;
+                            if !send_thinking(
+                                &events,
+                                &meta,
+                                chunk_index,
+                                thought,
+                                &mut held[index],
+                            )
+                            .await
+                            {
+                                return;
+                            }
+                            split.content
+                        }
+                        None => text,
+                    };
                     let text = match meta.calls {
                         Some(_) => calls[index].push(&text),
                         None => text,
                     };
-                    held[index].extend(logprobs);
-                    if text.is_empty() && meta.calls.is_some() {
+                    if text.is_empty() && (meta.calls.is_some() || meta.reasoning.is_some()) {
                         continue;
                     }
                     let (logprobs, chars) = meta.logprobs(&held[index], offsets[index]);
@@ -612,6 +646,27 @@ fn stream_events(
                     events.send(sse_event(&chunk)).await
                 }
                 Ok(Output::Done(summary)) => {
+                    // Thinking and content held back at a possible tag go out first.
+                    if let Some(rest) = thinking[index].take().map(|t| t.finish()) {
+                        let thought = &rest.reasoning;
+                        if !send_thinking(&events, &meta, chunk_index, thought, &mut held[index])
+                            .await
+                        {
+                            return;
+                        }
+                        let text = match meta.calls {
+                            Some(_) => calls[index].push(&rest.content),
+                            None => rest.content,
+                        };
+                        if !text.is_empty() {
+                            let (logprobs, _) = meta.logprobs(&held[index], 0);
+                            held[index].clear();
+                            let chunk = meta.text_chunk(chunk_index, &text, logprobs);
+                            if events.send(sse_event(&chunk)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
                     let mut called = false;
                     if let Some(reader) = &meta.calls {
                         let (mut logprobs, _) = meta.logprobs(&held[index], offsets[index]);
@@ -660,6 +715,24 @@ fn stream_events(
         let _ = events.send(Ok(Event::default().data("[DONE]"))).await;
     });
     receiver
+}
+
+/// Sends a chat chunk of choice `index`'s thinking, when there is any, with the log
+/// probabilities `held` for it; false when the client has gone.
+async fn send_thinking(
+    events: &mpsc::Sender<Result<Event, Infallible>>,
+    meta: &Meta,
+    index: u32,
+    text: &str,
+    held: &mut Vec<crate::params::Logprobs>,
+) -> bool {
+    if text.is_empty() {
+        return true;
+    }
+    let (logprobs, _) = meta.logprobs(held, 0);
+    held.clear();
+    let chunk = meta.reasoning_chunk(index, text, logprobs);
+    events.send(sse_event(&chunk)).await.is_ok()
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

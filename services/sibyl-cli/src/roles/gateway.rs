@@ -40,6 +40,12 @@ pub struct GatewayLimitArgs {
 
     #[command(flatten)]
     pub tls: ServerTlsArgs,
+
+    /// Split a reasoning model's thinking from its answer in chat responses
+    /// (`reasoning_content`), as vLLM's flag does: `qwen3` (an answer's `<think>` block),
+    /// `deepseek_r1` (thinking until `</think>`).
+    #[arg(long, env = "SIBYL_REASONING_PARSER", value_parser = ["qwen3", "deepseek_r1"])]
+    pub reasoning_parser: Option<String>,
 }
 
 impl GatewayLimitArgs {
@@ -66,6 +72,12 @@ impl GatewayLimitArgs {
             drain_timeout,
             tls,
             metrics_on_http: self.metrics_addr.is_none(),
+            reasoning_parser: self
+                .reasoning_parser
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
         })
     }
 

@@ -87,6 +87,9 @@ pub(super) struct Message<'a> {
     pub role: &'static str,
     /// `null` when the answer is calls only.
     pub content: Option<&'a str>,
+    /// With a reasoning parser, the model's thinking (absent when it had none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCallBody<'a>>,
 }
@@ -97,6 +100,8 @@ pub(super) struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCallBody<'a>>,
 }
@@ -189,6 +194,8 @@ impl Usage {
 /// log probabilities and how its generation ended.
 pub(super) struct Finished {
     pub text: String,
+    /// With a reasoning parser, the thinking split from `text` (`None`: there was none).
+    pub reasoning: Option<String>,
     pub calls: Vec<Call>,
     pub logprobs: Vec<Logprobs>,
     pub summary: Summary,
@@ -265,6 +272,8 @@ pub(super) struct Meta {
     pub echo: Option<Vec<String>>,
     /// Where tools are offered, how the calls are read from an answer's text.
     pub calls: Option<super::tools::CallReader>,
+    /// A chat's reasoning parser (`--reasoning-parser`), if the gateway has one.
+    pub reasoning: Option<crate::ReasoningParser>,
 }
 
 impl Meta {
@@ -367,6 +376,7 @@ impl Meta {
                         choice.message = Some(Message {
                             role: "assistant",
                             content: (!calls_only).then_some(f.text.as_str()),
+                            reasoning_content: f.reasoning.as_deref(),
                             tool_calls: call_bodies(&f.calls, false),
                         })
                     }
@@ -425,15 +435,25 @@ impl Meta {
         text: &'a str,
         logprobs: Option<ChoiceLogprobs>,
     ) -> Completion<'a> {
-        self.chunk(
-            index,
-            Delta {
-                content: Some(text),
-                ..Delta::default()
-            },
-            logprobs,
-            None,
-        )
+        let delta = Delta {
+            content: Some(text),
+            ..Delta::default()
+        };
+        self.chunk(index, delta, logprobs, None)
+    }
+
+    /// As [`Meta::text_chunk`], for a chat's thinking (with a reasoning parser).
+    pub fn reasoning_chunk<'a>(
+        &'a self,
+        index: u32,
+        text: &'a str,
+        logprobs: Option<ChoiceLogprobs>,
+    ) -> Completion<'a> {
+        let delta = Delta {
+            reasoning_content: Some(text),
+            ..Delta::default()
+        };
+        self.chunk(index, delta, logprobs, None)
     }
 
     /// A chat chunk of choice `index` with all the calls it made, and the log
@@ -540,6 +560,7 @@ mod tests {
             per_prompt: 1,
             echo: None,
             calls: None,
+            reasoning: None,
         }
     }
 
@@ -558,6 +579,7 @@ mod tests {
     fn finished(text: &str) -> Finished {
         Finished {
             text: text.into(),
+            reasoning: None,
             calls: Vec::new(),
             logprobs: Vec::new(),
             summary: summary(),

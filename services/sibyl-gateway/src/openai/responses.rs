@@ -514,6 +514,40 @@ fn message_item(id: &str, part: Option<Value>, cut: bool) -> Value {
     json!({"type": "message", "id": id, "status": status, "role": "assistant", "content": content})
 }
 
+/// A reasoning model's thinking (with `--reasoning-parser`), as the API's reasoning item.
+fn reasoning_item(id: &str, text: &str) -> Value {
+    json!({
+        "type": "reasoning", "id": id, "summary": [], "status": "completed",
+        "content": [{"type": "reasoning_text", "text": text}],
+    })
+}
+
+/// Sends a whole reasoning item (its text in one piece) and adds it to `output`.
+async fn send_reasoning(
+    events: &mut Events,
+    output: &mut Vec<Value>,
+    text: &str,
+) -> Result<(), Gone> {
+    let index = output.len();
+    let item = reasoning_item(&new_id("rs_"), text);
+    let mut added = item.clone();
+    added["status"] = json!("in_progress");
+    added["content"] = json!([]);
+    events
+        .send(
+            "response.output_item.added",
+            json!({"output_index": index, "item": added}),
+        )
+        .await?;
+    output.push(item.clone());
+    events
+        .send(
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        )
+        .await
+}
+
 fn call_item(id: &str, call: &Call, done: bool) -> Value {
     json!({
         "type": "function_call", "id": id, "call_id": call.id, "name": call.name,
@@ -582,6 +616,18 @@ impl Answer {
         message_id: &str,
         cut: bool,
     ) -> Vec<Value> {
+        let mut items = Vec::new();
+        // With a reasoning parser, the thinking is an item of its own, first.
+        let text = match self.meta.reasoning {
+            Some(parser) => {
+                let split = parser.split(&text);
+                if !split.reasoning.is_empty() {
+                    items.push(reasoning_item(&new_id("rs_"), &split.reasoning));
+                }
+                split.content
+            }
+            None => text,
+        };
         let (text, calls) = match &self.meta.calls {
             Some(reader) => {
                 let answer = reader.read(&text);
@@ -589,7 +635,6 @@ impl Answer {
             }
             None => (text, Vec::new()),
         };
-        let mut items = Vec::new();
         if !text.is_empty() || calls.is_empty() {
             let part = text_part(&text, &self.logprobs(logprobs));
             items.push(message_item(message_id, Some(part), cut));
@@ -795,6 +840,12 @@ async fn relay(answer: &Answer, outputs: &mut Merged, events: &mut Events) -> Re
     // probabilities of tokens whose text has not gone out.
     let mut held = CallStream::default();
     let mut tokens: Vec<Logprobs> = Vec::new();
+    // With a reasoning parser: the thinking, gathered and sent as one item before the
+    // message (`None` once sent).
+    let mut thinking = answer
+        .meta
+        .reasoning
+        .map(|parser| (parser.thinking(), String::new()));
     loop {
         // A client that goes away ends the generation now, not at the next output.
         let next = tokio::select! {
@@ -809,6 +860,22 @@ async fn relay(answer: &Answer, outputs: &mut Merged, events: &mut Events) -> Re
         };
         match output_or_error {
             Ok(Output::Text { text, logprobs, .. }) => {
+                let text = match thinking.as_mut() {
+                    Some((splitter, reasoning)) => {
+                        let split = splitter.push(&text);
+                        reasoning.push_str(&split.reasoning);
+                        split.content
+                    }
+                    None => text,
+                };
+                // Content comes once the thinking is over: it goes out first, whole.
+                if !text.is_empty() {
+                    if let Some((_, reasoning)) = thinking.take() {
+                        if !reasoning.is_empty() {
+                            send_reasoning(events, &mut output, &reasoning).await?;
+                        }
+                    }
+                }
                 let text = match answer.meta.calls {
                     Some(_) => held.push(&text),
                     None => text,
@@ -820,6 +887,21 @@ async fn relay(answer: &Answer, outputs: &mut Merged, events: &mut Events) -> Re
                 }
             }
             Ok(Output::Done(summary)) => {
+                if let Some((splitter, mut reasoning)) = thinking.take() {
+                    let rest = splitter.finish();
+                    reasoning.push_str(&rest.reasoning);
+                    if !reasoning.is_empty() {
+                        send_reasoning(events, &mut output, &reasoning).await?;
+                    }
+                    let text = match answer.meta.calls {
+                        Some(_) => held.push(&rest.content),
+                        None => rest.content,
+                    };
+                    if !text.is_empty() {
+                        let logprobs = answer.logprobs(&std::mem::take(&mut tokens));
+                        message.send(events, &output, &text, logprobs).await?;
+                    }
+                }
                 let calls = match &answer.meta.calls {
                     Some(reader) => {
                         let rest = std::mem::take(&mut held).finish(reader);
@@ -972,6 +1054,105 @@ mod tests {
         let ours = renamed(underneath);
         assert_eq!(ours.to_string(), "`max_output_tokens` is 9");
         assert_eq!(param(Err::<(), _>(ours)), "max_output_tokens");
+    }
+
+    /// The answer to `pieces` of text whole, and the items of the stream's last event.
+    async fn answered(
+        reasoning: Option<crate::ReasoningParser>,
+        pieces: &[&str],
+    ) -> (Value, Value) {
+        let answer = || Answer {
+            meta: Meta {
+                id: "resp_1".into(),
+                created: 1,
+                model: "m".into(),
+                kind: super::super::Kind::Chat,
+                include_usage: false,
+                logprobs: false,
+                per_prompt: 1,
+                echo: None,
+                calls: None,
+                reasoning,
+            },
+            settings: Map::new(),
+        };
+        let outputs = || {
+            let (sender, outputs) = mpsc::channel(16);
+            for piece in pieces {
+                let text = Output::Text {
+                    text: piece.to_string(),
+                    tokens: 1,
+                    logprobs: Vec::new(),
+                };
+                sender.try_send((0, Ok(text))).unwrap();
+            }
+            let done = Output::Done(Summary {
+                finish_reason: FinishReason::Stop,
+                ..Summary::default()
+            });
+            sender.try_send((0, Ok(done))).unwrap();
+            outputs
+        };
+        let body = |response: Response| async move {
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        let whole: Value =
+            serde_json::from_str(&body(whole(answer(), outputs()).await.unwrap()).await).unwrap();
+        let events = ReceiverStream::new(stream_events(answer(), outputs()));
+        let streamed = body(Sse::new(events).into_response()).await;
+        let last: Value = streamed
+            .lines()
+            .rev()
+            .find_map(|line| line.strip_prefix("data: "))
+            .map(|data| serde_json::from_str(data).unwrap())
+            .unwrap();
+        (whole["output"].clone(), last["response"]["output"].clone())
+    }
+
+    /// An item's kind and text.
+    fn texts(items: &Value) -> Vec<(String, String)> {
+        items
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                let text = item["content"][0]["text"].as_str().unwrap_or_default();
+                (item["type"].as_str().unwrap().to_string(), text.to_string())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn thinking_is_a_reasoning_item_before_the_message_whole_and_streamed() {
+        let parser = Some(crate::ReasoningParser::Qwen3);
+        let pieces = ["<thi", "nk>\nRed is ", "warm.</th", "ink>\n\nRed", "."];
+        let (whole, streamed) = answered(parser, &pieces).await;
+        let expected = vec![
+            ("reasoning".to_string(), "\nRed is warm.".to_string()),
+            ("message".to_string(), "\n\nRed.".to_string()),
+        ];
+        assert_eq!(texts(&whole), expected);
+        assert_eq!(texts(&streamed), expected);
+        // Thinking never closed is thinking; no thinking, no reasoning item; no parser, all
+        // text.
+        let (cut, cut_streamed) = answered(parser, &["<think>Hm"]).await;
+        assert_eq!(
+            texts(&cut),
+            vec![
+                ("reasoning".into(), "Hm".into()),
+                ("message".into(), "".into())
+            ]
+        );
+        assert_eq!(texts(&cut_streamed), texts(&cut));
+        let (plain, _) = answered(parser, &["Red."]).await;
+        assert_eq!(texts(&plain), vec![("message".into(), "Red.".into())]);
+        let (raw, raw_streamed) = answered(None, &pieces).await;
+        let all = pieces.concat();
+        assert_eq!(texts(&raw), vec![("message".into(), all.clone())]);
+        assert_eq!(texts(&raw_streamed), vec![("message".into(), all)]);
     }
 
     #[test]
