@@ -90,9 +90,4 @@ pub enum EngineError {
     Device(#[source] candle_core::Error),
     #[error("a KV cache of one device was given to a model on another")]
     CacheDevice,
-    #[error("{architecture:?} models run on the CPU only, not yet on {device}")]
-    ArchitectureNotOnDevice {
-        architecture: crate::Architecture,
-        device: crate::Device,
-    },
 }

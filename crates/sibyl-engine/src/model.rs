@@ -327,12 +327,6 @@ impl Model {
         device: &candle_core::Device,
         spec: Device,
     ) -> Result<Self, EngineError> {
-        if config.architecture == Architecture::Qwen3 {
-            return Err(EngineError::ArchitectureNotOnDevice {
-                architecture: config.architecture,
-                device: spec,
-            });
-        }
         let qwen2 = config.architecture == Architecture::Qwen2;
         let tensor = TensorModel::build(&config, w, device, |name| qwen2 || w.contains(name))?;
         Ok(Self {

@@ -139,6 +139,9 @@ struct Block {
     q_bias: Option<Tensor>,
     k_bias: Option<Tensor>,
     v_bias: Option<Tensor>,
+    /// Qwen3's RMS norms of each head of q and of k.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
     mlp_norm: Tensor,
     gate: Matrix,
     up: Matrix,
@@ -171,7 +174,7 @@ impl TensorModel {
         device: &Device,
         biases: impl Fn(&str) -> bool,
     ) -> Result<Self, EngineError> {
-        let kv = c.num_kv_heads * c.head_dim;
+        let (q, kv) = (c.q_width(), c.num_kv_heads * c.head_dim);
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let matrix = |name: &str, rows, cols| Matrix::load(w, name, rows, cols, device);
         let bias = |name: &str, len| -> Result<Option<Tensor>, EngineError> {
@@ -179,18 +182,25 @@ impl TensorModel {
                 .then(|| vector(w, name, len, device))
                 .transpose()
         };
+        let norm = |name: &str| -> Result<Option<Tensor>, EngineError> {
+            (c.architecture == crate::Architecture::Qwen3)
+                .then(|| vector(w, name, c.head_dim, device))
+                .transpose()
+        };
         let blocks = (0..c.num_layers)
             .map(|l| {
                 let p = format!("blk.{l}");
                 Ok(Block {
                     attention_norm: vector(w, &format!("{p}.attn_norm.weight"), h, device)?,
-                    q: matrix(&format!("{p}.attn_q.weight"), h, h)?,
+                    q: matrix(&format!("{p}.attn_q.weight"), q, h)?,
                     k: matrix(&format!("{p}.attn_k.weight"), kv, h)?,
                     v: matrix(&format!("{p}.attn_v.weight"), kv, h)?,
-                    o: matrix(&format!("{p}.attn_output.weight"), h, h)?,
-                    q_bias: bias(&format!("{p}.attn_q.bias"), h)?,
+                    o: matrix(&format!("{p}.attn_output.weight"), h, q)?,
+                    q_bias: bias(&format!("{p}.attn_q.bias"), q)?,
                     k_bias: bias(&format!("{p}.attn_k.bias"), kv)?,
                     v_bias: bias(&format!("{p}.attn_v.bias"), kv)?,
+                    q_norm: norm(&format!("{p}.attn_q_norm.weight"))?,
+                    k_norm: norm(&format!("{p}.attn_k_norm.weight"))?,
                     mlp_norm: vector(w, &format!("{p}.ffn_norm.weight"), h, device)?,
                     gate: matrix(&format!("{p}.ffn_gate.weight"), i, h)?,
                     up: matrix(&format!("{p}.ffn_up.weight"), i, h)?,
@@ -331,8 +341,16 @@ impl TensorModel {
                 Some(b) => t.broadcast_add(b),
                 None => Ok(t),
             };
-            let q = rotate(&with_bias(block.q.forward(&h)?, &block.q_bias)?, heads)?;
-            let k = rotate(&with_bias(block.k.forward(&h)?, &block.k_bias)?, kv_heads)?;
+            // Qwen3: each head's row normalised on its own.
+            let head_norm = |t: Tensor, norm: &Option<Tensor>, heads: usize| match norm {
+                Some(norm) => candle_nn::ops::rms_norm(&t.reshape((m * heads, d))?, norm, eps)?
+                    .reshape((m, heads * d)),
+                None => Ok(t),
+            };
+            let q = with_bias(block.q.forward(&h)?, &block.q_bias)?;
+            let k = with_bias(block.k.forward(&h)?, &block.k_bias)?;
+            let q = rotate(&head_norm(q, &block.q_norm, heads)?, heads)?;
+            let k = rotate(&head_norm(k, &block.k_norm, kv_heads)?, kv_heads)?;
             let v = with_bias(block.v.forward(&h)?, &block.v_bias)?;
             let mut start = 0;
             let mut attended = Vec::with_capacity(batch.len());
