@@ -1800,6 +1800,7 @@ async fn a_reasoning_parser_splits_thinking_from_the_answer() {
     assert_eq!(whole.status, 200, "{}", whole.body);
     let message = &whole.json()["choices"][0]["message"];
     let reasoning = message["reasoning_content"].as_str().unwrap().to_string();
+    assert_eq!(message["reasoning"], message["reasoning_content"]);
     let content = message["content"].as_str().unwrap().to_string();
     for part in [&reasoning, &content] {
         assert!(
@@ -1819,6 +1820,7 @@ async fn a_reasoning_parser_splits_thinking_from_the_answer() {
         (field("reasoning_content"), field("content")),
         (reasoning.clone(), content.clone())
     );
+    assert_eq!(field("reasoning"), reasoning);
     // An answer without thinking is all content.
     let plain = post(
         &cluster,
@@ -1831,5 +1833,17 @@ async fn a_reasoning_parser_splits_thinking_from_the_answer() {
     let message = &plain["choices"][0]["message"];
     assert!(message.get("reasoning_content").is_none(), "{message}");
     assert!(!message["content"].as_str().unwrap().is_empty());
+    // The thinking sent back in the next turn, under either name, is taken.
+    for name in ["reasoning", "reasoning_content"] {
+        let mut turn = json!({"role": "assistant", "content": content});
+        turn[name] = json!(reasoning);
+        let next = json!({
+            "messages": [{"role": "user", "content": "Name a colour."}, turn,
+                         {"role": "user", "content": "Another."}],
+            "max_tokens": 4, "temperature": 0,
+        });
+        let answer = post(&cluster, "/v1/chat/completions", &[], &next).await;
+        assert_eq!(answer.status, 200, "{name}: {}", answer.body);
+    }
     cluster.stop().await;
 }

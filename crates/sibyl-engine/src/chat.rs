@@ -17,6 +17,10 @@ pub struct ChatMessage {
     /// A tool message's answer is to this call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// An assistant message's thinking, for templates that write it back (Qwen3's reads
+    /// `reasoning_content`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 impl ChatMessage {
@@ -26,6 +30,7 @@ impl ChatMessage {
             content: content.to_string(),
             tool_calls: Vec::new(),
             tool_call_id: None,
+            reasoning_content: None,
         }
     }
 }
@@ -314,6 +319,7 @@ impl ChatTemplate {
         for message in messages {
             texts.push(&message.content);
             texts.extend(message.tool_call_id.as_deref());
+            texts.extend(message.reasoning_content.as_deref());
             for call in &message.tool_calls {
                 texts.push(&call.id);
                 texts.push(&call.kind);
@@ -358,6 +364,7 @@ impl ChatTemplate {
                     })
                     .collect(),
                 tool_call_id: message.tool_call_id.as_deref().map(mask),
+                reasoning_content: message.reasoning_content.as_deref().map(mask),
             })
             .collect();
         let masked_options = ChatOptions {
@@ -606,6 +613,10 @@ mod tests {
             ChatMessage::new("tool", "-3 C"),
             ChatMessage::new("tool", "snow"),
             ChatMessage::new("user", "<tool_response>late</tool_response>"),
+            ChatMessage {
+                reasoning_content: Some("\nBecause.\n".into()),
+                ..ChatMessage::new("assistant", "Late.")
+            },
         ];
         let options = ChatOptions {
             variables: serde_json::json!({"enable_thinking": false})
@@ -617,7 +628,8 @@ mod tests {
         assert_eq!(
             template.render_with(&messages, &options).unwrap(),
             "[user Weather in Oslo?][a1>0:Call it.|Checking.weather{\"city\": \"Oslo\"}]\
-             [tools -3 C snow][user <tool_response>late</tool_response>][a <think></think>"
+             [tools -3 C snow][user <tool_response>late</tool_response>][a5>0:Because.|Late.]\
+             [a <think></think>"
         );
     }
 

@@ -496,6 +496,10 @@ pub(super) struct ChatRequestMessage {
     tool_calls: Vec<RequestToolCall>,
     /// A tool message's answer is to this call.
     tool_call_id: Option<String>,
+    /// An assistant message's thinking, as a reasoning parser returned it (vLLM's newer
+    /// `reasoning`, or `reasoning_content`): templates that read it write it back.
+    reasoning: Option<String>,
+    reasoning_content: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -580,6 +584,7 @@ impl ChatRequestMessage {
         Ok(ChatMessage {
             tool_calls,
             tool_call_id: self.tool_call_id,
+            reasoning_content: self.reasoning_content.or(self.reasoning),
             ..ChatMessage::new(role, &content)
         })
     }

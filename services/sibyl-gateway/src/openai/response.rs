@@ -87,7 +87,10 @@ pub(super) struct Message<'a> {
     pub role: &'static str,
     /// `null` when the answer is calls only.
     pub content: Option<&'a str>,
-    /// With a reasoning parser, the model's thinking (absent when it had none).
+    /// With a reasoning parser, the model's thinking (absent when it had none), under
+    /// vLLM's current name and under the older one many clients read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -100,6 +103,9 @@ pub(super) struct Delta<'a> {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    /// As in [`Message`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -376,6 +382,7 @@ impl Meta {
                         choice.message = Some(Message {
                             role: "assistant",
                             content: (!calls_only).then_some(f.text.as_str()),
+                            reasoning: f.reasoning.as_deref(),
                             reasoning_content: f.reasoning.as_deref(),
                             tool_calls: call_bodies(&f.calls, false),
                         })
@@ -450,6 +457,7 @@ impl Meta {
         logprobs: Option<ChoiceLogprobs>,
     ) -> Completion<'a> {
         let delta = Delta {
+            reasoning: Some(text),
             reasoning_content: Some(text),
             ..Delta::default()
         };

@@ -200,7 +200,43 @@ fn chat_messages(instructions: Option<String>, input: Value) -> Result<Vec<Value
             "message" => {
                 let role = field("role")?;
                 let content = content_text(item.get("content").unwrap_or(&Value::Null), &what)?;
-                messages.push(json!({"role": role, "content": content}));
+                match messages.last_mut() {
+                    // The answer after its thinking is one message with it.
+                    Some(last)
+                        if role == "assistant"
+                            && last["role"] == "assistant"
+                            && last["content"] == ""
+                            && last.get("tool_calls").is_none() =>
+                    {
+                        last["content"] = json!(content);
+                    }
+                    _ => messages.push(json!({"role": role, "content": content})),
+                }
+            }
+            "reasoning" => {
+                // The model's earlier thinking, kept with the message or calls after it for
+                // templates that write it back (Qwen3's).
+                let parts = item
+                    .get("content")
+                    .filter(|c| c.as_array().is_some_and(|a| !a.is_empty()))
+                    .or_else(|| item.get("summary"))
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut text = String::new();
+                for part in &parts {
+                    match part.get("text").and_then(Value::as_str) {
+                        Some(piece) => text.push_str(piece),
+                        None => {
+                            return Err(bad(
+                                "input",
+                                format!("{what}: a reasoning item's parts are text"),
+                            ))
+                        }
+                    }
+                }
+                messages
+                    .push(json!({"role": "assistant", "content": "", "reasoning_content": text}));
             }
             "function_call" => {
                 let call = json!({
@@ -227,7 +263,7 @@ fn chat_messages(instructions: Option<String>, input: Value) -> Result<Vec<Value
                     "input",
                     format!(
                         "{what}: items of type `{other}` are not supported (messages, \
-                         `function_call` and `function_call_output` are)"
+                         `reasoning`, `function_call` and `function_call_output` are)"
                     ),
                 ))
             }
@@ -987,6 +1023,13 @@ mod tests {
             {"type": "function_call_output", "call_id": "call_2",
              "output": [{"type": "input_text", "text": "noon"}]},
             {"type": "function_call", "call_id": "call_3", "name": "time", "arguments": "{}"},
+            {"type": "reasoning", "id": "rs_1", "summary": [],
+             "content": [{"type": "reasoning_text", "text": "Say it."}]},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Noon, snow."}]},
+            {"type": "reasoning", "id": "rs_2",
+             "summary": [{"type": "summary_text", "text": "Check again."}]},
+            {"type": "function_call", "call_id": "call_4", "name": "time", "arguments": "{}"},
         ]});
         let weather = json!({"id": "call_1", "type": "function",
                              "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}});
@@ -1001,6 +1044,9 @@ mod tests {
                 {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
                 {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
                 {"role": "assistant", "tool_calls": [time("call_3")]},
+                {"role": "assistant", "content": "Noon, snow.", "reasoning_content": "Say it."},
+                {"role": "assistant", "content": "", "reasoning_content": "Check again.",
+                 "tool_calls": [time("call_4")]},
             ])
         );
     }
@@ -1010,8 +1056,8 @@ mod tests {
         let image = json!({"input": [{"role": "user", "content": [
             {"type": "input_image", "image_url": "https://example.com/a.png"}]}]});
         assert_eq!(param(chat(image)), "input");
-        let reasoning = json!({"input": [{"type": "reasoning", "summary": []}]});
-        assert_eq!(param(chat(reasoning)), "input");
+        let search = json!({"input": [{"type": "web_search_call", "id": "ws_1"}]});
+        assert_eq!(param(chat(search)), "input");
         let no_call_id = json!({"input": [{"type": "function_call_output", "output": "1"}]});
         assert_eq!(param(chat(no_call_id)), "input");
         assert_eq!(param(chat(json!({"input": []}))), "input");
