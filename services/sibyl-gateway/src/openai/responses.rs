@@ -1,9 +1,11 @@
 //! OpenAI's Responses API (`POST /v1/responses`), answered statelessly, as vLLM answers it
 //! without a store: the whole conversation comes in `input` each time (messages, function
-//! calls and their outputs), and nothing is kept (`previous_response_id` is refused, `store`
-//! is false in every answer). Underneath, a response is a chat completion of the same
-//! conversation: the same template, tools, grammar, sampling and output. A stream is the
-//! API's typed events, from `response.created` to `response.completed`.
+//! calls and their outputs, earlier thinking), and nothing is kept (`previous_response_id`
+//! is refused, `store` is false in every answer). Underneath, a response is a chat
+//! completion of the same conversation: the same template, tools, grammar, sampling and
+//! output; with a reasoning parser, the thinking is a `reasoning` item before the message.
+//! A stream is the API's typed events, from `response.created` to `response.completed`
+//! (or `response.incomplete`, `response.failed`).
 
 use super::request::ChatRequest;
 use super::response::{ChoiceLogprobs, Meta};
