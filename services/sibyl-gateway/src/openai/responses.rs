@@ -560,32 +560,6 @@ fn reasoning_item(id: &str, text: &str) -> Value {
     })
 }
 
-/// Sends a whole reasoning item (its text in one piece) and adds it to `output`.
-async fn send_reasoning(
-    events: &mut Events,
-    output: &mut Vec<Value>,
-    text: &str,
-) -> Result<(), Gone> {
-    let index = output.len();
-    let item = reasoning_item(&new_id("rs_"), text);
-    let mut added = item.clone();
-    added["status"] = json!("in_progress");
-    added["content"] = json!([]);
-    events
-        .send(
-            "response.output_item.added",
-            json!({"output_index": index, "item": added}),
-        )
-        .await?;
-    output.push(item.clone());
-    events
-        .send(
-            "response.output_item.done",
-            json!({"output_index": index, "item": item}),
-        )
-        .await
-}
-
 fn call_item(id: &str, call: &Call, done: bool) -> Value {
     json!({
         "type": "function_call", "id": id, "call_id": call.id, "name": call.name,
@@ -732,19 +706,60 @@ impl Events {
     }
 }
 
-/// Where a streamed answer's message stands: its id, its index among the output items
-/// once opened, and its text so far.
-struct StreamedMessage {
+/// Which kind of output item text streams into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Streamed {
+    Message,
+    /// A reasoning model's thinking (with `--reasoning-parser`).
+    Reasoning,
+}
+
+/// Where a streamed answer's message (or thinking) stands: its id, its index among the
+/// output items once opened, and its text so far.
+struct StreamedItem {
+    kind: Streamed,
     id: String,
     index: Option<usize>,
     text: String,
-    /// The log probabilities of its tokens so far (where they were asked for).
+    /// The log probabilities of its tokens so far (a message's, where they were asked for).
     logprobs: Vec<Value>,
 }
 
-impl StreamedMessage {
-    /// Sends `delta` of the message's text with its tokens' `logprobs`, opening the
-    /// message first.
+impl StreamedItem {
+    fn new(kind: Streamed) -> Self {
+        let prefix = match kind {
+            Streamed::Message => "msg_",
+            Streamed::Reasoning => "rs_",
+        };
+        Self {
+            kind,
+            id: new_id(prefix),
+            index: None,
+            text: String::new(),
+            logprobs: Vec::new(),
+        }
+    }
+
+    /// Its content part with `text`.
+    fn part(&self, text: &str, logprobs: &[Value]) -> Value {
+        match self.kind {
+            Streamed::Message => text_part(text, logprobs),
+            Streamed::Reasoning => json!({"type": "reasoning_text", "text": text}),
+        }
+    }
+
+    /// The event of a piece of its text, and of the whole.
+    fn text_event(&self, done: bool) -> &'static str {
+        match (self.kind, done) {
+            (Streamed::Message, false) => "response.output_text.delta",
+            (Streamed::Message, true) => "response.output_text.done",
+            (Streamed::Reasoning, false) => "response.reasoning_text.delta",
+            (Streamed::Reasoning, true) => "response.reasoning_text.done",
+        }
+    }
+
+    /// Sends `delta` of the item's text with its tokens' `logprobs`, opening the item
+    /// first.
     async fn send(
         &mut self,
         events: &mut Events,
@@ -757,7 +772,13 @@ impl StreamedMessage {
             None => {
                 let index = output.len();
                 self.index = Some(index);
-                let item = message_item(&self.id, None, false);
+                let item = match self.kind {
+                    Streamed::Message => message_item(&self.id, None, false),
+                    Streamed::Reasoning => json!({
+                        "type": "reasoning", "id": self.id, "summary": [],
+                        "status": "in_progress", "content": [],
+                    }),
+                };
                 events
                     .send(
                         "response.output_item.added",
@@ -766,7 +787,7 @@ impl StreamedMessage {
                     .await?;
                 let part = json!({
                     "item_id": self.id, "output_index": index, "content_index": 0,
-                    "part": text_part("", &[]),
+                    "part": self.part("", &[]),
                 });
                 events.send("response.content_part.added", part).await?;
                 index
@@ -776,16 +797,18 @@ impl StreamedMessage {
             return Ok(());
         }
         self.text.push_str(delta);
-        self.logprobs.extend(logprobs.iter().cloned());
-        let delta = json!({
+        let mut event = json!({
             "item_id": self.id, "output_index": index, "content_index": 0, "delta": delta,
-            "logprobs": logprobs,
         });
-        events.send("response.output_text.delta", delta).await
+        if self.kind == Streamed::Message {
+            self.logprobs.extend(logprobs.iter().cloned());
+            event["logprobs"] = json!(logprobs);
+        }
+        events.send(self.text_event(false), event).await
     }
 
-    /// Closes the message, when it was opened, adding it to `output` (`cut`: by the token
-    /// limit).
+    /// Closes the item, when it was opened, adding it to `output` (`cut`: a message the
+    /// token limit cut short).
     async fn close(
         self,
         events: &mut Events,
@@ -798,14 +821,19 @@ impl StreamedMessage {
         let place = json!({"item_id": self.id, "output_index": index, "content_index": 0});
         let mut done = place.clone();
         done["text"] = json!(self.text);
-        done["logprobs"] = json!(self.logprobs);
-        events.send("response.output_text.done", done).await?;
+        if self.kind == Streamed::Message {
+            done["logprobs"] = json!(self.logprobs);
+        }
+        events.send(self.text_event(true), done).await?;
         let mut part = place;
-        part["part"] = text_part(&self.text, &self.logprobs);
+        part["part"] = self.part(&self.text, &self.logprobs);
         events
             .send("response.content_part.done", part.clone())
             .await?;
-        let item = message_item(&self.id, Some(part["part"].take()), cut);
+        let item = match self.kind {
+            Streamed::Message => message_item(&self.id, Some(part["part"].take()), cut),
+            Streamed::Reasoning => reasoning_item(&self.id, &self.text),
+        };
         output.push(item.clone());
         events
             .send(
@@ -868,22 +896,17 @@ async fn relay(answer: &Answer, outputs: &mut Merged, events: &mut Events) -> Re
     events.send("response.created", opening.clone()).await?;
     events.send("response.in_progress", opening).await?;
     let mut output: Vec<Value> = Vec::new();
-    let mut message = StreamedMessage {
-        id: new_id("msg_"),
-        index: None,
-        text: String::new(),
-        logprobs: Vec::new(),
-    };
+    let mut message = StreamedItem::new(Streamed::Message);
     // Where tools are offered, the text that may be a call is held back; and the log
     // probabilities of tokens whose text has not gone out.
     let mut held = CallStream::default();
     let mut tokens: Vec<Logprobs> = Vec::new();
-    // With a reasoning parser: the thinking, gathered and sent as one item before the
-    // message (`None` once sent).
+    // With a reasoning parser: the thinking, streamed as an item of its own before the
+    // message (`None` once it is over).
     let mut thinking = answer
         .meta
         .reasoning
-        .map(|parser| (parser.thinking(), String::new()));
+        .map(|parser| (parser.thinking(), StreamedItem::new(Streamed::Reasoning)));
     loop {
         // A client that goes away ends the generation now, not at the next output.
         let next = tokio::select! {
@@ -901,17 +924,19 @@ async fn relay(answer: &Answer, outputs: &mut Merged, events: &mut Events) -> Re
                 let text = match thinking.as_mut() {
                     Some((splitter, reasoning)) => {
                         let split = splitter.push(&text);
-                        reasoning.push_str(&split.reasoning);
+                        if !split.reasoning.is_empty() {
+                            reasoning
+                                .send(events, &output, &split.reasoning, Vec::new())
+                                .await?;
+                        }
                         split.content
                     }
                     None => text,
                 };
-                // Content comes once the thinking is over: it goes out first, whole.
+                // Content comes once the thinking is over: its item closes first.
                 if !text.is_empty() {
                     if let Some((_, reasoning)) = thinking.take() {
-                        if !reasoning.is_empty() {
-                            send_reasoning(events, &mut output, &reasoning).await?;
-                        }
+                        reasoning.close(events, &mut output, false).await?;
                     }
                 }
                 let text = match answer.meta.calls {
@@ -927,10 +952,12 @@ async fn relay(answer: &Answer, outputs: &mut Merged, events: &mut Events) -> Re
             Ok(Output::Done(summary)) => {
                 if let Some((splitter, mut reasoning)) = thinking.take() {
                     let rest = splitter.finish();
-                    reasoning.push_str(&rest.reasoning);
-                    if !reasoning.is_empty() {
-                        send_reasoning(events, &mut output, &reasoning).await?;
+                    if !rest.reasoning.is_empty() {
+                        reasoning
+                            .send(events, &output, &rest.reasoning, Vec::new())
+                            .await?;
                     }
+                    reasoning.close(events, &mut output, false).await?;
                     let text = match answer.meta.calls {
                         Some(_) => held.push(&rest.content),
                         None => rest.content,
@@ -1104,11 +1131,12 @@ mod tests {
         assert_eq!(param(Err::<(), _>(ours)), "max_output_tokens");
     }
 
-    /// The answer to `pieces` of text whole, and the items of the stream's last event.
+    /// The answer to `pieces` of text: its items whole, the items of the stream's last
+    /// event, and the stream's events.
     async fn answered(
         reasoning: Option<crate::ReasoningParser>,
         pieces: &[&str],
-    ) -> (Value, Value) {
+    ) -> (Value, Value, Vec<Value>) {
         let answer = || Answer {
             meta: Meta {
                 id: "resp_1".into(),
@@ -1151,13 +1179,13 @@ mod tests {
             serde_json::from_str(&body(whole(answer(), outputs()).await.unwrap()).await).unwrap();
         let events = ReceiverStream::new(stream_events(answer(), outputs()));
         let streamed = body(Sse::new(events).into_response()).await;
-        let last: Value = streamed
+        let events: Vec<Value> = streamed
             .lines()
-            .rev()
-            .find_map(|line| line.strip_prefix("data: "))
+            .filter_map(|line| line.strip_prefix("data: "))
             .map(|data| serde_json::from_str(data).unwrap())
-            .unwrap();
-        (whole["output"].clone(), last["response"]["output"].clone())
+            .collect();
+        let last = events.last().unwrap()["response"]["output"].clone();
+        (whole["output"].clone(), last, events)
     }
 
     /// An item's kind and text.
@@ -1177,16 +1205,31 @@ mod tests {
     async fn thinking_is_a_reasoning_item_before_the_message_whole_and_streamed() {
         let parser = Some(crate::ReasoningParser::Qwen3);
         let pieces = ["<thi", "nk>\nRed is ", "warm.</th", "ink>\n\nRed", "."];
-        let (whole, streamed) = answered(parser, &pieces).await;
+        let (whole, streamed, events) = answered(parser, &pieces).await;
         let expected = vec![
             ("reasoning".to_string(), "\nRed is warm.".to_string()),
             ("message".to_string(), "\n\nRed.".to_string()),
         ];
         assert_eq!(texts(&whole), expected);
         assert_eq!(texts(&streamed), expected);
+        // The thinking streams as it comes, and its item closes before the message opens.
+        let deltas = |kind: &str| -> Vec<String> {
+            events
+                .iter()
+                .filter(|e| e["type"] == kind)
+                .map(|e| e["delta"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(
+            deltas("response.reasoning_text.delta"),
+            ["\nRed is ", "warm."]
+        );
+        assert_eq!(deltas("response.output_text.delta").concat(), "\n\nRed.");
+        let at = |kind: &str| events.iter().position(|e| e["type"] == kind).unwrap();
+        assert!(at("response.reasoning_text.done") < at("response.output_text.delta"));
         // Thinking never closed is thinking; no thinking, no reasoning item; no parser, all
         // text.
-        let (cut, cut_streamed) = answered(parser, &["<think>Hm"]).await;
+        let (cut, cut_streamed, _) = answered(parser, &["<think>Hm"]).await;
         assert_eq!(
             texts(&cut),
             vec![
@@ -1195,9 +1238,9 @@ mod tests {
             ]
         );
         assert_eq!(texts(&cut_streamed), texts(&cut));
-        let (plain, _) = answered(parser, &["Red."]).await;
+        let (plain, _, _) = answered(parser, &["Red."]).await;
         assert_eq!(texts(&plain), vec![("message".into(), "Red.".into())]);
-        let (raw, raw_streamed) = answered(None, &pieces).await;
+        let (raw, raw_streamed, _) = answered(None, &pieces).await;
         let all = pieces.concat();
         assert_eq!(texts(&raw), vec![("message".into(), all.clone())]);
         assert_eq!(texts(&raw_streamed), vec![("message".into(), all)]);
