@@ -10,6 +10,7 @@
 use super::request::ChatRequest;
 use super::response::{ChoiceLogprobs, Meta};
 use super::tools::{Call, CallStream};
+use super::unsupported::{neutral, refuse_first};
 use super::{chat_prompt, key_id, parse, start, Body, Key, Merged};
 use crate::generation::{Gateway, GatewayError, Output, Summary};
 use crate::params::{FinishReason, Logprobs};
@@ -79,7 +80,7 @@ struct Refused {
 
 impl Refused {
     fn check(&self) -> Result<(), GatewayError> {
-        let absent = |v: &Option<Value>| v.as_ref().is_none_or(Value::is_null);
+        let absent = |v: &Option<Value>| neutral(v, &[]);
         // `reasoning: {"effort": null}` asks for nothing.
         let empty = |v: &Option<Value>| match v {
             Some(Value::Object(fields)) => fields.values().all(Value::is_null),
@@ -98,7 +99,7 @@ impl Refused {
             ),
             (
                 "background",
-                absent(&self.background) || self.background == Some(json!(false)),
+                neutral(&self.background, &[json!(false)]),
                 "background responses are not supported (sibyl keeps no responses)",
             ),
             (
@@ -108,7 +109,7 @@ impl Refused {
             ),
             (
                 "truncation",
-                absent(&self.truncation) || self.truncation == Some(json!("disabled")),
+                neutral(&self.truncation, &[json!("disabled")]),
                 "only `truncation: \"disabled\"` is supported: a conversation over the \
                  context window is refused, not cut",
             ),
@@ -123,10 +124,7 @@ impl Refused {
                 "`max_tool_calls` is not supported (`parallel_tool_calls: false` allows one)",
             ),
         ];
-        match checks.into_iter().find(|(_, ok, _)| !ok) {
-            Some((param, _, message)) => Err(GatewayError::invalid_param(param, message)),
-            None => Ok(()),
-        }
+        refuse_first(checks)
     }
 }
 

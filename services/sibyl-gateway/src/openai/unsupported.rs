@@ -15,13 +15,28 @@ pub(super) struct Unsupported {
     suffix: Option<Value>,
 }
 
+/// Whether a field is absent, null or one of the `allowed` values that ask for nothing.
+pub(super) fn neutral(value: &Option<Value>, allowed: &[Value]) -> bool {
+    match value {
+        None | Some(Value::Null) => true,
+        Some(v) => allowed.contains(v),
+    }
+}
+
+/// The first of `checks` (field, whether its value can be honoured, why not) that fails,
+/// as a 400 naming the field.
+pub(super) fn refuse_first<'a>(
+    checks: impl IntoIterator<Item = (&'static str, bool, &'a str)>,
+) -> Result<(), GatewayError> {
+    match checks.into_iter().find(|(_, ok, _)| !ok) {
+        Some((param, _, message)) => Err(GatewayError::invalid_param(param, message)),
+        None => Ok(()),
+    }
+}
+
 impl Unsupported {
     /// The first field set to something this server cannot do, with why.
     pub(super) fn check(&self) -> Result<(), GatewayError> {
-        let neutral = |value: &Option<Value>, allowed: &[Value]| match value {
-            None | Some(Value::Null) => true,
-            Some(v) => allowed.contains(v),
-        };
         let empty = |value: &Option<Value>| match value {
             Some(Value::Array(items)) => items.is_empty(),
             Some(Value::Object(fields)) => fields.is_empty(),
@@ -50,9 +65,6 @@ impl Unsupported {
                 "`suffix` (insertion) is not supported",
             ),
         ];
-        match checks.into_iter().find(|(_, ok, _)| !ok) {
-            Some((param, _, message)) => Err(GatewayError::invalid_param(param, message)),
-            None => Ok(()),
-        }
+        refuse_first(checks)
     }
 }
