@@ -32,7 +32,8 @@ pub struct ModelConfig {
     /// Width of each attention head (`num_heads * head_dim` is the width of q).
     pub head_dim: usize,
     pub rms_norm_eps: f32,
-    pub rope_theta: f32,
+    /// How positions turn into the rotary embedding's angles.
+    pub rope: Rope,
     /// Longest sequence (prompt and output) the model was trained for.
     pub context_length: usize,
 }
@@ -52,28 +53,105 @@ impl ModelConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} is zero"));
         }
-        // Qwen3 states its heads' width; the others' is the hidden size over the heads.
-        let own_width = self.architecture == Architecture::Qwen3;
-        if (!own_width && !self.hidden_size.is_multiple_of(self.num_heads))
-            || !self.num_heads.is_multiple_of(self.num_kv_heads)
-        {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
-                "hidden size {} / {} heads / {} kv heads do not divide",
-                self.hidden_size, self.num_heads, self.num_kv_heads
+                "{} heads / {} kv heads do not divide",
+                self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0
-            || !self.head_dim.is_multiple_of(2)
-            || (!own_width && self.head_dim * self.num_heads != self.hidden_size)
-        {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(format!("head dimension {} is not usable", self.head_dim));
         }
-        Ok(())
+        self.rope.validate(self.head_dim)
     }
 
     /// Width of the attention's queries (and of its output before the output projection).
     pub fn q_width(&self) -> usize {
         self.num_heads * self.head_dim
+    }
+}
+
+/// How a position becomes the rotary embedding's angles, as llama.cpp computes them from a
+/// GGUF file's metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rope {
+    /// The base of the frequencies (`rope.freq_base`).
+    pub theta: f32,
+    /// One divisor per rotated pair of dimensions (the `rope_freqs.weight` tensor): how
+    /// Llama 3.1 and later files carry their long-context frequency scaling.
+    pub freq_factors: Option<Vec<f32>>,
+    pub scaling: RopeScaling,
+}
+
+impl Default for Rope {
+    fn default() -> Self {
+        Self {
+            theta: 10_000.0,
+            freq_factors: None,
+            scaling: RopeScaling::None,
+        }
+    }
+}
+
+/// Context-extension scaling of the rotary embedding (`rope.scaling.*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (position interpolation).
+    Linear {
+        factor: f32,
+    },
+    /// YaRN: low frequencies interpolated by `factor`, high ones kept, a ramp between them
+    /// set by `beta_fast` and `beta_slow` rotations over `original_context` positions; the
+    /// angles' sines and cosines scaled by `attn_factor * (1 + 0.1 ln factor)`.
+    Yarn {
+        factor: f32,
+        original_context: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attn_factor: f32,
+    },
+}
+
+impl Rope {
+    fn validate(&self, head_dim: usize) -> Result<(), String> {
+        let usable = |v: f32| v.is_finite() && v > 0.0;
+        if !usable(self.theta) {
+            return Err(format!("rope.freq_base {} is not usable", self.theta));
+        }
+        if let Some(factors) = &self.freq_factors {
+            if factors.len() != head_dim / 2 {
+                return Err(format!(
+                    "rope_freqs.weight has {} values, the heads rotate {} pairs",
+                    factors.len(),
+                    head_dim / 2
+                ));
+            }
+            if let Some(bad) = factors.iter().find(|&&f| !usable(f)) {
+                return Err(format!(
+                    "rope_freqs.weight holds {bad}, not a positive factor"
+                ));
+            }
+        }
+        match self.scaling {
+            RopeScaling::None => Ok(()),
+            RopeScaling::Linear { factor } if usable(factor) => Ok(()),
+            RopeScaling::Yarn {
+                factor,
+                original_context,
+                beta_fast,
+                beta_slow,
+                attn_factor,
+            } if usable(factor)
+                && original_context > 0
+                && usable(beta_fast)
+                && usable(beta_slow)
+                && usable(attn_factor) =>
+            {
+                Ok(())
+            }
+            scaling => Err(format!("rope scaling {scaling:?} is not usable")),
+        }
     }
 }
 
@@ -124,6 +202,13 @@ impl ModelFile {
             length,
             file: Mutex::new(file),
         })
+    }
+
+    fn config_error(&self, reason: String) -> EngineError {
+        EngineError::Config {
+            path: self.path.clone(),
+            reason,
+        }
     }
 
     fn metadata_error(&self, key: &str) -> EngineError {
@@ -191,6 +276,8 @@ impl ModelFile {
             Err(_) => num_heads,
         };
         let embedding = self.tensor_dims("token_embd.weight")?;
+        let head_dim = self.head_dim(&key, hidden_size, num_heads)?;
+        let context_length = self.uint(&key("context_length"))? as usize;
         let config = ModelConfig {
             architecture,
             vocab_size: embedding.first().copied().unwrap_or(0),
@@ -199,19 +286,117 @@ impl ModelFile {
             num_layers: self.uint(&key("block_count"))? as usize,
             num_heads,
             num_kv_heads,
-            head_dim: match self.uint(&key("attention.key_length")) {
-                Ok(width) if architecture == Architecture::Qwen3 => width as usize,
-                _ => hidden_size.checked_div(num_heads).unwrap_or(0),
-            },
+            head_dim,
             rms_norm_eps: self.float(&key("attention.layer_norm_rms_epsilon"))?,
-            rope_theta: self.float(&key("rope.freq_base")).unwrap_or(10_000.0),
-            context_length: self.uint(&key("context_length"))? as usize,
+            rope: self.rope(&key, head_dim, context_length)?,
+            context_length,
         };
-        config.validate().map_err(|reason| EngineError::Config {
-            path: self.path.clone(),
-            reason,
-        })?;
+        config
+            .validate()
+            .map_err(|reason| self.config_error(reason))?;
         Ok(config)
+    }
+
+    /// The width of a head: `attention.key_length` where the file states it (Qwen3, and
+    /// llama-architecture models such as Mistral NeMo whose heads are not hidden size /
+    /// heads wide), else the hidden size over the heads.
+    fn head_dim(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        hidden_size: usize,
+        num_heads: usize,
+    ) -> Result<usize, EngineError> {
+        let Ok(width) = self.uint(&key("attention.key_length")) else {
+            if num_heads == 0 || !hidden_size.is_multiple_of(num_heads) {
+                return Err(self.config_error(format!(
+                    "hidden size {hidden_size} does not divide into {num_heads} heads"
+                )));
+            }
+            return Ok(hidden_size / num_heads);
+        };
+        match self.uint(&key("attention.value_length")) {
+            Ok(value) if value != width => Err(self.config_error(format!(
+                "heads of keys {width} and values {value} wide are not supported"
+            ))),
+            _ => Ok(width as usize),
+        }
+    }
+
+    /// The rotary embedding's settings: base, frequency factors and scaling, read as
+    /// llama.cpp reads them. A rotation over part of a head, or a scaling this engine does
+    /// not compute, is refused rather than run wrong.
+    fn rope(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        head_dim: usize,
+        context_length: usize,
+    ) -> Result<Rope, EngineError> {
+        if let Ok(dims) = self.uint(&key("rope.dimension_count")) {
+            if dims != head_dim as u64 {
+                return Err(self.config_error(format!(
+                    "a rotary embedding over {dims} of a head's {head_dim} dimensions is not supported"
+                )));
+            }
+        }
+        let freq_factors = if self.has_tensor("rope_freqs.weight") {
+            let dims = self.tensor_dims("rope_freqs.weight")?;
+            Some(self.vector("rope_freqs.weight", dims.iter().product())?)
+        } else {
+            None
+        };
+        // llama.cpp: the factor from `rope.scaling.factor`, else the older
+        // `rope.scale_linear`; the type `linear` unless stated.
+        let factor = self
+            .float(&key("rope.scaling.factor"))
+            .or_else(|_| self.float(&key("rope.scale_linear")))
+            .ok()
+            .filter(|&f| f != 0.0);
+        let kind = match self.metadata(&key("rope.scaling.type")) {
+            None => "linear",
+            Some(_) => self.string(&key("rope.scaling.type"))?,
+        };
+        let optional = |name: &str, default: f32| {
+            if self.metadata(&key(name)).is_some() {
+                self.float(&key(name))
+            } else {
+                Ok(default)
+            }
+        };
+        let scaling = match (kind, factor) {
+            ("none", _) | ("linear", None) => RopeScaling::None,
+            ("linear", Some(factor)) => RopeScaling::Linear { factor },
+            ("yarn", factor) => {
+                if self
+                    .metadata(&key("rope.scaling.yarn_log_multiplier"))
+                    .is_some()
+                {
+                    return Err(self.config_error(
+                        "YaRN with rope.scaling.yarn_log_multiplier is not supported".into(),
+                    ));
+                }
+                RopeScaling::Yarn {
+                    factor: factor.unwrap_or(1.0),
+                    original_context: match self.uint(&key("rope.scaling.original_context_length"))
+                    {
+                        Ok(n) => n as usize,
+                        Err(_) => context_length,
+                    },
+                    beta_fast: optional("rope.scaling.yarn_beta_fast", 32.0)?,
+                    beta_slow: optional("rope.scaling.yarn_beta_slow", 1.0)?,
+                    attn_factor: optional("rope.scaling.attn_factor", 1.0)?,
+                }
+            }
+            (other, _) => {
+                return Err(self.config_error(format!(
+                    "rope scaling `{other}` is not supported (linear and yarn are)"
+                )))
+            }
+        };
+        Ok(Rope {
+            theta: self.float(&key("rope.freq_base")).unwrap_or(10_000.0),
+            freq_factors,
+            scaling,
+        })
     }
 
     pub(crate) fn has_tensor(&self, name: &str) -> bool {

@@ -1,5 +1,5 @@
 use crate::attention::{tree_attention, AttendedSequence, HeadLayout};
-use crate::gguf::{Architecture, LoadOptions, ModelConfig, ModelFile};
+use crate::gguf::{Architecture, LoadOptions, ModelConfig, ModelFile, RopeScaling};
 use crate::parallel::for_each_chunk_mut;
 use crate::tensor::TensorModel;
 use crate::{Device, EngineError, KvCache, QuantMatrix, TokenId};
@@ -114,18 +114,64 @@ pub(crate) fn split_logits(logits: &[f32], counts: Vec<usize>, vocab: usize) -> 
 /// Rotary position embedding.
 #[derive(Debug, Clone)]
 struct Rotary {
+    /// Per rotated pair of dimensions, its angle per position.
     inv_freq: Vec<f32>,
+    /// Scale of every sine and cosine (YaRN's attention factor; 1 otherwise).
+    scale: f32,
     interleaved: bool,
 }
 
 impl Rotary {
+    /// The angles as llama.cpp's rope computes them (frequency factors divide, then linear
+    /// or YaRN scaling), folded into one frequency per pair since each is linear in the
+    /// position.
     fn new(config: &ModelConfig) -> Self {
         let d = config.head_dim;
+        let rope = &config.rope;
+        let extrapolated = (0..d / 2).map(|i| {
+            let base = 1f32 / rope.theta.powf((2 * i) as f32 / d as f32);
+            match &rope.freq_factors {
+                Some(factors) => base / factors[i],
+                None => base,
+            }
+        });
+        let (inv_freq, scale) = match rope.scaling {
+            RopeScaling::None => (extrapolated.collect(), 1.0),
+            RopeScaling::Linear { factor } => (extrapolated.map(|f| f / factor).collect(), 1.0),
+            RopeScaling::Yarn {
+                factor,
+                original_context,
+                beta_fast,
+                beta_slow,
+                attn_factor,
+            } => {
+                // The pair where `rotations` turns fit in the original context.
+                let pair = |rotations: f32| {
+                    d as f32
+                        * (original_context as f32 / (rotations * 2.0 * std::f32::consts::PI)).ln()
+                        / (2.0 * rope.theta.ln())
+                };
+                let low = pair(beta_fast).floor().max(0.0);
+                let high = pair(beta_slow).ceil().min(d as f32 - 1.0);
+                let inv_freq = extrapolated
+                    .enumerate()
+                    .map(|(i, f)| {
+                        let ramp = (i as f32 - low) / (high - low).max(0.001);
+                        let kept = 1.0 - ramp.clamp(0.0, 1.0);
+                        f / factor * (1.0 - kept) + f * kept
+                    })
+                    .collect();
+                let scale = if factor > 1.0 {
+                    attn_factor * (1.0 + 0.1 * factor.ln())
+                } else {
+                    attn_factor
+                };
+                (inv_freq, scale)
+            }
+        };
         Self {
-            inv_freq: (0..d)
-                .step_by(2)
-                .map(|i| 1f32 / config.rope_theta.powf(i as f32 / d as f32))
-                .collect(),
+            inv_freq,
+            scale,
             interleaved: config.architecture == Architecture::Llama,
         }
     }
@@ -134,7 +180,10 @@ impl Rotary {
     fn angles(&self, position: usize) -> (Vec<f32>, Vec<f32>) {
         self.inv_freq
             .iter()
-            .map(|f| (position as f32 * f).sin_cos())
+            .map(|f| {
+                let (sin, cos) = (position as f32 * f).sin_cos();
+                (sin * self.scale, cos * self.scale)
+            })
             .unzip()
     }
 
@@ -638,9 +687,15 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_transformers::models::quantized_qwen3;
 
-    /// A Qwen3 file of random f32 weights, shaped as the real models are (heads wider than
-    /// hidden size / heads, tied output projection).
-    fn write_qwen3(path: &std::path::Path) {
+    /// A file of random f32 weights of architecture `arch`, shaped as Qwen3 models are
+    /// (heads wider than hidden size / heads, tied output projection), with `metadata` and
+    /// `tensors` added.
+    fn write_model(
+        path: &std::path::Path,
+        arch: &str,
+        metadata: &[(&str, Value)],
+        tensors: &[(&str, QTensor)],
+    ) {
         let (vocab, hidden, heads, kv_heads, head_dim, ffn, layers) = (96, 64, 4, 2, 24, 128, 2);
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut random = |dims: &[usize], scale: f32, offset: f32| {
@@ -653,11 +708,9 @@ mod tests {
                     offset + ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
                 })
                 .collect();
-            let tensor =
-                candle_core::Tensor::from_vec(values, dims, &candle_core::Device::Cpu).unwrap();
-            QTensor::quantize(&tensor, GgmlDType::F32).unwrap()
+            f32_tensor(values, dims)
         };
-        let mut tensors = vec![
+        let mut weights = vec![
             (
                 "token_embd.weight".to_string(),
                 random(&[vocab, hidden], 1.0, 0.0),
@@ -688,34 +741,358 @@ mod tests {
                 ),
             ];
             for (name, dims, scale, offset) in shapes {
-                tensors.push((
-                    format!("blk.{i}.{name}.weight"),
-                    random(&dims, scale, offset),
-                ));
+                let values = random(&dims, scale, offset);
+                if arch == "qwen3" || !matches!(name, "attn_q_norm" | "attn_k_norm") {
+                    weights.push((format!("blk.{i}.{name}.weight"), values));
+                }
             }
         }
-        let metadata = [
-            ("general.architecture", Value::String("qwen3".into())),
-            ("general.dtype", Value::U32(0)),
-            ("qwen3.embedding_length", Value::U32(hidden as u32)),
-            ("qwen3.attention.head_count", Value::U32(heads as u32)),
-            ("qwen3.attention.head_count_kv", Value::U32(kv_heads as u32)),
-            ("qwen3.attention.key_length", Value::U32(head_dim as u32)),
-            ("qwen3.feed_forward_length", Value::U32(ffn as u32)),
-            ("qwen3.block_count", Value::U32(layers as u32)),
-            ("qwen3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
-            ("qwen3.rope.freq_base", Value::F32(1_000_000.0)),
-            ("qwen3.context_length", Value::U32(256)),
+        let key = |k: &str| format!("{arch}.{k}");
+        let mut all = vec![
+            (
+                "general.architecture".to_string(),
+                Value::String(arch.into()),
+            ),
+            ("general.dtype".to_string(), Value::U32(0)),
+            (key("embedding_length"), Value::U32(hidden as u32)),
+            (key("attention.head_count"), Value::U32(heads as u32)),
+            (key("attention.head_count_kv"), Value::U32(kv_heads as u32)),
+            (key("attention.key_length"), Value::U32(head_dim as u32)),
+            (key("feed_forward_length"), Value::U32(ffn as u32)),
+            (key("block_count"), Value::U32(layers as u32)),
+            (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+            (key("rope.freq_base"), Value::F32(1_000_000.0)),
+            (key("context_length"), Value::U32(256)),
         ];
-        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        all.extend(metadata.iter().map(|(k, v)| (key(k), v.clone())));
+        let all: Vec<(&str, &Value)> = all.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut tensor_refs: Vec<(&str, &QTensor)> =
+            weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        tensor_refs.extend(tensors.iter().map(|(n, t)| (*n, t)));
         let mut file = std::fs::File::create(path).unwrap();
-        gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+        gguf_file::write(&mut file, &all, &tensor_refs).unwrap();
+    }
+
+    fn f32_tensor(values: Vec<f32>, dims: &[usize]) -> QTensor {
+        let tensor =
+            candle_core::Tensor::from_vec(values, dims, &candle_core::Device::Cpu).unwrap();
+        QTensor::quantize(&tensor, GgmlDType::F32).unwrap()
+    }
+
+    fn write_qwen3(path: &std::path::Path) {
+        write_model(path, "qwen3", &[], &[]);
+    }
+
+    fn temp_path(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("sibyl-{name}-{}.gguf", std::process::id()))
+    }
+
+    /// The logits of every position of `tokens` on the CPU engine and on the tensor engine.
+    fn both_engines(file: &ModelFile, tokens: &[u32]) -> [Vec<f32>; 2] {
+        let options = LoadOptions::default();
+        let host = Model::from_gguf(file, &options).unwrap();
+        let weights = FileWeights {
+            file,
+            options: &options,
+        };
+        let tensor = Model::build_on(
+            file.config().unwrap(),
+            &weights,
+            &candle_core::Device::Cpu,
+            Device::Cpu,
+        )
+        .unwrap();
+        [host, tensor].map(|model| {
+            let mut cache = model.new_cache();
+            model
+                .forward(&mut cache, &TreeInput::chain(tokens), LogitRows::All)
+                .unwrap()
+        })
+    }
+
+    /// Llama 3's frequencies as transformers computes them (`rope_type: llama3`).
+    fn llama3_inv_freq(
+        d: usize,
+        theta: f64,
+        factor: f64,
+        low: f64,
+        high: f64,
+        original: f64,
+    ) -> Vec<f64> {
+        let (low_wavelen, high_wavelen) = (original / low, original / high);
+        (0..d / 2)
+            .map(|i| {
+                let inv = 1.0 / theta.powf((2 * i) as f64 / d as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / inv;
+                if wavelen < high_wavelen {
+                    inv
+                } else if wavelen > low_wavelen {
+                    inv / factor
+                } else {
+                    let smooth = (original / wavelen - low) / (high - low);
+                    (1.0 - smooth) * inv / factor + smooth * inv
+                }
+            })
+            .collect()
+    }
+
+    /// The `rope_freqs.weight` values llama.cpp's converter writes for the same settings.
+    fn llama3_factors(
+        d: usize,
+        theta: f64,
+        factor: f64,
+        low: f64,
+        high: f64,
+        original: f64,
+    ) -> Vec<f32> {
+        (0..d / 2)
+            .map(|i| {
+                let inv = 1.0 / theta.powf((2 * i) as f64 / d as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / inv;
+                if wavelen < original / high {
+                    1.0
+                } else if wavelen > original / low {
+                    factor as f32
+                } else {
+                    let smooth = (original / wavelen - low) / (high - low);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect()
+    }
+
+    /// YaRN's frequencies and attention factor as transformers computes them
+    /// (`rope_type: yarn`, `truncate: true`).
+    fn yarn_inv_freq(d: usize, theta: f64, factor: f64, original: f64) -> (Vec<f64>, f64) {
+        let correction = |rotations: f64| {
+            d as f64 * (original / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * theta.ln())
+        };
+        let low = correction(32.0).floor().max(0.0);
+        let mut high = correction(1.0).ceil().min(d as f64 - 1.0);
+        if low == high {
+            high += 0.001;
+        }
+        let inv_freq = (0..d / 2)
+            .map(|i| {
+                let extrapolation = 1.0 / theta.powf((2 * i) as f64 / d as f64);
+                let interpolation = extrapolation / factor;
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let kept = 1.0 - ramp;
+                interpolation * (1.0 - kept) + extrapolation * kept
+            })
+            .collect();
+        (inv_freq, 0.1 * factor.ln() + 1.0)
+    }
+
+    fn rope_config(head_dim: usize, rope: crate::Rope) -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: 8,
+            hidden_size: head_dim,
+            intermediate_size: 8,
+            num_layers: 1,
+            num_heads: 1,
+            num_kv_heads: 1,
+            head_dim,
+            rms_norm_eps: 1e-6,
+            rope,
+            context_length: 8,
+        }
+    }
+
+    fn assert_close(ours: &[f32], theirs: &[f64], what: &str) {
+        assert_eq!(ours.len(), theirs.len());
+        for (i, (&a, &b)) in ours.iter().zip(theirs).enumerate() {
+            assert!(
+                (f64::from(a) - b).abs() <= 1e-5 * b.abs(),
+                "{what}: pair {i}: {a} against {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn rope_scaling_gives_the_frequencies_transformers_gives() {
+        // Llama 3.1's settings, carried as llama.cpp's converter carries them.
+        let (d, theta) = (128, 500_000.0);
+        let rope = crate::Rope {
+            theta: theta as f32,
+            freq_factors: Some(llama3_factors(d, theta, 8.0, 1.0, 4.0, 8192.0)),
+            scaling: RopeScaling::None,
+        };
+        let rotary = Rotary::new(&rope_config(d, rope));
+        let expected = llama3_inv_freq(d, theta, 8.0, 1.0, 4.0, 8192.0);
+        assert_close(&rotary.inv_freq, &expected, "llama3");
+        assert_eq!(rotary.scale, 1.0);
+        // The factors do something: the lowest frequency is divided by 8, the highest kept.
+        let unscaled = |i: usize| 1.0 / theta.powf((2 * i) as f64 / d as f64);
+        assert_close(
+            &rotary.inv_freq[d / 2 - 1..],
+            &[unscaled(d / 2 - 1) / 8.0],
+            "lowest",
+        );
+        assert_close(&rotary.inv_freq[..1], &[unscaled(0)], "highest");
+        // Qwen2.5's long-context setting (YaRN, 4 x 32768).
+        let (d, theta) = (128, 1_000_000.0);
+        let rope = crate::Rope {
+            theta: theta as f32,
+            freq_factors: None,
+            scaling: RopeScaling::Yarn {
+                factor: 4.0,
+                original_context: 32_768,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                attn_factor: 1.0,
+            },
+        };
+        let rotary = Rotary::new(&rope_config(d, rope));
+        let (expected, attention) = yarn_inv_freq(d, theta, 4.0, 32_768.0);
+        assert_close(&rotary.inv_freq, &expected, "yarn");
+        assert!((f64::from(rotary.scale) - attention).abs() < 1e-6);
+        let (sin, cos) = rotary.angles(3);
+        let norm = (sin[0] * sin[0] + cos[0] * cos[0]).sqrt();
+        assert!(
+            (f64::from(norm) - attention).abs() < 1e-5,
+            "sines and cosines scaled"
+        );
+        // Linear scaling divides every frequency.
+        let rope = crate::Rope {
+            theta: theta as f32,
+            freq_factors: None,
+            scaling: RopeScaling::Linear { factor: 2.0 },
+        };
+        let rotary = Rotary::new(&rope_config(d, rope));
+        let plain: Vec<f64> = (0..d / 2)
+            .map(|i| 0.5 / theta.powf((2 * i) as f64 / d as f64))
+            .collect();
+        assert_close(&rotary.inv_freq, &plain, "linear");
+    }
+
+    #[test]
+    fn rope_factors_and_scaling_in_a_file_reach_both_engines() {
+        // A llama file with heads wider than hidden size / heads (as Mistral NeMo's are).
+        let tokens = [5u32, 17, 42, 3, 88, 61, 9, 30, 30, 71];
+        let pairs = 12;
+        let logits = |name: &str, metadata: &[(&str, Value)], tensors: &[(&str, QTensor)]| {
+            let path = temp_path(name);
+            write_model(&path, "llama", metadata, tensors);
+            let file = ModelFile::open(&path).unwrap();
+            let out = both_engines(&file, &tokens);
+            let _ = std::fs::remove_file(&path);
+            out
+        };
+        let plain = logits("rope-plain", &[], &[]);
+        let factors = logits(
+            "rope-factors",
+            &[],
+            &[("rope_freqs.weight", f32_tensor(vec![4.0; pairs], &[pairs]))],
+        );
+        let linear = logits(
+            "rope-linear",
+            &[
+                ("rope.scaling.type", Value::String("linear".into())),
+                ("rope.scaling.factor", Value::F32(4.0)),
+            ],
+            &[],
+        );
+        let yarn = logits(
+            "rope-yarn",
+            &[
+                ("rope.scaling.type", Value::String("yarn".into())),
+                ("rope.scaling.factor", Value::F32(4.0)),
+                ("rope.scaling.original_context_length", Value::U32(64)),
+            ],
+            &[],
+        );
+        let vocab = 96;
+        for engine in 0..2 {
+            // Frequency factors of 4 everywhere are a linear scaling by 4, bit for bit.
+            assert_eq!(factors[engine], linear[engine], "engine {engine}");
+            // The first position does not rotate; every later one does, differently.
+            assert_eq!(plain[engine][..vocab], factors[engine][..vocab]);
+            for other in [&factors, &yarn] {
+                assert_ne!(
+                    plain[engine][vocab..],
+                    other[engine][vocab..],
+                    "engine {engine}"
+                );
+            }
+            assert_ne!(yarn[engine], linear[engine]);
+        }
+        // The two engines agree on each setting (to the tensor engine's rounding).
+        for run in [&plain, &factors, &yarn] {
+            let spread = run[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let differs = run[0]
+                .iter()
+                .zip(&run[1])
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                differs < 1e-3 * spread,
+                "engines differ by {differs} of {spread}"
+            );
+        }
+    }
+
+    #[test]
+    fn rope_settings_the_engine_cannot_compute_are_refused() {
+        let refused = |name: &str, metadata: &[(&str, Value)], tensors: &[(&str, QTensor)]| {
+            let path = temp_path(name);
+            write_model(&path, "llama", metadata, tensors);
+            let file = ModelFile::open(&path).unwrap();
+            let error = Model::from_gguf(&file, &LoadOptions::default())
+                .err()
+                .expect("refused");
+            let _ = std::fs::remove_file(&path);
+            error.to_string()
+        };
+        // A file's name, what it adds, and what the refusal must say.
+        type Case<'a> = (
+            &'a str,
+            &'a [(&'a str, Value)],
+            Vec<(&'a str, QTensor)>,
+            &'a str,
+        );
+        let cases: [Case; 5] = [
+            (
+                "rope-longrope",
+                &[("rope.scaling.type", Value::String("longrope".into()))],
+                vec![],
+                "`longrope` is not supported",
+            ),
+            (
+                "rope-partial",
+                &[("rope.dimension_count", Value::U32(12))],
+                vec![],
+                "over 12 of a head's 24",
+            ),
+            (
+                "rope-short-factors",
+                &[],
+                vec![("rope_freqs.weight", f32_tensor(vec![1.0; 6], &[6]))],
+                "6 values, the heads rotate 12 pairs",
+            ),
+            (
+                "rope-zero-factor",
+                &[],
+                vec![("rope_freqs.weight", f32_tensor(vec![0.0; 12], &[12]))],
+                "not a positive factor",
+            ),
+            (
+                "rope-value-width",
+                &[("attention.value_length", Value::U32(16))],
+                vec![],
+                "keys 24 and values 16",
+            ),
+        ];
+        for (name, metadata, tensors, expected) in cases {
+            let message = refused(name, metadata, &tensors);
+            assert!(message.contains(expected), "{name}: {message}");
+        }
     }
 
     #[test]
     fn qwen3_computes_what_candle_transformers_computes() {
-        let path = std::env::temp_dir().join(format!("sibyl-qwen3-{}.gguf", std::process::id()));
+        let path = temp_path("qwen3");
         write_qwen3(&path);
         let file = ModelFile::open(&path).unwrap();
         let model = Model::from_gguf(&file, &LoadOptions::default()).unwrap();

@@ -217,7 +217,7 @@ fn random_weights(config: &TinyModelConfig) -> Result<(ModelConfig, RandomWeight
             .head_dim
             .unwrap_or(config.hidden_size / config.num_heads),
         rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
+        rope: Default::default(),
         context_length: config.context_length,
     };
     model_config
