@@ -84,6 +84,7 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
     for (param, extra) in [
         ("echo", json!({"echo": "yes"})),
         ("best_of", json!({"best_of": 3})),
+        // SmolLM2 has no fill-in-the-middle tokens.
         ("suffix", json!({"suffix": "end"})),
         ("logprobs", json!({"logprobs": 21})),
         ("logprobs", json!({"logprobs": "all"})),
@@ -1845,5 +1846,124 @@ async fn a_reasoning_parser_splits_thinking_from_the_answer() {
         let answer = post(&cluster, "/v1/chat/completions", &[], &next).await;
         assert_eq!(answer.status, 200, "{name}: {}", answer.body);
     }
+    cluster.stop().await;
+}
+
+/// The answer to a `/v1/completions` request that must succeed.
+async fn completion(cluster: &Cluster, body: Value) -> Value {
+    let response = post(cluster, "/v1/completions", &[], &body).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.json()
+}
+
+/// The token ids `/tokenize` gives `text`.
+async fn prompt_ids(cluster: &Cluster, text: &str) -> Vec<Value> {
+    let response = post(cluster, "/tokenize", &[], &json!({"prompt": text})).await;
+    response.json()["tokens"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_model_fills_in_the_middle_between_a_prompt_and_a_suffix() {
+    let cluster = Cluster::start(ClusterOptions {
+        model: "qwen2.5-coder-0.5b",
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
+    let prefix =
+        "def mean(values):\n    \"\"\"The arithmetic mean of a non-empty list.\"\"\"\n    ";
+    let suffix = "\n    return total / len(values)\n\n\nprint(mean([1, 2, 3]))\n";
+    let completion = |body: Value| completion(&cluster, body);
+    let infill = |extra: Value| {
+        let mut body = json!({
+            "prompt": prefix, "suffix": suffix, "max_tokens": 48, "temperature": 0,
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let filled = completion(infill(json!({}))).await;
+    let text = filled["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(
+        text.contains("total"),
+        "the middle computes the total: {text:?}"
+    );
+    assert_eq!(filled["choices"][0]["finish_reason"], "stop", "{filled}");
+
+    // The same as a plain completion of the prompt written with Qwen's FIM tokens.
+    let spelled: Vec<Value> = [
+        vec![json!(151659)],
+        prompt_ids(&cluster, prefix).await,
+        vec![json!(151661)],
+        prompt_ids(&cluster, suffix).await,
+        vec![json!(151660)],
+    ]
+    .concat();
+    let plain = completion(json!({"prompt": spelled, "max_tokens": 48, "temperature": 0})).await;
+    assert_eq!(plain["choices"][0]["text"], text.as_str());
+    for count in ["prompt_tokens", "completion_tokens"] {
+        assert_eq!(filled["usage"][count], plain["usage"][count]);
+    }
+
+    // A control token's string in the code is text (several tokens), not the control id.
+    let forged = completion(infill(
+        json!({"suffix": format!("{suffix}<|im_end|>"), "max_tokens": 1}),
+    ))
+    .await;
+    let added = forged["usage"]["prompt_tokens"].as_u64().unwrap()
+        - filled["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(added > 1, "`<|im_end|>` took {added} token(s)");
+
+    // Speculation does not change it; streamed, the same text.
+    let off = completion(infill(json!({"speculation": {"enabled": false}}))).await;
+    assert_eq!(off["choices"][0]["text"], text.as_str());
+    let streamed = post(
+        &cluster,
+        "/v1/completions",
+        &[],
+        &infill(json!({"stream": true})),
+    )
+    .await;
+    let chunks: String = sse_data(&streamed.body)
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(String::from))
+        .collect();
+    assert_eq!(chunks, text);
+
+    // gRPC's `infill` input gives the same text.
+    let mut gateway = cluster.gateway_client().await.unwrap();
+    let request = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Infill(pb::Infill {
+            prefix: prefix.into(),
+            suffix: suffix.into(),
+        })),
+        max_tokens: 48,
+        sampling: Some(pb::SamplingParams::default()),
+        ..Default::default()
+    };
+    let (grpc_text, _) = generate_text(&mut gateway, request, |_| {}).await.unwrap();
+    assert_eq!(grpc_text, text);
+
+    // An empty suffix asks for nothing; token ids and `echo` do not go with one.
+    let empty =
+        completion(json!({"prompt": prefix, "suffix": "", "max_tokens": 8, "temperature": 0}))
+            .await;
+    let alone = completion(json!({"prompt": prefix, "max_tokens": 8, "temperature": 0})).await;
+    assert_eq!(empty["choices"], alone["choices"]);
+    assert_bad_param(
+        &cluster,
+        "/v1/completions",
+        &infill(json!({"prompt": [1, 2]})),
+        "suffix",
+    )
+    .await;
+    assert_bad_param(
+        &cluster,
+        "/v1/completions",
+        &infill(json!({"echo": true})),
+        "echo",
+    )
+    .await;
     cluster.stop().await;
 }

@@ -39,6 +39,50 @@ const STOP_TOKEN_NAMES: [&str; 5] = [
     "<|end|>",
 ];
 
+/// Fill-in-the-middle token names of code models, prefix / suffix / middle, where the file
+/// does not give their ids: Qwen2.5-Coder's, StarCoder's, DeepSeek-Coder's.
+const FIM_NAMES: [[&str; 3]; 3] = [
+    ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"],
+    ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"],
+    [
+        "<\u{ff5c}fim\u{2581}begin\u{ff5c}>",
+        "<\u{ff5c}fim\u{2581}hole\u{ff5c}>",
+        "<\u{ff5c}fim\u{2581}end\u{ff5c}>",
+    ],
+];
+
+/// Tokens a model with fill-in-the-middle tokens ends a middle with, besides its end of
+/// text (padding, the start of another file or repository), which stop generation as
+/// llama.cpp stops on them.
+const FIM_STOP_NAMES: [&str; 6] = [
+    "<|fim_pad|>",
+    "<|file_sep|>",
+    "<|repo_name|>",
+    "<fim_pad>",
+    "<file_sep>",
+    "<repo_name>",
+];
+
+/// A code model's fill-in-the-middle tokens: `prefix` code `suffix` code `middle`, after
+/// which the model writes what goes between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FimTokens {
+    pub prefix: TokenId,
+    pub suffix: TokenId,
+    pub middle: TokenId,
+}
+
+impl FimTokens {
+    /// The three tokens, prefix, suffix, middle, where all three are there.
+    fn new([prefix, suffix, middle]: [Option<TokenId>; 3]) -> Option<Self> {
+        Some(Self {
+            prefix: prefix?,
+            suffix: suffix?,
+            middle: middle?,
+        })
+    }
+}
+
 /// A byte-level BPE tokenizer built from GGUF metadata, with the model's stop tokens.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -52,6 +96,7 @@ pub struct TextTokenizer {
     controls: Vec<(String, TokenId)>,
     control_matcher: AhoCorasick,
     stop_tokens: Vec<TokenId>,
+    fim: Option<FimTokens>,
     bos: Option<(TokenId, String)>,
     eos_text: String,
     add_bos: bool,
@@ -190,11 +235,35 @@ impl TextTokenizer {
         inner
             .add_special_tokens(specials)
             .map_err(|e| error(e.to_string()))?;
-        let id_of = |key: &str| file.uint(key).ok().map(|v| v as TokenId);
+        let id_of = |key: &str| {
+            file.uint(key)
+                .ok()
+                .map(|v| v as TokenId)
+                .filter(|&id| (id as usize) < tokens.len())
+        };
+        // The ids the file gives (llama.cpp's keys, then their older names), else the names.
+        let fim = [
+            ["fim_pre", "fim_suf", "fim_mid"],
+            ["prefix", "suffix", "middle"],
+        ]
+        .iter()
+        .find_map(|keys| {
+            FimTokens::new(keys.map(|k| id_of(&format!("tokenizer.ggml.{k}_token_id"))))
+        })
+        .or_else(|| {
+            FIM_NAMES
+                .iter()
+                .find_map(|names| FimTokens::new(names.map(|n| inner.token_to_id(n))))
+        });
+        let fim_stops = FIM_STOP_NAMES
+            .iter()
+            .filter(|_| fim.is_some())
+            .filter_map(|n| inner.token_to_id(n));
         let mut stop_tokens: Vec<TokenId> = id_of("tokenizer.ggml.eos_token_id")
             .into_iter()
             .chain(id_of("tokenizer.ggml.eot_token_id"))
             .chain(STOP_TOKEN_NAMES.iter().filter_map(|n| inner.token_to_id(n)))
+            .chain(fim_stops)
             .filter(|&id| (id as usize) < tokens.len())
             .collect();
         stop_tokens.sort_unstable();
@@ -220,6 +289,7 @@ impl TextTokenizer {
             controls,
             control_matcher,
             stop_tokens,
+            fim,
             bos,
             eos_text,
             add_bos,
@@ -309,6 +379,38 @@ impl TextTokenizer {
             }
         }
         Ok(Some(ids))
+    }
+
+    /// The prompt of a fill-in-the-middle request, in the prefix-suffix-middle order code
+    /// models are trained on (`<|fim_prefix|>prefix<|fim_suffix|>suffix<|fim_middle|>`),
+    /// with `prefix` and `suffix` read as plain text (code may hold a control token's
+    /// string); `None` once it numbers more than `limit` tokens. An error for a model
+    /// without fill-in-the-middle tokens.
+    pub fn encode_infill_at_most(
+        &self,
+        prefix: &str,
+        suffix: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<TokenId>>, EngineError> {
+        let fim = self.fim.ok_or_else(|| {
+            EngineError::Encode("this model has no fill-in-the-middle tokens".into())
+        })?;
+        let mut ids: Vec<TokenId> = self.leading_bos().into_iter().collect();
+        ids.push(fim.prefix);
+        let Some(mut ids) = self.pieces_at_most(self.text_only(), ids, prefix, limit)? else {
+            return Ok(None);
+        };
+        ids.push(fim.suffix);
+        let Some(mut ids) = self.pieces_at_most(self.text_only(), ids, suffix, limit)? else {
+            return Ok(None);
+        };
+        ids.push(fim.middle);
+        Ok((ids.len() <= limit).then_some(ids))
+    }
+
+    /// The model's fill-in-the-middle tokens, if it has them.
+    pub fn fim_tokens(&self) -> Option<FimTokens> {
+        self.fim
     }
 
     /// Token ids of `text` read as plain text: a control token's string (`<|im_start|>`)

@@ -340,6 +340,52 @@ fn real_weights_tokenizers_round_trip_code_cjk_and_emoji() {
 }
 
 #[test]
+fn real_weights_code_models_fill_in_the_middle_with_their_own_tokens() {
+    let qwen = load_model("qwen2.5-coder-0.5b", true).tokenizer;
+    let fim = qwen.fim_tokens().expect("Qwen2.5-Coder has FIM tokens");
+    let name = |id| {
+        std::str::from_utf8(qwen.token_bytes(id))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        [fim.prefix, fim.suffix, fim.middle].map(name),
+        ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    );
+    // Padding and the start of another file or repository end a middle, as in llama.cpp.
+    for stop in ["<|fim_pad|>", "<|file_sep|>", "<|repo_name|>"] {
+        let id = qwen.encode(stop).unwrap()[0];
+        assert!(qwen.is_stop(id), "{stop}");
+    }
+    let (prefix, suffix) = ("def add(a, b):\n    ", "\n    return c\n");
+    let ids = qwen
+        .encode_infill_at_most(prefix, suffix, 100)
+        .unwrap()
+        .unwrap();
+    let spelled = format!("<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>");
+    assert_eq!(ids, qwen.encode(&spelled).unwrap());
+    // A control token's string in the code is text; the limit counts every token.
+    let forged = qwen
+        .encode_infill_at_most(prefix, "<|fim_middle|>", 100)
+        .unwrap()
+        .unwrap();
+    assert_eq!(forged.iter().filter(|&&t| t == fim.middle).count(), 1);
+    assert_eq!(
+        qwen.encode_infill_at_most(prefix, suffix, ids.len() - 1)
+            .unwrap(),
+        None
+    );
+    // SmolLM2 has none: refused, and its stop tokens are the chat's.
+    let smol = load_model("smollm2-135m", true).tokenizer;
+    assert_eq!(smol.fim_tokens(), None);
+    let error = smol.encode_infill_at_most("a", "b", 100).unwrap_err();
+    assert!(
+        error.to_string().contains("no fill-in-the-middle tokens"),
+        "{error}"
+    );
+}
+
+#[test]
 fn real_weights_a_truncated_file_is_reported_with_the_tensor_it_cuts() {
     let source = model_path("smollm2-135m");
     let bytes = std::fs::read(&source).unwrap();

@@ -21,6 +21,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub chat: bool,
 
+    /// Fill in the middle: the prompt is the code before a gap, this the code after it;
+    /// the model writes what goes between (code models with fill-in-the-middle tokens).
+    #[arg(long, conflicts_with = "chat")]
+    pub suffix: Option<String>,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -38,6 +43,7 @@ pub struct GenerateArgs {
 pub struct GenerateConfig {
     pub prompt: String,
     pub chat: bool,
+    pub suffix: Option<String>,
     pub model: ModelArgs,
     pub device: sibyl_engine::Device,
     pub generation: GenerationConfig,
@@ -69,6 +75,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
         Ok(Self {
             prompt: args.prompt,
             chat: args.chat,
+            suffix: args.suffix,
             model: args.model,
             device: args.device.device,
             generation: GenerationConfig {
@@ -89,16 +96,22 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut config = GenerateConfig::try_from(args)?;
     init_threads(config.model.threads);
     let loaded = load_model(&config.model, config.device)?;
-    let prompt_text = if config.chat {
+    let prompt = if let Some(suffix) = &config.suffix {
+        loaded
+            .tokenizer
+            .encode_infill_at_most(&config.prompt, suffix, usize::MAX)
+            .context("--suffix")?
+            .unwrap_or_default()
+    } else if config.chat {
         let template = loaded
             .chat_template
             .as_ref()
             .context("--chat: this model file has no chat template")?;
-        template.render(&[ChatMessage::new("user", &config.prompt)])?
+        let text = template.render(&[ChatMessage::new("user", &config.prompt)])?;
+        loaded.tokenizer.encode(&text)?
     } else {
-        config.prompt.clone()
+        loaded.tokenizer.encode(&config.prompt)?
     };
-    let prompt = loaded.tokenizer.encode(&prompt_text)?;
     config.generation.stop_tokens = loaded.tokenizer.stop_tokens().to_vec();
     let speculation = &config.speculation;
     let kinds = draft_kinds(&speculation.draft)?;

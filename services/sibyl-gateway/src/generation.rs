@@ -40,6 +40,12 @@ pub enum PromptInput {
     Text(String),
     /// Token ids of the served vocabulary, as they are.
     Tokens(Vec<u32>),
+    /// Fill in the middle: the text before the gap and the text after it, put between a
+    /// code model's fill-in-the-middle tokens.
+    Infill {
+        prefix: String,
+        suffix: String,
+    },
     /// Messages, and how the chat template renders them (with the definitions of the
     /// tools the model may call: OpenAI's `tools` entries).
     Chat {
@@ -350,6 +356,11 @@ impl Gateway {
                 (text.len(), tokenizer.least_tokens(text, context), "prompt")
             }
             PromptInput::Tokens(tokens) => (0, tokens.len(), "prompt"),
+            PromptInput::Infill { prefix, suffix } => (
+                prefix.len() + suffix.len(),
+                tokenizer.least_tokens(prefix, context) + tokenizer.least_tokens(suffix, context),
+                "prompt",
+            ),
             PromptInput::Chat { messages, options } => (
                 messages
                     .iter()
@@ -727,6 +738,18 @@ fn tokenize(
             }
             Ok((tokens.len() <= limit).then(|| tokens.clone()))
         }
+        PromptInput::Infill { prefix, suffix } => {
+            if text_model.tokenizer.fim_tokens().is_none() {
+                return Err(GatewayError::invalid_param(
+                    "suffix",
+                    "this model has no fill-in-the-middle tokens; \
+                     code models such as Qwen2.5-Coder have them",
+                ));
+            }
+            text_model
+                .tokenizer
+                .encode_infill_at_most(prefix, suffix, limit)
+        }
         PromptInput::Chat { messages, options } => {
             if messages.is_empty() {
                 return Err(GatewayError::InvalidRequest("`messages` is empty".into()));
@@ -763,7 +786,7 @@ fn tokenize(
     .map_err(|e| GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}")))?
     .ok_or_else(|| GatewayError::InvalidParam {
         param: match prompt {
-            PromptInput::Text(_) | PromptInput::Tokens(_) => "prompt",
+            PromptInput::Text(_) | PromptInput::Tokens(_) | PromptInput::Infill { .. } => "prompt",
             PromptInput::Chat { .. } => "messages",
         },
         message: format!(

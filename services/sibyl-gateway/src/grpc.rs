@@ -57,6 +57,10 @@ impl TryFrom<pb::GenerateRequest> for Generation {
         let prompt = match request.input {
             Some(Input::Prompt(text)) => PromptInput::Text(text),
             Some(Input::Tokens(tokens)) => PromptInput::Tokens(tokens.ids),
+            Some(Input::Infill(infill)) => PromptInput::Infill {
+                prefix: infill.prefix,
+                suffix: infill.suffix,
+            },
             Some(Input::Chat(chat)) => {
                 let messages: Vec<ChatMessage> = chat
                     .messages
@@ -79,7 +83,11 @@ impl TryFrom<pb::GenerateRequest> for Generation {
                 let options = rendering.options(&messages, Vec::new())?;
                 PromptInput::Chat { messages, options }
             }
-            None => return Err(Status::invalid_argument("set `prompt`, `chat` or `tokens`")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "set `prompt`, `chat`, `tokens` or `infill`",
+                ))
+            }
         };
         Ok(Self {
             model: Some(request.model),

@@ -207,7 +207,14 @@ async fn completions(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let request: CompletionRequest = parse(body)?;
-    let prompts = request.prompt.into_inputs()?;
+    let suffix = request.suffix.filter(|s| !s.is_empty());
+    if suffix.is_some() && request.common.echo()? {
+        return Err(GatewayError::invalid_param(
+            "echo",
+            "`echo` does not go with `suffix`: the prompt is not text the completion follows",
+        ));
+    }
+    let prompts = request.prompt.into_inputs(suffix)?;
     if request.common.tools()?.is_some() {
         return Err(GatewayError::invalid_param(
             "tools",
@@ -411,6 +418,7 @@ async fn start(
                 .detokenize(ids)
                 .map_err(|e| GatewayError::invalid_param("prompt", e.to_string()))?,
             PromptInput::Text(text) => text.clone(),
+            PromptInput::Infill { prefix, .. } => prefix.clone(),
             // vLLM's: a continued answer is repeated, a user's message is not.
             PromptInput::Chat { messages, .. } => messages
                 .last()

@@ -172,6 +172,9 @@ impl InProcess {
         Ok(match prompt {
             PromptInput::Text(text) => tokenizer.encode(text)?,
             PromptInput::Tokens(ids) => ids.clone(),
+            PromptInput::Infill { prefix, suffix } => tokenizer
+                .encode_infill_at_most(prefix, suffix, usize::MAX)?
+                .unwrap_or_default(),
             PromptInput::Chat { messages, .. } => self
                 .loaded
                 .chat_template
@@ -414,6 +417,12 @@ impl Remote {
             PromptInput::Text(text) => pb::generate_request::Input::Prompt(text.clone()),
             PromptInput::Tokens(ids) => {
                 pb::generate_request::Input::Tokens(pb::PromptTokens { ids: ids.clone() })
+            }
+            PromptInput::Infill { prefix, suffix } => {
+                pb::generate_request::Input::Infill(pb::Infill {
+                    prefix: prefix.clone(),
+                    suffix: suffix.clone(),
+                })
             }
             PromptInput::Chat { messages, .. } => {
                 pb::generate_request::Input::Chat(pb::ChatConversation {

@@ -763,6 +763,7 @@ mod tests {
             format: Format::Completion,
             turns: vec!["p".into()],
             system: None,
+            suffix: None,
         }
     }
 

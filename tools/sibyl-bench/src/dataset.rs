@@ -1,5 +1,5 @@
 //! Benchmark prompts: JSONL, one item per line (`id`, `category`, `prompt` or `turns`,
-//! `format`), as in Spec-Bench's question files.
+//! `format`, and `suffix` for fill-in-the-middle items), as in Spec-Bench's question files.
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -21,6 +21,8 @@ pub enum Format {
     Chat,
     /// The prompt text as it is.
     Completion,
+    /// Fill in the middle: the prompt is the code before a gap, `suffix` the code after it.
+    Infill,
 }
 
 /// One benchmark prompt.
@@ -34,6 +36,8 @@ pub struct Item {
     /// A system prompt before the turns (`sibyl bench --system-prompt`): a chat's first
     /// message, or the start of each completion prompt.
     pub system: Option<String>,
+    /// An infill item's code after the gap.
+    pub suffix: Option<String>,
 }
 
 impl Item {
@@ -46,6 +50,10 @@ impl Item {
             Format::Completion => {
                 PromptInput::Text(format!("{}{text}", self.system.as_deref().unwrap_or("")))
             }
+            Format::Infill => PromptInput::Infill {
+                prefix: format!("{}{text}", self.system.as_deref().unwrap_or("")),
+                suffix: self.suffix.clone().unwrap_or_default(),
+            },
             Format::Chat => {
                 if let (true, Some(system)) = (messages.is_empty(), &self.system) {
                     messages.push(ChatMessage::new("system", system));
@@ -68,6 +76,8 @@ struct Line {
     format: Format,
     #[serde(default)]
     turns: Option<Vec<String>>,
+    #[serde(default)]
+    suffix: Option<String>,
 }
 
 /// Reads the items of `path`, in file order. Every line must be a complete item; ids must
@@ -101,7 +111,7 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Item>> {
         let line: Line = serde_json::from_str(text).with_context(|| {
             format!(
                 "{}: not a benchmark item (fields `id`, `category`, `prompt`, `format` \
-                 chat|completion, optional `turns`)",
+                 chat|completion|infill, optional `turns`, `suffix`)",
                 at()
             )
         })?;
@@ -117,11 +127,17 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Item>> {
             Some(turns) if !turns.is_empty() => turns,
             _ => vec![line.prompt],
         };
-        if line.format == Format::Completion && turns.len() > 1 {
+        if line.format != Format::Chat && turns.len() > 1 {
             bail!(
                 "{}: `{id}` is a completion with {} turns; only chats have turns",
                 at(),
                 turns.len()
+            );
+        }
+        if (line.format == Format::Infill) != line.suffix.is_some() {
+            bail!(
+                "{}: `{id}`: an infill item has a `suffix`, and only it",
+                at()
             );
         }
         if turns.iter().any(|t| t.is_empty()) {
@@ -133,6 +149,7 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Item>> {
             format: line.format,
             turns,
             system: None,
+            suffix: line.suffix,
         });
     }
     if items.is_empty() {
@@ -201,10 +218,21 @@ mod tests {
                 "\n\n",
                 r#"{"id": 7, "category": "y", "prompt": "def f():", "format": "completion"}"#,
                 "\n",
+                r#"{"id": 8, "category": "y", "prompt": "def f():\n    ", "suffix": "\n    return x\n", "format": "infill"}"#,
+                "\n",
             ),
         );
         let items = read(&path).unwrap();
-        assert_eq!(items.len(), 2);
+        assert_eq!(items.len(), 3);
+        match items[2].prompt(0, &mut Vec::new()) {
+            Some(PromptInput::Infill { prefix, suffix }) => {
+                assert_eq!(
+                    (prefix.as_str(), suffix.as_str()),
+                    ("def f():\n    ", "\n    return x\n")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(items[0].turns, ["one", "two"]);
         assert_eq!(items[0].format, Format::Chat);
         assert_eq!(items[1].id, "7");
@@ -226,6 +254,16 @@ mod tests {
                 "turns.jsonl",
                 r#"{"id": "a", "category": "x", "prompt": "p", "format": "completion", "turns": ["p", "q"]}"#,
                 "only chats have turns",
+            ),
+            (
+                "no-suffix.jsonl",
+                r#"{"id": "a", "category": "x", "prompt": "p", "format": "infill"}"#,
+                "an infill item has a `suffix`",
+            ),
+            (
+                "stray-suffix.jsonl",
+                r#"{"id": "a", "category": "x", "prompt": "p", "suffix": "s", "format": "chat"}"#,
+                "an infill item has a `suffix`",
             ),
             ("empty-prompt.jsonl", r#"{"id": "a", "category": "x", "prompt": "", "format": "chat"}"#, "empty prompt"),
             ("nothing.jsonl", "\n", "holds no items"),
@@ -249,6 +287,7 @@ mod tests {
             format: Format::Chat,
             turns: vec!["p".into()],
             system: None,
+            suffix: None,
         };
         let files = vec![
             vec![

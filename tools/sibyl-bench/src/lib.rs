@@ -35,7 +35,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// A JSONL file of prompts: one object per line with `id`, `category`, `prompt`,
-    /// `format` (chat or completion) and optional `turns` (a conversation). Repeatable.
+    /// `format` (chat, completion or infill) and optional `turns` (a conversation) or `suffix`
+    /// (infill: the code after the gap the model fills). Repeatable.
     #[arg(long = "dataset", required = true)]
     pub datasets: Vec<PathBuf>,
 
@@ -817,6 +818,7 @@ mod tests {
                 format: Format::Chat,
                 turns: vec!["Count from one to ten.".into(), "Now backwards.".into()],
                 system: None,
+                suffix: None,
             },
             Item {
                 id: "code-1".into(),
@@ -824,6 +826,7 @@ mod tests {
                 format: Format::Completion,
                 turns: vec!["def fibonacci(n):\n".into()],
                 system: None,
+                suffix: None,
             },
             // Longer than the model's context window: a failure, recorded, and the run
             // goes on.
@@ -833,6 +836,7 @@ mod tests {
                 format: Format::Completion,
                 turns: vec!["word ".repeat(9000)],
                 system: None,
+                suffix: None,
             },
         ];
         let lossy = BenchConfig {
@@ -929,6 +933,7 @@ mod tests {
             format: Format::Completion,
             turns: vec!["def fibonacci(n):\n".into()],
             system: None,
+            suffix: None,
         }]
     }
 

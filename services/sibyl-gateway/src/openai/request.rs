@@ -321,7 +321,7 @@ impl Common {
                     }
                 }
             }
-            PromptInput::Text(_) | PromptInput::Tokens(_) => {
+            PromptInput::Text(_) | PromptInput::Tokens(_) | PromptInput::Infill { .. } => {
                 if count(&self.top_logprobs).is_none_or(|n| n.is_some_and(|n| n > 0)) {
                     return Err(GatewayError::invalid_param(
                         "top_logprobs",
@@ -341,7 +341,9 @@ impl Common {
         };
         let param = match prompt {
             PromptInput::Chat { .. } => "top_logprobs",
-            PromptInput::Text(_) | PromptInput::Tokens(_) => "logprobs",
+            PromptInput::Text(_) | PromptInput::Tokens(_) | PromptInput::Infill { .. } => {
+                "logprobs"
+            }
         };
         check_logprobs(asked, param)?;
         Ok(asked)
@@ -450,11 +452,28 @@ pub(super) enum CompletionPrompt {
 }
 
 impl CompletionPrompt {
-    /// The prompts it holds, in order: at least one, at most [`MAX_GENERATIONS`].
-    pub(super) fn into_inputs(self) -> Result<Vec<PromptInput>, GatewayError> {
+    /// The prompts it holds, in order: at least one, at most [`MAX_GENERATIONS`]. With a
+    /// `suffix` each text prompt is the code before a gap the model fills in.
+    pub(super) fn into_inputs(
+        self,
+        suffix: Option<String>,
+    ) -> Result<Vec<PromptInput>, GatewayError> {
+        let text = |prefix: String| match &suffix {
+            Some(suffix) => PromptInput::Infill {
+                prefix,
+                suffix: suffix.clone(),
+            },
+            None => PromptInput::Text(prefix),
+        };
         let inputs: Vec<PromptInput> = match self {
-            Self::Text(text) => vec![PromptInput::Text(text)],
-            Self::Texts(texts) => texts.into_iter().map(PromptInput::Text).collect(),
+            Self::Text(prefix) => vec![text(prefix)],
+            Self::Texts(texts) => texts.into_iter().map(text).collect(),
+            Self::Tokens(_) | Self::TokenLists(_) if suffix.is_some() => {
+                return Err(GatewayError::invalid_param(
+                    "suffix",
+                    "`suffix` takes a text `prompt`, not token ids",
+                ))
+            }
             Self::Tokens(ids) => vec![PromptInput::Tokens(ids)],
             Self::TokenLists(lists) => lists.into_iter().map(PromptInput::Tokens).collect(),
         };
@@ -474,6 +493,9 @@ impl CompletionPrompt {
 #[derive(Debug, Deserialize)]
 pub(super) struct CompletionRequest {
     pub(super) prompt: CompletionPrompt,
+    /// The text after the completion: the model fills in the middle (an empty one asks
+    /// for nothing, as OpenAI's default).
+    pub(super) suffix: Option<String>,
     #[serde(flatten)]
     pub(super) common: Common,
 }

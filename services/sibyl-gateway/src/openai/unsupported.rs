@@ -12,7 +12,6 @@ pub(super) struct Unsupported {
     functions: Option<Value>,
     function_call: Option<Value>,
     best_of: Option<Value>,
-    suffix: Option<Value>,
 }
 
 /// Whether a field is absent, null or one of the `allowed` values that ask for nothing.
@@ -43,7 +42,7 @@ impl Unsupported {
             other => neutral(other, &[]),
         };
         let one = |value: &Option<Value>| neutral(value, &[json!(1)]);
-        let checks: [(&'static str, bool, &str); 4] = [
+        let checks: [(&'static str, bool, &str); 3] = [
             (
                 "functions",
                 empty(&self.functions),
@@ -58,11 +57,6 @@ impl Unsupported {
                 "best_of",
                 one(&self.best_of),
                 "only `best_of: 1` is supported (`n` gives several choices)",
-            ),
-            (
-                "suffix",
-                neutral(&self.suffix, &[json!("")]),
-                "`suffix` (insertion) is not supported",
             ),
         ];
         refuse_first(checks)
