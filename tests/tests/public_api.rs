@@ -1967,3 +1967,92 @@ async fn a_code_model_fills_in_the_middle_between_a_prompt_and_a_suffix() {
     .await;
     cluster.stop().await;
 }
+
+/// A chat answer's text, its accepted draft tokens and its completion tokens.
+async fn chat_answer(cluster: &Cluster, body: Value) -> (String, u64, u64) {
+    let response = post(cluster, "/v1/chat/completions", &[], &body).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let body = response.json();
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    let usage = &body["usage"];
+    let accepted = &usage["completion_tokens_details"]["accepted_prediction_tokens"];
+    let tokens = &usage["completion_tokens"];
+    (
+        text.into(),
+        accepted.as_u64().unwrap(),
+        tokens.as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_predicted_output_is_drafted_from_and_never_changes_the_answer() {
+    let cluster = Cluster::start(ClusterOptions::default())
+        .await
+        .expect("cluster");
+    let chat = |extra: Value| {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+            "max_tokens": 48,
+            "temperature": 0,
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let answer = |body: Value| chat_answer(&cluster, body);
+    let (text, _, _) = answer(chat(json!({}))).await;
+    // The answer itself predicted: the same answer.
+    let predicted = json!({"prediction": {"type": "content", "content": text}});
+    assert_eq!(answer(chat(predicted)).await.0, text);
+    // As text parts; with speculation off it is not used.
+    let parts = json!({"prediction": {"type": "content",
+        "content": [{"type": "text", "text": text}]}});
+    assert_eq!(answer(chat(parts)).await.0, text);
+    let off = json!({"prediction": {"type": "content", "content": text},
+        "speculation": {"enabled": false}});
+    let (plain, accepted_off, _) = answer(chat(off)).await;
+    assert_eq!((plain.as_str(), accepted_off), (text.as_str(), 0));
+    // A wrong prediction costs drafts, never the answer.
+    let wrong = json!({"prediction": {"type": "content",
+        "content": "Roses are red, violets are blue. ".repeat(8)}});
+    assert_eq!(answer(chat(wrong)).await.0, text);
+    // gRPC's `prediction` gives the same text.
+    let mut gateway = cluster.gateway_client().await.unwrap();
+    let request = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Chat(pb::ChatConversation {
+            messages: vec![pb::ChatMessage {
+                role: "user".into(),
+                content: "Write a short poem about the sea.".into(),
+            }],
+            add_generation_prompt: Some(true),
+            ..Default::default()
+        })),
+        max_tokens: 48,
+        sampling: Some(pb::SamplingParams::default()),
+        prediction: text.clone(),
+        ..Default::default()
+    };
+    let (grpc_text, summary) = generate_text(&mut gateway, request, |_| {}).await.unwrap();
+    assert_eq!(grpc_text, text);
+    // Most of the answer came from the prediction's drafts, drafter kind `prediction`.
+    let prediction = summary
+        .drafters
+        .iter()
+        .find(|d| d.kind == "prediction")
+        .expect("the prediction's drafter is reported");
+    let tokens = u64::from(summary.usage.unwrap().completion_tokens);
+    assert!(
+        prediction.accepted_tokens * 2 >= tokens,
+        "{} of {tokens} tokens accepted from the prediction",
+        prediction.accepted_tokens
+    );
+    for bad in [
+        json!({"prediction": {"type": "file", "content": "x"}}),
+        json!({"prediction": {"type": "content", "content": [{"type": "image_url"}]}}),
+        json!({"prediction": "x"}),
+    ] {
+        assert_bad_param(&cluster, "/v1/chat/completions", &chat(bad), "prediction").await;
+    }
+    cluster.stop().await;
+}

@@ -77,21 +77,7 @@ impl NgramDrafter {
                 if continuation.is_empty() {
                     continue;
                 }
-                let known = branches
-                    .iter_mut()
-                    .find(|b| b.tokens.first() == continuation.first());
-                match known {
-                    // A longer continuation with the same start replaces a shorter one.
-                    Some(branch)
-                        if branch.tokens.len() < continuation.len()
-                            && continuation.starts_with(&branch.tokens) =>
-                    {
-                        branch.tokens = continuation.to_vec();
-                    }
-                    Some(_) => {}
-                    None => branches
-                        .push(Proposal::greedy(continuation.to_vec()).with_evidence(n as u32)),
-                }
+                add_branch(&mut branches, continuation, n);
                 if branches.len() >= self.config.max_branches || matches >= self.config.max_matches
                 {
                     break;
@@ -108,6 +94,103 @@ impl NgramDrafter {
 impl Drafter for NgramDrafter {
     fn kind(&self) -> &str {
         "ngram"
+    }
+
+    fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
+        self.lookup(context, max_tokens)
+    }
+}
+
+/// Adds `continuation` (found after a match of `n` tokens) to `branches`, unless a branch
+/// already starts with its first token: a longer continuation with the same start then
+/// replaces a shorter one.
+fn add_branch(branches: &mut Vec<Proposal>, continuation: &[TokenId], n: usize) {
+    let known = branches
+        .iter_mut()
+        .find(|b| b.tokens.first() == continuation.first());
+    match known {
+        Some(branch)
+            if branch.tokens.len() < continuation.len()
+                && continuation.starts_with(&branch.tokens) =>
+        {
+            branch.tokens = continuation.to_vec();
+        }
+        Some(_) => {}
+        None => branches.push(Proposal::greedy(continuation.to_vec()).with_evidence(n as u32)),
+    }
+}
+
+/// Drafts from what the client expects the output to be (OpenAI's predicted outputs: the
+/// file being edited, the last version of an answer). Before the first output token it
+/// proposes the prediction's start; then the longest suffix of the output (up to
+/// `max_ngram` tokens) that occurs in the prediction proposes what follows it there,
+/// nearest first to where the last proposal left off, so that an edit that skips or
+/// inserts text picks the prediction up again a few tokens later. The evidence is the
+/// match's length (0 at the start), learned apart from the other drafters'.
+#[derive(Debug, Clone)]
+pub struct PredictionDrafter {
+    prediction: Vec<TokenId>,
+    /// Tokens of the context before the output.
+    prompt_len: usize,
+    config: NgramConfig,
+    /// The prediction's position after the last proposal's match.
+    cursor: usize,
+}
+
+impl PredictionDrafter {
+    pub fn new(prediction: Vec<TokenId>, prompt_len: usize) -> Self {
+        Self {
+            prediction,
+            prompt_len,
+            config: NgramDrafter::default().config,
+            cursor: 0,
+        }
+    }
+
+    /// Continuations in the prediction of the longest suffix of the output in `context`.
+    pub fn lookup(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
+        let mut branches: Vec<Proposal> = Vec::new();
+        let prediction = &self.prediction;
+        if max_tokens == 0 || prediction.is_empty() {
+            return branches;
+        }
+        let output = context.get(self.prompt_len..).unwrap_or_default();
+        if output.is_empty() {
+            let start = &prediction[..max_tokens.min(prediction.len())];
+            return vec![Proposal::greedy(start.to_vec())];
+        }
+        let longest = self.config.max_ngram.min(output.len());
+        for n in (self.config.min_ngram..=longest).rev() {
+            let suffix = &output[output.len() - n..];
+            // Where a match ends, nearest first to the cursor (ahead of it before behind).
+            let mut ends: Vec<usize> = prediction
+                .windows(n)
+                .enumerate()
+                .filter(|&(start, window)| window == suffix && start + n < prediction.len())
+                .map(|(start, _)| start + n)
+                .collect();
+            ends.sort_by_key(|&end| (end < self.cursor, end.abs_diff(self.cursor)));
+            for &end in ends.iter().take(self.config.max_matches) {
+                let continuation = &prediction[end..(end + max_tokens).min(prediction.len())];
+                if branches.is_empty() {
+                    self.cursor = end;
+                }
+                add_branch(&mut branches, continuation, n);
+                if branches.len() >= self.config.max_branches {
+                    return branches;
+                }
+            }
+            if !branches.is_empty() {
+                break;
+            }
+        }
+        branches
+    }
+}
+
+impl Drafter for PredictionDrafter {
+    fn kind(&self) -> &str {
+        "prediction"
     }
 
     fn propose(&mut self, context: &[TokenId], max_tokens: usize) -> Vec<Proposal> {
@@ -158,6 +241,38 @@ mod tests {
         assert_eq!(branches.len(), 1);
         let tokens = &branches[0].tokens;
         assert!(tokens.len() <= 3 && tokens.iter().all(|&t| t == 5));
+    }
+
+    #[test]
+    fn a_prediction_is_proposed_from_its_start_then_followed_where_the_output_is() {
+        let prompt = [100, 101, 102];
+        let prediction = vec![1, 2, 3, 4, 5, 6, 7, 8, 9];
+        let mut drafter = PredictionDrafter::new(prediction, prompt.len());
+        assert_eq!(drafter.lookup(&prompt, 4)[0].tokens, vec![1, 2, 3, 4]);
+        // The output follows the prediction: what comes next there.
+        let branches = drafter.lookup(&[100, 101, 102, 1, 2], 3);
+        assert_eq!(branches[0].tokens, vec![3, 4, 5]);
+        assert_eq!(branches[0].evidence, 2);
+        // An edit: the output skipped 3 and 4 and wrote 42; at 5 it is picked up again.
+        assert!(drafter.lookup(&[100, 101, 102, 1, 2, 42], 3).is_empty());
+        let branches = drafter.lookup(&[100, 101, 102, 1, 2, 42, 5], 3);
+        assert_eq!(branches[0].tokens, vec![6, 7, 8]);
+        // The end of the prediction proposes nothing; the prompt is not searched.
+        assert!(drafter.lookup(&[100, 101, 102, 9], 3).is_empty());
+        assert!(drafter.lookup(&[100, 101, 102, 101], 3).is_empty());
+    }
+
+    #[test]
+    fn of_repeated_text_the_match_nearest_ahead_of_the_last_is_taken_first() {
+        // Two lines alike but for their last token: `7 8 1` then `7 8 2`.
+        let prediction = vec![7, 8, 1, 0, 7, 8, 2, 0];
+        let mut drafter = PredictionDrafter::new(prediction, 0);
+        let first = drafter.lookup(&[7, 8], 2);
+        assert_eq!(first[0].tokens, vec![1, 0]);
+        assert_eq!(first[1].tokens, vec![2, 0]);
+        // Past the first line, the second line's ending comes first.
+        let second = drafter.lookup(&[7, 8, 1, 0, 7, 8], 2);
+        assert_eq!(second[0].tokens, vec![2, 0]);
     }
 
     #[test]

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Args;
 use sibyl_decode::{GenerationConfig, GenerationReport};
 use sibyl_engine::{ChatMessage, Detokenizer};
+use sibyl_ngram::PredictionDrafter;
 use sibyl_setup::args::{DeviceArgs, ModelArgs, SamplingArgs, SpeculationArgs};
 use sibyl_setup::{draft_kinds, init_threads, load_model, DrafterSources};
 use sibyl_spec::SamplingConfig;
@@ -26,6 +27,12 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "chat")]
     pub suffix: Option<String>,
 
+    /// A file holding what the output is expected to be (the text being edited, an earlier
+    /// version of the answer): drafted from beside the other drafters, never copied; the
+    /// output is the model's whatever the file holds. Unused with `--draft none`.
+    #[arg(long)]
+    pub prediction_file: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -44,6 +51,8 @@ pub struct GenerateConfig {
     pub prompt: String,
     pub chat: bool,
     pub suffix: Option<String>,
+    /// The text of `--prediction-file`.
+    pub prediction: Option<String>,
     pub model: ModelArgs,
     pub device: sibyl_engine::Device,
     pub generation: GenerationConfig,
@@ -76,6 +85,13 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
             prompt: args.prompt,
             chat: args.chat,
             suffix: args.suffix,
+            prediction: args
+                .prediction_file
+                .map(|path| {
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("--prediction-file {}", path.display()))
+                })
+                .transpose()?,
             model: args.model,
             device: args.device.device,
             generation: GenerationConfig {
@@ -119,6 +135,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let generation = &config.generation;
     sources.measure(generation.learning.as_ref(), generation.tree.max_depth);
     let mut drafters = sources.drafters(&kinds)?;
+    if let (Some(text), false) = (&config.prediction, kinds.is_empty()) {
+        let tokens = loaded.tokenizer.encode_text(text)?;
+        drafters.push(Box::new(PredictionDrafter::new(tokens, prompt.len())));
+    }
     let mut detokenizer = Detokenizer::new(&loaded.tokenizer);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;

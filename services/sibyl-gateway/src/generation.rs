@@ -77,6 +77,9 @@ pub struct Generation {
     pub prompt_logprobs: Option<u32>,
     /// A grammar the output must follow.
     pub grammar: Option<Grammar>,
+    /// What the output is expected to be (OpenAI's predicted outputs): the verifier drafts
+    /// from it; the output stays the model's.
+    pub prediction: Option<String>,
     /// How the generation may end (vLLM's `min_tokens`, `ignore_eos`, `stop_token_ids`,
     /// `include_stop_str_in_output`).
     pub ending: Ending,
@@ -520,28 +523,56 @@ impl Gateway {
         }
     }
 
-    /// The prompt's tokens (a chat rendered with the model's template), as a generation
-    /// would send them: refused when it leaves no room for one token of output.
-    pub async fn prompt_tokens(&self, input: PromptInput) -> Result<Vec<u32>, GatewayError> {
-        self.check_prompt_bytes(&input)?;
-        let text = self.text.clone();
+    /// The tokens of a predicted output, read as plain text, off the async workers; refused
+    /// when they would not fit the context window.
+    async fn prediction_tokens(&self, text: String) -> Result<Vec<u32>, GatewayError> {
+        let window = self.context_length();
+        let too_long = || {
+            GatewayError::invalid_param(
+                "prediction",
+                format!("the prediction is longer than the context window of {window} tokens"),
+            )
+        };
+        if self.text.tokenizer.least_tokens(&text, window + 1) > window {
+            return Err(too_long());
+        }
+        self.off_workers(move |model| model.tokenizer.encode_text_at_most(&text, window))
+            .await?
+            .map_err(|e| GatewayError::invalid_param("prediction", e.to_string()))?
+            .ok_or_else(too_long)
+    }
+
+    /// Runs tokenizing `work` on a blocking thread, at most as many at once as the
+    /// gateway allows. The permit goes with the work: a request dropped meanwhile frees it
+    /// only when its tokenizing is done.
+    async fn off_workers<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&TextModel) -> T + Send + 'static,
+    ) -> Result<T, GatewayError> {
+        let model = self.text.clone();
         let permit = self
             .tokenizing
             .clone()
             .acquire_owned()
             .await
             .map_err(|e| GatewayError::Internal(e.to_string()))?;
-        // A prompt must leave room for one token of output.
-        let limit = self.context_length().saturating_sub(1);
-        // The permit goes with the work: a request dropped meanwhile frees it only when
-        // its tokenizing is done.
         tokio::task::spawn_blocking(move || {
-            let tokens = tokenize(&text, &input, limit);
+            let done = work(&model);
             drop(permit);
-            tokens
+            done
         })
         .await
-        .map_err(|e| GatewayError::Internal(e.to_string()))?
+        .map_err(|e| GatewayError::Internal(e.to_string()))
+    }
+
+    /// The prompt's tokens (a chat rendered with the model's template), as a generation
+    /// would send them: refused when it leaves no room for one token of output.
+    pub async fn prompt_tokens(&self, input: PromptInput) -> Result<Vec<u32>, GatewayError> {
+        self.check_prompt_bytes(&input)?;
+        // A prompt must leave room for one token of output.
+        let limit = self.context_length().saturating_sub(1);
+        self.off_workers(move |model| tokenize(model, &input, limit))
+            .await?
     }
 
     /// The text of `tokens` (control tokens left out), for `/detokenize`.
@@ -624,7 +655,12 @@ impl Gateway {
         // generation itself (at a stop string).
         let seed = *sampling.seed.get_or_insert_with(rand::random);
         let max_tokens = self.max_tokens(prompt.len(), request.max_tokens)?;
+        let prediction = match &request.prediction {
+            Some(text) => self.prediction_tokens(text.clone()).await?,
+            None => Vec::new(),
+        };
         let verify = pb::VerifyRequest {
+            prediction,
             prompt_tokens: prompt,
             max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
             sampling: Some(sampling.into()),

@@ -105,6 +105,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
                 .map(Grammar::from_wire)
                 .transpose()
                 .map_err(Status::from)?,
+            prediction: (!request.prediction.is_empty()).then_some(request.prediction),
             ending: Ending {
                 min_tokens: request.min_tokens,
                 ignore_eos: request.ignore_eos,

@@ -6,6 +6,7 @@ use crate::shared::Shared;
 use sibyl_decode::{check_request, GenerationConfig, Session, SharedLearning};
 use sibyl_engine::LoadedModel;
 use sibyl_grammar::{GrammarCompiler, GrammarConstraint};
+use sibyl_ngram::PredictionDrafter;
 use sibyl_proto::v1 as pb;
 use sibyl_spec::{InboxLimits, MinTokens, TokenConstraint, TokenId};
 use sibyl_telemetry::metrics::{self, GaugeGuard};
@@ -248,6 +249,7 @@ impl VerifierService {
             constraints.push(Box::new(min));
         }
         let endpoints = self.select_drafters(request.speculation.as_ref())?;
+        let prediction = self.prediction(engine, &request)?;
         let open = pb::DraftOpen {
             context_tokens: Vec::new(),
             tokenizer_fingerprint: ours,
@@ -273,16 +275,53 @@ impl VerifierService {
                 token: self.inner.config.internal_token.clone(),
             })
             .collect();
+        let mut drafter_kinds: Vec<String> =
+            links.iter().map(|l| l.endpoint.kind.clone()).collect();
+        let prediction = prediction.map(|tokens| {
+            drafter_kinds.push("prediction".into());
+            PredictionDrafter::new(tokens, request.prompt_tokens.len())
+        });
         let plan = Plan {
             prompt: request.prompt_tokens,
             config: generation,
-            drafter_kinds: links.iter().map(|l| l.endpoint.kind.clone()).collect(),
+            drafter_kinds,
             inbox,
             step_times: request.step_times,
             constraints,
             prompt_logprobs,
+            prediction,
         };
         Ok((plan, links))
+    }
+
+    /// The request's predicted output, checked, unless speculation is off or it is empty.
+    fn prediction(
+        &self,
+        engine: &Engine,
+        request: &pb::VerifyRequest,
+    ) -> Result<Option<Vec<TokenId>>, Status> {
+        let off = request
+            .speculation
+            .as_ref()
+            .is_some_and(|s| pb::SpeculationMode::try_from(s.mode) == Ok(pb::SpeculationMode::Off));
+        if off || request.prediction.is_empty() {
+            return Ok(None);
+        }
+        let model = &engine.loaded.model;
+        let window = model.config().context_length;
+        if request.prediction.len() > window {
+            return Err(Status::invalid_argument(format!(
+                "the prediction has {} tokens, more than the context window of {window}",
+                request.prediction.len()
+            )));
+        }
+        let vocab = model.vocab_size();
+        if let Some(token) = request.prediction.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Status::invalid_argument(format!(
+                "prediction token {token} is outside the vocabulary of {vocab} tokens"
+            )));
+        }
+        Ok(Some(request.prediction.clone()))
     }
 
     fn select_drafters(
@@ -411,7 +450,8 @@ impl VerifierService {
         }
         let shared = Arc::new(Shared::new(plan.prompt.clone(), links.len(), plan.inbox));
         let (accepted_len, watch_len) = watch::channel(plan.prompt.len());
-        let gathers = plan.config.tree.budget > 0 && !links.is_empty();
+        let gathers =
+            plan.config.tree.budget > 0 && (!links.is_empty() || plan.prediction.is_some());
         let tasks: Vec<_> = links
             .into_iter()
             .map(|params| {
@@ -437,6 +477,7 @@ impl VerifierService {
                 idle_timeout: inner.config.idle_timeout,
                 step_times: plan.step_times,
                 links: tasks,
+                prediction: plan.prediction.take(),
                 span: span.clone(),
                 held,
             },

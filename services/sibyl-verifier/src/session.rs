@@ -5,6 +5,7 @@ use crate::shared::{LinkStatus, Shared};
 use sibyl_decode::{
     Client, FinishReason, GenerateError, GenerationConfig, GenerationReport, Session,
 };
+use sibyl_ngram::PredictionDrafter;
 use sibyl_proto::v1::{self as pb, verify_event::Event};
 use sibyl_spec::{DrafterId, InboxLimits, Proposal, TokenConstraint, TokenId};
 use sibyl_telemetry::metrics::{self, GaugeShare};
@@ -31,6 +32,9 @@ pub(crate) struct Plan {
     pub(crate) constraints: Vec<Box<dyn TokenConstraint + Sync>>,
     /// The prompt's log-probabilities, with this many most likely tokens each.
     pub(crate) prompt_logprobs: Option<usize>,
+    /// The session's own drafter of the client's predicted output, if it sent one (its id
+    /// follows the links').
+    pub(crate) prediction: Option<PredictionDrafter>,
 }
 
 pub(crate) type Events = mpsc::Sender<Result<pb::VerifyEvent, Status>>;
@@ -50,6 +54,8 @@ pub(crate) struct Remote {
     pub(crate) idle_timeout: Duration,
     pub(crate) step_times: bool,
     pub(crate) links: Vec<JoinHandle<()>>,
+    /// Drafts of the client's predicted output, made here each step (after the links').
+    pub(crate) prediction: Option<PredictionDrafter>,
     pub(crate) span: tracing::Span,
     pub(crate) held: Held,
 }
@@ -153,8 +159,14 @@ impl Client for RemoteClient {
             return Vec::new();
         }
         let wait = deadline.saturating_duration_since(Instant::now());
-        let (proposals, waited) = self.remote.shared.gather(wait);
+        let (mut proposals, waited) = self.remote.shared.gather(wait);
         self.waits.push(waited);
+        if let Some(prediction) = &mut self.remote.prediction {
+            let branches = prediction.lookup(session.context(), session.draft_depth());
+            if !branches.is_empty() {
+                proposals.push((DrafterId(self.remote.links.len()), branches));
+            }
+        }
         proposals
     }
 
@@ -311,24 +323,32 @@ fn summary(
     step_times: bool,
 ) -> pb::VerifySummary {
     let state = shared.lock();
+    // The links' drafters, then the session's own (the predicted output), in process.
     let drafters = report
         .drafters
         .iter()
-        .zip(&state.links)
-        .map(|(drafter, link)| pb::DrafterStats {
-            kind: drafter.kind.clone(),
-            endpoint: link.endpoint.clone(),
-            proposed_tokens: drafter.proposed,
-            accepted_tokens: drafter.accepted,
-            blocks_received: link.inbox.received() + link.malformed,
-            blocks_dropped: link.inbox.dropped() + link.malformed,
-            state: match link.status {
-                LinkStatus::Connected => pb::DrafterState::Connected,
-                LinkStatus::Refused => pb::DrafterState::Refused,
-                LinkStatus::Connecting => pb::DrafterState::Connecting,
-                LinkStatus::Failed => pb::DrafterState::Failed,
-            } as i32,
-            error: link.error.clone(),
+        .enumerate()
+        .map(|(i, drafter)| {
+            let mut stats = pb::DrafterStats {
+                kind: drafter.kind.clone(),
+                proposed_tokens: drafter.proposed,
+                accepted_tokens: drafter.accepted,
+                state: pb::DrafterState::Connected as i32,
+                ..Default::default()
+            };
+            if let Some(link) = state.links.get(i) {
+                stats.endpoint = link.endpoint.clone();
+                stats.blocks_received = link.inbox.received() + link.malformed;
+                stats.blocks_dropped = link.inbox.dropped() + link.malformed;
+                stats.state = match link.status {
+                    LinkStatus::Connected => pb::DrafterState::Connected,
+                    LinkStatus::Refused => pb::DrafterState::Refused,
+                    LinkStatus::Connecting => pb::DrafterState::Connecting,
+                    LinkStatus::Failed => pb::DrafterState::Failed,
+                } as i32;
+                stats.error = link.error.clone();
+            }
+            stats
         })
         .collect();
     let mut sorted = waits.to_vec();
@@ -395,6 +415,7 @@ mod tests {
                 accepted_len: watch::channel(1).0,
                 events,
                 gathers: false,
+                prediction: None,
                 idle_timeout,
                 step_times: false,
                 links: Vec::new(),

@@ -94,6 +94,8 @@ pub(super) struct Common {
     /// Completions only: the prompt comes back before the completion (with `logprobs`,
     /// its tokens' log-probabilities too).
     echo: Option<Value>,
+    /// OpenAI's predicted output: `{"type": "content", "content": text or text parts}`.
+    prediction: Option<Value>,
     #[serde(flatten)]
     unsupported: Unsupported,
 }
@@ -270,6 +272,41 @@ impl Common {
         }
     }
 
+    /// The text of a predicted output (`None` when absent or empty).
+    fn prediction(&self) -> Result<Option<String>, GatewayError> {
+        let bad = || {
+            GatewayError::invalid_param(
+                "prediction",
+                "`prediction` is `{\"type\": \"content\", \"content\": ...}` with a string \
+                 or a list of text parts",
+            )
+        };
+        let content = match &self.prediction {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(fields))
+                if fields.get("type").and_then(Value::as_str) == Some("content") =>
+            {
+                fields.get("content").ok_or_else(bad)?
+            }
+            Some(_) => return Err(bad()),
+        };
+        let text = match content {
+            Value::String(text) => text.clone(),
+            Value::Array(parts) => parts
+                .iter()
+                .map(|part| match (part.get("type"), part.get("text")) {
+                    (Some(kind), Some(Value::String(text))) if kind == "text" => {
+                        Some(text.as_str())
+                    }
+                    _ => None,
+                })
+                .collect::<Option<String>>()
+                .ok_or_else(bad)?,
+            _ => return Err(bad()),
+        };
+        Ok(Some(text).filter(|t| !t.is_empty()))
+    }
+
     /// Whether the request asks for log probabilities at all (however it spells it).
     pub(super) fn logprobs_asked(&self) -> bool {
         !matches!(
@@ -371,6 +408,7 @@ impl Common {
             (grammar, calls) => grammar.or(calls),
         };
         let logprobs = self.logprobs(&prompt)?;
+        let prediction = self.prediction()?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (None, None) => None,
             (Some(n), _) | (None, Some(n)) if n < 1 => {
@@ -427,6 +465,7 @@ impl Common {
             // With `echo`, the prompt's tokens come with theirs.
             prompt_logprobs: logprobs.filter(|_| scored),
             grammar,
+            prediction,
             ending: Ending {
                 min_tokens: self.min_tokens.unwrap_or(0),
                 ignore_eos: self.ignore_eos,
