@@ -88,9 +88,59 @@ pub enum ToolCallFormat {
     Hermes,
 }
 
+/// `date` written by the `strftime` directives templates use (`strftime_now("%d %b %Y")` in
+/// Llama 3.1's, `"%Y-%m-%d"`, `"%B %d, %Y"`), as Python writes them in the C locale; another
+/// directive is an error naming it.
+fn strftime(format: &str, date: time::OffsetDateTime) -> Result<String, minijinja::Error> {
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let month = date.month().to_string();
+        let weekday = date.weekday().to_string();
+        let hour12 = match date.hour() % 12 {
+            0 => 12,
+            h => h,
+        };
+        match chars.next() {
+            Some('Y') => out.push_str(&date.year().to_string()),
+            Some('y') => out.push_str(&format!("{:02}", date.year().rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{:02}", u8::from(date.month()))),
+            Some('d') => out.push_str(&format!("{:02}", date.day())),
+            Some('e') => out.push_str(&format!("{:2}", date.day())),
+            Some('j') => out.push_str(&format!("{:03}", date.ordinal())),
+            Some('B') => out.push_str(&month),
+            Some('b' | 'h') => out.push_str(&month[..3]),
+            Some('A') => out.push_str(&weekday),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('H') => out.push_str(&format!("{:02}", date.hour())),
+            Some('I') => out.push_str(&format!("{hour12:02}")),
+            Some('p') => out.push_str(if date.hour() < 12 { "AM" } else { "PM" }),
+            Some('M') => out.push_str(&format!("{:02}", date.minute())),
+            Some('S') => out.push_str(&format!("{:02}", date.second())),
+            Some('Z') => out.push_str("UTC"),
+            Some('z') => out.push_str("+0000"),
+            Some('%') => out.push('%'),
+            other => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!(
+                        "strftime_now: `%{}` is not supported",
+                        other.map(String::from).unwrap_or_default()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The model's chat template (Jinja, from `tokenizer.chat_template`), rendered with
-/// minijinja, Python-compatible string methods and `tojson` as Python's `json.dumps`
-/// writes (as Hugging Face's templates are rendered).
+/// minijinja, Python-compatible string methods, `tojson` as Python's `json.dumps` writes,
+/// and `strftime_now` (today's date, UTC), as Hugging Face's templates are rendered.
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
@@ -108,6 +158,12 @@ impl ChatTemplate {
             "raise_exception",
             |message: String| -> Result<String, minijinja::Error> {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_function(
+            "strftime_now",
+            |format: String| -> Result<String, minijinja::Error> {
+                strftime(&format, time::OffsetDateTime::now_utc())
             },
         );
         env.add_filter("tojson", tojson);
@@ -711,6 +767,36 @@ mod tests {
         );
         let unknown = ChatTemplate::new("{{ 1 | tojson(colour=1) }}", "", "").unwrap();
         assert!(unknown.render(&[]).is_err());
+    }
+
+    #[test]
+    fn strftime_now_writes_the_date_as_python_does() {
+        let dated = time::Date::from_calendar_date(2024, time::Month::July, 26)
+            .and_then(|day| day.with_hms(9, 5, 3))
+            .unwrap()
+            .assume_utc();
+        let cases = [
+            ("%d %b %Y", "26 Jul 2024"),
+            ("%Y-%m-%d", "2024-07-26"),
+            ("%B %d, %Y", "July 26, 2024"),
+            ("%A %a %j %e %y", "Friday Fri 208 26 24"),
+            ("%I:%M:%S %p %H %Z%% x", "09:05:03 AM 09 UTC% x"),
+        ];
+        for (format, expected) in cases {
+            assert_eq!(strftime(format, dated).unwrap(), expected, "{format}");
+        }
+        assert!(strftime("%Q", dated)
+            .unwrap_err()
+            .to_string()
+            .contains("`%Q`"));
+        // Llama 3.1's guard finds it; it writes today's date.
+        let source = "{% if strftime_now is defined %}{{ strftime_now('%Y') }}{% endif %}";
+        let year = time::OffsetDateTime::now_utc().year().to_string();
+        let rendered = ChatTemplate::new(source, "", "")
+            .unwrap()
+            .render(&[])
+            .unwrap();
+        assert_eq!(rendered, year);
     }
 
     #[test]
