@@ -36,6 +36,19 @@ def main() -> None:
     details = whole.usage.completion_tokens_details
     assert details.accepted_prediction_tokens is not None, whole.usage
     assert details.rejected_prediction_tokens is not None, whole.usage
+    # A predicted output is drafted from; the answer stays the model's.
+    predicted = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=64, temperature=0,
+        prediction={"type": "content", "content": text},
+    )
+    assert predicted.choices[0].message.content == text, predicted
+    # SmolLM2 has no fill-in-the-middle tokens: `suffix` is refused by name.
+    try:
+        client.completions.create(model=model, prompt="def f(", suffix="):", max_tokens=4)
+    except openai.BadRequestError as error:
+        assert error.body.get("param") == "suffix", error.body
+    else:
+        raise AssertionError("a suffix was accepted by a model without FIM tokens")
 
     pieces = []
     finish = None

@@ -98,6 +98,15 @@ def main() -> None:
         after.output_text, answer.choices[0].message.content)
     print("tool calls: ok", calls[0].function.name, arguments)
 
+    # A code model fills in the middle between `prompt` and `suffix`.
+    filled = client.completions.create(
+        model=model, prompt="def is_even(n):\n    ", suffix="\n    return result\n",
+        max_tokens=32, temperature=0,
+    )
+    choice = filled.choices[0]
+    assert choice.text.startswith("result ="), choice
+    print("fill in the middle: ok", repr(choice.text))
+
 
 if __name__ == "__main__":
     main()
