@@ -1,4 +1,5 @@
-//! Prompt-lookup n-gram drafting (LLMA, prompt lookup decoding).
+//! Prompt-lookup n-gram drafting (LLMA, prompt lookup decoding), and the same lookup in a
+//! client's predicted output ([`PredictionDrafter`]).
 //!
 //! The longest suffix of the context that occurred earlier in the context (the prompt and
 //! the session's own output) proposes the tokens that followed it. Lengths are tried from
@@ -124,8 +125,9 @@ fn add_branch(branches: &mut Vec<Proposal>, continuation: &[TokenId], n: usize) 
 /// file being edited, the last version of an answer). Before the first output token it
 /// proposes the prediction's start; then the longest suffix of the output (up to
 /// `max_ngram` tokens) that occurs in the prediction proposes what follows it there,
-/// nearest first to where the last proposal left off, so that an edit that skips or
-/// inserts text picks the prediction up again a few tokens later. The evidence is the
+/// nearest first to where the output has got to in it (where the last match was, moved on
+/// as far as the output has grown since), so that an edit that skips or inserts text
+/// picks the prediction up again a few tokens later. The evidence is the
 /// match's length (0 at the start), learned apart from the other drafters'.
 #[derive(Debug, Clone)]
 pub struct PredictionDrafter {
@@ -133,8 +135,10 @@ pub struct PredictionDrafter {
     /// Tokens of the context before the output.
     prompt_len: usize,
     config: NgramConfig,
-    /// The prediction's position after the last proposal's match.
-    cursor: usize,
+    /// The prediction's position after the last proposal's match, and the output's length
+    /// then: where the prediction is expected to go on is that far ahead of it as the
+    /// output has grown since.
+    cursor: (usize, usize),
 }
 
 impl PredictionDrafter {
@@ -143,7 +147,7 @@ impl PredictionDrafter {
             prediction,
             prompt_len,
             config: NgramDrafter::default().config,
-            cursor: 0,
+            cursor: (0, 0),
         }
     }
 
@@ -159,28 +163,40 @@ impl PredictionDrafter {
             let start = &prediction[..max_tokens.min(prediction.len())];
             return vec![Proposal::greedy(start.to_vec())];
         }
+        // One pass: at each place the output's last token occurs, how many of the output's
+        // latest tokens match there (at most `max_ngram`); the longest matches win.
         let longest = self.config.max_ngram.min(output.len());
-        for n in (self.config.min_ngram..=longest).rev() {
-            let suffix = &output[output.len() - n..];
-            // Where a match ends, nearest first to the cursor (ahead of it before behind).
-            let mut ends: Vec<usize> = prediction
-                .windows(n)
-                .enumerate()
-                .filter(|&(start, window)| window == suffix && start + n < prediction.len())
-                .map(|(start, _)| start + n)
-                .collect();
-            ends.sort_by_key(|&end| (end < self.cursor, end.abs_diff(self.cursor)));
-            for &end in ends.iter().take(self.config.max_matches) {
-                let continuation = &prediction[end..(end + max_tokens).min(prediction.len())];
-                if branches.is_empty() {
-                    self.cursor = end;
-                }
-                add_branch(&mut branches, continuation, n);
-                if branches.len() >= self.config.max_branches {
-                    return branches;
-                }
+        let matched = |end: usize| {
+            (1..=longest.min(end))
+                .take_while(|&k| prediction[end - k] == output[output.len() - k])
+                .last()
+                .unwrap_or(0)
+        };
+        let mut best = 0;
+        let mut ends = Vec::new();
+        for end in 1..prediction.len() {
+            let n = matched(end);
+            if n < self.config.min_ngram.max(best) {
+                continue;
             }
-            if !branches.is_empty() {
+            if n > best {
+                best = n;
+                ends.clear();
+            }
+            ends.push(end);
+        }
+        // Nearest first to where the prediction is expected to go on (ahead first of two
+        // as near).
+        let (at, seen) = self.cursor;
+        let expected = at + output.len().saturating_sub(seen);
+        ends.sort_by_key(|&end| (end.abs_diff(expected), end < expected));
+        if let Some(&first) = ends.first() {
+            self.cursor = (first, output.len());
+        }
+        for &end in ends.iter().take(self.config.max_matches) {
+            let continuation = &prediction[end..(end + max_tokens).min(prediction.len())];
+            add_branch(&mut branches, continuation, best);
+            if branches.len() >= self.config.max_branches {
                 break;
             }
         }
@@ -273,6 +289,12 @@ mod tests {
         // Past the first line, the second line's ending comes first.
         let second = drafter.lookup(&[7, 8, 1, 0, 7, 8], 2);
         assert_eq!(second[0].tokens, vec![2, 0]);
+        // Matches of equal length: the one where the output has got to in the prediction.
+        let mut drafter = PredictionDrafter::new(vec![7, 8, 1, 0, 7, 8, 2, 0], 0);
+        assert_eq!(drafter.lookup(&[9, 7, 8], 2)[0].tokens, vec![1, 0]);
+        // Five tokens later (one of them an edit) the output is at the second line.
+        let later = drafter.lookup(&[9, 7, 8, 1, 0, 5, 7, 8], 2);
+        assert_eq!(later[0].tokens, vec![2, 0]);
     }
 
     #[test]
