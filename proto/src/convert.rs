@@ -113,6 +113,7 @@ pub fn sampling_config(
         min_p: (params.min_p != 0.0).then_some(params.min_p),
         seed: params.seed.unwrap_or_else(seed),
         penalties: penalties(params),
+        filters_first: params.filters_first,
     })
 }
 
@@ -157,6 +158,7 @@ impl From<&SamplingConfig> for pb::SamplingParams {
             top_p: config.top_p.unwrap_or(0.0),
             min_p: config.min_p.unwrap_or(0.0),
             seed: Some(config.seed),
+            filters_first: config.filters_first,
             ..pb::SamplingParams::from(&config.penalties)
         }
     }

@@ -1968,6 +1968,262 @@ async fn a_code_model_fills_in_the_middle_between_a_prompt_and_a_suffix() {
     cluster.stop().await;
 }
 
+/// A `/completion` or `/infill` body: `base` with `extra`'s fields.
+fn with(base: &Value, extra: Value) -> Value {
+    let mut body = base.clone();
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_cpp_s_native_api_completes_and_fills_in_a_repository() {
+    let cluster = Cluster::start(ClusterOptions {
+        model: "qwen2.5-coder-0.5b",
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
+    let native = |path: &'static str, body: Value| {
+        let cluster = &cluster;
+        async move {
+            let response = post(cluster, path, &[], &body).await;
+            assert_eq!(response.status, 200, "{path}: {}", response.body);
+            response
+        }
+    };
+    let (prefix, middle) = ("def mean(values):\n", "    ");
+    let suffix = "\n\nprint(mean([1, 2, 3]))\n";
+    let util = "def total(values):\n    return sum(values)\n";
+    let request = json!({
+        "input_prefix": prefix, "input_suffix": suffix, "prompt": middle,
+        "input_extra": [{"filename": "util.py", "text": util, "time": 3}],
+        "n_predict": 40, "temperature": 0,
+    });
+    let filled = native("/infill", request.clone()).await.json();
+    let content = filled["content"].as_str().unwrap().to_string();
+    assert!(!content.is_empty(), "{filled}");
+    // The prompt is llama.cpp's repository-level one: the same text as a completion of
+    // it spelled out in tokens.
+    let spelled: Vec<Value> = [
+        prompt_ids(&cluster, "<|repo_name|>").await,
+        prompt_ids(&cluster, "myproject\n").await,
+        prompt_ids(&cluster, "<|file_sep|>").await,
+        prompt_ids(&cluster, "util.py\n").await,
+        prompt_ids(&cluster, util).await,
+        prompt_ids(&cluster, "<|file_sep|>").await,
+        prompt_ids(&cluster, "filename\n").await,
+        prompt_ids(&cluster, "<|fim_prefix|>").await,
+        prompt_ids(&cluster, prefix).await,
+        prompt_ids(&cluster, middle).await,
+        prompt_ids(&cluster, "<|fim_suffix|>").await,
+        prompt_ids(&cluster, suffix).await,
+        prompt_ids(&cluster, "<|fim_middle|>").await,
+    ]
+    .concat();
+    let plain = completion(
+        &cluster,
+        json!({"prompt": spelled, "max_tokens": 40, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(plain["choices"][0]["text"], content.as_str());
+    assert_eq!(filled["tokens_evaluated"], plain["usage"]["prompt_tokens"]);
+    assert_eq!(
+        filled["tokens_predicted"],
+        plain["usage"]["completion_tokens"]
+    );
+    let ended = plain["choices"][0]["finish_reason"].as_str().unwrap();
+    let stop_type = if ended == "stop" { "eos" } else { "limit" };
+    assert_eq!(filled["stop_type"], stop_type, "{filled}");
+    assert_eq!(filled["truncated"], false);
+    assert!(filled["generation_settings"]["n_ctx"].as_u64().unwrap() > 0);
+
+    // Streamed: the same text in chunks, then the final object; no `[DONE]`.
+    let streamed = native("/infill", with(&request, json!({"stream": true}))).await;
+    assert!(!streamed.body.contains("[DONE]"));
+    let events = sse_data(&streamed.body);
+    let (last, chunks) = events.split_last().unwrap();
+    let text: String = chunks
+        .iter()
+        .map(|c| c["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, content);
+    assert!(chunks.iter().all(|c| c["stop"] == false));
+    assert_eq!(
+        (&last["stop"], &last["content"]),
+        (&json!(true), &json!(""))
+    );
+    assert_eq!(last["tokens_predicted"], filled["tokens_predicted"]);
+
+    // `response_fields` picks paths, each under its own name (llama.vim's way of asking).
+    let picked = native(
+        "/infill",
+        with(
+            &request,
+            json!({"response_fields": ["content", "timings/predicted_n"]}),
+        ),
+    )
+    .await;
+    assert!(
+        picked.body.starts_with("{\"content\":\""),
+        "compact: {}",
+        picked.body
+    );
+    let picked = picked.json();
+    assert_eq!(picked.as_object().unwrap().len(), 2, "{picked}");
+    assert_eq!(picked["timings/predicted_n"], filled["tokens_predicted"]);
+
+    // `n_indent`: a line indented less than asked ends the text before its first
+    // character; the first line (the rest of the cursor's) is not checked.
+    let lines = with(&request, json!({"prompt": "    for", "n_predict": 40}));
+    let whole = native("/infill", lines.clone()).await.json();
+    let whole = whole["content"].as_str().unwrap();
+    let cut = whole
+        .match_indices('\n')
+        .map(|(at, _)| at + 1)
+        .find(|&start| {
+            let line = &whole[start..];
+            let blanks = line.len() - line.trim_start_matches([' ', '\t']).len();
+            blanks < 8 && start + blanks < whole.len()
+        })
+        .map(|start| {
+            let line = &whole[start..];
+            start + line.len() - line.trim_start_matches([' ', '\t']).len()
+        });
+    let indented = native("/infill", with(&lines, json!({"n_indent": 8})))
+        .await
+        .json();
+    match cut {
+        Some(at) => {
+            assert_eq!(indented["content"], &whole[..at], "{whole:?}");
+            assert_eq!(indented["stop_type"], "limit");
+        }
+        None => assert_eq!(indented["content"], whole),
+    }
+
+    // `n_predict: 0` computes the prompt into the cache and answers no text; the request
+    // after it finds the prompt there.
+    let warm = with(
+        &request,
+        json!({"input_prefix": format!("# warm\n{prefix}")}),
+    );
+    let warmed = native("/infill", with(&warm, json!({"n_predict": 0})))
+        .await
+        .json();
+    assert_eq!(
+        (&warmed["content"], &warmed["tokens_predicted"]),
+        (&json!(""), &json!(0))
+    );
+    let after = native("/infill", warm).await.json();
+    let cached = after["timings"]["cache_n"].as_u64().unwrap();
+    assert!(
+        cached + 2 >= after["tokens_evaluated"].as_u64().unwrap(),
+        "{after}"
+    );
+
+    // `/completion`: text or token ids, llama.cpp's stop words and several completions.
+    let text = "def fibonacci(n):\n";
+    let body = json!({"prompt": text, "n_predict": 24, "temperature": 0});
+    let completed = native("/completion", body.clone()).await.json();
+    let openai = completion(
+        &cluster,
+        json!({"prompt": text, "max_tokens": 24, "temperature": 0}),
+    )
+    .await;
+    let content = completed["content"].as_str().unwrap();
+    assert_eq!(openai["choices"][0]["text"], content);
+    let ids = prompt_ids(&cluster, text).await;
+    let by_ids = native("/completions", with(&body, json!({"prompt": ids})))
+        .await
+        .json();
+    assert_eq!(by_ids["content"], content);
+    let word: String = content.chars().skip(4).take(4).collect();
+    let stopped = native("/completion", with(&body, json!({"stop": [word]})))
+        .await
+        .json();
+    assert_eq!(
+        (&stopped["stop_type"], &stopped["stopping_word"]),
+        (&json!("word"), &json!(word))
+    );
+    assert_eq!(
+        stopped["content"],
+        content.split(word.as_str()).next().unwrap()
+    );
+    let several = native("/completion", with(&body, json!({"n_cmpl": 2})))
+        .await
+        .json();
+    let several = several.as_array().unwrap();
+    assert_eq!(several.len(), 2);
+    for (i, one) in several.iter().enumerate() {
+        assert_eq!(
+            (&one["index"], &one["content"]),
+            (&json!(i), &json!(content))
+        );
+    }
+
+    // Sampled with llama.cpp's defaults (its order: the filters, then temperature 0.8),
+    // as gRPC asked for the same.
+    let seeded = json!({"prompt": text, "n_predict": 16, "seed": 11});
+    let sampled = native("/completion", seeded.clone()).await.json();
+    assert_eq!(
+        sampled["generation_settings"]["samplers"],
+        json!(["top_k", "top_p", "min_p", "temperature"])
+    );
+    let mut gateway = cluster.gateway_client().await.unwrap();
+    let grpc = pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Prompt(text.into())),
+        max_tokens: 16,
+        sampling: Some(pb::SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            seed: Some(11),
+            filters_first: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (grpc_text, _) = generate_text(&mut gateway, grpc, |_| {}).await.unwrap();
+    assert_eq!(sampled["content"], grpc_text.as_str());
+    let again = native(
+        "/completion",
+        with(&seeded, json!({"speculation": {"enabled": false}})),
+    )
+    .await;
+    assert_eq!(again.json()["content"], sampled["content"]);
+
+    // What sibyl does not do is refused by name; `/infill` needs its fields.
+    for (path, body, param) in [
+        ("/infill", json!({"input_suffix": ""}), "input_prefix"),
+        (
+            "/infill",
+            with(&request, json!({"input_extra": [{"filename": "a"}]})),
+            "input_extra",
+        ),
+        (
+            "/completion",
+            with(&body, json!({"repeat_penalty": 1.1})),
+            "repeat_penalty",
+        ),
+        (
+            "/completion",
+            with(&body, json!({"samplers": ["temperature", "top_k"]})),
+            "samplers",
+        ),
+        ("/completion", with(&body, json!({"n_cmpl": 9})), "n_cmpl"),
+        (
+            "/completion",
+            with(&body, json!({"prompt": [1, "a"]})),
+            "prompt",
+        ),
+    ] {
+        assert_bad_param(&cluster, path, &body, param).await;
+    }
+    cluster.stop().await;
+}
+
 /// A chat answer's text, its accepted draft tokens and its completion tokens.
 async fn chat_answer(cluster: &Cluster, body: Value) -> (String, u64, u64) {
     let response = post(cluster, "/v1/chat/completions", &[], &body).await;

@@ -219,6 +219,7 @@ fn config(request: &Request, learning: &SharedLearning) -> GenerationConfig {
             min_p: (request.penalties == 2).then_some(0.05),
             seed,
             penalties,
+            filters_first: false,
         },
     };
     GenerationConfig {

@@ -36,7 +36,7 @@ pub use kv_cache::KvCache;
 pub use load::{load, load_text, LoadedModel, TextModel};
 pub use model::{LogitRows, Model, Sequence, TreeInput};
 pub use quant::QuantMatrix;
-pub use tokenizer::{Detokenizer, FimTokens, TextTokenizer};
+pub use tokenizer::{Detokenizer, FimTokens, InfillBudget, InfillFile, RepoInfill, TextTokenizer};
 
 /// A token id.
 pub type TokenId = u32;

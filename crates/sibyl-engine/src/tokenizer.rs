@@ -63,13 +63,21 @@ const FIM_STOP_NAMES: [&str; 6] = [
     "<repo_name>",
 ];
 
+/// Repository-level fill-in-the-middle token names (Qwen2.5-Coder's, StarCoder's), of the
+/// repository's name and of the file separator, where the file does not give their ids.
+const FIM_REPO_NAMES: [&str; 3] = ["<|repo_name|>", "<repo_name>", "<reponame>"];
+const FIM_SEP_NAMES: [&str; 2] = ["<|file_sep|>", "<file_sep>"];
+
 /// A code model's fill-in-the-middle tokens: `prefix` code `suffix` code `middle`, after
-/// which the model writes what goes between.
+/// which the model writes what goes between; with a repository's other files before them
+/// (`repo` name, then `file_sep` name and text of each) where the model has those tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FimTokens {
     pub prefix: TokenId,
     pub suffix: TokenId,
     pub middle: TokenId,
+    pub repo: Option<TokenId>,
+    pub file_sep: Option<TokenId>,
 }
 
 impl FimTokens {
@@ -79,8 +87,37 @@ impl FimTokens {
             prefix: prefix?,
             suffix: suffix?,
             middle: middle?,
+            repo: None,
+            file_sep: None,
         })
     }
+}
+
+/// A file of the repository around the code being filled in: its name and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfillFile {
+    pub filename: String,
+    pub text: String,
+}
+
+/// A repository-level fill-in-the-middle prompt, as llama.cpp's `/infill` assembles it:
+/// other files first, then the code before the gap with the start of the middle already
+/// written (`middle`), then the code after it.
+#[derive(Debug, Clone, Copy)]
+pub struct RepoInfill<'a> {
+    pub files: &'a [InfillFile],
+    pub prefix: &'a str,
+    pub middle: &'a str,
+    pub suffix: &'a str,
+}
+
+/// How many tokens of a [`RepoInfill`] are kept, as llama.cpp keeps them: the last
+/// `3 * batch / 4` of the prefix, the first `batch / 4 - 2` of the suffix less the middle's,
+/// the last `files` of the other files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InfillBudget {
+    pub batch: usize,
+    pub files: usize,
 }
 
 /// A byte-level BPE tokenizer built from GGUF metadata, with the model's stop tokens.
@@ -254,6 +291,15 @@ impl TextTokenizer {
             FIM_NAMES
                 .iter()
                 .find_map(|names| FimTokens::new(names.map(|n| inner.token_to_id(n))))
+        })
+        .map(|fim| {
+            let named = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+            FimTokens {
+                repo: id_of("tokenizer.ggml.fim_rep_token_id").or_else(|| named(&FIM_REPO_NAMES)),
+                file_sep: id_of("tokenizer.ggml.fim_sep_token_id")
+                    .or_else(|| named(&FIM_SEP_NAMES)),
+                ..fim
+            }
         });
         let fim_stops = FIM_STOP_NAMES
             .iter()
@@ -406,6 +452,61 @@ impl TextTokenizer {
         };
         ids.push(fim.middle);
         Ok((ids.len() <= limit).then_some(ids))
+    }
+
+    /// The prompt of a repository-level fill-in-the-middle request, as llama.cpp's `/infill`
+    /// writes it (every piece read as plain text):
+    /// `<|repo_name|>myproject\n` then `<|file_sep|>name\ntext` for each file and
+    /// `<|file_sep|>filename\n`, then `<|fim_prefix|>prefix middle<|fim_suffix|>suffix
+    /// <|fim_middle|>`; a model without the repository tokens gets its files after a
+    /// `--- snippet ---` line each. Pieces over the `budget` lose their far ends (the
+    /// start of the files and of the prefix, the end of the suffix). Also returns whether
+    /// any piece was cut. An error for a model without fill-in-the-middle tokens.
+    pub fn encode_repo_infill(
+        &self,
+        infill: RepoInfill,
+        budget: InfillBudget,
+    ) -> Result<(Vec<TokenId>, bool), EngineError> {
+        let fim = self.fim.ok_or_else(|| {
+            EngineError::Encode("this model has no fill-in-the-middle tokens".into())
+        })?;
+        let mut files: Vec<TokenId> = fim.repo.into_iter().collect();
+        if fim.repo.is_some() {
+            files.extend(self.encode_text("myproject\n")?);
+        }
+        for file in infill.files {
+            match fim.file_sep {
+                Some(sep) => {
+                    files.push(sep);
+                    files.extend(self.encode_text(&format!("{}\n", file.filename))?);
+                }
+                None => files.extend(self.encode_text("\n\n--- snippet ---\n\n")?),
+            }
+            files.extend(self.encode_text(&file.text)?);
+        }
+        if let Some(sep) = fim.file_sep {
+            files.push(sep);
+            files.extend(self.encode_text("filename\n")?);
+        }
+        let mut prefix = self.encode_text(infill.prefix)?;
+        let middle = self.encode_text(infill.middle)?;
+        let mut suffix = self.encode_text(infill.suffix)?;
+        let prefix_take = 3 * (budget.batch / 4);
+        let suffix_take = (budget.batch / 4).saturating_sub(2 + middle.len());
+        let cut =
+            prefix.len() > prefix_take || suffix.len() > suffix_take || files.len() > budget.files;
+        prefix.drain(..prefix.len().saturating_sub(prefix_take));
+        suffix.truncate(suffix_take);
+        files.drain(..files.len().saturating_sub(budget.files));
+        let mut ids = files;
+        ids.extend(self.leading_bos());
+        ids.push(fim.prefix);
+        ids.extend(prefix);
+        ids.extend(middle);
+        ids.push(fim.suffix);
+        ids.extend(suffix);
+        ids.push(fim.middle);
+        Ok((ids, cut))
     }
 
     /// The model's fill-in-the-middle tokens, if it has them.

@@ -5,7 +5,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use sibyl_engine::{
-    load, Detokenizer, LoadOptions, LoadedModel, LogitRows, Model, Sequence, TreeInput,
+    load, Detokenizer, InfillBudget, InfillFile, LoadOptions, LoadedModel, LogitRows, Model,
+    RepoInfill, Sequence, TreeInput,
 };
 use sibyl_spec::argmax;
 use std::path::PathBuf;
@@ -375,6 +376,70 @@ fn real_weights_code_models_fill_in_the_middle_with_their_own_tokens() {
             .unwrap(),
         None
     );
+    // Repository level, as llama.cpp's `/infill` writes it: the other files first, the
+    // middle's start after the prefix; the far ends of pieces over the budget go.
+    assert_eq!(
+        [fim.repo, fim.file_sep].map(|id| id.map(name)),
+        [Some("<|repo_name|>".into()), Some("<|file_sep|>".into())]
+    );
+    let files = [InfillFile {
+        filename: "util.py".into(),
+        text: "def sub(a, b):\n    return a - b\n".into(),
+    }];
+    let infill = RepoInfill {
+        files: &files,
+        prefix,
+        middle: "c = a",
+        suffix,
+    };
+    let budget = InfillBudget {
+        batch: 2048,
+        files: 1000,
+    };
+    let (ids, cut) = qwen.encode_repo_infill(infill, budget).unwrap();
+    // Each piece tokenized on its own (as llama.cpp does: `c` does not join the prefix's
+    // last blanks), between the tokens.
+    let text = |s: &str| qwen.encode_text(s).unwrap();
+    let expected: Vec<u32> = [
+        vec![fim.repo.unwrap()],
+        text("myproject\n"),
+        vec![fim.file_sep.unwrap()],
+        text("util.py\n"),
+        text(&files[0].text),
+        vec![fim.file_sep.unwrap()],
+        text("filename\n"),
+        vec![fim.prefix],
+        text(prefix),
+        text("c = a"),
+        vec![fim.suffix],
+        text(suffix),
+        vec![fim.middle],
+    ]
+    .concat();
+    assert_eq!((ids.clone(), cut), (expected, false));
+    let files_len = ids.iter().position(|&t| t == fim.prefix).unwrap();
+    let long_prefix = "x = 1\n".repeat(20);
+    let middle_len = text("c = a").len();
+    // Room for 2 suffix tokens, 3 * (4 + middle) prefix tokens, all but 3 file tokens.
+    let budget = InfillBudget {
+        batch: 4 * (2 + middle_len + 2),
+        files: files_len - 3,
+    };
+    let infill = RepoInfill {
+        prefix: &long_prefix,
+        ..infill
+    };
+    let (short, cut) = qwen.encode_repo_infill(infill, budget).unwrap();
+    let long = text(&long_prefix);
+    assert!(long.len() > 3 * (budget.batch / 4));
+    let mut expected = ids[3..files_len].to_vec();
+    expected.push(fim.prefix);
+    expected.extend(&long[long.len() - 3 * (budget.batch / 4)..]);
+    expected.extend(text("c = a"));
+    expected.push(fim.suffix);
+    expected.extend(&text(suffix)[..2]);
+    expected.push(fim.middle);
+    assert_eq!((short, cut), (expected, true));
     // SmolLM2 has none: refused, and its stop tokens are the chat's.
     let smol = load_model("smollm2-135m", true).tokenizer;
     assert_eq!(smol.fim_tokens(), None);

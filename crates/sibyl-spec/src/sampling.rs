@@ -17,6 +17,10 @@ pub struct SamplingConfig {
     pub seed: u64,
     /// Bias and penalties applied to the logits before any of the above.
     pub penalties: Penalties,
+    /// llama.cpp's order: top-k, top-p, then min-p see the model's own probabilities and
+    /// temperature applies to the tokens they keep. Otherwise (vLLM's order) temperature
+    /// comes first, then min-p, top-k, top-p.
+    pub filters_first: bool,
 }
 
 /// A sampling parameter outside its domain.
@@ -47,6 +51,7 @@ impl SamplingConfig {
             min_p: None,
             seed: 0,
             penalties: Penalties::default(),
+            filters_first: false,
         }
     }
 
@@ -99,6 +104,58 @@ pub struct TargetDistribution {
     total: f64,
 }
 
+/// Keeps the weights of at least `min_p` times the largest (weights relative to the
+/// largest, which is 1).
+fn keep_min_p(probs: &mut [f64], min_p: f32) {
+    for p in probs.iter_mut() {
+        if *p < f64::from(min_p) {
+            *p = 0.0;
+        }
+    }
+}
+
+/// Keeps exactly the `k` largest weights: ties at the threshold go to the lowest token ids.
+fn keep_top_k(probs: &mut [f64], k: usize) {
+    if k >= probs.len() {
+        return;
+    }
+    let mut sorted = probs.to_vec();
+    let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let threshold = *kth;
+    let kept = probs.iter().filter(|&&p| p > threshold).count();
+    let mut ties_left = k - kept;
+    for p in probs.iter_mut() {
+        if *p < threshold {
+            *p = 0.0;
+        } else if *p == threshold {
+            if ties_left > 0 {
+                ties_left -= 1;
+            } else {
+                *p = 0.0;
+            }
+        }
+    }
+}
+
+/// Keeps the smallest set of largest weights whose share of the total reaches `top_p`.
+fn keep_top_p(probs: &mut [f64], top_p: f32) {
+    let total: f64 = probs.iter().sum();
+    let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+    let mut mass = 0.0;
+    let mut cut = order.len();
+    for (rank, &i) in order.iter().enumerate() {
+        mass += probs[i] / total;
+        if mass >= f64::from(top_p) {
+            cut = rank + 1;
+            break;
+        }
+    }
+    for &i in &order[cut..] {
+        probs[i] = 0.0;
+    }
+}
+
 impl TargetDistribution {
     /// Builds the distribution from raw logits. `config` must be validated and not greedy.
     pub fn new(logits: &[f32], config: &SamplingConfig) -> Self {
@@ -108,64 +165,34 @@ impl TargetDistribution {
             .copied()
             .filter(|v| !v.is_nan())
             .fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<f64> = logits
-            .iter()
-            .map(|&l| {
+        let weights = |scale: f64| {
+            logits.iter().map(move |&l| {
                 if l.is_nan() || max == f32::NEG_INFINITY {
                     0.0
                 } else {
-                    ((f64::from(l) - f64::from(max)) * inv_t).exp()
+                    ((f64::from(l) - f64::from(max)) * scale).exp()
                 }
             })
-            .collect();
-        // The most likely token's weight is 1 here: min-p keeps the weights of at least p.
-        if let Some(min_p) = config.min_p.filter(|&p| p > 0.0) {
-            for p in probs.iter_mut() {
-                if *p < f64::from(min_p) {
-                    *p = 0.0;
+        };
+        let min_p = config.min_p.filter(|&p| p > 0.0);
+        let top_k = config.top_k;
+        let top_p = config.top_p.filter(|&p| p < 1.0);
+        let mut probs: Vec<f64>;
+        if config.filters_first {
+            probs = weights(1.0).collect();
+            top_k.inspect(|&k| keep_top_k(&mut probs, k));
+            top_p.inspect(|&p| keep_top_p(&mut probs, p));
+            min_p.inspect(|&p| keep_min_p(&mut probs, p));
+            for (p, tempered) in probs.iter_mut().zip(weights(inv_t)) {
+                if *p > 0.0 {
+                    *p = tempered;
                 }
             }
-        }
-        if let Some(k) = config.top_k.filter(|&k| k < probs.len()) {
-            let mut sorted = probs.clone();
-            let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-            let threshold = *kth;
-            let mut kept = 0usize;
-            // Keep exactly k: ties at the threshold go to the lowest token ids.
-            for p in probs.iter_mut() {
-                if *p > threshold {
-                    kept += 1;
-                }
-            }
-            let mut ties_left = k - kept;
-            for p in probs.iter_mut() {
-                if *p < threshold {
-                    *p = 0.0;
-                } else if *p == threshold {
-                    if ties_left > 0 {
-                        ties_left -= 1;
-                    } else {
-                        *p = 0.0;
-                    }
-                }
-            }
-        }
-        if let Some(top_p) = config.top_p.filter(|&p| p < 1.0) {
-            let total: f64 = probs.iter().sum();
-            let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-            let mut mass = 0.0;
-            let mut cut = order.len();
-            for (rank, &i) in order.iter().enumerate() {
-                mass += probs[i] / total;
-                if mass >= f64::from(top_p) {
-                    cut = rank + 1;
-                    break;
-                }
-            }
-            for &i in &order[cut..] {
-                probs[i] = 0.0;
-            }
+        } else {
+            probs = weights(inv_t).collect();
+            min_p.inspect(|&p| keep_min_p(&mut probs, p));
+            top_k.inspect(|&k| keep_top_k(&mut probs, k));
+            top_p.inspect(|&p| keep_top_p(&mut probs, p));
         }
         let total = probs.iter().sum();
         Self { probs, total }
@@ -244,6 +271,7 @@ mod tests {
             min_p: None,
             seed: 1,
             penalties: Penalties::default(),
+            filters_first: false,
         }
     }
 
@@ -290,6 +318,43 @@ mod tests {
         }
         .validate(4)
         .is_err());
+    }
+
+    #[test]
+    fn llama_cpp_order_filters_the_model_s_probabilities_then_applies_temperature() {
+        // Weights 1, e^-1, e^-2, e^-3 against the top token at temperature 1.
+        let logits = [0.0f32, 3.0, 2.0, 1.0];
+        let kept = |d: &TargetDistribution| (0..4).filter(|&t| d.prob(t) > 0.0).count();
+        let first = |config: SamplingConfig| SamplingConfig {
+            filters_first: true,
+            ..config
+        };
+        // min-p 0.3 of e^0 keeps two tokens whatever the temperature; tempered first, four.
+        let hot = SamplingConfig {
+            min_p: Some(0.3),
+            ..config(4.0, None, None)
+        };
+        assert_eq!(kept(&TargetDistribution::new(&logits, &hot)), 4);
+        let d = TargetDistribution::new(&logits, &first(hot));
+        assert_eq!(kept(&d), 2);
+        // The two kept share the mass at temperature 4: 1 against e^-1/4.
+        let ratio = (-0.25f64).exp();
+        assert!((d.prob(1) - 1.0 / (1.0 + ratio)).abs() < 1e-9);
+        assert!((d.prob(2) - ratio / (1.0 + ratio)).abs() < 1e-9);
+        // top-p 0.7 of the model's shares (0.64, 0.24, ...) needs two tokens; of the shares
+        // at temperature 0.5 (0.87, ...), one.
+        let cold = config(0.5, None, Some(0.7));
+        assert_eq!(kept(&TargetDistribution::new(&logits, &cold)), 1);
+        let d = TargetDistribution::new(&logits, &first(cold));
+        assert_eq!(kept(&d), 2);
+        let ratio = (-2.0f64).exp();
+        assert!((d.prob(1) - 1.0 / (1.0 + ratio)).abs() < 1e-9);
+        // top-k is the same either way.
+        let k = config(0.5, Some(3), None);
+        assert_eq!(
+            TargetDistribution::new(&logits, &k),
+            TargetDistribution::new(&logits, &first(k.clone()))
+        );
     }
 
     #[test]

@@ -192,6 +192,7 @@ proptest! {
     fn seeded_sampling_with_point_mass_drafts_reproduces_plain_sampling(
         prompt in proptest::collection::vec(0u32..8, 1..6),
         seed in any::<u64>(),
+        filters_first in any::<bool>(),
     ) {
         let model = ToyModel { vocab: 8, sharpness: 3.0 };
         let config = SamplingConfig {
@@ -201,6 +202,8 @@ proptest! {
             min_p: Some(0.1),
             seed,
             penalties: Penalties::default(),
+            // vLLM's order or llama.cpp's.
+            filters_first,
         };
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 1);
         let (plain, _) = generate(&model, &prompt, 16, &config, Drafts::None, &mut rng, 8, None);
@@ -361,6 +364,7 @@ fn chi_square_with(drafts: Drafts, penalties: Penalties, expected_under: &Penalt
         min_p: None,
         seed: 0,
         penalties,
+        filters_first: false,
     };
     let expected_config = SamplingConfig {
         penalties: expected_under.clone(),
@@ -453,6 +457,7 @@ fn a_biased_sampler_is_caught_by_the_chi_square_bound() {
         min_p: None,
         seed: 0,
         penalties: Penalties::default(),
+        filters_first: false,
     };
     let expected = exact_joint(&model, &prompt, 3, &right);
     let mut observed = vec![0usize; expected.len()];

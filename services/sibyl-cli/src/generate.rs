@@ -75,6 +75,7 @@ impl TryFrom<GenerateArgs> for GenerateConfig {
             min_p: args.sampling.min_p,
             seed,
             penalties: args.sampling.penalties(),
+            filters_first: false,
         };
         sampling
             .validate(usize::MAX)

@@ -7,7 +7,9 @@ use crate::params::{
 };
 use crate::stop::StopStrings;
 use crate::GatewayConfig;
-use sibyl_engine::{ChatMessage, ChatOptions, Detokenizer, TextModel};
+use sibyl_engine::{
+    ChatMessage, ChatOptions, Detokenizer, InfillBudget, InfillFile, RepoInfill, TextModel,
+};
 use sibyl_proto::auth::KeyId;
 use sibyl_proto::client::{fnv1a, Balancer, Open};
 use sibyl_proto::server::ShutdownSwitch;
@@ -33,6 +35,10 @@ const OPEN_ATTEMPTS: usize = 3;
 const MAX_STOP_STRINGS: usize = 4;
 /// Longest stop string, in bytes (the matcher's work grows with it).
 const MAX_STOP_BYTES: usize = 256;
+
+/// The tokens of prefix, middle and suffix a repository-level fill-in-the-middle prompt keeps
+/// at most (llama.cpp's default batch, which its `/infill` cuts them to).
+pub const INFILL_BATCH: usize = 2048;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -255,6 +261,8 @@ impl GatewayError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
     pub finish_reason: FinishReason,
+    /// The stop string that ended the generation, if one did.
+    pub stop_string: Option<String>,
     pub prompt_tokens: u32,
     /// Prompt tokens the verifier took from its prefix cache (0 when the gateway ended the
     /// generation itself, at a stop string, and the verifier's summary never came).
@@ -297,7 +305,7 @@ pub enum Output {
         tokens: u32,
         logprobs: Vec<Logprobs>,
     },
-    Done(Summary),
+    Done(Box<Summary>),
 }
 
 pub type OutputStream = mpsc::Receiver<Result<Output, GatewayError>>;
@@ -573,6 +581,48 @@ impl Gateway {
         let limit = self.context_length().saturating_sub(1);
         self.off_workers(move |model| tokenize(model, &input, limit))
             .await?
+    }
+
+    /// The prompt of a repository-level fill-in-the-middle request (llama.cpp's `/infill`),
+    /// cut to fit as llama.cpp cuts it, with a batch of [`INFILL_BATCH`] tokens (at most half
+    /// the context window) and the other files in what is left of the window beside
+    /// twice `max_tokens`; and whether a piece was cut.
+    pub async fn repo_infill_tokens(
+        &self,
+        files: Vec<InfillFile>,
+        prefix: String,
+        middle: String,
+        suffix: String,
+        max_tokens: usize,
+    ) -> Result<(Vec<u32>, bool), GatewayError> {
+        if self.text.tokenizer.fim_tokens().is_none() {
+            return Err(GatewayError::InvalidRequest(
+                "this model has no fill-in-the-middle tokens; code models such as \
+                 Qwen2.5-Coder have them"
+                    .into(),
+            ));
+        }
+        let context = self.context_length();
+        let batch = INFILL_BATCH.min(context / 2);
+        let budget = InfillBudget {
+            batch,
+            files: context.saturating_sub(batch.saturating_add(max_tokens.saturating_mul(2))),
+        };
+        self.off_workers(move |model| {
+            let infill = RepoInfill {
+                files: &files,
+                prefix: &prefix,
+                middle: &middle,
+                suffix: &suffix,
+            };
+            model
+                .tokenizer
+                .encode_repo_infill(infill, budget)
+                .map_err(|e| {
+                    GatewayError::InvalidRequest(format!("cannot tokenize the prompt: {e}"))
+                })
+        })
+        .await?
     }
 
     /// The text of `tokens` (control tokens left out), for `/detokenize`.
@@ -1017,6 +1067,7 @@ async fn relay_events(
                     // figures or timings.
                     let summary = Summary {
                         finish_reason: FinishReason::Stop,
+                        stop_string: stops.found().map(String::from),
                         prompt_tokens,
                         completion_tokens,
                         seed,
@@ -1024,7 +1075,10 @@ async fn relay_events(
                         prompt_logprobs,
                         ..Summary::default()
                     };
-                    return Ok(output.send(Ok(Output::Done(summary))).await.is_ok());
+                    return Ok(output
+                        .send(Ok(Output::Done(Box::new(summary))))
+                        .await
+                        .is_ok());
                 }
             }
             Event::Summary(summary) => {
@@ -1062,11 +1116,12 @@ async fn relay_events(
                         return Ok(false);
                     }
                 }
-                let done = Output::Done(Summary {
+                let done = Output::Done(Box::new(Summary {
                     token_ids,
                     prompt_logprobs,
+                    stop_string: stops.found().map(String::from),
                     ..Summary::from_verifier(summary, stopped)
-                });
+                }));
                 return Ok(output.send(Ok(done)).await.is_ok());
             }
         }
@@ -1084,6 +1139,7 @@ impl Summary {
         };
         Self {
             finish_reason,
+            stop_string: None,
             prompt_tokens: summary.prompt_tokens,
             cached_tokens: summary.cached_tokens,
             completion_tokens: summary.completion_tokens,

@@ -5,6 +5,7 @@
 
 mod generation;
 mod grpc;
+mod llamacpp;
 mod openai;
 mod params;
 mod reasoning;

@@ -14,6 +14,8 @@ mod responses;
 mod tools;
 mod unsupported;
 
+pub(crate) use unsupported::refuse_first;
+
 use crate::generation::{Gateway, GatewayError, Output, PromptInput};
 use crate::params::Rendering;
 use axum::body::Bytes;
@@ -51,7 +53,8 @@ pub fn router(gateway: Arc<Gateway>, metrics: bool) -> Router {
         .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
-        .route("/detokenize", post(detokenize));
+        .route("/detokenize", post(detokenize))
+        .merge(crate::llamacpp::routes());
     if metrics {
         api = api.merge(sibyl_telemetry::metrics_router());
     }
@@ -122,9 +125,9 @@ async fn authorize(
 }
 
 /// The id of the key a request came with, when the gateway has keys.
-type Key = Option<axum::Extension<KeyId>>;
+pub(crate) type Key = Option<axum::Extension<KeyId>>;
 
-fn key_id(key: Key) -> Option<KeyId> {
+pub(crate) fn key_id(key: Key) -> Option<KeyId> {
     key.map(|axum::Extension(id)| id)
 }
 
@@ -188,10 +191,10 @@ fn invalid(message: impl Into<String>) -> GatewayError {
 
 /// A request body as the extractor delivered it (an error when it is over the size limit or
 /// could not be read).
-type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
+pub(crate) type Body = Result<Bytes, axum::extract::rejection::BytesRejection>;
 
 /// Parses a JSON body, with serde's message (which names the field) on failure.
-fn parse<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, GatewayError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, GatewayError> {
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => GatewayError::PayloadTooLarge(format!(
             "the request body is over the limit of {MAX_BODY_BYTES} bytes"
@@ -529,7 +532,7 @@ async fn whole_response(
                 logprobs[index].extend(more);
             }
             Output::Done(summary) => {
-                summaries[index] = Some(summary);
+                summaries[index] = Some(*summary);
                 if summaries.iter().all(Option::is_some) {
                     let finished: Vec<Finished> = texts
                         .into_iter()
@@ -696,7 +699,7 @@ fn stream_events(
                     }
                     let chunk = meta.finish_chunk(chunk_index, &summary, called);
                     let mut sent = events.send(sse_event(&chunk)).await;
-                    summaries[index] = Some(summary);
+                    summaries[index] = Some(*summary);
                     if summaries.iter().all(Option::is_some) {
                         if sent.is_ok() && meta.include_usage {
                             let all: Vec<_> = summaries.iter().flatten().collect();
@@ -744,7 +747,7 @@ async fn send_thinking(
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
-    let message = format!("no route {uri}; this server has /v1/completions, /v1/chat/completions, /v1/responses, /v1/models, /tokenize, /detokenize and /health");
+    let message = format!("no route {uri}; this server has /v1/completions, /v1/chat/completions, /v1/responses, /v1/models, /tokenize, /detokenize, /health, and llama.cpp's /completion and /infill");
     (
         StatusCode::NOT_FOUND,
         Json(ErrorBody::new(

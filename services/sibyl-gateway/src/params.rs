@@ -23,6 +23,9 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// Bias and penalties applied to the logits first.
     pub penalties: Penalties,
+    /// llama.cpp's order: top-k, top-p, min-p on the model's own probabilities, then
+    /// temperature; otherwise temperature first (vLLM's order).
+    pub filters_first: bool,
 }
 
 impl Sampling {
@@ -59,7 +62,16 @@ impl Sampling {
             min_p: None,
             seed,
             penalties: Penalties::default(),
+            filters_first: false,
         })
+    }
+
+    /// The same in llama.cpp's order (see [`Sampling::filters_first`]).
+    pub fn filters_first(self) -> Self {
+        Self {
+            filters_first: true,
+            ..self
+        }
     }
 
     /// The same with `min_p` (in [0, 1]; 0 or `None` keeps all tokens), checked.

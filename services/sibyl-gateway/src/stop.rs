@@ -9,6 +9,8 @@ pub struct StopStrings {
     held: String,
     /// The text ends after the stop string found rather than before it.
     include: bool,
+    /// The index in `stops` of the stop string found.
+    found: Option<usize>,
 }
 
 impl StopStrings {
@@ -17,7 +19,13 @@ impl StopStrings {
             stops,
             held: String::new(),
             include,
+            found: None,
         }
+    }
+
+    /// The stop string that ended the text, once one has.
+    pub fn found(&self) -> Option<&str> {
+        self.found.map(|i| self.stops[i].as_str())
     }
 
     /// Takes the next piece of text; returns the text that is safe to emit and whether a
@@ -32,12 +40,14 @@ impl StopStrings {
         let first = self
             .stops
             .iter()
-            .filter_map(|stop| Some((self.held.find(stop.as_str())?, stop.len())))
-            .min_by_key(|&(at, _)| at);
-        if let Some((at, len)) = first {
+            .enumerate()
+            .filter_map(|(i, stop)| Some((self.held.find(stop.as_str())?, stop.len(), i)))
+            .min_by_key(|&(at, _, _)| at);
+        if let Some((at, len, i)) = first {
             let end = if self.include { at + len } else { at };
             let text = self.held[..end].to_string();
             self.held.clear();
+            self.found = Some(i);
             return (text, true);
         }
         let keep = self.partial_match_len();
@@ -107,6 +117,15 @@ mod tests {
         assert_eq!(matcher.push("abE"), ("ab".into(), false));
         assert_eq!(matcher.push("x"), ("Ex".into(), false));
         assert_eq!(run(&["END"], &["aEN"]), ("aEN".into(), false));
+    }
+
+    #[test]
+    fn the_stop_string_found_is_reported() {
+        let mut matcher = StopStrings::new(vec!["bc".into(), "cd".into(), "a".into()], false);
+        assert_eq!(matcher.push("xxc"), ("xx".into(), false));
+        assert_eq!(matcher.found(), None);
+        assert_eq!(matcher.push("d a"), ("".into(), true));
+        assert_eq!(matcher.found(), Some("cd"));
     }
 
     #[test]

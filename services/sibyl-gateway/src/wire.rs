@@ -19,9 +19,13 @@ impl Sampling {
             (params.top_p != 0.0).then_some(params.top_p),
             params.seed,
         )?;
-        sampling
+        let sampling = sampling
             .with_min_p(Some(params.min_p))?
-            .with_penalties(sibyl_proto::penalties(&params))
+            .with_penalties(sibyl_proto::penalties(&params))?;
+        Ok(Sampling {
+            filters_first: params.filters_first,
+            ..sampling
+        })
     }
 }
 
@@ -33,6 +37,7 @@ impl From<Sampling> for pb::SamplingParams {
             top_p: sampling.top_p.unwrap_or(0.0),
             min_p: sampling.min_p.unwrap_or(0.0),
             seed: sampling.seed,
+            filters_first: sampling.filters_first,
             ..pb::SamplingParams::from(&sampling.penalties)
         }
     }
@@ -222,6 +227,7 @@ mod tests {
             repetition_penalty: 1.1,
             logit_bias: [(7, -100.0), (2, 3.5)].into_iter().collect(),
             min_p: 0.05,
+            filters_first: true,
         };
         let sampling = Sampling::from_wire(Some(params())).unwrap();
         assert_eq!(sampling.top_k, None);

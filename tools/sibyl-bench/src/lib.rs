@@ -189,6 +189,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         min_p: None,
         seed: args.seed,
         penalties: Penalties::default(),
+        filters_first: false,
     };
     sampling
         .validate(usize::MAX)

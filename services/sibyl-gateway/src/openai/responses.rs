@@ -1160,10 +1160,10 @@ mod tests {
                 };
                 sender.try_send((0, Ok(text))).unwrap();
             }
-            let done = Output::Done(Summary {
+            let done = Output::Done(Box::new(Summary {
                 finish_reason: FinishReason::Stop,
                 ..Summary::default()
-            });
+            }));
             sender.try_send((0, Ok(done))).unwrap();
             outputs
         };

@@ -24,7 +24,7 @@ pub(super) fn neutral(value: &Option<Value>, allowed: &[Value]) -> bool {
 
 /// The first of `checks` (field, whether its value can be honoured, why not) that fails,
 /// as a 400 naming the field.
-pub(super) fn refuse_first<'a>(
+pub(crate) fn refuse_first<'a>(
     checks: impl IntoIterator<Item = (&'static str, bool, &'a str)>,
 ) -> Result<(), GatewayError> {
     match checks.into_iter().find(|(_, ok, _)| !ok) {
