@@ -14,6 +14,14 @@
 //! prior). So a drafter that is mostly wrong does not get every new evidence class tried
 //! at an optimistic prior: where extra rows are dear, those trials cost more than they
 //! give.
+//!
+//! A session starts from what earlier sessions of the drafter kind measured, as a prior:
+//! each cell's chance is the session's own count with the earlier sessions' estimate in
+//! place of the fixed prior (and for a cell the session has not tried yet, that estimate
+//! scaled by how the session's best first tokens fare against the earlier sessions'). So
+//! a prompt on which the drafter is wrong, after prompts on which it was right, stops
+//! paying for long drafts after a few steps rather than after the earlier sessions' counts
+//! have decayed; a first session is estimated as before.
 
 /// Evidence classes: 0, 1, 2, 3, 4-5, 6-7, 8-11, 12-15, 16 and more.
 const EVIDENCE_CLASSES: usize = 9;
@@ -67,6 +75,24 @@ impl Cell {
     }
 }
 
+/// A drafter's cells: per rank, evidence and depth class, and the best branches' by depth
+/// whatever their evidence (what a branch is expected to do before it is drafted).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Counts {
+    cells: [[[Cell; DEPTH_CLASSES]; EVIDENCE_CLASSES]; RANK_CLASSES],
+    best: [Cell; DEPTH_CLASSES],
+}
+
+impl Counts {
+    fn observe(&mut self, rank: usize, evidence: u32, depth: usize, accepted: bool) {
+        self.cells[rank_class(rank)][evidence_class(evidence)][depth_class(depth)]
+            .observe(accepted);
+        if rank_class(rank) == 0 {
+            self.best[depth_class(depth)].observe(accepted);
+        }
+    }
+}
+
 /// A drafter's acceptance, measured as a session goes (see the module documentation). The
 /// default has measured nothing.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -75,10 +101,13 @@ pub struct AcceptanceStats {
     pub proposed: u64,
     /// Draft tokens of this drafter that the target accepted.
     pub accepted: u64,
-    cells: [[[Cell; DEPTH_CLASSES]; EVIDENCE_CLASSES]; RANK_CLASSES],
-    /// The best branches' cells by depth, whatever their evidence: what a branch is
-    /// expected to do before it is drafted.
-    best: [Cell; DEPTH_CLASSES],
+    /// Every observation, this session's and the earlier sessions' it carries over.
+    all: Counts,
+    /// The earlier sessions' observations, as this session started from them: each cell's
+    /// estimate there is the prior of the session's own count.
+    earlier: Counts,
+    /// This session's observations.
+    session: Counts,
 }
 
 impl AcceptanceStats {
@@ -89,13 +118,13 @@ impl AcceptanceStats {
     /// can be tried again.
     const FLOOR: f64 = 0.01;
 
-    /// These estimates with the counters reset: where a new session of the same drafter
-    /// kind starts from.
+    /// These estimates with the counters and the session's own counts reset: where a new
+    /// session of the same drafter kind starts from.
     pub fn carried_over(&self) -> Self {
         Self {
-            proposed: 0,
-            accepted: 0,
-            ..self.clone()
+            all: self.all.clone(),
+            earlier: self.all.clone(),
+            ..Self::default()
         }
     }
 
@@ -110,37 +139,50 @@ impl AcceptanceStats {
     /// evidence `evidence`, at `depth` (1: the token after the root), whose parent was
     /// accepted: whether it was accepted too.
     pub fn observe(&mut self, rank: usize, evidence: u32, depth: usize, accepted: bool) {
-        let cell = &mut self.cells[rank_class(rank)][evidence_class(evidence)][depth_class(depth)];
-        cell.observe(accepted);
-        if rank_class(rank) == 0 {
-            self.best[depth_class(depth)].observe(accepted);
-        }
+        self.all.observe(rank, evidence, depth, accepted);
+        self.session.observe(rank, evidence, depth, accepted);
     }
 
     /// For a branch of rank `rank` and evidence `evidence`, the estimated chance that its
     /// first 1, 2, ..., `len` tokens are all accepted. Never increasing, each in (0, 1].
     pub fn chances(&self, rank: usize, evidence: u32, len: usize) -> Vec<f64> {
-        let cells = &self.cells[rank_class(rank)][evidence_class(evidence)];
-        // A first token of this evidence leans on the best branches' first tokens of any
-        // (their `expected_chances(1)`).
-        let first = Self::level(self.best[0], Self::PRIOR);
-        let prior = if rank_class(rank) == 0 {
-            first
+        let (rank, evidence) = (rank_class(rank), evidence_class(evidence));
+        // A first token of this evidence leans on the best branches' first tokens of any;
+        // in this session, also on how those fare here against the earlier sessions, so
+        // that a class this session has not tried yet is not taken at an estimate the
+        // session's other drafts already belie.
+        let earlier = Self::level(self.earlier.best[0], Self::PRIOR);
+        let now = self.expected_chances(1)[0];
+        let prior = if rank == 0 {
+            earlier
         } else {
-            first * ALTERNATIVE_PRIOR
+            earlier * ALTERNATIVE_PRIOR
         };
-        Self::chain(|class| cells[class], prior, len)
+        self.chain(
+            |counts| counts.cells[rank][evidence],
+            prior,
+            (earlier, now),
+            len,
+        )
     }
 
     /// [`Self::chances`] of the drafter's best branch before it is drafted, its evidence not
     /// known yet: from the latest observations of best branches of any evidence.
     pub fn expected_chances(&self, len: usize) -> Vec<f64> {
-        Self::chain(|class| self.best[class], Self::PRIOR, len)
+        self.chain(|counts| counts.best, Self::PRIOR, (1.0, 1.0), len)
     }
 
-    /// The chances of a branch whose cells by depth class are `cell`, its first token's
-    /// cell leaning on `prior`.
-    fn chain(cell: impl Fn(usize) -> Cell, mut prior: f64, len: usize) -> Vec<f64> {
+    /// The chances of a branch whose cells by depth class are `cells`: of the earlier
+    /// sessions, their first leaning on `prior`, and of this session, leaning on those (the
+    /// first scaled from `from` to `to`). In a first session, a cell's count with `prior`.
+    fn chain(
+        &self,
+        cells: impl Fn(&Counts) -> [Cell; DEPTH_CLASSES],
+        mut prior: f64,
+        (mut from, mut to): (f64, f64),
+        len: usize,
+    ) -> Vec<f64> {
+        let (earlier, session) = (cells(&self.earlier), cells(&self.session));
         let mut chance = 1.0;
         let mut class = usize::MAX;
         let mut level = prior;
@@ -148,8 +190,10 @@ impl AcceptanceStats {
             .map(|depth| {
                 if depth_class(depth) != class {
                     class = depth_class(depth);
-                    level = Self::level(cell(class), prior);
+                    let before = Self::level(earlier[class], prior) / from * to;
+                    level = Self::level(session[class], before.min(1.0));
                     prior = level;
+                    (from, to) = (1.0, 1.0);
                 }
                 chance *= level;
                 chance
@@ -227,7 +271,34 @@ mod tests {
         stats.count(5, 2);
         let next = stats.carried_over();
         assert_eq!((next.proposed, next.accepted), (0, 0));
-        assert_eq!(next.rate(), stats.rate());
+        assert!((next.rate() - stats.rate()).abs() < 0.01);
+    }
+
+    #[test]
+    fn a_session_s_own_observations_outweigh_the_earlier_sessions() {
+        let mut earlier = AcceptanceStats::default();
+        for _ in 0..100 {
+            for depth in 1..=8 {
+                earlier.observe(0, 8, depth, true);
+                earlier.observe(0, 12, depth, true);
+            }
+        }
+        let mut next = earlier.carried_over();
+        assert!(next.chances(0, 8, 1)[0] > 0.95);
+        assert!(next.chances(0, 12, 1)[0] > 0.95);
+        // Four first tokens rejected in this session: about half the earlier estimate;
+        // counted with the earlier sessions' 33, they would leave it near 0.9.
+        for _ in 0..4 {
+            next.observe(0, 8, 1, false);
+        }
+        let now = next.chances(0, 8, 1)[0];
+        assert!(now < 0.55, "{now}");
+        // A class this session has not tried is taken down with it.
+        let untried = next.chances(0, 12, 1)[0];
+        assert!(untried < 0.6, "{untried}");
+        // The next session starts from every observation, these four among them.
+        let third = next.carried_over().chances(0, 8, 1)[0];
+        assert!(third > 0.8 && third < 0.95, "{third}");
     }
 
     #[test]
