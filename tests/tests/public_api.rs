@@ -2094,13 +2094,10 @@ async fn llama_cpp_s_native_api_completes_and_fills_in_a_repository() {
     let indented = native("/infill", with(&lines, json!({"n_indent": 8})))
         .await
         .json();
-    match cut {
-        Some(at) => {
-            assert_eq!(indented["content"], &whole[..at], "{whole:?}");
-            assert_eq!(indented["stop_type"], "limit");
-        }
-        None => assert_eq!(indented["content"], whole),
-    }
+    // The loop's body is indented 8, the `return` after it 4: the text ends before it.
+    let at = cut.unwrap_or_else(|| panic!("no line indented less than 8: {whole:?}"));
+    assert_eq!(indented["content"], &whole[..at], "{whole:?}");
+    assert_eq!(indented["stop_type"], "limit");
 
     // `n_predict: 0` computes the prompt into the cache and answers no text; the request
     // after it finds the prompt there.

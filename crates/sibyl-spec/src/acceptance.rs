@@ -17,8 +17,9 @@
 //!
 //! A session starts from what earlier sessions of the drafter kind measured, as a prior:
 //! each cell's chance is the session's own count with the earlier sessions' estimate in
-//! place of the fixed prior (and for a cell the session has not tried yet, that estimate
-//! scaled by how the session's best first tokens fare against the earlier sessions'). So
+//! place of the fixed prior (at the first token, that estimate scaled by how the session's
+//! best first tokens fare against the earlier sessions', so that a cell the session has not
+//! tried yet starts there). So
 //! a prompt on which the drafter is wrong, after prompts on which it was right, stops
 //! paying for long drafts after a few steps rather than after the earlier sessions' counts
 //! have decayed; a first session is estimated as before.

@@ -606,7 +606,12 @@ impl Gateway {
         let batch = INFILL_BATCH.min(context / 2);
         let budget = InfillBudget {
             batch,
-            files: context.saturating_sub(batch.saturating_add(max_tokens.saturating_mul(2))),
+            // Twice the output (at least one token is made), and the BOS and FIM tokens.
+            files: context.saturating_sub(
+                batch
+                    .saturating_add(max_tokens.max(1).saturating_mul(2))
+                    .saturating_add(4),
+            ),
         };
         self.off_workers(move |model| {
             let infill = RepoInfill {

@@ -42,6 +42,9 @@ pub(crate) fn routes() -> Router<Arc<Gateway>> {
 /// Most completions one request may ask for (`n_cmpl`), as the OpenAI API's `n`.
 const MAX_COMPLETIONS: u32 = 8;
 
+/// Most names `samplers` may list (llama.cpp has 11 samplers).
+const MAX_SAMPLERS: usize = 16;
+
 /// Most files `input_extra` may hold.
 const MAX_EXTRA_FILES: usize = 256;
 
@@ -219,8 +222,14 @@ impl Sampler {
 /// order; temperature may come first instead, where it changes none of the filters' choices
 /// but min-p's and top-p's (vLLM's order), which this API does not offer.
 fn samplers(value: &Option<Value>) -> Result<Vec<Sampler>, GatewayError> {
+    let too_many =
+        || GatewayError::invalid_param("samplers", format!("at most {MAX_SAMPLERS} samplers"));
     let names: Vec<String> = match value {
         None | Some(Value::Null) => return Ok(DEFAULT_SAMPLERS.to_vec()),
+        Some(Value::String(codes)) if codes.chars().count() > MAX_SAMPLERS => {
+            return Err(too_many())
+        }
+        Some(Value::Array(items)) if items.len() > MAX_SAMPLERS => return Err(too_many()),
         Some(Value::Array(items)) => items
             .iter()
             .map(|item| item.as_str().map(str::to_string))
@@ -253,8 +262,20 @@ fn samplers(value: &Option<Value>) -> Result<Vec<Sampler>, GatewayError> {
             ))
         }
     };
+    if names.len() > MAX_SAMPLERS {
+        return Err(GatewayError::invalid_param(
+            "samplers",
+            format!("at most {MAX_SAMPLERS} samplers"),
+        ));
+    }
     let mut chosen = Vec::new();
-    for name in &names {
+    for (i, name) in names.iter().enumerate() {
+        if names[..i].contains(name) {
+            return Err(GatewayError::invalid_param(
+                "samplers",
+                format!("`{name}` is listed twice"),
+            ));
+        }
         let sampler = match name.to_ascii_lowercase().replace('-', "_").as_str() {
             "top_k" => Sampler::TopK,
             "top_p" | "nucleus" => Sampler::TopP,
@@ -272,7 +293,7 @@ fn samplers(value: &Option<Value>) -> Result<Vec<Sampler>, GatewayError> {
         if chosen.contains(&sampler) {
             return Err(GatewayError::invalid_param(
                 "samplers",
-                format!("`{name}` is listed twice"),
+                format!("`{name}` names a sampler listed before"),
             ));
         }
         chosen.push(sampler);
@@ -737,12 +758,12 @@ impl Choice {
     async fn run(mut self, mut outputs: OutputStream, events: mpsc::Sender<ChoiceEvent>) {
         let mut predicted = 0u32;
         let mut first: Option<Instant> = None;
-        loop {
+        let last = loop {
             let output = tokio::select! {
                 () = events.closed() => return,
                 output = outputs.recv() => output,
             };
-            let event = match output {
+            break match output {
                 None => ChoiceEvent::Failed(GatewayError::Internal(
                     "the generation ended without a summary".into(),
                 )),
@@ -790,9 +811,10 @@ impl Choice {
                     ChoiceEvent::Done(Box::new(done))
                 }
             };
-            let _ = events.send(event).await;
-            return;
-        }
+        };
+        // The generation is cancelled now, not once a slow client has read the end.
+        drop(outputs);
+        let _ = events.send(last).await;
     }
 
     /// The completion's report: the verifier's timings where it sent them, else the
@@ -1039,6 +1061,9 @@ mod tests {
             json!(["top_k", "top_k"]),
             json!(["greedy"]),
             json!(3),
+            // No-op samplers count too: a long list is refused, not allocated.
+            json!(["infill", "infill"]),
+            json!("i".repeat(17)),
         ] {
             let error = chain(bad.clone()).unwrap_err();
             assert!(
