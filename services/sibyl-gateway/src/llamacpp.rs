@@ -582,6 +582,12 @@ async fn respond(
     let (events, receiver) = mpsc::channel(64);
     let mut runs = Vec::new();
     for (p, prompt) in prompts.into_iter().enumerate() {
+        // The prompt's text, as the responses report it: once for all its completions.
+        let text = match &prompt {
+            PromptInput::Text(text) => text.clone(),
+            PromptInput::Tokens(ids) => gateway.detokenize(ids).unwrap_or_default(),
+            _ => String::new(),
+        };
         for i in 0..settings.choices {
             let index = p * settings.choices as usize + i as usize;
             let mut generation = settings.generation.clone();
@@ -595,13 +601,8 @@ async fn respond(
                 .sampling
                 .seed
                 .map(|s| s.wrapping_add(u64::from(i)));
-            let text = match &prompt {
-                PromptInput::Text(text) => text.clone(),
-                PromptInput::Tokens(ids) => gateway.detokenize(ids).unwrap_or_default(),
-                _ => String::new(),
-            };
             let (prompt_tokens, outputs) = gateway.generate(generation).await?;
-            runs.push((index, text, prompt_tokens, outputs));
+            runs.push((index, text.clone(), prompt_tokens, outputs));
         }
     }
     for (index, prompt, prompt_tokens, outputs) in runs {
