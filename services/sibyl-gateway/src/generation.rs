@@ -109,6 +109,9 @@ pub struct Ending {
     pub stop_token_ids: Vec<u32>,
     /// The text ends after the stop string that ended it rather than before.
     pub include_stop_string: bool,
+    /// `max_tokens` past the context window's room ends the generation where the window
+    /// does (Anthropic's API) instead of being refused.
+    pub at_window: bool,
 }
 
 /// Most `stop_token_ids` a request may list.
@@ -709,7 +712,8 @@ impl Gateway {
         // Fixed here so that the gateway can report the seed even when it ends the
         // generation itself (at a stop string).
         let seed = *sampling.seed.get_or_insert_with(rand::random);
-        let max_tokens = self.max_tokens(prompt.len(), request.max_tokens)?;
+        let max_tokens =
+            self.max_tokens(prompt.len(), request.max_tokens, request.ending.at_window)?;
         let prediction = match &request.prediction {
             Some(text) => self.prediction_tokens(text.clone()).await?,
             None => Vec::new(),
@@ -777,7 +781,14 @@ impl Gateway {
         Ok((prompt_tokens, events, params))
     }
 
-    fn max_tokens(&self, prompt: usize, requested: Option<usize>) -> Result<usize, GatewayError> {
+    /// How many tokens a generation of a `prompt`-token prompt may make: `requested` (at
+    /// most the server's limit, and the window's room unless `at_window` cuts it to that).
+    fn max_tokens(
+        &self,
+        prompt: usize,
+        requested: Option<usize>,
+        at_window: bool,
+    ) -> Result<usize, GatewayError> {
         let context = self.context_length();
         let limit = self.config.max_tokens_limit;
         if prompt >= context {
@@ -796,6 +807,7 @@ impl Gateway {
                 "max_tokens",
                 format!("`max_tokens` is {n}; this server allows at most {limit}"),
             )),
+            Some(n) if n > room && at_window => Ok(room),
             Some(n) if n > room => Err(GatewayError::invalid_param(
                 "max_tokens",
                 format!(

@@ -111,6 +111,7 @@ impl TryFrom<pb::GenerateRequest> for Generation {
                 ignore_eos: request.ignore_eos,
                 stop_token_ids: request.stop_token_ids,
                 include_stop_string: request.include_stop_string,
+                at_window: false,
             }
             .checked()
             .map_err(Status::from)?,

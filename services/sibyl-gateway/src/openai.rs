@@ -1,13 +1,14 @@
 //! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (with
 //! `stream: true` as server-sent events ending in `data: [DONE]`), `/v1/responses` (a chat
-//! completion underneath, see [`responses`]), `/v1/models`, vLLM's `/tokenize` and
-//! `/detokenize`, `/health`.
+//! completion underneath, see [`responses`]), Anthropic's `/v1/messages` (likewise, see
+//! [`messages`]), `/v1/models`, vLLM's `/tokenize` and `/detokenize`, `/health`.
 //!
 //! Extension: `"speculation": {"enabled": false}` turns speculation off for one request;
 //! `"speculation": {"drafters": ["ngram"]}` picks drafter kinds; `"prefix_cache": false`
 //! computes the whole prompt (the verifier reuses none of the work it holds, and keeps
 //! none of this request's). `top_k` is accepted too.
 
+mod messages;
 mod request;
 mod response;
 mod responses;
@@ -51,6 +52,8 @@ pub fn router(gateway: Arc<Gateway>, metrics: bool) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/responses", post(responses::responses))
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -72,7 +75,8 @@ pub fn router(gateway: Arc<Gateway>, metrics: bool) -> Router {
 }
 
 /// Lets a request through when the gateway has no keys or it carries one of them (its id
-/// then goes into the request's extensions); 401 with OpenAI's error object otherwise.
+/// then goes into the request's extensions); 401 with OpenAI's error object otherwise
+/// (Anthropic's on its Messages API).
 async fn authorize(
     State(gateway): State<Arc<Gateway>>,
     mut request: axum::extract::Request,
@@ -81,11 +85,16 @@ async fn authorize(
     let Some(keys) = gateway.api_keys() else {
         return next.run(request).await;
     };
-    let header = request
-        .headers()
+    let headers = request.headers();
+    let header = headers
         .get(axum::http::header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or(""));
-    match keys.check(header) {
+    // Anthropic's clients send the key as `x-api-key`.
+    let checked = match (header, headers.get("x-api-key")) {
+        (None, Some(key)) => keys.check_key(key.to_str().unwrap_or("")),
+        (header, _) => keys.check(header),
+    };
+    match checked {
         Ok(id) => {
             let id = id.clone();
             request.extensions_mut().insert(id);
@@ -96,6 +105,7 @@ async fn authorize(
             // answering: over HTTP/2 an answer to a request whose body is unread resets the
             // stream, and a client still uploading (curl) then reports a stream error
             // instead of the 401.
+            let anthropic = request.uri().path().starts_with("/v1/messages");
             let mut unread = request.into_body().into_data_stream();
             let drain = async {
                 let mut bytes = 0;
@@ -108,13 +118,18 @@ async fn authorize(
             };
             let _ = tokio::time::timeout(REFUSED_BODY_TIME, drain).await;
             let message = denied.to_string();
-            let body = ErrorBody::new(
-                &message,
-                "invalid_request_error",
-                None,
-                Some("invalid_api_key"),
-            );
-            let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+            let mut response = if anthropic {
+                let body = messages::error_body("authentication_error", &message);
+                (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+            } else {
+                let body = ErrorBody::new(
+                    &message,
+                    "invalid_request_error",
+                    None,
+                    Some("invalid_api_key"),
+                );
+                (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+            };
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
@@ -368,14 +383,7 @@ async fn respond(
     let started = start(&gateway, kind, id_prefix, common, prompts, tools, key_id).await?;
     let (meta, outputs, choices) = (started.meta, started.outputs, started.choices);
     if stream {
-        // Comments while no token is ready (a long prompt's prefill, a queue), so that a
-        // proxy's idle timeout does not cut the stream.
-        let keep_alive = KeepAlive::new().interval(gateway.sse_keep_alive());
-        return Ok(
-            Sse::new(ReceiverStream::new(stream_events(meta, outputs, choices)))
-                .keep_alive(keep_alive)
-                .into_response(),
-        );
+        return Ok(sse(&gateway, stream_events(meta, outputs, choices)));
     }
     whole_response(&meta, outputs, choices).await
 }
@@ -385,6 +393,8 @@ struct Started {
     meta: Meta,
     outputs: Merged,
     choices: usize,
+    /// The first prompt's length in tokens.
+    prompt_tokens: usize,
 }
 
 /// Starts `n` choices of each of `prompts` (at least one); choice `p * n + i` is prompt
@@ -462,6 +472,7 @@ async fn start(
     // choice without a seed gets one of its own). If one cannot start, the ones started
     // are cancelled as their outputs are dropped.
     let mut outputs = Vec::with_capacity(choices);
+    let mut prompt_tokens = 0;
     let prompts = std::iter::once(None).chain(rest.into_iter().map(Some));
     for (p, prompt) in prompts.enumerate() {
         for i in 0..per_prompt {
@@ -474,7 +485,11 @@ async fn start(
                 choice.request_id = format!("{id}-{index}");
                 choice.sampling.seed = generation.sampling.seed.map(|s| s.wrapping_add(i as u64));
             }
-            outputs.push(gateway.generate(choice).await?.1);
+            let (tokens, output) = gateway.generate(choice).await?;
+            if index == 0 {
+                prompt_tokens = tokens;
+            }
+            outputs.push(output);
         }
     }
     let outputs = merge(outputs);
@@ -496,7 +511,58 @@ async fn start(
         meta,
         outputs,
         choices,
+        prompt_tokens,
     })
+}
+
+/// Starts the one generation of a chat request that a request of another API (Responses,
+/// Messages) was translated into. The answer's id is `id_prefix` and a random number.
+async fn start_chat(
+    gateway: &Gateway,
+    id_prefix: &str,
+    chat: ChatRequest,
+    key: Key,
+) -> Result<Started, GatewayError> {
+    let (common, prompt, tools) = chat_prompt(chat)?;
+    let prompts = vec![prompt];
+    start(
+        gateway,
+        Kind::Chat,
+        id_prefix,
+        common,
+        prompts,
+        tools,
+        key_id(key),
+    )
+    .await
+}
+
+/// A streamed answer's events as server-sent events, with comments while no token is
+/// ready (a long prompt's prefill, a queue), so that a proxy's idle timeout does not cut
+/// the stream.
+fn sse(gateway: &Gateway, events: mpsc::Receiver<Result<Event, Infallible>>) -> Response {
+    let keep_alive = KeepAlive::new().interval(gateway.sse_keep_alive());
+    Sse::new(ReceiverStream::new(events))
+        .keep_alive(keep_alive)
+        .into_response()
+}
+
+/// The next output of a streamed answer, or `None` once its client (`client`: the events'
+/// sender) has gone, which ends the generation; an error where the outputs end without a
+/// summary.
+async fn next_output(
+    client: &mpsc::Sender<Result<Event, Infallible>>,
+    outputs: &mut Merged,
+) -> Option<Result<Output, GatewayError>> {
+    tokio::select! {
+        () = client.closed() => None,
+        next = outputs.recv() => Some(match next {
+            Some((_, output)) => output,
+            None => Err(GatewayError::Internal(
+                "the generation ended without a summary".into(),
+            )),
+        }),
+    }
 }
 
 /// The outputs of a request's choices, each tagged with its index.
@@ -760,16 +826,24 @@ async fn not_found(uri: axum::http::Uri) -> Response {
         .into_response()
 }
 
+/// The served model, in a list both OpenAI's and Anthropic's clients read.
 async fn models(State(gateway): State<Arc<Gateway>>) -> Response {
+    let name = gateway.model_name();
     let list = ModelList {
         object: "list",
         data: vec![ModelCard {
-            id: gateway.model_name(),
+            id: name,
             object: "model",
             created: 0,
             owned_by: "sibyl",
             max_model_len: gateway.context_length(),
+            kind: "model",
+            display_name: name,
+            created_at: "1970-01-01T00:00:00Z",
         }],
+        has_more: false,
+        first_id: name,
+        last_id: name,
     };
     Json(list).into_response()
 }

@@ -175,7 +175,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 let drafters = drafters_text.join(", ");
                 let (scheme, over) = if tls { ("https", ", TLS") } else { ("http", "") };
                 let message = format!(
-                    "sibyl serve: {name} ready\n  OpenAI HTTP API  {scheme}://{http_addr}/v1\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway{over})\n  verifier         {verifier_addr}, {drafters} (loopback)\n  access           {access}\n"
+                    "sibyl serve: {name} ready\n  OpenAI HTTP API  {scheme}://{http_addr}/v1\n  Anthropic API    {scheme}://{http_addr} (/v1/messages)\n  gRPC gateway     {grpc_addr} (sibyl.v1.Gateway{over})\n  verifier         {verifier_addr}, {drafters} (loopback)\n  access           {access}\n"
                 );
                 // One write, and a closed stdout is no reason to stop serving (`println!`
                 // writes piece by piece and panics when the reader has gone).

@@ -83,6 +83,9 @@ pub(super) struct Common {
     #[serde(default)]
     ignore_eos: bool,
     stop_token_ids: Option<Vec<u32>>,
+    /// Set by the Messages API: see [`crate::generation::Ending::at_window`].
+    #[serde(skip)]
+    pub(super) at_window: bool,
     /// vLLM's: the text ends after the stop string that ended it, not before.
     #[serde(default)]
     include_stop_str_in_output: bool,
@@ -471,6 +474,7 @@ impl Common {
                 ignore_eos: self.ignore_eos,
                 stop_token_ids: self.stop_token_ids.unwrap_or_default(),
                 include_stop_string: self.include_stop_str_in_output,
+                at_window: self.at_window,
             }
             .checked()?,
             api: Api::Http,
@@ -537,6 +541,39 @@ pub(super) struct CompletionRequest {
     pub(super) suffix: Option<String>,
     #[serde(flatten)]
     pub(super) common: Common,
+}
+
+/// The chat completion's fields that the Responses and Messages APIs take as they are:
+/// the model, sampling (where the API has it) and sibyl's extensions.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct PassedOn {
+    pub(super) model: Option<String>,
+    pub(super) temperature: Option<f32>,
+    pub(super) top_p: Option<f32>,
+    pub(super) top_k: Option<i64>,
+    pub(super) seed: Option<u64>,
+    pub(super) speculation: Option<Value>,
+    pub(super) prefix_cache: Option<bool>,
+}
+
+impl PassedOn {
+    /// Sets those given among a chat completion request's fields.
+    pub(super) fn set(self, chat: &mut serde_json::Map<String, Value>) {
+        let fields = [
+            ("model", self.model.map(Value::from)),
+            ("temperature", self.temperature.map(Value::from)),
+            ("top_p", self.top_p.map(Value::from)),
+            ("top_k", self.top_k.map(Value::from)),
+            ("seed", self.seed.map(Value::from)),
+            ("speculation", self.speculation),
+            ("prefix_cache", self.prefix_cache.map(Value::from)),
+        ];
+        for (key, value) in fields {
+            if let Some(value) = value {
+                chat.insert(key.into(), value);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,7 @@
 use super::tools::Call;
 use crate::generation::{PromptLogprobs, Summary};
 use crate::params::{FinishReason, Logprobs, TokenLogprob};
+use crate::reasoning::Split;
 use serde::Serialize;
 
 /// Which endpoint a response is for.
@@ -282,6 +283,61 @@ pub(super) struct Meta {
     pub reasoning: Option<crate::ReasoningParser>,
 }
 
+/// An answer's text as it streams, read as a whole answer is: its thinking apart (with a
+/// reasoning parser) and, where tools are offered, the text that may be a call held back
+/// until it is known.
+pub(super) struct AnswerText {
+    thinking: Option<crate::reasoning::Thinking>,
+    calls: Option<(super::tools::CallReader, super::tools::CallStream)>,
+}
+
+impl AnswerText {
+    pub(super) fn new(meta: &Meta) -> Self {
+        Self {
+            thinking: meta.reasoning.map(crate::ReasoningParser::thinking),
+            calls: meta
+                .calls
+                .clone()
+                .map(|reader| (reader, Default::default())),
+        }
+    }
+
+    /// The next piece of the text: its thinking, and the content that can go out now.
+    pub(super) fn push(&mut self, text: &str) -> Split {
+        let split = match &mut self.thinking {
+            Some(thinking) => thinking.push(text),
+            None => Split {
+                reasoning: String::new(),
+                content: text.to_string(),
+            },
+        };
+        self.hold(split)
+    }
+
+    fn hold(&mut self, mut split: Split) -> Split {
+        if let Some((_, held)) = &mut self.calls {
+            split.content = held.push(&split.content);
+        }
+        split
+    }
+
+    /// What is left once the answer has ended: its last thinking and content, and its
+    /// calls.
+    pub(super) fn finish(mut self) -> (Split, Vec<Call>) {
+        let rest = self.thinking.take().map(|t| t.finish()).unwrap_or_default();
+        let mut rest = self.hold(rest);
+        let calls = match self.calls {
+            Some((reader, held)) => {
+                let answer = held.finish(&reader);
+                rest.content.push_str(&answer.text);
+                answer.calls
+            }
+            None => Vec::new(),
+        };
+        (rest, calls)
+    }
+}
+
 impl Meta {
     fn body<'a>(
         &'a self,
@@ -540,6 +596,10 @@ impl<'a> ErrorBody<'a> {
 pub(super) struct ModelList<'a> {
     pub object: &'static str,
     pub data: Vec<ModelCard<'a>>,
+    /// Anthropic's list fields, so that its clients read the same list.
+    pub has_more: bool,
+    pub first_id: &'a str,
+    pub last_id: &'a str,
 }
 
 #[derive(Debug, Serialize)]
@@ -550,6 +610,11 @@ pub(super) struct ModelCard<'a> {
     pub owned_by: &'static str,
     /// An extension (vLLM's): the longest prompt and output of one request.
     pub max_model_len: usize,
+    /// Anthropic's model fields.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub display_name: &'a str,
+    pub created_at: &'static str,
 }
 
 #[cfg(test)]

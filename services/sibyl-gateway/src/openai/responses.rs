@@ -7,15 +7,15 @@
 //! A stream is the API's typed events, from `response.created` to `response.completed`
 //! (or `response.incomplete`, `response.failed`).
 
-use super::request::ChatRequest;
-use super::response::{ChoiceLogprobs, Meta};
-use super::tools::{Call, CallStream};
+use super::request::{ChatRequest, PassedOn};
+use super::response::{AnswerText, ChoiceLogprobs, Meta};
+use super::tools::Call;
 use super::unsupported::{neutral, refuse_first};
-use super::{chat_prompt, key_id, parse, start, Body, Key, Merged};
+use super::{next_output, parse, sse, start_chat, Body, Key, Merged};
 use crate::generation::{Gateway, GatewayError, Output, Summary};
 use crate::params::{FinishReason, Logprobs};
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -23,24 +23,19 @@ use serde_json::{json, Map, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// A Responses API request: what sibyl reads of it.
 #[derive(Debug, Deserialize)]
 pub(super) struct ResponsesRequest {
-    model: Option<String>,
     /// A string (a user's message) or a list of items.
     input: Value,
     /// A system message before the input.
     instructions: Option<String>,
     max_output_tokens: Option<i64>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    /// Extensions, as on the chat endpoint.
-    top_k: Option<i64>,
-    seed: Option<u64>,
-    speculation: Option<Value>,
-    prefix_cache: Option<bool>,
+    /// The model, `temperature`, `top_p`; extensions, as on the chat endpoint (`top_k`,
+    /// `seed`, `speculation`, `prefix_cache`).
+    #[serde(flatten)]
+    passed: PassedOn,
     #[serde(default)]
     stream: bool,
     /// Function tools, as this API defines them (`name` beside `type`).
@@ -360,8 +355,11 @@ impl ResponsesRequest {
         set("previous_response_id", Value::Null);
         set("reasoning", Value::Null);
         set("store", json!(false));
-        set("temperature", decimal(self.temperature.unwrap_or(1.0)));
-        set("top_p", decimal(self.top_p.unwrap_or(1.0)));
+        set(
+            "temperature",
+            decimal(self.passed.temperature.unwrap_or(1.0)),
+        );
+        set("top_p", decimal(self.passed.top_p.unwrap_or(1.0)));
         let format = self.text.as_ref().and_then(|t| t.format.clone());
         set(
             "text",
@@ -421,19 +419,13 @@ impl ResponsesRequest {
             json!(chat_messages(self.instructions, self.input)?),
         );
         chat.insert("stream".into(), json!(self.stream));
+        self.passed.set(&mut chat);
         let mut set = |key: &str, value: Option<Value>| {
             if let Some(value) = value {
                 chat.insert(key.into(), value);
             }
         };
-        set("model", self.model.map(Value::from));
         set("max_tokens", self.max_output_tokens.map(Value::from));
-        set("temperature", self.temperature.map(Value::from));
-        set("top_p", self.top_p.map(Value::from));
-        set("top_k", self.top_k.map(Value::from));
-        set("seed", self.seed.map(Value::from));
-        set("speculation", self.speculation);
-        set("prefix_cache", self.prefix_cache.map(Value::from));
         let tools = match self.tools {
             Some(tools) => Some(Value::Array(
                 tools
@@ -495,29 +487,15 @@ pub(super) async fn responses(
     let request: ResponsesRequest = parse(body)?;
     let settings = request.settings();
     let stream = request.stream;
-    let started = async {
-        let (common, prompt, tools) = chat_prompt(request.into_chat()?)?;
-        start(
-            &gateway,
-            super::Kind::Chat,
-            "resp_",
-            common,
-            vec![prompt],
-            tools,
-            key_id(key),
-        )
+    let started = async { start_chat(&gateway, "resp_", request.into_chat()?, key).await }
         .await
-    }
-    .await
-    .map_err(renamed)?;
+        .map_err(renamed)?;
     let answer = Answer {
         meta: started.meta,
         settings,
     };
     if stream {
-        let keep_alive = KeepAlive::new().interval(gateway.sse_keep_alive());
-        let events = ReceiverStream::new(stream_events(answer, started.outputs));
-        return Ok(Sse::new(events).keep_alive(keep_alive).into_response());
+        return Ok(sse(&gateway, stream_events(answer, started.outputs)));
     }
     whole(answer, started.outputs).await
 }
@@ -895,87 +873,61 @@ async fn relay(answer: &Answer, outputs: &mut Merged, events: &mut Events) -> Re
     events.send("response.in_progress", opening).await?;
     let mut output: Vec<Value> = Vec::new();
     let mut message = StreamedItem::new(Streamed::Message);
-    // Where tools are offered, the text that may be a call is held back; and the log
-    // probabilities of tokens whose text has not gone out.
-    let mut held = CallStream::default();
+    // The answer's text as it can go out, and the log probabilities of tokens whose text
+    // has not gone out.
+    let mut text = AnswerText::new(&answer.meta);
     let mut tokens: Vec<Logprobs> = Vec::new();
     // With a reasoning parser: the thinking, streamed as an item of its own before the
     // message (`None` once it is over).
     let mut thinking = answer
         .meta
         .reasoning
-        .map(|parser| (parser.thinking(), StreamedItem::new(Streamed::Reasoning)));
+        .map(|_| StreamedItem::new(Streamed::Reasoning));
     loop {
         // A client that goes away ends the generation now, not at the next output.
-        let next = tokio::select! {
-            () = events.sender.closed() => return Err(Gone),
-            next = outputs.recv() => next,
-        };
-        let output_or_error = match next {
-            Some((_, output)) => output,
-            None => Err(GatewayError::Internal(
-                "the generation ended without a summary".into(),
-            )),
+        let Some(output_or_error) = next_output(&events.sender, outputs).await else {
+            return Err(Gone);
         };
         match output_or_error {
-            Ok(Output::Text { text, logprobs, .. }) => {
-                let text = match thinking.as_mut() {
-                    Some((splitter, reasoning)) => {
-                        let split = splitter.push(&text);
-                        if !split.reasoning.is_empty() {
-                            reasoning
-                                .send(events, &output, &split.reasoning, Vec::new())
-                                .await?;
-                        }
-                        split.content
-                    }
-                    None => text,
-                };
-                // Content comes once the thinking is over: its item closes first.
-                if !text.is_empty() {
-                    if let Some((_, reasoning)) = thinking.take() {
+            Ok(Output::Text {
+                text: piece,
+                logprobs,
+                ..
+            }) => {
+                let split = text.push(&piece);
+                tokens.extend(logprobs);
+                if let Some(reasoning) = thinking.as_mut().filter(|_| !split.reasoning.is_empty()) {
+                    reasoning
+                        .send(events, &output, &split.reasoning, Vec::new())
+                        .await?;
+                }
+                if !split.content.is_empty() {
+                    // Content comes once the thinking is over: its item closes first.
+                    if let Some(reasoning) = thinking.take() {
                         reasoning.close(events, &mut output, false).await?;
                     }
-                }
-                let text = match answer.meta.calls {
-                    Some(_) => held.push(&text),
-                    None => text,
-                };
-                tokens.extend(logprobs);
-                if !text.is_empty() {
                     let logprobs = answer.logprobs(&std::mem::take(&mut tokens));
-                    message.send(events, &output, &text, logprobs).await?;
+                    message
+                        .send(events, &output, &split.content, logprobs)
+                        .await?;
                 }
             }
             Ok(Output::Done(summary)) => {
-                if let Some((splitter, mut reasoning)) = thinking.take() {
-                    let rest = splitter.finish();
+                let (rest, calls) = text.finish();
+                if let Some(mut reasoning) = thinking.take() {
                     if !rest.reasoning.is_empty() {
                         reasoning
                             .send(events, &output, &rest.reasoning, Vec::new())
                             .await?;
                     }
                     reasoning.close(events, &mut output, false).await?;
-                    let text = match answer.meta.calls {
-                        Some(_) => held.push(&rest.content),
-                        None => rest.content,
-                    };
-                    if !text.is_empty() {
-                        let logprobs = answer.logprobs(&std::mem::take(&mut tokens));
-                        message.send(events, &output, &text, logprobs).await?;
-                    }
                 }
-                let calls = match &answer.meta.calls {
-                    Some(reader) => {
-                        let rest = std::mem::take(&mut held).finish(reader);
-                        if !rest.text.is_empty() {
-                            let logprobs = answer.logprobs(&std::mem::take(&mut tokens));
-                            message.send(events, &output, &rest.text, logprobs).await?;
-                        }
-                        rest.calls
-                    }
-                    None => Vec::new(),
-                };
+                if !rest.content.is_empty() {
+                    let logprobs = answer.logprobs(&std::mem::take(&mut tokens));
+                    message
+                        .send(events, &output, &rest.content, logprobs)
+                        .await?;
+                }
                 // An answer that makes no call has a message, if an empty one.
                 if calls.is_empty() {
                     message.send(events, &output, "", Vec::new()).await?;
@@ -1008,6 +960,8 @@ async fn relay(answer: &Answer, outputs: &mut Merged, events: &mut Events) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::response::sse::Sse;
+    use tokio_stream::wrappers::ReceiverStream;
 
     fn request(body: Value) -> ResponsesRequest {
         serde_json::from_value(body).unwrap()
