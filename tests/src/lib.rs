@@ -69,6 +69,8 @@ pub struct ClusterOptions {
     pub sse_keep_alive: Duration,
     /// The gateway's `--reasoning-parser`.
     pub reasoning_parser: Option<sibyl_gateway::ReasoningParser>,
+    /// The gateway's `--override-generation-config`.
+    pub sampling_override: sibyl_gateway::SamplingDefaults,
 }
 
 impl Default for ClusterOptions {
@@ -91,6 +93,7 @@ impl Default for ClusterOptions {
             api_keys: None,
             sse_keep_alive: sibyl_gateway::SSE_KEEP_ALIVE,
             reasoning_parser: None,
+            sampling_override: sibyl_gateway::SamplingDefaults::default(),
         }
     }
 }
@@ -213,6 +216,7 @@ impl Cluster {
             verifier_tls: client_tls.clone(),
             metrics_on_http: true,
             reasoning_parser: options.reasoning_parser,
+            sampling_override: options.sampling_override,
         };
         let text_path = path.clone();
         let server = sibyl_gateway::serve(

@@ -2351,3 +2351,39 @@ async fn a_predicted_output_is_drafted_from_and_never_changes_the_answer() {
     }
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_s_sampling_applies_to_requests_that_set_none() {
+    let cluster = Cluster::start(ClusterOptions {
+        sampling_override: sibyl_gateway::SamplingDefaults {
+            temperature: Some(0.0),
+            ..Default::default()
+        },
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
+    let prompt = "The capital of France is";
+    let text = |answer: Value| answer["choices"][0]["text"].as_str().unwrap().to_string();
+    let asked = |extra: Value| {
+        let mut body = json!({"prompt": prompt, "max_tokens": 24});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let greedy = text(completion(&cluster, asked(json!({"temperature": 0}))).await);
+    // Sampled at temperature 1 with this seed the text is another: a default left unapplied
+    // would show.
+    let seeded = json!({"temperature": 1.0, "seed": 7});
+    let sampled = text(completion(&cluster, asked(seeded)).await);
+    assert_ne!(sampled, greedy);
+    let defaulted = text(completion(&cluster, asked(json!({"seed": 7}))).await);
+    assert_eq!(defaulted, greedy);
+    // llama.cpp's endpoint (whose own default is 0.8) takes it too, and reports it.
+    let native = json!({"prompt": prompt, "n_predict": 24, "seed": 7});
+    let native = post(&cluster, "/completion", &[], &native).await.json();
+    assert_eq!(native["content"], greedy, "{native}");
+    assert_eq!(native["generation_settings"]["temperature"], 0.0);
+    cluster.stop().await;
+}

@@ -176,6 +176,58 @@ impl Default for LoadOptions {
     }
 }
 
+/// The sampling a model file recommends: llama.cpp's converter writes the
+/// `general.sampling.*` keys from the model's `generation_config.json`, as vLLM reads that
+/// file, for requests that set none. `None` where nothing is said.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    /// 0: every token.
+    pub top_k: Option<i64>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+}
+
+impl SamplingDefaults {
+    /// `self`'s values, and `other`'s where `self` has none.
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            temperature: self.temperature.or(other.temperature),
+            top_k: self.top_k.or(other.top_k),
+            top_p: self.top_p.or(other.top_p),
+            min_p: self.min_p.or(other.min_p),
+        }
+    }
+
+    /// Whether nothing is said.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Checks that each value is one a request may set (naming the first that is not):
+    /// temperature at least 0, top-k at least 0 (0 or -1: every token), top-p in (0, 1],
+    /// min-p in [0, 1].
+    pub fn check(&self) -> Result<(), String> {
+        let finite = |v: f32| v.is_finite();
+        if let Some(t) = self.temperature.filter(|&t| !finite(t) || t < 0.0) {
+            return Err(format!("temperature {t} is not at least 0"));
+        }
+        if let Some(k) = self.top_k.filter(|&k| k < -1) {
+            return Err(format!("top_k {k} is not at least -1"));
+        }
+        if let Some(p) = self.top_p.filter(|&p| !finite(p) || p <= 0.0 || p > 1.0) {
+            return Err(format!("top_p {p} is not in (0, 1]"));
+        }
+        if let Some(p) = self
+            .min_p
+            .filter(|&p| !finite(p) || !(0.0..=1.0).contains(&p))
+        {
+            return Err(format!("min_p {p} is not in [0, 1]"));
+        }
+        Ok(())
+    }
+}
+
 /// An open GGUF file: its header and a handle to read tensors from.
 pub(crate) struct ModelFile {
     pub(crate) path: PathBuf,
@@ -241,6 +293,34 @@ impl ModelFile {
             Some(Value::F64(v)) => Ok(*v as f32),
             _ => Err(self.metadata_error(key)),
         }
+    }
+
+    /// The `general.sampling.*` values the file has (a value of the wrong type or out of
+    /// range is an error naming the file).
+    pub(crate) fn sampling_defaults(&self) -> Result<SamplingDefaults, EngineError> {
+        let float = |name: &str| {
+            let key = format!("general.sampling.{name}");
+            match self.metadata(&key) {
+                None => Ok(None),
+                Some(_) => self.float(&key).map(Some),
+            }
+        };
+        let top_k = match self.metadata("general.sampling.top_k") {
+            None => None,
+            Some(value) => Some(
+                value_as_i64(value).ok_or_else(|| self.metadata_error("general.sampling.top_k"))?,
+            ),
+        };
+        let defaults = SamplingDefaults {
+            temperature: float("temp")?,
+            top_k,
+            top_p: float("top_p")?,
+            min_p: float("min_p")?,
+        };
+        defaults
+            .check()
+            .map_err(|reason| self.config_error(format!("general.sampling: {reason}")))?;
+        Ok(defaults)
     }
 
     pub(crate) fn strings(&self, key: &str) -> Result<Vec<&str>, EngineError> {
@@ -507,6 +587,16 @@ impl ModelFile {
     }
 }
 
+fn value_as_i64(value: &Value) -> Option<i64> {
+    match *value {
+        Value::I8(v) => Some(i64::from(v)),
+        Value::I16(v) => Some(i64::from(v)),
+        Value::I32(v) => Some(i64::from(v)),
+        Value::I64(v) => Some(v),
+        ref unsigned => value_as_u64(unsigned).and_then(|v| i64::try_from(v).ok()),
+    }
+}
+
 fn value_as_u64(value: &Value) -> Option<u64> {
     match *value {
         Value::U8(v) => Some(u64::from(v)),
@@ -523,4 +613,67 @@ fn value_as_u64(value: &Value) -> Option<u64> {
 
 pub(crate) fn value_as_u32(value: &Value) -> Option<u32> {
     value_as_u64(value).and_then(|v| u32::try_from(v).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header-only GGUF file with `metadata`.
+    fn file_with(name: &str, metadata: &[(&str, Value)]) -> ModelFile {
+        let dir = std::env::temp_dir().join(format!("sibyl-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let mut file = File::create(&path).unwrap();
+        candle_core::quantized::gguf_file::write(&mut file, &metadata, &[]).unwrap();
+        ModelFile::open(&path).unwrap()
+    }
+
+    #[test]
+    fn the_file_s_sampling_defaults_are_read_and_checked() {
+        let file = file_with(
+            "sampling.gguf",
+            &[
+                ("general.sampling.temp", Value::F32(0.7)),
+                ("general.sampling.top_k", Value::I32(20)),
+                ("general.sampling.top_p", Value::F32(0.8)),
+            ],
+        );
+        let defaults = file.sampling_defaults().unwrap();
+        assert_eq!(
+            defaults,
+            SamplingDefaults {
+                temperature: Some(0.7),
+                top_k: Some(20),
+                top_p: Some(0.8),
+                min_p: None,
+            }
+        );
+        let none = file_with("nothing.gguf", &[]).sampling_defaults().unwrap();
+        assert!(none.is_empty());
+        // What a request sets wins; what it does not falls back.
+        let asked = SamplingDefaults {
+            temperature: Some(0.0),
+            ..SamplingDefaults::default()
+        };
+        assert_eq!(
+            asked.or(defaults),
+            SamplingDefaults {
+                temperature: Some(0.0),
+                ..defaults
+            }
+        );
+        for (key, bad) in [
+            ("general.sampling.top_p", Value::F32(1.5)),
+            ("general.sampling.temp", Value::F32(-1.0)),
+            ("general.sampling.top_k", Value::String("20".into())),
+        ] {
+            let error = file_with("bad.gguf", &[(key, bad)])
+                .sampling_defaults()
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("bad.gguf"), "{error}");
+        }
+    }
 }

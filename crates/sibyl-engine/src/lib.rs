@@ -31,7 +31,7 @@ pub use candle_core::quantized::GgmlDType;
 pub use chat::{ChatMessage, ChatOptions, ChatTemplate, FunctionCall, ToolCall, ToolCallFormat};
 pub use device::Device;
 pub use error::EngineError;
-pub use gguf::{Architecture, LoadOptions, ModelConfig, Rope, RopeScaling};
+pub use gguf::{Architecture, LoadOptions, ModelConfig, Rope, RopeScaling, SamplingDefaults};
 pub use kv_cache::KvCache;
 pub use load::{load, load_text, LoadedModel, TextModel};
 pub use model::{LogitRows, Model, Sequence, TreeInput};

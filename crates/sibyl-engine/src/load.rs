@@ -1,3 +1,4 @@
+use crate::gguf::SamplingDefaults;
 use crate::{gguf, ChatTemplate, EngineError, LoadOptions, Model, ModelConfig, TextTokenizer};
 
 /// Everything loaded from one model file: weights, tokenizer, chat template.
@@ -14,6 +15,8 @@ pub struct TextModel {
     pub config: ModelConfig,
     pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
+    /// The sampling the file recommends for requests that set none.
+    pub sampling: SamplingDefaults,
 }
 
 /// Loads a GGUF file: weights, tokenizer and chat template.
@@ -47,6 +50,7 @@ fn read_text(path: &std::path::Path) -> Result<TextModel, EngineError> {
         config,
         tokenizer,
         chat_template,
+        sampling: file.sampling_defaults()?,
     })
 }
 

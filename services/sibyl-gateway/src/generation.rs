@@ -334,8 +334,31 @@ pub struct Gateway {
 const NORMALIZATION_SHRINK: usize = 3;
 
 impl Gateway {
-    pub fn new(config: GatewayConfig, text: TextModel) -> Self {
+    pub fn new(config: GatewayConfig, mut text: TextModel) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        if let Some(t) = text
+            .sampling
+            .temperature
+            .filter(|&t| t > crate::MAX_TEMPERATURE)
+        {
+            tracing::warn!(
+                temperature = t,
+                "the model file recommends a temperature over the most a request may set: \
+                 not taken"
+            );
+            text.sampling.temperature = None;
+        }
+        let defaults = config.sampling_override.or(text.sampling);
+        if !defaults.is_empty() {
+            tracing::info!(
+                temperature = ?defaults.temperature,
+                top_k = ?defaults.top_k,
+                top_p = ?defaults.top_p,
+                min_p = ?defaults.min_p,
+                "HTTP requests that set no sampling take the model file's and \
+                 --override-generation-config's"
+            );
+        }
         Self {
             verifiers: Balancer::new(config.verifier_tls.clone()),
             config,
@@ -444,6 +467,12 @@ impl Gateway {
     /// How chat answers' thinking is split from their content, if it is.
     pub fn reasoning_parser(&self) -> Option<crate::ReasoningParser> {
         self.config.reasoning_parser
+    }
+
+    /// The sampling of HTTP requests that set none: `--override-generation-config`, then
+    /// what the model file recommends; each API's own default where neither says.
+    pub fn sampling_defaults(&self) -> crate::SamplingDefaults {
+        self.config.sampling_override.or(self.text.sampling)
     }
 
     /// The context window requests get: the model's, or the verifier's when it serves

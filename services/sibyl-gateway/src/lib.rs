@@ -18,6 +18,7 @@ pub use params::{
     DrafterState, DrafterStats, FinishReason, Sampling, Speculation, MAX_TEMPERATURE,
 };
 pub use reasoning::ReasoningParser;
+pub use sibyl_engine::SamplingDefaults;
 pub use stop::StopStrings;
 
 use sibyl_engine::TextModel;
@@ -62,6 +63,9 @@ pub struct GatewayConfig {
     /// Split reasoning models' thinking into chat responses' `reasoning_content`
     /// (`--reasoning-parser`); `None`: the answer's text is all content.
     pub reasoning_parser: Option<ReasoningParser>,
+    /// Sampling for HTTP requests that set none, over what the model file recommends
+    /// (`--override-generation-config`).
+    pub sampling_override: SamplingDefaults,
 }
 
 /// The default [`GatewayConfig::sse_keep_alive`]: well under the idle timeouts of common

@@ -339,15 +339,19 @@ impl NativeRequest {
         };
         let chain = samplers(&self.samplers)?;
         let has = |s: Sampler| chain.contains(&s);
-        let top_k = match self.top_k.unwrap_or(40) {
+        // llama.cpp's defaults, where neither the request nor the server says otherwise.
+        let server = gateway.sampling_defaults();
+        let top_k = match self.top_k.or(server.top_k).unwrap_or(40) {
             k if k <= 0 || !has(Sampler::TopK) => None,
             k => Some(u32::try_from(k).unwrap_or(u32::MAX)),
         };
-        let top_p = Some(self.top_p.unwrap_or(0.95)).filter(|_| has(Sampler::TopP));
-        let min_p = Some(self.min_p.unwrap_or(0.05)).filter(|_| has(Sampler::MinP));
+        let top_p =
+            Some(self.top_p.or(server.top_p).unwrap_or(0.95)).filter(|_| has(Sampler::TopP));
+        let min_p =
+            Some(self.min_p.or(server.min_p).unwrap_or(0.05)).filter(|_| has(Sampler::MinP));
         // Without the temperature sampler llama.cpp draws from the filtered probabilities as
         // they are; at or below 0 it takes the most likely token.
-        let temperature = match self.temperature.unwrap_or(0.8) {
+        let temperature = match self.temperature.or(server.temperature).unwrap_or(0.8) {
             _ if !has(Sampler::Temperature) => 1.0,
             t if t <= 0.0 => 0.0,
             t => t,

@@ -403,7 +403,7 @@ async fn start(
     gateway: &Gateway,
     kind: Kind,
     id_prefix: &str,
-    common: Common,
+    mut common: Common,
     prompts: Vec<PromptInput>,
     tools: Option<Tools>,
     key_id: Option<KeyId>,
@@ -461,6 +461,7 @@ async fn start(
         .next()
         .ok_or_else(|| invalid("no prompt".to_string()))?;
     let rest: Vec<PromptInput> = prompts.collect();
+    common.default_sampling(&gateway.sampling_defaults());
     let mut generation = common.generation(first, tools.as_ref())?;
     let logprobs = generation.logprobs.is_some();
     let id = format!("{id_prefix}{:032x}", rand::random::<u128>());

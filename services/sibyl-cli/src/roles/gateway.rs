@@ -7,7 +7,7 @@ use crate::security::{ClientTlsArgs, ServerTlsArgs, TokenArgs};
 use crate::shutdown::DrainArgs;
 use anyhow::bail;
 use clap::Args;
-use sibyl_gateway::GatewayConfig;
+use sibyl_gateway::{GatewayConfig, SamplingDefaults};
 use sibyl_proto::auth::ApiKeys;
 use sibyl_proto::client::ServiceAddress;
 use sibyl_setup::args::ModelArgs;
@@ -46,6 +46,40 @@ pub struct GatewayLimitArgs {
     /// `deepseek_r1` (thinking until `</think>`).
     #[arg(long, env = "SIBYL_REASONING_PARSER", value_parser = ["qwen3", "deepseek_r1"])]
     pub reasoning_parser: Option<String>,
+
+    /// Sampling for HTTP requests that set none, as JSON, as vLLM's flag takes it:
+    /// `{"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0}`. It goes over what the
+    /// model file recommends (its `general.sampling.*`), which goes over each API's default.
+    #[arg(long, env = "SIBYL_OVERRIDE_GENERATION_CONFIG", value_parser = generation_config)]
+    pub override_generation_config: Option<SamplingDefaults>,
+}
+
+/// `--override-generation-config`: the keys vLLM's flag takes that sibyl applies, checked.
+fn generation_config(text: &str) -> Result<SamplingDefaults, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Config {
+        temperature: Option<f32>,
+        top_k: Option<i64>,
+        top_p: Option<f32>,
+        min_p: Option<f32>,
+    }
+    let config: Config = serde_json::from_str(text)
+        .map_err(|e| format!("{e} (a JSON object of `temperature`, `top_k`, `top_p`, `min_p`)"))?;
+    let defaults = SamplingDefaults {
+        temperature: config.temperature,
+        top_k: config.top_k,
+        top_p: config.top_p,
+        min_p: config.min_p,
+    };
+    defaults.check()?;
+    match defaults.temperature {
+        Some(t) if t > sibyl_gateway::MAX_TEMPERATURE => Err(format!(
+            "temperature {t} is over {}, the most a request may set",
+            sibyl_gateway::MAX_TEMPERATURE
+        )),
+        _ => Ok(defaults),
+    }
 }
 
 impl GatewayLimitArgs {
@@ -78,6 +112,7 @@ impl GatewayLimitArgs {
                 .map(str::parse)
                 .transpose()
                 .map_err(anyhow::Error::msg)?,
+            sampling_override: self.override_generation_config.unwrap_or_default(),
         })
     }
 

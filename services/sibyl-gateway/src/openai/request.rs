@@ -389,6 +389,14 @@ impl Common {
         Ok(asked)
     }
 
+    /// Takes `defaults` (the server's) for the sampling fields the request does not set.
+    pub(super) fn default_sampling(&mut self, defaults: &crate::SamplingDefaults) {
+        self.temperature = self.temperature.or(defaults.temperature);
+        self.top_k = self.top_k.or(defaults.top_k);
+        self.top_p = self.top_p.or(defaults.top_p);
+        self.min_p = self.min_p.or(defaults.min_p);
+    }
+
     /// The generation the request asks for, from `prompt` (with `tools`' definitions in it
     /// where they are offered); a `tool_choice` that asks for calls constrains the output
     /// to them.

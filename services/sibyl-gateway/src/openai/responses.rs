@@ -340,7 +340,8 @@ fn decimal(value: f32) -> Value {
 
 impl ResponsesRequest {
     /// What every body of the answer repeats of the request, with the API's defaults.
-    fn settings(&self) -> Map<String, Value> {
+    /// (`defaults`: the server's sampling for requests that set none.)
+    fn settings(&self, defaults: &crate::SamplingDefaults) -> Map<String, Value> {
         let mut settings = Map::new();
         let mut set = |key: &str, value: Value| {
             settings.insert(key.into(), value);
@@ -355,11 +356,12 @@ impl ResponsesRequest {
         set("previous_response_id", Value::Null);
         set("reasoning", Value::Null);
         set("store", json!(false));
+        let temperature = self.passed.temperature.or(defaults.temperature);
+        set("temperature", decimal(temperature.unwrap_or(1.0)));
         set(
-            "temperature",
-            decimal(self.passed.temperature.unwrap_or(1.0)),
+            "top_p",
+            decimal(self.passed.top_p.or(defaults.top_p).unwrap_or(1.0)),
         );
-        set("top_p", decimal(self.passed.top_p.unwrap_or(1.0)));
         let format = self.text.as_ref().and_then(|t| t.format.clone());
         set(
             "text",
@@ -485,7 +487,7 @@ pub(super) async fn responses(
     body: Body,
 ) -> Result<Response, GatewayError> {
     let request: ResponsesRequest = parse(body)?;
-    let settings = request.settings();
+    let settings = request.settings(&gateway.sampling_defaults());
     let stream = request.stream;
     let started = async { start_chat(&gateway, "resp_", request.into_chat()?, key).await }
         .await
@@ -1218,7 +1220,8 @@ mod tests {
             chat_tool_choice(json!("required")).unwrap(),
             json!("required")
         );
-        let settings = request(json!({"input": "Hi", "temperature": 0.7})).settings();
+        let request = request(json!({"input": "Hi", "temperature": 0.7}));
+        let settings = request.settings(&crate::SamplingDefaults::default());
         assert_eq!(settings["temperature"].to_string(), "0.7");
         assert_eq!(settings["top_p"], json!(1.0));
         assert_eq!(
