@@ -1110,6 +1110,7 @@ async fn with_api_keys_every_route_but_health_needs_one() {
         ("POST", "/v1/chat/completions", Some(r#"{"messages": []}"#)),
         ("POST", "/v1/responses", Some(r#"{"input": "Hi"}"#)),
         ("POST", "/v1/messages", Some(messages.as_str())),
+        ("POST", "/v1/messages/count_tokens", Some(messages.as_str())),
         ("GET", "/v1/models", None),
         ("GET", "/metrics", None),
         ("GET", "/no/such/route", None),
@@ -1129,7 +1130,7 @@ async fn with_api_keys_every_route_but_health_needs_one() {
             assert_eq!(response.status, 401, "{method} {path} {headers:?}");
             assert!(response.head.contains("www-authenticate: bearer"));
             let error = &response.json()["error"];
-            if path == "/v1/messages" {
+            if path.starts_with("/v1/messages") {
                 // Anthropic's error shape on its API.
                 assert_eq!(response.json()["type"], "error", "{}", response.body);
                 assert_eq!(error["type"], "authentication_error", "{}", response.body);

@@ -295,32 +295,85 @@ impl ModelFile {
         }
     }
 
-    /// The `general.sampling.*` values the file has (a value of the wrong type or out of
-    /// range is an error naming the file).
-    pub(crate) fn sampling_defaults(&self) -> Result<SamplingDefaults, EngineError> {
-        let float = |name: &str| {
+    /// The `general.sampling.*` values the file has. They are advice: one of the wrong
+    /// type or out of range is left out with a warning naming the file, and the model
+    /// loads.
+    pub(crate) fn sampling_defaults(&self) -> SamplingDefaults {
+        let value = |name: &str| {
             let key = format!("general.sampling.{name}");
-            match self.metadata(&key) {
-                None => Ok(None),
-                Some(_) => self.float(&key).map(Some),
+            self.metadata(&key).map(|value| (key, value))
+        };
+        let unusable = |key: &str, reason: &str| {
+            tracing::warn!(
+                file = %self.path.display(),
+                key,
+                reason,
+                "a sampling default of the model file is left out"
+            );
+        };
+        let float = |name: &str| {
+            let (key, found) = value(name)?;
+            match found {
+                Value::F32(v) => Some(*v),
+                Value::F64(v) => Some(*v as f32),
+                _ => {
+                    unusable(&key, "not a number");
+                    None
+                }
             }
         };
-        let top_k = match self.metadata("general.sampling.top_k") {
-            None => None,
-            Some(value) => Some(
-                value_as_i64(value).ok_or_else(|| self.metadata_error("general.sampling.top_k"))?,
-            ),
-        };
-        let defaults = SamplingDefaults {
-            temperature: float("temp")?,
+        let top_k = value("top_k").and_then(|(key, found)| {
+            let k = value_as_i64(found);
+            if k.is_none() {
+                unusable(&key, "not an integer");
+            }
+            k
+        });
+        let read = SamplingDefaults {
+            temperature: float("temp"),
             top_k,
-            top_p: float("top_p")?,
-            min_p: float("min_p")?,
+            top_p: float("top_p"),
+            min_p: float("min_p"),
         };
+        // Each value checked alone, so that one bad value leaves the others.
+        let alone = [
+            (
+                "general.sampling.temp",
+                SamplingDefaults {
+                    temperature: read.temperature,
+                    ..Default::default()
+                },
+            ),
+            (
+                "general.sampling.top_k",
+                SamplingDefaults {
+                    top_k: read.top_k,
+                    ..Default::default()
+                },
+            ),
+            (
+                "general.sampling.top_p",
+                SamplingDefaults {
+                    top_p: read.top_p,
+                    ..Default::default()
+                },
+            ),
+            (
+                "general.sampling.min_p",
+                SamplingDefaults {
+                    min_p: read.min_p,
+                    ..Default::default()
+                },
+            ),
+        ];
+        let mut defaults = SamplingDefaults::default();
+        for (key, one) in alone {
+            match one.check() {
+                Ok(()) => defaults = defaults.or(one),
+                Err(reason) => unusable(key, &reason),
+            }
+        }
         defaults
-            .check()
-            .map_err(|reason| self.config_error(format!("general.sampling: {reason}")))?;
-        Ok(defaults)
     }
 
     pub(crate) fn strings(&self, key: &str) -> Result<Vec<&str>, EngineError> {
@@ -640,7 +693,7 @@ mod tests {
                 ("general.sampling.top_p", Value::F32(0.8)),
             ],
         );
-        let defaults = file.sampling_defaults().unwrap();
+        let defaults = file.sampling_defaults();
         assert_eq!(
             defaults,
             SamplingDefaults {
@@ -650,7 +703,7 @@ mod tests {
                 min_p: None,
             }
         );
-        let none = file_with("nothing.gguf", &[]).sampling_defaults().unwrap();
+        let none = file_with("nothing.gguf", &[]).sampling_defaults();
         assert!(none.is_empty());
         // What a request sets wins; what it does not falls back.
         let asked = SamplingDefaults {
@@ -664,16 +717,21 @@ mod tests {
                 ..defaults
             }
         );
+        // A value of the wrong type or out of range is left out; the others stay.
         for (key, bad) in [
             ("general.sampling.top_p", Value::F32(1.5)),
             ("general.sampling.temp", Value::F32(-1.0)),
             ("general.sampling.top_k", Value::String("20".into())),
         ] {
-            let error = file_with("bad.gguf", &[(key, bad)])
-                .sampling_defaults()
-                .unwrap_err()
-                .to_string();
-            assert!(error.contains("bad.gguf"), "{error}");
+            let file = file_with(
+                "bad.gguf",
+                &[(key, bad), ("general.sampling.min_p", Value::F32(0.05))],
+            );
+            let expected = SamplingDefaults {
+                min_p: Some(0.05),
+                ..SamplingDefaults::default()
+            };
+            assert_eq!(file.sampling_defaults(), expected, "{key}");
         }
     }
 }

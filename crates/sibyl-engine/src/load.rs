@@ -50,7 +50,7 @@ fn read_text(path: &std::path::Path) -> Result<TextModel, EngineError> {
         config,
         tokenizer,
         chat_template,
-        sampling: file.sampling_defaults()?,
+        sampling: file.sampling_defaults(),
     })
 }
 

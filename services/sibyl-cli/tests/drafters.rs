@@ -258,7 +258,7 @@ async fn serve(args: &[&str], envs: &[(&str, &str)]) -> (Processes, Vec<String>,
         .stdout(Stdio::piped())
         .spawn()
         .expect("sibyl starts");
-    let banner = serve_banner(&mut serve, 4).await;
+    let banner = serve_banner(&mut serve, 5).await;
     let processes = Processes(vec![serve]);
     let (lines, grpc) = banner.unwrap();
     (processes, lines, grpc)

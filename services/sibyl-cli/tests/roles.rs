@@ -96,7 +96,7 @@ async fn serve_prints_where_it_listens_and_answers_there() {
         "--grpc-addr",
         "127.0.0.1:0",
     ]);
-    let banner = serve_banner(&mut serve, 3).await;
+    let banner = serve_banner(&mut serve, 4).await;
     let _processes = Processes(vec![serve]);
     let (_, grpc) = banner.unwrap();
     let mut client = GatewayClient::connect(format!("http://{grpc}"))

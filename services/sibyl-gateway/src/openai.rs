@@ -89,10 +89,13 @@ async fn authorize(
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or(""));
-    // Anthropic's clients send the key as `x-api-key`.
+    // Anthropic's clients send the key as `x-api-key`: either header may carry it.
     let checked = match (header, headers.get("x-api-key")) {
         (None, Some(key)) => keys.check_key(key.to_str().unwrap_or("")),
-        (header, _) => keys.check(header),
+        (Some(header), Some(key)) => keys
+            .check(Some(header))
+            .or_else(|_| keys.check_key(key.to_str().unwrap_or(""))),
+        (header, None) => keys.check(header),
     };
     match checked {
         Ok(id) => {

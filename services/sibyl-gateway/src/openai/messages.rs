@@ -122,8 +122,15 @@ fn bad(param: &'static str, message: impl Into<String>) -> GatewayError {
 }
 
 /// The text of `system` or of a `tool_result`'s `content`: a string, or text blocks (one
-/// per line).
-fn text_blocks(value: &Value, param: &'static str, what: &str) -> Result<String, GatewayError> {
+/// per line). In a tool's result (`placeholders`), a block a text model cannot read (an
+/// image the tool opened) stands as a line saying so, for the model to read: refusing it
+/// would refuse every later turn of the conversation that holds it.
+fn text_blocks(
+    value: &Value,
+    param: &'static str,
+    what: &str,
+    placeholders: bool,
+) -> Result<String, GatewayError> {
     match value {
         Value::String(text) => Ok(text.clone()),
         Value::Null => Ok(String::new()),
@@ -131,7 +138,10 @@ fn text_blocks(value: &Value, param: &'static str, what: &str) -> Result<String,
             let mut texts = Vec::with_capacity(blocks.len());
             for block in blocks {
                 match (block.get("type").and_then(Value::as_str), block.get("text")) {
-                    (Some("text"), Some(Value::String(text))) => texts.push(text.as_str()),
+                    (Some("text"), Some(Value::String(text))) => texts.push(text.clone()),
+                    (Some(kind @ ("image" | "document")), _) if placeholders => {
+                        texts.push(format!("[{kind} omitted: this model reads text only]"))
+                    }
                     (kind, _) => {
                         return Err(bad(
                             param,
@@ -159,7 +169,8 @@ fn text_blocks(value: &Value, param: &'static str, what: &str) -> Result<String,
 fn chat_messages(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, GatewayError> {
     let mut chat = Vec::with_capacity(messages.len() + 1);
     if let Some(system) = system.filter(|s| !s.is_null()) {
-        chat.push(json!({"role": "system", "content": text_blocks(system, "system", "`system`")?}));
+        let text = text_blocks(system, "system", "`system`", false)?;
+        chat.push(json!({"role": "system", "content": text}));
     }
     if messages.is_empty() {
         return Err(bad("messages", "`messages` must not be empty"));
@@ -206,19 +217,26 @@ fn chat_messages(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value
                 (_, "text") => texts.push(string("text")?.to_string()),
                 ("user", "tool_result") => {
                     let content = block.get("content").unwrap_or(&Value::Null);
+                    let mut text = text_blocks(content, "messages", &at, true)?;
+                    // The API tells the model a call failed by this flag; a chat's tool
+                    // message by its text.
+                    if block.get("is_error").and_then(Value::as_bool) == Some(true) {
+                        text.insert_str(0, "Error: ");
+                    }
                     results.push(json!({
                         "role": "tool",
                         "tool_call_id": string("tool_use_id")?,
-                        "content": text_blocks(content, "messages", &at)?,
+                        "content": text,
                     }));
                 }
                 ("assistant", "tool_use") => {
+                    // An object, as the API has it; any JSON value a model's call held.
                     let input = match block.get("input") {
-                        Some(input @ Value::Object(_)) => input.to_string(),
-                        _ => {
+                        Some(input) => input.to_string(),
+                        None => {
                             return Err(bad(
                                 "messages",
-                                format!("{at}: a `tool_use` block's `input` is an object"),
+                                format!("{at}: a `tool_use` block needs its `input`"),
                             ))
                         }
                     };
@@ -404,12 +422,12 @@ fn thinking_turns_kept(management: &Value) -> Result<Option<usize>, GatewayError
     Ok(kept)
 }
 
-/// Drops the thinking of every assistant turn but the last `kept`.
+/// Drops the thinking of every assistant turn but the last `kept` that have some.
 fn clear_thinking(messages: &mut [Value], kept: usize) {
     let turns = messages
         .iter_mut()
         .rev()
-        .filter(|m| m["role"] == "assistant")
+        .filter(|m| m["role"] == "assistant" && m.get("reasoning_content").is_some())
         .skip(kept);
     for turn in turns {
         if let Value::Object(fields) = turn {
@@ -967,6 +985,17 @@ mod tests {
                     {"type": "tool_result", "tool_use_id": "toolu_3", "content": "ok", "is_error": false},
                     {"type": "text", "text": "Thanks."},
                 ]},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "toolu_4", "name": "open", "input": {"path": "a.png"}},
+                    {"type": "tool_use", "id": "toolu_5", "name": "run", "input": {}},
+                ]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_4", "content": [
+                        {"type": "text", "text": "a.png:"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}},
+                    ]},
+                    {"type": "tool_result", "tool_use_id": "toolu_5", "content": "exit 1", "is_error": true},
+                ]},
             ],
         });
         let call = |id: &str, name: &str, arguments: &str| json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}});
@@ -983,6 +1012,12 @@ mod tests {
                 {"role": "assistant", "content": "Noon, 21 C."},
                 {"role": "tool", "tool_call_id": "toolu_3", "content": "ok"},
                 {"role": "user", "content": "Thanks."},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [call("toolu_4", "open", "{\"path\":\"a.png\"}"), call("toolu_5", "run", "{}")]},
+                // An image a tool opened is a line the model reads; a failed call says so.
+                {"role": "tool", "tool_call_id": "toolu_4",
+                 "content": "a.png:\n[image omitted: this model reads text only]"},
+                {"role": "tool", "tool_call_id": "toolu_5", "content": "Error: exit 1"},
             ])
         );
     }
@@ -1075,7 +1110,18 @@ mod tests {
     fn clear_thinking_keeps_the_last_turns_thinking() {
         let turn = |i: usize| json!({"role": "assistant", "content": "a", "reasoning_content": i.to_string()});
         let user = json!({"role": "user", "content": "q"});
-        let conversation = vec![turn(1), user.clone(), turn(2), user.clone(), turn(3), user];
+        // A turn without thinking does not count as one that keeps it.
+        let plain = json!({"role": "assistant", "content": "b"});
+        let conversation = vec![
+            turn(1),
+            user.clone(),
+            turn(2),
+            user.clone(),
+            plain,
+            user.clone(),
+            turn(3),
+            user,
+        ];
         let thinking = |kept: Option<usize>| {
             let mut messages = conversation.clone();
             if let Some(kept) = kept {
@@ -1304,6 +1350,55 @@ mod tests {
             json!([{"type": "thinking", "thinking": "Blue it is.", "signature": ""},
                    {"type": "text", "text": "Blue."}])
         );
+    }
+
+    #[tokio::test]
+    async fn a_streamed_call_is_a_tool_use_block_after_the_text() {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let reader = super::super::tools::Tools::from_request(Some(&tools), None, None)
+            .unwrap()
+            .unwrap()
+            .reader();
+        let mut with_tools = answer(true);
+        with_tools.meta.calls = Some(reader);
+        with_tools.meta.reasoning = None;
+        let pieces = [
+            "Checking.\n<tool",
+            "_call>\n{\"name\": \"get_weather\", \"arguments\": ",
+            "{\"city\": \"Paris\"}}\n</tool_call>",
+        ];
+        let events = streamed(with_tools, &pieces).await;
+        let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        let data = |i: usize| &events[i].1;
+        // The text before the call, and none of the call's markup.
+        assert_eq!(data(2)["delta"]["text"], "Checking.\n");
+        let block = &data(4)["content_block"];
+        assert_eq!(
+            (block["type"].clone(), block["name"].clone()),
+            (json!("tool_use"), json!("get_weather"))
+        );
+        assert_eq!(data(4)["index"], 1);
+        assert!(block["id"].as_str().unwrap().starts_with("toolu_"));
+        let input: Value =
+            serde_json::from_str(data(5)["delta"]["partial_json"].as_str().unwrap()).unwrap();
+        assert_eq!(input, json!({"city": "Paris"}));
+        assert_eq!(data(6)["index"], 1);
+        assert_eq!(data(7)["delta"]["stop_reason"], "tool_use");
     }
 
     #[tokio::test]
