@@ -467,7 +467,7 @@ async fn start(
     common.default_sampling(&gateway.sampling_defaults());
     let mut generation = common.generation(first, tools.as_ref())?;
     let logprobs = generation.logprobs.is_some();
-    let id = format!("{id_prefix}{:032x}", rand::random::<u128>());
+    let id = new_id(id_prefix);
     // The response's id is the request id in logs and traces (with `-1`, `-2`... for the
     // choices after the first).
     generation.request_id = id.clone();
@@ -517,6 +517,11 @@ async fn start(
         choices,
         prompt_tokens,
     })
+}
+
+/// A new id of an answer or of a part of one: `prefix` and a random number.
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}{:032x}", rand::random::<u128>())
 }
 
 /// Starts the one generation of a chat request that a request of another API (Responses,

@@ -12,7 +12,7 @@ use super::request::{ChatRequest, PassedOn};
 use super::response::{AnswerText, Meta};
 use super::tools::Call;
 use super::unsupported::{neutral, refuse_first};
-use super::{chat_prompt, next_output, parse, sse, start_chat, Body, Key, Merged};
+use super::{chat_prompt, new_id, next_output, parse, sse, start_chat, Body, Key, Merged};
 use crate::generation::{Gateway, GatewayError, Output, Summary};
 use crate::params::FinishReason;
 use crate::reasoning::Split;
@@ -645,10 +645,6 @@ struct Answer {
     thinking_shown: bool,
     /// What the request asked (the window may have ended it sooner).
     max_tokens: i64,
-}
-
-fn new_id(prefix: &str) -> String {
-    format!("{prefix}{:024x}", rand::random::<u128>() >> 32)
 }
 
 /// A tool use block for a call the model made.

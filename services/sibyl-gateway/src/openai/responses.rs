@@ -11,7 +11,7 @@ use super::request::{ChatRequest, PassedOn};
 use super::response::{AnswerText, ChoiceLogprobs, Meta};
 use super::tools::Call;
 use super::unsupported::{neutral, refuse_first};
-use super::{next_output, parse, sse, start_chat, Body, Key, Merged};
+use super::{new_id, next_output, parse, sse, start_chat, Body, Key, Merged};
 use crate::generation::{Gateway, GatewayError, Output, Summary};
 use crate::params::{FinishReason, Logprobs};
 use axum::extract::State;
@@ -507,10 +507,6 @@ pub(super) async fn responses(
 struct Answer {
     meta: Meta,
     settings: Map<String, Value>,
-}
-
-fn new_id(prefix: &str) -> String {
-    format!("{prefix}{:032x}", rand::random::<u128>())
 }
 
 /// A message's text, with its tokens' log probabilities (an empty list where they were
