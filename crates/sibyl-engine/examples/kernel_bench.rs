@@ -24,6 +24,8 @@ fn main() {
         ("attn_q Q4_K", GgmlDType::Q4K, 1536, 1536),
         ("ffn_gate shape, Q6_K", GgmlDType::Q6K, 8960, 1536),
         ("ffn_down shape, Q4_K", GgmlDType::Q4K, 1536, 8960),
+        ("ffn_gate shape, Q5_K", GgmlDType::Q5K, 8960, 1536),
+        ("ffn_gate shape, Q4_0", GgmlDType::Q4_0, 8960, 1536),
         ("0.5B ffn_up Q8_0", GgmlDType::Q8_0, 4864, 896),
     ];
     let mut state = 1u64;

@@ -28,6 +28,16 @@ pub enum EngineError {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
+    #[error(
+        "{path} holds tensors of type {type_name} (GGML type {id}), which this engine cannot \
+         read; it runs F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K (a \
+         Q4_K_M, Q5_K_M, Q6_K, Q8_0 or Q4_0 file of the model runs fastest)"
+    )]
+    UnknownTensorType {
+        path: PathBuf,
+        id: u32,
+        type_name: &'static str,
+    },
     #[error("{path}: tensor `{name}` has type {dtype:?}, which this engine cannot run")]
     TensorType {
         path: PathBuf,

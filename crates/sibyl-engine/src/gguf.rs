@@ -236,6 +236,41 @@ pub(crate) struct ModelFile {
     file: Mutex<File>,
 }
 
+/// The GGML type id of candle's refusal of a tensor type it has no blocks for (the
+/// i-quants, ternary and MXFP4 types), which it reports only as text.
+fn unknown_tensor_type(error: &candle_core::Error) -> Option<u32> {
+    let text = error.to_string();
+    let rest = text.split("unknown dtype for tensor ").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// ggml's name of a tensor type id (`ggml_type` in ggml.h) that candle cannot read.
+fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        9 => "Q8_1",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    }
+}
+
 impl ModelFile {
     pub(crate) fn open(path: &Path) -> Result<Self, EngineError> {
         let open_error = |source| EngineError::Open {
@@ -244,10 +279,18 @@ impl ModelFile {
         };
         let mut file = File::open(path).map_err(open_error)?;
         let length = file.metadata().map_err(open_error)?.len();
-        let content = Content::read(&mut file).map_err(|source| EngineError::Header {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let content =
+            Content::read(&mut file).map_err(|source| match unknown_tensor_type(&source) {
+                Some(id) => EngineError::UnknownTensorType {
+                    path: path.to_path_buf(),
+                    id,
+                    type_name: ggml_type_name(id),
+                },
+                None => EngineError::Header {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            })?;
         Ok(Self {
             path: path.to_path_buf(),
             content,

@@ -29,17 +29,15 @@ pub struct QuantMatrix {
 
 #[derive(Debug, Clone)]
 enum Blocks {
-    /// Q4_K, Q6_K and Q8_0 (also what slow types are converted to): sibyl's multi-row
+    /// Q4_K, Q5_K, Q6_K, Q4_0 and Q8_0 (also what slow types are converted to): sibyl's multi-row
     /// kernels (`crate::kernels`), on the blocks as GGUF stores them.
     Fast(Packed),
     F32(Vec<f32>),
-    Q4_0(Vec<BlockQ4_0>),
     Q4_1(Vec<BlockQ4_1>),
     Q5_0(Vec<BlockQ5_0>),
     Q5_1(Vec<BlockQ5_1>),
     Q2K(Vec<BlockQ2K>),
     Q3K(Vec<BlockQ3K>),
-    Q5K(Vec<BlockQ5K>),
 }
 
 macro_rules! with_blocks {
@@ -47,13 +45,11 @@ macro_rules! with_blocks {
         match $blocks {
             Blocks::Fast(_) => unreachable!("fast matrices are handled first"),
             Blocks::F32($b) => $body,
-            Blocks::Q4_0($b) => $body,
             Blocks::Q4_1($b) => $body,
             Blocks::Q5_0($b) => $body,
             Blocks::Q5_1($b) => $body,
             Blocks::Q2K($b) => $body,
             Blocks::Q3K($b) => $body,
-            Blocks::Q5K($b) => $body,
         }
     };
 }
@@ -89,7 +85,9 @@ fn to_q8_0<T: GgmlType>(blocks: &[T], rows: usize, cols: usize) -> Vec<u8> {
 fn kind_of(dtype: GgmlDType) -> Option<Kind> {
     match dtype {
         GgmlDType::Q4K => Some(Kind::Q4K),
+        GgmlDType::Q5K => Some(Kind::Q5K),
         GgmlDType::Q6K => Some(Kind::Q6K),
+        GgmlDType::Q4_0 => Some(Kind::Q4_0),
         GgmlDType::Q8_0 => Some(Kind::Q8_0),
         _ => None,
     }
@@ -132,7 +130,6 @@ impl QuantMatrix {
                     .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
                     .collect(),
             ),
-            GgmlDType::Q4_0 => Blocks::Q4_0(typed(bytes)?),
             GgmlDType::Q4_1 if requantize => {
                 return converted(to_q8_0(&typed::<BlockQ4_1>(bytes)?, rows, cols))
             }
@@ -147,7 +144,6 @@ impl QuantMatrix {
             GgmlDType::Q5_1 => Blocks::Q5_1(typed(bytes)?),
             GgmlDType::Q2K => Blocks::Q2K(typed(bytes)?),
             GgmlDType::Q3K => Blocks::Q3K(typed(bytes)?),
-            GgmlDType::Q5K => Blocks::Q5K(typed(bytes)?),
             _ => return None,
         };
         let matrix = Self { rows, cols, blocks };
@@ -176,7 +172,9 @@ impl QuantMatrix {
         let fast = |kind: Kind, bytes: &[u8]| Self::fast(kind, rows, cols, bytes);
         let blocks = match dtype {
             GgmlDType::F32 => Blocks::F32(values.to_vec()),
-            GgmlDType::Q4_0 => Blocks::Q4_0(quantize_as(values)),
+            GgmlDType::Q4_0 => {
+                return fast(Kind::Q4_0, as_bytes(&quantize_as::<BlockQ4_0>(values)))
+            }
             GgmlDType::Q4_1 => Blocks::Q4_1(quantize_as(values)),
             GgmlDType::Q5_0 => Blocks::Q5_0(quantize_as(values)),
             GgmlDType::Q5_1 => Blocks::Q5_1(quantize_as(values)),
@@ -186,7 +184,7 @@ impl QuantMatrix {
             GgmlDType::Q2K => Blocks::Q2K(quantize_as(values)),
             GgmlDType::Q3K => Blocks::Q3K(quantize_as(values)),
             GgmlDType::Q4K => return fast(Kind::Q4K, as_bytes(&quantize_as::<BlockQ4K>(values))),
-            GgmlDType::Q5K => Blocks::Q5K(quantize_as(values)),
+            GgmlDType::Q5K => return fast(Kind::Q5K, as_bytes(&quantize_as::<BlockQ5K>(values))),
             GgmlDType::Q6K => return fast(Kind::Q6K, as_bytes(&quantize_as::<BlockQ6K>(values))),
             _ => return None,
         };
@@ -211,7 +209,9 @@ impl QuantMatrix {
         if let Blocks::Fast(packed) = &self.blocks {
             return match packed.kind() {
                 Kind::Q4K => GgmlDType::Q4K,
+                Kind::Q5K => GgmlDType::Q5K,
                 Kind::Q6K => GgmlDType::Q6K,
+                Kind::Q4_0 => GgmlDType::Q4_0,
                 Kind::Q8_0 => GgmlDType::Q8_0,
             };
         }
@@ -437,13 +437,21 @@ mod tests {
         let (n, k, m) = (40, 512, 5);
         let values = values(n * k, 11);
         let x = values_scaled(m * k, 12, 4.0);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
+        ] {
             let ours = QuantMatrix::quantize(dtype, n, k, &values).unwrap();
             let mut out = vec![0f32; m * n];
             ours.matmul(&x, m, &mut out).unwrap();
             let theirs = match dtype {
                 GgmlDType::Q4K => candle_products(&quantized::<BlockQ4K>(&values), n, k, &x, m),
+                GgmlDType::Q5K => candle_products(&quantized::<BlockQ5K>(&values), n, k, &x, m),
                 GgmlDType::Q6K => candle_products(&quantized::<BlockQ6K>(&values), n, k, &x, m),
+                GgmlDType::Q4_0 => candle_products(&quantized::<BlockQ4_0>(&values), n, k, &x, m),
                 _ => candle_products(&quantized::<BlockQ8_0>(&values), n, k, &x, m),
             };
             for (i, (a, b)) in out.iter().zip(&theirs).enumerate() {

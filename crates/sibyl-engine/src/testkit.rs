@@ -76,6 +76,7 @@ impl RandomWeights {
         let (scales, top): (&[usize], f32) = match self.dtype {
             GgmlDType::Q8_0 => (&[0], 127.0),
             GgmlDType::Q4K => (&[0, 2], 15.0 * 63.0),
+            GgmlDType::Q5K => (&[0, 2], 31.0 * 63.0),
             GgmlDType::Q6K => (&[208], 32.0 * 127.0),
             _ => return None,
         };

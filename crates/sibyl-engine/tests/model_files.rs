@@ -97,6 +97,30 @@ fn a_file_that_is_not_gguf_is_refused() {
 }
 
 #[test]
+fn a_tensor_type_the_engine_cannot_read_is_named() {
+    let path = scratch("iq4_xs.gguf");
+    write_gguf(&path, &qwen2_metadata(), true);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The tensor's entry: its name, two dimensions of 8 bytes, then its type (F32: 0).
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+    let type_at = at + name.len() + 4 + 2 * 8;
+    assert_eq!(bytes[type_at..type_at + 4], [0, 0, 0, 0]);
+    bytes[type_at..type_at + 4].copy_from_slice(&23u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let error = load(&path, &LoadOptions::default()).err().unwrap();
+    let text = error.to_string();
+    assert!(
+        matches!(error, EngineError::UnknownTensorType { id: 23, .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("IQ4_XS") && text.contains("iq4_xs.gguf") && text.contains("Q4_K_M"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_missing_file_is_named() {
     let path = scratch("does-not-exist.gguf");
     let error = load(&path, &LoadOptions::default()).err().unwrap();

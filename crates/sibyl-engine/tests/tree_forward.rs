@@ -25,16 +25,18 @@ fn models() -> Vec<(String, Model)> {
             };
             add(format!("{architecture:?}/{dtype:?}"), config);
         }
-        let k_quants = TinyModelConfig {
-            architecture,
-            dtype: GgmlDType::Q4K,
-            hidden_size: 256,
-            intermediate_size: 512,
-            num_heads: 4,
-            num_kv_heads: 1,
-            ..TinyModelConfig::default()
-        };
-        add(format!("{architecture:?}/Q4K"), k_quants);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K] {
+            let k_quants = TinyModelConfig {
+                architecture,
+                dtype,
+                hidden_size: 256,
+                intermediate_size: 512,
+                num_heads: 4,
+                num_kv_heads: 1,
+                ..TinyModelConfig::default()
+            };
+            add(format!("{architecture:?}/{dtype:?}"), k_quants);
+        }
     }
     // Qwen3: its heads here are wider than hidden / heads, as in the real models (the 0.6B
     // model: 16 heads of 128 on a hidden size of 1024).

@@ -1,4 +1,5 @@
-//! Quantized matrix kernels for k activation rows at once (Q4_K, Q6_K, Q8_0 weights).
+//! Quantized matrix kernels for k activation rows at once (Q4_K, Q5_K, Q6_K, Q4_0 and Q8_0
+//! weights).
 //!
 //! A forward over k draft tokens multiplies every weight matrix by k activation rows. On a
 //! CPU that must cost little more than one row, so:
@@ -24,14 +25,16 @@ use half::f16;
 
 /// Values per K-quant super-block.
 pub(crate) const QK_K: usize = 256;
-/// Values per Q8_0 block.
+/// Values per Q8_0 (and Q4_0) block.
 pub(crate) const QK8_0: usize = 32;
 
 /// A weight storage type these kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
     Q4K,
+    Q5K,
     Q6K,
+    Q4_0,
     Q8_0,
 }
 
@@ -39,8 +42,8 @@ impl Kind {
     /// Values per block.
     pub(crate) fn block_values(self) -> usize {
         match self {
-            Kind::Q4K | Kind::Q6K => QK_K,
-            Kind::Q8_0 => QK8_0,
+            Kind::Q4K | Kind::Q5K | Kind::Q6K => QK_K,
+            Kind::Q4_0 | Kind::Q8_0 => QK8_0,
         }
     }
 
@@ -48,17 +51,20 @@ impl Kind {
     pub(crate) fn block_bytes(self) -> usize {
         match self {
             Kind::Q4K => 144,
+            Kind::Q5K => 176,
             Kind::Q6K => 210,
+            Kind::Q4_0 => 18,
             Kind::Q8_0 => 34,
         }
     }
 
-    /// Bytes per interleaved group block ([`GROUP`] blocks; `packed_layout`). Q4_K's
-    /// scales and mins take 16 bytes unpacked instead of 12.
+    /// Bytes per interleaved group block ([`GROUP`] blocks; `packed_layout`). Q4_K's and
+    /// Q5_K's scales and mins take 16 bytes unpacked instead of 12.
     pub(crate) fn group_block_bytes(self) -> usize {
         match self {
             Kind::Q4K => packed_layout::Q4K_GROUP_BYTES,
-            Kind::Q6K | Kind::Q8_0 => GROUP * self.block_bytes(),
+            Kind::Q5K => packed_layout::Q5K_GROUP_BYTES,
+            Kind::Q6K | Kind::Q4_0 | Kind::Q8_0 => GROUP * self.block_bytes(),
         }
     }
 }
@@ -259,10 +265,12 @@ impl Activations {
     pub(crate) fn quantize(kind: Kind, x: &[f32], cols: usize) -> Activations {
         debug_assert!(cols.is_multiple_of(kind.block_values()));
         match kind {
-            Kind::Q4K | Kind::Q6K => {
+            Kind::Q4K | Kind::Q5K | Kind::Q6K => {
                 Activations::K(quantize_all(x, QK_K, Q8K::ZERO, Q8K::quantize))
             }
-            Kind::Q8_0 => Activations::Q8(quantize_all(x, QK8_0, Q8::ZERO, Q8::quantize)),
+            Kind::Q4_0 | Kind::Q8_0 => {
+                Activations::Q8(quantize_all(x, QK8_0, Q8::ZERO, Q8::quantize))
+            }
         }
     }
 }
@@ -293,7 +301,7 @@ pub(crate) const GROUP: usize = 8;
 
 /// A weight matrix repacked for these kernels: groups of [`GROUP`] weight rows, and in each
 /// group, block after block, the eight rows' blocks interleaved (layouts in `packed_layout`).
-/// Takes the memory of the GGUF blocks (Q4_K 2.8% more), plus padding rows up to a multiple
+/// Takes the memory of the GGUF blocks (Q4_K 2.8% more, Q5_K 2.3%), plus padding rows up to a multiple
 /// of eight.
 #[derive(Clone, Debug)]
 pub(crate) struct Packed {
@@ -338,7 +346,9 @@ impl Packed {
                 let out = &mut data[at..at + group_block];
                 match kind {
                     Kind::Q4K => packed_layout::pack_q4k(&sources, out),
+                    Kind::Q5K => packed_layout::pack_q5k(&sources, out),
                     Kind::Q6K => packed_layout::pack_q6k(&sources, out),
+                    Kind::Q4_0 => packed_layout::pack_q4_0(&sources, out),
                     Kind::Q8_0 => packed_layout::pack_q8_0(&sources, out),
                 }
             }
@@ -511,12 +521,28 @@ fn group_pair_kernel(
                         x86::q4k_dual(groups, blocks, xs, one, two)
                     }
                 }
+                (Kind::Q5K, Activations::K(xs)) => {
+                    let xs = &xs[rows.start * blocks..rows.end * blocks];
+                    if wide {
+                        x86::q5k_pair(groups, blocks, xs, one, two)
+                    } else {
+                        x86::q5k_dual(groups, blocks, xs, one, two)
+                    }
+                }
                 (Kind::Q6K, Activations::K(xs)) => {
                     let xs = &xs[rows.start * blocks..rows.end * blocks];
                     if wide {
                         x86::q6k_pair(groups, blocks, xs, one, two)
                     } else {
                         x86::q6k_dual(groups, blocks, xs, one, two)
+                    }
+                }
+                (Kind::Q4_0, Activations::Q8(xs)) => {
+                    let xs = &xs[rows.start * blocks..rows.end * blocks];
+                    if wide {
+                        x86::q4_0_pair(groups, blocks, xs, one, two)
+                    } else {
+                        x86::q4_0_dual(groups, blocks, xs, one, two)
                     }
                 }
                 (Kind::Q8_0, Activations::Q8(xs)) => {
@@ -550,14 +576,18 @@ fn group_kernel(
 ) {
     let rows = out.len();
     match (kind, acts) {
-        (Kind::Q4K | Kind::Q6K, Activations::K(xs)) => {
+        (Kind::Q4K | Kind::Q5K | Kind::Q6K, Activations::K(xs)) => {
             let xs = &xs[first * blocks..(first + rows) * blocks];
             match (isa, kind) {
                 (Isa::Portable, Kind::Q4K) => portable::q4k(group, blocks, xs, out),
+                (Isa::Portable, Kind::Q5K) => portable::q5k(group, blocks, xs, out),
                 (Isa::Portable, _) => portable::q6k(group, blocks, xs, out),
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Isa::Avx2` is only made where the CPU has AVX2 and F16C.
                 (Isa::Avx2, Kind::Q4K) => unsafe { x86::q4k(group, blocks, xs, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                (Isa::Avx2, Kind::Q5K) => unsafe { x86::q5k(group, blocks, xs, out) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
                 (Isa::Avx2, _) => unsafe { x86::q6k(group, blocks, xs, out) },
@@ -566,16 +596,23 @@ fn group_kernel(
                 (Isa::Vnni, Kind::Q4K) => unsafe { x86::q4k_vnni(group, blocks, xs, out) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
+                (Isa::Vnni, Kind::Q5K) => unsafe { x86::q5k_vnni(group, blocks, xs, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
                 (Isa::Vnni, _) => unsafe { x86::q6k_vnni(group, blocks, xs, out) },
             }
         }
-        (Kind::Q8_0, Activations::Q8(xs)) => {
+        (Kind::Q4_0 | Kind::Q8_0, Activations::Q8(xs)) => {
             let xs = &xs[first * blocks..(first + rows) * blocks];
-            match isa {
-                Isa::Portable => portable::q8_0(group, blocks, xs, out),
+            match (isa, kind) {
+                (Isa::Portable, Kind::Q4_0) => portable::q4_0(group, blocks, xs, out),
+                (Isa::Portable, _) => portable::q8_0(group, blocks, xs, out),
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above (VNNI machines have AVX2).
-                Isa::Avx2 | Isa::Vnni => unsafe { x86::q8_0(group, blocks, xs, out) },
+                (Isa::Avx2 | Isa::Vnni, Kind::Q4_0) => unsafe { x86::q4_0(group, blocks, xs, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                (Isa::Avx2 | Isa::Vnni, _) => unsafe { x86::q8_0(group, blocks, xs, out) },
             }
         }
         _ => panic!("activations quantized for another weight kind"),
@@ -613,8 +650,8 @@ fn q6k_values(block: &[u8]) -> [u8; QK_K] {
     v
 }
 
-/// The float step of a Q4_K super-block, shared by every instruction set: `isum` is the
-/// scaled integer dot product, `msum` the mins times the activation sums.
+/// The float step of a Q4_K (and Q5_K) super-block, shared by every instruction set: `isum`
+/// is the scaled integer dot product, `msum` the mins times the activation sums.
 #[inline(always)]
 fn q4k_accumulate(acc: f32, xd: f32, d: f32, dmin: f32, isum: i32, msum: i32) -> f32 {
     acc + ((xd * d) * isum as f32 - (xd * dmin) * msum as f32)
@@ -627,7 +664,8 @@ fn q6k_accumulate(acc: f32, xd: f32, d: f32, isum: i32, bsum: i32) -> f32 {
     acc + (xd * d) * (isum - 32 * bsum) as f32
 }
 
-/// The float step of a Q8_0 block.
+/// The float step of a Q8_0 or Q4_0 block (for Q4_0, `isum` is the product of the
+/// weights' values: their stored values less 8).
 #[inline(always)]
 fn q8_0_accumulate(acc: f32, xd: f32, d: f32, isum: i32) -> f32 {
     acc + (d * xd) * isum as f32

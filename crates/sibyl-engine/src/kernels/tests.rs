@@ -1,6 +1,8 @@
 use super::*;
 use crate::quant::typed;
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8_0, GgmlType};
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+};
 use proptest::prelude::*;
 
 /// A small deterministic generator (the proptest seed picks the stream).
@@ -45,12 +47,12 @@ fn weight_rows(kind: Kind, rows: usize, blocks: usize, rng: &mut Rng, edge: bool
             block[at..at + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes());
         };
         match kind {
-            Kind::Q4K => {
+            Kind::Q4K | Kind::Q5K => {
                 scale(0, rng);
                 scale(2, rng);
             }
             Kind::Q6K => scale(208, rng),
-            Kind::Q8_0 => scale(0, rng),
+            Kind::Q4_0 | Kind::Q8_0 => scale(0, rng),
         }
         out.extend(block);
     }
@@ -66,7 +68,7 @@ fn activations(kind: Kind, m: usize, cols: usize, rng: &mut Rng, edge: bool) -> 
     }
     let mut pick = |low: i8| [low, 127, 0, -1, 1][rng.next() as usize % 5];
     match kind {
-        Kind::Q4K | Kind::Q6K => Activations::K(
+        Kind::Q4K | Kind::Q5K | Kind::Q6K => Activations::K(
             (0..m * cols / QK_K)
                 .map(|_| {
                     let mut x = Q8K::ZERO;
@@ -77,7 +79,7 @@ fn activations(kind: Kind, m: usize, cols: usize, rng: &mut Rng, edge: bool) -> 
                 })
                 .collect(),
         ),
-        Kind::Q8_0 => Activations::Q8(
+        Kind::Q4_0 | Kind::Q8_0 => Activations::Q8(
             (0..m * cols / QK8_0)
                 .map(|_| {
                     let mut x = Q8::ZERO;
@@ -113,7 +115,9 @@ fn dequantized_weights(kind: Kind, row: &[u8]) -> Vec<f32> {
     }
     match kind {
         Kind::Q4K => with::<BlockQ4K>(row),
+        Kind::Q5K => with::<BlockQ5K>(row),
         Kind::Q6K => with::<BlockQ6K>(row),
+        Kind::Q4_0 => with::<BlockQ4_0>(row),
         Kind::Q8_0 => with::<BlockQ8_0>(row),
     }
 }
@@ -139,7 +143,13 @@ fn one_row(acts: &Activations, r: usize, blocks: usize) -> Activations {
 }
 
 fn kind_strategy() -> impl Strategy<Value = Kind> {
-    prop_oneof![Just(Kind::Q4K), Just(Kind::Q6K), Just(Kind::Q8_0)]
+    prop_oneof![
+        Just(Kind::Q4K),
+        Just(Kind::Q5K),
+        Just(Kind::Q6K),
+        Just(Kind::Q4_0),
+        Just(Kind::Q8_0)
+    ]
 }
 
 proptest! {
@@ -279,7 +289,7 @@ fn the_vector_activation_quantizer_gives_the_scalar_bytes() {
 #[test]
 fn all_zero_activations_give_zero() {
     let mut rng = Rng(3);
-    for kind in [Kind::Q4K, Kind::Q6K, Kind::Q8_0] {
+    for kind in [Kind::Q4K, Kind::Q5K, Kind::Q6K, Kind::Q4_0, Kind::Q8_0] {
         let cols = 2 * kind.block_values();
         let packed = Packed::new(kind, 3, cols, &weight_rows(kind, 3, 2, &mut rng, false)).unwrap();
         let acts = Activations::quantize(kind, &vec![0f32; cols], cols);

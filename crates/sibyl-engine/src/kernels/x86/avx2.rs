@@ -31,8 +31,39 @@ unsafe fn q4k_tile<const R: usize>(
     first: usize,
     acc: &mut [__m256],
 ) {
+    k4_tile::<R, false>(block, xs, blocks, b, first, acc)
+}
+
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn q5k_tile<const R: usize>(
+    block: *const u8,
+    xs: &[Q8K],
+    blocks: usize,
+    b: usize,
+    first: usize,
+    acc: &mut [__m256],
+) {
+    k4_tile::<R, true>(block, xs, blocks, b, first, acc)
+}
+
+/// The Q4_K tile, or with `FIVE` the Q5_K one: the same but for the values' fifth bits,
+/// put onto the nibbles.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn k4_tile<const R: usize, const FIVE: bool>(
+    block: *const u8,
+    xs: &[Q8K],
+    blocks: usize,
+    b: usize,
+    first: usize,
+    acc: &mut [__m256],
+) {
     let x: [&Q8K; R] = std::array::from_fn(|i| &xs[(first + i) * blocks + b]);
     let low = _mm256_set1_epi8(0x0F);
+    // Sixteen bits hold the sum of eight `maddubs` results of 4-bit weights
+    // (8 * 2 * 15 * 128 < 32768) but only of four of 5-bit ones (4 * 2 * 31 * 128).
+    let run = if FIVE { 4 } else { 8 };
     let mut isum = [_mm256_setzero_si256(); R];
     for g in 0..4 {
         let scale_low = pairs_u8(
@@ -43,29 +74,50 @@ unsafe fn q4k_tile<const R: usize>(
             block.add(Q4K_SCALES + 16 * g + 8),
             block.add(Q4K_SCALES + 16 * g + 8),
         );
-        let mut p_low = [_mm256_setzero_si256(); R];
-        let mut p_high = [_mm256_setzero_si256(); R];
-        for t in 0..8 {
-            let packed = load(block.add(Q4K_QS + 32 * (8 * g + t)));
-            let w_low = _mm256_and_si256(packed, low);
-            let w_high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
-            for i in 0..R {
-                let q = x[i].qs.as_ptr();
-                let a = _mm256_maddubs_epi16(w_low, broadcast(q.add(64 * g + 4 * t)));
-                let h = _mm256_maddubs_epi16(w_high, broadcast(q.add(64 * g + 32 + 4 * t)));
-                p_low[i] = _mm256_add_epi16(p_low[i], a);
-                p_high[i] = _mm256_add_epi16(p_high[i], h);
+        for start in (0..8).step_by(run) {
+            let mut p_low = [_mm256_setzero_si256(); R];
+            let mut p_high = [_mm256_setzero_si256(); R];
+            for t in start..start + run {
+                let packed = load(block.add(Q4K_QS + 32 * (8 * g + t)));
+                let mut w_low = _mm256_and_si256(packed, low);
+                let mut w_high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+                if FIVE {
+                    let (h_low, h_high) = fifth_bits(load(block.add(Q5K_QH + 32 * t)), g);
+                    w_low = _mm256_or_si256(w_low, h_low);
+                    w_high = _mm256_or_si256(w_high, h_high);
+                }
+                for i in 0..R {
+                    let q = x[i].qs.as_ptr();
+                    let a = _mm256_maddubs_epi16(w_low, broadcast(q.add(64 * g + 4 * t)));
+                    let h = _mm256_maddubs_epi16(w_high, broadcast(q.add(64 * g + 32 + 4 * t)));
+                    p_low[i] = _mm256_add_epi16(p_low[i], a);
+                    p_high[i] = _mm256_add_epi16(p_high[i], h);
+                }
             }
-        }
-        for i in 0..R {
-            let s = _mm256_add_epi32(
-                _mm256_madd_epi16(p_low[i], scale_low),
-                _mm256_madd_epi16(p_high[i], scale_high),
-            );
-            isum[i] = _mm256_add_epi32(isum[i], s);
+            for i in 0..R {
+                let s = _mm256_add_epi32(
+                    _mm256_madd_epi16(p_low[i], scale_low),
+                    _mm256_madd_epi16(p_high[i], scale_high),
+                );
+                isum[i] = _mm256_add_epi32(isum[i], s);
+            }
         }
     }
     q4k_finish(block, &x, &isum, acc);
+}
+
+/// See `portable::q5k`.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(in crate::kernels) unsafe fn q5k(
+    group: GroupBlocks<'_>,
+    blocks: usize,
+    xs: &[Q8K],
+    out: &mut [[f32; GROUP]],
+) {
+    tiled!(q5k_tile, Q5K_GROUP_BYTES, group, blocks, xs, out)
 }
 
 /// See `portable::q6k`.
@@ -182,6 +234,55 @@ unsafe fn q8_0_tile<const R: usize>(
     }
 }
 
+/// See `portable::q4_0`.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(in crate::kernels) unsafe fn q4_0(
+    group: GroupBlocks<'_>,
+    blocks: usize,
+    xs: &[Q8],
+    out: &mut [[f32; GROUP]],
+) {
+    tiled!(q4_0_tile, GROUP * 18, group, blocks, xs, out)
+}
+
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn q4_0_tile<const R: usize>(
+    block: *const u8,
+    xs: &[Q8],
+    blocks: usize,
+    b: usize,
+    first: usize,
+    acc: &mut [__m256],
+) {
+    let x: [&Q8; R] = std::array::from_fn(|i| &xs[(first + i) * blocks + b]);
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // Sixteen bits hold the sum of the eight `maddubs` results (8 * 2 * 15 * 127 < 32768).
+    let mut p = [_mm256_setzero_si256(); R];
+    for t in 0..4 {
+        let packed = load(block.add(Q40_QS + 32 * t));
+        let w_low = _mm256_and_si256(packed, low);
+        let w_high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+        for i in 0..R {
+            let q = x[i].qs.as_ptr();
+            let a = _mm256_maddubs_epi16(w_low, broadcast(q.add(4 * t)));
+            let h = _mm256_maddubs_epi16(w_high, broadcast(q.add(16 + 4 * t)));
+            p[i] = _mm256_add_epi16(p[i], _mm256_add_epi16(a, h));
+        }
+    }
+    let d = halves(block.add(Q40_D));
+    for i in 0..R {
+        let offset = _mm256_set1_epi32(8 * x[i].sum);
+        let isum = _mm256_sub_epi32(_mm256_madd_epi16(p[i], ones), offset);
+        let scale = _mm256_mul_ps(d, _mm256_set1_ps(x[i].d));
+        acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(scale, _mm256_cvtepi32_ps(isum)));
+    }
+}
+
 /// [`tiled!`] over the two groups of a stored pair, block by block (one sequential stream):
 /// each block of the first group, then the same block of the second, with 256-bit tiles.
 macro_rules! dual {
@@ -233,6 +334,30 @@ pub(in crate::kernels) unsafe fn q4k_dual(
     )
 }
 
+/// See `portable::q5k`, for the two groups of a stored pair (AVX2).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(in crate::kernels) unsafe fn q5k_dual(
+    groups: [GroupBlocks<'_>; 2],
+    blocks: usize,
+    xs: &[Q8K],
+    one: &mut [[f32; GROUP]],
+    two: &mut [[f32; GROUP]],
+) {
+    dual!(
+        q5k_tile,
+        TILE,
+        Q5K_GROUP_BYTES,
+        groups,
+        blocks,
+        xs,
+        one,
+        two
+    )
+}
+
 /// See `portable::q6k`, for the two groups of a stored pair (AVX2).
 ///
 /// # Safety
@@ -246,6 +371,21 @@ pub(in crate::kernels) unsafe fn q6k_dual(
     two: &mut [[f32; GROUP]],
 ) {
     dual!(q6k_tile, TILE, GROUP * 210, groups, blocks, xs, one, two)
+}
+
+/// See `portable::q4_0`, for the two groups of a stored pair (AVX2).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[target_feature(enable = "avx2,f16c")]
+pub(in crate::kernels) unsafe fn q4_0_dual(
+    groups: [GroupBlocks<'_>; 2],
+    blocks: usize,
+    xs: &[Q8],
+    one: &mut [[f32; GROUP]],
+    two: &mut [[f32; GROUP]],
+) {
+    dual!(q4_0_tile, TILE, GROUP * 18, groups, blocks, xs, one, two)
 }
 
 /// See `portable::q8_0`, for the two groups of a stored pair (AVX2).

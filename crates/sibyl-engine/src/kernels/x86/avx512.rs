@@ -51,6 +51,34 @@ unsafe fn q4k_vnni_tile<const R: usize>(
     first: usize,
     acc: &mut [__m256],
 ) {
+    k4_vnni_tile::<R, false>(block, xs, blocks, b, first, acc)
+}
+
+#[target_feature(enable = "avx2,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q5k_vnni_tile<const R: usize>(
+    block: *const u8,
+    xs: &[Q8K],
+    blocks: usize,
+    b: usize,
+    first: usize,
+    acc: &mut [__m256],
+) {
+    k4_vnni_tile::<R, true>(block, xs, blocks, b, first, acc)
+}
+
+/// The Q4_K tile, or with `FIVE` the Q5_K one (the values' fifth bits put onto the
+/// nibbles; `dpbusd` sums into 32 bits, so the runs need no split).
+#[target_feature(enable = "avx2,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn k4_vnni_tile<const R: usize, const FIVE: bool>(
+    block: *const u8,
+    xs: &[Q8K],
+    blocks: usize,
+    b: usize,
+    first: usize,
+    acc: &mut [__m256],
+) {
     let x: [&Q8K; R] = std::array::from_fn(|i| &xs[(first + i) * blocks + b]);
     let low = _mm256_set1_epi8(0x0F);
     let mut isum = [_mm256_setzero_si256(); R];
@@ -61,8 +89,13 @@ unsafe fn q4k_vnni_tile<const R: usize>(
         let mut s_high = [[_mm256_setzero_si256(); R]; MAX_CHAINS];
         for t in 0..8 {
             let packed = load(block.add(Q4K_QS + 32 * (8 * g + t)));
-            let w_low = _mm256_and_si256(packed, low);
-            let w_high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+            let mut w_low = _mm256_and_si256(packed, low);
+            let mut w_high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), low);
+            if FIVE {
+                let (h_low, h_high) = fifth_bits(load(block.add(Q5K_QH + 32 * t)), g);
+                w_low = _mm256_or_si256(w_low, h_low);
+                w_high = _mm256_or_si256(w_high, h_high);
+            }
             let (s_low, s_high) = (&mut s_low[t % chains(R)], &mut s_high[t % chains(R)]);
             for i in 0..R {
                 let q = x[i].qs.as_ptr();
@@ -79,6 +112,28 @@ unsafe fn q4k_vnni_tile<const R: usize>(
         }
     }
     q4k_finish(block, &x, &isum, acc);
+}
+
+/// See `portable::q5k` and [`q4k_vnni`].
+///
+/// # Safety
+/// The CPU must have AVX2, F16C, AVX-512 VL and AVX-512 VNNI.
+#[target_feature(enable = "avx2,f16c,avx512vl,avx512vnni")]
+pub(in crate::kernels) unsafe fn q5k_vnni(
+    group: GroupBlocks<'_>,
+    blocks: usize,
+    xs: &[Q8K],
+    out: &mut [[f32; GROUP]],
+) {
+    tiled!(
+        q5k_vnni_tile,
+        TILE_VNNI,
+        Q5K_GROUP_BYTES,
+        group,
+        blocks,
+        xs,
+        out
+    )
 }
 
 /// See `portable::q6k` and [`q4k_vnni`].
@@ -177,6 +232,19 @@ unsafe fn halves_pair(a: *const u8, b: *const u8) -> __m512 {
     _mm512_cvtph_ps(_mm256_set_m128i(b, a))
 }
 
+/// [`fifth_bits`] for two groups' `qh` vectors.
+#[inline(always)]
+unsafe fn fifth_bits512(qh: __m512i, g: usize) -> (__m512i, __m512i) {
+    let bit4 = _mm512_set1_epi8(0x10);
+    let (low, high) = match g {
+        0 => (_mm512_slli_epi16::<4>(qh), _mm512_slli_epi16::<3>(qh)),
+        1 => (_mm512_slli_epi16::<2>(qh), _mm512_slli_epi16::<1>(qh)),
+        2 => (qh, _mm512_srli_epi16::<1>(qh)),
+        _ => (_mm512_srli_epi16::<2>(qh), _mm512_srli_epi16::<3>(qh)),
+    };
+    (_mm512_and_si512(low, bit4), _mm512_and_si512(high, bit4))
+}
+
 /// Four activation bytes broadcast to all sixteen lanes.
 #[inline(always)]
 unsafe fn broadcast512(p: *const i8) -> __m512i {
@@ -230,9 +298,51 @@ pub(in crate::kernels) unsafe fn q4k_pair(
     paired!(q4k_pair_tile, Q4K_GROUP_BYTES, groups, blocks, xs, one, two)
 }
 
+/// [`q5k_vnni`] for two groups at once, as [`q4k_pair`].
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL and VNNI.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(in crate::kernels) unsafe fn q5k_pair(
+    groups: [GroupBlocks<'_>; 2],
+    blocks: usize,
+    xs: &[Q8K],
+    one: &mut [[f32; GROUP]],
+    two: &mut [[f32; GROUP]],
+) {
+    paired!(q5k_pair_tile, Q5K_GROUP_BYTES, groups, blocks, xs, one, two)
+}
+
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn q4k_pair_tile<const R: usize>(
+    block: [*const u8; 2],
+    xs: &[Q8K],
+    blocks: usize,
+    b: usize,
+    first: usize,
+    acc: &mut [__m512],
+) {
+    k4_pair_tile::<R, false>(block, xs, blocks, b, first, acc)
+}
+
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q5k_pair_tile<const R: usize>(
+    block: [*const u8; 2],
+    xs: &[Q8K],
+    blocks: usize,
+    b: usize,
+    first: usize,
+    acc: &mut [__m512],
+) {
+    k4_pair_tile::<R, true>(block, xs, blocks, b, first, acc)
+}
+
+/// [`k4_vnni_tile`] for the two groups of a pair.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn k4_pair_tile<const R: usize, const FIVE: bool>(
     block: [*const u8; 2],
     xs: &[Q8K],
     blocks: usize,
@@ -253,8 +363,14 @@ unsafe fn q4k_pair_tile<const R: usize>(
         for t in 0..8 {
             let at = Q4K_QS + 32 * (8 * g + t);
             let packed = load_pair(p0.add(at), p1.add(at));
-            let w_low = _mm512_and_si512(packed, low);
-            let w_high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low);
+            let mut w_low = _mm512_and_si512(packed, low);
+            let mut w_high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low);
+            if FIVE {
+                let at = Q5K_QH + 32 * t;
+                let (h_low, h_high) = fifth_bits512(load_pair(p0.add(at), p1.add(at)), g);
+                w_low = _mm512_or_si512(w_low, h_low);
+                w_high = _mm512_or_si512(w_high, h_high);
+            }
             let (s_low, s_high) = (&mut s_low[t % chains(R)], &mut s_high[t % chains(R)]);
             for i in 0..R {
                 let q = x[i].qs.as_ptr();
@@ -402,6 +518,72 @@ unsafe fn q6k_pair_tile<const R: usize>(
     }
 }
 
+/// The AVX2 set's `q4_0` for two groups at once with VNNI: `dpbusd` takes the stored
+/// (unsigned) values, and 8 times the block's activation sum is taken off.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW, VL and VNNI.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(in crate::kernels) unsafe fn q4_0_pair(
+    groups: [GroupBlocks<'_>; 2],
+    blocks: usize,
+    xs: &[Q8],
+    one: &mut [[f32; GROUP]],
+    two: &mut [[f32; GROUP]],
+) {
+    paired!(q4_0_pair_tile, GROUP * 18, groups, blocks, xs, one, two)
+}
+
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q4_0_pair_tile<const R: usize>(
+    block: [*const u8; 2],
+    xs: &[Q8],
+    blocks: usize,
+    b: usize,
+    first: usize,
+    acc: &mut [__m512],
+) {
+    let x: [&Q8; R] = std::array::from_fn(|i| &xs[(first + i) * blocks + b]);
+    let [p0, p1] = block;
+    let low = _mm512_set1_epi8(0x0F);
+    let mut isum = [[_mm512_setzero_si512(); R]; MAX_CHAINS];
+    for t in 0..4 {
+        let at = Q40_QS + 32 * t;
+        let packed = load_pair(p0.add(at), p1.add(at));
+        let w_low = _mm512_and_si512(packed, low);
+        let w_high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low);
+        let isum = &mut isum[t % chains(R)];
+        for i in 0..R {
+            let q = x[i].qs.as_ptr();
+            isum[i] = _mm512_dpbusd_epi32(isum[i], w_low, broadcast512(q.add(4 * t)));
+            isum[i] = _mm512_dpbusd_epi32(isum[i], w_high, broadcast512(q.add(16 + 4 * t)));
+        }
+    }
+    let d = halves_pair(p0.add(Q40_D), p1.add(Q40_D));
+    q8_pair_finish(d, &x, &isum, 8, acc);
+}
+
+/// The float step of a pair of Q4_0 or Q8_0 group blocks: each row's integer sums less
+/// `offset` times its activation sum (what the stored weights add to their values),
+/// times the scales.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q8_pair_finish<const R: usize>(
+    d: __m512,
+    x: &[&Q8; R],
+    isum: &[[__m512i; R]; MAX_CHAINS],
+    offset: i32,
+    acc: &mut [__m512],
+) {
+    for i in 0..R {
+        let correction = _mm512_set1_epi32(offset * x[i].sum);
+        let total = _mm512_sub_epi32(sum512(isum, i), correction);
+        let scale = _mm512_mul_ps(d, _mm512_set1_ps(x[i].d));
+        acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(total)));
+    }
+}
+
 /// The AVX2 set's `q8_0` for two groups at once with VNNI: the signed weights are offset by 128 to be
 /// unsigned for `dpbusd`, and 128 times the block's activation sum is taken off again, so
 /// the integer is the same as the portable kernel's.
@@ -442,10 +624,5 @@ unsafe fn q8_0_pair_tile<const R: usize>(
         }
     }
     let d = halves_pair(p0.add(Q8_D), p1.add(Q8_D));
-    for i in 0..R {
-        let correction = _mm512_set1_epi32(128 * x[i].sum);
-        let total = _mm512_sub_epi32(sum512(&isum, i), correction);
-        let scale = _mm512_mul_ps(d, _mm512_set1_ps(x[i].d));
-        acc[i] = _mm512_add_ps(acc[i], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(total)));
-    }
+    q8_pair_finish(d, &x, &isum, 128, acc);
 }

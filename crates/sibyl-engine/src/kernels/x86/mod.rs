@@ -172,6 +172,22 @@ unsafe fn q6k_unpack(
     (w_low, w_high)
 }
 
+/// The fifth bits of the Q5_K values in one `qh` vector (`packed_layout`) that go with
+/// the nibbles of vector `8g + t`: those of values `64g + 4t + i` (the low nibbles) and of
+/// `64g + 32 + 4t + i` (the high ones), each moved to bit 4 of its byte. The 16-bit shifts
+/// move no bit that the mask keeps across a byte's edge.
+#[inline(always)]
+unsafe fn fifth_bits(qh: __m256i, g: usize) -> (__m256i, __m256i) {
+    let bit4 = _mm256_set1_epi8(0x10);
+    let (low, high) = match g {
+        0 => (_mm256_slli_epi16::<4>(qh), _mm256_slli_epi16::<3>(qh)),
+        1 => (_mm256_slli_epi16::<2>(qh), _mm256_slli_epi16::<1>(qh)),
+        2 => (qh, _mm256_srli_epi16::<1>(qh)),
+        _ => (_mm256_srli_epi16::<2>(qh), _mm256_srli_epi16::<3>(qh)),
+    };
+    (_mm256_and_si256(low, bit4), _mm256_and_si256(high, bit4))
+}
+
 /// The offset correction and the float step of a Q6_K group block.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
@@ -218,7 +234,7 @@ unsafe fn scales_i8(p: *const u8) -> __m256i {
     _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))
 }
 
-/// The mins and the float step of a Q4_K group block, shared by both x86 kernels.
+/// The mins and the float step of a Q4_K or Q5_K group block, shared by both x86 kernels.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
 unsafe fn q4k_finish<const R: usize>(
@@ -253,5 +269,9 @@ unsafe fn q4k_finish<const R: usize>(
 mod avx2;
 mod avx512;
 
-pub(super) use avx2::{q4k, q4k_dual, q6k, q6k_dual, q8_0, q8_0_dual, quantize_q8k};
-pub(super) use avx512::{q4k_pair, q4k_vnni, q6k_pair, q6k_vnni, q8_0_pair};
+pub(super) use avx2::{
+    q4_0, q4_0_dual, q4k, q4k_dual, q5k, q5k_dual, q6k, q6k_dual, q8_0, q8_0_dual, quantize_q8k,
+};
+pub(super) use avx512::{
+    q4_0_pair, q4k_pair, q4k_vnni, q5k_pair, q5k_vnni, q6k_pair, q6k_vnni, q8_0_pair,
+};
