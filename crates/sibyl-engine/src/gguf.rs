@@ -248,8 +248,6 @@ fn unknown_tensor_type(error: &candle_core::Error) -> Option<u32> {
 /// ggml's name of a tensor type id (`ggml_type` in ggml.h) that candle cannot read.
 fn ggml_type_name(id: u32) -> &'static str {
     match id {
-        9 => "Q8_1",
-        15 => "Q8_K",
         16 => "IQ2_XXS",
         17 => "IQ2_XS",
         18 => "IQ3_XXS",

@@ -277,7 +277,8 @@ impl QuantMatrix {
     }
 
     /// Products of several matrices with the same `m` activation rows (the attention's q, k
-    /// and v, the MLP's gate and up): the rows are quantized once per weight kind.
+    /// and v, the MLP's gate and up): the rows are quantized once per activation format
+    /// (a Q5_K_M layer's Q5_K and Q6_K matrices take the same).
     pub fn matmul_many(
         weights: &[&QuantMatrix],
         x: &[f32],
@@ -292,7 +293,8 @@ impl QuantMatrix {
                     Blocks::Fast(packed) => {
                         assert_eq!(x.len(), m * w.cols, "activation shape");
                         let kind = packed.kind();
-                        let at = match quantized.iter().position(|(k, _)| *k == kind) {
+                        let same = |(k, _): &(Kind, Activations)| k.shares_activations(kind);
+                        let at = match quantized.iter().position(same) {
                             Some(at) => at,
                             None => {
                                 quantized.push((kind, Activations::quantize(kind, x, w.cols)));

@@ -47,6 +47,12 @@ impl Kind {
         }
     }
 
+    /// Whether products with `other` take the same quantized activations
+    /// ([`Activations::quantize`]): ggml's Q8_K for the K-quants, its Q8_0 for Q4_0 and Q8_0.
+    pub(crate) fn shares_activations(self, other: Kind) -> bool {
+        self.block_values() == other.block_values()
+    }
+
     /// Bytes per block, as GGUF stores it.
     pub(crate) fn block_bytes(self) -> usize {
         match self {

@@ -303,6 +303,78 @@ fn all_zero_activations_give_zero() {
     }
 }
 
+/// Weights and activations at the ends of their ranges, every value alike: the largest
+/// integer sums the kernels meet, where a 16-bit partial sum that was summed too long
+/// overflows. Every instruction set must still give the portable kernel's bits, and those
+/// the exact product.
+#[test]
+fn the_largest_sums_give_the_portable_bits_on_every_isa() {
+    let (n, blocks, m) = (16, 3, 9);
+    for kind in [Kind::Q4K, Kind::Q5K, Kind::Q6K, Kind::Q4_0, Kind::Q8_0] {
+        let cols = blocks * kind.block_values();
+        // All bits set: the largest values and scales; Q6_K's scales are signed, so also
+        // 0x7F, and Q8_0's weights -128 and 127.
+        for fill in [0xFF, 0x7F, 0x80] {
+            let mut bytes = vec![fill; n * blocks * kind.block_bytes()];
+            let scales: &[usize] = match kind {
+                Kind::Q4K | Kind::Q5K => &[0, 2],
+                Kind::Q6K => &[208],
+                Kind::Q4_0 | Kind::Q8_0 => &[0],
+            };
+            for block in bytes.chunks_exact_mut(kind.block_bytes()) {
+                for &at in scales {
+                    block[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                }
+            }
+            let packed = Packed::new(kind, n, cols, &bytes).unwrap();
+            let weights = dequantized_weights(kind, &bytes[..bytes.len() / n]);
+            for activation in [-128i8, 127, -127] {
+                let acts = match kind {
+                    Kind::Q4_0 | Kind::Q8_0 => {
+                        let mut x = Q8::ZERO;
+                        x.d = 0.01;
+                        x.qs = [activation.max(-127); QK8_0];
+                        x.sum = x.qs.iter().map(|&q| q as i32).sum();
+                        Activations::Q8(vec![x; m * cols / QK8_0])
+                    }
+                    _ => {
+                        let mut x = Q8K::ZERO;
+                        x.d = 0.01;
+                        x.qs = [activation; QK_K];
+                        x.set_sums();
+                        Activations::K(vec![x; m * cols / QK_K])
+                    }
+                };
+                let reference = products(&packed, Isa::Portable, &acts, m);
+                let x = dequantized_row(&acts, 0, cols);
+                let exact: f64 = weights
+                    .iter()
+                    .zip(&x)
+                    .map(|(&w, &v)| w as f64 * v as f64)
+                    .sum();
+                let scale: f64 = weights
+                    .iter()
+                    .zip(&x)
+                    .map(|(&w, &v)| (w as f64 * v as f64).abs())
+                    .sum();
+                assert!(
+                    (reference[0] as f64 - exact).abs() <= 1e-4 * scale + 1e-9,
+                    "{kind:?} {fill:#x} {activation}: {} against {exact}",
+                    reference[0]
+                );
+                for isa in Isa::available() {
+                    let out = products(&packed, isa, &acts, m);
+                    let same = reference
+                        .iter()
+                        .zip(&out)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{isa:?} {kind:?} {fill:#x} {activation}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn sizes_that_do_not_fit_are_refused() {
     assert!(Packed::new(Kind::Q8_0, 2, 64, &[0u8; 100]).is_none());
