@@ -1,9 +1,9 @@
 //! The roles as separate `sibyl` processes on loopback: the output through the gateway does
 //! not change when a drafter process is killed mid-generation, and `sibyl serve` says where
-//! it listens and answers there.
+//! it listens and answers there, with a chat template given at start.
 
 use sibyl_proto::v1::{self as pb, gateway_client::GatewayClient};
-use sibyl_tests::{generate_text, serve_banner, Processes, RoleProcesses};
+use sibyl_tests::{generate_text, http, serve_banner, Processes, RoleProcesses};
 use std::process::{Child, Command, Stdio};
 
 fn spawn(args: &[&str]) -> Child {
@@ -13,6 +13,15 @@ fn spawn(args: &[&str]) -> Child {
         .stdout(Stdio::piped())
         .spawn()
         .expect("sibyl starts")
+}
+
+/// `sibyl serve` of the test model on free ports, with `extra` arguments.
+fn spawn_serve(extra: &[&str]) -> Child {
+    let model = model_path();
+    let mut args = vec!["serve", "--model", &model];
+    args.extend(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"]);
+    args.extend(extra);
+    spawn(&args)
 }
 
 fn model_path() -> String {
@@ -86,16 +95,7 @@ async fn killing_a_drafter_process_mid_generation_leaves_the_output_unchanged() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_prints_where_it_listens_and_answers_there() {
-    let model = model_path();
-    let mut serve = spawn(&[
-        "serve",
-        "--model",
-        &model,
-        "--http-addr",
-        "127.0.0.1:0",
-        "--grpc-addr",
-        "127.0.0.1:0",
-    ]);
+    let mut serve = spawn_serve(&[]);
     let banner = serve_banner(&mut serve, 4).await;
     let _processes = Processes(vec![serve]);
     let (_, grpc) = banner.unwrap();
@@ -112,4 +112,61 @@ async fn serve_prints_where_it_listens_and_answers_there() {
     let (text, summary) = generate_text(&mut client, request, |_| {}).await.unwrap();
     assert!(!text.is_empty());
     assert!(summary.usage.unwrap().completion_tokens > 0);
+}
+
+/// The HTTP address `sibyl serve`'s banner gives (`  OpenAI HTTP API  http://ADDR/v1`).
+fn http_addr(banner: &[String]) -> std::net::SocketAddr {
+    banner
+        .iter()
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("http://")))
+        .and_then(|w| w.strip_suffix("/v1"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP address in {banner:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_given_at_start_renders_chats_in_place_of_the_file_s() {
+    let model = model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("template.jinja");
+    std::fs::write(
+        &file,
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}\
+         {% if add_generation_prompt %}[assistant] {% endif %}",
+    )
+    .unwrap();
+    let inline = "{{ messages[0].content | upper }} =>";
+    let file = file.to_string_lossy().into_owned();
+    let messages = serde_json::json!({"messages": [{"role": "user", "content": "hello there"}]});
+    for (template, expected) in [
+        (file.as_str(), "[user] hello there\n[assistant] "),
+        (inline, "HELLO THERE =>"),
+    ] {
+        let mut serve = spawn_serve(&["--chat-template", template]);
+        let banner = serve_banner(&mut serve, 4).await;
+        let _processes = Processes(vec![serve]);
+        let addr = http_addr(&banner.unwrap().0);
+        let post = |path: &'static str, body: serde_json::Value| async move {
+            let response = http(addr, "POST", path, &[], Some(&body.to_string()))
+                .await
+                .unwrap();
+            assert_eq!(response.status, 200, "{path}: {}", response.body);
+            response.json()
+        };
+        let tokens = post("/tokenize", messages.clone()).await["tokens"].clone();
+        let text = post("/detokenize", serde_json::json!({ "tokens": tokens })).await;
+        assert_eq!(text["prompt"], expected, "{template}");
+    }
+    // A template that does not compile, or a file that is not there, stops the server at
+    // start with a message naming the flag.
+    for bad in ["{% for m in messages %}", "no-such-template.jinja"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_sibyl"))
+            .args(["serve", "--model", &model, "--chat-template", bad])
+            .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{bad}: {stderr}");
+        assert!(stderr.contains("--chat-template"), "{bad}: {stderr}");
+    }
 }

@@ -307,8 +307,8 @@ pub(crate) const GROUP: usize = 8;
 
 /// A weight matrix repacked for these kernels: groups of [`GROUP`] weight rows, and in each
 /// group, block after block, the eight rows' blocks interleaved (layouts in `packed_layout`).
-/// Takes the memory of the GGUF blocks (Q4_K 2.8% more, Q5_K 2.3%), plus padding rows up to a multiple
-/// of eight.
+/// Takes the memory of the GGUF blocks (Q4_K 2.8% more, Q5_K 2.3%), plus padding rows up to
+/// a multiple of eight.
 #[derive(Clone, Debug)]
 pub(crate) struct Packed {
     kind: Kind,

@@ -5,7 +5,7 @@ use super::{
 };
 use crate::security::{ClientTlsArgs, ServerTlsArgs, TokenArgs};
 use crate::shutdown::DrainArgs;
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Args;
 use sibyl_gateway::{GatewayConfig, SamplingDefaults};
 use sibyl_proto::auth::ApiKeys;
@@ -52,6 +52,12 @@ pub struct GatewayLimitArgs {
     /// model file recommends (its `general.sampling.*`), which goes over each API's default.
     #[arg(long, env = "SIBYL_OVERRIDE_GENERATION_CONFIG", value_parser = generation_config)]
     pub override_generation_config: Option<SamplingDefaults>,
+
+    /// A chat template to render chats with instead of the model file's: a Jinja file, or
+    /// the template itself, as vLLM's flag takes it (for a file without a template, or
+    /// with one that lacks something, such as tools).
+    #[arg(long, env = "SIBYL_CHAT_TEMPLATE", value_name = "FILE|TEMPLATE")]
+    pub chat_template: Option<String>,
 }
 
 /// `--override-generation-config`: the keys vLLM's flag takes that sibyl applies, checked.
@@ -114,6 +120,24 @@ impl GatewayLimitArgs {
                 .map_err(anyhow::Error::msg)?,
             sampling_override: self.override_generation_config.unwrap_or_default(),
         })
+    }
+
+    /// `--chat-template`'s text, read and compiled once at start, so that a missing file or
+    /// a template that does not compile stops the role with a message.
+    pub(super) fn chat_template(&self) -> anyhow::Result<Option<String>> {
+        let Some(value) = &self.chat_template else {
+            return Ok(None);
+        };
+        let source = if std::path::Path::new(value).is_file() {
+            std::fs::read_to_string(value)
+                .with_context(|| format!("--chat-template: reading {value}"))?
+        } else if value.contains("{{") || value.contains("{%") {
+            value.clone()
+        } else {
+            bail!("--chat-template: {value} is neither a file nor a Jinja template");
+        };
+        sibyl_engine::ChatTemplate::new(&source, "", "").context("--chat-template")?;
+        Ok(Some(source))
     }
 
     /// Serves `/metrics` on its own address, when one was given.
@@ -187,6 +211,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     )?;
     config.internal_token = args.internal.token()?;
     config.verifier_tls = verifier_tls;
+    let chat_template = args.limits.chat_template()?;
     let (runtime, telemetry) = runtime("gateway", &args.telemetry)?;
     let result = runtime.block_on(async move {
         args.limits.spawn_metrics().await?;
@@ -198,7 +223,7 @@ pub fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             grpc,
             http,
             config,
-            gateway_text_loader(args.model.clone()),
+            gateway_text_loader(args.model.clone(), chat_template),
             args.load.on_error(),
             stop.stopped(),
         );

@@ -98,13 +98,19 @@ fn text_loader(
 
 /// [`text_loader`] for a gateway: chat content is tokenized as plain text, by a tokenizer
 /// made on first use, and long prompts are bounded by an automaton also made on first use;
-/// both made here, so that no request waits for them.
+/// both made here, so that no request waits for them. `chat_template` (`--chat-template`)
+/// replaces the file's.
 fn gateway_text_loader(
     model: ModelArgs,
+    chat_template: Option<String>,
 ) -> impl FnMut() -> anyhow::Result<sibyl_engine::TextModel> + Send + 'static {
     let mut load = text_loader(model);
     move || {
-        let text = load()?;
+        let mut text = load()?;
+        if let Some(source) = &chat_template {
+            let (bos, eos) = (text.tokenizer.bos_text(), text.tokenizer.eos_text());
+            text.chat_template = Some(sibyl_engine::ChatTemplate::new(source, bos, eos)?);
+        }
         text.tokenizer.encode_text("")?;
         text.tokenizer.prepare_prompt_bound();
         Ok(text)

@@ -69,6 +69,7 @@ pub struct ServeArgs {
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     init_threads(args.model.threads);
     let name = served_name(&args.model, args.limits.served_model_name.as_ref());
+    let chat_template = args.limits.chat_template()?;
     // By default the n-gram drafter, and the retrieval drafter when there is a datastore.
     let mut kinds = draft_kinds(&args.draft)?;
     if kinds.is_empty() {
@@ -163,7 +164,7 @@ pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
                 grpc,
                 http,
                 gateway_config,
-                gateway_text_loader(model),
+                gateway_text_loader(model, chat_template),
                 OnLoadError::Fail,
                 stop.stopped(),
             ),
