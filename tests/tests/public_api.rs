@@ -67,6 +67,7 @@ async fn openai_fields_this_server_cannot_honour_are_refused_by_name() {
         ("n", json!({"n": 9})),
         ("n", json!({"n": 0})),
         ("best_of", json!({"n": 2, "best_of": 2})),
+        ("chat_template", json!({"chat_template": "{{ messages }}"})),
         ("echo", json!({"echo": 1})),
         ("temperature", json!({"temperature": 3})),
     ];

@@ -152,6 +152,10 @@ impl ChatTemplate {
     /// Compiles a template; errors name the template problem.
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, EngineError> {
         let mut env = Environment::new();
+        // As transformers compiles chat templates (and vLLM and llama.cpp render them): a
+        // block tag's line keeps neither its leading whitespace nor its newline.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -564,6 +568,25 @@ mod tests {
         );
     }
 
+    /// transformers compiles templates with `trim_blocks` and `lstrip_blocks`: a line
+    /// holding only a block tag leaves nothing behind. (jinja2 with those settings renders
+    /// this template to exactly the text asserted.)
+    #[test]
+    fn block_tags_take_their_lines_whitespace_as_transformers_renders_them() {
+        let source = "{% for m in messages %}\n  {% if m.role == 'user' %}\nU: {{ m.content }}\n  \
+                      {% else %}\nA: {{ m.content }}\n  {% endif %}\n{% endfor %}\n\
+                      {% if add_generation_prompt %}A:{% endif %}";
+        let template = ChatTemplate::new(source, "", "").unwrap();
+        let text = template
+            .render(&[
+                ChatMessage::new("user", "hi"),
+                ChatMessage::new("assistant", "hello"),
+                ChatMessage::new("user", "bye"),
+            ])
+            .unwrap();
+        assert_eq!(text, "U: hi\nA: hello\nU: bye\nA:");
+    }
+
     #[test]
     fn a_final_message_is_continued_and_variables_reach_the_template() {
         let source = format!(
@@ -702,8 +725,9 @@ mod tests {
         assert!(stand_in_base(&busy, 0x10000).is_err());
     }
 
-    /// Qwen2.5's handling of tools, cut down.
-    const TOOLS: &str = "{%- if tools %}<tools>{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n{%- endif %}{%- for message in messages %}{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}\n<tool_call>\n{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}{%- endfor %}";
+    /// Qwen2.5's handling of tools, cut down (its newlines written as it writes them: the
+    /// newline after a block tag is dropped, as transformers renders templates).
+    const TOOLS: &str = "{%- if tools %}<tools>{%- for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{%- endfor %}{{ '\\n' }}</tools>\n{%- endif %}{%- for message in messages %}{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}{{ '\\n' }}<tool_call>\n{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}{%- endfor %}";
 
     #[test]
     fn tools_and_calls_are_written_as_python_json_dumps_writes_them() {

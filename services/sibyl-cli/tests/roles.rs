@@ -160,13 +160,27 @@ async fn a_chat_template_given_at_start_renders_chats_in_place_of_the_file_s() {
     // A template that does not compile, or a file that is not there, stops the server at
     // start with a message naming the flag.
     for bad in ["{% for m in messages %}", "no-such-template.jinja"] {
-        let output = Command::new(env!("CARGO_BIN_EXE_sibyl"))
+        let mut serve = Command::new(env!("CARGO_BIN_EXE_sibyl"))
             .args(["serve", "--model", &model, "--chat-template", bad])
             .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{bad}: {stderr}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = serve.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                serve.kill().unwrap();
+                panic!("{bad}: serve did not stop");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{bad}: {stderr}");
         assert!(stderr.contains("--chat-template"), "{bad}: {stderr}");
     }
 }

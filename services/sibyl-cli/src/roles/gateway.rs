@@ -125,16 +125,31 @@ impl GatewayLimitArgs {
     /// `--chat-template`'s text, read and compiled once at start, so that a missing file or
     /// a template that does not compile stops the role with a message.
     pub(super) fn chat_template(&self) -> anyhow::Result<Option<String>> {
+        /// Longer is not a chat template (a model file given by mistake, say).
+        const MAX_BYTES: u64 = 1 << 20;
         let Some(value) = &self.chat_template else {
             return Ok(None);
         };
-        let source = if std::path::Path::new(value).is_file() {
-            std::fs::read_to_string(value)
-                .with_context(|| format!("--chat-template: reading {value}"))?
-        } else if value.contains("{{") || value.contains("{%") {
-            value.clone()
-        } else {
-            bail!("--chat-template: {value} is neither a file nor a Jinja template");
+        let jinja = value.contains("{{") || value.contains("{%");
+        let read = std::fs::File::open(value).and_then(|file| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(
+                &mut std::io::Read::take(file, MAX_BYTES + 1),
+                &mut text,
+            )?;
+            Ok(text)
+        });
+        let source = match read {
+            Ok(text) if text.len() as u64 > MAX_BYTES => {
+                bail!("--chat-template: {value} is over {MAX_BYTES} bytes: not a chat template")
+            }
+            Ok(text) => text.strip_prefix('\u{feff}').unwrap_or(&text).to_string(),
+            // Not a file: the template itself, as vLLM's flag takes it.
+            Err(_) if jinja => value.clone(),
+            Err(error) => bail!(
+                "--chat-template: reading {value}: {error} (give a Jinja file or the template \
+                 itself; built-in template names are not taken)"
+            ),
         };
         sibyl_engine::ChatTemplate::new(&source, "", "").context("--chat-template")?;
         Ok(Some(source))
@@ -173,7 +188,8 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub tls_ca: ClientTlsArgs,
 
-    /// The model the verifier serves: its tokenizer and chat template are read from the file.
+    /// The model the verifier serves: its tokenizer and chat template (unless
+    /// --chat-template) are read from the file.
     #[command(flatten)]
     pub model: ModelArgs,
 

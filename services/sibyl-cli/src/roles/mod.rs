@@ -109,7 +109,10 @@ fn gateway_text_loader(
         let mut text = load()?;
         if let Some(source) = &chat_template {
             let (bos, eos) = (text.tokenizer.bos_text(), text.tokenizer.eos_text());
-            text.chat_template = Some(sibyl_engine::ChatTemplate::new(source, bos, eos)?);
+            let template =
+                sibyl_engine::ChatTemplate::new(source, bos, eos).context("--chat-template")?;
+            text.chat_template = Some(template);
+            tracing::info!("chats render with the template of --chat-template");
         }
         text.tokenizer.encode_text("")?;
         text.tokenizer.prepare_prompt_bound();

@@ -12,6 +12,8 @@ pub(super) struct Unsupported {
     functions: Option<Value>,
     function_call: Option<Value>,
     best_of: Option<Value>,
+    /// vLLM's per-request template.
+    chat_template: Option<Value>,
 }
 
 /// Whether a field is absent, null or one of the `allowed` values that ask for nothing.
@@ -42,7 +44,7 @@ impl Unsupported {
             other => neutral(other, &[]),
         };
         let one = |value: &Option<Value>| neutral(value, &[json!(1)]);
-        let checks: [(&'static str, bool, &str); 3] = [
+        let checks: [(&'static str, bool, &str); 4] = [
             (
                 "functions",
                 empty(&self.functions),
@@ -57,6 +59,12 @@ impl Unsupported {
                 "best_of",
                 one(&self.best_of),
                 "only `best_of: 1` is supported (`n` gives several choices)",
+            ),
+            (
+                "chat_template",
+                neutral(&self.chat_template, &[]),
+                "a template per request is not supported; the server takes one at start \
+                 (--chat-template)",
             ),
         ];
         refuse_first(checks)
